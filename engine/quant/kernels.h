@@ -1,0 +1,45 @@
+// Per-type row kernels. Implementations:
+//   dequantize.cc      DequantizeRow* (scalar; these define the numerics)
+//   quantize.cc        QuantizeRow*   (reference quantizers, used by synth and for activations)
+//   vec_dot_scalar.cc  VecDot*Scalar  (portable reference dot products)
+//   vec_dot_avx2.cc    VecDot*Avx2    (AVX2 + FMA; compiled with -mavx2 -mfma -mf16c)
+// All functions are thread-safe and take n = number of elements, a multiple of the block size.
+// Pointers need no particular alignment.
+#ifndef MOEPOOL_ENGINE_QUANT_KERNELS_H_
+#define MOEPOOL_ENGINE_QUANT_KERNELS_H_
+
+#include <cstdint>
+
+namespace moepool::kernels {
+
+#define MOEPOOL_FOR_EACH_STORED_TYPE(X) \
+  X(F32) X(F16) X(BF16) X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q2_K) X(Q3_K) X(Q4_K) X(Q5_K) \
+  X(Q6_K)
+
+#define MOEPOOL_DECLARE_ROW_FNS(T)                                   \
+  void DequantizeRow##T(const void* src, float* dst, int64_t n);     \
+  void QuantizeRow##T(const float* src, void* dst, int64_t n);
+MOEPOOL_FOR_EACH_STORED_TYPE(MOEPOOL_DECLARE_ROW_FNS)
+// Activation-only types.
+MOEPOOL_DECLARE_ROW_FNS(Q8_1)
+MOEPOOL_DECLARE_ROW_FNS(Q8_K)
+#undef MOEPOOL_DECLARE_ROW_FNS
+
+// Activation quantizers used on the hot path; AVX2 versions must produce bit-identical blocks
+// to the scalar QuantizeRowQ8_0 / Q8_1 / Q8_K.
+void QuantizeRowQ8_0Avx2(const float* src, void* dst, int64_t n);
+void QuantizeRowQ8_1Avx2(const float* src, void* dst, int64_t n);
+void QuantizeRowQ8_KAvx2(const float* src, void* dst, int64_t n);
+
+// Dot products: weight row of type W against an activation row of its vec_dot_type:
+//   F32, F16, BF16 -> F32 activations
+//   Q4_0, Q5_0, Q8_0 -> Q8_0;  Q4_1, Q5_1 -> Q8_1;  Q2_K .. Q6_K -> Q8_K
+#define MOEPOOL_DECLARE_DOT_FNS(T)                                   \
+  float VecDot##T##Scalar(int64_t n, const void* w, const void* a); \
+  float VecDot##T##Avx2(int64_t n, const void* w, const void* a);
+MOEPOOL_FOR_EACH_STORED_TYPE(MOEPOOL_DECLARE_DOT_FNS)
+#undef MOEPOOL_DECLARE_DOT_FNS
+
+}  // namespace moepool::kernels
+
+#endif  // MOEPOOL_ENGINE_QUANT_KERNELS_H_

@@ -1,0 +1,135 @@
+#include "engine/quant/types.h"
+
+#include <array>
+#include <atomic>
+#include <cctype>
+#include <cstdlib>
+#include <cstdio>
+#include <string>
+
+#include "engine/quant/kernels.h"
+
+namespace moepool {
+namespace {
+
+std::atomic<bool> g_force_scalar{false};
+
+#define MOEPOOL_TRAITS(T, BLOCK, STRUCT_BYTES, DOT)                                         \
+  TypeTraits{TensorType::k##T,       #T,                                                    \
+             BLOCK,                  STRUCT_BYTES,                                          \
+             TensorType::k##DOT,     &kernels::DequantizeRow##T,                            \
+             &kernels::QuantizeRow##T, avx2 ? &kernels::VecDot##T##Avx2 : &kernels::VecDot##T##Scalar, \
+             &kernels::VecDot##T##Scalar}
+
+std::array<TypeTraits, 13> MakeTable(bool avx2) {
+  return {
+      MOEPOOL_TRAITS(F32, 1, 4, F32),
+      MOEPOOL_TRAITS(F16, 1, 2, F32),
+      MOEPOOL_TRAITS(BF16, 1, 2, F32),
+      MOEPOOL_TRAITS(Q4_0, kQK4_0, sizeof(BlockQ4_0), Q8_0),
+      MOEPOOL_TRAITS(Q4_1, kQK4_1, sizeof(BlockQ4_1), Q8_1),
+      MOEPOOL_TRAITS(Q5_0, kQK5_0, sizeof(BlockQ5_0), Q8_0),
+      MOEPOOL_TRAITS(Q5_1, kQK5_1, sizeof(BlockQ5_1), Q8_1),
+      MOEPOOL_TRAITS(Q8_0, kQK8_0, sizeof(BlockQ8_0), Q8_0),
+      MOEPOOL_TRAITS(Q2_K, kQK_K, sizeof(BlockQ2_K), Q8_K),
+      MOEPOOL_TRAITS(Q3_K, kQK_K, sizeof(BlockQ3_K), Q8_K),
+      MOEPOOL_TRAITS(Q4_K, kQK_K, sizeof(BlockQ4_K), Q8_K),
+      MOEPOOL_TRAITS(Q5_K, kQK_K, sizeof(BlockQ5_K), Q8_K),
+      MOEPOOL_TRAITS(Q6_K, kQK_K, sizeof(BlockQ6_K), Q8_K),
+  };
+}
+#undef MOEPOOL_TRAITS
+
+// Activation-only types: no dot product of their own.
+std::array<TypeTraits, 2> MakeActivationTable(bool avx2) {
+  return {
+      TypeTraits{TensorType::kQ8_1, "Q8_1", kQK8_1, sizeof(BlockQ8_1), TensorType::kQ8_1,
+                 &kernels::DequantizeRowQ8_1,
+                 avx2 ? &kernels::QuantizeRowQ8_1Avx2 : &kernels::QuantizeRowQ8_1, nullptr,
+                 nullptr},
+      TypeTraits{TensorType::kQ8_K, "Q8_K", kQK_K, sizeof(BlockQ8_K), TensorType::kQ8_K,
+                 &kernels::DequantizeRowQ8_K,
+                 avx2 ? &kernels::QuantizeRowQ8_KAvx2 : &kernels::QuantizeRowQ8_K, nullptr,
+                 nullptr},
+  };
+}
+
+struct Tables {
+  std::array<TypeTraits, 13> stored[2];
+  std::array<TypeTraits, 2> activation[2];
+};
+
+const Tables& GetTables() {
+  static const Tables* tables = [] {
+    auto* t = new Tables;
+    const bool avx2 = CpuHasAvx2();
+    t->stored[0] = MakeTable(false);
+    t->stored[1] = MakeTable(avx2);
+    t->activation[0] = MakeActivationTable(false);
+    t->activation[1] = MakeActivationTable(avx2);
+    // Q8_0 is both stored and an activation type: use the fast quantizer on the fast table.
+    if (avx2) {
+      for (auto& tr : t->stored[1]) {
+        if (tr.type == TensorType::kQ8_0) tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
+      }
+    }
+    return t;
+  }();
+  return *tables;
+}
+
+}  // namespace
+
+bool CpuHasAvx2() {
+#if defined(MOEPOOL_HAVE_AVX2_KERNELS) && (defined(__x86_64__) || defined(__i386__))
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool SetForceScalarKernels(bool force) { return g_force_scalar.exchange(force); }
+
+const TypeTraits* FindTypeTraits(uint32_t raw_type) {
+  const Tables& t = GetTables();
+  const int which = g_force_scalar.load(std::memory_order_relaxed) ? 0 : 1;
+  for (const auto& tr : t.stored[which]) {
+    if (static_cast<uint32_t>(tr.type) == raw_type) return &tr;
+  }
+  for (const auto& tr : t.activation[which]) {
+    if (static_cast<uint32_t>(tr.type) == raw_type) return &tr;
+  }
+  return nullptr;
+}
+
+const TypeTraits& GetTypeTraits(TensorType type) {
+  const TypeTraits* tr = FindTypeTraits(static_cast<uint32_t>(type));
+  if (tr == nullptr) {
+    std::fprintf(stderr, "moepool: internal error: unsupported tensor type %u\n",
+                 static_cast<unsigned>(type));
+    std::abort();
+  }
+  return *tr;
+}
+
+const TypeTraits* FindTypeTraitsByName(std::string_view name) {
+  std::string upper;
+  for (char c : name) upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  const Tables& t = GetTables();
+  const int which = g_force_scalar.load(std::memory_order_relaxed) ? 0 : 1;
+  for (const auto& tr : t.stored[which]) {
+    std::string n = tr.name;
+    for (char& c : n) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    if (n == upper) return &tr;
+  }
+  return nullptr;
+}
+
+size_t RowBytes(TensorType type, int64_t n) {
+  const TypeTraits& tr = GetTypeTraits(type);
+  return static_cast<size_t>(n / tr.block_size) * tr.block_bytes;
+}
+
+}  // namespace moepool

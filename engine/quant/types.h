@@ -1,0 +1,160 @@
+// Tensor element types of the GGUF format (ggml numbering) and their block layouts.
+//
+// Every quantized type stores a row of `n` values as n / block_size blocks of block_bytes each.
+// The per-type functions (dequantize, quantize, dot products) live in kernels.h; TypeTraits ties
+// them together so the rest of the engine never switches on the type itself.
+#ifndef MOEPOOL_ENGINE_QUANT_TYPES_H_
+#define MOEPOOL_ENGINE_QUANT_TYPES_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+namespace moepool {
+
+// Values are the on-disk ggml type ids.
+enum class TensorType : uint32_t {
+  kF32 = 0,
+  kF16 = 1,
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ5_0 = 6,
+  kQ5_1 = 7,
+  kQ8_0 = 8,
+  kQ8_1 = 9,
+  kQ2_K = 10,
+  kQ3_K = 11,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
+  kQ8_K = 15,
+  kBF16 = 30,
+};
+
+inline constexpr int kQK4_0 = 32;
+inline constexpr int kQK4_1 = 32;
+inline constexpr int kQK5_0 = 32;
+inline constexpr int kQK5_1 = 32;
+inline constexpr int kQK8_0 = 32;
+inline constexpr int kQK8_1 = 32;
+inline constexpr int kQK_K = 256;  // super-block size of the k-quants
+inline constexpr int kKScaleSize = 12;
+
+// Half floats are stored as raw uint16_t bits (see fp16.h).
+struct BlockQ4_0 {
+  uint16_t d;                // delta
+  uint8_t qs[kQK4_0 / 2];    // nibbles: low = element j, high = element j + 16
+};
+struct BlockQ4_1 {
+  uint16_t d;                // delta
+  uint16_t m;                // min
+  uint8_t qs[kQK4_1 / 2];
+};
+struct BlockQ5_0 {
+  uint16_t d;
+  uint8_t qh[4];             // 5th bit of each element
+  uint8_t qs[kQK5_0 / 2];
+};
+struct BlockQ5_1 {
+  uint16_t d;
+  uint16_t m;
+  uint8_t qh[4];
+  uint8_t qs[kQK5_1 / 2];
+};
+struct BlockQ8_0 {
+  uint16_t d;
+  int8_t qs[kQK8_0];
+};
+struct BlockQ8_1 {
+  uint16_t d;                // delta
+  uint16_t s;                // d * sum(qs)
+  int8_t qs[kQK8_1];
+};
+struct BlockQ2_K {
+  uint8_t scales[kQK_K / 16];  // 4-bit scale (low) and 4-bit min (high) per 16 elements
+  uint8_t qs[kQK_K / 4];       // 2-bit quants
+  uint16_t d;                  // super-block scale for scales
+  uint16_t dmin;               // super-block scale for mins
+};
+struct BlockQ3_K {
+  uint8_t hmask[kQK_K / 8];  // high bit of each quant
+  uint8_t qs[kQK_K / 4];     // low 2 bits
+  uint8_t scales[12];        // 16 6-bit scales
+  uint16_t d;
+};
+struct BlockQ4_K {
+  uint16_t d;
+  uint16_t dmin;
+  uint8_t scales[kKScaleSize];  // 8 6-bit scales and 8 6-bit mins
+  uint8_t qs[kQK_K / 2];
+};
+struct BlockQ5_K {
+  uint16_t d;
+  uint16_t dmin;
+  uint8_t scales[kKScaleSize];
+  uint8_t qh[kQK_K / 8];
+  uint8_t qs[kQK_K / 2];
+};
+struct BlockQ6_K {
+  uint8_t ql[kQK_K / 2];      // low 4 bits
+  uint8_t qh[kQK_K / 4];      // high 2 bits
+  int8_t scales[kQK_K / 16];  // 8-bit scales
+  uint16_t d;
+};
+struct BlockQ8_K {
+  float d;
+  int8_t qs[kQK_K];
+  int16_t bsums[kQK_K / 16];  // sum of each group of 16 quants
+};
+
+static_assert(sizeof(BlockQ4_0) == 18);
+static_assert(sizeof(BlockQ4_1) == 20);
+static_assert(sizeof(BlockQ5_0) == 22);
+static_assert(sizeof(BlockQ5_1) == 24);
+static_assert(sizeof(BlockQ8_0) == 34);
+static_assert(sizeof(BlockQ8_1) == 36);
+static_assert(sizeof(BlockQ2_K) == 84);
+static_assert(sizeof(BlockQ3_K) == 110);
+static_assert(sizeof(BlockQ4_K) == 144);
+static_assert(sizeof(BlockQ5_K) == 176);
+static_assert(sizeof(BlockQ6_K) == 210);
+static_assert(sizeof(BlockQ8_K) == 292);
+
+// Converts `n` values (a multiple of the block size) of a row to float.
+using DequantizeRowFn = void (*)(const void* src, float* dst, int64_t n);
+// Quantizes `n` floats (a multiple of the block size) into blocks of the type.
+using QuantizeRowFn = void (*)(const float* src, void* dst, int64_t n);
+// Dot product of a weight row `w` (this type) with an activation row `a` already converted to
+// this type's vec_dot_type; `n` is the number of elements.
+using VecDotFn = float (*)(int64_t n, const void* w, const void* a);
+
+struct TypeTraits {
+  TensorType type;
+  const char* name;
+  int64_t block_size;       // elements per block
+  size_t block_bytes;       // bytes per block
+  TensorType vec_dot_type;  // type activations are converted to for vec_dot
+  DequantizeRowFn dequantize;
+  QuantizeRowFn quantize;   // nullptr if the type cannot be produced
+  VecDotFn vec_dot;         // fastest implementation for this CPU (may be == vec_dot_scalar)
+  VecDotFn vec_dot_scalar;  // portable reference
+};
+
+// Returns the traits of a type id read from a file, or nullptr if moepool does not support it.
+const TypeTraits* FindTypeTraits(uint32_t raw_type);
+// Traits of a supported type (CHECK-fails on an unsupported one: a programmer error).
+const TypeTraits& GetTypeTraits(TensorType type);
+// Parses "Q4_K", "f16", ... (case-insensitive); nullptr if unknown.
+const TypeTraits* FindTypeTraitsByName(std::string_view name);
+
+// Bytes of a row of `n` elements; `n` must be a multiple of the block size.
+size_t RowBytes(TensorType type, int64_t n);
+
+// True when the AVX2 + FMA + F16C kernels were compiled in and this CPU supports them.
+bool CpuHasAvx2();
+// Forces the portable kernels (for tests and benchmarks); returns the previous setting.
+bool SetForceScalarKernels(bool force);
+
+}  // namespace moepool
+
+#endif  // MOEPOOL_ENGINE_QUANT_TYPES_H_

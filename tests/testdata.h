@@ -1,0 +1,34 @@
+// Locating the reference files of ../shared/testdata for tests.
+#ifndef MOEPOOL_TESTS_TESTDATA_H_
+#define MOEPOOL_TESTS_TESTDATA_H_
+
+#include <string>
+
+#include "gtest/gtest.h"
+
+namespace moepool::testing {
+
+// Absolute path of `rel` under ../shared/testdata (relative to the project root).
+std::string SharedTestdataPath(const std::string& rel);
+
+// A scratch directory unique to this test process (created on first use).
+std::string TempDir();
+
+// True if the file exists. Under CI (CI=true) a missing reference file is a failure.
+bool HaveTestdata(const std::string& path);
+
+std::string ReadFileOrDie(const std::string& path);
+
+}  // namespace moepool::testing
+
+// Skips the test (or fails it under CI) if the reference file is missing.
+#define REQUIRE_TESTDATA(path)                                                  \
+  do {                                                                          \
+    if (!::moepool::testing::HaveTestdata(path)) {                              \
+      if (std::getenv("CI") != nullptr && std::string(std::getenv("CI")) == "true") \
+        FAIL() << "missing reference file " << (path);                         \
+      GTEST_SKIP() << "missing reference file " << (path);                     \
+    }                                                                           \
+  } while (0)
+
+#endif  // MOEPOOL_TESTS_TESTDATA_H_
