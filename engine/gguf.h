@@ -48,10 +48,10 @@ const char* GgufValueTypeName(GgufValueType type);
 // so a writer can reproduce the original encoding.
 struct GgufValue {
   GgufValueType type = GgufValueType::kUint32;
-  uint64_t uint_value = 0;   // kUint8/16/32/64, kBool (0/1)
-  int64_t int_value = 0;     // kInt8/16/32/64
-  double float_value = 0;    // kFloat32/64
-  std::string string_value;  // kString
+  uint64_t uint_value = 0;                            // kUint8/16/32/64, kBool (0/1)
+  int64_t int_value = 0;                              // kInt8/16/32/64
+  double float_value = 0;                             // kFloat32/64
+  std::string string_value;                           // kString
   GgufValueType array_type = GgufValueType::kUint32;  // element type when type == kArray
   std::vector<GgufValue> array;                       // elements when type == kArray
 
@@ -79,8 +79,8 @@ struct GgufTensorInfo {
   int n_dims = 0;
   // dims[0] is the row length (contiguous); unused dims are 1.
   int64_t dims[kGgufMaxDims] = {1, 1, 1, 1};
-  uint64_t offset = 0;       // relative to the start of the data section
-  uint64_t size_bytes = 0;   // bytes of data
+  uint64_t offset = 0;            // relative to the start of the data section
+  uint64_t size_bytes = 0;        // bytes of data
   const uint8_t* data = nullptr;  // points into the mapping
 
   int64_t NumElements() const { return dims[0] * dims[1] * dims[2] * dims[3]; }

@@ -9,9 +9,9 @@
 #define MOEPOOL_CONCAT_(a, b) MOEPOOL_CONCAT_INNER_(a, b)
 
 // Returns from the enclosing function if `expr` yields a non-OK status.
-#define RETURN_IF_ERROR(expr)                     \
-  do {                                            \
-    ::absl::Status moepool_status_ = (expr);      \
+#define RETURN_IF_ERROR(expr)                          \
+  do {                                                 \
+    ::absl::Status moepool_status_ = (expr);           \
     if (!moepool_status_.ok()) return moepool_status_; \
   } while (0)
 

@@ -22,13 +22,13 @@ std::string ReadFileOrDie(const std::string& path);
 }  // namespace moepool::testing
 
 // Skips the test (or fails it under CI) if the reference file is missing.
-#define REQUIRE_TESTDATA(path)                                                  \
-  do {                                                                          \
-    if (!::moepool::testing::HaveTestdata(path)) {                              \
+#define REQUIRE_TESTDATA(path)                                                      \
+  do {                                                                              \
+    if (!::moepool::testing::HaveTestdata(path)) {                                  \
       if (std::getenv("CI") != nullptr && std::string(std::getenv("CI")) == "true") \
-        FAIL() << "missing reference file " << (path);                         \
-      GTEST_SKIP() << "missing reference file " << (path);                     \
-    }                                                                           \
+        FAIL() << "missing reference file " << (path);                              \
+      GTEST_SKIP() << "missing reference file " << (path);                          \
+    }                                                                               \
   } while (0)
 
 #endif  // MOEPOOL_TESTS_TESTDATA_H_

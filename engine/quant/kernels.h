@@ -13,11 +13,11 @@
 namespace moepool::kernels {
 
 #define MOEPOOL_FOR_EACH_STORED_TYPE(X) \
-  X(F32) X(F16) X(BF16) X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q2_K) X(Q3_K) X(Q4_K) X(Q5_K) \
-  X(Q6_K)
+  X(F32)                                \
+  X(F16) X(BF16) X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q2_K) X(Q3_K) X(Q4_K) X(Q5_K) X(Q6_K)
 
-#define MOEPOOL_DECLARE_ROW_FNS(T)                                   \
-  void DequantizeRow##T(const void* src, float* dst, int64_t n);     \
+#define MOEPOOL_DECLARE_ROW_FNS(T)                               \
+  void DequantizeRow##T(const void* src, float* dst, int64_t n); \
   void QuantizeRow##T(const float* src, void* dst, int64_t n);
 MOEPOOL_FOR_EACH_STORED_TYPE(MOEPOOL_DECLARE_ROW_FNS)
 // Activation-only types.
@@ -34,7 +34,7 @@ void QuantizeRowQ8_KAvx2(const float* src, void* dst, int64_t n);
 // Dot products: weight row of type W against an activation row of its vec_dot_type:
 //   F32, F16, BF16 -> F32 activations
 //   Q4_0, Q5_0, Q8_0 -> Q8_0;  Q4_1, Q5_1 -> Q8_1;  Q2_K .. Q6_K -> Q8_K
-#define MOEPOOL_DECLARE_DOT_FNS(T)                                   \
+#define MOEPOOL_DECLARE_DOT_FNS(T)                                  \
   float VecDot##T##Scalar(int64_t n, const void* w, const void* a); \
   float VecDot##T##Avx2(int64_t n, const void* w, const void* a);
 MOEPOOL_FOR_EACH_STORED_TYPE(MOEPOOL_DECLARE_DOT_FNS)

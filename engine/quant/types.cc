@@ -3,8 +3,8 @@
 #include <array>
 #include <atomic>
 #include <cctype>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "engine/quant/kernels.h"
@@ -14,12 +14,12 @@ namespace {
 
 std::atomic<bool> g_force_scalar{false};
 
-#define MOEPOOL_TRAITS(T, BLOCK, STRUCT_BYTES, DOT)                                         \
-  TypeTraits{TensorType::k##T,       #T,                                                    \
-             BLOCK,                  STRUCT_BYTES,                                          \
-             TensorType::k##DOT,     &kernels::DequantizeRow##T,                            \
-             &kernels::QuantizeRow##T, avx2 ? &kernels::VecDot##T##Avx2 : &kernels::VecDot##T##Scalar, \
-             &kernels::VecDot##T##Scalar}
+#define MOEPOOL_TRAITS(T, BLOCK, STRUCT_BYTES, DOT)                                               \
+  TypeTraits {                                                                                    \
+    TensorType::k##T, #T, BLOCK, STRUCT_BYTES, TensorType::k##DOT, &kernels::DequantizeRow##T,    \
+        &kernels::QuantizeRow##T, avx2 ? &kernels::VecDot##T##Avx2 : &kernels::VecDot##T##Scalar, \
+        &kernels::VecDot##T##Scalar                                                               \
+  }
 
 std::array<TypeTraits, 13> MakeTable(bool avx2) {
   return {
@@ -116,7 +116,8 @@ const TypeTraits& GetTypeTraits(TensorType type) {
 
 const TypeTraits* FindTypeTraitsByName(std::string_view name) {
   std::string upper;
-  for (char c : name) upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  for (char c : name)
+    upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
   const Tables& t = GetTables();
   const int which = g_force_scalar.load(std::memory_order_relaxed) ? 0 : 1;
   for (const auto& tr : t.stored[which]) {

@@ -42,17 +42,17 @@ inline constexpr int kKScaleSize = 12;
 
 // Half floats are stored as raw uint16_t bits (see fp16.h).
 struct BlockQ4_0 {
-  uint16_t d;                // delta
-  uint8_t qs[kQK4_0 / 2];    // nibbles: low = element j, high = element j + 16
+  uint16_t d;              // delta
+  uint8_t qs[kQK4_0 / 2];  // nibbles: low = element j, high = element j + 16
 };
 struct BlockQ4_1 {
-  uint16_t d;                // delta
-  uint16_t m;                // min
+  uint16_t d;  // delta
+  uint16_t m;  // min
   uint8_t qs[kQK4_1 / 2];
 };
 struct BlockQ5_0 {
   uint16_t d;
-  uint8_t qh[4];             // 5th bit of each element
+  uint8_t qh[4];  // 5th bit of each element
   uint8_t qs[kQK5_0 / 2];
 };
 struct BlockQ5_1 {
@@ -66,8 +66,8 @@ struct BlockQ8_0 {
   int8_t qs[kQK8_0];
 };
 struct BlockQ8_1 {
-  uint16_t d;                // delta
-  uint16_t s;                // d * sum(qs)
+  uint16_t d;  // delta
+  uint16_t s;  // d * sum(qs)
   int8_t qs[kQK8_1];
 };
 struct BlockQ2_K {

@@ -1,0 +1,579 @@
+#include "engine/gguf.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "engine/status_macros.h"
+
+namespace moepool {
+namespace {
+
+// Caps that keep a malformed header from making us allocate absurd amounts of memory.
+constexpr uint64_t kMaxStringBytes = 1u << 26;  // 64 MiB per string
+constexpr uint64_t kMaxArrayElems = 1u << 26;   // 64M elements per array
+constexpr uint64_t kMaxNestingDepth = 4;
+constexpr uint64_t kMaxTensorCount = 1u << 20;
+constexpr uint64_t kMaxKvCount = 1u << 20;
+
+// Bounds-checked little-endian cursor over the header bytes.
+class Cursor {
+ public:
+  Cursor(const uint8_t* data, uint64_t size, const std::string& path)
+      : data_(data), size_(size), path_(path) {}
+
+  uint64_t pos() const { return pos_; }
+
+  absl::Status Error(std::string_view what) const {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": ", what, " (at byte offset ", pos_, ")"));
+  }
+
+  template <typename T>
+  absl::Status Read(T* out, std::string_view what) {
+    if (size_ - pos_ < sizeof(T)) {
+      return Error(absl::StrCat("file truncated while reading ", what));
+    }
+    std::memcpy(out, data_ + pos_, sizeof(T));
+    pos_ += sizeof(T);
+    return absl::OkStatus();
+  }
+
+  absl::Status ReadString(std::string* out, std::string_view what) {
+    uint64_t len = 0;
+    RETURN_IF_ERROR(Read(&len, what));
+    if (len > kMaxStringBytes) return Error(absl::StrCat("string too long in ", what));
+    if (size_ - pos_ < len) return Error(absl::StrCat("file truncated while reading ", what));
+    out->assign(reinterpret_cast<const char*>(data_ + pos_), len);
+    pos_ += len;
+    return absl::OkStatus();
+  }
+
+  absl::Status Skip(uint64_t n, std::string_view what) {
+    if (size_ - pos_ < n) return Error(absl::StrCat("file truncated while reading ", what));
+    pos_ += n;
+    return absl::OkStatus();
+  }
+
+ private:
+  const uint8_t* data_;
+  uint64_t size_;
+  const std::string& path_;
+  uint64_t pos_ = 0;
+};
+
+bool ValidValueType(uint32_t t) { return t <= static_cast<uint32_t>(GgufValueType::kFloat64); }
+
+uint64_t ScalarSize(GgufValueType t) {
+  switch (t) {
+    case GgufValueType::kUint8:
+    case GgufValueType::kInt8:
+    case GgufValueType::kBool:
+      return 1;
+    case GgufValueType::kUint16:
+    case GgufValueType::kInt16:
+      return 2;
+    case GgufValueType::kUint32:
+    case GgufValueType::kInt32:
+    case GgufValueType::kFloat32:
+      return 4;
+    case GgufValueType::kUint64:
+    case GgufValueType::kInt64:
+    case GgufValueType::kFloat64:
+      return 8;
+    default:
+      return 0;
+  }
+}
+
+absl::Status ReadValue(Cursor& c, GgufValueType type, GgufValue* v, const std::string& key,
+                       int depth) {
+  v->type = type;
+  switch (type) {
+    case GgufValueType::kUint8: {
+      uint8_t x;
+      RETURN_IF_ERROR(c.Read(&x, key));
+      v->uint_value = x;
+      return absl::OkStatus();
+    }
+    case GgufValueType::kInt8: {
+      int8_t x;
+      RETURN_IF_ERROR(c.Read(&x, key));
+      v->int_value = x;
+      return absl::OkStatus();
+    }
+    case GgufValueType::kUint16: {
+      uint16_t x;
+      RETURN_IF_ERROR(c.Read(&x, key));
+      v->uint_value = x;
+      return absl::OkStatus();
+    }
+    case GgufValueType::kInt16: {
+      int16_t x;
+      RETURN_IF_ERROR(c.Read(&x, key));
+      v->int_value = x;
+      return absl::OkStatus();
+    }
+    case GgufValueType::kUint32: {
+      uint32_t x;
+      RETURN_IF_ERROR(c.Read(&x, key));
+      v->uint_value = x;
+      return absl::OkStatus();
+    }
+    case GgufValueType::kInt32: {
+      int32_t x;
+      RETURN_IF_ERROR(c.Read(&x, key));
+      v->int_value = x;
+      return absl::OkStatus();
+    }
+    case GgufValueType::kUint64: {
+      RETURN_IF_ERROR(c.Read(&v->uint_value, key));
+      return absl::OkStatus();
+    }
+    case GgufValueType::kInt64: {
+      RETURN_IF_ERROR(c.Read(&v->int_value, key));
+      return absl::OkStatus();
+    }
+    case GgufValueType::kFloat32: {
+      float x;
+      RETURN_IF_ERROR(c.Read(&x, key));
+      v->float_value = x;
+      return absl::OkStatus();
+    }
+    case GgufValueType::kFloat64: {
+      RETURN_IF_ERROR(c.Read(&v->float_value, key));
+      return absl::OkStatus();
+    }
+    case GgufValueType::kBool: {
+      uint8_t x;
+      RETURN_IF_ERROR(c.Read(&x, key));
+      if (x > 1) return c.Error(absl::StrCat("invalid bool value for key '", key, "'"));
+      v->uint_value = x;
+      return absl::OkStatus();
+    }
+    case GgufValueType::kString:
+      return c.ReadString(&v->string_value, absl::StrCat("value of key '", key, "'"));
+    case GgufValueType::kArray: {
+      if (depth >= static_cast<int>(kMaxNestingDepth)) {
+        return c.Error(absl::StrCat("arrays nested too deeply in key '", key, "'"));
+      }
+      uint32_t et = 0;
+      uint64_t n = 0;
+      RETURN_IF_ERROR(c.Read(&et, key));
+      if (!ValidValueType(et)) {
+        return c.Error(absl::StrCat("unknown array element type ", et, " in key '", key, "'"));
+      }
+      RETURN_IF_ERROR(c.Read(&n, key));
+      if (n > kMaxArrayElems) return c.Error(absl::StrCat("array too long in key '", key, "'"));
+      v->array_type = static_cast<GgufValueType>(et);
+      // Cheap plausibility check before allocating: fixed-size elements must fit in the file.
+      const uint64_t elem = ScalarSize(v->array_type);
+      if (elem != 0) {
+        Cursor probe = c;
+        RETURN_IF_ERROR(probe.Skip(n * elem, absl::StrCat("array of key '", key, "'")));
+      }
+      v->array.resize(n);
+      for (uint64_t i = 0; i < n; ++i) {
+        RETURN_IF_ERROR(ReadValue(c, v->array_type, &v->array[i], key, depth + 1));
+      }
+      return absl::OkStatus();
+    }
+  }
+  return c.Error(
+      absl::StrCat("unknown value type ", static_cast<uint32_t>(type), " for key '", key, "'"));
+}
+
+}  // namespace
+
+GgufFile::~GgufFile() {
+  if (mapped_ && base_ != nullptr) munmap(const_cast<uint8_t*>(base_), size_);
+}
+
+absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return absl::InternalError(absl::StrCat(path, ": cannot stat: ", std::strerror(err)));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  }
+  auto file = std::unique_ptr<GgufFile>(new GgufFile);
+  file->path_ = path;
+  file->size_ = static_cast<uint64_t>(st.st_size);
+  if (file->size_ == 0) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, ": empty file, not a GGUF model"));
+  }
+  void* p = mmap(nullptr, file->size_, PROT_READ, MAP_SHARED, fd, 0);
+  const int err = errno;
+  ::close(fd);
+  if (p == MAP_FAILED) {
+    return absl::InternalError(absl::StrCat(path, ": mmap failed: ", std::strerror(err)));
+  }
+  file->base_ = static_cast<const uint8_t*>(p);
+  file->mapped_ = true;
+  RETURN_IF_ERROR(file->Parse());
+  return file;
+}
+
+absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::FromBuffer(std::string_view bytes,
+                                                               const std::string& name) {
+  auto file = std::unique_ptr<GgufFile>(new GgufFile);
+  file->path_ = name;
+  // Keep the copy 64-byte aligned like a mapping would be (data alignment checks rely on it).
+  file->owned_.assign(bytes.size() + 64, '\0');
+  uintptr_t addr = reinterpret_cast<uintptr_t>(file->owned_.data());
+  const size_t shift = (64 - addr % 64) % 64;
+  std::memcpy(file->owned_.data() + shift, bytes.data(), bytes.size());
+  file->base_ = reinterpret_cast<const uint8_t*>(file->owned_.data() + shift);
+  file->size_ = bytes.size();
+  RETURN_IF_ERROR(file->Parse());
+  return file;
+}
+
+absl::Status GgufFile::Parse() {
+  Cursor c(base_, size_, path_);
+  uint32_t magic = 0;
+  RETURN_IF_ERROR(c.Read(&magic, "magic"));
+  if (magic != kGgufMagic) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": not a GGUF file (bad magic 0x", absl::Hex(magic), ")"));
+  }
+  RETURN_IF_ERROR(c.Read(&version_, "version"));
+  if (version_ != 2 && version_ != 3) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": unsupported GGUF version ", version_, " (supported: 2 and 3)"));
+  }
+  uint64_t n_tensors = 0, n_kv = 0;
+  RETURN_IF_ERROR(c.Read(&n_tensors, "tensor count"));
+  RETURN_IF_ERROR(c.Read(&n_kv, "metadata count"));
+  if (n_tensors > kMaxTensorCount)
+    return c.Error(absl::StrCat("implausible tensor count ", n_tensors));
+  if (n_kv > kMaxKvCount) return c.Error(absl::StrCat("implausible metadata count ", n_kv));
+
+  kv_.reserve(n_kv);
+  for (uint64_t i = 0; i < n_kv; ++i) {
+    std::string key;
+    RETURN_IF_ERROR(c.ReadString(&key, absl::StrCat("metadata key #", i)));
+    if (key.empty()) return c.Error(absl::StrCat("metadata key #", i, " is empty"));
+    uint32_t t = 0;
+    RETURN_IF_ERROR(c.Read(&t, key));
+    if (!ValidValueType(t)) {
+      return c.Error(absl::StrCat("unknown value type ", t, " for key '", key, "'"));
+    }
+    GgufValue v;
+    RETURN_IF_ERROR(ReadValue(c, static_cast<GgufValueType>(t), &v, key, 0));
+    if (kv_index_.count(key)) return c.Error(absl::StrCat("duplicate metadata key '", key, "'"));
+    kv_index_.emplace(key, kv_.size());
+    kv_.emplace_back(std::move(key), std::move(v));
+  }
+
+  if (const GgufValue* a = Find("general.alignment")) {
+    if (!a->IsInteger() || a->uint_value == 0 || a->uint_value > (1u << 20) ||
+        (a->uint_value & (a->uint_value - 1)) != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path_, ": general.alignment must be a power of two integer"));
+    }
+    alignment_ = static_cast<uint32_t>(a->uint_value);
+  }
+
+  tensors_.reserve(n_tensors);
+  for (uint64_t i = 0; i < n_tensors; ++i) {
+    GgufTensorInfo t;
+    RETURN_IF_ERROR(c.ReadString(&t.name, absl::StrCat("name of tensor #", i)));
+    uint32_t n_dims = 0;
+    RETURN_IF_ERROR(c.Read(&n_dims, t.name));
+    if (n_dims == 0 || n_dims > kGgufMaxDims) {
+      return c.Error(absl::StrCat("tensor '", t.name, "' has ", n_dims, " dimensions (1..4)"));
+    }
+    t.n_dims = static_cast<int>(n_dims);
+    for (uint32_t d = 0; d < n_dims; ++d) {
+      uint64_t dim = 0;
+      RETURN_IF_ERROR(c.Read(&dim, t.name));
+      if (dim == 0 || dim > (uint64_t{1} << 40)) {
+        return c.Error(absl::StrCat("tensor '", t.name, "' has invalid dimension ", dim));
+      }
+      t.dims[d] = static_cast<int64_t>(dim);
+    }
+    uint32_t raw_type = 0;
+    RETURN_IF_ERROR(c.Read(&raw_type, t.name));
+    const TypeTraits* tr = FindTypeTraits(raw_type);
+    if (tr == nullptr || raw_type == static_cast<uint32_t>(TensorType::kQ8_1) ||
+        raw_type == static_cast<uint32_t>(TensorType::kQ8_K)) {
+      return c.Error(absl::StrCat("tensor '", t.name, "' has unsupported type id ", raw_type));
+    }
+    t.type = tr->type;
+    RETURN_IF_ERROR(c.Read(&t.offset, t.name));
+    if (t.dims[0] % tr->block_size != 0) {
+      return c.Error(absl::StrCat("tensor '", t.name, "' row length ", t.dims[0],
+                                  " is not a multiple of the ", tr->name, " block size ",
+                                  tr->block_size));
+    }
+    // Overflow-safe size: elements <= 2^40 per dim product checked stepwise.
+    uint64_t rows = 1;
+    for (int d = 1; d < kGgufMaxDims; ++d) {
+      if (rows > (uint64_t{1} << 42) / static_cast<uint64_t>(t.dims[d])) {
+        return c.Error(absl::StrCat("tensor '", t.name, "' is implausibly large"));
+      }
+      rows *= static_cast<uint64_t>(t.dims[d]);
+    }
+    const uint64_t row_bytes = static_cast<uint64_t>(t.dims[0] / tr->block_size) * tr->block_bytes;
+    if (rows != 0 && row_bytes > std::numeric_limits<uint64_t>::max() / 4 / rows) {
+      return c.Error(absl::StrCat("tensor '", t.name, "' is implausibly large"));
+    }
+    t.size_bytes = row_bytes * rows;
+    if (tensor_index_.count(t.name)) {
+      return c.Error(absl::StrCat("duplicate tensor name '", t.name, "'"));
+    }
+    tensor_index_.emplace(t.name, tensors_.size());
+    tensors_.push_back(std::move(t));
+  }
+
+  data_offset_ = (c.pos() + alignment_ - 1) / alignment_ * alignment_;
+  if (data_offset_ > size_) {
+    if (!tensors_.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path_, ": file truncated before the tensor data section"));
+    }
+    data_offset_ = size_;
+  }
+  const uint64_t data_size = size_ - data_offset_;
+
+  // Bounds, alignment and overlap.
+  std::vector<size_t> order(tensors_.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  for (auto& t : tensors_) {
+    if (t.offset % alignment_ != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(path_, ": tensor '", t.name, "' data offset ",
+                                                     t.offset, " is not aligned to ", alignment_));
+    }
+    if (t.offset > data_size || t.size_bytes > data_size - t.offset) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path_, ": tensor '", t.name, "' data [", t.offset, ", ", t.offset + t.size_bytes,
+          ") lies outside the data section of ", data_size, " bytes (file truncated or corrupt)"));
+    }
+    t.data = base_ + data_offset_ + t.offset;
+  }
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return tensors_[a].offset < tensors_[b].offset; });
+  for (size_t i = 1; i < order.size(); ++i) {
+    const auto& prev = tensors_[order[i - 1]];
+    const auto& cur = tensors_[order[i]];
+    if (prev.offset + prev.size_bytes > cur.offset) {
+      return absl::InvalidArgumentError(absl::StrCat(path_, ": tensors '", prev.name, "' and '",
+                                                     cur.name, "' overlap in the data section"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+const GgufValue* GgufFile::Find(std::string_view key) const {
+  auto it = kv_index_.find(key);
+  return it == kv_index_.end() ? nullptr : &kv_[it->second].second;
+}
+
+const GgufTensorInfo* GgufFile::FindTensor(std::string_view name) const {
+  auto it = tensor_index_.find(name);
+  return it == tensor_index_.end() ? nullptr : &tensors_[it->second];
+}
+
+namespace {
+absl::Status MissingKey(const std::string& path, std::string_view key) {
+  return absl::NotFoundError(absl::StrCat(path, ": missing metadata key '", key, "'"));
+}
+absl::Status WrongType(const std::string& path, std::string_view key, std::string_view want,
+                       const GgufValue& v) {
+  return absl::InvalidArgumentError(absl::StrCat(path, ": metadata key '", key, "' should be ",
+                                                 want, " but is ", GgufValueTypeName(v.type)));
+}
+}  // namespace
+
+absl::StatusOr<uint64_t> GgufFile::GetUint(std::string_view key) const {
+  const GgufValue* v = Find(key);
+  if (v == nullptr) return MissingKey(path_, key);
+  if (!v->IsInteger()) return WrongType(path_, key, "an integer", *v);
+  switch (v->type) {
+    case GgufValueType::kInt8:
+    case GgufValueType::kInt16:
+    case GgufValueType::kInt32:
+    case GgufValueType::kInt64:
+      if (v->int_value < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path_, ": metadata key '", key, "' is negative (", v->int_value, ")"));
+      }
+      return static_cast<uint64_t>(v->int_value);
+    default:
+      return v->uint_value;
+  }
+}
+
+absl::StatusOr<double> GgufFile::GetFloat(std::string_view key) const {
+  const GgufValue* v = Find(key);
+  if (v == nullptr) return MissingKey(path_, key);
+  if (!v->IsInteger() && !v->IsFloat()) return WrongType(path_, key, "a number", *v);
+  return v->AsDouble();
+}
+
+absl::StatusOr<std::string> GgufFile::GetString(std::string_view key) const {
+  const GgufValue* v = Find(key);
+  if (v == nullptr) return MissingKey(path_, key);
+  if (v->type != GgufValueType::kString) return WrongType(path_, key, "a string", *v);
+  return v->string_value;
+}
+
+absl::StatusOr<bool> GgufFile::GetBool(std::string_view key) const {
+  const GgufValue* v = Find(key);
+  if (v == nullptr) return MissingKey(path_, key);
+  if (v->type != GgufValueType::kBool) return WrongType(path_, key, "a bool", *v);
+  return v->uint_value != 0;
+}
+
+absl::StatusOr<std::vector<std::string>> GgufFile::GetStringArray(std::string_view key) const {
+  const GgufValue* v = Find(key);
+  if (v == nullptr) return MissingKey(path_, key);
+  if (v->type != GgufValueType::kArray || v->array_type != GgufValueType::kString) {
+    return WrongType(path_, key, "an array of strings", *v);
+  }
+  std::vector<std::string> out;
+  out.reserve(v->array.size());
+  for (const auto& e : v->array) out.push_back(e.string_value);
+  return out;
+}
+
+absl::StatusOr<std::vector<float>> GgufFile::GetFloatArray(std::string_view key) const {
+  const GgufValue* v = Find(key);
+  if (v == nullptr) return MissingKey(path_, key);
+  if (v->type != GgufValueType::kArray ||
+      (v->array_type != GgufValueType::kFloat32 && v->array_type != GgufValueType::kFloat64)) {
+    return WrongType(path_, key, "an array of floats", *v);
+  }
+  std::vector<float> out;
+  out.reserve(v->array.size());
+  for (const auto& e : v->array) out.push_back(static_cast<float>(e.float_value));
+  return out;
+}
+
+absl::StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(std::string_view key) const {
+  const GgufValue* v = Find(key);
+  if (v == nullptr) return MissingKey(path_, key);
+  if (v->type != GgufValueType::kArray) return WrongType(path_, key, "an array of integers", *v);
+  std::vector<int64_t> out;
+  out.reserve(v->array.size());
+  for (const auto& e : v->array) {
+    if (!e.IsInteger()) return WrongType(path_, key, "an array of integers", *v);
+    out.push_back(e.int_value != 0 ? e.int_value : static_cast<int64_t>(e.uint_value));
+  }
+  return out;
+}
+
+void GgufFile::WillNeed(const GgufTensorInfo& t) const {
+  if (!mapped_) return;
+  const uintptr_t page = 4096;
+  uintptr_t start = reinterpret_cast<uintptr_t>(t.data) & ~(page - 1);
+  madvise(reinterpret_cast<void*>(start),
+          reinterpret_cast<uintptr_t>(t.data) - start + t.size_bytes, MADV_WILLNEED);
+}
+
+void GgufFile::DontNeed(const GgufTensorInfo& t) const {
+  if (!mapped_) return;
+  const uintptr_t page = 4096;
+  uintptr_t start = reinterpret_cast<uintptr_t>(t.data) & ~(page - 1);
+  madvise(reinterpret_cast<void*>(start),
+          reinterpret_cast<uintptr_t>(t.data) - start + t.size_bytes, MADV_DONTNEED);
+}
+
+}  // namespace moepool
+
+namespace moepool {
+
+const char* GgufValueTypeName(GgufValueType type) {
+  switch (type) {
+    case GgufValueType::kUint8:
+      return "uint8";
+    case GgufValueType::kInt8:
+      return "int8";
+    case GgufValueType::kUint16:
+      return "uint16";
+    case GgufValueType::kInt16:
+      return "int16";
+    case GgufValueType::kUint32:
+      return "uint32";
+    case GgufValueType::kInt32:
+      return "int32";
+    case GgufValueType::kFloat32:
+      return "float32";
+    case GgufValueType::kBool:
+      return "bool";
+    case GgufValueType::kString:
+      return "string";
+    case GgufValueType::kArray:
+      return "array";
+    case GgufValueType::kUint64:
+      return "uint64";
+    case GgufValueType::kInt64:
+      return "int64";
+    case GgufValueType::kFloat64:
+      return "float64";
+  }
+  return "unknown";
+}
+
+bool GgufValue::IsInteger() const {
+  switch (type) {
+    case GgufValueType::kUint8:
+    case GgufValueType::kInt8:
+    case GgufValueType::kUint16:
+    case GgufValueType::kInt16:
+    case GgufValueType::kUint32:
+    case GgufValueType::kInt32:
+    case GgufValueType::kUint64:
+    case GgufValueType::kInt64:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool GgufValue::IsFloat() const {
+  return type == GgufValueType::kFloat32 || type == GgufValueType::kFloat64;
+}
+
+double GgufValue::AsDouble() const {
+  if (IsFloat()) return float_value;
+  switch (type) {
+    case GgufValueType::kInt8:
+    case GgufValueType::kInt16:
+    case GgufValueType::kInt32:
+    case GgufValueType::kInt64:
+      return static_cast<double>(int_value);
+    default:
+      return static_cast<double>(uint_value);
+  }
+}
+
+std::string GgufTensorInfo::ShapeString() const {
+  std::string s = "[";
+  for (int d = 0; d < n_dims; ++d) {
+    if (d) s += ", ";
+    s += std::to_string(dims[d]);
+  }
+  return s + "]";
+}
+
+}  // namespace moepool
