@@ -33,13 +33,13 @@ class Cursor {
 
   uint64_t pos() const { return pos_; }
 
-  absl::Status Error(std::string_view what) const {
+  absl::Status Error(absl::string_view what) const {
     return absl::InvalidArgumentError(
         absl::StrCat(path_, ": ", what, " (at byte offset ", pos_, ")"));
   }
 
   template <typename T>
-  absl::Status Read(T* out, std::string_view what) {
+  absl::Status Read(T* out, absl::string_view what) {
     if (size_ - pos_ < sizeof(T)) {
       return Error(absl::StrCat("file truncated while reading ", what));
     }
@@ -48,7 +48,7 @@ class Cursor {
     return absl::OkStatus();
   }
 
-  absl::Status ReadString(std::string* out, std::string_view what) {
+  absl::Status ReadString(std::string* out, absl::string_view what) {
     uint64_t len = 0;
     RETURN_IF_ERROR(Read(&len, what));
     if (len > kMaxStringBytes) return Error(absl::StrCat("string too long in ", what));
@@ -58,7 +58,7 @@ class Cursor {
     return absl::OkStatus();
   }
 
-  absl::Status Skip(uint64_t n, std::string_view what) {
+  absl::Status Skip(uint64_t n, absl::string_view what) {
     if (size_ - pos_ < n) return Error(absl::StrCat("file truncated while reading ", what));
     pos_ += n;
     return absl::OkStatus();
@@ -100,37 +100,37 @@ absl::Status ReadValue(Cursor& c, GgufValueType type, GgufValue* v, const std::s
   v->type = type;
   switch (type) {
     case GgufValueType::kUint8: {
-      uint8_t x;
+      uint8_t x = 0;
       RETURN_IF_ERROR(c.Read(&x, key));
       v->uint_value = x;
       return absl::OkStatus();
     }
     case GgufValueType::kInt8: {
-      int8_t x;
+      int8_t x = 0;
       RETURN_IF_ERROR(c.Read(&x, key));
       v->int_value = x;
       return absl::OkStatus();
     }
     case GgufValueType::kUint16: {
-      uint16_t x;
+      uint16_t x = 0;
       RETURN_IF_ERROR(c.Read(&x, key));
       v->uint_value = x;
       return absl::OkStatus();
     }
     case GgufValueType::kInt16: {
-      int16_t x;
+      int16_t x = 0;
       RETURN_IF_ERROR(c.Read(&x, key));
       v->int_value = x;
       return absl::OkStatus();
     }
     case GgufValueType::kUint32: {
-      uint32_t x;
+      uint32_t x = 0;
       RETURN_IF_ERROR(c.Read(&x, key));
       v->uint_value = x;
       return absl::OkStatus();
     }
     case GgufValueType::kInt32: {
-      int32_t x;
+      int32_t x = 0;
       RETURN_IF_ERROR(c.Read(&x, key));
       v->int_value = x;
       return absl::OkStatus();
@@ -144,7 +144,7 @@ absl::Status ReadValue(Cursor& c, GgufValueType type, GgufValue* v, const std::s
       return absl::OkStatus();
     }
     case GgufValueType::kFloat32: {
-      float x;
+      float x = 0;
       RETURN_IF_ERROR(c.Read(&x, key));
       v->float_value = x;
       return absl::OkStatus();
@@ -154,7 +154,7 @@ absl::Status ReadValue(Cursor& c, GgufValueType type, GgufValue* v, const std::s
       return absl::OkStatus();
     }
     case GgufValueType::kBool: {
-      uint8_t x;
+      uint8_t x = 0;
       RETURN_IF_ERROR(c.Read(&x, key));
       if (x > 1) return c.Error(absl::StrCat("invalid bool value for key '", key, "'"));
       v->uint_value = x;
@@ -394,10 +394,11 @@ const GgufTensorInfo* GgufFile::FindTensor(std::string_view name) const {
 }
 
 namespace {
-absl::Status MissingKey(const std::string& path, std::string_view key) {
+absl::string_view AbslView(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+absl::Status MissingKey(const std::string& path, absl::string_view key) {
   return absl::NotFoundError(absl::StrCat(path, ": missing metadata key '", key, "'"));
 }
-absl::Status WrongType(const std::string& path, std::string_view key, std::string_view want,
+absl::Status WrongType(const std::string& path, absl::string_view key, absl::string_view want,
                        const GgufValue& v) {
   return absl::InvalidArgumentError(absl::StrCat(path, ": metadata key '", key, "' should be ",
                                                  want, " but is ", GgufValueTypeName(v.type)));
@@ -406,16 +407,16 @@ absl::Status WrongType(const std::string& path, std::string_view key, std::strin
 
 absl::StatusOr<uint64_t> GgufFile::GetUint(std::string_view key) const {
   const GgufValue* v = Find(key);
-  if (v == nullptr) return MissingKey(path_, key);
-  if (!v->IsInteger()) return WrongType(path_, key, "an integer", *v);
+  if (v == nullptr) return MissingKey(path_, AbslView(key));
+  if (!v->IsInteger()) return WrongType(path_, AbslView(key), "an integer", *v);
   switch (v->type) {
     case GgufValueType::kInt8:
     case GgufValueType::kInt16:
     case GgufValueType::kInt32:
     case GgufValueType::kInt64:
       if (v->int_value < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(path_, ": metadata key '", key, "' is negative (", v->int_value, ")"));
+        return absl::InvalidArgumentError(absl::StrCat(path_, ": metadata key '", AbslView(key),
+                                                       "' is negative (", v->int_value, ")"));
       }
       return static_cast<uint64_t>(v->int_value);
     default:
@@ -425,30 +426,30 @@ absl::StatusOr<uint64_t> GgufFile::GetUint(std::string_view key) const {
 
 absl::StatusOr<double> GgufFile::GetFloat(std::string_view key) const {
   const GgufValue* v = Find(key);
-  if (v == nullptr) return MissingKey(path_, key);
-  if (!v->IsInteger() && !v->IsFloat()) return WrongType(path_, key, "a number", *v);
+  if (v == nullptr) return MissingKey(path_, AbslView(key));
+  if (!v->IsInteger() && !v->IsFloat()) return WrongType(path_, AbslView(key), "a number", *v);
   return v->AsDouble();
 }
 
 absl::StatusOr<std::string> GgufFile::GetString(std::string_view key) const {
   const GgufValue* v = Find(key);
-  if (v == nullptr) return MissingKey(path_, key);
-  if (v->type != GgufValueType::kString) return WrongType(path_, key, "a string", *v);
+  if (v == nullptr) return MissingKey(path_, AbslView(key));
+  if (v->type != GgufValueType::kString) return WrongType(path_, AbslView(key), "a string", *v);
   return v->string_value;
 }
 
 absl::StatusOr<bool> GgufFile::GetBool(std::string_view key) const {
   const GgufValue* v = Find(key);
-  if (v == nullptr) return MissingKey(path_, key);
-  if (v->type != GgufValueType::kBool) return WrongType(path_, key, "a bool", *v);
+  if (v == nullptr) return MissingKey(path_, AbslView(key));
+  if (v->type != GgufValueType::kBool) return WrongType(path_, AbslView(key), "a bool", *v);
   return v->uint_value != 0;
 }
 
 absl::StatusOr<std::vector<std::string>> GgufFile::GetStringArray(std::string_view key) const {
   const GgufValue* v = Find(key);
-  if (v == nullptr) return MissingKey(path_, key);
+  if (v == nullptr) return MissingKey(path_, AbslView(key));
   if (v->type != GgufValueType::kArray || v->array_type != GgufValueType::kString) {
-    return WrongType(path_, key, "an array of strings", *v);
+    return WrongType(path_, AbslView(key), "an array of strings", *v);
   }
   std::vector<std::string> out;
   out.reserve(v->array.size());
@@ -458,10 +459,10 @@ absl::StatusOr<std::vector<std::string>> GgufFile::GetStringArray(std::string_vi
 
 absl::StatusOr<std::vector<float>> GgufFile::GetFloatArray(std::string_view key) const {
   const GgufValue* v = Find(key);
-  if (v == nullptr) return MissingKey(path_, key);
+  if (v == nullptr) return MissingKey(path_, AbslView(key));
   if (v->type != GgufValueType::kArray ||
       (v->array_type != GgufValueType::kFloat32 && v->array_type != GgufValueType::kFloat64)) {
-    return WrongType(path_, key, "an array of floats", *v);
+    return WrongType(path_, AbslView(key), "an array of floats", *v);
   }
   std::vector<float> out;
   out.reserve(v->array.size());
@@ -471,12 +472,13 @@ absl::StatusOr<std::vector<float>> GgufFile::GetFloatArray(std::string_view key)
 
 absl::StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(std::string_view key) const {
   const GgufValue* v = Find(key);
-  if (v == nullptr) return MissingKey(path_, key);
-  if (v->type != GgufValueType::kArray) return WrongType(path_, key, "an array of integers", *v);
+  if (v == nullptr) return MissingKey(path_, AbslView(key));
+  if (v->type != GgufValueType::kArray)
+    return WrongType(path_, AbslView(key), "an array of integers", *v);
   std::vector<int64_t> out;
   out.reserve(v->array.size());
   for (const auto& e : v->array) {
-    if (!e.IsInteger()) return WrongType(path_, key, "an array of integers", *v);
+    if (!e.IsInteger()) return WrongType(path_, AbslView(key), "an array of integers", *v);
     out.push_back(e.int_value != 0 ? e.int_value : static_cast<int64_t>(e.uint_value));
   }
   return out;
