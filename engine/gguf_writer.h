@@ -5,6 +5,9 @@
 // order they were added (each exactly RowBytes(type, dims[0]) * rows bytes), then Finish().
 // Only one tensor's data needs to be in memory at a time, so files larger than RAM can be written.
 // Not thread-safe. Errors (I/O, misuse such as wrong order or size) are returned as Status.
+// A file whose writing failed, or whose writer is destroyed before Finish(), is deleted.
+// AddMetadata with a key already added replaces its value. `general.alignment` is written
+// automatically when the alignment is not the default 32.
 #ifndef MOEPOOL_ENGINE_GGUF_WRITER_H_
 #define MOEPOOL_ENGINE_GGUF_WRITER_H_
 
