@@ -225,6 +225,35 @@ TEST(SynthTest, Q4KMMixMatchesReferenceTensorTypes) {
   }
 }
 
+// A quantized model holds the same underlying weights as the F16 model of the same seed.
+TEST(SynthTest, QuantizedWeightsApproximateTheF16Weights) {
+  auto quant = GgufFile::Open(Synthesized("Q4_K_M", 1, false));
+  auto f16 = GgufFile::Open(Synthesized("F16", 1, false));
+  ASSERT_TRUE(quant.ok()) << quant.status();
+  ASSERT_TRUE(f16.ok()) << f16.status();
+  for (const char* name : {"blk.0.attn_q.weight", "blk.3.ffn_down_exps.weight", "output.weight"}) {
+    const GgufTensorInfo* q = (*quant)->FindTensor(name);
+    const GgufTensorInfo* h = (*f16)->FindTensor(name);
+    ASSERT_TRUE(q && h) << name;
+    ASSERT_NE(q->type, TensorType::kF16);
+    const int64_t n = h->NumElements();
+    std::vector<float> deq(n);
+    const TypeTraits& tr = GetTypeTraits(q->type);
+    const size_t row_bytes = RowBytes(q->type, q->dims[0]);
+    for (int64_t r = 0; r < q->NumRows(); ++r) {
+      tr.dequantize(q->data + r * row_bytes, deq.data() + r * q->dims[0], q->dims[0]);
+    }
+    const auto* ref = reinterpret_cast<const uint16_t*>(h->data);
+    double err = 0, norm = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double want = Fp16ToFp32(ref[i]);
+      err += (deq[i] - want) * (deq[i] - want);
+      norm += want * want;
+    }
+    EXPECT_LT(err / norm, 0.01) << name << " (" << tr.name << ")";
+  }
+}
+
 TEST(SynthTest, ReportsProgressPerTensor) {
   SynthOptions o = TinyOptions("F32", 1, false, "progress.gguf");
   o.shape.n_layer = 1;
