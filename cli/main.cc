@@ -1,5 +1,43 @@
+// moepool: pooled Mixtral inference. See README.md for the commands.
 #include <cstdio>
-int main() {
-  std::puts("moepool");
-  return 0;
+#include <cstring>
+#include <string>
+
+#include "cli/commands.h"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*run)(int, char**);
+  const char* help;
+};
+
+constexpr Command kCommands[] = {
+    {"run", moepool::cli::RunRun, "generate text from a prompt"},
+    {"eval", moepool::cli::RunEval, "evaluate a prompt and write every position's logits"},
+    {"tokenize", moepool::cli::RunTokenize, "print the token ids of a text"},
+    {"inspect", moepool::cli::RunInspect, "print a model's hyperparameters, types and memory"},
+    {"synth", moepool::cli::RunSynth, "write a Mixtral-architecture GGUF with random weights"},
+    {"bench", moepool::cli::RunBench, "measure prompt and decode speed"},
+};
+
+void Usage(FILE* out) {
+  std::fprintf(out, "usage: moepool <command> [flags]\n\ncommands:\n");
+  for (const auto& c : kCommands) std::fprintf(out, "  %-10s %s\n", c.name, c.help);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
+    Usage(argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  for (const auto& c : kCommands) {
+    if (std::strcmp(argv[1], c.name) == 0) return c.run(argc - 2, argv + 2);
+  }
+  std::fprintf(stderr, "moepool: unknown command '%s'\n", argv[1]);
+  Usage(stderr);
+  return 2;
 }

@@ -1,0 +1,89 @@
+#include "cli/args.h"
+
+#include <cerrno>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+
+namespace moepool::cli {
+
+absl::StatusOr<Args> Args::Parse(int argc, char** argv, const FlagSpec& spec) {
+  Args args;
+  for (int i = 0; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.size() > 2 && a.rfind("--", 0) == 0) {
+      std::string name = a.substr(2);
+      std::string value;
+      bool has_value = false;
+      const size_t eq = name.find('=');
+      if (eq != std::string::npos) {
+        value = name.substr(eq + 1);
+        name = name.substr(0, eq);
+        has_value = true;
+      }
+      if (spec.boolean.count(name)) {
+        if (has_value)
+          return absl::InvalidArgumentError(absl::StrCat("--", name, " takes no value"));
+        args.values_[name].push_back("true");
+      } else if (spec.valued.count(name)) {
+        if (!has_value) {
+          if (i + 1 >= argc)
+            return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
+          value = argv[++i];
+        }
+        args.values_[name].push_back(value);
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+      }
+    } else {
+      args.positional_.push_back(a);
+    }
+  }
+  return args;
+}
+
+std::string Args::Get(const std::string& name, const std::string& def) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? def : it->second.back();
+}
+
+std::vector<std::string> Args::GetAll(const std::string& name) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? std::vector<std::string>{} : it->second;
+}
+
+absl::StatusOr<int64_t> Args::GetInt(const std::string& name, int64_t def) const {
+  if (!Has(name)) return def;
+  const std::string v = Get(name);
+  errno = 0;
+  char* end = nullptr;
+  const long long x = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || errno != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, ": not an integer: '", v, "'"));
+  }
+  return static_cast<int64_t>(x);
+}
+
+absl::StatusOr<double> Args::GetDouble(const std::string& name, double def) const {
+  if (!Has(name)) return def;
+  const std::string v = Get(name);
+  errno = 0;
+  char* end = nullptr;
+  const double x = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end != '\0' || errno != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, ": not a number: '", v, "'"));
+  }
+  return x;
+}
+
+absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot read"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace moepool::cli

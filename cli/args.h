@@ -1,0 +1,42 @@
+// Minimal command-line parsing for the moepool subcommands: `--name value`, `--name=value`,
+// boolean `--flag`, and positional arguments. Each command declares its flags, so a typo is an
+// error rather than silently ignored.
+#ifndef MOEPOOL_CLI_ARGS_H_
+#define MOEPOOL_CLI_ARGS_H_
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace moepool::cli {
+
+struct FlagSpec {
+  std::set<std::string> valued;   // flags that take a value
+  std::set<std::string> boolean;  // flags without a value
+};
+
+class Args {
+ public:
+  static absl::StatusOr<Args> Parse(int argc, char** argv, const FlagSpec& spec);
+
+  bool Has(const std::string& name) const { return values_.count(name) > 0; }
+  std::string Get(const std::string& name, const std::string& def = "") const;
+  std::vector<std::string> GetAll(const std::string& name) const;
+  absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t def) const;
+  absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
+  const std::vector<std::string>& positional() const { return positional_; }
+
+ private:
+  std::map<std::string, std::vector<std::string>> values_;
+  std::vector<std::string> positional_;
+};
+
+absl::StatusOr<std::string> ReadFileToString(const std::string& path);
+
+}  // namespace moepool::cli
+
+#endif  // MOEPOOL_CLI_ARGS_H_

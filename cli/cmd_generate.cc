@@ -1,0 +1,160 @@
+// moepool eval | run | tokenize.
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "engine/engine.h"
+#include "engine/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace moepool::cli {
+namespace {
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "moepool: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> LoadEngine(const Args& args) {
+  EngineOptions opts;
+  opts.model_path = args.Get("model");
+  if (opts.model_path.empty()) return absl::InvalidArgumentError("--model is required");
+  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
+  ASSIGN_OR_RETURN(opts.n_ctx, args.GetInt("ctx", 0));
+  opts.threads = static_cast<int>(threads);
+  if (!ParseMoeResidual(args.Get("moe-residual", "reference"), &opts.transformer.moe_residual)) {
+    return absl::InvalidArgumentError("--moe-residual must be reference or standard");
+  }
+  return Engine::Load(opts);
+}
+
+absl::StatusOr<std::string> PromptText(const Args& args) {
+  if (args.Has("prompt-file")) return ReadFileToString(args.Get("prompt-file"));
+  if (args.Has("prompt")) return args.Get("prompt");
+  return absl::InvalidArgumentError("--prompt-file (or --prompt) is required");
+}
+
+absl::Status Eval(const Args& args) {
+  ASSIGN_OR_RETURN(auto engine, LoadEngine(args));
+  ASSIGN_OR_RETURN(std::string text, PromptText(args));
+  const std::string out_path = args.Get("logits-out");
+  if (out_path.empty()) return absl::InvalidArgumentError("--logits-out is required");
+  const std::vector<int32_t> tokens = engine->Tokenize(text);
+  KvCache cache(engine->config(), engine->n_ctx());
+  ASSIGN_OR_RETURN(std::vector<float> logits, engine->EvalPrompt(tokens, &cache, true));
+  std::ofstream out(out_path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(logits.data()),
+            static_cast<std::streamsize>(logits.size() * sizeof(float)));
+  if (!out) return absl::InternalError(out_path + ": write failed");
+  nlohmann::json j;
+  j["prompt_tokens"] = tokens;
+  std::cout << j.dump() << std::endl;
+  return absl::OkStatus();
+}
+
+absl::Status Run(const Args& args) {
+  ASSIGN_OR_RETURN(auto engine, LoadEngine(args));
+  ASSIGN_OR_RETURN(std::string text, PromptText(args));
+  Engine::GenerateOptions g;
+  ASSIGN_OR_RETURN(int64_t n, args.GetInt("n", 128));
+  g.max_tokens = static_cast<int>(n);
+  g.ignore_eos = args.Has("ignore-eos");
+  ASSIGN_OR_RETURN(double temp, args.GetDouble("temperature", 0.8));
+  ASSIGN_OR_RETURN(int64_t top_k, args.GetInt("top-k", 40));
+  ASSIGN_OR_RETURN(double top_p, args.GetDouble("top-p", 0.95));
+  ASSIGN_OR_RETURN(double min_p, args.GetDouble("min-p", 0.05));
+  ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", -1));
+  g.sampling.temperature = static_cast<float>(temp);
+  g.sampling.top_k = static_cast<int>(top_k);
+  g.sampling.top_p = static_cast<float>(top_p);
+  g.sampling.min_p = static_cast<float>(min_p);
+  if (seed < 0) {
+    seed = static_cast<int64_t>(std::random_device{}() & 0x7fffffff);
+    if (temp > 0) std::fprintf(stderr, "moepool: seed %lld\n", static_cast<long long>(seed));
+  }
+  g.sampling.seed = static_cast<uint64_t>(seed);
+  const bool json = args.Has("json");
+  const std::vector<int32_t> prompt = engine->Tokenize(text);
+  StreamingDetokenizer detok(engine->tokenizer());
+  std::string all_text;
+  auto on_token = [&](int32_t id) {
+    const std::string piece = detok.Push(id);
+    all_text += piece;
+    if (!json) {
+      std::fwrite(piece.data(), 1, piece.size(), stdout);
+      std::fflush(stdout);
+    }
+    return true;
+  };
+  ASSIGN_OR_RETURN(std::vector<int32_t> tokens, engine->Generate(prompt, g, on_token));
+  const std::string tail = detok.Flush();
+  all_text += tail;
+  if (json) {
+    nlohmann::json j;
+    j["tokens"] = tokens;
+    j["text"] = all_text;
+    std::cout << j.dump() << std::endl;
+  } else {
+    std::fwrite(tail.data(), 1, tail.size(), stdout);
+    std::fputc('\n', stdout);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Tokenize(const Args& args) {
+  const std::string path = args.Get("model");
+  if (path.empty()) return absl::InvalidArgumentError("--model is required");
+  ASSIGN_OR_RETURN(auto file, GgufFile::Open(path));
+  ASSIGN_OR_RETURN(auto tok, Tokenizer::FromGguf(*file));
+  std::string text;
+  if (args.Has("file")) {
+    ASSIGN_OR_RETURN(text, ReadFileToString(args.Get("file")));
+  } else if (args.Has("text")) {
+    text = args.Get("text");
+  } else {
+    return absl::InvalidArgumentError("--file (or --text) is required");
+  }
+  const auto ids = tok->Encode(text, !args.Has("no-bos") && tok->add_bos_default());
+  std::string line;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (i) line += ' ';
+    line += std::to_string(ids[i]);
+  }
+  std::cout << line << std::endl;
+  return absl::OkStatus();
+}
+
+const FlagSpec kEngineFlags = {
+    {"model", "prompt-file", "prompt", "threads", "ctx", "logits-out", "n", "temperature", "top-k",
+     "top-p", "min-p", "seed", "moe-residual"},
+    {"ignore-eos", "json"}};
+
+}  // namespace
+
+int RunEval(int argc, char** argv) {
+  auto args = Args::Parse(argc, argv, kEngineFlags);
+  if (!args.ok()) return Fail(args.status());
+  const absl::Status s = Eval(*args);
+  return s.ok() ? 0 : Fail(s);
+}
+
+int RunRun(int argc, char** argv) {
+  auto args = Args::Parse(argc, argv, kEngineFlags);
+  if (!args.ok()) return Fail(args.status());
+  const absl::Status s = Run(*args);
+  return s.ok() ? 0 : Fail(s);
+}
+
+int RunTokenize(int argc, char** argv) {
+  auto args = Args::Parse(argc, argv, {{"model", "file", "text"}, {"no-bos"}});
+  if (!args.ok()) return Fail(args.status());
+  const absl::Status s = Tokenize(*args);
+  return s.ok() ? 0 : Fail(s);
+}
+
+}  // namespace moepool::cli

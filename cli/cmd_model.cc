@@ -1,0 +1,159 @@
+// moepool inspect | synth.
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <string>
+
+#include "absl/strings/str_format.h"
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "engine/kv_cache.h"
+#include "engine/model.h"
+#include "engine/status_macros.h"
+#include "engine/synth.h"
+#include "nlohmann/json.hpp"
+
+namespace moepool::cli {
+namespace {
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "moepool: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+std::string HumanBytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  return absl::StrFormat("%.2f %s", b, units[u]);
+}
+
+absl::Status Inspect(const Args& args) {
+  if (args.positional().size() != 1) {
+    return absl::InvalidArgumentError("usage: moepool inspect MODEL.gguf [--json] [--ctx N]");
+  }
+  ASSIGN_OR_RETURN(auto model, Model::Load(args.positional()[0]));
+  ASSIGN_OR_RETURN(int64_t ctx, args.GetInt("ctx", 0));
+  const ModelConfig& c = model->config();
+  if (ctx <= 0) ctx = std::min<int64_t>(c.n_ctx_train, 4096);
+  std::map<std::string, int> type_counts;
+  for (const auto& t : model->file().tensors()) ++type_counts[GetTypeTraits(t.type).name];
+  const uint64_t kv_bytes = 2ull * c.n_layer * ctx * c.kv_dim() * sizeof(float);
+  const uint64_t expert = model->ExpertBytes();
+  const uint64_t non_expert = model->NonExpertBytes();
+  nlohmann::json j;
+  j["path"] = model->file().path();
+  j["name"] = c.name;
+  j["gguf_version"] = model->file().version();
+  j["architecture"] = c.architecture;
+  j["n_vocab"] = c.n_vocab;
+  j["n_embd"] = c.n_embd;
+  j["n_layer"] = c.n_layer;
+  j["n_head"] = c.n_head;
+  j["n_head_kv"] = c.n_head_kv;
+  j["head_dim"] = c.head_dim;
+  j["n_rot"] = c.n_rot;
+  j["n_ff"] = c.n_ff;
+  j["n_expert"] = c.n_expert;
+  j["n_expert_used"] = c.n_expert_used;
+  j["n_ctx_train"] = c.n_ctx_train;
+  j["rope_base"] = c.rope_base;
+  j["rms_eps"] = c.rms_eps;
+  j["expert_layout"] = model->per_expert_layout() ? "per-expert" : "merged";
+  j["tensor_types"] = type_counts;
+  j["file_bytes"] = model->file().file_size();
+  j["expert_bytes"] = expert;
+  j["non_expert_bytes"] = non_expert;
+  j["ctx"] = ctx;
+  j["kv_cache_bytes"] = kv_bytes;
+  j["memory_bytes"] = expert + non_expert + kv_bytes;
+  if (args.Has("json")) {
+    std::cout << j.dump() << std::endl;
+    return absl::OkStatus();
+  }
+  std::cout << absl::StrFormat(
+      "%s (%s, GGUF v%u, %s experts)\n"
+      "  vocab %d, embd %d, layers %d, heads %d (kv %d, dim %d, rope %d, base %g), ff %d\n"
+      "  experts %d (top-%d), trained context %d, rms eps %g\n",
+      model->file().path(), c.name, model->file().version(),
+      model->per_expert_layout() ? "per-expert" : "merged", c.n_vocab, c.n_embd, c.n_layer,
+      c.n_head, c.n_head_kv, c.head_dim, c.n_rot, c.rope_base, c.n_ff, c.n_expert, c.n_expert_used,
+      c.n_ctx_train, c.rms_eps);
+  std::cout << "  tensor types:";
+  for (const auto& [t, n] : type_counts) std::cout << " " << t << " x" << n;
+  std::cout << "\n"
+            << absl::StrFormat(
+                   "  weights: experts %s, non-expert %s (file %s)\n"
+                   "  KV cache at %d tokens: %s (f32)\n  memory needed: %s\n",
+                   HumanBytes(expert), HumanBytes(non_expert),
+                   HumanBytes(model->file().file_size()), ctx, HumanBytes(kv_bytes),
+                   HumanBytes(expert + non_expert + kv_bytes));
+  return absl::OkStatus();
+}
+
+// The vocabulary shipped with moepool: next to the working directory, the binary, or the source.
+std::string FindDefaultVocab() {
+  std::vector<std::filesystem::path> candidates = {kDefaultSynthVocabPath};
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (auto dir = exe.parent_path(); !dir.empty() && dir != dir.root_path();
+         dir = dir.parent_path()) {
+      candidates.push_back(dir / kDefaultSynthVocabPath);
+    }
+  }
+  candidates.push_back(std::filesystem::path(MOEPOOL_SOURCE_DIR) / kDefaultSynthVocabPath);
+  for (const auto& p : candidates) {
+    if (std::filesystem::exists(p)) return p.string();
+  }
+  return kDefaultSynthVocabPath;
+}
+
+absl::Status Synth(const Args& args) {
+  SynthOptions o;
+  o.out_path = args.Get("out");
+  if (o.out_path.empty()) return absl::InvalidArgumentError("--out is required");
+  ASSIGN_OR_RETURN(o.shape, SynthShapeByName(args.Get("shape", "tiny")));
+  o.type = args.Get("type", "Q4_K_M");
+  ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 1));
+  o.seed = static_cast<uint64_t>(seed);
+  o.vocab_path = args.Has("vocab") ? args.Get("vocab") : FindDefaultVocab();
+  const std::string layout = args.Get("expert-layout", "merged");
+  if (layout != "merged" && layout != "per-expert") {
+    return absl::InvalidArgumentError("--expert-layout must be merged or per-expert");
+  }
+  o.per_expert_layout = layout == "per-expert";
+  const bool tty = isatty(2);
+  RETURN_IF_ERROR(SynthesizeModel(o, [&](int done, int total) {
+    if (tty) std::fprintf(stderr, "\rmoepool synth: %d/%d tensors", done, total);
+  }));
+  if (tty) std::fprintf(stderr, "\n");
+  std::fprintf(stderr, "moepool: wrote %s (%s %s, seed %llu, random weights)\n", o.out_path.c_str(),
+               o.shape.name.c_str(), o.type.c_str(), static_cast<unsigned long long>(o.seed));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunInspect(int argc, char** argv) {
+  auto args = Args::Parse(argc, argv, {{"ctx"}, {"json"}});
+  if (!args.ok()) return Fail(args.status());
+  const absl::Status s = Inspect(*args);
+  return s.ok() ? 0 : Fail(s);
+}
+
+int RunSynth(int argc, char** argv) {
+  auto args =
+      Args::Parse(argc, argv, {{"out", "shape", "type", "seed", "vocab", "expert-layout"}, {}});
+  if (!args.ok()) return Fail(args.status());
+  const absl::Status s = Synth(*args);
+  return s.ok() ? 0 : Fail(s);
+}
+
+}  // namespace moepool::cli

@@ -1,0 +1,71 @@
+#include "engine/matmul.h"
+
+#include <algorithm>
+
+namespace moepool {
+
+void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols,
+                 ConvertedRows* out, ThreadPool* pool) {
+  const TypeTraits& wt = GetTypeTraits(weight_type);
+  out->type = wt.vec_dot_type;
+  out->cols = cols;
+  out->n = n;
+  if (out->type == TensorType::kF32) {
+    out->f32 = x;
+    out->row_bytes = static_cast<size_t>(cols) * sizeof(float);
+    return;
+  }
+  const TypeTraits& at = GetTypeTraits(out->type);
+  out->row_bytes = RowBytes(out->type, cols);
+  out->bytes.resize(out->row_bytes * static_cast<size_t>(n));
+  auto convert = [&](int64_t t) {
+    at.quantize(x + t * cols, out->bytes.data() + t * out->row_bytes, cols);
+  };
+  if (n >= 4 && pool != nullptr) {
+    pool->ParallelFor(n, convert);
+  } else {
+    for (int64_t t = 0; t < n; ++t) convert(t);
+  }
+}
+
+void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, ThreadPool* pool) {
+  const VecDotFn dot = GetTypeTraits(w.type).vec_dot;
+  const int64_t n = x.n;
+  const int64_t rows = w.rows;
+  const int64_t cols = w.cols;
+  // Weight rows per task: enough tasks to balance threads, few enough to amortise scheduling.
+  const int threads = pool ? pool->size() : 1;
+  int64_t rows_per_task = std::max<int64_t>(1, rows / (threads * 8));
+  rows_per_task = std::min<int64_t>(rows_per_task, 64);
+  const int64_t n_tasks = (rows + rows_per_task - 1) / rows_per_task;
+  // Tokens per tile: keep the tile's activation rows hot in cache while the weight rows stream.
+  constexpr int64_t kTokenTile = 64;
+  auto task = [&](int64_t ti) {
+    const int64_t r0 = ti * rows_per_task;
+    const int64_t r1 = std::min(rows, r0 + rows_per_task);
+    for (int64_t t0 = 0; t0 < n; t0 += kTokenTile) {
+      const int64_t t1 = std::min(n, t0 + kTokenTile);
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* wr = w.Row(r);
+        for (int64_t t = t0; t < t1; ++t) y[t * rows + r] = dot(cols, wr, x.Row(t));
+      }
+    }
+  };
+  if (pool != nullptr) {
+    pool->ParallelFor(n_tasks, task);
+  } else {
+    for (int64_t i = 0; i < n_tasks; ++i) task(i);
+  }
+}
+
+void MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y, ThreadPool* pool) {
+  ConvertedRows cx;
+  ConvertRows(w.type, x, n, w.cols, &cx, pool);
+  MatMulConverted(w, cx, y, pool);
+}
+
+void DequantizeRow(const WeightMatrix& w, int64_t r, float* out) {
+  GetTypeTraits(w.type).dequantize(w.Row(r), out, w.cols);
+}
+
+}  // namespace moepool

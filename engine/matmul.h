@@ -1,0 +1,50 @@
+// y = x W^T for a (possibly quantized) weight matrix, the hot loop of the CPU engine.
+//
+// Each output element y[t][r] is one VecDot of weight row r with activation row t (converted to
+// the weight type's vec_dot_type), so its value does not depend on how many rows share the
+// batch, on their order, or on the number of threads: the batch-invariance the serving and
+// distributed paths rely on. Tiling only changes the order in which elements are computed.
+#ifndef MOEPOOL_ENGINE_MATMUL_H_
+#define MOEPOOL_ENGINE_MATMUL_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/model.h"
+#include "engine/thread_pool.h"
+
+namespace moepool {
+
+// Activation rows converted to a vec_dot_type, reusable across several weight matrices of the
+// same input width and type (e.g. wq, wk, wv; or an expert's gate and up).
+struct ConvertedRows {
+  TensorType type = TensorType::kF32;
+  int64_t cols = 0;
+  int64_t n = 0;
+  size_t row_bytes = 0;
+  std::vector<uint8_t> bytes;  // [n x row_bytes]; unused when type == kF32 (see f32)
+  const float* f32 = nullptr;  // F32 rows point at the caller's data
+
+  const void* Row(int64_t t) const {
+    return type == TensorType::kF32 ? static_cast<const void*>(f32 + t * cols)
+                                    : static_cast<const void*>(bytes.data() + t * row_bytes);
+  }
+};
+
+// Converts x [n x cols] for dot products with weights of type `weight_type`. `x` must outlive
+// `out` when the target type is F32.
+void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols,
+                 ConvertedRows* out, ThreadPool* pool);
+
+// y [n x w.rows] = x [n x w.cols] W^T, with x already converted for w's type.
+void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, ThreadPool* pool);
+
+// Convenience: convert + multiply.
+void MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y, ThreadPool* pool);
+
+// Dequantizes row `r` of w into out [w.cols].
+void DequantizeRow(const WeightMatrix& w, int64_t r, float* out);
+
+}  // namespace moepool
+
+#endif  // MOEPOOL_ENGINE_MATMUL_H_

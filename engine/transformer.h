@@ -1,0 +1,93 @@
+// The Mixtral forward pass on the CPU: embedding, RMSNorm, RoPE, grouped-query causal attention
+// over each sequence's KvCache, routed MoE FFN through an ExpertBackend, output norm and head.
+//
+// A batch is a list of rows, each a (token, position, sequence cache) triple, so prompt chunks
+// and decode tokens of different sequences share one pass. Every per-row computation depends only
+// on that row and its own sequence's cache, never on the other rows or the thread count.
+#ifndef MOEPOOL_ENGINE_TRANSFORMER_H_
+#define MOEPOOL_ENGINE_TRANSFORMER_H_
+
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "engine/expert_backend.h"
+#include "engine/kv_cache.h"
+#include "engine/model.h"
+#include "engine/thread_pool.h"
+
+namespace moepool {
+
+struct BatchRow {
+  int32_t token = 0;
+  int64_t pos = 0;           // position in its sequence; rows of one sequence in increasing order
+  KvCache* cache = nullptr;  // the sequence's cache; positions < pos must already be filled or
+                             // be earlier rows of this batch
+  bool want_logits = false;
+};
+
+// Observes each layer's routing (for metrics). Called on the forward thread.
+class RoutingObserver {
+ public:
+  virtual ~RoutingObserver() = default;
+  virtual void OnRoutes(int layer, const ExpertRoutes& routes) = 0;
+};
+
+// What the MoE block's output is added to.
+enum class MoeResidual {
+  // x = ffn_norm(x) + MoE(ffn_norm(x)): what the reference implementation (ik_llama.cpp
+  // 8337e4c, which produced ../shared/testdata) computes for llama-architecture MoE models; its
+  // llm_build_moe_ffn adds back the *normalised* input. The default, so `moepool eval` matches
+  // the reference logits.
+  kReference,
+  // x = x + MoE(ffn_norm(x)): the textbook Mixtral residual (Hugging Face, upstream llama.cpp).
+  kStandard,
+};
+
+// Parses "reference" | "standard".
+bool ParseMoeResidual(std::string_view name, MoeResidual* out);
+
+struct TransformerOptions {
+  MoeResidual moe_residual = MoeResidual::kReference;
+};
+
+class Transformer {
+ public:
+  // Borrows all three; they must outlive the Transformer. The model must bind the non-expert
+  // weights; experts may be anywhere behind `experts`.
+  Transformer(const Model* model, ExpertBackend* experts, ThreadPool* pool,
+              const TransformerOptions& options = {});
+
+  // Runs the rows, writes their K/V into their caches and, for rows with want_logits, appends
+  // one row of n_vocab logits each (in row order) to `logits`. Errors: INVALID_ARGUMENT for a
+  // token id out of range or a position past the cache; whatever the ExpertBackend returns.
+  // After an error the caches may hold partial K/V for the batch positions (callers roll back
+  // n_past, which this function never changes).
+  absl::Status Forward(absl::Span<const BatchRow> rows, std::vector<float>* logits);
+
+  void set_routing_observer(RoutingObserver* obs) { observer_ = obs; }
+  const Model& model() const { return *model_; }
+  ThreadPool* pool() const { return pool_; }
+
+ private:
+  void Attention(int64_t layer, absl::Span<const BatchRow> rows, const float* q, float* out);
+
+  const Model* model_;
+  ExpertBackend* experts_;
+  ThreadPool* pool_;
+  RoutingObserver* observer_ = nullptr;
+  TransformerOptions options_;
+};
+
+// y = x / sqrt(mean(x^2) + eps) * w for each of n rows of width d (sum of squares in double).
+void RmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* y);
+
+// Rotates pairs (2i, 2i+1) for i < n_rot/2 of each head of `x` [n_heads x head_dim] (llama/GGUF
+// convention), angle pos * base^(-2i/n_rot).
+void ApplyRope(float* x, int64_t n_heads, int64_t head_dim, int64_t n_rot, int64_t pos, float base);
+
+}  // namespace moepool
+
+#endif  // MOEPOOL_ENGINE_TRANSFORMER_H_
