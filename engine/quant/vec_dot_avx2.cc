@@ -19,20 +19,22 @@ using avx2::HorizontalSum;
 using avx2::SpreadBits32;
 using avx2::UnpackNibbles16;
 
-__m256i Load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+MOEPOOL_AVX2_INLINE __m256i Load256(const void* p) {
+  return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+}
 
-__m256 LoadHalf8(const uint16_t* p) {
+MOEPOOL_AVX2_INLINE __m256 LoadHalf8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-__m256 LoadBf16x8(const uint16_t* p) {
+MOEPOOL_AVX2_INLINE __m256 LoadBf16x8(const uint16_t* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
 // Float-row dot product with four independent accumulators; LoadW converts 8 weights.
 template <typename W, __m256 (*LoadW)(const W*), float (*ScalarW)(W)>
-float DotFloatRow(int64_t n, const W* x, const float* y) {
+MOEPOOL_AVX2_INLINE float DotFloatRow(int64_t n, const W* x, const float* y) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
@@ -47,12 +49,14 @@ float DotFloatRow(int64_t n, const W* x, const float* y) {
   return sum;
 }
 
-__m256 LoadF32x8(const float* p) { return _mm256_loadu_ps(p); }
-float F32Value(float v) { return v; }
-float F16Value(uint16_t h) { return HalfToFloat(h); }
-float Bf16Value(uint16_t h) { return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(h << 16))); }
+MOEPOOL_AVX2_INLINE __m256 LoadF32x8(const float* p) { return _mm256_loadu_ps(p); }
+MOEPOOL_AVX2_INLINE float F32Value(float v) { return v; }
+MOEPOOL_AVX2_INLINE float F16Value(uint16_t h) { return HalfToFloat(h); }
+MOEPOOL_AVX2_INLINE float Bf16Value(uint16_t h) {
+  return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(h << 16)));
+}
 
-__m256 ScaleOf(uint16_t dx, uint16_t dy) {
+MOEPOOL_AVX2_INLINE __m256 ScaleOf(uint16_t dx, uint16_t dy) {
   return _mm256_set1_ps(HalfToFloat(dx) * HalfToFloat(dy));
 }
 

@@ -22,54 +22,56 @@ using avx2::HalfToFloat;
 using avx2::HorizontalSum;
 using avx2::Int16PairSelector;
 
-__m256i Load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+MOEPOOL_AVX2_INLINE __m256i Load256(const void* p) {
+  return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+}
 
 // Sum over 32 elements of u * a with int16 scales: `scales` holds the scale of the first 16
 // elements in its low 128-bit lane and that of the last 16 in its high lane.
-__m256i ScaledDot32(__m256i u, __m256i a, __m256i scales) {
+MOEPOOL_AVX2_INLINE __m256i ScaledDot32(__m256i u, __m256i a, __m256i scales) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), scales);
 }
 
 // Unpacks the 12 scale bytes of a Q4_K / Q5_K super-block into 8 scales (bytes 0..7 of the
-// result) and 8 mins (bytes 8..15), all 6-bit.
-__m128i UnpackScalesMinsK4(const uint8_t* packed) {
-  uint32_t w[3];
-  std::memcpy(w, packed, 12);
-  constexpr uint32_t kLow6 = 0x3f3f3f3f, kLow4 = 0x0f0f0f0f, kLow2 = 0x03030303;
-  const uint32_t scales_lo = w[0] & kLow6;
-  const uint32_t scales_hi = (w[2] & kLow4) | (((w[0] >> 6) & kLow2) << 4);
-  const uint32_t mins_lo = w[1] & kLow6;
-  const uint32_t mins_hi = ((w[2] >> 4) & kLow4) | (((w[1] >> 6) & kLow2) << 4);
-  return _mm_setr_epi32(static_cast<int>(scales_lo), static_cast<int>(scales_hi),
-                        static_cast<int>(mins_lo), static_cast<int>(mins_hi));
-}
-
-// Sum over the 8 sub-blocks of min * (sum of its 32 activations), as 4 int32 lanes.
-__m128i MinsDotK4(__m128i scales_mins, const int16_t* bsums) {
-  const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(scales_mins, scales_mins));
-  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsums));
-  const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsums + 8));
-  return _mm_madd_epi16(mins, _mm_hadd_epi16(lo, hi));
+// result) and 8 mins (bytes 8..15), all 6-bit. With the bytes as 32-bit words w0, w1, w2:
+//   scales 0..3 = w0 & 0x3f..,  scales 4..7 = (w2 & 0x0f..) | ((w0 >> 6) & 3..) << 4,
+//   mins 0..3 = w1 & 0x3f..,    mins 4..7 = ((w2 >> 4) & 0x0f..) | ((w1 >> 6) & 3..) << 4.
+// `packed` must be followed by 4 readable bytes (the scales are never at the end of a block).
+MOEPOOL_AVX2_INLINE __m128i UnpackScalesMinsK4(const uint8_t* packed) {
+  const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
+  const __m128i low =
+      _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(w, 0x98), _mm_setr_epi32(0, 0, 0, 4)),
+                    _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+  const __m128i top = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(w, 0x50), 2),
+                                    _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+  return _mm_or_si128(low, top);
 }
 
 // Q4_K and Q5_K share everything but the fifth bit.
 template <bool kHasHighBit, typename Block>
-float DotK4Style(int64_t n, const Block* x, const BlockQ8_K* y) {
+MOEPOOL_AVX2_INLINE float DotK4Style(int64_t n, const Block* x, const BlockQ8_K* y) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256 acc = _mm256_setzero_ps();
-  __m128 acc_mins = _mm_setzero_ps();
   for (int64_t b = 0; b < n / kQK_K; ++b) {
-    const float d = y[b].d * HalfToFloat(x[b].d);
-    const float dmin = y[b].d * HalfToFloat(x[b].dmin);
+    // d and dmin are adjacent halves: convert both at once.
+    uint32_t d_dmin;
+    std::memcpy(&d_dmin, &x[b].d, 4);
+    const __m128 scale_pair =
+        _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(d_dmin))), _mm_set1_ps(y[b].d));
     const __m128i scales_mins = UnpackScalesMinsK4(x[b].scales);
-    acc_mins = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(MinsDotK4(scales_mins, y[b].bsums)),
-                            acc_mins);
+    // Mins: every min twice (one per 16-element activation sum), times bsums.
+    const __m128i mins8 = _mm_unpackhi_epi64(scales_mins, scales_mins);
+    const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
+    const __m256i mins_dot = _mm256_madd_epi16(mins16, Load256(y[b].bsums));
+    acc = _mm256_fnmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(scale_pair)),
+                           _mm256_cvtepi32_ps(mins_dot), acc);
     const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales_mins));
     __m256i high_bits;
     if constexpr (kHasHighBit) high_bits = Load256(x[b].qh);
     const uint8_t* qs = x[b].qs;
     const int8_t* q8 = y[b].qs;
     __m256i sumi = _mm256_setzero_si256();
+    MOEPOOL_UNROLL
     for (int j = 0; j < 4; ++j) {
       const __m256i packed = Load256(qs + 32 * j);
       __m256i lo = _mm256_and_si256(packed, low4);
@@ -86,20 +88,20 @@ float DotK4Style(int64_t n, const Block* x, const BlockQ8_K* y) {
       sumi = _mm256_add_epi32(sumi, ScaledDot32(lo, Load256(q8 + 64 * j), scale_lo));
       sumi = _mm256_add_epi32(sumi, ScaledDot32(hi, Load256(q8 + 64 * j + 32), scale_hi));
     }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scale_pair), _mm256_cvtepi32_ps(sumi), acc);
   }
-  return HorizontalSum(acc) - HorizontalSum(acc_mins);
+  return HorizontalSum(acc);
 }
 
 // The 16 int16 scales of a super-block with 16-element sub-blocks; `half` picks sub-blocks
 // 8 * half .. 8 * half + 7, broadcast to both 128-bit lanes.
-__m256i HalfScales(__m256i scales16, int half) {
+MOEPOOL_AVX2_INLINE __m256i HalfScales(__m256i scales16, int half) {
   return half == 0 ? _mm256_permute2x128_si256(scales16, scales16, 0x00)
                    : _mm256_permute2x128_si256(scales16, scales16, 0x11);
 }
 
 // Sum over 16 sub-blocks of scale * bsum as 8 int32 lanes.
-__m256i ScaleBsumDot(__m256i scales16, const int16_t* bsums) {
+MOEPOOL_AVX2_INLINE __m256i ScaleBsumDot(__m256i scales16, const int16_t* bsums) {
   return _mm256_madd_epi16(scales16, Load256(bsums));
 }
 
@@ -125,6 +127,7 @@ float VecDotQ6_KAvx2(int64_t n, const void* w, const void* a) {
     // Quants are stored as q + 32.
     __m256i sumi = _mm256_slli_epi32(ScaleBsumDot(scales16, y[b].bsums), 5);
     sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+    MOEPOOL_UNROLL
     for (int h = 0; h < 2; ++h) {
       const __m256i scales = HalfScales(scales16, h);
       const __m256i ql0 = Load256(x[b].ql + 64 * h);
@@ -174,10 +177,12 @@ float VecDotQ2_KAvx2(int64_t n, const void* w, const void* a) {
     acc = _mm256_fnmadd_ps(_mm256_set1_ps(dmin),
                            _mm256_cvtepi32_ps(ScaleBsumDot(mins16, y[b].bsums)), acc);
     __m256i sumi = _mm256_setzero_si256();
+    MOEPOOL_UNROLL
     for (int h = 0; h < 2; ++h) {
       const __m256i scales = HalfScales(scales16, h);
       const __m256i q2 = Load256(x[b].qs + 32 * h);
       const int8_t* q8 = y[b].qs + 128 * h;
+      MOEPOOL_UNROLL
       for (int j = 0; j < 4; ++j) {
         const __m256i u = _mm256_and_si256(_mm256_srli_epi16(q2, 2 * j), low2);
         const __m256i sel = Int16PairSelector(2 * j, 2 * j + 1);
@@ -214,10 +219,12 @@ float VecDotQ3_KAvx2(int64_t n, const void* w, const void* a) {
     __m256i sumi = _mm256_slli_epi32(ScaleBsumDot(scales16, y[b].bsums), 2);
     sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
     __m256i hmask = Load256(x[b].hmask);
+    MOEPOOL_UNROLL
     for (int h = 0; h < 2; ++h) {
       const __m256i scales = HalfScales(scales16, h);
       const __m256i q2 = Load256(x[b].qs + 32 * h);
       const int8_t* q8 = y[b].qs + 128 * h;
+      MOEPOOL_UNROLL
       for (int j = 0; j < 4; ++j) {
         // Bit 4h + j of each hmask byte, moved to bit 2 (hmask is shifted right once per step;
         // bits leaking in from the neighbouring byte stay above bit 2).
