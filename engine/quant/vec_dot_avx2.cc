@@ -53,7 +53,8 @@ MOEPOOL_AVX2_INLINE __m256 LoadF32x8(const float* p) { return _mm256_loadu_ps(p)
 MOEPOOL_AVX2_INLINE float F32Value(float v) { return v; }
 MOEPOOL_AVX2_INLINE float F16Value(uint16_t h) { return HalfToFloat(h); }
 MOEPOOL_AVX2_INLINE float Bf16Value(uint16_t h) {
-  return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(h << 16)));
+  return _mm_cvtss_f32(
+      _mm_castsi128_ps(_mm_cvtsi32_si128(static_cast<int>(static_cast<uint32_t>(h) << 16))));
 }
 
 MOEPOOL_AVX2_INLINE __m256 ScaleOf(uint16_t dx, uint16_t dy) {
