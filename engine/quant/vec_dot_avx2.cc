@@ -1,0 +1,157 @@
+// AVX2 + FMA dot products of the float and 32-element block types. Quantized blocks form their
+// exact integer dot with maddubs / madd and are scaled in float, so results match
+// vec_dot_scalar.cc up to float summation order. The k-quants are in vec_dot_k_avx2.cc.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "engine/quant/kernels.h"
+#include "engine/quant/types.h"
+#include "engine/quant/vec_dot_avx2_internal.h"
+
+namespace moepool::kernels {
+namespace {
+
+using avx2::DotI8I8;
+using avx2::DotU8I8;
+using avx2::HalfToFloat;
+using avx2::HorizontalSum;
+using avx2::SpreadBits32;
+using avx2::UnpackNibbles16;
+
+MOEPOOL_AVX2_INLINE __m256i Load256(const void* p) {
+  return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+}
+
+MOEPOOL_AVX2_INLINE __m256 LoadHalf8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+MOEPOOL_AVX2_INLINE __m256 LoadBf16x8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// Float-row dot product with four independent accumulators; LoadW converts 8 weights.
+template <typename W, __m256 (*LoadW)(const W*), float (*ScalarW)(W)>
+MOEPOOL_AVX2_INLINE float DotFloatRow(int64_t n, const W* x, const float* y) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(LoadW(x + i), _mm256_loadu_ps(y + i), acc0);
+    acc1 = _mm256_fmadd_ps(LoadW(x + i + 8), _mm256_loadu_ps(y + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(LoadW(x + i + 16), _mm256_loadu_ps(y + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(LoadW(x + i + 24), _mm256_loadu_ps(y + i + 24), acc3);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(LoadW(x + i), _mm256_loadu_ps(y + i), acc0);
+  float sum = HorizontalSum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+  for (; i < n; ++i) sum += ScalarW(x[i]) * y[i];
+  return sum;
+}
+
+MOEPOOL_AVX2_INLINE __m256 LoadF32x8(const float* p) { return _mm256_loadu_ps(p); }
+MOEPOOL_AVX2_INLINE float F32Value(float v) { return v; }
+MOEPOOL_AVX2_INLINE float F16Value(uint16_t h) { return HalfToFloat(h); }
+MOEPOOL_AVX2_INLINE float Bf16Value(uint16_t h) {
+  return _mm_cvtss_f32(
+      _mm_castsi128_ps(_mm_cvtsi32_si128(static_cast<int>(static_cast<uint32_t>(h) << 16))));
+}
+
+MOEPOOL_AVX2_INLINE __m256 ScaleOf(uint16_t dx, uint16_t dy) {
+  return _mm256_set1_ps(HalfToFloat(dx) * HalfToFloat(dy));
+}
+
+}  // namespace
+
+float VecDotF32Avx2(int64_t n, const void* w, const void* a) {
+  return DotFloatRow<float, LoadF32x8, F32Value>(n, static_cast<const float*>(w),
+                                                 static_cast<const float*>(a));
+}
+
+float VecDotF16Avx2(int64_t n, const void* w, const void* a) {
+  return DotFloatRow<uint16_t, LoadHalf8, F16Value>(n, static_cast<const uint16_t*>(w),
+                                                    static_cast<const float*>(a));
+}
+
+float VecDotBF16Avx2(int64_t n, const void* w, const void* a) {
+  return DotFloatRow<uint16_t, LoadBf16x8, Bf16Value>(n, static_cast<const uint16_t*>(w),
+                                                      static_cast<const float*>(a));
+}
+
+float VecDotQ8_0Avx2(int64_t n, const void* w, const void* a) {
+  const auto* x = static_cast<const BlockQ8_0*>(w);
+  const auto* y = static_cast<const BlockQ8_0*>(a);
+  const int64_t nb = n / kQK8_0;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const __m256i p0 = DotI8I8(Load256(x[b].qs), Load256(y[b].qs));
+    const __m256i p1 = DotI8I8(Load256(x[b + 1].qs), Load256(y[b + 1].qs));
+    acc0 = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p0), acc0);
+    acc1 = _mm256_fmadd_ps(ScaleOf(x[b + 1].d, y[b + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+  }
+  if (b < nb) {
+    const __m256i p = DotI8I8(Load256(x[b].qs), Load256(y[b].qs));
+    acc0 = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p), acc0);
+  }
+  return HorizontalSum(_mm256_add_ps(acc0, acc1));
+}
+
+float VecDotQ4_0Avx2(int64_t n, const void* w, const void* a) {
+  const auto* x = static_cast<const BlockQ4_0*>(w);
+  const auto* y = static_cast<const BlockQ8_0*>(a);
+  const __m256i eight = _mm256_set1_epi8(8);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / kQK4_0; ++b) {
+    const __m256i q = _mm256_sub_epi8(UnpackNibbles16(x[b].qs), eight);
+    const __m256i p = DotI8I8(q, Load256(y[b].qs));
+    acc = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p), acc);
+  }
+  return HorizontalSum(acc);
+}
+
+float VecDotQ4_1Avx2(int64_t n, const void* w, const void* a) {
+  const auto* x = static_cast<const BlockQ4_1*>(w);
+  const auto* y = static_cast<const BlockQ8_1*>(a);
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;
+  for (int64_t b = 0; b < n / kQK4_1; ++b) {
+    const __m256i p = DotU8I8(UnpackNibbles16(x[b].qs), Load256(y[b].qs));
+    acc = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p), acc);
+    mins += HalfToFloat(x[b].m) * HalfToFloat(y[b].s);
+  }
+  return HorizontalSum(acc) + mins;
+}
+
+float VecDotQ5_0Avx2(int64_t n, const void* w, const void* a) {
+  const auto* x = static_cast<const BlockQ5_0*>(w);
+  const auto* y = static_cast<const BlockQ8_0*>(a);
+  const __m256i high_nibble = _mm256_set1_epi8(static_cast<char>(0xF0));
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / kQK5_0; ++b) {
+    // q - 16 as a signed byte: the nibble, with 0xF0 added when the fifth bit is clear.
+    const __m256i offset = _mm256_andnot_si256(SpreadBits32(x[b].qh), high_nibble);
+    const __m256i q = _mm256_or_si256(UnpackNibbles16(x[b].qs), offset);
+    const __m256i p = DotI8I8(q, Load256(y[b].qs));
+    acc = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p), acc);
+  }
+  return HorizontalSum(acc);
+}
+
+float VecDotQ5_1Avx2(int64_t n, const void* w, const void* a) {
+  const auto* x = static_cast<const BlockQ5_1*>(w);
+  const auto* y = static_cast<const BlockQ8_1*>(a);
+  const __m256i bit4 = _mm256_set1_epi8(0x10);
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;
+  for (int64_t b = 0; b < n / kQK5_1; ++b) {
+    const __m256i high = _mm256_and_si256(SpreadBits32(x[b].qh), bit4);
+    const __m256i q = _mm256_or_si256(UnpackNibbles16(x[b].qs), high);
+    const __m256i p = DotU8I8(q, Load256(y[b].qs));
+    acc = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p), acc);
+    mins += HalfToFloat(x[b].m) * HalfToFloat(y[b].s);
+  }
+  return HorizontalSum(acc) + mins;
+}
+
+}  // namespace moepool::kernels

@@ -1,0 +1,71 @@
+// Inline AVX2 helpers shared by the *_avx2.cc dot-product files. Include only from files compiled
+// with -mavx2 -mfma -mf16c (the *_avx2.cc files); internal to engine/quant.
+#ifndef MOEPOOL_ENGINE_QUANT_VEC_DOT_AVX2_INTERNAL_H_
+#define MOEPOOL_ENGINE_QUANT_VEC_DOT_AVX2_INTERNAL_H_
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+// Forces inlining of small helpers into the hot loops (the compiler otherwise may emit calls).
+#define MOEPOOL_AVX2_INLINE inline __attribute__((always_inline))
+// Fully unrolls a short constant-trip loop so per-iteration constants fold.
+#define MOEPOOL_UNROLL _Pragma("GCC unroll 8")
+
+namespace moepool::kernels::avx2 {
+
+MOEPOOL_AVX2_INLINE float HalfToFloat(uint16_t h) { return _cvtsh_ss(h); }
+
+MOEPOOL_AVX2_INLINE float HorizontalSum(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
+}
+
+MOEPOOL_AVX2_INLINE float HorizontalSum(__m256 v) {
+  return HorizontalSum(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+// 8 int32 sums of 4 adjacent products u[i] * s[i] (u unsigned, s signed bytes). The int16
+// pair sums saturate unless |u * s| <= 16383 per product; callers keep u <= 128 and |s| <= 127
+// (or u <= 63).
+MOEPOOL_AVX2_INLINE __m256i DotU8I8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+// As DotU8I8 for two signed vectors; `y` must not contain -128.
+MOEPOOL_AVX2_INLINE __m256i DotI8I8(__m256i x, __m256i y) {
+  return DotU8I8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+}
+
+// 16 packed bytes of nibbles -> 32 bytes: the low nibbles (elements 0..15) then the high
+// nibbles (elements 16..31).
+MOEPOOL_AVX2_INLINE __m256i UnpackNibbles16(const uint8_t* p) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+// 32 bits (little-endian at p) -> 32 bytes, byte i = 0xFF when bit i is set, else 0.
+MOEPOOL_AVX2_INLINE __m256i SpreadBits32(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i byte_of_bit =
+      _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
+  const __m256i spread =
+      _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), byte_of_bit);
+  const __m256i bit_of_byte = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit_of_byte), bit_of_byte);
+}
+
+// Shuffle control that fills the low 128-bit lane with int16 element k0 and the high lane with
+// element k1 of a register whose two lanes hold the same 8 int16 values.
+MOEPOOL_AVX2_INLINE __m256i Int16PairSelector(int k0, int k1) {
+  return _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * k1)),
+                          _mm_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * k0)));
+}
+
+}  // namespace moepool::kernels::avx2
+
+#endif  // MOEPOOL_ENGINE_QUANT_VEC_DOT_AVX2_INTERNAL_H_

@@ -1,0 +1,245 @@
+// AVX2 dot products of the k-quant weight types against Q8_K activations. Per super-block the
+// integer dot of every sub-block is exact (maddubs / madd), scaled by its integer sub-block
+// scale, and only the super-block total is converted to float, so the result matches
+// vec_dot_scalar.cc up to float summation order.
+//
+// Offsets are folded into the activation block sums: a quant stored as u = q + offset gives
+// sum(q * a) = sum(u * a) - offset * bsum, so every inner product is one unsigned x signed maddubs.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "engine/quant/kernels.h"
+#include "engine/quant/types.h"
+#include "engine/quant/vec_dot_avx2_internal.h"
+
+namespace moepool::kernels {
+namespace {
+
+using avx2::DotU8I8;
+using avx2::HalfToFloat;
+using avx2::HorizontalSum;
+using avx2::Int16PairSelector;
+
+MOEPOOL_AVX2_INLINE __m256i Load256(const void* p) {
+  return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+}
+
+// Sum over 32 elements of u * a with int16 scales: `scales` holds the scale of the first 16
+// elements in its low 128-bit lane and that of the last 16 in its high lane.
+MOEPOOL_AVX2_INLINE __m256i ScaledDot32(__m256i u, __m256i a, __m256i scales) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), scales);
+}
+
+// Unpacks the 12 scale bytes of a Q4_K / Q5_K super-block into 8 scales (bytes 0..7 of the
+// result) and 8 mins (bytes 8..15), all 6-bit. With the bytes as 32-bit words w0, w1, w2:
+//   scales 0..3 = w0 & 0x3f..,  scales 4..7 = (w2 & 0x0f..) | ((w0 >> 6) & 3..) << 4,
+//   mins 0..3 = w1 & 0x3f..,    mins 4..7 = ((w2 >> 4) & 0x0f..) | ((w1 >> 6) & 3..) << 4.
+// `packed` must be followed by 4 readable bytes (the scales are never at the end of a block).
+MOEPOOL_AVX2_INLINE __m128i UnpackScalesMinsK4(const uint8_t* packed) {
+  const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
+  const __m128i low =
+      _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(w, 0x98), _mm_setr_epi32(0, 0, 0, 4)),
+                    _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+  const __m128i top = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(w, 0x50), 2),
+                                    _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+  return _mm_or_si128(low, top);
+}
+
+// Q4_K and Q5_K share everything but the fifth bit.
+template <bool kHasHighBit, typename Block>
+MOEPOOL_AVX2_INLINE float DotK4Style(int64_t n, const Block* x, const BlockQ8_K* y) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    // d and dmin are adjacent halves: convert both at once.
+    uint32_t d_dmin;
+    std::memcpy(&d_dmin, &x[b].d, 4);
+    const __m128 scale_pair =
+        _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(d_dmin))), _mm_set1_ps(y[b].d));
+    const __m128i scales_mins = UnpackScalesMinsK4(x[b].scales);
+    // Mins: every min twice (one per 16-element activation sum), times bsums.
+    const __m128i mins8 = _mm_unpackhi_epi64(scales_mins, scales_mins);
+    const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
+    const __m256i mins_dot = _mm256_madd_epi16(mins16, Load256(y[b].bsums));
+    acc = _mm256_fnmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(scale_pair)),
+                           _mm256_cvtepi32_ps(mins_dot), acc);
+    const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales_mins));
+    __m256i high_bits;
+    if constexpr (kHasHighBit) high_bits = Load256(x[b].qh);
+    const uint8_t* qs = x[b].qs;
+    const int8_t* q8 = y[b].qs;
+    __m256i sumi = _mm256_setzero_si256();
+    MOEPOOL_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const __m256i packed = Load256(qs + 32 * j);
+      __m256i lo = _mm256_and_si256(packed, low4);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+      if constexpr (kHasHighBit) {
+        const __m256i one = _mm256_set1_epi8(1);
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(high_bits, one), 4));
+        hi = _mm256_or_si256(
+            hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high_bits, 1), one), 4));
+        high_bits = _mm256_srli_epi16(high_bits, 2);
+      }
+      const __m256i scale_lo = _mm256_shuffle_epi8(scales, Int16PairSelector(2 * j, 2 * j));
+      const __m256i scale_hi = _mm256_shuffle_epi8(scales, Int16PairSelector(2 * j + 1, 2 * j + 1));
+      sumi = _mm256_add_epi32(sumi, ScaledDot32(lo, Load256(q8 + 64 * j), scale_lo));
+      sumi = _mm256_add_epi32(sumi, ScaledDot32(hi, Load256(q8 + 64 * j + 32), scale_hi));
+    }
+    acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scale_pair), _mm256_cvtepi32_ps(sumi), acc);
+  }
+  return HorizontalSum(acc);
+}
+
+// The 16 int16 scales of a super-block with 16-element sub-blocks; `half` picks sub-blocks
+// 8 * half .. 8 * half + 7, broadcast to both 128-bit lanes.
+MOEPOOL_AVX2_INLINE __m256i HalfScales(__m256i scales16, int half) {
+  return half == 0 ? _mm256_permute2x128_si256(scales16, scales16, 0x00)
+                   : _mm256_permute2x128_si256(scales16, scales16, 0x11);
+}
+
+// Sum over 16 sub-blocks of scale * bsum as 8 int32 lanes.
+MOEPOOL_AVX2_INLINE __m256i ScaleBsumDot(__m256i scales16, const int16_t* bsums) {
+  return _mm256_madd_epi16(scales16, Load256(bsums));
+}
+
+}  // namespace
+
+float VecDotQ4_KAvx2(int64_t n, const void* w, const void* a) {
+  return DotK4Style<false>(n, static_cast<const BlockQ4_K*>(w), static_cast<const BlockQ8_K*>(a));
+}
+
+float VecDotQ5_KAvx2(int64_t n, const void* w, const void* a) {
+  return DotK4Style<true>(n, static_cast<const BlockQ5_K*>(w), static_cast<const BlockQ8_K*>(a));
+}
+
+float VecDotQ6_KAvx2(int64_t n, const void* w, const void* a) {
+  const auto* x = static_cast<const BlockQ6_K*>(w);
+  const auto* y = static_cast<const BlockQ8_K*>(a);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const float d = y[b].d * HalfToFloat(x[b].d);
+    const __m256i scales16 =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x[b].scales)));
+    // Quants are stored as q + 32.
+    __m256i sumi = _mm256_slli_epi32(ScaleBsumDot(scales16, y[b].bsums), 5);
+    sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+    MOEPOOL_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const __m256i scales = HalfScales(scales16, h);
+      const __m256i ql0 = Load256(x[b].ql + 64 * h);
+      const __m256i ql1 = Load256(x[b].ql + 64 * h + 32);
+      const __m256i qh = Load256(x[b].qh + 32 * h);
+      const int8_t* q8 = y[b].qs + 128 * h;
+      const __m256i u0 =
+          _mm256_or_si256(_mm256_and_si256(ql0, low4),
+                          _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4));
+      const __m256i u1 =
+          _mm256_or_si256(_mm256_and_si256(ql1, low4),
+                          _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2));
+      const __m256i u2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                                         _mm256_and_si256(qh, _mm256_set1_epi8(0x30)));
+      const __m256i u3 = _mm256_or_si256(
+          _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+          _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(static_cast<char>(0xC0))), 2));
+      sumi = _mm256_add_epi32(
+          sumi, ScaledDot32(u0, Load256(q8), _mm256_shuffle_epi8(scales, Int16PairSelector(0, 1))));
+      sumi = _mm256_add_epi32(
+          sumi,
+          ScaledDot32(u1, Load256(q8 + 32), _mm256_shuffle_epi8(scales, Int16PairSelector(2, 3))));
+      sumi = _mm256_add_epi32(
+          sumi,
+          ScaledDot32(u2, Load256(q8 + 64), _mm256_shuffle_epi8(scales, Int16PairSelector(4, 5))));
+      sumi = _mm256_add_epi32(
+          sumi,
+          ScaledDot32(u3, Load256(q8 + 96), _mm256_shuffle_epi8(scales, Int16PairSelector(6, 7))));
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+  }
+  return HorizontalSum(acc);
+}
+
+float VecDotQ2_KAvx2(int64_t n, const void* w, const void* a) {
+  const auto* x = static_cast<const BlockQ2_K*>(w);
+  const auto* y = static_cast<const BlockQ8_K*>(a);
+  const __m256i low2 = _mm256_set1_epi8(3);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const float d = y[b].d * HalfToFloat(x[b].d);
+    const float dmin = y[b].d * HalfToFloat(x[b].dmin);
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[b].scales));
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i scales16 = _mm256_cvtepu8_epi16(_mm_and_si128(packed, low4));
+    const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), low4));
+    acc = _mm256_fnmadd_ps(_mm256_set1_ps(dmin),
+                           _mm256_cvtepi32_ps(ScaleBsumDot(mins16, y[b].bsums)), acc);
+    __m256i sumi = _mm256_setzero_si256();
+    MOEPOOL_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const __m256i scales = HalfScales(scales16, h);
+      const __m256i q2 = Load256(x[b].qs + 32 * h);
+      const int8_t* q8 = y[b].qs + 128 * h;
+      MOEPOOL_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        const __m256i u = _mm256_and_si256(_mm256_srli_epi16(q2, 2 * j), low2);
+        const __m256i sel = Int16PairSelector(2 * j, 2 * j + 1);
+        sumi = _mm256_add_epi32(
+            sumi, ScaledDot32(u, Load256(q8 + 32 * j), _mm256_shuffle_epi8(scales, sel)));
+      }
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+  }
+  return HorizontalSum(acc);
+}
+
+float VecDotQ3_KAvx2(int64_t n, const void* w, const void* a) {
+  const auto* x = static_cast<const BlockQ3_K*>(w);
+  const auto* y = static_cast<const BlockQ8_K*>(a);
+  const __m256i low2 = _mm256_set1_epi8(3);
+  const __m256i four = _mm256_set1_epi8(4);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const float d = y[b].d * HalfToFloat(x[b].d);
+    // 16 signed 6-bit scales: low nibbles in bytes 0..7 (sub-blocks 0..7 low, 8..15 high
+    // nibble), top 2 bits in bytes 8..11 (sub-block i uses bits 2 * (i / 4) of byte 8 + i % 4).
+    uint32_t w3[3];
+    std::memcpy(w3, x[b].scales, 12);
+    constexpr uint32_t kLow4 = 0x0f0f0f0f, kLow2 = 0x03030303;
+    const __m128i scales8 = _mm_sub_epi8(
+        _mm_setr_epi32(static_cast<int>((w3[0] & kLow4) | ((w3[2] & kLow2) << 4)),
+                       static_cast<int>((w3[1] & kLow4) | (((w3[2] >> 2) & kLow2) << 4)),
+                       static_cast<int>(((w3[0] >> 4) & kLow4) | (((w3[2] >> 4) & kLow2) << 4)),
+                       static_cast<int>(((w3[1] >> 4) & kLow4) | (((w3[2] >> 6) & kLow2) << 4))),
+        _mm_set1_epi8(32));
+    const __m256i scales16 = _mm256_cvtepi8_epi16(scales8);
+    // Quants are stored as q + 4 (low 2 bits plus 4 when the high bit is set).
+    __m256i sumi = _mm256_slli_epi32(ScaleBsumDot(scales16, y[b].bsums), 2);
+    sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+    __m256i hmask = Load256(x[b].hmask);
+    MOEPOOL_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const __m256i scales = HalfScales(scales16, h);
+      const __m256i q2 = Load256(x[b].qs + 32 * h);
+      const int8_t* q8 = y[b].qs + 128 * h;
+      MOEPOOL_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        // Bit 4h + j of each hmask byte, moved to bit 2 (hmask is shifted right once per step;
+        // bits leaking in from the neighbouring byte stay above bit 2).
+        const __m256i high = _mm256_and_si256(_mm256_slli_epi16(hmask, 2), four);
+        hmask = _mm256_srli_epi16(hmask, 1);
+        const __m256i u =
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q2, 2 * j), low2), high);
+        const __m256i sel = Int16PairSelector(2 * j, 2 * j + 1);
+        sumi = _mm256_add_epi32(
+            sumi, ScaledDot32(u, Load256(q8 + 32 * j), _mm256_shuffle_epi8(scales, sel)));
+      }
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+  }
+  return HorizontalSum(acc);
+}
+
+}  // namespace moepool::kernels
