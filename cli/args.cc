@@ -1,5 +1,6 @@
 #include "cli/args.h"
 
+#include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
@@ -13,8 +14,11 @@ absl::StatusOr<Args> Args::Parse(int argc, char** argv, const FlagSpec& spec) {
   Args args;
   for (int i = 0; i < argc; ++i) {
     std::string a = argv[i];
-    if (a.size() > 2 && a.rfind("--", 0) == 0) {
-      std::string name = a.substr(2);
+    const bool long_flag = a.size() > 2 && a.rfind("--", 0) == 0;
+    const bool short_flag =
+        a.size() == 2 && a[0] == '-' && std::isalpha(static_cast<unsigned char>(a[1]));
+    if (long_flag || short_flag) {
+      std::string name = a.substr(long_flag ? 2 : 1);
       std::string value;
       bool has_value = false;
       const size_t eq = name.find('=');

@@ -62,34 +62,47 @@ void Transformer::Attention(int64_t layer, absl::Span<const BatchRow> rows, cons
   const int64_t group = c.n_head / c.n_head_kv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int64_t n = static_cast<int64_t>(rows.size());
-  pool_->ParallelFor(n * c.n_head, [&](int64_t task) {
-    const int64_t r = task / c.n_head;
-    const int64_t h = task % c.n_head;
+  // One task per (row, kv head): the K/V rows of that head are converted from half once and
+  // shared by the `group` query heads that read them.
+  pool_->ParallelFor(n * c.n_head_kv, [&](int64_t task) {
+    const int64_t r = task / c.n_head_kv;
+    const int64_t kvh = task % c.n_head_kv;
     const BatchRow& row = rows[static_cast<size_t>(r)];
-    const int64_t kvh = h / group;
-    const float* qh = q + r * c.n_embd + h * hd;
     const int64_t n_kv = row.pos + 1;
+    std::vector<float> k(static_cast<size_t>(n_kv * hd));  // [n_kv x hd]
+    std::vector<float> v(static_cast<size_t>(n_kv * hd));  // [n_kv x hd]
+    for (int64_t p = 0; p < n_kv; ++p) {
+      const uint16_t* kp = row.cache->K(layer, p) + kvh * hd;
+      const uint16_t* vp = row.cache->V(layer, p) + kvh * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        k[p * hd + i] = HalfToFloat(kp[i]);
+        v[p * hd + i] = HalfToFloat(vp[i]);
+      }
+    }
     std::vector<float> score(static_cast<size_t>(n_kv));
-    float mx = -INFINITY;
-    for (int64_t p = 0; p < n_kv; ++p) {
-      const float* k = row.cache->K(layer, p) + kvh * hd;
-      float dot = 0.0f;
-      for (int64_t i = 0; i < hd; ++i) dot += qh[i] * k[i];
-      score[p] = dot * scale;
-      mx = std::max(mx, score[p]);
-    }
-    double sum = 0.0;
-    for (int64_t p = 0; p < n_kv; ++p) {
-      score[p] = std::exp(score[p] - mx);
-      sum += score[p];
-    }
-    const float inv = static_cast<float>(1.0 / sum);
-    float* o = out + r * c.n_embd + h * hd;
-    std::fill(o, o + hd, 0.0f);
-    for (int64_t p = 0; p < n_kv; ++p) {
-      const float* v = row.cache->V(layer, p) + kvh * hd;
-      const float w = score[p] * inv;
-      for (int64_t i = 0; i < hd; ++i) o[i] += w * v[i];
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+      const float* qh = q + r * c.n_embd + h * hd;
+      float mx = -INFINITY;
+      for (int64_t p = 0; p < n_kv; ++p) {
+        const float* kr = &k[p * hd];
+        float dot = 0.0f;
+        for (int64_t i = 0; i < hd; ++i) dot += qh[i] * kr[i];
+        score[p] = dot * scale;
+        mx = std::max(mx, score[p]);
+      }
+      double sum = 0.0;
+      for (int64_t p = 0; p < n_kv; ++p) {
+        score[p] = std::exp(score[p] - mx);
+        sum += score[p];
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      float* o = out + r * c.n_embd + h * hd;
+      std::fill(o, o + hd, 0.0f);
+      for (int64_t p = 0; p < n_kv; ++p) {
+        const float* vr = &v[p * hd];
+        const float w = score[p] * inv;
+        for (int64_t i = 0; i < hd; ++i) o[i] += w * vr[i];
+      }
     }
   });
 }
@@ -141,8 +154,7 @@ absl::Status Transformer::Forward(absl::Span<const BatchRow> rows, std::vector<f
       const BatchRow& row = rows[r];
       ApplyRope(&q[r * d], c.n_head, c.head_dim, c.n_rot, row.pos, c.rope_base);
       ApplyRope(&kbuf[r * kvd], c.n_head_kv, c.head_dim, c.n_rot, row.pos, c.rope_base);
-      std::copy_n(&kbuf[r * kvd], kvd, row.cache->K(il, row.pos));
-      std::copy_n(&vbuf[r * kvd], kvd, row.cache->V(il, row.pos));
+      row.cache->Store(il, row.pos, &kbuf[r * kvd], &vbuf[r * kvd]);
     }
     Attention(il, rows, q.data(), attn.data());
     MatMul(L.wo, attn.data(), n, tmp.data(), pool_);
