@@ -45,11 +45,11 @@ std::array<TypeTraits, 2> MakeActivationTable(bool avx2) {
   return {
       TypeTraits{TensorType::kQ8_1, "Q8_1", kQK8_1, sizeof(BlockQ8_1), TensorType::kQ8_1,
                  &kernels::DequantizeRowQ8_1,
-                 avx2 ? &kernels::QuantizeRowQ8_1Avx2 : &kernels::QuantizeRowQ8_1, nullptr,
+                 avx2 ? &kernels::QuantizeRowQ8_1Avx2 : &kernels::QuantizeRowQ8_1, nullptr, nullptr,
                  nullptr},
       TypeTraits{TensorType::kQ8_K, "Q8_K", kQK_K, sizeof(BlockQ8_K), TensorType::kQ8_K,
                  &kernels::DequantizeRowQ8_K,
-                 avx2 ? &kernels::QuantizeRowQ8_KAvx2 : &kernels::QuantizeRowQ8_K, nullptr,
+                 avx2 ? &kernels::QuantizeRowQ8_KAvx2 : &kernels::QuantizeRowQ8_K, nullptr, nullptr,
                  nullptr},
   };
 }
@@ -70,7 +70,23 @@ const Tables& GetTables() {
     // Q8_0 is both stored and an activation type: use the fast quantizer on the fast table.
     if (avx2) {
       for (auto& tr : t->stored[1]) {
-        if (tr.type == TensorType::kQ8_0) tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
+        switch (tr.type) {
+          case TensorType::kQ8_0:
+            tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
+            tr.vec_dot4 = &kernels::VecDotQ8_0Avx2x4;
+            break;
+          case TensorType::kQ4_K:
+            tr.vec_dot4 = &kernels::VecDotQ4_KAvx2x4;
+            break;
+          case TensorType::kQ5_K:
+            tr.vec_dot4 = &kernels::VecDotQ5_KAvx2x4;
+            break;
+          case TensorType::kQ6_K:
+            tr.vec_dot4 = &kernels::VecDotQ6_KAvx2x4;
+            break;
+          default:
+            break;
+        }
       }
     }
     return t;

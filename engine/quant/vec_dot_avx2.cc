@@ -78,23 +78,53 @@ float VecDotBF16Avx2(int64_t n, const void* w, const void* a) {
                                                       static_cast<const float*>(a));
 }
 
-float VecDotQ8_0Avx2(int64_t n, const void* w, const void* a) {
-  const auto* x = static_cast<const BlockQ8_0*>(w);
-  const auto* y = static_cast<const BlockQ8_0*>(a);
+namespace {
+
+// Q8_0 against kCols activation rows; per column the same sequence as the single-column case.
+template <int kCols>
+MOEPOOL_AVX2_INLINE void DotQ8_0(int64_t n, const BlockQ8_0* x, const uint8_t* a, size_t a_stride,
+                                 float* out) {
+  const BlockQ8_0* y[kCols];
+  __m256 acc0[kCols], acc1[kCols];
+  for (int c = 0; c < kCols; ++c) {
+    y[c] = reinterpret_cast<const BlockQ8_0*>(a + c * a_stride);
+    acc0[c] = _mm256_setzero_ps();
+    acc1[c] = _mm256_setzero_ps();
+  }
   const int64_t nb = n / kQK8_0;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    const __m256i p0 = DotI8I8(Load256(x[b].qs), Load256(y[b].qs));
-    const __m256i p1 = DotI8I8(Load256(x[b + 1].qs), Load256(y[b + 1].qs));
-    acc0 = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p0), acc0);
-    acc1 = _mm256_fmadd_ps(ScaleOf(x[b + 1].d, y[b + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+    const __m256i x0 = Load256(x[b].qs);
+    const __m256i x1 = Load256(x[b + 1].qs);
+    const __m256i ax0 = _mm256_sign_epi8(x0, x0);
+    const __m256i ax1 = _mm256_sign_epi8(x1, x1);
+    for (int c = 0; c < kCols; ++c) {
+      const __m256i p0 = DotU8I8(ax0, _mm256_sign_epi8(Load256(y[c][b].qs), x0));
+      const __m256i p1 = DotU8I8(ax1, _mm256_sign_epi8(Load256(y[c][b + 1].qs), x1));
+      acc0[c] = _mm256_fmadd_ps(ScaleOf(x[b].d, y[c][b].d), _mm256_cvtepi32_ps(p0), acc0[c]);
+      acc1[c] =
+          _mm256_fmadd_ps(ScaleOf(x[b + 1].d, y[c][b + 1].d), _mm256_cvtepi32_ps(p1), acc1[c]);
+    }
   }
   if (b < nb) {
-    const __m256i p = DotI8I8(Load256(x[b].qs), Load256(y[b].qs));
-    acc0 = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p), acc0);
+    for (int c = 0; c < kCols; ++c) {
+      const __m256i p = DotI8I8(Load256(x[b].qs), Load256(y[c][b].qs));
+      acc0[c] = _mm256_fmadd_ps(ScaleOf(x[b].d, y[c][b].d), _mm256_cvtepi32_ps(p), acc0[c]);
+    }
   }
-  return HorizontalSum(_mm256_add_ps(acc0, acc1));
+  for (int c = 0; c < kCols; ++c) out[c] = HorizontalSum(_mm256_add_ps(acc0[c], acc1[c]));
+}
+
+}  // namespace
+
+float VecDotQ8_0Avx2(int64_t n, const void* w, const void* a) {
+  float out;
+  DotQ8_0<1>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), 0, &out);
+  return out;
+}
+
+void VecDotQ8_0Avx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotQ8_0<4>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), a_stride, out);
 }
 
 float VecDotQ4_0Avx2(int64_t n, const void* w, const void* a) {
