@@ -31,7 +31,7 @@ void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols
 void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, ThreadPool* pool) {
   const TypeTraits& traits = GetTypeTraits(w.type);
   const VecDotFn dot = traits.vec_dot;
-  const VecDot4Fn dot4 = x.type == TensorType::kF32 ? nullptr : traits.vec_dot4;
+  const VecDotMultiFn dot_multi = x.type == TensorType::kF32 ? nullptr : traits.vec_dot_multi;
   const int64_t n = x.n;
   const int64_t rows = w.rows;
   const int64_t cols = w.cols;
@@ -50,11 +50,11 @@ void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, Th
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* wr = w.Row(r);
         int64_t t = t0;
-        if (dot4 != nullptr) {
-          float out[4];
-          for (; t + 4 <= t1; t += 4) {
-            dot4(cols, wr, x.Row(t), x.row_bytes, out);
-            for (int c = 0; c < 4; ++c) y[(t + c) * rows + r] = out[c];
+        if (dot_multi != nullptr) {
+          float out[kMultiDotCols];
+          for (; t + kMultiDotCols <= t1; t += kMultiDotCols) {
+            dot_multi(cols, wr, x.Row(t), x.row_bytes, out);
+            for (int c = 0; c < kMultiDotCols; ++c) y[(t + c) * rows + r] = out[c];
           }
         }
         for (; t < t1; ++t) y[t * rows + r] = dot(cols, wr, x.Row(t));

@@ -9,6 +9,8 @@
 
 #include "engine/quant/kernels.h"
 
+static_assert(moepool::kernels::kMultiCols == moepool::kMultiDotCols);
+
 namespace moepool {
 namespace {
 
@@ -73,16 +75,16 @@ const Tables& GetTables() {
         switch (tr.type) {
           case TensorType::kQ8_0:
             tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
-            tr.vec_dot4 = &kernels::VecDotQ8_0Avx2x4;
+            tr.vec_dot_multi = &kernels::VecDotQ8_0Avx2xN;
             break;
           case TensorType::kQ4_K:
-            tr.vec_dot4 = &kernels::VecDotQ4_KAvx2x4;
+            tr.vec_dot_multi = &kernels::VecDotQ4_KAvx2xN;
             break;
           case TensorType::kQ5_K:
-            tr.vec_dot4 = &kernels::VecDotQ5_KAvx2x4;
+            tr.vec_dot_multi = &kernels::VecDotQ5_KAvx2xN;
             break;
           case TensorType::kQ6_K:
-            tr.vec_dot4 = &kernels::VecDotQ6_KAvx2x4;
+            tr.vec_dot_multi = &kernels::VecDotQ6_KAvx2xN;
             break;
           default:
             break;

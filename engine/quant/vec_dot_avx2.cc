@@ -98,12 +98,15 @@ MOEPOOL_AVX2_INLINE void DotQ8_0(int64_t n, const BlockQ8_0* x, const uint8_t* a
     const __m256i x1 = Load256(x[b + 1].qs);
     const __m256i ax0 = _mm256_sign_epi8(x0, x0);
     const __m256i ax1 = _mm256_sign_epi8(x1, x1);
+    const float dx0 = HalfToFloat(x[b].d);
+    const float dx1 = HalfToFloat(x[b + 1].d);
     for (int c = 0; c < kCols; ++c) {
       const __m256i p0 = DotU8I8(ax0, _mm256_sign_epi8(Load256(y[c][b].qs), x0));
       const __m256i p1 = DotU8I8(ax1, _mm256_sign_epi8(Load256(y[c][b + 1].qs), x1));
-      acc0[c] = _mm256_fmadd_ps(ScaleOf(x[b].d, y[c][b].d), _mm256_cvtepi32_ps(p0), acc0[c]);
-      acc1[c] =
-          _mm256_fmadd_ps(ScaleOf(x[b + 1].d, y[c][b + 1].d), _mm256_cvtepi32_ps(p1), acc1[c]);
+      acc0[c] = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * HalfToFloat(y[c][b].d)),
+                                _mm256_cvtepi32_ps(p0), acc0[c]);
+      acc1[c] = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * HalfToFloat(y[c][b + 1].d)),
+                                _mm256_cvtepi32_ps(p1), acc1[c]);
     }
   }
   if (b < nb) {
@@ -123,8 +126,9 @@ float VecDotQ8_0Avx2(int64_t n, const void* w, const void* a) {
   return out;
 }
 
-void VecDotQ8_0Avx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotQ8_0<4>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), a_stride, out);
+void VecDotQ8_0Avx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotQ8_0<kMultiCols>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), a_stride,
+                      out);
 }
 
 float VecDotQ4_0Avx2(int64_t n, const void* w, const void* a) {

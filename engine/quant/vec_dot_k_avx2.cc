@@ -132,9 +132,9 @@ float VecDotQ4_KAvx2(int64_t n, const void* w, const void* a) {
   return out;
 }
 
-void VecDotQ4_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotK4Style<false, 4>(n, static_cast<const BlockQ4_K*>(w), static_cast<const uint8_t*>(a),
-                       a_stride, out);
+void VecDotQ4_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotK4Style<false, kMultiCols>(n, static_cast<const BlockQ4_K*>(w), static_cast<const uint8_t*>(a),
+                                a_stride, out);
 }
 
 float VecDotQ5_KAvx2(int64_t n, const void* w, const void* a) {
@@ -143,9 +143,9 @@ float VecDotQ5_KAvx2(int64_t n, const void* w, const void* a) {
   return out;
 }
 
-void VecDotQ5_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotK4Style<true, 4>(n, static_cast<const BlockQ5_K*>(w), static_cast<const uint8_t*>(a), a_stride,
-                      out);
+void VecDotQ5_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotK4Style<true, kMultiCols>(n, static_cast<const BlockQ5_K*>(w), static_cast<const uint8_t*>(a),
+                               a_stride, out);
 }
 
 namespace {
@@ -216,8 +216,9 @@ float VecDotQ6_KAvx2(int64_t n, const void* w, const void* a) {
   return out;
 }
 
-void VecDotQ6_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotQ6K<4>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), a_stride, out);
+void VecDotQ6_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotQ6K<kMultiCols>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), a_stride,
+                     out);
 }
 
 float VecDotQ2_KAvx2(int64_t n, const void* w, const void* a) {
