@@ -80,42 +80,32 @@ float VecDotBF16Avx2(int64_t n, const void* w, const void* a) {
 
 namespace {
 
-// Q8_0 against kCols activation rows; per column the same sequence as the single-column case.
+// Q8_0 against kCols activation rows; per column the same sequence as the single-column case
+// (one accumulator per column, blocks in order).
 template <int kCols>
 MOEPOOL_AVX2_INLINE void DotQ8_0(int64_t n, const BlockQ8_0* x, const uint8_t* a, size_t a_stride,
                                  float* out) {
   const BlockQ8_0* y[kCols];
-  __m256 acc0[kCols], acc1[kCols];
+  __m256 acc[kCols];
+  MOEPOOL_UNROLL
   for (int c = 0; c < kCols; ++c) {
     y[c] = reinterpret_cast<const BlockQ8_0*>(a + c * a_stride);
-    acc0[c] = _mm256_setzero_ps();
-    acc1[c] = _mm256_setzero_ps();
+    acc[c] = _mm256_setzero_ps();
   }
   const int64_t nb = n / kQK8_0;
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    const __m256i x0 = Load256(x[b].qs);
-    const __m256i x1 = Load256(x[b + 1].qs);
-    const __m256i ax0 = _mm256_sign_epi8(x0, x0);
-    const __m256i ax1 = _mm256_sign_epi8(x1, x1);
-    const float dx0 = HalfToFloat(x[b].d);
-    const float dx1 = HalfToFloat(x[b + 1].d);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xq = Load256(x[b].qs);
+    const __m256i ax = _mm256_sign_epi8(xq, xq);
+    const float dx = HalfToFloat(x[b].d);
+    MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const __m256i p0 = DotU8I8(ax0, _mm256_sign_epi8(Load256(y[c][b].qs), x0));
-      const __m256i p1 = DotU8I8(ax1, _mm256_sign_epi8(Load256(y[c][b + 1].qs), x1));
-      acc0[c] = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * HalfToFloat(y[c][b].d)),
-                                _mm256_cvtepi32_ps(p0), acc0[c]);
-      acc1[c] = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * HalfToFloat(y[c][b + 1].d)),
-                                _mm256_cvtepi32_ps(p1), acc1[c]);
+      const __m256i p = DotU8I8(ax, _mm256_sign_epi8(Load256(y[c][b].qs), xq));
+      acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(dx * HalfToFloat(y[c][b].d)), _mm256_cvtepi32_ps(p),
+                               acc[c]);
     }
   }
-  if (b < nb) {
-    for (int c = 0; c < kCols; ++c) {
-      const __m256i p = DotI8I8(Load256(x[b].qs), Load256(y[c][b].qs));
-      acc0[c] = _mm256_fmadd_ps(ScaleOf(x[b].d, y[c][b].d), _mm256_cvtepi32_ps(p), acc0[c]);
-    }
-  }
-  for (int c = 0; c < kCols; ++c) out[c] = HorizontalSum(_mm256_add_ps(acc0[c], acc1[c]));
+  MOEPOOL_UNROLL
+  for (int c = 0; c < kCols; ++c) out[c] = HorizontalSum(acc[c]);
 }
 
 }  // namespace
