@@ -57,6 +57,7 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const BlockQ8_K* y[kCols];
   __m256 acc[kCols];
+  MOEPOOL_UNROLL
   for (int c = 0; c < kCols; ++c) {
     y[c] = reinterpret_cast<const BlockQ8_K*>(a + c * a_stride);
     acc[c] = _mm256_setzero_ps();
@@ -71,6 +72,7 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
     const __m128i mins8 = _mm_unpackhi_epi64(scales_mins, scales_mins);
     const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
     __m128 scale_pair[kCols];
+    MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
       scale_pair[c] = _mm_mul_ps(d_pair, _mm_set1_ps(y[c][b].d));
       const __m256i mins_dot = _mm256_madd_epi16(mins16, Load256(y[c][b].bsums));
@@ -82,6 +84,7 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
     if constexpr (kHasHighBit) high_bits = Load256(x[b].qh);
     const uint8_t* qs = x[b].qs;
     __m256i sumi[kCols];
+    MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) sumi[c] = _mm256_setzero_si256();
     MOEPOOL_UNROLL
     for (int j = 0; j < 4; ++j) {
@@ -97,17 +100,20 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
       }
       const __m256i scale_lo = _mm256_shuffle_epi8(scales, Int16PairSelector(2 * j, 2 * j));
       const __m256i scale_hi = _mm256_shuffle_epi8(scales, Int16PairSelector(2 * j + 1, 2 * j + 1));
+      MOEPOOL_UNROLL
       for (int c = 0; c < kCols; ++c) {
         const int8_t* q8 = y[c][b].qs;
         sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(lo, Load256(q8 + 64 * j), scale_lo));
         sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(hi, Load256(q8 + 64 * j + 32), scale_hi));
       }
     }
+    MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
       acc[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scale_pair[c]), _mm256_cvtepi32_ps(sumi[c]),
                                acc[c]);
     }
   }
+  MOEPOOL_UNROLL
   for (int c = 0; c < kCols; ++c) out[c] = HorizontalSum(acc[c]);
 }
 
@@ -157,6 +163,7 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const BlockQ8_K* y[kCols];
   __m256 acc[kCols];
+  MOEPOOL_UNROLL
   for (int c = 0; c < kCols; ++c) {
     y[c] = reinterpret_cast<const BlockQ8_K*>(a + c * a_stride);
     acc[c] = _mm256_setzero_ps();
@@ -166,6 +173,7 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
     const __m256i scales16 =
         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x[b].scales)));
     __m256i sumi[kCols];
+    MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
       // Quants are stored as q + 32.
       sumi[c] = _mm256_slli_epi32(ScaleBsumDot(scales16, y[c][b].bsums), 5);
@@ -192,6 +200,7 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
       const __m256i s1 = _mm256_shuffle_epi8(scales, Int16PairSelector(2, 3));
       const __m256i s2 = _mm256_shuffle_epi8(scales, Int16PairSelector(4, 5));
       const __m256i s3 = _mm256_shuffle_epi8(scales, Int16PairSelector(6, 7));
+      MOEPOOL_UNROLL
       for (int c = 0; c < kCols; ++c) {
         const int8_t* q8 = y[c][b].qs + 128 * h;
         sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(u0, Load256(q8), s0));
@@ -200,11 +209,13 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
         sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(u3, Load256(q8 + 96), s3));
       }
     }
+    MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const float d = y[c][b].d * dx;
       acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
     }
   }
+  MOEPOOL_UNROLL
   for (int c = 0; c < kCols; ++c) out[c] = HorizontalSum(acc[c]);
 }
 
