@@ -1,0 +1,392 @@
+#include "coordinator/worker_link.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "coordinator/wire_format.h"
+
+namespace moepool {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+uint64_t MicrosBetween(Clock::time_point a, Clock::time_point b) {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(b - a).count());
+}
+
+std::string GrpcStatusText(const grpc::Status& s) {
+  return absl::StrCat(absl::StatusCodeToString(static_cast<absl::StatusCode>(s.error_code())),
+                      s.error_message().empty() ? "" : ": ", s.error_message());
+}
+
+void AddToken(const std::string& token, grpc::ClientContext* ctx) {
+  if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
+}
+
+}  // namespace
+
+void StepLatch::CountDown() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (--count_ == 0) cv_.notify_all();
+}
+
+bool StepLatch::WaitUntil(Clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return cv_.wait_until(lock, deadline, [&] { return count_ == 0; });
+}
+
+void StepLatch::Wait() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return count_ == 0; });
+}
+
+WorkerLink::WorkerLink(WorkerLinkConfig config) : config_(std::move(config)) {
+  stats_.address = config_.address;
+  NewChannel();
+}
+
+WorkerLink::~WorkerLink() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+    if (stream_context_ != nullptr) stream_context_->TryCancel();
+    if (describe_context_ != nullptr) describe_context_->TryCancel();
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void WorkerLink::NewChannel() {
+  channel_ = grpc::CreateCustomChannel(config_.address, config_.credentials, config_.channel_args);
+  stub_ = moepool::v1::ExpertService::NewStub(channel_);
+}
+
+absl::StatusOr<moepool::v1::DescribeResponse> WorkerLink::Describe(double timeout_s,
+                                                                   bool wait_for_ready) {
+  grpc::ClientContext ctx;
+  AddToken(config_.token, &ctx);
+  ctx.set_wait_for_ready(wait_for_ready);
+  ctx.set_deadline(std::chrono::system_clock::now() +
+                   std::chrono::microseconds(static_cast<int64_t>(timeout_s * 1e6)));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return absl::CancelledError("shutting down");
+    describe_context_ = &ctx;
+  }
+  moepool::v1::DescribeResponse response;
+  const grpc::Status s = stub_->Describe(&ctx, moepool::v1::DescribeRequest(), &response);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    describe_context_ = nullptr;
+  }
+  if (s.ok()) return response;
+  const auto code = static_cast<absl::StatusCode>(s.error_code());
+  switch (code) {
+    case absl::StatusCode::kUnauthenticated:
+    case absl::StatusCode::kPermissionDenied:
+      return absl::Status(code, absl::StrCat("worker ", config_.address,
+                                             " refused the cluster token (", GrpcStatusText(s),
+                                             "); check --cluster-token / MOEPOOL_CLUSTER_TOKEN"));
+    case absl::StatusCode::kDeadlineExceeded:
+      return absl::Status(code,
+                          absl::StrFormat("worker %s did not answer Describe within %g s (%s)",
+                                          config_.address, timeout_s, GrpcStatusText(s)));
+    default:
+      return absl::Status(
+          code, absl::StrCat("worker ", config_.address, ": Describe failed: ", GrpcStatusText(s)));
+  }
+}
+
+void WorkerLink::Start(const moepool::v1::DescribeResponse& describe, AcceptWorker accept) {
+  std::lock_guard<std::mutex> lock(mu_);
+  accept_ = std::move(accept);
+  accepted_ = describe;
+  up_ = true;
+  started_ = true;
+  stats_.up = true;
+  stats_.worker_id = describe.worker_id();
+  thread_ = std::thread([this] { Loop(); });
+}
+
+bool WorkerLink::up() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return up_;
+}
+
+void WorkerLink::Post(LinkJob* job, StepLatch* latch) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (job_ != nullptr || !started_) {
+      job->status = absl::InternalError(
+          absl::StrCat("worker ", config_.address, ": a request is already in flight"));
+      latch->CountDown();
+      return;
+    }
+    job_ = job;
+    latch_ = latch;
+  }
+  cv_.notify_all();
+}
+
+void WorkerLink::CancelStep(uint64_t step_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (in_flight_step_ != step_id || step_id == 0) return;
+  cancelled_ = true;
+  if (stream_context_ != nullptr) stream_context_->TryCancel();
+}
+
+WorkerStats WorkerLink::Stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  WorkerStats s = stats_;
+  s.recent.assign(samples_.begin(), samples_.end());
+  return s;
+}
+
+void WorkerLink::ResetStats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  WorkerStats fresh;
+  fresh.address = stats_.address;
+  fresh.worker_id = stats_.worker_id;
+  fresh.up = stats_.up;
+  fresh.last_error = stats_.last_error;
+  stats_ = fresh;
+  samples_.clear();
+}
+
+void WorkerLink::Loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    if (job_ != nullptr) {
+      LinkJob* job = job_;
+      StepLatch* latch = latch_;
+      if (!up_) {
+        job->status = absl::UnavailableError(absl::StrCat("worker ", config_.address, " is down (",
+                                                          stats_.last_error,
+                                                          "); reconnecting in the background"));
+      } else {
+        in_flight_step_ = job->step_id;
+        cancelled_ = false;
+        lock.unlock();
+        RunJob(job);
+        lock.lock();
+      }
+      in_flight_step_ = 0;
+      job_ = nullptr;
+      latch_ = nullptr;
+      lock.unlock();
+      latch->CountDown();
+      lock.lock();
+      continue;
+    }
+    if (!up_) {
+      if (Clock::now() >= next_attempt_) {
+        lock.unlock();
+        TryReconnect();
+        lock.lock();
+      } else {
+        cv_.wait_until(lock, next_attempt_, [&] { return stop_ || job_ != nullptr; });
+      }
+      continue;
+    }
+    cv_.wait(lock, [&] { return stop_ || job_ != nullptr; });
+  }
+  lock.unlock();
+  if (stream_ != nullptr) CloseStream(/*cancel=*/true);
+}
+
+void WorkerLink::RunJob(LinkJob* job) {
+  const absl::Status s = Exchange(job);
+  bool close = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (s.ok()) {
+      ++stats_.requests;
+      stats_.rows += static_cast<uint64_t>(job->sample.rows);
+      stats_.request_bytes += job->sample.request_bytes;
+      stats_.response_bytes += job->sample.response_bytes;
+      stats_.round_trip_micros += job->sample.round_trip_micros;
+      stats_.compute_micros += job->sample.compute_micros;
+      samples_.push_back(job->sample);
+      while (samples_.size() > config_.max_samples) samples_.pop_front();
+      // The watchdog fired just as the answer arrived: the stream is cancelled, open a new one
+      // for the next step.
+      close = cancelled_;
+    } else {
+      ++stats_.failures;
+      stats_.last_error = std::string(s.message());
+    }
+  }
+  if (close && stream_ != nullptr) CloseStream(/*cancel=*/true);
+  job->status = s;
+}
+
+absl::Status WorkerLink::OpenStream() {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  AddToken(config_.token, ctx.get());
+  grpc::ClientContext* raw = ctx.get();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stream_context_ = std::move(ctx);
+  }
+  stream_ = stub_->Forward(raw);
+  if (stream_ == nullptr) {
+    std::lock_guard<std::mutex> lock(mu_);
+    stream_context_.reset();
+    return absl::UnavailableError(
+        absl::StrCat("worker ", config_.address, ": cannot open the Forward stream"));
+  }
+  return absl::OkStatus();
+}
+
+grpc::Status WorkerLink::CloseStream(bool cancel) {
+  if (cancel) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stream_context_ != nullptr) stream_context_->TryCancel();
+  }
+  grpc::Status s = grpc::Status::OK;
+  if (stream_ != nullptr) s = stream_->Finish();
+  stream_.reset();
+  std::lock_guard<std::mutex> lock(mu_);
+  stream_context_.reset();
+  return s;
+}
+
+absl::Status WorkerLink::Broken(const LinkJob& job, const std::string& what, bool cancel) {
+  bool by_watchdog;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    by_watchdog = cancelled_;
+  }
+  const grpc::Status gs = CloseStream(cancel || by_watchdog);
+  absl::Status s;
+  if (by_watchdog) {
+    s = absl::DeadlineExceededError(absl::StrFormat(
+        "worker %s did not answer layer %d within the step timeout of %g s; marked down, "
+        "reconnecting in the background",
+        config_.address, job.layer, config_.step_timeout_s));
+  } else {
+    s = absl::UnavailableError(absl::StrCat("worker ", config_.address, ": ", what, " (",
+                                            GrpcStatusText(gs),
+                                            "); marked down, reconnecting in the background"));
+  }
+  MarkDown(s);
+  return s;
+}
+
+absl::Status WorkerLink::Exchange(LinkJob* job) {
+  if (stream_ == nullptr) {
+    const absl::Status s = OpenStream();
+    if (!s.ok()) {
+      MarkDown(s);
+      return s;
+    }
+  }
+  const auto t0 = Clock::now();
+  const int64_t n = static_cast<int64_t>(job->rows->size());
+  const int64_t d = job->n_embd;
+  const int k = job->k;
+  const int64_t chunk = RowsPerChunk(config_.max_message_bytes, d, job->dtype, k);
+  uint64_t request_bytes = 0;
+  moepool::v1::ForwardRequest req;
+  for (int64_t off = 0; off < n; off += chunk) {
+    const int64_t m = std::min(chunk, n - off);
+    req.Clear();
+    req.set_step_id(job->step_id);
+    req.set_layer(job->layer);
+    req.set_dtype(job->dtype);
+    req.set_n_embd(static_cast<int32_t>(d));
+    req.set_total_rows(static_cast<int32_t>(n));
+    req.set_row_offset(static_cast<int32_t>(off));
+    req.set_n_rows(static_cast<int32_t>(m));
+    req.set_k(k);
+    std::string* bytes = req.mutable_rows();
+    bytes->reserve(static_cast<size_t>(m * d * WireDTypeBytes(job->dtype)));
+    for (int64_t i = off; i < off + m; ++i) {
+      EncodeRows(job->dtype, job->x + (*job->rows)[static_cast<size_t>(i)] * d, d, bytes);
+    }
+    req.mutable_expert()->Add(job->expert->begin() + off * k, job->expert->begin() + (off + m) * k);
+    req.mutable_weight()->Add(job->weight->begin() + off * k, job->weight->begin() + (off + m) * k);
+    request_bytes += req.ByteSizeLong();
+    if (!stream_->Write(req)) {
+      return Broken(*job, absl::StrCat("connection lost while sending layer ", job->layer), false);
+    }
+  }
+  RowAssembler rows(n, d);
+  moepool::v1::ForwardResponse resp;
+  uint64_t response_bytes = 0;
+  uint64_t compute_micros = 0;
+  while (!rows.complete()) {
+    if (!stream_->Read(&resp)) {
+      return Broken(*job, absl::StrCat("connection lost while waiting for layer ", job->layer),
+                    false);
+    }
+    response_bytes += resp.ByteSizeLong();
+    if (resp.step_id() < job->step_id) continue;  // the rest of an answer to an abandoned step
+    if (resp.step_id() != job->step_id || resp.layer() != job->layer) {
+      return Broken(*job,
+                    absl::StrCat("answered step ", resp.step_id(), " layer ", resp.layer(),
+                                 " to a request for step ", job->step_id, " layer ", job->layer),
+                    true);
+    }
+    if (resp.error_code() != 0) {
+      return absl::Status(static_cast<absl::StatusCode>(resp.error_code()),
+                          absl::StrCat("worker ", config_.address, " refused layer ", job->layer,
+                                       ": ", resp.error_message()));
+    }
+    absl::Status s = resp.dtype() != job->dtype
+                         ? absl::InvalidArgumentError(
+                               absl::StrCat("answer in ", WireDTypeName(resp.dtype()),
+                                            " to a request in ", WireDTypeName(job->dtype)))
+                     : resp.total_rows() != n
+                         ? absl::InvalidArgumentError(absl::StrCat("answer of ", resp.total_rows(),
+                                                                   " rows to a request of ", n))
+                         : rows.Add(resp.dtype(), resp.row_offset(), resp.n_rows(), resp.rows());
+    if (!s.ok()) {
+      return Broken(
+          *job, absl::StrCat("malformed answer for layer ", job->layer, ": ", s.message()), true);
+    }
+    compute_micros = std::max<uint64_t>(compute_micros, resp.compute_micros());
+  }
+  const auto t1 = Clock::now();
+  job->partial = std::move(rows.values());
+  job->sample.layer = job->layer;
+  job->sample.rows = n;
+  job->sample.round_trip_micros = MicrosBetween(t0, t1);
+  job->sample.compute_micros = compute_micros;
+  job->sample.request_bytes = request_bytes;
+  job->sample.response_bytes = response_bytes;
+  return absl::OkStatus();
+}
+
+void WorkerLink::MarkDown(const absl::Status& why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  up_ = false;
+  stats_.up = false;
+  stats_.last_error = std::string(why.message());
+  backoff_s_ = config_.backoff_initial_s;
+  next_attempt_ = Clock::now() + std::chrono::microseconds(static_cast<int64_t>(backoff_s_ * 1e6));
+}
+
+void WorkerLink::TryReconnect() {
+  NewChannel();
+  absl::StatusOr<moepool::v1::DescribeResponse> d =
+      Describe(config_.describe_timeout_s, /*wait_for_ready=*/false);
+  absl::Status s = d.ok() ? (accept_ ? accept_(*d) : absl::OkStatus()) : d.status();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (s.ok()) {
+    up_ = true;
+    stats_.up = true;
+    ++stats_.reconnects;
+    stats_.worker_id = d->worker_id();
+    accepted_ = *d;
+    return;
+  }
+  stats_.last_error = std::string(s.message());
+  backoff_s_ = std::min(backoff_s_ * 2, config_.backoff_max_s);
+  next_attempt_ = Clock::now() + std::chrono::microseconds(static_cast<int64_t>(backoff_s_ * 1e6));
+}
+
+}  // namespace moepool

@@ -1,0 +1,199 @@
+#include "tests/coordinator/fake_worker_util.h"
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "coordinator/expert_placement.h"
+#include "coordinator/wire_format.h"
+#include "engine/fingerprint.h"
+#include "engine/synth.h"
+#include "gtest/gtest.h"
+#include "tests/testdata.h"
+
+namespace moepool::testing {
+
+std::vector<std::pair<int, int>> PairsForExperts(int n_layer, int lo, int hi) {
+  std::vector<std::pair<int, int>> pairs;
+  for (int l = 0; l < n_layer; ++l) {
+    for (int e = lo; e <= hi; ++e) pairs.emplace_back(l, e);
+  }
+  return pairs;
+}
+
+absl::StatusOr<std::unique_ptr<FakeWorker>> FakeWorker::Start(const FakeWorkerOptions& options) {
+  auto w = std::unique_ptr<FakeWorker>(new FakeWorker);
+  w->options_ = options;
+  const std::set<std::pair<int, int>> held(options.pairs.begin(), options.pairs.end());
+  ExpertFilter filter;
+  filter.non_expert = false;
+  filter.keep = [held](int l, int e) { return held.count({l, e}) > 0; };
+  auto model = Model::Load(options.model_path, filter);
+  if (!model.ok()) return model.status();
+  w->model_ = *std::move(model);
+  w->pool_ = std::make_unique<ThreadPool>(2);
+  w->experts_ = std::make_unique<LocalExpertBackend>(w->model_.get(), w->pool_.get());
+  w->fingerprint_ = options.fingerprint_override.empty()
+                        ? ModelFingerprint(*w->model_, options.pairs)
+                        : options.fingerprint_override;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(
+      absl::StrCat("127.0.0.1:", options.port),
+      options.credentials ? options.credentials : grpc::InsecureServerCredentials(), &w->port_);
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  builder.SetMaxSendMessageSize(64 << 20);
+  builder.RegisterService(w.get());
+  w->server_ = builder.BuildAndStart();
+  if (w->server_ == nullptr || w->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on port ", options.port));
+  }
+  return w;
+}
+
+FakeWorker::~FakeWorker() { Kill(); }
+
+void FakeWorker::Kill() {
+  if (killed_.exchange(true)) return;
+  server_->Shutdown(std::chrono::system_clock::now());
+  server_->Wait();
+}
+
+grpc::Status FakeWorker::CheckToken(grpc::ServerContext* context) const {
+  if (options_.token.empty()) return grpc::Status::OK;
+  const auto& md = context->client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end() ||
+      std::string(it->second.data(), it->second.size()) != "Bearer " + options_.token) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "bad or missing cluster token");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status FakeWorker::Describe(grpc::ServerContext* context, const moepool::v1::DescribeRequest*,
+                                  moepool::v1::DescribeResponse* response) {
+  const grpc::Status auth = CheckToken(context);
+  if (!auth.ok()) return auth;
+  const ModelConfig& c = model_->config();
+  response->set_protocol_version(
+      static_cast<moepool::v1::ProtocolVersion>(options_.protocol_version));
+  response->mutable_model()->set_fingerprint(fingerprint_);
+  response->mutable_model()->set_name(c.name);
+  response->mutable_model()->set_file_bytes(model_->file().file_size());
+  auto* h = response->mutable_hparams();
+  h->set_n_embd(c.n_embd);
+  h->set_n_ff(c.n_ff);
+  h->set_n_layer(c.n_layer);
+  h->set_n_expert(c.n_expert);
+  h->set_n_expert_used(c.n_expert_used);
+  for (const auto& [l, e] : options_.pairs)
+    response->mutable_experts()->add_packed(PackExpertPair(l, e));
+  response->set_device("cpu");
+  response->set_worker_id(absl::StrCat("fake-", port_));
+  response->set_threads(pool_->size());
+  return grpc::Status::OK;
+}
+
+grpc::Status FakeWorker::Forward(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<moepool::v1::ForwardResponse, moepool::v1::ForwardRequest>* stream) {
+  const grpc::Status auth = CheckToken(context);
+  if (!auth.ok()) return auth;
+  moepool::v1::ForwardRequest req;
+  std::vector<float> x;
+  std::vector<int32_t> expert;
+  std::vector<float> weight;
+  int64_t received = 0;
+  while (stream->Read(&req)) {
+    if (options_.stall) continue;
+    const int64_t d = req.n_embd();
+    const int64_t total = req.total_rows();
+    const int k = req.k();
+    if (req.row_offset() == 0) {
+      x.assign(static_cast<size_t>(total * d), 0.0f);
+      expert.assign(static_cast<size_t>(total * k), -1);
+      weight.assign(static_cast<size_t>(total * k), 0.0f);
+      received = 0;
+    }
+    const int64_t off = req.row_offset();
+    const int64_t m = req.n_rows();
+    moepool::v1::ForwardResponse resp;
+    resp.set_step_id(req.step_id());
+    resp.set_layer(req.layer());
+    resp.set_dtype(req.dtype());
+    resp.set_total_rows(static_cast<int32_t>(total));
+    absl::Status s = DecodeRows(req.dtype(), req.rows(), m * d, x.data() + off * d);
+    if (s.ok() && (req.expert_size() != m * k || req.weight_size() != m * k)) {
+      s = absl::InvalidArgumentError("expert/weight count != n_rows * k");
+    }
+    if (!s.ok()) {
+      resp.set_error_code(static_cast<int>(s.code()));
+      resp.set_error_message(std::string(s.message()));
+      stream->Write(resp);
+      continue;
+    }
+    std::copy(req.expert().begin(), req.expert().end(), expert.begin() + off * k);
+    std::copy(req.weight().begin(), req.weight().end(), weight.begin() + off * k);
+    received += m;
+    if (received < total) continue;
+    ++forward_requests_;
+    const auto t0 = std::chrono::steady_clock::now();
+    ExpertRoutes routes;
+    routes.layer = req.layer();
+    routes.n_rows = total;
+    routes.n_embd = d;
+    routes.k = k;
+    routes.x = x.data();
+    routes.expert = expert.data();
+    routes.weight = weight.data();
+    std::vector<float> out(static_cast<size_t>(total * d));
+    s = experts_->Compute(routes, out.data());
+    const auto micros =
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
+            .count();
+    if (!s.ok()) {
+      resp.set_error_code(static_cast<int>(s.code()));
+      resp.set_error_message(std::string(s.message()));
+      stream->Write(resp);
+      continue;
+    }
+    const int64_t chunk = RowsPerChunk(options_.max_message_bytes, d, req.dtype(), 0);
+    for (int64_t r = 0; r < total; r += chunk) {
+      const int64_t n = std::min(chunk, total - r);
+      resp.set_row_offset(static_cast<int32_t>(r));
+      resp.set_n_rows(static_cast<int32_t>(n));
+      resp.clear_rows();
+      EncodeRows(req.dtype(), out.data() + r * d, n * d, resp.mutable_rows());
+      resp.set_compute_micros(static_cast<uint64_t>(micros));
+      if (!stream->Write(resp)) return grpc::Status::CANCELLED;
+    }
+  }
+  return grpc::Status::OK;
+}
+
+const std::string& SmallModel(const std::string& type, int k, uint64_t seed) {
+  static auto* cache = new std::map<std::string, std::string>;
+  const std::string file = absl::StrCat("small-", type, "-k", k, "-s", seed, ".gguf");
+  auto it = cache->find(file);
+  if (it != cache->end()) return it->second;
+  SynthOptions o;
+  o.shape.name = "small";
+  o.shape.n_embd = 64;
+  o.shape.n_ff = 128;
+  o.shape.n_layer = 2;
+  o.shape.n_head = 4;
+  o.shape.n_head_kv = 2;
+  o.shape.n_expert = 8;
+  o.shape.n_expert_used = k;
+  o.shape.n_ctx = 512;
+  o.type = type;
+  o.seed = seed;
+  o.vocab_path = std::string(MOEPOOL_SOURCE_DIR) + "/" + kDefaultSynthVocabPath;
+  o.out_path = TempDir() + "/" + file;
+  const absl::Status s = SynthesizeModel(o);
+  EXPECT_TRUE(s.ok()) << s;
+  return cache->emplace(file, o.out_path).first->second;
+}
+
+}  // namespace moepool::testing
