@@ -1,6 +1,10 @@
-// moepool bench: prompt-processing and decode throughput of the engine on a model.
+// moepool bench: prompt-processing and decode throughput of the engine on a model. With
+// --workers (see cli/cluster_flags.h) it also measures the distributed decode: per-layer dispatch
+// overhead (round trip minus the worker's compute time), a raw TCP ping-pong of the same byte
+// count for comparison, and bytes on the wire per token.
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -9,7 +13,10 @@
 
 #include "absl/strings/str_format.h"
 #include "cli/args.h"
+#include "cli/cluster_flags.h"
 #include "cli/commands.h"
+#include "coordinator/tcp_echo.h"
+#include "coordinator/wire_format.h"
 #include "engine/engine.h"
 #include "engine/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -32,6 +39,108 @@ double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_cloc
   return std::chrono::duration<double>(b - a).count();
 }
 
+// The q-quantile (nearest rank) of `v`; 0 for an empty list.
+double Quantile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5);
+  return v[std::min(i, v.size() - 1)];
+}
+
+nlohmann::json Percentiles(const std::vector<double>& v) {
+  return {{"p50", Quantile(v, 0.5)}, {"p99", Quantile(v, 0.99)}, {"samples", v.size()}};
+}
+
+// What the workers did during the decode phases.
+struct DecodeWire {
+  std::vector<std::vector<RoundTripSample>> samples;  // per worker
+  uint64_t request_bytes = 0, response_bytes = 0;
+  void Add(const ClusterStats& st) {
+    samples.resize(st.workers.size());
+    for (size_t w = 0; w < st.workers.size(); ++w) {
+      const WorkerStats& ws = st.workers[w];
+      samples[w].insert(samples[w].end(), ws.recent.begin(), ws.recent.end());
+      request_bytes += ws.request_bytes;
+      response_bytes += ws.response_bytes;
+    }
+  }
+};
+
+// The cluster part of `bench --json`.
+absl::StatusOr<nlohmann::json> ClusterReport(const Args& args, const ClusterExpertBackend& cluster,
+                                             const DecodeWire& wire, int64_t decode_tokens,
+                                             uint64_t prompt_wire_bytes, int64_t prompt_tokens) {
+  nlohmann::json j;
+  const ClusterOptions& o = cluster.options();
+  j["wire_dtype"] = WireDTypeName(o.wire_dtype);
+  j["local_experts"] = o.local_experts;
+  std::vector<double> all_rtt, all_overhead, all_compute, req_bytes;
+  nlohmann::json workers = nlohmann::json::array();
+  for (size_t w = 0; w < wire.samples.size(); ++w) {
+    std::vector<double> rtt, overhead, compute;
+    for (const RoundTripSample& s : wire.samples[w]) {
+      rtt.push_back(static_cast<double>(s.round_trip_micros));
+      compute.push_back(static_cast<double>(s.compute_micros));
+      overhead.push_back(static_cast<double>(s.round_trip_micros) -
+                         static_cast<double>(s.compute_micros));
+      req_bytes.push_back(static_cast<double>(s.request_bytes));
+    }
+    const auto& d = cluster.workers()[w];
+    workers.push_back({{"address", o.workers[w]},
+                       {"worker_id", d.worker_id()},
+                       {"device", d.device()},
+                       {"experts", d.experts().packed_size()},
+                       {"decode_round_trip_us", Percentiles(rtt)},
+                       {"decode_worker_compute_us", Percentiles(compute)},
+                       {"decode_dispatch_overhead_us", Percentiles(overhead)}});
+    all_rtt.insert(all_rtt.end(), rtt.begin(), rtt.end());
+    all_overhead.insert(all_overhead.end(), overhead.begin(), overhead.end());
+    all_compute.insert(all_compute.end(), compute.begin(), compute.end());
+  }
+  j["workers"] = workers;
+  // Per layer and worker exchange of a decode step.
+  j["decode_round_trip_us"] = Percentiles(all_rtt);
+  j["decode_worker_compute_us"] = Percentiles(all_compute);
+  j["decode_dispatch_overhead_us"] = Percentiles(all_overhead);
+  const double tokens = static_cast<double>(std::max<int64_t>(1, decode_tokens));
+  j["decode_request_bytes_per_token"] = static_cast<double>(wire.request_bytes) / tokens;
+  j["decode_response_bytes_per_token"] = static_cast<double>(wire.response_bytes) / tokens;
+  j["decode_wire_bytes_per_token"] =
+      static_cast<double>(wire.request_bytes + wire.response_bytes) / tokens;
+  j["prompt_wire_bytes_per_token"] = static_cast<double>(prompt_wire_bytes) /
+                                     static_cast<double>(std::max<int64_t>(1, prompt_tokens));
+  j["wire_bytes_note"] = "serialized protobuf messages; HTTP/2 and TCP framing not counted";
+
+  // Raw TCP ping-pong of the median decode request size, to the first worker's host on
+  // --echo-port, else to an echo server this command starts on its own loopback.
+  const size_t bytes = static_cast<size_t>(std::max(1.0, Quantile(req_bytes, 0.5)));
+  ASSIGN_OR_RETURN(int64_t echo_port, args.GetInt("echo-port", 0));
+  ASSIGN_OR_RETURN(int64_t pings, args.GetInt("pings", 2000));
+  std::unique_ptr<TcpEchoServer> echo;
+  std::string host = "127.0.0.1";
+  std::string target_note;
+  if (echo_port > 0) {
+    const std::string& first = o.workers.front();
+    host = first.substr(0, first.rfind(':'));
+    if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+    target_note = "echo port of the first worker's host (--echo-port)";
+  } else {
+    ASSIGN_OR_RETURN(echo, TcpEchoServer::Start("127.0.0.1", 0));
+    echo_port = echo->port();
+    target_note =
+        "echo server started by bench on the coordinator's loopback (no --echo-port): compare "
+        "with workers on 127.0.0.1 only";
+  }
+  ASSIGN_OR_RETURN(std::vector<double> rtt,
+                   TcpPingPong(host, static_cast<int>(echo_port), bytes, static_cast<int>(pings)));
+  nlohmann::json ping = Percentiles(rtt);
+  ping["bytes_each_way"] = bytes;
+  ping["target"] = host + ":" + std::to_string(echo_port);
+  ping["note"] = target_note;
+  j["tcp_ping_pong_us"] = ping;
+  return j;
+}
+
 absl::Status Bench(const Args& args) {
   EngineOptions opts;
   opts.model_path = args.Get("model");
@@ -48,7 +157,9 @@ absl::Status Bench(const Args& args) {
     return absl::InvalidArgumentError("--moe-residual must be reference or standard");
   }
   opts.n_ctx = std::max<int64_t>(n_prompt, n_decode);
-  ASSIGN_OR_RETURN(auto engine, Engine::Load(opts));
+  ASSIGN_OR_RETURN(LoadedEngine loaded, LoadEngineForArgs(args, opts));
+  Engine* engine = loaded.engine.get();
+  ClusterExpertBackend* cluster = loaded.cluster.get();
   const ModelConfig& c = engine->config();
   if (opts.n_ctx > c.n_ctx_train) {
     return absl::InvalidArgumentError("benchmark length exceeds the model's context");
@@ -70,7 +181,10 @@ absl::Status Bench(const Args& args) {
     RETURN_IF_ERROR(tf.Forward(rows, &logits));
   }
   double best_pp = 0, best_tg = 0;
+  DecodeWire wire;
+  uint64_t prompt_wire_bytes = 0;
   for (int64_t r = 0; r < reps; ++r) {
+    if (cluster != nullptr) cluster->ResetStats();
     std::vector<BatchRow> rows;
     for (int64_t i = 0; i < n_prompt; ++i)
       rows.push_back({tokens[i], i, &cache, i + 1 == n_prompt});
@@ -79,6 +193,12 @@ absl::Status Bench(const Args& args) {
     RETURN_IF_ERROR(tf.Forward(rows, &logits));
     auto t1 = std::chrono::steady_clock::now();
     best_pp = std::max(best_pp, n_prompt / Seconds(t0, t1));
+    if (cluster != nullptr) {
+      for (const WorkerStats& w : cluster->Stats().workers) {
+        prompt_wire_bytes += w.request_bytes + w.response_bytes;
+      }
+      cluster->ResetStats();
+    }
     t0 = std::chrono::steady_clock::now();
     for (int64_t i = 0; i < n_decode; ++i) {
       BatchRow row{tokens[i], i, &cache, true};
@@ -87,8 +207,14 @@ absl::Status Bench(const Args& args) {
     }
     t1 = std::chrono::steady_clock::now();
     best_tg = std::max(best_tg, n_decode / Seconds(t0, t1));
+    if (cluster != nullptr) wire.Add(cluster->Stats());
   }
   const uint64_t rss = PeakRssBytes();
+  nlohmann::json cluster_report;
+  if (cluster != nullptr) {
+    ASSIGN_OR_RETURN(cluster_report, ClusterReport(args, *cluster, wire, n_decode * reps,
+                                                   prompt_wire_bytes, n_prompt * reps));
+  }
   if (args.Has("json")) {
     nlohmann::json j;
     j["model"] = opts.model_path;
@@ -99,6 +225,7 @@ absl::Status Bench(const Args& args) {
     j["decode_tokens_per_s"] = best_tg;
     j["peak_rss_bytes"] = rss;
     j["file_bytes"] = engine->model().file().file_size();
+    if (cluster != nullptr) j["cluster"] = cluster_report;
     std::cout << j.dump() << std::endl;
   } else {
     std::cout << absl::StrFormat(
@@ -106,6 +233,21 @@ absl::Status Bench(const Args& args) {
         "tokens/s\n  peak RSS %.1f MiB (file %.1f MiB)\n",
         opts.model_path, engine->pool().size(), n_prompt, best_pp, n_decode, best_tg,
         rss / 1048576.0, engine->model().file().file_size() / 1048576.0);
+    if (cluster != nullptr) {
+      const nlohmann::json& c = cluster_report;
+      std::cout << absl::StrFormat(
+          "  cluster: %d workers, wire %s; per layer of a decode step: round trip p50 %.0f us, "
+          "dispatch overhead p50 %.0f us p99 %.0f us; raw TCP ping-pong of %d bytes p50 %.0f "
+          "us (%s); %.0f bytes on the wire per decode token\n",
+          static_cast<int>(c["workers"].size()), c["wire_dtype"].get<std::string>(),
+          c["decode_round_trip_us"]["p50"].get<double>(),
+          c["decode_dispatch_overhead_us"]["p50"].get<double>(),
+          c["decode_dispatch_overhead_us"]["p99"].get<double>(),
+          c["tcp_ping_pong_us"]["bytes_each_way"].get<int>(),
+          c["tcp_ping_pong_us"]["p50"].get<double>(),
+          c["tcp_ping_pong_us"]["target"].get<std::string>(),
+          c["decode_wire_bytes_per_token"].get<double>());
+    }
   }
   return absl::OkStatus();
 }
@@ -113,9 +255,11 @@ absl::Status Bench(const Args& args) {
 }  // namespace
 
 int RunBench(int argc, char** argv) {
-  auto args = Args::Parse(
-      argc, argv,
-      {{"model", "threads", "prompt-tokens", "decode-tokens", "repeat", "moe-residual"}, {"json"}});
+  FlagSpec spec = {{"model", "threads", "prompt-tokens", "decode-tokens", "repeat", "moe-residual",
+                    "echo-port", "pings"},
+                   {"json"}};
+  AddClusterFlags(&spec);
+  auto args = Args::Parse(argc, argv, spec);
   if (!args.ok()) return Fail(args.status());
   const absl::Status s = Bench(*args);
   return s.ok() ? 0 : Fail(s);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cli/args.h"
+#include "cli/cluster_flags.h"
 #include "cli/commands.h"
 #include "engine/engine.h"
 #include "engine/status_macros.h"
@@ -20,7 +21,7 @@ int Fail(const absl::Status& s) {
   return 1;
 }
 
-absl::StatusOr<std::unique_ptr<Engine>> LoadEngine(const Args& args) {
+absl::StatusOr<LoadedEngine> LoadEngine(const Args& args) {
   EngineOptions opts;
   opts.model_path = args.Get("model");
   if (opts.model_path.empty()) return absl::InvalidArgumentError("--model is required");
@@ -30,7 +31,7 @@ absl::StatusOr<std::unique_ptr<Engine>> LoadEngine(const Args& args) {
   if (!ParseMoeResidual(args.Get("moe-residual", "reference"), &opts.transformer.moe_residual)) {
     return absl::InvalidArgumentError("--moe-residual must be reference or standard");
   }
-  return Engine::Load(opts);
+  return LoadEngineForArgs(args, opts);
 }
 
 absl::StatusOr<std::string> PromptText(const Args& args) {
@@ -40,7 +41,8 @@ absl::StatusOr<std::string> PromptText(const Args& args) {
 }
 
 absl::Status Eval(const Args& args) {
-  ASSIGN_OR_RETURN(auto engine, LoadEngine(args));
+  ASSIGN_OR_RETURN(LoadedEngine loaded, LoadEngine(args));
+  Engine* engine = loaded.engine.get();
   ASSIGN_OR_RETURN(std::string text, PromptText(args));
   const std::string out_path = args.Get("logits-out");
   if (out_path.empty()) return absl::InvalidArgumentError("--logits-out is required");
@@ -58,7 +60,8 @@ absl::Status Eval(const Args& args) {
 }
 
 absl::Status Run(const Args& args) {
-  ASSIGN_OR_RETURN(auto engine, LoadEngine(args));
+  ASSIGN_OR_RETURN(LoadedEngine loaded, LoadEngine(args));
+  Engine* engine = loaded.engine.get();
   ASSIGN_OR_RETURN(std::string text, PromptText(args));
   Engine::GenerateOptions g;
   ASSIGN_OR_RETURN(int64_t n, args.GetInt("n", 128));
@@ -129,22 +132,25 @@ absl::Status Tokenize(const Args& args) {
   return absl::OkStatus();
 }
 
-const FlagSpec kEngineFlags = {
-    {"model", "prompt-file", "prompt", "threads", "ctx", "logits-out", "n", "temperature", "top-k",
-     "top-p", "min-p", "seed", "moe-residual"},
-    {"ignore-eos", "json"}};
+FlagSpec EngineFlags() {
+  FlagSpec spec = {{"model", "prompt-file", "prompt", "threads", "ctx", "logits-out", "n",
+                    "temperature", "top-k", "top-p", "min-p", "seed", "moe-residual"},
+                   {"ignore-eos", "json"}};
+  AddClusterFlags(&spec);
+  return spec;
+}
 
 }  // namespace
 
 int RunEval(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv, kEngineFlags);
+  auto args = Args::Parse(argc, argv, EngineFlags());
   if (!args.ok()) return Fail(args.status());
   const absl::Status s = Eval(*args);
   return s.ok() ? 0 : Fail(s);
 }
 
 int RunRun(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv, kEngineFlags);
+  auto args = Args::Parse(argc, argv, EngineFlags());
   if (!args.ok()) return Fail(args.status());
   const absl::Status s = Run(*args);
   return s.ok() ? 0 : Fail(s);

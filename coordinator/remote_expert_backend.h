@@ -66,7 +66,7 @@ struct ClusterOptions {
   int local_threads = 0;  // pool for local experts; <= 0: all hardware threads
   double reconnect_initial_s = 0.1;
   double reconnect_max_s = 5;
-  size_t max_samples = 4096;  // round-trip samples kept per worker
+  size_t max_samples = 16384;  // round-trip samples kept per worker
 };
 
 struct ClusterStats {

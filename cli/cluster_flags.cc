@@ -1,0 +1,74 @@
+#include "cli/cluster_flags.h"
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "coordinator/expert_placement.h"
+#include "coordinator/wire_format.h"
+#include "engine/status_macros.h"
+
+namespace moepool::cli {
+namespace {
+
+const char* const kClusterValued[] = {"workers",         "local-experts",    "wire-dtype",
+                                      "step-timeout",    "connect-timeout",  "cluster-token",
+                                      "tls-ca",          "tls-cert",         "tls-key",
+                                      "tls-server-name", "max-message-bytes"};
+
+}  // namespace
+
+void AddClusterFlags(FlagSpec* spec) {
+  for (const char* f : kClusterValued) spec->valued.insert(f);
+}
+
+absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args& args) {
+  if (!args.Has("workers")) {
+    for (const char* f : kClusterValued) {
+      if (args.Has(f)) {
+        return absl::InvalidArgumentError(std::string("--") + f + " needs --workers");
+      }
+    }
+    return std::nullopt;
+  }
+  ClusterOptions o;
+  for (absl::string_view w : absl::StrSplit(args.Get("workers"), ',', absl::SkipWhitespace())) {
+    o.workers.emplace_back(absl::StripAsciiWhitespace(w));
+  }
+  if (o.workers.empty()) return absl::InvalidArgumentError("--workers lists no worker");
+  // The model's expert count is checked when the backend opens the model.
+  ASSIGN_OR_RETURN(o.local_experts, ParseExpertList(args.Get("local-experts"), 65536));
+  ASSIGN_OR_RETURN(o.wire_dtype, ParseWireDType(args.Get("wire-dtype", "f32")));
+  ASSIGN_OR_RETURN(o.step_timeout_s, args.GetDouble("step-timeout", o.step_timeout_s));
+  ASSIGN_OR_RETURN(o.connect_timeout_s, args.GetDouble("connect-timeout", o.connect_timeout_s));
+  if (o.step_timeout_s <= 0 || o.connect_timeout_s <= 0) {
+    return absl::InvalidArgumentError("--step-timeout and --connect-timeout must be > 0");
+  }
+  ASSIGN_OR_RETURN(o.max_message_bytes, args.GetInt("max-message-bytes", o.max_message_bytes));
+  if (args.Has("cluster-token")) {
+    o.cluster_token = args.Get("cluster-token");
+  } else if (const char* env = std::getenv("MOEPOOL_CLUSTER_TOKEN"); env != nullptr) {
+    o.cluster_token = env;
+  }
+  o.tls_ca_path = args.Get("tls-ca");
+  o.tls_cert_path = args.Get("tls-cert");
+  o.tls_key_path = args.Get("tls-key");
+  o.tls_server_name = args.Get("tls-server-name");
+  return o;
+}
+
+absl::StatusOr<LoadedEngine> LoadEngineForArgs(const Args& args, EngineOptions options) {
+  ASSIGN_OR_RETURN(std::optional<ClusterOptions> cluster, ClusterOptionsFromArgs(args));
+  LoadedEngine loaded;
+  if (cluster.has_value()) {
+    cluster->local_threads = options.threads;
+    ASSIGN_OR_RETURN(loaded.cluster, ClusterExpertBackend::Create(options.model_path, *cluster));
+    options.experts = loaded.cluster.get();
+  }
+  ASSIGN_OR_RETURN(loaded.engine, Engine::Load(options));
+  return loaded;
+}
+
+}  // namespace moepool::cli

@@ -1,0 +1,44 @@
+// The coordinator flags shared by `moepool eval`, `run` and `bench`:
+//   --workers host:port,...   experts run on these workers (ClusterExpertBackend)
+//   --local-experts SPEC      experts kept in this process on every layer, e.g. 0,2,5-7
+//   --wire-dtype f32|f16|bf16 row values on the wire (f32: bit-identical to a local run, k <= 2)
+//   --step-timeout S          seconds a worker may take to answer one layer (default 30)
+//   --connect-timeout S       seconds to wait for each worker at startup (default 10)
+//   --cluster-token T         bearer token for every RPC (default: $MOEPOOL_CLUSTER_TOKEN)
+//   --tls-ca/--tls-cert/--tls-key PEM files, --tls-server-name NAME: TLS / mutual TLS
+//   --max-message-bytes N     largest message sent; larger batches are chunked (default 4 MiB)
+// Without --workers the engine runs every expert locally, as before.
+#ifndef MOEPOOL_CLI_CLUSTER_FLAGS_H_
+#define MOEPOOL_CLI_CLUSTER_FLAGS_H_
+
+#include <memory>
+#include <optional>
+
+#include "absl/status/statusor.h"
+#include "cli/args.h"
+#include "coordinator/remote_expert_backend.h"
+#include "engine/engine.h"
+
+namespace moepool::cli {
+
+// Adds the flags above to `spec`.
+void AddClusterFlags(FlagSpec* spec);
+
+// The cluster options, or nullopt without --workers. INVALID_ARGUMENT for bad values or
+// cluster flags given without --workers. The token comes from --cluster-token, else from the
+// environment variable MOEPOOL_CLUSTER_TOKEN.
+absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args& args);
+
+// An engine and, in cluster mode, the expert backend it borrows (destroyed after the engine).
+struct LoadedEngine {
+  std::unique_ptr<ClusterExpertBackend> cluster;
+  std::unique_ptr<Engine> engine;
+};
+
+// Loads `options.model_path`; with --workers, first connects to the workers (errors name them)
+// and binds only the non-expert weights in the engine.
+absl::StatusOr<LoadedEngine> LoadEngineForArgs(const Args& args, EngineOptions options);
+
+}  // namespace moepool::cli
+
+#endif  // MOEPOOL_CLI_CLUSTER_FLAGS_H_
