@@ -29,7 +29,9 @@ void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols
 }
 
 void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, ThreadPool* pool) {
-  const VecDotFn dot = GetTypeTraits(w.type).vec_dot;
+  const TypeTraits& traits = GetTypeTraits(w.type);
+  const VecDotFn dot = traits.vec_dot;
+  const VecDotMultiFn dot_multi = x.type == TensorType::kF32 ? nullptr : traits.vec_dot_multi;
   const int64_t n = x.n;
   const int64_t rows = w.rows;
   const int64_t cols = w.cols;
@@ -47,7 +49,15 @@ void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, Th
       const int64_t t1 = std::min(n, t0 + kTokenTile);
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* wr = w.Row(r);
-        for (int64_t t = t0; t < t1; ++t) y[t * rows + r] = dot(cols, wr, x.Row(t));
+        int64_t t = t0;
+        if (dot_multi != nullptr) {
+          float out[kMultiDotCols];
+          for (; t + kMultiDotCols <= t1; t += kMultiDotCols) {
+            dot_multi(cols, wr, x.Row(t), x.row_bytes, out);
+            for (int c = 0; c < kMultiDotCols; ++c) y[(t + c) * rows + r] = out[c];
+          }
+        }
+        for (; t < t1; ++t) y[t * rows + r] = dot(cols, wr, x.Row(t));
       }
     }
   };

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "engine/attention.h"
 #include "engine/matmul.h"
 #include "engine/moe_ffn.h"
 #include "engine/status_macros.h"
@@ -59,51 +60,24 @@ void Transformer::Attention(int64_t layer, absl::Span<const BatchRow> rows, cons
                             float* out) {
   const ModelConfig& c = model_->config();
   const int64_t hd = c.head_dim;
-  const int64_t group = c.n_head / c.n_head_kv;
+  const int group = static_cast<int>(c.n_head / c.n_head_kv);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int64_t n = static_cast<int64_t>(rows.size());
-  // One task per (row, kv head): the K/V rows of that head are converted from half once and
-  // shared by the `group` query heads that read them.
+  // One task per (row, KV head): the query heads of a group share each converted K/V row.
   pool_->ParallelFor(n * c.n_head_kv, [&](int64_t task) {
     const int64_t r = task / c.n_head_kv;
     const int64_t kvh = task % c.n_head_kv;
     const BatchRow& row = rows[static_cast<size_t>(r)];
-    const int64_t n_kv = row.pos + 1;
-    std::vector<float> k(static_cast<size_t>(n_kv * hd));  // [n_kv x hd]
-    std::vector<float> v(static_cast<size_t>(n_kv * hd));  // [n_kv x hd]
-    for (int64_t p = 0; p < n_kv; ++p) {
-      const uint16_t* kp = row.cache->K(layer, p) + kvh * hd;
-      const uint16_t* vp = row.cache->V(layer, p) + kvh * hd;
-      for (int64_t i = 0; i < hd; ++i) {
-        k[p * hd + i] = HalfToFloat(kp[i]);
-        v[p * hd + i] = HalfToFloat(vp[i]);
-      }
-    }
-    std::vector<float> score(static_cast<size_t>(n_kv));
-    for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-      const float* qh = q + r * c.n_embd + h * hd;
-      float mx = -INFINITY;
-      for (int64_t p = 0; p < n_kv; ++p) {
-        const float* kr = &k[p * hd];
-        float dot = 0.0f;
-        for (int64_t i = 0; i < hd; ++i) dot += qh[i] * kr[i];
-        score[p] = dot * scale;
-        mx = std::max(mx, score[p]);
-      }
-      double sum = 0.0;
-      for (int64_t p = 0; p < n_kv; ++p) {
-        score[p] = std::exp(score[p] - mx);
-        sum += score[p];
-      }
-      const float inv = static_cast<float>(1.0 / sum);
-      float* o = out + r * c.n_embd + h * hd;
-      std::fill(o, o + hd, 0.0f);
-      for (int64_t p = 0; p < n_kv; ++p) {
-        const float* vr = &v[p * hd];
-        const float w = score[p] * inv;
-        for (int64_t i = 0; i < hd; ++i) o[i] += w * vr[i];
-      }
-    }
+    KvHeadView kv;
+    kv.k = row.cache->K(layer, 0) + kvh * hd;
+    kv.v = row.cache->V(layer, 0) + kvh * hd;
+    kv.stride = static_cast<size_t>(c.kv_dim());
+    kv.n_kv = row.pos + 1;
+    thread_local std::vector<float> scratch;
+    scratch.resize(static_cast<size_t>(group * kv.n_kv));
+    const int64_t h0 = kvh * group;
+    AttendKvHead(q + r * c.n_embd + h0 * hd, group, hd, kv, scale, out + r * c.n_embd + h0 * hd,
+                 scratch.data());
   });
 }
 

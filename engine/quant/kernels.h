@@ -8,6 +8,7 @@
 #ifndef MOEPOOL_ENGINE_QUANT_KERNELS_H_
 #define MOEPOOL_ENGINE_QUANT_KERNELS_H_
 
+#include <cstddef>
 #include <cstdint>
 
 namespace moepool::kernels {
@@ -39,6 +40,15 @@ void QuantizeRowQ8_KAvx2(const float* src, void* dst, int64_t n);
   float VecDot##T##Avx2(int64_t n, const void* w, const void* a);
 MOEPOOL_FOR_EACH_STORED_TYPE(MOEPOOL_DECLARE_DOT_FNS)
 #undef MOEPOOL_DECLARE_DOT_FNS
+
+// kMultiCols dot products of one weight row with as many activation rows (a + c * a_stride
+// bytes), out[c] bit-identical to the single-row VecDot*Avx2 of that row; the weight unpacking
+// is shared across the rows (the batched-prompt fast path).
+inline constexpr int kMultiCols = 8;
+void VecDotQ4_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void VecDotQ5_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void VecDotQ6_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void VecDotQ8_0Avx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 
 }  // namespace moepool::kernels
 

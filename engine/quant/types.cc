@@ -1,5 +1,9 @@
 #include "engine/quant/types.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include <array>
 #include <atomic>
 #include <cctype>
@@ -8,6 +12,8 @@
 #include <string>
 
 #include "engine/quant/kernels.h"
+
+static_assert(moepool::kernels::kMultiCols == moepool::kMultiDotCols);
 
 namespace moepool {
 namespace {
@@ -45,11 +51,11 @@ std::array<TypeTraits, 2> MakeActivationTable(bool avx2) {
   return {
       TypeTraits{TensorType::kQ8_1, "Q8_1", kQK8_1, sizeof(BlockQ8_1), TensorType::kQ8_1,
                  &kernels::DequantizeRowQ8_1,
-                 avx2 ? &kernels::QuantizeRowQ8_1Avx2 : &kernels::QuantizeRowQ8_1, nullptr,
+                 avx2 ? &kernels::QuantizeRowQ8_1Avx2 : &kernels::QuantizeRowQ8_1, nullptr, nullptr,
                  nullptr},
       TypeTraits{TensorType::kQ8_K, "Q8_K", kQK_K, sizeof(BlockQ8_K), TensorType::kQ8_K,
                  &kernels::DequantizeRowQ8_K,
-                 avx2 ? &kernels::QuantizeRowQ8_KAvx2 : &kernels::QuantizeRowQ8_K, nullptr,
+                 avx2 ? &kernels::QuantizeRowQ8_KAvx2 : &kernels::QuantizeRowQ8_K, nullptr, nullptr,
                  nullptr},
   };
 }
@@ -70,7 +76,23 @@ const Tables& GetTables() {
     // Q8_0 is both stored and an activation type: use the fast quantizer on the fast table.
     if (avx2) {
       for (auto& tr : t->stored[1]) {
-        if (tr.type == TensorType::kQ8_0) tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
+        switch (tr.type) {
+          case TensorType::kQ8_0:
+            tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
+            tr.vec_dot_multi = &kernels::VecDotQ8_0Avx2xN;
+            break;
+          case TensorType::kQ4_K:
+            tr.vec_dot_multi = &kernels::VecDotQ4_KAvx2xN;
+            break;
+          case TensorType::kQ5_K:
+            tr.vec_dot_multi = &kernels::VecDotQ5_KAvx2xN;
+            break;
+          case TensorType::kQ6_K:
+            tr.vec_dot_multi = &kernels::VecDotQ6_KAvx2xN;
+            break;
+          default:
+            break;
+        }
       }
     }
     return t;
@@ -82,8 +104,12 @@ const Tables& GetTables() {
 
 bool CpuHasAvx2() {
 #if defined(MOEPOOL_HAVE_AVX2_KERNELS) && (defined(__x86_64__) || defined(__i386__))
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    // F16C is CPUID.1:ECX bit 29 (not every compiler's __builtin_cpu_supports knows it).
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
+    return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return has;
 #else
   return false;

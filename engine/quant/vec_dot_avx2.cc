@@ -78,23 +78,63 @@ float VecDotBF16Avx2(int64_t n, const void* w, const void* a) {
                                                       static_cast<const float*>(a));
 }
 
-float VecDotQ8_0Avx2(int64_t n, const void* w, const void* a) {
-  const auto* x = static_cast<const BlockQ8_0*>(w);
-  const auto* y = static_cast<const BlockQ8_0*>(a);
+namespace {
+
+// Q8_0 against kCols activation rows; per column the same sequence as the single-column case
+// (one accumulator per column, blocks in order).
+template <int kCols>
+MOEPOOL_AVX2_INLINE void DotQ8_0(int64_t n, const BlockQ8_0* x, const uint8_t* a, size_t a_stride,
+                                 float* out) {
+  const BlockQ8_0* y[kCols];
+  __m256 acc[kCols];
+  MOEPOOL_UNROLL
+  for (int c = 0; c < kCols; ++c) {
+    y[c] = reinterpret_cast<const BlockQ8_0*>(a + c * a_stride);
+    acc[c] = _mm256_setzero_ps();
+  }
   const int64_t nb = n / kQK8_0;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    const __m256i p0 = DotI8I8(Load256(x[b].qs), Load256(y[b].qs));
-    const __m256i p1 = DotI8I8(Load256(x[b + 1].qs), Load256(y[b + 1].qs));
-    acc0 = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p0), acc0);
-    acc1 = _mm256_fmadd_ps(ScaleOf(x[b + 1].d, y[b + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xq = Load256(x[b].qs);
+    const __m256i ax = _mm256_sign_epi8(xq, xq);
+    // Scales of all columns: one half->float conversion and one multiply for 8 columns (the
+    // same IEEE products as the scalar dx * dy of the single-column case).
+    __m256 scales;
+    if constexpr (kCols == 8) {
+      const __m128i dys =
+          _mm_setr_epi16(static_cast<int16_t>(y[0][b].d), static_cast<int16_t>(y[1][b].d),
+                         static_cast<int16_t>(y[2][b].d), static_cast<int16_t>(y[3][b].d),
+                         static_cast<int16_t>(y[4][b].d), static_cast<int16_t>(y[5][b].d),
+                         static_cast<int16_t>(y[6][b].d), static_cast<int16_t>(y[7][b].d));
+      scales = _mm256_mul_ps(_mm256_cvtph_ps(dys), _mm256_set1_ps(HalfToFloat(x[b].d)));
+    }
+    const float dx = HalfToFloat(x[b].d);
+    MOEPOOL_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const __m256i p = DotU8I8(ax, _mm256_sign_epi8(Load256(y[c][b].qs), xq));
+      __m256 scale;
+      if constexpr (kCols == 8) {
+        scale = _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(c));
+      } else {
+        scale = _mm256_set1_ps(dx * HalfToFloat(y[c][b].d));
+      }
+      acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[c]);
+    }
   }
-  if (b < nb) {
-    const __m256i p = DotI8I8(Load256(x[b].qs), Load256(y[b].qs));
-    acc0 = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p), acc0);
-  }
-  return HorizontalSum(_mm256_add_ps(acc0, acc1));
+  MOEPOOL_UNROLL
+  for (int c = 0; c < kCols; ++c) out[c] = HorizontalSum(acc[c]);
+}
+
+}  // namespace
+
+float VecDotQ8_0Avx2(int64_t n, const void* w, const void* a) {
+  float out;
+  DotQ8_0<1>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), 0, &out);
+  return out;
+}
+
+void VecDotQ8_0Avx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotQ8_0<kMultiCols>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), a_stride,
+                      out);
 }
 
 float VecDotQ4_0Avx2(int64_t n, const void* w, const void* a) {

@@ -47,30 +47,45 @@ MOEPOOL_AVX2_INLINE __m128i UnpackScalesMinsK4(const uint8_t* packed) {
   return _mm_or_si128(low, top);
 }
 
-// Q4_K and Q5_K share everything but the fifth bit.
-template <bool kHasHighBit, typename Block>
-MOEPOOL_AVX2_INLINE float DotK4Style(int64_t n, const Block* x, const BlockQ8_K* y) {
+// Q4_K and Q5_K share everything but the fifth bit. Computes kCols dot products of one weight
+// row with kCols activation rows (a + c * a_stride bytes): the weight unpacking is shared, and
+// each column runs exactly the instruction sequence of the single-column case, so a row's result
+// does not depend on how many columns were computed with it.
+template <bool kHasHighBit, int kCols, typename Block>
+MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a, size_t a_stride,
+                                    float* out) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256 acc = _mm256_setzero_ps();
+  const BlockQ8_K* y[kCols];
+  __m256 acc[kCols];
+  MOEPOOL_UNROLL
+  for (int c = 0; c < kCols; ++c) {
+    y[c] = reinterpret_cast<const BlockQ8_K*>(a + c * a_stride);
+    acc[c] = _mm256_setzero_ps();
+  }
   for (int64_t b = 0; b < n / kQK_K; ++b) {
     // d and dmin are adjacent halves: convert both at once.
     uint32_t d_dmin;
     std::memcpy(&d_dmin, &x[b].d, 4);
-    const __m128 scale_pair =
-        _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(d_dmin))), _mm_set1_ps(y[b].d));
+    const __m128 d_pair = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(d_dmin)));
     const __m128i scales_mins = UnpackScalesMinsK4(x[b].scales);
     // Mins: every min twice (one per 16-element activation sum), times bsums.
     const __m128i mins8 = _mm_unpackhi_epi64(scales_mins, scales_mins);
     const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
-    const __m256i mins_dot = _mm256_madd_epi16(mins16, Load256(y[b].bsums));
-    acc = _mm256_fnmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(scale_pair)),
-                           _mm256_cvtepi32_ps(mins_dot), acc);
+    __m128 scale_pair[kCols];
+    MOEPOOL_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      scale_pair[c] = _mm_mul_ps(d_pair, _mm_set1_ps(y[c][b].d));
+      const __m256i mins_dot = _mm256_madd_epi16(mins16, Load256(y[c][b].bsums));
+      acc[c] = _mm256_fnmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(scale_pair[c])),
+                                _mm256_cvtepi32_ps(mins_dot), acc[c]);
+    }
     const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales_mins));
     __m256i high_bits;
     if constexpr (kHasHighBit) high_bits = Load256(x[b].qh);
     const uint8_t* qs = x[b].qs;
-    const int8_t* q8 = y[b].qs;
-    __m256i sumi = _mm256_setzero_si256();
+    __m256i sumi[kCols];
+    MOEPOOL_UNROLL
+    for (int c = 0; c < kCols; ++c) sumi[c] = _mm256_setzero_si256();
     MOEPOOL_UNROLL
     for (int j = 0; j < 4; ++j) {
       const __m256i packed = Load256(qs + 32 * j);
@@ -85,12 +100,21 @@ MOEPOOL_AVX2_INLINE float DotK4Style(int64_t n, const Block* x, const BlockQ8_K*
       }
       const __m256i scale_lo = _mm256_shuffle_epi8(scales, Int16PairSelector(2 * j, 2 * j));
       const __m256i scale_hi = _mm256_shuffle_epi8(scales, Int16PairSelector(2 * j + 1, 2 * j + 1));
-      sumi = _mm256_add_epi32(sumi, ScaledDot32(lo, Load256(q8 + 64 * j), scale_lo));
-      sumi = _mm256_add_epi32(sumi, ScaledDot32(hi, Load256(q8 + 64 * j + 32), scale_hi));
+      MOEPOOL_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int8_t* q8 = y[c][b].qs;
+        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(lo, Load256(q8 + 64 * j), scale_lo));
+        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(hi, Load256(q8 + 64 * j + 32), scale_hi));
+      }
     }
-    acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scale_pair), _mm256_cvtepi32_ps(sumi), acc);
+    MOEPOOL_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      acc[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scale_pair[c]), _mm256_cvtepi32_ps(sumi[c]),
+                               acc[c]);
+    }
   }
-  return HorizontalSum(acc);
+  MOEPOOL_UNROLL
+  for (int c = 0; c < kCols; ++c) out[c] = HorizontalSum(acc[c]);
 }
 
 // The 16 int16 scales of a super-block with 16-element sub-blocks; `half` picks sub-blocks
@@ -108,32 +132,59 @@ MOEPOOL_AVX2_INLINE __m256i ScaleBsumDot(__m256i scales16, const int16_t* bsums)
 }  // namespace
 
 float VecDotQ4_KAvx2(int64_t n, const void* w, const void* a) {
-  return DotK4Style<false>(n, static_cast<const BlockQ4_K*>(w), static_cast<const BlockQ8_K*>(a));
+  float out;
+  DotK4Style<false, 1>(n, static_cast<const BlockQ4_K*>(w), static_cast<const uint8_t*>(a), 0,
+                       &out);
+  return out;
+}
+
+void VecDotQ4_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotK4Style<false, kMultiCols>(n, static_cast<const BlockQ4_K*>(w), static_cast<const uint8_t*>(a),
+                                a_stride, out);
 }
 
 float VecDotQ5_KAvx2(int64_t n, const void* w, const void* a) {
-  return DotK4Style<true>(n, static_cast<const BlockQ5_K*>(w), static_cast<const BlockQ8_K*>(a));
+  float out;
+  DotK4Style<true, 1>(n, static_cast<const BlockQ5_K*>(w), static_cast<const uint8_t*>(a), 0, &out);
+  return out;
 }
 
-float VecDotQ6_KAvx2(int64_t n, const void* w, const void* a) {
-  const auto* x = static_cast<const BlockQ6_K*>(w);
-  const auto* y = static_cast<const BlockQ8_K*>(a);
+void VecDotQ5_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotK4Style<true, kMultiCols>(n, static_cast<const BlockQ5_K*>(w), static_cast<const uint8_t*>(a),
+                               a_stride, out);
+}
+
+namespace {
+
+// Q6_K against kCols activation rows; per column the same sequence as the single-column case.
+template <int kCols>
+MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a, size_t a_stride,
+                                float* out) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256 acc = _mm256_setzero_ps();
+  const BlockQ8_K* y[kCols];
+  __m256 acc[kCols];
+  MOEPOOL_UNROLL
+  for (int c = 0; c < kCols; ++c) {
+    y[c] = reinterpret_cast<const BlockQ8_K*>(a + c * a_stride);
+    acc[c] = _mm256_setzero_ps();
+  }
   for (int64_t b = 0; b < n / kQK_K; ++b) {
-    const float d = y[b].d * HalfToFloat(x[b].d);
+    const float dx = HalfToFloat(x[b].d);
     const __m256i scales16 =
         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x[b].scales)));
-    // Quants are stored as q + 32.
-    __m256i sumi = _mm256_slli_epi32(ScaleBsumDot(scales16, y[b].bsums), 5);
-    sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+    __m256i sumi[kCols];
+    MOEPOOL_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      // Quants are stored as q + 32.
+      sumi[c] = _mm256_slli_epi32(ScaleBsumDot(scales16, y[c][b].bsums), 5);
+      sumi[c] = _mm256_sub_epi32(_mm256_setzero_si256(), sumi[c]);
+    }
     MOEPOOL_UNROLL
     for (int h = 0; h < 2; ++h) {
       const __m256i scales = HalfScales(scales16, h);
       const __m256i ql0 = Load256(x[b].ql + 64 * h);
       const __m256i ql1 = Load256(x[b].ql + 64 * h + 32);
       const __m256i qh = Load256(x[b].qh + 32 * h);
-      const int8_t* q8 = y[b].qs + 128 * h;
       const __m256i u0 =
           _mm256_or_si256(_mm256_and_si256(ql0, low4),
                           _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4));
@@ -145,21 +196,40 @@ float VecDotQ6_KAvx2(int64_t n, const void* w, const void* a) {
       const __m256i u3 = _mm256_or_si256(
           _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
           _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(static_cast<char>(0xC0))), 2));
-      sumi = _mm256_add_epi32(
-          sumi, ScaledDot32(u0, Load256(q8), _mm256_shuffle_epi8(scales, Int16PairSelector(0, 1))));
-      sumi = _mm256_add_epi32(
-          sumi,
-          ScaledDot32(u1, Load256(q8 + 32), _mm256_shuffle_epi8(scales, Int16PairSelector(2, 3))));
-      sumi = _mm256_add_epi32(
-          sumi,
-          ScaledDot32(u2, Load256(q8 + 64), _mm256_shuffle_epi8(scales, Int16PairSelector(4, 5))));
-      sumi = _mm256_add_epi32(
-          sumi,
-          ScaledDot32(u3, Load256(q8 + 96), _mm256_shuffle_epi8(scales, Int16PairSelector(6, 7))));
+      const __m256i s0 = _mm256_shuffle_epi8(scales, Int16PairSelector(0, 1));
+      const __m256i s1 = _mm256_shuffle_epi8(scales, Int16PairSelector(2, 3));
+      const __m256i s2 = _mm256_shuffle_epi8(scales, Int16PairSelector(4, 5));
+      const __m256i s3 = _mm256_shuffle_epi8(scales, Int16PairSelector(6, 7));
+      MOEPOOL_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int8_t* q8 = y[c][b].qs + 128 * h;
+        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(u0, Load256(q8), s0));
+        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(u1, Load256(q8 + 32), s1));
+        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(u2, Load256(q8 + 64), s2));
+        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(u3, Load256(q8 + 96), s3));
+      }
     }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    MOEPOOL_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const float d = y[c][b].d * dx;
+      acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+    }
   }
-  return HorizontalSum(acc);
+  MOEPOOL_UNROLL
+  for (int c = 0; c < kCols; ++c) out[c] = HorizontalSum(acc[c]);
+}
+
+}  // namespace
+
+float VecDotQ6_KAvx2(int64_t n, const void* w, const void* a) {
+  float out;
+  DotQ6K<1>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), 0, &out);
+  return out;
+}
+
+void VecDotQ6_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotQ6K<kMultiCols>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), a_stride,
+                     out);
 }
 
 float VecDotQ2_KAvx2(int64_t n, const void* w, const void* a) {
