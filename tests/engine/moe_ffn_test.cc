@@ -106,7 +106,7 @@ class LocalExpertBackendTest : public ::testing::Test {
     for (float& v : x_) v = dist(rng);
   }
 
-  static constexpr int64_t kRows = 6;
+  static constexpr int64_t kRows = 12;
   static constexpr int kK = 2;
   std::unique_ptr<Model> model_;
   int64_t d_ = 0;
@@ -116,11 +116,20 @@ class LocalExpertBackendTest : public ::testing::Test {
 // out[r] = sum over the row's pairs, in ascending expert id from 0.0f, of
 // f32(weight * ExpertFfnCpu(expert, x[r] alone)): the contract every backend must meet bit for bit.
 TEST_F(LocalExpertBackendTest, ComputeEqualsPerRowDirectComputationBitForBit) {
-  // Rows share experts (3 appears in three rows) so the backend batches rows per expert; row 4
-  // has one expert (-1 = none); row 5 uses the two ends, 0 and 7.
-  const int32_t expert[kRows * kK] = {3, 5, 1, 3, 3, 6, 2, 4, -1, 6, 0, 7};
-  const float weight[kRows * kK] = {0.25f, 0.75f, 0.6f, 0.4f, 0.5f,    0.5f,
-                                    0.9f,  0.1f,  0.3f, 1.0f, 0.3333f, 0.6667f};
+  // Expert 3 serves rows 0-9 (more than one 8-row tile of the multi-row dot kernels), each
+  // paired with another expert below or above it; row 10 has one expert (-1 = none); row 11 uses
+  // the two ends, 0 and 7.
+  int32_t expert[kRows * kK];
+  float weight[kRows * kK];
+  for (int r = 0; r < 10; ++r) {
+    const int32_t other = r % 7 < 3 ? r % 7 : r % 7 + 1;
+    expert[r * kK] = std::min(3, other);
+    expert[r * kK + 1] = std::max(3, other);
+    weight[r * kK] = 0.05f + 0.09f * static_cast<float>(r);
+    weight[r * kK + 1] = 1.0f - weight[r * kK];
+  }
+  expert[20] = -1, expert[21] = 6, weight[20] = 0.3f, weight[21] = 1.0f;
+  expert[22] = 0, expert[23] = 7, weight[22] = 0.3333f, weight[23] = 0.6667f;
   ThreadPool pool(2);
   LocalExpertBackend backend(model_.get(), &pool);
   ExpertRoutes routes;

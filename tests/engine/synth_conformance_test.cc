@@ -188,7 +188,6 @@ TEST(SynthConformanceTest, EveryTypeMatchesItsWeightsAndApproximatesF32) {
   const std::vector<float> f32_logits = PromptLogits(f32_path, prompts, &pool);
   ASSERT_EQ(f32_logits.size(), prompts.size() * kPromptTokens * kVocab);
   const std::string dequant_path = testing::TempDir() + "/synth-conformance-dequantized.gguf";
-  testing::DeleteAtExit(dequant_path);
 
   std::printf("seed %llu        kernels: NMSE  top-1  weights: NMSE  vs F32: NMSE  top-1\n",
               static_cast<unsigned long long>(Seed()));

@@ -12,23 +12,6 @@
 #include "tests/testdata.h"
 
 namespace moepool::testing {
-namespace {
-
-// Scratch files deleted by its destructor at process exit.
-struct ScratchFiles {
-  std::vector<std::string> paths;
-  ~ScratchFiles() {
-    for (const std::string& p : paths) std::remove(p.c_str());
-  }
-};
-
-ScratchFiles& Scratch() {
-  static ScratchFiles files;
-  return files;
-}
-
-}  // namespace
-
 SynthOptions TinySynthOptions(const std::string& type, uint64_t seed, bool per_expert,
                               const std::string& file) {
   SynthOptions o;
@@ -41,8 +24,6 @@ SynthOptions TinySynthOptions(const std::string& type, uint64_t seed, bool per_e
   return o;
 }
 
-void DeleteAtExit(const std::string& path) { Scratch().paths.push_back(path); }
-
 const std::string& TinyModelPath(const std::string& type, uint64_t seed, bool per_expert) {
   static auto* paths = new std::map<std::string, std::string>;
   const std::string file =
@@ -52,7 +33,6 @@ const std::string& TinyModelPath(const std::string& type, uint64_t seed, bool pe
   const SynthOptions o = TinySynthOptions(type, seed, per_expert, file);
   const absl::Status s = SynthesizeModel(o);
   EXPECT_TRUE(s.ok()) << s;
-  DeleteAtExit(o.out_path);
   return paths->emplace(file, s.ok() ? o.out_path : "").first->second;
 }
 
@@ -78,7 +58,6 @@ absl::Status CopyGgufWithEdits(const std::string& src, const std::string& dst,
     const size_t bytes = RowBytes(t.type, t.dims[0]) * static_cast<size_t>(t.NumRows());
     kept.push_back({t.name, bytes, original.data, original.size_bytes});
   }
-  DeleteAtExit(dst);
   RETURN_IF_ERROR(writer.Begin(dst));
   std::string buffer;
   for (const Kept& k : kept) {

@@ -20,13 +20,10 @@ SynthOptions TinySynthOptions(const std::string& type, uint64_t seed, bool per_e
                               const std::string& file);
 
 // Path of the tiny model of this (type, seed, layout), synthesized on first use in this process
-// into TempDir() and deleted when the process exits. A failed synthesis is a test failure (and
-// an empty path). Not thread-safe (tests run on one thread).
+// into TempDir() (removed when the process exits). A failed synthesis is a test failure (and an
+// empty path). Not thread-safe (tests run on one thread).
 const std::string& TinyModelPath(const std::string& type, uint64_t seed = 7,
                                  bool per_expert = false);
-
-// Deletes `path` when the process exits (for other scratch models the tests write).
-void DeleteAtExit(const std::string& path);
 
 // Changes applied while copying a GGUF file.
 struct GgufEdits {
@@ -37,7 +34,7 @@ struct GgufEdits {
   std::function<bool(GgufTensorInfo* tensor)> tensor;
 };
 
-// Writes a copy of the GGUF file `src` with `edits` applied to `dst` (deleted at exit).
+// Writes a copy of the GGUF file `src` with `edits` applied to `dst`.
 absl::Status CopyGgufWithEdits(const std::string& src, const std::string& dst,
                                const GgufEdits& edits);
 

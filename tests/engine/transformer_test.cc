@@ -319,7 +319,6 @@ TEST(TransformerTest, MoeResidualConventionsMatchDirectComputation) {
   SynthOptions o = testing::TinySynthOptions("F32", 9, false, "one-layer-F32.gguf");
   o.shape.n_layer = 1;
   ASSERT_TRUE(SynthesizeModel(o).ok());
-  testing::DeleteAtExit(o.out_path);
   auto model = Model::Load(o.out_path);
   ASSERT_TRUE(model.ok()) << model.status();
   ThreadPool pool(2);
