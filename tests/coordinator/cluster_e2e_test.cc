@@ -1,0 +1,199 @@
+// End to end with real `moepool worker` processes on 127.0.0.1: `moepool eval --workers` gives
+// logits bit-identical to a local `moepool eval`, and a worker killed mid-run is reported,
+// survived and reconnected after it restarts.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "coordinator/remote_expert_backend.h"
+#include "engine/engine.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testdata.h"
+
+namespace moepool {
+namespace {
+
+using ::moepool::testing::ReadFileOrDie;
+using ::moepool::testing::SharedTestdataPath;
+using ::moepool::testing::TempDir;
+using ::testing::HasSubstr;
+
+constexpr char kToken[] = "e2e-token";
+
+bool BinaryHasWorkerCommand() {
+  const std::string cmd = absl::StrCat(MOEPOOL_BINARY, " --help 2>&1 | grep -q '^  worker '");
+  return std::system(cmd.c_str()) == 0;
+}
+
+// A `moepool worker` child process. The port is read from its "serving ... on HOST:PORT" line.
+class WorkerProcess {
+ public:
+  ~WorkerProcess() { Kill(); }
+
+  // Starts the worker for `experts` on 127.0.0.1:port (0: any); false (with a test failure)
+  // if it does not come up.
+  bool Start(const std::string& model, const std::string& experts, int port = 0) {
+    int out[2];
+    if (pipe(out) != 0) return false;
+    log_ = absl::StrCat(TempDir(), "/worker-", experts, "-", port, ".log");
+    const std::string listen = absl::StrCat("127.0.0.1:", port);
+    std::vector<std::string> argv = {MOEPOOL_BINARY, "worker", "--model",         model,
+                                     "--experts",    experts,  "--listen",        listen,
+                                     "--threads",    "1",      "--cluster-token", kToken};
+    std::vector<char*> args;  // built before fork: the child only calls async-signal-safe code
+    for (auto& a : argv) args.push_back(a.data());
+    args.push_back(nullptr);
+    pid_ = fork();
+    if (pid_ == 0) {
+      dup2(out[1], 1);
+      const int err = open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      dup2(err, 2);
+      close(out[0]);
+      execv(args[0], args.data());
+      _exit(127);
+    }
+    close(out[1]);
+    std::string line;
+    pollfd p{out[0], POLLIN, 0};
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (line.find('\n') == std::string::npos && std::chrono::steady_clock::now() < give_up) {
+      if (poll(&p, 1, 200) <= 0) continue;
+      char buf[256];
+      const ssize_t n = read(out[0], buf, sizeof(buf));
+      if (n <= 0) break;
+      line.append(buf, static_cast<size_t>(n));
+    }
+    close(out[0]);
+    const size_t nl = line.find('\n');
+    const size_t colon = line.rfind(':', nl);
+    if (nl == std::string::npos || colon == std::string::npos) {
+      ADD_FAILURE() << "worker did not start: " << line << ReadFileOrDie(log_);
+      return false;
+    }
+    port_ = std::atoi(line.c_str() + colon + 1);
+    return port_ > 0;
+  }
+
+  void Kill() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+  int port() const { return port_; }
+  std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
+
+ private:
+  pid_t pid_ = -1;
+  int port_ = 0;
+  std::string log_;
+};
+
+int RunCommand(const std::string& args, std::string* err) {
+  static int n = 0;
+  const std::string base = absl::StrCat(TempDir(), "/e2e", ++n);
+  const std::string cmd = absl::StrCat("MOEPOOL_CLUSTER_TOKEN=", kToken, " ", MOEPOOL_BINARY, " ",
+                                       args, " >", base, ".out 2>", base, ".err");
+  const int rc = std::system(cmd.c_str());
+  *err = ReadFileOrDie(base + ".err");
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+class ClusterEndToEndTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override {
+    if (!BinaryHasWorkerCommand()) GTEST_SKIP() << "this moepool has no worker command yet";
+  }
+};
+
+TEST_P(ClusterEndToEndTest, EvalLogitsBitIdenticalToLocal) {
+  const std::string model = SharedTestdataPath(absl::StrCat("conformance/", GetParam()));
+  const std::string prompt = SharedTestdataPath("conformance/p1.txt");
+  REQUIRE_TESTDATA(model);
+  REQUIRE_TESTDATA(prompt);
+  WorkerProcess a, b;
+  ASSERT_TRUE(a.Start(model, "0-3"));
+  ASSERT_TRUE(b.Start(model, "4-7"));
+  const std::string local = TempDir() + "/e2e-local.f32";
+  const std::string cluster = TempDir() + "/e2e-cluster.f32";
+  std::string err;
+  ASSERT_EQ(RunCommand(absl::StrCat("eval --threads 2 --model ", model, " --prompt-file ", prompt,
+                                    " --logits-out ", local),
+                       &err),
+            0)
+      << err;
+  ASSERT_EQ(RunCommand(absl::StrCat("eval --threads 2 --model ", model, " --prompt-file ", prompt,
+                                    " --logits-out ", cluster, " --workers ", a.address(), ",",
+                                    b.address()),
+                       &err),
+            0)
+      << err;
+  const std::string want = ReadFileOrDie(local), got = ReadFileOrDie(cluster);
+  ASSERT_FALSE(want.empty());
+  EXPECT_EQ(want.size(), got.size());
+  EXPECT_TRUE(want == got) << "cluster logits differ from local logits";
+}
+
+INSTANTIATE_TEST_SUITE_P(Conformance, ClusterEndToEndTest,
+                         ::testing::Values("tiny-F16.gguf", "tiny-Q4_K_M.gguf"));
+
+TEST(ClusterEndToEndKillTest, KilledWorkerIsReportedAndReconnected) {
+  if (!BinaryHasWorkerCommand()) GTEST_SKIP() << "this moepool has no worker command yet";
+  const std::string model = SharedTestdataPath("conformance/tiny-Q4_K_M.gguf");
+  REQUIRE_TESTDATA(model);
+  WorkerProcess a, b;
+  ASSERT_TRUE(a.Start(model, "0-3"));
+  ASSERT_TRUE(b.Start(model, "4-7"));
+  ClusterOptions o;
+  o.workers = {a.address(), b.address()};
+  o.cluster_token = kToken;
+  o.reconnect_initial_s = 0.05;
+  o.reconnect_max_s = 0.5;
+  auto backend = ClusterExpertBackend::Create(model, o);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  EngineOptions eo;
+  eo.model_path = model;
+  eo.threads = 2;
+  eo.n_ctx = 128;
+  eo.experts = backend->get();
+  auto engine = Engine::Load(eo);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const std::vector<int32_t> prompt = (*engine)->Tokenize("The capital of France is Paris, and");
+  KvCache cache((*engine)->config(), (*engine)->n_ctx());
+  auto first = (*engine)->EvalPrompt(prompt, &cache, true);
+  ASSERT_TRUE(first.ok()) << first.status();
+
+  b.Kill();
+  auto failed = (*engine)->EvalPrompt(prompt, &cache, true);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kUnavailable) << failed.status();
+  EXPECT_THAT(std::string(failed.status().message()), HasSubstr(b.address()));
+
+  const int port = b.port();
+  ASSERT_TRUE(b.Start(model, "4-7", port));
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!(*backend)->Stats().workers[1].up && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE((*backend)->Stats().workers[1].up) << (*backend)->Stats().workers[1].last_error;
+  auto again = (*engine)->EvalPrompt(prompt, &cache, true);
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_EQ(again->size(), first->size());
+  EXPECT_EQ(std::memcmp(again->data(), first->data(), first->size() * 4), 0);
+}
+
+}  // namespace
+}  // namespace moepool
