@@ -20,6 +20,7 @@ constexpr Command kCommands[] = {
     {"inspect", moepool::cli::RunInspect, "print a model's hyperparameters, types and memory"},
     {"synth", moepool::cli::RunSynth, "write a Mixtral-architecture GGUF with random weights"},
     {"bench", moepool::cli::RunBench, "measure prompt and decode speed"},
+    {"worker", moepool::cli::RunWorker, "serve some experts of a model to a coordinator"},
 };
 
 void Usage(FILE* out) {

@@ -1,0 +1,150 @@
+// moepool worker: serve some experts of a model to a coordinator over gRPC.
+//
+//   moepool worker --model M.gguf (--experts 0-3 [--layers 0-31] | --placement FILE)
+//                  --listen HOST:PORT [--threads N] [--cluster-token T] [--name NAME]
+//                  [--tls-cert F --tls-key F [--tls-ca F]] [--max-message-mib N]
+//
+// The cluster token may also come from the environment (MOEPOOL_CLUSTER_TOKEN), which keeps it
+// out of the process list. SIGINT / SIGTERM stop the server (open streams get 5 s to finish).
+#include <pthread.h>
+
+#include <algorithm>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "engine/gguf.h"
+#include "engine/model.h"
+#include "engine/status_macros.h"
+#include "worker/expert_service.h"
+#include "worker/expert_set.h"
+#include "worker/worker_core.h"
+
+namespace moepool::cli {
+namespace {
+
+constexpr double kShutdownGraceSeconds = 5.0;
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "moepool worker: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+absl::StatusOr<worker::ExpertSet> ExpertsFromArgs(const Args& args, const std::string& model) {
+  const bool by_flags = args.Has("experts");
+  const bool by_file = args.Has("placement");
+  if (by_flags == by_file) {
+    return absl::InvalidArgumentError(
+        "give either --experts (with optional --layers) or --placement");
+  }
+  if (by_file && args.Has("layers")) {
+    return absl::InvalidArgumentError("--layers goes with --experts, not with --placement");
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(model));
+  ASSIGN_OR_RETURN(ModelConfig config, ReadModelConfig(*file));
+  if (by_file) {
+    return worker::ReadPlacementFile(args.Get("placement"), config.n_layer, config.n_expert);
+  }
+  return worker::ExpertSetFromFlags(args.Get("experts"), args.Get("layers"), config.n_layer,
+                                    config.n_expert);
+}
+
+absl::StatusOr<std::string> ReadPem(const Args& args, const std::string& flag) {
+  if (!args.Has(flag)) return std::string();
+  const std::string path = args.Get(flag);
+  ASSIGN_OR_RETURN(std::string pem, ReadFileToString(path));
+  if (pem.empty())
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", path, " is empty"));
+  return pem;
+}
+
+// The host part of HOST:PORT (brackets of an IPv6 literal kept).
+std::string HostOf(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  return colon == std::string::npos ? address : address.substr(0, colon);
+}
+
+absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
+  const std::string model = args.Get("model");
+  if (model.empty()) return absl::InvalidArgumentError("--model is required");
+  const std::string listen = args.Get("listen");
+  if (listen.empty()) return absl::InvalidArgumentError("--listen HOST:PORT is required");
+  ASSIGN_OR_RETURN(worker::ExpertSet experts, ExpertsFromArgs(args, model));
+  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
+  ASSIGN_OR_RETURN(int64_t max_message_mib, args.GetInt("max-message-mib", 64));
+  if (max_message_mib < 1 || max_message_mib > 2047) {
+    return absl::InvalidArgumentError("--max-message-mib must be in [1, 2047]");
+  }
+
+  worker::WorkerServerOptions server_options;
+  server_options.listen_address = listen;
+  server_options.max_message_bytes = static_cast<int>(max_message_mib << 20);
+  // Result chunks stay well inside the message limit (header fields add a few bytes).
+  server_options.service.response_chunk_bytes =
+      std::min<size_t>(size_t{4} << 20, static_cast<size_t>(server_options.max_message_bytes) / 2);
+  server_options.service.cluster_token = args.Get("cluster-token");
+  if (server_options.service.cluster_token.empty()) {
+    const char* env = std::getenv("MOEPOOL_CLUSTER_TOKEN");
+    if (env != nullptr) server_options.service.cluster_token = env;
+  }
+  ASSIGN_OR_RETURN(server_options.tls_cert_pem, ReadPem(args, "tls-cert"));
+  ASSIGN_OR_RETURN(server_options.tls_key_pem, ReadPem(args, "tls-key"));
+  ASSIGN_OR_RETURN(server_options.tls_client_ca_pem, ReadPem(args, "tls-ca"));
+
+  worker::WorkerCoreOptions core_options;
+  core_options.model_path = model;
+  core_options.experts = experts;
+  core_options.threads = static_cast<int>(threads);
+  core_options.worker_id = args.Get("name", listen);
+  ASSIGN_OR_RETURN(std::unique_ptr<worker::WorkerCore> core,
+                   worker::WorkerCore::Create(core_options));
+  ASSIGN_OR_RETURN(std::unique_ptr<worker::WorkerServer> server,
+                   worker::WorkerServer::Start(core.get(), server_options));
+
+  if (server_options.service.cluster_token.empty()) {
+    std::fprintf(stderr,
+                 "moepool worker: warning: no cluster token (--cluster-token or "
+                 "MOEPOOL_CLUSTER_TOKEN); any client that reaches %s can use this worker\n",
+                 listen.c_str());
+  }
+  std::printf("moepool worker: serving %zu experts (%.1f MiB) of %s on %s:%d%s\n", experts.size(),
+              static_cast<double>(core->expert_bytes()) / (1 << 20), model.c_str(),
+              HostOf(listen).c_str(), server->port(), server->tls() ? " (TLS)" : "");
+  std::fflush(stdout);
+
+  int signal_number = 0;
+  sigwait(&stop_signals, &signal_number);
+  std::fprintf(stderr, "moepool worker: %s, shutting down\n",
+               signal_number == SIGINT ? "interrupted" : "terminated");
+  server->Shutdown(kShutdownGraceSeconds);
+  server->Wait();
+  return absl::OkStatus();
+}
+
+const FlagSpec kWorkerFlags = {
+    {"model", "experts", "layers", "placement", "listen", "threads", "cluster-token", "tls-cert",
+     "tls-key", "tls-ca", "max-message-mib", "name"},
+    {}};
+
+}  // namespace
+
+int RunWorker(int argc, char** argv) {
+  auto args = Args::Parse(argc, argv, kWorkerFlags);
+  if (!args.ok()) return Fail(args.status());
+  // Block the stop signals before any thread starts (the pool, gRPC), so every thread inherits
+  // the mask and the signals wait for sigwait in Serve.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  const absl::Status s = Serve(*args, stop_signals);
+  return s.ok() ? 0 : Fail(s);
+}
+
+}  // namespace moepool::cli

@@ -1,0 +1,263 @@
+// WorkerCore: results equal to single-process execution (bit for bit for f32), the f16/bf16
+// paths, the refusal of every malformed request, and Describe.
+#include "worker/worker_core.h"
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/fingerprint.h"
+#include "engine/model.h"
+#include "gtest/gtest.h"
+#include "tests/engine/tiny_model_util.h"
+#include "tests/worker/worker_test_util.h"
+
+namespace moepool::worker {
+namespace {
+
+using ::moepool::testing::DecodeRows;
+using ::moepool::testing::EncodeRows;
+using ::moepool::testing::LocalResult;
+using ::moepool::testing::MakeRoutes;
+using ::moepool::testing::RequestFor;
+using ::moepool::testing::TestRoutes;
+using ::moepool::testing::TinyModelPath;
+
+#define EXPECT_MESSAGE_HAS(status, needle) \
+  EXPECT_PRED_FORMAT2(::testing::IsSubstring, needle, std::string((status).message()))
+
+// Layer 1: experts 0-3; layer 2: experts 2 and 5.
+ExpertSet TestExperts() { return ExpertSet({{1, 0}, {1, 1}, {1, 2}, {1, 3}, {2, 2}, {2, 5}}); }
+
+class WorkerCoreTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const std::string& path = TinyModelPath("Q4_K_M");
+    ASSERT_FALSE(path.empty());
+    WorkerCoreOptions o;
+    o.model_path = path;
+    o.experts = TestExperts();
+    o.threads = 2;
+    o.max_rows = 64;
+    o.worker_id = "test-worker";
+    auto core = WorkerCore::Create(o);
+    ASSERT_TRUE(core.ok()) << core.status();
+    core_ = core->release();
+    auto full = Model::Load(path);
+    ASSERT_TRUE(full.ok()) << full.status();
+    full_ = full->release();
+  }
+  static void TearDownTestSuite() {
+    delete core_;
+    core_ = nullptr;
+    delete full_;
+    full_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(core_, nullptr);
+    ASSERT_NE(full_, nullptr);
+  }
+  int64_t n_embd() const { return core_->config().n_embd; }
+
+  static WorkerCore* core_;
+  static Model* full_;
+};
+
+WorkerCore* WorkerCoreTest::core_ = nullptr;
+Model* WorkerCoreTest::full_ = nullptr;
+
+TEST_F(WorkerCoreTest, F32ResultIsBitIdenticalToTheLocalBackend) {
+  // 20 rows cross the 8-row tile of the multi-row kernels; k = 2 and k = 3 (with -1 slots).
+  const TestRoutes cases[] = {MakeRoutes(1, 20, n_embd(), 2, {0, 1, 2, 3}, 1),
+                              MakeRoutes(2, 9, n_embd(), 2, {2, 5}, 2),
+                              MakeRoutes(1, 5, n_embd(), 3, {0, 1, 2, 3}, 3)};
+  for (const TestRoutes& r : cases) {
+    const std::string rows = EncodeRows(r.x, RowDType::kF32);
+    std::string out;
+    ASSERT_TRUE(core_->Compute(RequestFor(r, RowDType::kF32, rows), &out).ok());
+    const std::vector<float> want = LocalResult(*full_, r);
+    ASSERT_EQ(out.size(), want.size() * sizeof(float));
+    EXPECT_EQ(std::memcmp(out.data(), want.data(), out.size()), 0) << "layer " << r.layer;
+    double norm = 0;
+    for (float v : DecodeRows(out, RowDType::kF32)) norm += v * v;
+    EXPECT_GT(norm, 0.0);
+  }
+}
+
+// f16 / bf16 rows: widened exactly, computed in f32, rounded back to the request's dtype.
+TEST_F(WorkerCoreTest, HalfPrecisionRowsAreWidenedComputedInF32AndRoundedBack) {
+  for (RowDType dtype : {RowDType::kF16, RowDType::kBf16}) {
+    TestRoutes r = MakeRoutes(1, 11, n_embd(), 2, {0, 1, 2, 3}, 4);
+    const std::string rows = EncodeRows(r.x, dtype);
+    std::string out;
+    ASSERT_TRUE(core_->Compute(RequestFor(r, dtype, rows), &out).ok()) << RowDTypeName(dtype);
+    ASSERT_EQ(out.size(), r.x.size() * 2);
+    r.x = DecodeRows(rows, dtype);  // the values the worker computed on
+    const std::string want = EncodeRows(LocalResult(*full_, r), dtype);
+    EXPECT_EQ(out, want) << RowDTypeName(dtype);
+    EXPECT_NE(out, std::string(out.size(), '\0'));
+  }
+}
+
+TEST_F(WorkerCoreTest, ZeroRowsGiveAnEmptyResult) {
+  const TestRoutes r = MakeRoutes(1, 0, n_embd(), 2, {0}, 5);
+  std::string out = "junk";
+  ASSERT_TRUE(core_->Compute(RequestFor(r, RowDType::kF32, ""), &out).ok());
+  EXPECT_TRUE(out.empty());
+}
+
+TEST_F(WorkerCoreTest, RefusesEveryMalformedRequestAndLeavesNoOutput) {
+  const TestRoutes base = MakeRoutes(1, 4, n_embd(), 2, {0, 1, 2, 3}, 6);
+  const std::string rows = EncodeRows(base.x, RowDType::kF32);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  struct Case {
+    const char* what;
+    std::function<void(TestRoutes*, ComputeRequest*)> mutate;
+    absl::StatusCode code;
+    const char* message;
+  };
+  const absl::StatusCode kInvalid = absl::StatusCode::kInvalidArgument;
+  const Case cases[] = {
+      {"dtype unspecified",
+       [](TestRoutes*, ComputeRequest* c) { c->dtype = RowDType::kUnspecified; }, kInvalid,
+       "unknown row dtype 0"},
+      {"dtype 7", [](TestRoutes*, ComputeRequest* c) { c->dtype = static_cast<RowDType>(7); },
+       kInvalid, "unknown row dtype 7"},
+      {"layer -1", [](TestRoutes*, ComputeRequest* c) { c->layer = -1; }, kInvalid,
+       "layer -1 is out of range"},
+      {"layer n_layer", [](TestRoutes*, ComputeRequest* c) { c->layer = 4; }, kInvalid,
+       "layer 4 is out of range"},
+      {"n_embd", [](TestRoutes*, ComputeRequest* c) { c->n_embd = 128; }, kInvalid,
+       "n_embd 128 != the model's embedding length 256"},
+      {"n_rows -1", [](TestRoutes*, ComputeRequest* c) { c->n_rows = -1; }, kInvalid,
+       "n_rows -1 is outside [0, 64]"},
+      {"n_rows > max", [](TestRoutes*, ComputeRequest* c) { c->n_rows = 65; }, kInvalid,
+       "n_rows 65 is outside [0, 64]"},
+      {"k 0", [](TestRoutes*, ComputeRequest* c) { c->k = 0; }, kInvalid, "k 0 is outside [1, 8]"},
+      {"k 9", [](TestRoutes*, ComputeRequest* c) { c->k = 9; }, kInvalid, "k 9 is outside"},
+      {"rows short", [](TestRoutes*, ComputeRequest* c) { c->rows_bytes -= 4; }, kInvalid,
+       "rows hold 4092 bytes, expected 4 x 256 f32 = 4096"},
+      {"rows as f16", [](TestRoutes*, ComputeRequest* c) { c->dtype = RowDType::kF16; }, kInvalid,
+       "expected 4 x 256 f16 = 2048"},
+      {"rows null", [](TestRoutes*, ComputeRequest* c) { c->rows = nullptr; }, kInvalid,
+       "rows hold"},
+      {"n_rows 3 with 4 rows", [](TestRoutes*, ComputeRequest* c) { c->n_rows = 3; }, kInvalid,
+       "expected 3 x 256"},
+      {"expert count", [](TestRoutes*, ComputeRequest* c) { c->expert_count = 7; }, kInvalid,
+       "got 7 expert ids and 8 weights, expected n_rows x k = 8"},
+      {"weight count", [](TestRoutes*, ComputeRequest* c) { c->weight_count = 9; }, kInvalid,
+       "8 expert ids and 9 weights"},
+      {"expert -2", [](TestRoutes* r, ComputeRequest*) { r->expert[1] = -2; }, kInvalid,
+       "row 0: expert id -2 is outside [-1, 8)"},
+      {"expert 8", [](TestRoutes* r, ComputeRequest*) { r->expert[3] = 8; }, kInvalid,
+       "row 1: expert id 8 is outside"},
+      {"descending", [](TestRoutes* r, ComputeRequest*) { r->expert[0] = 3, r->expert[1] = 1; },
+       kInvalid, "row 0: expert ids must be ascending without repeats (1 after 3)"},
+      {"repeated", [](TestRoutes* r, ComputeRequest*) { r->expert[0] = 2, r->expert[1] = 2; },
+       kInvalid, "(2 after 2)"},
+      {"weight NaN", [&](TestRoutes* r, ComputeRequest*) { r->weight[2] = nan; }, kInvalid,
+       "row 1: weight 0 is not finite"},
+      {"weight inf", [&](TestRoutes* r, ComputeRequest*) { r->weight[7] = -inf; }, kInvalid,
+       "row 3: weight 1 is not finite"},
+      {"weight NaN on a -1 slot",
+       [&](TestRoutes* r, ComputeRequest*) { r->expert[4] = -1, r->weight[4] = nan; }, kInvalid,
+       "not finite"},
+      {"expert not held", [](TestRoutes* r, ComputeRequest*) { r->expert[7] = 4; },
+       absl::StatusCode::kFailedPrecondition,
+       "expert 4 of layer 1 is not held by this worker (test-worker holds 6 experts on 2 layers)"},
+      {"layer not held", [](TestRoutes*, ComputeRequest* c) { c->layer = 0; },
+       absl::StatusCode::kFailedPrecondition, "of layer 0 is not held"},
+  };
+  for (const Case& c : cases) {
+    TestRoutes r = base;
+    r.expert = {0, 1, 2, 3, 0, 3, 1, 2};
+    ComputeRequest request = RequestFor(r, RowDType::kF32, rows);
+    c.mutate(&r, &request);
+    std::string out = "junk";
+    const absl::Status s = core_->Compute(request, &out);
+    EXPECT_EQ(s.code(), c.code) << c.what << ": " << s;
+    EXPECT_MESSAGE_HAS(s, c.message) << c.what;
+    EXPECT_TRUE(out.empty()) << c.what;
+  }
+}
+
+TEST_F(WorkerCoreTest, ConcurrentCallsAreSerialisedAndCorrect) {
+  const TestRoutes r = MakeRoutes(1, 10, n_embd(), 2, {0, 1, 2, 3}, 7);
+  const std::string rows = EncodeRows(r.x, RowDType::kF32);
+  const std::string want = EncodeRows(LocalResult(*full_, r), RowDType::kF32);
+  std::vector<std::string> outs(4);
+  std::vector<absl::Status> statuses(4);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back(
+        [&, t] { statuses[t] = core_->Compute(RequestFor(r, RowDType::kF32, rows), &outs[t]); });
+  }
+  for (auto& t : threads) t.join();
+  for (int t = 0; t < 4; ++t) {
+    EXPECT_TRUE(statuses[t].ok()) << statuses[t];
+    EXPECT_EQ(outs[t], want) << t;
+  }
+}
+
+TEST_F(WorkerCoreTest, DescribeReportsIdentityHyperparametersAndHoldings) {
+  auto d = core_->Describe();
+  ASSERT_TRUE(d.ok()) << d.status();
+  const ExpertSet set = TestExperts();
+  // The fingerprint is the one a coordinator computes over the same pairs of its own copy.
+  EXPECT_EQ(d->fingerprint, ModelFingerprint(*full_, set.pairs()));
+  EXPECT_NE(d->fingerprint, ModelFingerprint(*full_, {{1, 0}}));
+  EXPECT_EQ(d->model_name, full_->config().name);
+  EXPECT_EQ(d->file_bytes, full_->file().file_size());
+  EXPECT_EQ(d->n_embd, 256);
+  EXPECT_EQ(d->n_ff, full_->config().n_ff);
+  EXPECT_EQ(d->n_layer, 4);
+  EXPECT_EQ(d->n_expert, 8);
+  EXPECT_EQ(d->n_expert_used, 2);
+  EXPECT_EQ(d->experts, set.Packed());
+  uint64_t bytes = 0;
+  for (const auto& [layer, expert] : set.pairs()) {
+    const ExpertWeights& e = full_->layer(layer).experts[static_cast<size_t>(expert)];
+    bytes += e.gate.SizeBytes() + e.up.SizeBytes() + e.down.SizeBytes();
+  }
+  EXPECT_EQ(d->expert_bytes, bytes);
+  EXPECT_EQ(d->device, "cpu");
+  EXPECT_EQ(d->worker_id, "test-worker");
+  EXPECT_EQ(d->threads, 2);
+  EXPECT_GT(d->memory_used_bytes, 0u);
+  EXPECT_GT(d->memory_free_bytes, 0u);
+}
+
+TEST(WorkerCoreCreateTest, RefusesEmptyOrOutOfModelSetsAndBadOptions) {
+  const std::string& path = TinyModelPath("Q4_K_M");
+  ASSERT_FALSE(path.empty());
+  WorkerCoreOptions o;
+  o.model_path = path;
+  auto empty = WorkerCore::Create(o);
+  EXPECT_EQ(empty.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_MESSAGE_HAS(empty.status(), "at least one");
+
+  o.experts = ExpertSet({{0, 8}});
+  auto outside = WorkerCore::Create(o);
+  EXPECT_EQ(outside.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_MESSAGE_HAS(outside.status(), "(layer 0, expert 8) is outside");
+
+  o.experts = ExpertSet({{4, 0}});
+  EXPECT_EQ(WorkerCore::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+
+  o.experts = ExpertSet({{0, 0}});
+  o.max_rows = 0;
+  EXPECT_EQ(WorkerCore::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+
+  o.max_rows = 16;
+  o.model_path = path + ".absent";
+  EXPECT_FALSE(WorkerCore::Create(o).ok());
+}
+
+}  // namespace
+}  // namespace moepool::worker

@@ -1,0 +1,229 @@
+#include "worker/worker_core.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/fingerprint.h"
+#include "engine/gguf.h"
+#include "engine/quant/fp16.h"
+#include "engine/status_macros.h"
+
+namespace moepool::worker {
+
+size_t RowDTypeSize(RowDType dtype) {
+  switch (dtype) {
+    case RowDType::kF32:
+      return 4;
+    case RowDType::kF16:
+    case RowDType::kBf16:
+      return 2;
+    case RowDType::kUnspecified:
+      break;
+  }
+  return 0;
+}
+
+const char* RowDTypeName(RowDType dtype) {
+  switch (dtype) {
+    case RowDType::kF32:
+      return "f32";
+    case RowDType::kF16:
+      return "f16";
+    case RowDType::kBf16:
+      return "bf16";
+    case RowDType::kUnspecified:
+      return "unspecified";
+  }
+  return "unknown";
+}
+
+uint64_t ProcessResidentBytes() {
+  std::ifstream statm("/proc/self/statm");
+  uint64_t size_pages = 0, resident_pages = 0;
+  if (!(statm >> size_pages >> resident_pages)) return 0;
+  const long page = sysconf(_SC_PAGESIZE);
+  return resident_pages * static_cast<uint64_t>(page > 0 ? page : 4096);
+}
+
+uint64_t MachineAvailableBytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string line;
+  while (std::getline(meminfo, line)) {
+    if (line.rfind("MemAvailable:", 0) != 0) continue;
+    std::istringstream fields(line.substr(13));
+    uint64_t kib = 0;
+    if (fields >> kib) return kib * 1024;
+  }
+  return 0;
+}
+
+absl::StatusOr<std::unique_ptr<WorkerCore>> WorkerCore::Create(const WorkerCoreOptions& options) {
+  if (options.experts.empty()) {
+    return absl::InvalidArgumentError("a worker needs at least one (layer, expert) pair");
+  }
+  if (options.max_rows < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_rows must be >= 1, got ", options.max_rows));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(options.model_path));
+  std::shared_ptr<GgufFile> shared(std::move(file));
+  ASSIGN_OR_RETURN(ModelConfig config, ReadModelConfig(*shared));
+  for (const auto& [layer, expert] : options.experts.pairs()) {
+    if (layer < 0 || layer >= config.n_layer || expert < 0 || expert >= config.n_expert) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("(layer ", layer, ", expert ", expert, ") is outside ", options.model_path,
+                       " (", config.n_layer, " layers of ", config.n_expert, " experts)"));
+    }
+  }
+  auto core = std::unique_ptr<WorkerCore>(new WorkerCore);
+  ASSIGN_OR_RETURN(core->model_, Model::FromFile(shared, options.experts.Filter()));
+  core->experts_ = options.experts;
+  core->fingerprint_ = ModelFingerprint(*core->model_, options.experts.pairs());
+  core->worker_id_ = options.worker_id;
+  core->device_ = options.device;
+  core->max_rows_ = options.max_rows;
+  core->pool_ = std::make_unique<ThreadPool>(options.threads);
+  core->backend_ = std::make_unique<LocalExpertBackend>(core->model_.get(), core->pool_.get());
+  return core;
+}
+
+absl::StatusOr<WorkerDescription> WorkerCore::Describe() const {
+  const ModelConfig& c = model_->config();
+  WorkerDescription d;
+  d.fingerprint = fingerprint_;
+  d.model_name = c.name;
+  d.file_bytes = model_->file().file_size();
+  d.n_embd = c.n_embd;
+  d.n_ff = c.n_ff;
+  d.n_layer = c.n_layer;
+  d.n_expert = c.n_expert;
+  d.n_expert_used = c.n_expert_used;
+  d.experts = experts_.Packed();
+  d.device = device_;
+  d.expert_bytes = model_->ExpertBytes();
+  d.memory_used_bytes = ProcessResidentBytes();
+  d.memory_free_bytes = MachineAvailableBytes();
+  d.worker_id = worker_id_;
+  d.threads = pool_->size();
+  return d;
+}
+
+absl::Status WorkerCore::Validate(const ComputeRequest& r) const {
+  const ModelConfig& c = model_->config();
+  const size_t elem = RowDTypeSize(r.dtype);
+  if (elem == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown row dtype ", static_cast<int>(r.dtype), " (want f32, f16 or bf16)"));
+  }
+  if (r.layer < 0 || r.layer >= c.n_layer) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", r.layer, " is out of range (the model has ", c.n_layer, ")"));
+  }
+  if (r.n_embd != c.n_embd) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n_embd ", r.n_embd, " != the model's embedding length ", c.n_embd));
+  }
+  if (r.n_rows < 0 || r.n_rows > max_rows_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n_rows ", r.n_rows, " is outside [0, ", max_rows_, "]"));
+  }
+  if (r.k < 1 || r.k > c.n_expert) {
+    return absl::InvalidArgumentError(absl::StrCat("k ", r.k, " is outside [1, ", c.n_expert, "]"));
+  }
+  const uint64_t want_bytes = static_cast<uint64_t>(r.n_rows) * c.n_embd * elem;
+  if (r.rows_bytes != want_bytes || (want_bytes > 0 && r.rows == nullptr)) {
+    return absl::InvalidArgumentError(absl::StrCat("rows hold ", r.rows_bytes, " bytes, expected ",
+                                                   r.n_rows, " x ", c.n_embd, " ",
+                                                   RowDTypeName(r.dtype), " = ", want_bytes));
+  }
+  const uint64_t pairs = static_cast<uint64_t>(r.n_rows) * static_cast<uint64_t>(r.k);
+  if (r.expert_count != pairs || r.weight_count != pairs ||
+      (pairs > 0 && (r.expert == nullptr || r.weight == nullptr))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("got ", r.expert_count, " expert ids and ", r.weight_count,
+                     " weights, expected n_rows x k = ", pairs, " of each"));
+  }
+  for (int64_t row = 0; row < r.n_rows; ++row) {
+    int32_t previous = -1;
+    for (int j = 0; j < r.k; ++j) {
+      const size_t i = static_cast<size_t>(row * r.k + j);
+      const int32_t e = r.expert[i];
+      const float w = r.weight[i];
+      if (!std::isfinite(w)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("row ", row, ": weight ", j, " is not finite (", w, ")"));
+      }
+      if (e == -1) continue;
+      if (e < -1 || e >= c.n_expert) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("row ", row, ": expert id ", e, " is outside [-1, ", c.n_expert, ")"));
+      }
+      if (e <= previous) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("row ", row, ": expert ids must be ascending without repeats (", e,
+                         " after ", previous, ")"));
+      }
+      previous = e;
+      if (!experts_.Contains(r.layer, e)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "expert ", e, " of layer ", r.layer, " is not held by this worker (",
+            worker_id_.empty() ? "unnamed" : worker_id_, " holds ", experts_.Summary(), ")"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WorkerCore::Compute(const ComputeRequest& r, std::string* out) {
+  out->clear();
+  RETURN_IF_ERROR(Validate(r));
+  absl::MutexLock lock(&compute_mu_);
+  const size_t n = static_cast<size_t>(r.n_rows * r.n_embd);
+  x_.resize(n);
+  y_.resize(n);
+  const auto* bytes = static_cast<const uint8_t*>(r.rows);
+  switch (r.dtype) {
+    case RowDType::kF32:
+      if (n > 0) std::memcpy(x_.data(), bytes, n * sizeof(float));
+      break;
+    case RowDType::kF16:
+    case RowDType::kBf16:
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, bytes + 2 * i, 2);
+        x_[i] = r.dtype == RowDType::kF16 ? Fp16ToFp32(h) : Bf16ToFp32(h);
+      }
+      break;
+    case RowDType::kUnspecified:
+      return absl::InternalError("unreachable: dtype checked above");
+  }
+  ExpertRoutes routes;
+  routes.layer = r.layer;
+  routes.n_rows = r.n_rows;
+  routes.n_embd = r.n_embd;
+  routes.k = r.k;
+  routes.x = x_.data();
+  routes.expert = r.expert;
+  routes.weight = r.weight;
+  if (r.n_rows > 0) RETURN_IF_ERROR(backend_->Compute(routes, y_.data()));
+  const size_t elem = RowDTypeSize(r.dtype);
+  out->resize(n * elem);
+  if (r.dtype == RowDType::kF32) {
+    if (n > 0) std::memcpy(out->data(), y_.data(), n * sizeof(float));
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      const uint16_t h = r.dtype == RowDType::kF16 ? Fp32ToFp16(y_[i]) : Fp32ToBf16(y_[i]);
+      std::memcpy(out->data() + 2 * i, &h, 2);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace moepool::worker

@@ -1,0 +1,138 @@
+// The engine side of a worker: the experts it holds and the checked computation it offers.
+//
+// WorkerCore binds only its (layer, expert) pairs of a GGUF file (no attention, router,
+// embedding or head; the mapping is lazy, so pages of experts held elsewhere are never read) and
+// runs them with LocalExpertBackend on its own ThreadPool. It knows nothing about gRPC: the
+// service (expert_service.h) translates protocol messages into ComputeRequest.
+//
+// Contract of Compute: every field of the request is checked before anything is computed; a bad
+// request returns INVALID_ARGUMENT (malformed: sizes, dtype, ids outside the model, non-finite
+// weights, too many rows) or FAILED_PRECONDITION (a well-formed request for an expert this worker
+// does not hold) with a message, and leaves `out` empty. Input activations are not checked for
+// finiteness (a NaN input yields NaN output for that row, as in single-process execution).
+//
+// Threading: Describe may be called from any thread at any time. Compute calls are serialised
+// by an internal mutex (the pool parallelises inside one call), so any number of threads may call
+// it. Ownership: WorkerCore owns its Model, ThreadPool and backend.
+#ifndef MOEPOOL_WORKER_WORKER_CORE_H_
+#define MOEPOOL_WORKER_WORKER_CORE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/model.h"
+#include "engine/moe_ffn.h"
+#include "engine/thread_pool.h"
+#include "worker/expert_set.h"
+
+namespace moepool::worker {
+
+// Element type of the activation rows on the wire. The numbering matches moepool.v1.DType.
+enum class RowDType : int {
+  kUnspecified = 0,
+  kF32 = 1,
+  kF16 = 2,
+  kBf16 = 3,
+};
+
+// Bytes per element; 0 for kUnspecified or an unknown value.
+size_t RowDTypeSize(RowDType dtype);
+const char* RowDTypeName(RowDType dtype);
+
+struct WorkerCoreOptions {
+  std::string model_path;
+  ExpertSet experts;         // must be non-empty and inside the model (see expert_set.h)
+  int threads = 0;           // <= 0: one per hardware thread
+  int64_t max_rows = 65536;  // the most rows one Compute accepts
+  std::string worker_id;     // reported by Describe (host:port or a name)
+  std::string device = "cpu";
+};
+
+// What Describe reports (mirrors moepool.v1.DescribeResponse without protobuf types).
+struct WorkerDescription {
+  std::string fingerprint;  // ModelFingerprint over the pairs held
+  std::string model_name;   // general.name
+  uint64_t file_bytes = 0;
+  int64_t n_embd = 0, n_ff = 0, n_layer = 0, n_expert = 0, n_expert_used = 0;
+  std::vector<uint32_t> experts;  // packed (PackExpert), ascending
+  std::string device;
+  uint64_t expert_bytes = 0;
+  uint64_t memory_used_bytes = 0;  // resident set of this process now
+  uint64_t memory_free_bytes = 0;  // MemAvailable of the machine now
+  std::string worker_id;
+  int threads = 0;
+};
+
+// One layer's rows routed to this worker. Borrowed pointers, valid for the call.
+struct ComputeRequest {
+  int layer = 0;
+  RowDType dtype = RowDType::kUnspecified;
+  const void* rows = nullptr;  // n_rows x n_embd values of dtype, little-endian, any alignment
+  size_t rows_bytes = 0;
+  int64_t n_rows = 0;
+  int64_t n_embd = 0;
+  int k = 0;                        // (expert, weight) pairs per row
+  const int32_t* expert = nullptr;  // expert_count ids; ascending per row, -1 = none
+  size_t expert_count = 0;
+  const float* weight = nullptr;  // weight_count routing weights
+  size_t weight_count = 0;
+};
+
+class WorkerCore {
+ public:
+  // Opens the model, checks the pairs against it, binds them and starts the pool.
+  // Errors: the GGUF reader's / model binder's, INVALID_ARGUMENT for an empty or out-of-range
+  // expert set or a bad option.
+  static absl::StatusOr<std::unique_ptr<WorkerCore>> Create(const WorkerCoreOptions& options);
+
+  WorkerCore(const WorkerCore&) = delete;
+  WorkerCore& operator=(const WorkerCore&) = delete;
+
+  const ModelConfig& config() const { return model_->config(); }
+  const ExpertSet& experts() const { return experts_; }
+  int64_t max_rows() const { return max_rows_; }
+  uint64_t expert_bytes() const { return model_->ExpertBytes(); }
+
+  // Identity, hyperparameters, the pairs held and current memory figures.
+  absl::StatusOr<WorkerDescription> Describe() const;
+
+  // Checks `request` (see the contract above) and sets `out` to n_rows x n_embd values of
+  // request.dtype: per row, the sum over its (expert, weight) pairs in ascending expert id,
+  // starting from 0, of weight * FFN_expert(row), computed in f32 (f16/bf16 rows are widened
+  // exactly and the f32 result rounded to nearest even). For f32 the bits equal
+  // LocalExpertBackend on the same rows.
+  absl::Status Compute(const ComputeRequest& request, std::string* out);
+
+ private:
+  WorkerCore() = default;
+  absl::Status Validate(const ComputeRequest& request) const;
+
+  std::unique_ptr<Model> model_;
+  ExpertSet experts_;
+  std::string fingerprint_;
+  std::string worker_id_;
+  std::string device_;
+  int64_t max_rows_ = 0;
+  std::unique_ptr<ThreadPool> pool_;
+  std::unique_ptr<LocalExpertBackend> backend_;
+
+  absl::Mutex compute_mu_;
+  std::vector<float> x_ ABSL_GUARDED_BY(compute_mu_);  // rows widened to f32
+  std::vector<float> y_ ABSL_GUARDED_BY(compute_mu_);  // f32 result
+};
+
+// Resident set size of this process (bytes), from /proc/self/statm; 0 if unavailable.
+uint64_t ProcessResidentBytes();
+// MemAvailable of the machine (bytes), from /proc/meminfo; 0 if unavailable.
+uint64_t MachineAvailableBytes();
+
+}  // namespace moepool::worker
+
+#endif  // MOEPOOL_WORKER_WORKER_CORE_H_
