@@ -32,11 +32,6 @@ using ::testing::HasSubstr;
 
 constexpr char kToken[] = "e2e-token";
 
-bool BinaryHasWorkerCommand() {
-  const std::string cmd = absl::StrCat(MOEPOOL_BINARY, " --help 2>&1 | grep -q '^  worker '");
-  return std::system(cmd.c_str()) == 0;
-}
-
 // A `moepool worker` child process. The port is read from its "serving ... on HOST:PORT" line.
 class WorkerProcess {
  public:
@@ -112,12 +107,7 @@ int RunCommand(const std::string& args, std::string* err) {
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }
 
-class ClusterEndToEndTest : public ::testing::TestWithParam<const char*> {
- protected:
-  void SetUp() override {
-    if (!BinaryHasWorkerCommand()) GTEST_SKIP() << "this moepool has no worker command yet";
-  }
-};
+class ClusterEndToEndTest : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(ClusterEndToEndTest, EvalLogitsBitIdenticalToLocal) {
   const std::string model = SharedTestdataPath(absl::StrCat("conformance/", GetParam()));
@@ -147,11 +137,47 @@ TEST_P(ClusterEndToEndTest, EvalLogitsBitIdenticalToLocal) {
   EXPECT_TRUE(want == got) << "cluster logits differ from local logits";
 }
 
+TEST(ClusterEndToEndHalfTest, HalfPrecisionWireCloseToLocal) {
+  const std::string model = SharedTestdataPath("conformance/tiny-F16.gguf");
+  const std::string prompt = SharedTestdataPath("conformance/p2.txt");
+  REQUIRE_TESTDATA(model);
+  REQUIRE_TESTDATA(prompt);
+  WorkerProcess a;
+  ASSERT_TRUE(a.Start(model, "0-7"));
+  const std::string local = TempDir() + "/e2e-half-local.f32";
+  const std::string cluster = TempDir() + "/e2e-half-cluster.f32";
+  std::string err;
+  ASSERT_EQ(RunCommand(absl::StrCat("eval --threads 2 --model ", model, " --prompt-file ", prompt,
+                                    " --logits-out ", local),
+                       &err),
+            0)
+      << err;
+  ASSERT_EQ(RunCommand(absl::StrCat("eval --threads 2 --model ", model, " --prompt-file ", prompt,
+                                    " --logits-out ", cluster, " --wire-dtype f16 --workers ",
+                                    a.address()),
+                       &err),
+            0)
+      << err;
+  const std::string want = ReadFileOrDie(local), got = ReadFileOrDie(cluster);
+  ASSERT_EQ(want.size(), got.size());
+  ASSERT_FALSE(want.empty());
+  const size_t n = want.size() / 4;
+  std::vector<float> w(n), g(n);
+  std::memcpy(w.data(), want.data(), n * 4);
+  std::memcpy(g.data(), got.data(), n * 4);
+  double err2 = 0, ref2 = 0;
+  for (size_t i = 0; i < n; ++i) {
+    err2 += (g[i] - w[i]) * (g[i] - w[i]);
+    ref2 += w[i] * w[i];
+  }
+  // f16 rows and partial sums: far inside the F16 conformance bar (median NMSE 1e-4).
+  EXPECT_LT(err2 / ref2, 1e-4);
+}
+
 INSTANTIATE_TEST_SUITE_P(Conformance, ClusterEndToEndTest,
                          ::testing::Values("tiny-F16.gguf", "tiny-Q4_K_M.gguf"));
 
 TEST(ClusterEndToEndKillTest, KilledWorkerIsReportedAndReconnected) {
-  if (!BinaryHasWorkerCommand()) GTEST_SKIP() << "this moepool has no worker command yet";
   const std::string model = SharedTestdataPath("conformance/tiny-Q4_K_M.gguf");
   REQUIRE_TESTDATA(model);
   WorkerProcess a, b;
