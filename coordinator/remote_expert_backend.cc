@@ -152,6 +152,10 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   for (size_t i = 0; i < n_workers; ++i) {
     b->describes_.push_back(*answers[i]);
   }
+  // Steps time out between their deadline and one tick later.
+  const double tick_s = std::clamp(options.step_timeout_s / 10, 0.001, 0.05);
+  b->watchdog_ =
+      std::make_unique<StepWatchdog>(std::chrono::microseconds(static_cast<int64_t>(tick_s * 1e6)));
   // A reconnected worker is used again only if it still serves the same model and experts.
   for (size_t i = 0; i < n_workers; ++i) {
     // The hook reads only immutable state (the model outlives the links).
@@ -172,7 +176,10 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   return b;
 }
 
-ClusterExpertBackend::~ClusterExpertBackend() { links_.clear(); }
+ClusterExpertBackend::~ClusterExpertBackend() {
+  watchdog_.reset();
+  links_.clear();
+}
 
 absl::Status ClusterExpertBackend::Compute(const ExpertRoutes& routes, float* out) {
   const ModelConfig& c = model_->config();
@@ -242,13 +249,12 @@ absl::Status ClusterExpertBackend::Compute(const ExpertRoutes& routes, float* ou
     }
   }
 
-  // ExpertCompute: remote requests on the link threads, local experts here meanwhile.
+  // ExpertCompute: remote requests on the link threads, local experts here meanwhile. Without
+  // local rows this thread runs one worker's exchange itself (no hand-off to and from a link
+  // thread, the common case of a decode step).
   std::vector<LinkJob> jobs(n_links);
-  int active = 0;
-  for (size_t w = 0; w < n_links; ++w) active += buckets[1 + w].rows.empty() ? 0 : 1;
-  StepLatch latch(active);
-  const auto deadline =
-      Clock::now() + std::chrono::microseconds(static_cast<int64_t>(options_.step_timeout_s * 1e6));
+  std::vector<WorkerLink*> active;
+  std::vector<size_t> active_index;
   for (size_t w = 0; w < n_links; ++w) {
     const Bucket& b = buckets[1 + w];
     if (b.rows.empty()) continue;
@@ -262,12 +268,24 @@ absl::Status ClusterExpertBackend::Compute(const ExpertRoutes& routes, float* ou
     job.rows = &b.rows;
     job.expert = &b.expert;
     job.weight = &b.weight;
-    links_[w]->Post(&job, &latch);
+    active.push_back(links_[w].get());
+    active_index.push_back(w);
+  }
+  const Bucket& lb = buckets[0];
+  const bool run_inline = lb.rows.empty() && !active.empty();
+  StepLatch latch(static_cast<int>(active.size()) - (run_inline ? 1 : 0));
+  watchdog_->Arm(
+      step,
+      Clock::now() + std::chrono::microseconds(static_cast<int64_t>(options_.step_timeout_s * 1e6)),
+      &active);
+  for (size_t i = run_inline ? 1 : 0; i < active.size(); ++i) {
+    active[i]->Post(&jobs[active_index[i]], &latch);
   }
   std::vector<float> local_out;
   absl::Status local_status;
-  const Bucket& lb = buckets[0];
-  if (!lb.rows.empty()) {
+  if (run_inline) {
+    active[0]->RunInline(&jobs[active_index[0]]);
+  } else if (!lb.rows.empty()) {
     const auto t0 = Clock::now();
     const int64_t m = static_cast<int64_t>(lb.rows.size());
     std::vector<float> xg(static_cast<size_t>(m * d));
@@ -289,13 +307,8 @@ absl::Status ClusterExpertBackend::Compute(const ExpertRoutes& routes, float* ou
     local_rows_ += static_cast<uint64_t>(m);
     local_micros_ += static_cast<uint64_t>(us.count());
   }
-  // The step's watchdog: cancel the streams of workers that have not answered in time.
-  if (!latch.WaitUntil(deadline)) {
-    for (size_t w = 0; w < n_links; ++w) {
-      if (!buckets[1 + w].rows.empty()) links_[w]->CancelStep(step);
-    }
-    latch.Wait();
-  }
+  latch.Wait();
+  watchdog_->Disarm();
   std::vector<absl::Status> errors;
   if (!local_status.ok()) errors.push_back(local_status);
   for (size_t w = 0; w < n_links; ++w) {

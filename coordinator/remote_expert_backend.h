@@ -18,7 +18,7 @@
 // f16/bf16 on the wire round rows and partials to that type.
 //
 // Failures: a worker that does not answer within the step timeout has its stream cancelled by
-// the step's watchdog; a lost connection fails its request. The step then fails with
+// the step watchdog (StepWatchdog); a lost connection fails its request. The step then fails with
 // DEADLINE_EXCEEDED / UNAVAILABLE naming the worker; the worker is marked down and reconnected
 // in the background (exponential backoff) and used again once its Describe is accepted (same
 // fingerprint, hyperparameters and experts). Steps after that route its experts to replicas if
@@ -38,6 +38,7 @@
 
 #include "absl/status/statusor.h"
 #include "coordinator/expert_placement.h"
+#include "coordinator/step_watchdog.h"
 #include "coordinator/worker_link.h"
 #include "engine/expert_backend.h"
 #include "engine/model.h"
@@ -108,6 +109,7 @@ class ClusterExpertBackend : public ExpertBackend {
   std::unique_ptr<ThreadPool> local_pool_;
   std::unique_ptr<LocalExpertBackend> local_;
   std::vector<std::unique_ptr<WorkerLink>> links_;
+  std::unique_ptr<StepWatchdog> watchdog_;
   std::vector<moepool::v1::DescribeResponse> describes_;
   ExpertPlacement placement_;
 

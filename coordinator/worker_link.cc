@@ -33,11 +33,6 @@ void StepLatch::CountDown() {
   if (--count_ == 0) cv_.notify_all();
 }
 
-bool StepLatch::WaitUntil(Clock::time_point deadline) {
-  std::unique_lock<std::mutex> lock(mu_);
-  return cv_.wait_until(lock, deadline, [&] { return count_ == 0; });
-}
-
 void StepLatch::Wait() {
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait(lock, [&] { return count_ == 0; });
@@ -119,7 +114,7 @@ bool WorkerLink::up() const {
 void WorkerLink::Post(LinkJob* job, StepLatch* latch) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (job_ != nullptr || !started_) {
+    if (job_ != nullptr || inline_ || !started_) {
       job->status = absl::InternalError(
           absl::StrCat("worker ", config_.address, ": a request is already in flight"));
       latch->CountDown();
@@ -159,13 +154,15 @@ void WorkerLink::ResetStats() {
 void WorkerLink::Loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_) {
+    if (inline_) {  // the caller's thread owns the stream until RunInline returns
+      cv_.wait(lock, [&] { return stop_ || !inline_; });
+      continue;
+    }
     if (job_ != nullptr) {
       LinkJob* job = job_;
       StepLatch* latch = latch_;
       if (!up_) {
-        job->status = absl::UnavailableError(absl::StrCat("worker ", config_.address, " is down (",
-                                                          stats_.last_error,
-                                                          "); reconnecting in the background"));
+        job->status = DownError();
       } else {
         in_flight_step_ = job->step_id;
         cancelled_ = false;
@@ -187,14 +184,45 @@ void WorkerLink::Loop() {
         TryReconnect();
         lock.lock();
       } else {
-        cv_.wait_until(lock, next_attempt_, [&] { return stop_ || job_ != nullptr; });
+        cv_.wait_until(lock, next_attempt_, [&] { return stop_ || inline_ || job_ != nullptr; });
       }
       continue;
     }
-    cv_.wait(lock, [&] { return stop_ || job_ != nullptr; });
+    cv_.wait(lock, [&] { return stop_ || inline_ || job_ != nullptr || !up_; });
   }
   lock.unlock();
   if (stream_ != nullptr) CloseStream(/*cancel=*/true);
+}
+
+absl::Status WorkerLink::DownError() const {
+  return absl::UnavailableError(absl::StrCat("worker ", config_.address, " is down (",
+                                             stats_.last_error,
+                                             "); reconnecting in the background"));
+}
+
+void WorkerLink::RunInline(LinkJob* job) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!started_ || inline_ || job_ != nullptr) {
+      job->status = absl::InternalError(
+          absl::StrCat("worker ", config_.address, ": a request is already in flight"));
+      return;
+    }
+    if (!up_) {
+      job->status = DownError();
+      return;
+    }
+    inline_ = true;
+    in_flight_step_ = job->step_id;
+    cancelled_ = false;
+  }
+  RunJob(job);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    inline_ = false;
+    in_flight_step_ = 0;
+  }
+  cv_.notify_all();  // the link thread resumes (and reconnects if the job marked it down)
 }
 
 void WorkerLink::RunJob(LinkJob* job) {

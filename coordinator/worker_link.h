@@ -4,8 +4,9 @@
 //
 // Ownership: ClusterExpertBackend owns its links; a LinkJob and its StepLatch belong to the
 // caller of Post and must stay alive until the latch has been counted down for it.
-// Threading: Post, CancelStep, up() and Stats() may be called from any thread; the link's own
-// thread does all stream I/O and reconnects. At most one job is in flight per link.
+// Threading: Post, RunInline, CancelStep, up() and Stats() may be called from any thread; the
+// stream I/O runs on the link's own thread or on a RunInline caller's, reconnects on the link's
+// thread. At most one job is in flight per link.
 // Errors: a job fails with UNAVAILABLE (connection lost, stream broken, or the worker was down
 // when the job arrived), DEADLINE_EXCEEDED (cancelled by the step watchdog) or the code the
 // worker put in its response (bad request); every message names the worker's address. A
@@ -63,8 +64,6 @@ class StepLatch {
  public:
   explicit StepLatch(int count) : count_(count) {}
   void CountDown();
-  // True if the count reached zero before `deadline`.
-  bool WaitUntil(std::chrono::steady_clock::time_point deadline);
   void Wait();
 
  private:
@@ -128,6 +127,10 @@ class WorkerLink {
   // Hands a job to the I/O thread; latch->CountDown() when it is finished (ok or not).
   void Post(LinkJob* job, StepLatch* latch);
 
+  // Runs a job on the calling thread (saving the hand-offs to and from the I/O thread), which
+  // owns the stream meanwhile. Fails at once, like a posted job, if the worker is down.
+  void RunInline(LinkJob* job);
+
   // The step watchdog: if the job of `step_id` is still in flight, cancels the stream so it
   // fails with DEADLINE_EXCEEDED (the worker is then marked down and reconnected).
   void CancelStep(uint64_t step_id);
@@ -138,6 +141,7 @@ class WorkerLink {
  private:
   void Loop();
   void RunJob(LinkJob* job);
+  absl::Status DownError() const;  // mu_ held
   absl::Status Exchange(LinkJob* job);
   absl::Status OpenStream();
   // Finishes the stream (cancelling it first if `cancel`); returns its final status.
@@ -165,6 +169,7 @@ class WorkerLink {
   bool started_ = false;
   bool up_ = false;
   LinkJob* job_ = nullptr;
+  bool inline_ = false;  // a RunInline caller owns the stream
   StepLatch* latch_ = nullptr;
   uint64_t in_flight_step_ = 0;                          // step of the job on the wire; 0 = none
   bool cancelled_ = false;                               // by CancelStep, for the job in flight
