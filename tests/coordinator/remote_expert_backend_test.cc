@@ -266,13 +266,16 @@ TEST(ClusterExpertBackendTest, TopThreeSingleHolderBitIdenticalSplitClose) {
   }
 }
 
-TEST(ClusterExpertBackendTest, KilledWorkerFailsTheStepAndIsReconnected) {
+// The killed worker is the first (its exchange runs on the forward thread) or the second.
+class KilledWorkerTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(KilledWorkerTest, FailsTheStepAndIsReconnected) {
   const std::string& model = SmallModel("Q8_0");
-  auto a = StartWorker(model, 2, 0, 3);
-  auto b = StartWorker(model, 2, 4, 7);
-  const int port_b = b->port();
-  const std::string addr_b = b->address();
-  auto backend = ClusterExpertBackend::Create(model, Options({a.get(), b.get()}));
+  const int killed = GetParam();
+  std::unique_ptr<FakeWorker> w[2] = {StartWorker(model, 2, 0, 3), StartWorker(model, 2, 4, 7)};
+  const int port = w[killed]->port();
+  const std::string addr = w[killed]->address();
+  auto backend = ClusterExpertBackend::Create(model, Options({w[0].get(), w[1].get()}));
   ASSERT_TRUE(backend.ok()) << backend.status();
   auto local = LoadEngine(model, nullptr);
   auto cluster = LoadEngine(model, backend->get());
@@ -281,43 +284,52 @@ TEST(ClusterExpertBackendTest, KilledWorkerFailsTheStepAndIsReconnected) {
   ASSERT_TRUE(want.ok());
   ASSERT_TRUE(PromptAndDecode(*cluster, prompt, 2).ok());
 
-  b->Kill();
+  w[killed]->Kill();
   auto failed = PromptAndDecode(*cluster, prompt, 2);
   ASSERT_FALSE(failed.ok());
   EXPECT_EQ(failed.status().code(), absl::StatusCode::kUnavailable) << failed.status();
-  EXPECT_THAT(std::string(failed.status().message()), HasSubstr(addr_b));
+  EXPECT_THAT(std::string(failed.status().message()), HasSubstr(addr));
   // While it is down, its experts are unavailable: still a clear error, no crash.
   auto again = PromptAndDecode(*cluster, prompt, 0);
   ASSERT_FALSE(again.ok());
-  EXPECT_THAT(std::string(again.status().message()), HasSubstr(addr_b));
+  EXPECT_THAT(std::string(again.status().message()), HasSubstr(addr));
 
   FakeWorkerOptions wo;
   wo.model_path = model;
-  wo.pairs = PairsForExperts(2, 4, 7);
-  wo.port = port_b;
-  b = StartWorker(wo);
-  ASSERT_NE(b, nullptr);
+  wo.pairs = PairsForExperts(2, 4 * killed, 4 * killed + 3);
+  wo.port = port;
+  w[killed] = StartWorker(wo);
+  ASSERT_NE(w[killed], nullptr);
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!(*backend)->Stats().workers[1].up && std::chrono::steady_clock::now() < give_up) {
+  while (!(*backend)->Stats().workers[killed].up && std::chrono::steady_clock::now() < give_up) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   const ClusterStats st = (*backend)->Stats();
-  ASSERT_TRUE(st.workers[1].up) << st.workers[1].last_error;
-  EXPECT_GE(st.workers[1].reconnects, 1u);
+  ASSERT_TRUE(st.workers[killed].up) << st.workers[killed].last_error;
+  EXPECT_GE(st.workers[killed].reconnects, 1u);
   auto got = PromptAndDecode(*cluster, prompt, 2);
   ASSERT_TRUE(got.ok()) << got.status();
   ExpectBitIdentical(*want, *got);
 }
 
-TEST(ClusterExpertBackendTest, StalledWorkerHitsTheStepTimeout) {
+INSTANTIATE_TEST_SUITE_P(Position, KilledWorkerTest, ::testing::Values(0, 1));
+
+// The stalled worker is the first (its exchange runs on the forward thread) or the second (on
+// its link thread).
+class StalledWorkerTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(StalledWorkerTest, HitsTheStepTimeout) {
   const std::string& model = SmallModel("F16");
-  auto a = StartWorker(model, 2, 0, 3);
-  FakeWorkerOptions wo;
-  wo.model_path = model;
-  wo.pairs = PairsForExperts(2, 4, 7);
-  wo.stall = true;
-  auto b = StartWorker(wo);
-  ClusterOptions o = Options({a.get(), b.get()});
+  const int stalled = GetParam();
+  std::unique_ptr<FakeWorker> w[2];
+  for (int i = 0; i < 2; ++i) {
+    FakeWorkerOptions wo;
+    wo.model_path = model;
+    wo.pairs = PairsForExperts(2, 4 * i, 4 * i + 3);
+    wo.stall = i == stalled;
+    w[i] = StartWorker(wo);
+  }
+  ClusterOptions o = Options({w[0].get(), w[1].get()});
   o.step_timeout_s = 0.3;
   auto backend = ClusterExpertBackend::Create(model, o);
   ASSERT_TRUE(backend.ok()) << backend.status();
@@ -326,13 +338,16 @@ TEST(ClusterExpertBackendTest, StalledWorkerHitsTheStepTimeout) {
   auto r = PromptAndDecode(*cluster, prompt, 0);
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded) << r.status();
-  EXPECT_THAT(std::string(r.status().message()), HasSubstr(b->address()));
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr(w[stalled]->address()));
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("step timeout"));
-  // Worker a was not harmed.
+  EXPECT_THAT(std::string(r.status().message()),
+              ::testing::Not(HasSubstr(w[1 - stalled]->address())));
   const ClusterStats st = (*backend)->Stats();
-  EXPECT_TRUE(st.workers[0].up);
+  EXPECT_TRUE(st.workers[1 - stalled].up);  // the other worker was not harmed
   EXPECT_EQ(st.failed_steps, 1u);
 }
+
+INSTANTIATE_TEST_SUITE_P(Position, StalledWorkerTest, ::testing::Values(0, 1));
 
 TEST(ClusterExpertBackendTest, WrongTokenRefusedAtStartup) {
   const std::string& model = SmallModel("F16");
