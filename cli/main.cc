@@ -20,6 +20,7 @@ constexpr Command kCommands[] = {
     {"inspect", moepool::cli::RunInspect, "print a model's hyperparameters, types and memory"},
     {"synth", moepool::cli::RunSynth, "write a Mixtral-architecture GGUF with random weights"},
     {"bench", moepool::cli::RunBench, "measure prompt and decode speed"},
+    {"serve", moepool::cli::RunServe, "serve the OpenAI-compatible HTTP API"},
 };
 
 void Usage(FILE* out) {

@@ -134,6 +134,7 @@ class Scheduler {
   absl::StatusOr<std::shared_ptr<GenerationStream>> Submit(GenerationRequest request);
 
   int64_t n_ctx() const { return n_ctx_; }
+  const SchedulerOptions& options() const { return options_; }
   const Engine& engine() const { return *engine_; }
   SchedulerStats stats() const;
 
