@@ -130,7 +130,8 @@ absl::Status HttpServer::Start() {
     return httplib::Server::HandlerResponse::Handled;
   };
   svr.set_error_handler(json_errors);
-  svr.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
+  // Counted before the response is written, so a client sees its own request in /metrics.
+  svr.set_post_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (metrics_ != nullptr) metrics_->CountRequest(EndpointLabel(req.path), res.status);
   });
   svr.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
