@@ -1,5 +1,8 @@
 #include "tests/coordinator/serve_test_util.h"
 
+#include <cstdio>
+#include <cstdlib>
+
 #include "engine/synth.h"
 #include "gtest/gtest.h"
 #include "tests/testdata.h"
@@ -16,6 +19,7 @@ const std::string& TinyModelPath() {
     o.out_path = TempDir() + "/serve-tiny-F16.gguf";
     const absl::Status s = SynthesizeModel(o);
     EXPECT_TRUE(s.ok()) << s;
+    std::atexit([] { std::remove(TinyModelPath().c_str()); });  // 70 MB per test process
     return new std::string(o.out_path);
   }();
   return *path;
