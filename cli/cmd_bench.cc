@@ -1,6 +1,7 @@
 // moepool bench: prompt-processing and decode throughput of the engine on a model.
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -66,7 +67,8 @@ absl::Status Bench(const Args& args) {
   // Warm-up: touch every weight page once.
   {
     std::vector<BatchRow> rows;
-    for (int i = 0; i < 8; ++i) rows.push_back({tokens[i], i, &cache, i == 7});
+    const int64_t n_warm = std::min<int64_t>(8, opts.n_ctx);
+    for (int64_t i = 0; i < n_warm; ++i) rows.push_back({tokens[i], i, &cache, i + 1 == n_warm});
     RETURN_IF_ERROR(tf.Forward(rows, &logits));
   }
   double best_pp = 0, best_tg = 0;

@@ -1,6 +1,7 @@
 // moepool inspect | synth.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -44,7 +45,8 @@ absl::Status Inspect(const Args& args) {
   if (ctx <= 0) ctx = std::min<int64_t>(c.n_ctx_train, 4096);
   std::map<std::string, int> type_counts;
   for (const auto& t : model->file().tensors()) ++type_counts[GetTypeTraits(t.type).name];
-  const uint64_t kv_bytes = 2ull * c.n_layer * ctx * c.kv_dim() * sizeof(float);
+  // K and V, half precision, as KvCache reserves them.
+  const uint64_t kv_bytes = 2ull * c.n_layer * ctx * c.kv_dim() * sizeof(uint16_t);
   const uint64_t expert = model->ExpertBytes();
   const uint64_t non_expert = model->NonExpertBytes();
   nlohmann::json j;
@@ -90,7 +92,7 @@ absl::Status Inspect(const Args& args) {
   std::cout << "\n"
             << absl::StrFormat(
                    "  weights: experts %s, non-expert %s (file %s)\n"
-                   "  KV cache at %d tokens: %s (f32)\n  memory needed: %s\n",
+                   "  KV cache at %d tokens: %s (f16)\n  memory needed: %s\n",
                    HumanBytes(expert), HumanBytes(non_expert),
                    HumanBytes(model->file().file_size()), ctx, HumanBytes(kv_bytes),
                    HumanBytes(expert + non_expert + kv_bytes));

@@ -11,6 +11,7 @@ int RunTokenize(int argc, char** argv);
 int RunInspect(int argc, char** argv);
 int RunSynth(int argc, char** argv);
 int RunBench(int argc, char** argv);
+int RunPlan(int argc, char** argv);
 int RunServe(int argc, char** argv);
 
 }  // namespace moepool::cli

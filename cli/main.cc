@@ -20,6 +20,7 @@ constexpr Command kCommands[] = {
     {"inspect", moepool::cli::RunInspect, "print a model's hyperparameters, types and memory"},
     {"synth", moepool::cli::RunSynth, "write a Mixtral-architecture GGUF with random weights"},
     {"bench", moepool::cli::RunBench, "measure prompt and decode speed"},
+    {"plan", moepool::cli::RunPlan, "place the coordinator and the experts on machines"},
     {"serve", moepool::cli::RunServe, "serve the OpenAI-compatible HTTP API"},
 };
 

@@ -77,7 +77,15 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) 
   }
   wake_.notify_all();
   RunTasks();
-  while (active_.load(std::memory_order_acquire) != 0) CpuRelax();
+  // Spin briefly (the common case: the other threads finish within microseconds), then yield so
+  // that a worker descheduled by another process on a busy machine gets the core back.
+  for (int spin = 0; active_.load(std::memory_order_acquire) != 0; ++spin) {
+    if (spin < kSpinIterations) {
+      CpuRelax();
+    } else {
+      std::this_thread::yield();
+    }
+  }
   fn_ = nullptr;
 }
 

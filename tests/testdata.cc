@@ -13,6 +13,18 @@ std::string SharedTestdataPath(const std::string& rel) {
   return std::string(MOEPOOL_SOURCE_DIR) + "/../shared/testdata/" + rel;
 }
 
+namespace {
+// Removes the scratch directory when the process exits (models written there are large).
+struct RemoveAtExit {
+  std::string dir;
+  ~RemoveAtExit() {
+    if (std::getenv("MOEPOOL_KEEP_TEST_FILES") != nullptr) return;
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+};
+}  // namespace
+
 std::string TempDir() {
   static const std::string dir = [] {
     const char* base = std::getenv("TMPDIR");
@@ -20,6 +32,7 @@ std::string TempDir() {
     std::filesystem::create_directories(d);
     return d;
   }();
+  static const RemoveAtExit cleanup{dir};
   return dir;
 }
 

@@ -11,7 +11,8 @@ namespace moepool::testing {
 // Absolute path of `rel` under ../shared/testdata (relative to the project root).
 std::string SharedTestdataPath(const std::string& rel);
 
-// A scratch directory unique to this test process (created on first use).
+// A scratch directory unique to this test process, created on first use and removed with its
+// contents when the process exits (kept if MOEPOOL_KEEP_TEST_FILES is set, for debugging).
 std::string TempDir();
 
 // True if the file exists. Under CI (CI=true) a missing reference file is a failure.

@@ -1,8 +1,5 @@
 #include "tests/coordinator/serve_test_util.h"
 
-#include <cstdio>
-#include <cstdlib>
-
 #include "engine/synth.h"
 #include "gtest/gtest.h"
 #include "tests/testdata.h"
@@ -19,7 +16,6 @@ const std::string& TinyModelPath() {
     o.out_path = TempDir() + "/serve-tiny-F16.gguf";
     const absl::Status s = SynthesizeModel(o);
     EXPECT_TRUE(s.ok()) << s;
-    std::atexit([] { std::remove(TinyModelPath().c_str()); });  // 70 MB per test process
     return new std::string(o.out_path);
   }();
   return *path;

@@ -1,0 +1,234 @@
+// The moepool binary end to end: eval / run / tokenize / inspect / bench on the shared tiny-F16
+// reference model, and bad inputs (exit code, a message on stderr, nothing on stdout).
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "engine/kv_cache.h"
+#include "engine/model.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/engine/conformance_util.h"
+#include "tests/testdata.h"
+
+namespace moepool {
+namespace {
+
+using ::moepool::testing::ReadFileOrDie;
+using ::moepool::testing::ReadReferenceCase;
+using ::moepool::testing::ReferenceCase;
+using ::moepool::testing::SharedTestdataPath;
+using ::moepool::testing::TempDir;
+
+struct Result {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+// Runs `moepool ARGS` through the shell (arguments are quoted by the caller where needed).
+Result Moepool(const std::string& args) {
+  const std::string out = TempDir() + "/cli.stdout";
+  const std::string err = TempDir() + "/cli.stderr";
+  const std::string cmd =
+      std::string("'") + MOEPOOL_BINARY + "' " + args + " >'" + out + "' 2>'" + err + "'";
+  const int status = std::system(cmd.c_str());
+  Result r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = ReadFileOrDie(out);
+  r.err = ReadFileOrDie(err);
+  return r;
+}
+
+std::string Quote(const std::string& s) { return "'" + s + "'"; }
+
+std::string TinyF16() { return SharedTestdataPath("conformance/tiny-F16.gguf"); }
+std::string PromptFile() { return SharedTestdataPath("conformance/p1.txt"); }
+
+std::vector<float> ReadFloats(const std::string& path) {
+  const std::string bytes = ReadFileOrDie(path);
+  std::vector<float> v(bytes.size() / sizeof(float));
+  std::memcpy(v.data(), bytes.data(), v.size() * sizeof(float));
+  return v;
+}
+
+// Expects a failed command: non-zero exit, a "moepool: " message holding `needle` on stderr,
+// nothing on stdout.
+void ExpectFailure(const Result& r, const std::string& needle) {
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_TRUE(r.out.empty()) << "stdout: " << r.out;
+  EXPECT_NE(r.err.find("moepool: "), std::string::npos) << "stderr: " << r.err;
+  EXPECT_NE(r.err.find(needle), std::string::npos) << "stderr: " << r.err;
+}
+
+TEST(CliTest, EvalWritesReferenceTokensAndLogits) {
+  REQUIRE_TESTDATA(TinyF16());
+  const ReferenceCase rc = ReadReferenceCase("tiny-F16", "p1");
+  const std::string logits_path = TempDir() + "/eval.f32";
+  const Result r =
+      Moepool("eval --model " + Quote(TinyF16()) + " --prompt-file " + Quote(PromptFile()) +
+              " --logits-out " + Quote(logits_path) + " --threads 2");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("prompt_tokens").get<std::vector<int32_t>>(), rc.prompt_tokens);
+  const std::vector<float> logits = ReadFloats(logits_path);
+  ASSERT_EQ(logits.size(), rc.prompt_tokens.size() * rc.n_vocab);
+  // The F16 bar of the shared reference files.
+  EXPECT_LE(testing::Median(testing::RowNmse(logits, rc.logits, rc.n_vocab)), 1e-4);
+  EXPECT_GE(testing::Top1Agreement(logits, rc.logits, rc.n_vocab),
+            0.95 * static_cast<double>(rc.prompt_tokens.size()));
+  std::remove(logits_path.c_str());
+}
+
+TEST(CliTest, RunGreedyJsonGivesReferenceTokens) {
+  REQUIRE_TESTDATA(TinyF16());
+  const ReferenceCase rc = ReadReferenceCase("tiny-F16", "p1");
+  const Result r = Moepool("run --model " + Quote(TinyF16()) + " --prompt-file " +
+                           Quote(PromptFile()) + " -n 8 --temperature 0 --ignore-eos --json");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  const std::vector<int32_t> want(rc.greedy_tokens.begin(), rc.greedy_tokens.begin() + 8);
+  EXPECT_EQ(j.at("tokens").get<std::vector<int32_t>>(), want);
+  EXPECT_TRUE(j.at("text").is_string());
+  EXPECT_FALSE(j.at("text").get<std::string>().empty());
+  // Greedy needs no seed, so none is announced.
+  EXPECT_EQ(r.err.find("seed"), std::string::npos) << r.err;
+}
+
+TEST(CliTest, RunWithSeedIsReproducible) {
+  REQUIRE_TESTDATA(TinyF16());
+  const std::string args = "run --model " + Quote(TinyF16()) +
+                           " --prompt 'Once upon a time' -n 6 --ignore-eos --json --seed 5";
+  const Result a = Moepool(args), b = Moepool(args);
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  EXPECT_EQ(a.out, b.out);
+  EXPECT_EQ(nlohmann::json::parse(a.out).at("tokens").size(), 6u);
+}
+
+TEST(CliTest, TokenizePrintsIds) {
+  REQUIRE_TESTDATA(TinyF16());
+  const ReferenceCase rc = ReadReferenceCase("tiny-F16", "p1");
+  Result r = Moepool("tokenize --model " + Quote(TinyF16()) + " --file " + Quote(PromptFile()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::istringstream in(r.out);
+  std::vector<int32_t> ids;
+  for (int32_t id; in >> id;) ids.push_back(id);
+  EXPECT_EQ(ids, rc.prompt_tokens);
+  r = Moepool("tokenize --model " + Quote(TinyF16()) + " --text 'Hello world' --no-bos");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "22557 1526\n");  // "▁Hello", "▁world" in the Mistral vocabulary
+}
+
+TEST(CliTest, InspectJsonHasTheHyperparameters) {
+  REQUIRE_TESTDATA(TinyF16());
+  const Result r = Moepool("inspect " + Quote(TinyF16()) + " --json --ctx 512");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("architecture"), "llama");
+  EXPECT_EQ(j.at("n_vocab"), 32000);
+  EXPECT_EQ(j.at("n_embd"), 256);
+  EXPECT_EQ(j.at("n_layer"), 4);
+  EXPECT_EQ(j.at("n_head"), 8);
+  EXPECT_EQ(j.at("n_head_kv"), 2);
+  EXPECT_EQ(j.at("head_dim"), 32);
+  EXPECT_EQ(j.at("n_ff"), 768);
+  EXPECT_EQ(j.at("n_expert"), 8);
+  EXPECT_EQ(j.at("n_expert_used"), 2);
+  EXPECT_EQ(j.at("n_ctx_train"), 4096);
+  EXPECT_EQ(j.at("rope_base").get<double>(), 1e6);
+  EXPECT_EQ(j.at("expert_layout"), "merged");
+  EXPECT_EQ(j.at("ctx"), 512);
+  // Weights: 8 experts x 3 matrices x 4 layers of 256 x 768 F16 values.
+  EXPECT_EQ(j.at("expert_bytes").get<uint64_t>(), 8ull * 3 * 4 * 256 * 768 * 2);
+  EXPECT_EQ(j.at("file_bytes").get<uint64_t>(), std::filesystem::file_size(TinyF16()));
+  // The KV cache as the engine allocates it (half precision).
+  auto model = Model::Load(TinyF16());
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ(j.at("kv_cache_bytes").get<uint64_t>(),
+            KvCache((*model)->config(), 512).ReservedBytes());
+}
+
+TEST(CliTest, BenchJsonReportsSpeedsAndMemory) {
+  REQUIRE_TESTDATA(TinyF16());
+  for (const char* sizes :
+       {"--prompt-tokens 16 --decode-tokens 4", "--prompt-tokens 3 --decode-tokens 2"}) {
+    SCOPED_TRACE(sizes);
+    const Result r =
+        Moepool("bench --model " + Quote(TinyF16()) + " " + sizes + " --threads 2 --json");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_GT(j.at("prompt_tokens_per_s").get<double>(), 0.0);
+    EXPECT_GT(j.at("decode_tokens_per_s").get<double>(), 0.0);
+    // At least the bytes it had to read: the non-expert F16 weights touched on every pass.
+    EXPECT_GT(j.at("peak_rss_bytes").get<uint64_t>(), 1ull << 20);
+    EXPECT_EQ(j.at("threads"), 2);
+  }
+}
+
+TEST(CliTest, MissingModelFileFails) {
+  const std::string missing = TempDir() + "/no-such-model.gguf";
+  ExpectFailure(Moepool("eval --model " + Quote(missing) + " --prompt hi --logits-out " +
+                        Quote(TempDir() + "/x.f32")),
+                missing);
+  ExpectFailure(Moepool("run --model " + Quote(missing) + " --prompt hi"), missing);
+  ExpectFailure(Moepool("inspect " + Quote(missing)), missing);
+  ExpectFailure(Moepool("tokenize --model " + Quote(missing) + " --text hi"), missing);
+  ExpectFailure(Moepool("bench --model " + Quote(missing) + " --json"), missing);
+}
+
+TEST(CliTest, CorruptModelFileFails) {
+  REQUIRE_TESTDATA(TinyF16());
+  const std::string bytes = ReadFileOrDie(TinyF16());
+  const std::string corrupt = TempDir() + "/truncated.gguf";
+  for (size_t keep : {bytes.size() / 2, size_t{1000}, size_t{3}}) {
+    SCOPED_TRACE(keep);
+    std::ofstream(corrupt, std::ios::binary)
+        .write(bytes.data(), static_cast<std::streamsize>(keep));
+    ExpectFailure(Moepool("inspect " + Quote(corrupt)), corrupt);
+    ExpectFailure(Moepool("run --model " + Quote(corrupt) + " --prompt hi -n 2"), corrupt);
+  }
+  std::remove(corrupt.c_str());
+}
+
+TEST(CliTest, UnknownFlagOrCommandFails) {
+  ExpectFailure(Moepool("run --bogus 3"), "unknown flag --bogus");
+  ExpectFailure(Moepool("inspect --temperature 0 x.gguf"), "unknown flag --temperature");
+  ExpectFailure(Moepool("run --model"), "--model needs a value");
+  ExpectFailure(Moepool("frobnicate"), "unknown command 'frobnicate'");
+  const Result none = Moepool("");
+  EXPECT_NE(none.exit_code, 0);
+  EXPECT_NE(none.err.find("usage"), std::string::npos);
+}
+
+TEST(CliTest, PromptLongerThanContextFails) {
+  REQUIRE_TESTDATA(TinyF16());
+  const std::string logits_path = TempDir() + "/too-long.f32";
+  ExpectFailure(Moepool("eval --model " + Quote(TinyF16()) + " --prompt-file " +
+                        Quote(PromptFile()) + " --ctx 8 --logits-out " + Quote(logits_path)),
+                "context of 8 tokens");
+  EXPECT_FALSE(std::filesystem::exists(logits_path));
+  ExpectFailure(Moepool("run --model " + Quote(TinyF16()) + " --prompt-file " +
+                        Quote(PromptFile()) + " --ctx 8 -n 4 --temperature 0"),
+                "context of 8 tokens");
+}
+
+TEST(CliTest, MissingRequiredFlagsFail) {
+  REQUIRE_TESTDATA(TinyF16());
+  ExpectFailure(Moepool("eval --prompt hi --logits-out x.f32"), "--model is required");
+  ExpectFailure(Moepool("eval --model " + Quote(TinyF16()) + " --prompt hi"),
+                "--logits-out is required");
+  ExpectFailure(Moepool("run --model " + Quote(TinyF16())), "--prompt-file (or --prompt)");
+  ExpectFailure(Moepool("run --model " + Quote(TinyF16()) + " --prompt hi --temperature -1"),
+                "temperature");
+  ExpectFailure(Moepool("run --model " + Quote(TinyF16()) + " --prompt hi -n x"), "not an integer");
+}
+
+}  // namespace
+}  // namespace moepool
