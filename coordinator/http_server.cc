@@ -134,12 +134,24 @@ absl::Status HttpServer::Start() {
   svr.set_post_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (metrics_ != nullptr) metrics_->CountRequest(EndpointLabel(req.path), res.status);
   });
-  svr.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    HandleGenerate(req, res, /*chat=*/true);
-  });
-  svr.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    HandleGenerate(req, res, /*chat=*/false);
-  });
+  // Bodies are read through a ContentReader: httplib's own body reading would apply its 8 KiB
+  // form limit to the curl default Content-Type (application/x-www-form-urlencoded).
+  for (const bool chat : {true, false}) {
+    svr.Post(chat ? "/v1/chat/completions" : "/v1/completions",
+             [this, chat](const httplib::Request&, httplib::Response& res,
+                          const httplib::ContentReader& reader) {
+               std::string body;
+               const bool read = reader([&](const char* data, size_t n) {
+                 body.append(data, n);
+                 return true;
+               });
+               if (!read) {
+                 if (res.status < 400) res.status = 400;  // 413 when over the size limit
+                 return;
+               }
+               HandleGenerate(body, res, chat);
+             });
+  }
   svr.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
     SendJson(res, 200,
              {{"object", "list"}, {"data", json::array({ModelJson(options_.model_id, created_)})}});
@@ -196,13 +208,13 @@ void HttpServer::HandleHealth(httplib::Response& res) {
   SendJson(res, ok ? 200 : 503, body);
 }
 
-void HttpServer::HandleGenerate(const httplib::Request& req, httplib::Response& res, bool chat) {
+void HttpServer::HandleGenerate(const std::string& body, httplib::Response& res, bool chat) {
   const Tokenizer& tok = scheduler_->engine().tokenizer();
   GenerationRequest gen;
   GenerationParams params;
   std::string prompt_param;
   if (chat) {
-    absl::StatusOr<ChatCompletionRequest> r = ParseChatCompletionRequest(req.body);
+    absl::StatusOr<ChatCompletionRequest> r = ParseChatCompletionRequest(body);
     if (!r.ok()) return SendApiError(r.status(), res);
     absl::StatusOr<std::vector<int32_t>> ids = chat_template_->Apply(r->messages);
     if (!ids.ok())
@@ -215,7 +227,7 @@ void HttpServer::HandleGenerate(const httplib::Request& req, httplib::Response& 
     params = std::move(r->params);
     prompt_param = "messages";
   } else {
-    absl::StatusOr<CompletionRequest> r = ParseCompletionRequest(req.body);
+    absl::StatusOr<CompletionRequest> r = ParseCompletionRequest(body);
     if (!r.ok()) return SendApiError(r.status(), res);
     gen.prompt =
         r->has_prompt_tokens ? r->prompt_tokens : tok.Encode(r->prompt, tok.add_bos_default());

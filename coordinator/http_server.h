@@ -69,7 +69,7 @@ class HttpServer {
   void Stop();
 
  private:
-  void HandleGenerate(const httplib::Request& req, httplib::Response& res, bool chat);
+  void HandleGenerate(const std::string& body, httplib::Response& res, bool chat);
   void HandleHealth(httplib::Response& res);
   // Ok, or UNAUTHENTICATED when keys are configured and the request has none of them.
   absl::Status Authenticate(const httplib::Request& req) const;

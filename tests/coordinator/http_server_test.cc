@@ -261,6 +261,15 @@ TEST(HttpServerTest, BadRequestsGetOpenAiErrors) {
   EXPECT_EQ(big->status, 413);
 }
 
+// curl -d sends application/x-www-form-urlencoded; a large JSON body must still be read as JSON.
+TEST(HttpServerTest, ReadsJsonWhateverTheContentType) {
+  TestServer srv;
+  const json body = {{"prompt", "x"}, {"max_tokens", 1}, {"user", std::string(20000, 'u')}};
+  auto res = srv.client->Post("/v1/completions", body.dump(), "application/x-www-form-urlencoded");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200) << res->body;
+}
+
 TEST(HttpServerTest, ApiKeysGuardTheApiButNotHealth) {
   HttpServerOptions ho;
   ho.api_keys = {"key-one", "key-two"};
