@@ -13,6 +13,7 @@ int RunSynth(int argc, char** argv);
 int RunBench(int argc, char** argv);
 int RunWorker(int argc, char** argv);
 int RunPlan(int argc, char** argv);
+int RunServe(int argc, char** argv);
 
 }  // namespace moepool::cli
 

@@ -22,6 +22,7 @@ constexpr Command kCommands[] = {
     {"bench", moepool::cli::RunBench, "measure prompt and decode speed"},
     {"worker", moepool::cli::RunWorker, "serve some experts of a model to a coordinator"},
     {"plan", moepool::cli::RunPlan, "place the coordinator and the experts on machines"},
+    {"serve", moepool::cli::RunServe, "serve the OpenAI-compatible HTTP API"},
 };
 
 void Usage(FILE* out) {
