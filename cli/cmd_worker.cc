@@ -106,15 +106,16 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   ASSIGN_OR_RETURN(std::unique_ptr<worker::WorkerServer> server,
                    worker::WorkerServer::Start(core.get(), server_options));
 
+  const std::string bound = absl::StrCat(HostOf(listen), ":", server->port());
   if (server_options.service.cluster_token.empty()) {
     std::fprintf(stderr,
                  "moepool worker: warning: no cluster token (--cluster-token or "
                  "MOEPOOL_CLUSTER_TOKEN); any client that reaches %s can use this worker\n",
-                 listen.c_str());
+                 bound.c_str());
   }
-  std::printf("moepool worker: serving %zu experts (%.1f MiB) of %s on %s:%d%s\n", experts.size(),
-              static_cast<double>(core->expert_bytes()) / (1 << 20), model.c_str(),
-              HostOf(listen).c_str(), server->port(), server->tls() ? " (TLS)" : "");
+  std::printf("moepool worker: serving %zu experts (%.1f MiB) of %s on %s%s\n", experts.size(),
+              static_cast<double>(core->expert_bytes()) / (1 << 20), model.c_str(), bound.c_str(),
+              server->tls() ? " (TLS)" : "");
   std::fflush(stdout);
 
   int signal_number = 0;

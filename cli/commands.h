@@ -12,6 +12,8 @@ int RunInspect(int argc, char** argv);
 int RunSynth(int argc, char** argv);
 int RunBench(int argc, char** argv);
 int RunWorker(int argc, char** argv);
+int RunPlan(int argc, char** argv);
+int RunServe(int argc, char** argv);
 
 }  // namespace moepool::cli
 

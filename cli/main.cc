@@ -21,6 +21,8 @@ constexpr Command kCommands[] = {
     {"synth", moepool::cli::RunSynth, "write a Mixtral-architecture GGUF with random weights"},
     {"bench", moepool::cli::RunBench, "measure prompt and decode speed"},
     {"worker", moepool::cli::RunWorker, "serve some experts of a model to a coordinator"},
+    {"plan", moepool::cli::RunPlan, "place the coordinator and the experts on machines"},
+    {"serve", moepool::cli::RunServe, "serve the OpenAI-compatible HTTP API"},
 };
 
 void Usage(FILE* out) {

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages moepool builds with (see docs/dependencies.md).
+# Installs the Debian 12 packages moepool builds with (see docs/dependencies.md), and the
+# official OpenAI Node.js client that tests/node drives `moepool serve` with.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PKGS=(build-essential cmake ninja-build pkg-config
       libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
       libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc libcpp-httplib-dev)
+# Node.js (>= 18) for the OpenAI client test; Debian's nodejs/npm unless a node is installed.
+if ! command -v node >/dev/null 2>&1; then PKGS+=(nodejs npm); fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -14,4 +18,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "moepool: installing ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+if [ ! -f tests/node/node_modules/openai/package.json ]; then
+  echo "moepool: installing the openai npm package for tests/node"
+  npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 fi

@@ -10,16 +10,20 @@ namespace moepool {
 
 void AttendKvHeadScalar(const float* q, int group, int64_t hd, const KvHeadView& kv, float scale,
                         float* out, float* scratch) {
+  const int64_t n_blocks = kv.n_blocks();
   for (int g = 0; g < group; ++g) {
     const float* qh = q + g * hd;
     float* score = scratch + g * kv.n_kv;
     float mx = -INFINITY;
-    for (int64_t p = 0; p < kv.n_kv; ++p) {
-      const uint16_t* k = kv.k + p * kv.stride;
-      float dot = 0.0f;
-      for (int64_t i = 0; i < hd; ++i) dot += qh[i] * HalfToFloat(k[i]);
-      score[p] = dot * scale;
-      mx = std::max(mx, score[p]);
+    for (int64_t j = 0, p = 0; j < n_blocks; ++j) {
+      const uint16_t* kb = kv.KBlock(j);
+      for (int64_t r = 0, m = kv.RowsIn(j); r < m; ++r, ++p) {
+        const uint16_t* k = kb + r * kv.stride;
+        float dot = 0.0f;
+        for (int64_t i = 0; i < hd; ++i) dot += qh[i] * HalfToFloat(k[i]);
+        score[p] = dot * scale;
+        mx = std::max(mx, score[p]);
+      }
     }
     float sum = 0.0f;
     for (int64_t p = 0; p < kv.n_kv; ++p) {
@@ -29,10 +33,13 @@ void AttendKvHeadScalar(const float* q, int group, int64_t hd, const KvHeadView&
     const float inv = 1.0f / sum;
     float* o = out + g * hd;
     std::fill(o, o + hd, 0.0f);
-    for (int64_t p = 0; p < kv.n_kv; ++p) {
-      const uint16_t* v = kv.v + p * kv.stride;
-      const float w = score[p] * inv;
-      for (int64_t i = 0; i < hd; ++i) o[i] += w * HalfToFloat(v[i]);
+    for (int64_t j = 0, p = 0; j < n_blocks; ++j) {
+      const uint16_t* vb = kv.VBlock(j);
+      for (int64_t r = 0, m = kv.RowsIn(j); r < m; ++r, ++p) {
+        const uint16_t* v = vb + r * kv.stride;
+        const float w = score[p] * inv;
+        for (int64_t i = 0; i < hd; ++i) o[i] += w * HalfToFloat(v[i]);
+      }
     }
   }
 }

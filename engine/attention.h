@@ -1,7 +1,9 @@
 // Causal attention of the query heads that share one KV head, over a half-precision KV cache.
 // Device-neutral front: AttendKvHead dispatches to the AVX2 kernel (attention_avx2.cc) where the
 // CPU has it, else to the scalar reference (attention.cc). Each call's result depends only on its
-// inputs, so a row's attention is independent of the batch it is part of.
+// inputs, so a row's attention is independent of the batch it is part of. Positions are visited
+// in ascending order whatever the block layout, so paged and contiguous caches holding the same
+// values give bit-identical results.
 #ifndef MOEPOOL_ENGINE_ATTENTION_H_
 #define MOEPOOL_ENGINE_ATTENTION_H_
 
@@ -10,11 +12,27 @@
 
 namespace moepool {
 
+// One KV head's keys and values in a paged cache. Position p lives in logical block
+// j = p / block_size at row i = p % block_size: its K row (head_dim halves) starts at
+// k + blocks[j] * block_stride + i * stride, and likewise for V. A contiguous cache is one block
+// of block_size >= n_kv positions with blocks = {0}.
 struct KvHeadView {
-  const uint16_t* k = nullptr;  // K of position 0 for this KV head; position p at k + p * stride
-  const uint16_t* v = nullptr;  // likewise for V
-  size_t stride = 0;            // elements between consecutive positions
-  int64_t n_kv = 0;             // positions 0 .. n_kv-1 are attended
+  const uint16_t* k = nullptr;      // K of row 0 of physical block 0 for this layer and head
+  const uint16_t* v = nullptr;      // likewise for V
+  const int32_t* blocks = nullptr;  // logical -> physical block, ceil(n_kv / block_size) entries
+  int64_t block_size = 0;           // positions per block
+  size_t block_stride = 0;          // elements between physical blocks
+  size_t stride = 0;                // elements between consecutive positions within a block
+  int64_t n_kv = 0;                 // positions 0 .. n_kv-1 are attended
+
+  // Rows of logical block j and how many of its positions are attended.
+  const uint16_t* KBlock(int64_t j) const { return k + blocks[j] * block_stride; }
+  const uint16_t* VBlock(int64_t j) const { return v + blocks[j] * block_stride; }
+  int64_t RowsIn(int64_t j) const {
+    const int64_t left = n_kv - j * block_size;
+    return left < block_size ? left : block_size;
+  }
+  int64_t n_blocks() const { return (n_kv + block_size - 1) / block_size; }
 };
 
 // out [group x head_dim] = softmax(q K^T * scale) V for `group` query heads q [group x head_dim].

@@ -36,17 +36,21 @@ void AttendKvHeadAvx2(const float* q, int group, int64_t hd, const KvHeadView& k
     return;
   }
   // Scores: each K row is converted once and dotted with every query head of the group.
-  for (int64_t p = 0; p < kv.n_kv; ++p) {
-    const uint16_t* k = kv.k + p * kv.stride;
-    __m256 acc[kMaxGroup];
-    for (int g = 0; g < group; ++g) acc[g] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < hd; i += 8) {
-      const __m256 kv8 = LoadHalf8(k + i);
-      for (int g = 0; g < group; ++g) {
-        acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + i), kv8, acc[g]);
+  const int64_t n_blocks = kv.n_blocks();
+  for (int64_t j = 0, p = 0; j < n_blocks; ++j) {
+    const uint16_t* kb = kv.KBlock(j);
+    for (int64_t r = 0, m = kv.RowsIn(j); r < m; ++r, ++p) {
+      const uint16_t* k = kb + r * kv.stride;
+      __m256 acc[kMaxGroup];
+      for (int g = 0; g < group; ++g) acc[g] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < hd; i += 8) {
+        const __m256 kv8 = LoadHalf8(k + i);
+        for (int g = 0; g < group; ++g) {
+          acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + i), kv8, acc[g]);
+        }
       }
+      for (int g = 0; g < group; ++g) scratch[g * kv.n_kv + p] = HorizontalSum(acc[g]) * scale;
     }
-    for (int g = 0; g < group; ++g) scratch[g * kv.n_kv + p] = HorizontalSum(acc[g]) * scale;
   }
   // Softmax per head.
   for (int g = 0; g < group; ++g) {
@@ -63,14 +67,17 @@ void AttendKvHeadAvx2(const float* q, int group, int64_t hd, const KvHeadView& k
     std::fill(out + g * hd, out + (g + 1) * hd, 0.0f);
   }
   // Weighted sum of V: each V row is converted once per 8 elements and used by every head.
-  for (int64_t p = 0; p < kv.n_kv; ++p) {
-    const uint16_t* v = kv.v + p * kv.stride;
-    for (int64_t i = 0; i < hd; i += 8) {
-      const __m256 v8 = LoadHalf8(v + i);
-      for (int g = 0; g < group; ++g) {
-        float* o = out + g * hd + i;
-        const __m256 w = _mm256_set1_ps(scratch[g * kv.n_kv + p]);
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(w, v8, _mm256_loadu_ps(o)));
+  for (int64_t j = 0, p = 0; j < n_blocks; ++j) {
+    const uint16_t* vb = kv.VBlock(j);
+    for (int64_t r = 0, m = kv.RowsIn(j); r < m; ++r, ++p) {
+      const uint16_t* v = vb + r * kv.stride;
+      for (int64_t i = 0; i < hd; i += 8) {
+        const __m256 v8 = LoadHalf8(v + i);
+        for (int g = 0; g < group; ++g) {
+          float* o = out + g * hd + i;
+          const __m256 w = _mm256_set1_ps(scratch[g * kv.n_kv + p]);
+          _mm256_storeu_ps(o, _mm256_fmadd_ps(w, v8, _mm256_loadu_ps(o)));
+        }
       }
     }
   }

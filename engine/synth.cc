@@ -330,6 +330,32 @@ absl::StatusOr<SynthShape> SynthShapeByName(std::string_view name) {
   return s;
 }
 
+uint64_t SynthTensorSpec::SizeBytes() const {
+  uint64_t rows = 1;
+  for (size_t d = 1; d < dims.size(); ++d) rows *= static_cast<uint64_t>(dims[d]);
+  return RowBytes(type, dims[0]) * rows;
+}
+
+absl::StatusOr<std::vector<SynthTensorSpec>> PlanSynthTensors(const SynthShape& shape,
+                                                              std::string_view type,
+                                                              int64_t n_vocab,
+                                                              bool per_expert_layout) {
+  RETURN_IF_ERROR(CheckShape(shape));
+  ASSIGN_OR_RETURN(const TypeChoice tc, ParseTypeChoice(type));
+  if (n_vocab <= 0) return absl::InvalidArgumentError("n_vocab must be positive");
+  std::vector<SynthTensorSpec> specs;
+  for (PlannedTensor& t : PlanTensors(shape, tc, n_vocab, per_expert_layout)) {
+    const TypeTraits& tr = GetTypeTraits(t.type);
+    if (t.dims[0] % tr.block_size != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shape '", shape.name, "' with type ", tc.name, ": tensor '", t.name, "' has rows of ",
+          t.dims[0], " elements, not a multiple of ", tr.name, "'s block of ", tr.block_size));
+    }
+    specs.push_back({std::move(t.name), t.type, std::move(t.dims)});
+  }
+  return specs;
+}
+
 absl::Status SynthesizeModel(const SynthOptions& options,
                              std::function<void(int done, int total)> progress) {
   const SynthShape& s = options.shape;

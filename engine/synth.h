@@ -21,9 +21,11 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/quant/types.h"
 
 namespace moepool {
 
@@ -58,6 +60,25 @@ struct SynthOptions {
 // reader's error for a bad vocab file, the writer's for I/O; no partial file is left behind.
 absl::Status SynthesizeModel(const SynthOptions& options,
                              std::function<void(int done, int total)> progress = {});
+
+// One tensor of a synthesized model as SynthesizeModel writes it, without its data.
+struct SynthTensorSpec {
+  std::string name;
+  TensorType type = TensorType::kF32;
+  std::vector<int64_t> dims;  // ggml order: dims[0] is the row length
+
+  uint64_t SizeBytes() const;  // RowBytes(type, dims[0]) times the other dims
+};
+
+// The tensors, in file order, that SynthesizeModel writes for `shape` and `type` (a type name or
+// mix, as SynthOptions::type) with a vocabulary of n_vocab tokens (32000 for the default vocab)
+// and the given expert layout: the same names, types and dimensions, computed without writing
+// anything. Errors: INVALID_ARGUMENT for an unknown type, an inconsistent shape or a row length
+// that is not a multiple of a chosen type's block size.
+absl::StatusOr<std::vector<SynthTensorSpec>> PlanSynthTensors(const SynthShape& shape,
+                                                              std::string_view type,
+                                                              int64_t n_vocab,
+                                                              bool per_expert_layout);
 
 }  // namespace moepool
 

@@ -68,11 +68,7 @@ void Transformer::Attention(int64_t layer, absl::Span<const BatchRow> rows, cons
     const int64_t r = task / c.n_head_kv;
     const int64_t kvh = task % c.n_head_kv;
     const BatchRow& row = rows[static_cast<size_t>(r)];
-    KvHeadView kv;
-    kv.k = row.cache->K(layer, 0) + kvh * hd;
-    kv.v = row.cache->V(layer, 0) + kvh * hd;
-    kv.stride = static_cast<size_t>(c.kv_dim());
-    kv.n_kv = row.pos + 1;
+    const KvHeadView kv = row.cache->HeadView(layer, kvh, hd, row.pos + 1);
     thread_local std::vector<float> scratch;
     scratch.resize(static_cast<size_t>(group * kv.n_kv));
     const int64_t h0 = kvh * group;
@@ -98,6 +94,8 @@ absl::Status Transformer::Forward(absl::Span<const BatchRow> rows, std::vector<f
                        row.cache ? row.cache->n_ctx() : 0, " tokens"));
     }
   }
+  // Paged caches take their blocks now, before any K/V is written.
+  for (const BatchRow& row : rows) RETURN_IF_ERROR(row.cache->Reserve(row.pos + 1));
 
   std::vector<float> x(static_cast<size_t>(n * d));       // residual stream [n x d]
   std::vector<float> h(static_cast<size_t>(n * d));       // normed input [n x d]

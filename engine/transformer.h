@@ -61,8 +61,10 @@ class Transformer {
               const TransformerOptions& options = {});
 
   // Runs the rows, writes their K/V into their caches and, for rows with want_logits, appends
-  // one row of n_vocab logits each (in row order) to `logits`. Errors: INVALID_ARGUMENT for a
-  // token id out of range or a position past the cache; whatever the ExpertBackend returns.
+  // one row of n_vocab logits each (in row order) to `logits`. Paged caches get the blocks their
+  // rows need first (KvCache::Reserve). Errors: INVALID_ARGUMENT for a token id out of range or a
+  // position past the cache; RESOURCE_EXHAUSTED when a paged cache's pool has no free block
+  // (nothing computed; blocks taken stay with their caches); whatever the ExpertBackend returns.
   // After an error the caches may hold partial K/V for the batch positions (callers roll back
   // n_past, which this function never changes).
   absl::Status Forward(absl::Span<const BatchRow> rows, std::vector<float>* logits);

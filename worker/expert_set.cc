@@ -56,6 +56,18 @@ std::vector<std::string_view> Split(std::string_view s, char sep) {
   }
 }
 
+// `s` without a leading `plural` or `singular` word (the planner's "layers 0-21: experts 0-3").
+std::string_view DropWord(std::string_view s, std::string_view plural, std::string_view singular) {
+  s = Trim(s);
+  for (std::string_view word : {plural, singular}) {
+    if (s.size() > word.size() && s.substr(0, word.size()) == word &&
+        absl::ascii_isspace(static_cast<unsigned char>(s[word.size()]))) {
+      return Trim(s.substr(word.size()));
+    }
+  }
+  return s;
+}
+
 }  // namespace
 
 ExpertSet::ExpertSet(std::vector<std::pair<int, int>> pairs) : pairs_(std::move(pairs)) {
@@ -165,12 +177,14 @@ absl::StatusOr<ExpertSet> ParsePlacement(std::string_view text, int64_t n_layer,
     const size_t colon = line.find(':');
     if (colon == std::string_view::npos) {
       return absl::InvalidArgumentError(absl::StrCat(
-          where, ": expected 'LAYERS: EXPERTS' (e.g. '0-31: 0-3'), got '", std::string(line), "'"));
+          where, ": expected 'layers LIST: experts LIST' (e.g. 'layers 0-31: experts 0-3'), got '",
+          std::string(line), "'"));
     }
-    auto layers = ParseIndexList(line.substr(0, colon), n_layer, absl::StrCat(where, ": layers"));
+    const std::string_view layers_part = DropWord(line.substr(0, colon), "layers", "layer");
+    const std::string_view experts_part = DropWord(line.substr(colon + 1), "experts", "expert");
+    auto layers = ParseIndexList(layers_part, n_layer, absl::StrCat(where, ": layers"));
     if (!layers.ok()) return layers.status();
-    auto experts =
-        ParseIndexList(line.substr(colon + 1), n_expert, absl::StrCat(where, ": experts"));
+    auto experts = ParseIndexList(experts_part, n_expert, absl::StrCat(where, ": experts"));
     if (!experts.ok()) return experts.status();
     for (int l : *layers) {
       if (!layers_seen.insert(l).second) {

@@ -4,16 +4,16 @@
 // numbers and inclusive ranges: "0-3", "0,2,5-7", "7". Whitespace around items is ignored. Every
 // index must lie in [0, limit) and appear once; an empty list is an error.
 //
-// Placement file (text, UTF-8/ASCII), one line per layer or layer range:
+// Placement file (text), one line per layer or layer range, as `moepool plan` writes it:
 //
 //   # worker A of a two-worker cluster of Mixtral 8x7B
-//   0-15: 0-3        layers 0..15 hold experts 0, 1, 2, 3
-//   16: 0,2,4,6
-//   17-31: 4-7
+//   layers 0-15: experts 0-3      # layers 0..15 hold experts 0, 1, 2, 3
+//   layer 16: experts 0,2,4,6
+//   17-31: 4-7                    # the words "layers"/"layer", "experts"/"expert" are optional
 //
 // `#` starts a comment (to the end of the line); blank lines are ignored. Each line is
-// `LAYERS: EXPERTS` with LAYERS and EXPERTS index lists; layers not listed hold no experts; a
-// layer listed twice is an error; the file must name at least one pair.
+// `[layers] LIST: [experts] LIST` with index lists; layers not listed hold no experts; a layer
+// listed twice is an error; the file must name at least one pair.
 //
 // Errors are INVALID_ARGUMENT naming the flag or file (and line) and the bad item. Threading:
 // ExpertSet is a value type, immutable after construction; const methods are thread-safe.

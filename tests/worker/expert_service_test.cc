@@ -359,6 +359,23 @@ TEST_F(ExpertServiceTest, ClusterTokenIsRequiredOnEveryRpcWhenConfigured) {
   EXPECT_TRUE(stream->Finish().ok());
 }
 
+TEST_F(ExpertServiceTest, ShutdownEndsOpenStreams) {
+  auto server = Start();
+  ASSERT_NE(server, nullptr);
+  auto stub = Stub(server->port());
+  grpc::ClientContext context;
+  std::unique_ptr<Stream> stream = stub->Forward(&context);
+  const TestRoutes r = MakeRoutes(1, 2, n_embd(), 2, {0, 1}, 51);
+  ASSERT_TRUE(stream->Write(Chunks(r, RowDType::kF32, 1, 2)[0]));
+  EXPECT_TRUE(ReadAnswer(stream.get()).complete);
+  // The stream is open and idle; shutting down cancels it instead of waiting for the client.
+  server->Shutdown(0);
+  server->Wait();
+  pb::ForwardResponse response;
+  EXPECT_FALSE(stream->Read(&response));
+  EXPECT_FALSE(stream->Finish().ok());
+}
+
 TEST(ConstantTimeEqualsTest, ComparesContentAndLength) {
   EXPECT_TRUE(ConstantTimeEquals("", ""));
   EXPECT_TRUE(ConstantTimeEquals("Bearer abc", "Bearer abc"));

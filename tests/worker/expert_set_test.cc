@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "coordinator/planner.h"
 #include "gtest/gtest.h"
 #include "tests/testdata.h"
 
@@ -79,9 +80,9 @@ TEST(ParsePlacementTest, ReadsLinesWithRangesCommentsAndBlankLines) {
   const std::string text =
       "# worker A\n"
       "\n"
-      "0-1: 0-3   # the first two layers\n"
+      "layers 0-1: experts 0-3   # the first two layers\n"
       "  3 :6,7\n"
-      "2: 5\r\n";
+      "layer 2: expert 5\r\n";
   auto set = ParsePlacement(text, 4, 8, "a.placement");
   ASSERT_TRUE(set.ok()) << set.status();
   EXPECT_EQ(
@@ -96,7 +97,9 @@ TEST(ParsePlacementTest, ErrorsNameTheFileAndLine) {
     const char* message;
   };
   const Case cases[] = {
-      {"0: 1\n1 2\n", "p.txt:2: expected 'LAYERS: EXPERTS'"},
+      {"0: 1\n1 2\n", "p.txt:2: expected 'layers LIST: experts LIST'"},
+      {"layers 0: layers 1\n", "p.txt:1: experts: 'layers 1' is not a number"},
+      {"layers: 1\n", "p.txt:1: layers: 'layers' is not a number"},
       {"0: 1\n\n4: 1\n", "p.txt:3: layers: 4 is out of range"},
       {"0: 8\n", "p.txt:1: experts: 8 is out of range"},
       {"0: \n", "p.txt:1: experts: empty list"},
@@ -111,6 +114,19 @@ TEST(ParsePlacementTest, ErrorsNameTheFileAndLine) {
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_MESSAGE_HAS(r.status(), c.message) << c.text;
   }
+}
+
+// The worker reads what the planner writes.
+TEST(ParsePlacementTest, ReadsThePlannersPlacementFiles) {
+  std::vector<std::pair<int, int>> pairs;
+  for (int layer = 0; layer < 32; ++layer) {
+    for (int expert = 0; expert < (layer < 22 ? 4 : 3); ++expert) pairs.emplace_back(layer, expert);
+  }
+  pairs.emplace_back(31, 7);
+  const std::string text = FormatPlacementFile(pairs, "machine-1");
+  auto set = ParsePlacement(text, 32, 8, "machine-1.placement");
+  ASSERT_TRUE(set.ok()) << set.status() << "\n" << text;
+  EXPECT_EQ(set->pairs(), pairs) << text;
 }
 
 TEST(ReadPlacementFileTest, ReadsAFileAndReportsAMissingOne) {

@@ -1,0 +1,170 @@
+// moepool plan: where the coordinator and each expert go on a set of machines.
+//
+//   moepool plan (--model M.gguf | --shape mixtral-8x7b --type Q5_K_M) --machine 12GiB ...
+//                [--coordinator 8GiB] [--ctx 4096] [--reserve 0.5GiB] [--replicas]
+//                [--host NAME ...] [--json]
+//
+// Exit status: 0 when it fits, 1 when it does not, 2 for bad arguments or an unreadable model.
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "coordinator/planner.h"
+#include "engine/status_macros.h"
+#include "engine/synth.h"
+#include "nlohmann/json.hpp"
+
+namespace moepool::cli {
+namespace {
+
+constexpr char kUsage[] =
+    "usage: moepool plan (--model M.gguf | --shape NAME --type MIX) --machine SIZE "
+    "[--machine SIZE ...] [--coordinator SIZE] [--ctx N] [--reserve SIZE] [--replicas] "
+    "[--host NAME ...] [--json]";
+
+absl::StatusOr<PlanRequest> ReadRequest(const Args& args) {
+  if (!args.positional().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument '", args.positional()[0], "'; ", kUsage));
+  }
+  PlanRequest r;
+  if (args.Has("model") == args.Has("shape")) {
+    return absl::InvalidArgumentError(absl::StrCat("give --model or --shape; ", kUsage));
+  }
+  if (args.Has("model")) {
+    if (args.Has("type")) {
+      return absl::InvalidArgumentError("--type goes with --shape; a --model file has its types");
+    }
+    ASSIGN_OR_RETURN(r.sizes, SizesFromFile(args.Get("model")));
+  } else {
+    ASSIGN_OR_RETURN(const SynthShape shape, SynthShapeByName(args.Get("shape")));
+    ASSIGN_OR_RETURN(r.sizes, SizesFromShape(shape, args.Get("type", "Q4_K_M")));
+  }
+  for (const std::string& m : args.GetAll("machine")) {
+    ASSIGN_OR_RETURN(const uint64_t bytes, ParseByteSize(m));
+    if (bytes == 0) return absl::InvalidArgumentError("--machine: a machine of 0 bytes");
+    r.machines.push_back(bytes);
+  }
+  if (r.machines.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("give at least one --machine SIZE; ", kUsage));
+  }
+  if (args.Has("coordinator")) {
+    ASSIGN_OR_RETURN(const uint64_t bytes, ParseByteSize(args.Get("coordinator")));
+    if (bytes == 0) return absl::InvalidArgumentError("--coordinator: a machine of 0 bytes");
+    r.coordinator_machine = bytes;
+  }
+  if (args.Has("reserve")) {
+    ASSIGN_OR_RETURN(r.reserve, ParseByteSize(args.Get("reserve")));
+  }
+  ASSIGN_OR_RETURN(r.ctx, args.GetInt("ctx", 4096));
+  if (r.ctx < 1 || r.ctx > (int64_t{1} << 24)) {
+    return absl::InvalidArgumentError(absl::StrCat("--ctx must be in [1, 16777216]: ", r.ctx));
+  }
+  r.replicas = args.Has("replicas");
+  r.host_names = args.GetAll("host");
+  if (r.host_names.size() > r.machines.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("more --host names (", r.host_names.size(),
+                                                   ") than --machine sizes (", r.machines.size(),
+                                                   ")"));
+  }
+  return r;
+}
+
+nlohmann::json PlanJson(const PlanRequest& r, const Plan& plan) {
+  const ModelSizes& s = r.sizes;
+  nlohmann::json j;
+  j["fits"] = plan.fits;
+  j["model"] = {
+      {"description", s.description},
+      {"path", s.model_path},
+      {"type", s.type},
+      {"n_layer", s.n_layer()},
+      {"n_expert", s.n_expert()},
+      {"n_expert_used", s.shape.n_expert_used},
+      {"n_embd", s.shape.n_embd},
+      {"n_ff", s.shape.n_ff},
+      {"n_vocab", s.n_vocab},
+      {"kv_dim", s.kv_dim()},
+      {"weight_bytes", s.WeightBytes()},
+      {"expert_bytes", s.ExpertBytes()},
+      {"non_expert_bytes", s.non_expert_bytes},
+  };
+  j["ctx"] = r.ctx;
+  j["batch"] = r.batch;
+  j["reserve_bytes"] = r.reserve;
+  j["coordinator"] = {
+      {"machine", plan.machines.front().name},
+      {"non_expert_bytes", plan.coordinator.non_expert},
+      {"kv_cache_bytes", plan.coordinator.kv_cache},
+      {"compute_bytes", plan.coordinator.compute},
+      {"total_bytes", plan.coordinator.total()},
+  };
+  j["worker_buffer_bytes"] = plan.worker_buffer;
+  j["layout"] = plan.layout == PlanLayout::kExpertRanges ? "expert-ranges" : "per-layer";
+  nlohmann::json machines = nlohmann::json::array();
+  for (const MachinePlan& m : plan.machines) {
+    nlohmann::json jm;
+    jm["name"] = m.name;
+    jm["role"] = m.coordinator && m.worker ? "coordinator+worker"
+                 : m.coordinator           ? "coordinator"
+                 : m.worker                ? "worker"
+                                           : "unused";
+    jm["size_bytes"] = m.size;
+    jm["available_bytes"] = m.available();
+    jm["used_bytes"] = m.used();
+    jm["coordinator_bytes"] = m.coordinator_bytes;
+    jm["worker_buffer_bytes"] = m.worker_buffer_bytes;
+    jm["expert_bytes"] = m.expert_bytes;
+    nlohmann::json pairs = nlohmann::json::array();
+    for (const auto& [l, e] : m.pairs) pairs.push_back({l, e});
+    jm["pairs"] = pairs;
+    jm["replica_experts"] = m.replica_experts;
+    if (m.worker) {
+      jm["port"] = m.port;
+      jm["experts"] = m.experts_text;
+      jm["command"] = m.worker_command;
+    }
+    if (!m.placement_file_name.empty()) {
+      jm["placement_file"] = {{"name", m.placement_file_name}, {"content", m.placement_file}};
+    }
+    machines.push_back(jm);
+  }
+  j["machines"] = machines;
+  if (plan.fits) {
+    j["serve_command"] = plan.serve_command;
+  } else {
+    j["shortfall_bytes"] = plan.shortfall;
+    j["problem"] = plan.problem;
+    j["suggestions"] = plan.suggestions;
+  }
+  return j;
+}
+
+}  // namespace
+
+int RunPlan(int argc, char** argv) {
+  auto args =
+      Args::Parse(argc, argv,
+                  {{"model", "shape", "type", "machine", "coordinator", "ctx", "reserve", "host"},
+                   {"replicas", "json"}});
+  absl::StatusOr<PlanRequest> request =
+      args.ok() ? ReadRequest(*args) : absl::StatusOr<PlanRequest>(args.status());
+  absl::StatusOr<Plan> plan =
+      request.ok() ? MakePlan(*request) : absl::StatusOr<Plan>(request.status());
+  if (!plan.ok()) {
+    std::fprintf(stderr, "moepool: %s\n", std::string(plan.status().message()).c_str());
+    return 2;
+  }
+  if (args->Has("json")) {
+    std::cout << PlanJson(*request, *plan).dump() << std::endl;
+  } else {
+    std::cout << FormatPlan(*request, *plan);
+  }
+  return plan->fits ? 0 : 1;
+}
+
+}  // namespace moepool::cli

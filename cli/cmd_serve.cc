@@ -1,0 +1,164 @@
+// moepool serve: the OpenAI-compatible HTTP server (see docs/api.md, docs/operations.md).
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "coordinator/serve.h"
+#include "engine/status_macros.h"
+
+namespace moepool::cli {
+namespace {
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "moepool: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+// "HOST:PORT" or "[V6HOST]:PORT".
+absl::Status ParseListen(const std::string& listen, std::string* host, int* port) {
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos || colon + 1 == listen.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--listen must be HOST:PORT, got '", listen, "'"));
+  }
+  *host = listen.substr(0, colon);
+  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
+    *host = host->substr(1, host->size() - 2);
+  }
+  const std::string p = listen.substr(colon + 1);
+  char* end = nullptr;
+  const long v = std::strtol(p.c_str(), &end, 10);
+  if (*end != '\0' || v < 0 || v > 65535 || host->empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--listen must be HOST:PORT, got '", listen, "'"));
+  }
+  *port = static_cast<int>(v);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::string>> ApiKeys(const Args& args) {
+  std::vector<std::string> keys = args.GetAll("api-key");
+  for (const std::string& path : args.GetAll("api-key-file")) {
+    ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
+    size_t start = 0;
+    while (start <= text.size()) {
+      size_t end = text.find('\n', start);
+      if (end == std::string::npos) end = text.size();
+      std::string line = text.substr(start, end - start);
+      while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+      if (!line.empty() && line[0] != '#') keys.push_back(line);
+      start = end + 1;
+    }
+  }
+  for (const std::string& k : keys) {
+    if (k.empty()) return absl::InvalidArgumentError("--api-key must not be empty");
+  }
+  return keys;
+}
+
+absl::StatusOr<ServeConfig> ParseConfig(const Args& args) {
+  ServeConfig c;
+  c.engine.model_path = args.Get("model");
+  if (c.engine.model_path.empty()) return absl::InvalidArgumentError("--model is required");
+  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
+  c.engine.threads = static_cast<int>(threads);
+  ASSIGN_OR_RETURN(c.engine.n_ctx, args.GetInt("ctx", 0));
+  if (!ParseMoeResidual(args.Get("moe-residual", "reference"),
+                        &c.engine.transformer.moe_residual)) {
+    return absl::InvalidArgumentError("--moe-residual must be reference or standard");
+  }
+  ASSIGN_OR_RETURN(int64_t parallel, args.GetInt("parallel", 4));
+  ASSIGN_OR_RETURN(int64_t max_queue, args.GetInt("max-queue", 64));
+  ASSIGN_OR_RETURN(c.scheduler.step_tokens, args.GetInt("step-tokens", 512));
+  ASSIGN_OR_RETURN(c.scheduler.block_size, args.GetInt("kv-block-size", 16));
+  ASSIGN_OR_RETURN(int64_t kv_tokens, args.GetInt("kv-cache-tokens", 0));
+  if (parallel < 1 || parallel > 1024) return absl::InvalidArgumentError("--parallel: 1..1024");
+  if (max_queue < 0 || max_queue > 100000) {
+    return absl::InvalidArgumentError("--max-queue: 0..100000");
+  }
+  if (c.scheduler.step_tokens < 1) return absl::InvalidArgumentError("--step-tokens: >= 1");
+  if (c.scheduler.block_size < 1 || c.scheduler.block_size > 4096) {
+    return absl::InvalidArgumentError("--kv-block-size: 1..4096");
+  }
+  if (kv_tokens < 0) return absl::InvalidArgumentError("--kv-cache-tokens: >= 0");
+  c.scheduler.max_active = static_cast<int>(parallel);
+  c.scheduler.max_queue = static_cast<int>(max_queue);
+  c.scheduler.kv_blocks = (kv_tokens + c.scheduler.block_size - 1) / c.scheduler.block_size;
+  RETURN_IF_ERROR(ParseListen(args.Get("listen", "127.0.0.1:8080"), &c.http.host, &c.http.port));
+  ASSIGN_OR_RETURN(c.http.api_keys, ApiKeys(args));
+  ASSIGN_OR_RETURN(int64_t http_threads, args.GetInt("http-threads", 0));
+  ASSIGN_OR_RETURN(int64_t max_body, args.GetInt("max-body-bytes", 8 << 20));
+  if (http_threads < 0 || max_body < 1) {
+    return absl::InvalidArgumentError("--http-threads >= 0 and --max-body-bytes >= 1 required");
+  }
+  c.http.threads = static_cast<int>(http_threads);
+  c.http.max_body_bytes = static_cast<size_t>(max_body);
+  c.http.model_id = args.Get("model-name");
+  c.chat_template = args.Get("chat-template");
+  if (!c.chat_template.empty()) RETURN_IF_ERROR(ChatFormatByName(c.chat_template).status());
+  return c;
+}
+
+// Where the experts run. The cluster's --workers flags plug in here: build a remote
+// ExpertBackend from `args`, return a factory that sets EngineOptions::experts to it (keeping it
+// alive while the server runs), and report worker coverage through config->http.health.
+absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFactory* factory) {
+  (void)args;
+  (void)config;
+  *factory = LocalEngineFactory();
+  return absl::OkStatus();
+}
+
+absl::Status Serve(const Args& args) {
+  ASSIGN_OR_RETURN(ServeConfig config, ParseConfig(args));
+  EngineFactory factory;
+  RETURN_IF_ERROR(ConfigureExperts(args, &config, &factory));
+  // Block the stop signals in every thread (threads inherit the mask), then wait for them here.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  ASSIGN_OR_RETURN(auto session, ServeSession::Create(config, factory));
+  if (!session->notice().empty()) {
+    std::fprintf(stderr, "moepool: %s\n", session->notice().c_str());
+  }
+  RETURN_IF_ERROR(session->Start());
+  const std::string& host = config.http.host;
+  const std::string shown = host.find(':') != std::string::npos ? "[" + host + "]" : host;
+  std::printf("moepool: serving on http://%s:%d\n", shown.c_str(), session->port());
+  std::fflush(stdout);
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::fprintf(stderr, "moepool: %s received, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  session->Stop();
+  return absl::OkStatus();
+}
+
+const FlagSpec kServeFlags = {
+    {"model", "listen", "api-key", "api-key-file", "parallel", "ctx", "max-queue", "threads",
+     "chat-template", "moe-residual", "step-tokens", "kv-block-size", "kv-cache-tokens",
+     "http-threads", "max-body-bytes", "model-name"},
+    {}};
+
+}  // namespace
+
+int RunServe(int argc, char** argv) {
+  auto args = Args::Parse(argc, argv, kServeFlags);
+  if (!args.ok()) return Fail(args.status());
+  if (!args->positional().empty()) {
+    return Fail(absl::InvalidArgumentError("moepool serve takes no positional arguments"));
+  }
+  const absl::Status s = Serve(*args);
+  return s.ok() ? 0 : Fail(s);
+}
+
+}  // namespace moepool::cli

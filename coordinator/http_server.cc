@@ -1,0 +1,375 @@
+#include "coordinator/http_server.h"
+
+#include <httplib.h>
+
+#include <chrono>
+#include <random>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "coordinator/openai_api.h"
+#include "engine/status_macros.h"
+
+namespace moepool {
+namespace {
+
+using json = nlohmann::json;
+constexpr std::chrono::milliseconds kPoll(100);
+
+bool ConstantTimeEquals(const std::string& a, const std::string& b) {
+  const size_t n = std::max(a.size(), b.size());
+  unsigned diff = a.size() == b.size() ? 0u : 1u;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff |= static_cast<unsigned>(x ^ y);
+  }
+  return diff == 0;
+}
+
+void SendJson(httplib::Response& res, int status, const json& body) {
+  res.status = status;
+  res.set_content(DumpJson(body), "application/json");
+}
+
+// Label for the request counter: known endpoints by name, everything else "other".
+std::string EndpointLabel(const std::string& path) {
+  for (const char* p :
+       {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}) {
+    if (path == p) return p;
+  }
+  if (path.rfind("/v1/models/", 0) == 0) return "/v1/models/{id}";
+  return "other";
+}
+
+uint64_t RandomSeed() {
+  static std::mutex mu;
+  static std::mt19937_64 rng(std::random_device{}());
+  std::lock_guard<std::mutex> lock(mu);
+  return rng();
+}
+
+// One streamed response: what the content provider needs between calls.
+struct StreamState {
+  std::shared_ptr<GenerationStream> stream;
+  ResponseMeta meta;
+  bool chat = true;
+  bool include_usage = false;
+  bool logprobs = false;
+  bool finished = false;    // the final event was written
+  int64_t text_offset = 0;  // completions logprobs
+};
+
+std::string SseData(const json& j) { return "data: " + DumpJson(j) + "\n\n"; }
+
+}  // namespace
+
+void SendApiError(const absl::Status& status, httplib::Response& res) {
+  const ApiError e = ToApiError(status);
+  if (e.http_status == 429) res.set_header("Retry-After", "1");
+  SendJson(res, e.http_status, ErrorJson(e));
+}
+
+HttpServer::HttpServer(Scheduler* scheduler, const ChatTemplate* chat_template,
+                       ServerMetrics* metrics, HttpServerOptions options)
+    : scheduler_(scheduler),
+      chat_template_(chat_template),
+      metrics_(metrics),
+      options_(std::move(options)),
+      created_(std::chrono::duration_cast<std::chrono::seconds>(
+                   std::chrono::system_clock::now().time_since_epoch())
+                   .count()),
+      server_(std::make_unique<httplib::Server>()) {}
+
+HttpServer::~HttpServer() { Stop(); }
+
+absl::Status HttpServer::Authenticate(const httplib::Request& req) const {
+  if (options_.api_keys.empty()) return absl::OkStatus();
+  const std::string header = req.get_header_value("Authorization");
+  const std::string prefix = "Bearer ";
+  if (header.empty()) {
+    return absl::UnauthenticatedError(
+        "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.");
+  }
+  const std::string key = header.rfind(prefix, 0) == 0 ? header.substr(prefix.size()) : header;
+  bool match = false;
+  for (const std::string& k : options_.api_keys) match |= ConstantTimeEquals(key, k);
+  if (!match) return absl::UnauthenticatedError("Incorrect API key provided.");
+  return absl::OkStatus();
+}
+
+absl::Status HttpServer::Start() {
+  httplib::Server& svr = *server_;
+  const SchedulerOptions& so = scheduler_->options();
+  const size_t threads = options_.threads > 0
+                             ? static_cast<size_t>(options_.threads)
+                             : static_cast<size_t>(so.max_active + so.max_queue + 8);
+  svr.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  svr.set_payload_max_length(options_.max_body_bytes);
+  svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
+    const absl::Status auth = Authenticate(req);
+    if (auth.ok()) return httplib::Server::HandlerResponse::Unhandled;
+    SendApiError(auth, res);
+    return httplib::Server::HandlerResponse::Handled;
+  });
+  const httplib::Server::HandlerWithResponse json_errors =
+      [](const httplib::Request& req, httplib::Response& res) -> httplib::Server::HandlerResponse {
+    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+    ApiError e;
+    e.http_status = res.status;
+    e.type = res.status >= 500 ? "server_error" : "invalid_request_error";
+    if (res.status == 404) {
+      e.message = absl::StrCat("Unknown endpoint ", req.method, " ", req.path);
+    } else if (res.status == 413) {
+      e.message = "The request body is too large.";
+    } else {
+      e.message = absl::StrCat("HTTP ", res.status);
+    }
+    res.set_content(DumpJson(ErrorJson(e)), "application/json");
+    return httplib::Server::HandlerResponse::Handled;
+  };
+  svr.set_error_handler(json_errors);
+  // Counted before the response is written, so a client sees its own request in /metrics.
+  svr.set_post_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (metrics_ != nullptr) metrics_->CountRequest(EndpointLabel(req.path), res.status);
+  });
+  // Bodies are read through a ContentReader: httplib's own body reading would apply its 8 KiB
+  // form limit to the curl default Content-Type (application/x-www-form-urlencoded).
+  for (const bool chat : {true, false}) {
+    svr.Post(chat ? "/v1/chat/completions" : "/v1/completions",
+             [this, chat](const httplib::Request&, httplib::Response& res,
+                          const httplib::ContentReader& reader) {
+               std::string body;
+               const bool read = reader([&](const char* data, size_t n) {
+                 body.append(data, n);
+                 return true;
+               });
+               if (!read) {
+                 if (res.status < 400) res.status = 400;  // 413 when over the size limit
+                 return;
+               }
+               HandleGenerate(body, res, chat);
+             });
+  }
+  svr.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    SendJson(res, 200,
+             {{"object", "list"}, {"data", json::array({ModelJson(options_.model_id, created_)})}});
+  });
+  svr.Get(R"(/v1/models/(.+))", [this](const httplib::Request& req, httplib::Response& res) {
+    if (req.matches[1] != options_.model_id) {
+      SendApiError(absl::NotFoundError(
+                       absl::StrCat("The model '", req.matches[1].str(), "' does not exist")),
+                   res);
+      return;
+    }
+    SendJson(res, 200, ModelJson(options_.model_id, created_));
+  });
+  svr.Get("/health",
+          [this](const httplib::Request&, httplib::Response& res) { HandleHealth(res); });
+  svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    const SchedulerStats s = scheduler_->stats();
+    GaugeSnapshot g;
+    g.queue_depth = s.queued;
+    g.active_sequences = s.active;
+    g.kv_blocks_used = s.kv_blocks_used;
+    g.kv_blocks_free = s.kv_blocks_free;
+    g.kv_block_size = s.block_size;
+    const std::string body = metrics_ != nullptr ? metrics_->Render(g) : std::string();
+    res.set_content(body, "text/plain; version=0.0.4; charset=utf-8");
+  });
+
+  const int port = options_.port == 0
+                       ? svr.bind_to_any_port(options_.host)
+                       : (svr.bind_to_port(options_.host, options_.port) ? options_.port : -1);
+  if (port < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options_.host, ":", options_.port));
+  }
+  port_ = port;
+  listener_ = std::thread([this] { server_->listen_after_bind(); });
+  return absl::OkStatus();
+}
+
+void HttpServer::Stop() {
+  stopping_.store(true);
+  server_->stop();
+  if (listener_.joinable()) listener_.join();
+}
+
+void HttpServer::HandleHealth(httplib::Response& res) {
+  const SchedulerStats s = scheduler_->stats();
+  HealthReport extra = options_.health ? options_.health() : HealthReport{};
+  const bool ok = extra.ok && !stopping_.load();
+  json body = {{"status", ok ? "ok" : "unavailable"}, {"model", options_.model_id},
+               {"active_sequences", s.active},        {"queued_requests", s.queued},
+               {"kv_blocks_free", s.kv_blocks_free},  {"kv_blocks_total", s.kv_blocks_total}};
+  if (extra.details.is_object()) body.update(extra.details);
+  SendJson(res, ok ? 200 : 503, body);
+}
+
+void HttpServer::HandleGenerate(const std::string& body, httplib::Response& res, bool chat) {
+  const Tokenizer& tok = scheduler_->engine().tokenizer();
+  GenerationRequest gen;
+  GenerationParams params;
+  std::string prompt_param;
+  if (chat) {
+    absl::StatusOr<ChatCompletionRequest> r = ParseChatCompletionRequest(body);
+    if (!r.ok()) return SendApiError(r.status(), res);
+    absl::StatusOr<std::vector<int32_t>> ids = chat_template_->Apply(r->messages);
+    if (!ids.ok())
+      return SendApiError(InvalidRequestError("messages", std::string(ids.status().message())),
+                          res);
+    gen.prompt = std::move(*ids);
+    gen.stop_tokens = chat_template_->stop_tokens();
+    gen.stop = chat_template_->stop_strings();
+    gen.trim_leading_space = chat_template_->trims_leading_space();
+    params = std::move(r->params);
+    prompt_param = "messages";
+  } else {
+    absl::StatusOr<CompletionRequest> r = ParseCompletionRequest(body);
+    if (!r.ok()) return SendApiError(r.status(), res);
+    gen.prompt =
+        r->has_prompt_tokens ? r->prompt_tokens : tok.Encode(r->prompt, tok.add_bos_default());
+    params = std::move(r->params);
+    prompt_param = "prompt";
+  }
+  if (gen.prompt.empty())
+    return SendApiError(InvalidRequestError(prompt_param, "the prompt is empty"), res);
+  const int64_t n_prompt = static_cast<int64_t>(gen.prompt.size());
+  if (n_prompt >= scheduler_->n_ctx()) {
+    return SendApiError(
+        InvalidRequestError(
+            prompt_param,
+            absl::StrCat("This model's maximum context length is ", scheduler_->n_ctx(),
+                         " tokens. However, your ", chat ? "messages" : "prompt", " resulted in ",
+                         n_prompt, " tokens, which leaves no room for a reply."),
+            "context_length_exceeded"),
+        res);
+  }
+  gen.sampling = params.sampling;
+  if (!params.seed_given) gen.sampling.seed = RandomSeed();
+  gen.max_tokens = params.max_tokens;
+  gen.stop.insert(gen.stop.end(), params.stop.begin(), params.stop.end());
+  gen.logit_bias = params.logit_bias;
+  gen.top_logprobs = params.top_logprobs;
+  const bool logprobs = params.top_logprobs >= 0;
+
+  absl::StatusOr<std::shared_ptr<GenerationStream>> submitted = scheduler_->Submit(std::move(gen));
+  if (!submitted.ok()) {
+    const absl::Status& s = submitted.status();
+    return SendApiError(s.code() == absl::StatusCode::kInvalidArgument && ApiParam(s).empty()
+                            ? InvalidRequestError(prompt_param, std::string(s.message()))
+                            : s,
+                        res);
+  }
+  ResponseMeta meta;
+  meta.id = NewResponseId(chat ? "chatcmpl-" : "cmpl-");
+  meta.created = std::chrono::duration_cast<std::chrono::seconds>(
+                     std::chrono::system_clock::now().time_since_epoch())
+                     .count();
+  meta.model = options_.model_id;
+
+  if (!params.stream) {
+    GenerationStream& stream = **submitted;
+    GenerationResult result;
+    while (true) {
+      GenerationEvent ev;
+      if (!stream.Next(&ev, kPoll)) {
+        if (!stopping_.load()) continue;
+        stream.Cancel();  // the scheduler frees it; this response ends now
+        return SendApiError(absl::UnavailableError("the server is shutting down"), res);
+      }
+      result.text += ev.text;
+      for (SampledToken& t : ev.tokens) result.tokens.push_back(std::move(t));
+      if (ev.finish == FinishReason::kNone) continue;
+      if (ev.finish != FinishReason::kStop && ev.finish != FinishReason::kLength) {
+        return SendApiError(
+            ev.error.ok() ? absl::UnavailableError("the request was cancelled") : ev.error, res);
+      }
+      result.finish = ev.finish;
+      result.prompt_tokens = ev.prompt_tokens;
+      result.completion_tokens = ev.completion_tokens;
+      break;
+    }
+    return SendJson(res, 200,
+                    chat ? ChatCompletionJson(meta, result, logprobs, tok)
+                         : CompletionJson(meta, result, logprobs, tok));
+  }
+
+  auto state = std::make_shared<StreamState>();
+  state->stream = *submitted;
+  state->meta = meta;
+  state->chat = chat;
+  state->include_usage = params.include_usage;
+  state->logprobs = logprobs;
+  res.set_header("Cache-Control", "no-cache");
+  res.set_header("X-Accel-Buffering", "no");
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [this, state, &tok](size_t, httplib::DataSink& sink) {
+        auto send = [&](const std::string& data) {
+          if (sink.write(data.data(), data.size())) return true;
+          state->stream->Cancel();  // the client went away
+          return false;
+        };
+        if (state->chat && !send(SseData(ChatCompletionChunkJson(
+                               state->meta, {{"role", "assistant"}, {"content", ""}},
+                               FinishReason::kNone, nullptr)))) {
+          return false;
+        }
+        while (true) {
+          GenerationEvent ev;
+          if (!state->stream->Next(&ev, kPoll)) {
+            if (!stopping_.load()) continue;
+            state->stream->Cancel();  // the scheduler frees it; this response ends now
+            ev.finish = FinishReason::kCancelled;
+            ev.error = absl::UnavailableError("the server is shutting down");
+          }
+          const bool has_tokens = state->logprobs && !ev.tokens.empty();
+          if (!ev.text.empty() || has_tokens) {
+            json chunk;
+            if (state->chat) {
+              chunk = ChatCompletionChunkJson(
+                  state->meta, {{"content", ev.text}}, FinishReason::kNone,
+                  has_tokens ? ChatLogprobsJson(ev.tokens, tok) : json(nullptr));
+            } else {
+              chunk = CompletionChunkJson(
+                  state->meta, ev.text, FinishReason::kNone,
+                  has_tokens ? CompletionLogprobsJson(ev.tokens, tok, state->text_offset)
+                             : json(nullptr));
+              state->text_offset += static_cast<int64_t>(ev.text.size());
+            }
+            if (!send(SseData(chunk))) return false;
+          }
+          if (ev.finish == FinishReason::kNone) continue;
+          state->finished = true;
+          if (ev.finish != FinishReason::kStop && ev.finish != FinishReason::kLength) {
+            const absl::Status err =
+                ev.error.ok() ? absl::UnavailableError("the request was cancelled") : ev.error;
+            send(SseData(ErrorJson(ToApiError(err))));
+            sink.done();
+            return true;
+          }
+          const json last =
+              state->chat ? ChatCompletionChunkJson(state->meta, json::object(), ev.finish, nullptr)
+                          : CompletionChunkJson(state->meta, "", ev.finish, nullptr);
+          if (!send(SseData(last))) return false;
+          if (state->include_usage &&
+              !send(SseData(UsageChunkJson(state->meta, state->chat, ev.prompt_tokens,
+                                           ev.completion_tokens)))) {
+            return false;
+          }
+          if (!send("data: [DONE]\n\n")) return false;
+          sink.done();
+          return true;
+        }
+      },
+      [state](bool) {
+        // However the response ended (done, write error, disconnect before the first byte),
+        // an unfinished sequence must not keep running.
+        if (!state->finished) state->stream->Cancel();
+      });
+}
+
+}  // namespace moepool

@@ -1,0 +1,93 @@
+// The OpenAI-compatible HTTP front (cpp-httplib): POST /v1/chat/completions and
+// /v1/completions (JSON or server-sent events), GET /v1/models, /health and /metrics.
+// Requests become GenerationRequests for the Scheduler; see docs/api.md for the wire format.
+//
+// Authentication: with API keys configured, every /v1/ request needs "Authorization: Bearer
+// KEY" matching one of them (constant-time comparison); /health and /metrics stay open for
+// probes and scrapers. A streamed request whose client goes away is cancelled (its KV blocks
+// return to the pool) at its next write.
+//
+// Ownership: borrows the Scheduler, ChatTemplate and ServerMetrics, which must outlive it.
+// Threading: handlers run on a pool of HTTP threads; Start/Stop are for one controlling thread.
+#ifndef MOEPOOL_COORDINATOR_HTTP_SERVER_H_
+#define MOEPOOL_COORDINATOR_HTTP_SERVER_H_
+
+#include <atomic>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "coordinator/chat_template.h"
+#include "coordinator/metrics.h"
+#include "coordinator/scheduler.h"
+#include "nlohmann/json.hpp"
+
+namespace httplib {
+class Server;
+struct Request;
+struct Response;
+}  // namespace httplib
+
+namespace moepool {
+
+// What /health reports beyond the scheduler's state (e.g. the coverage of remote workers).
+struct HealthReport {
+  bool ok = true;                                     // false: /health answers 503
+  nlohmann::json details = nlohmann::json::object();  // merged into the response
+};
+
+struct HttpServerOptions {
+  std::string host = "127.0.0.1";
+  int port = 8080;                    // 0: any free port (see port())
+  std::vector<std::string> api_keys;  // empty: no authentication
+  size_t max_body_bytes = 8u << 20;   // larger request bodies get 413
+  // HTTP threads; 0: parallel + max-queue + 8, so every running or queued request holds a
+  // thread and /health and /metrics still get one.
+  int threads = 0;
+  std::string model_id = "moepool";      // reported by /v1/models and in responses
+  std::function<HealthReport()> health;  // optional
+};
+
+class HttpServer {
+ public:
+  HttpServer(Scheduler* scheduler, const ChatTemplate* chat_template, ServerMetrics* metrics,
+             HttpServerOptions options);
+  ~HttpServer();  // Stop()
+  HttpServer(const HttpServer&) = delete;
+  HttpServer& operator=(const HttpServer&) = delete;
+
+  // Binds and serves on a background thread. UNAVAILABLE if the address cannot be bound.
+  absl::Status Start();
+  // The bound port (after Start).
+  int port() const { return port_; }
+  // Ends in-flight requests (streams get an error event, waiting requests 503), stops
+  // listening and joins the HTTP threads. Idempotent.
+  void Stop();
+
+ private:
+  void HandleGenerate(const std::string& body, httplib::Response& res, bool chat);
+  void HandleHealth(httplib::Response& res);
+  // Ok, or UNAUTHENTICATED when keys are configured and the request has none of them.
+  absl::Status Authenticate(const httplib::Request& req) const;
+
+  Scheduler* scheduler_;
+  const ChatTemplate* chat_template_;
+  ServerMetrics* metrics_;
+  HttpServerOptions options_;
+  int64_t created_;
+  std::unique_ptr<httplib::Server> server_;
+  std::thread listener_;
+  std::atomic<bool> stopping_{false};
+  int port_ = 0;
+};
+
+// Writes `status` as an OpenAI error object (and Retry-After for 429) into `res`.
+void SendApiError(const absl::Status& status, httplib::Response& res);
+
+}  // namespace moepool
+
+#endif  // MOEPOOL_COORDINATOR_HTTP_SERVER_H_

@@ -1,0 +1,83 @@
+// Server metrics in the Prometheus text exposition format (version 0.0.4): request counters,
+// token counters, latency histograms and per-layer per-expert routing counts.
+//
+// Threading: every method is thread-safe (atomics, or a mutex for labelled counters); the
+// scheduler thread, the forward pass (routing observer) and HTTP threads update concurrently
+// while /metrics renders.
+#ifndef MOEPOOL_COORDINATOR_METRICS_H_
+#define MOEPOOL_COORDINATOR_METRICS_H_
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/transformer.h"
+
+namespace moepool {
+
+// A cumulative histogram with fixed upper bounds (seconds for the latency histograms).
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> upper_bounds);
+  void Observe(double value);
+  // Appends `name`_bucket{le=...}, _sum and _count lines (HELP/TYPE header included).
+  void Render(const std::string& name, const std::string& help, std::string* out) const;
+  uint64_t count() const { return count_.load(std::memory_order_relaxed); }
+
+ private:
+  std::vector<double> bounds_;
+  std::unique_ptr<std::atomic<uint64_t>[]> buckets_;  // per bound, not cumulative; + overflow
+  std::atomic<uint64_t> count_{0};
+  std::atomic<uint64_t> sum_micros_{0};  // sum in millionths, so it can be atomic
+};
+
+// Values the scheduler reports at render time.
+struct GaugeSnapshot {
+  int64_t queue_depth = 0;
+  int64_t active_sequences = 0;
+  int64_t kv_blocks_used = 0;
+  int64_t kv_blocks_free = 0;
+  int64_t kv_block_size = 0;
+};
+
+class ServerMetrics : public RoutingObserver {
+ public:
+  ServerMetrics(int n_layer, int n_expert);
+
+  // Routing observer: counts each row's selected experts.
+  void OnRoutes(int layer, const ExpertRoutes& routes) override;
+
+  void CountRequest(const std::string& endpoint, int http_status);
+  void AddPromptTokens(int64_t n) { prompt_tokens_.fetch_add(n, std::memory_order_relaxed); }
+  void AddGeneratedTokens(int64_t n) { generated_tokens_.fetch_add(n, std::memory_order_relaxed); }
+  void CountFinish(const std::string& reason);
+  void CountPreemption() { preemptions_.fetch_add(1, std::memory_order_relaxed); }
+  Histogram& time_to_first_token() { return ttft_; }
+  Histogram& inter_token_latency() { return itl_; }
+
+  uint64_t routed(int layer, int expert) const;
+
+  std::string Render(const GaugeSnapshot& gauges) const;
+
+ private:
+  int n_layer_;
+  int n_expert_;
+  std::unique_ptr<std::atomic<uint64_t>[]> routing_;  // [n_layer x n_expert]
+  mutable std::mutex mu_;
+  std::map<std::pair<std::string, int>, uint64_t> requests_;  // guarded by mu_
+  std::map<std::string, uint64_t> finishes_;                  // guarded by mu_
+  std::atomic<uint64_t> prompt_tokens_{0};
+  std::atomic<uint64_t> generated_tokens_{0};
+  std::atomic<uint64_t> preemptions_{0};
+  Histogram ttft_;
+  Histogram itl_;
+};
+
+}  // namespace moepool
+
+#endif  // MOEPOOL_COORDINATOR_METRICS_H_

@@ -1,0 +1,33 @@
+// Small string helpers shared by the planner's source files (not part of its interface).
+#ifndef MOEPOOL_COORDINATOR_PLANNER_INTERNAL_H_
+#define MOEPOOL_COORDINATOR_PLANNER_INTERNAL_H_
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moepool::planner_internal {
+
+// Splits `text` at each `sep`; empty pieces are dropped when skip_empty.
+inline std::vector<std::string> Split(std::string_view text, char sep, bool skip_empty) {
+  std::vector<std::string> out;
+  size_t begin = 0;
+  while (begin <= text.size()) {
+    size_t end = text.find(sep, begin);
+    if (end == std::string_view::npos) end = text.size();
+    if (!skip_empty || end > begin) out.emplace_back(text.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  return out;
+}
+
+// Removes `prefix` from the front of *s if it is there.
+inline bool ConsumePrefix(std::string_view* s, std::string_view prefix) {
+  if (s->substr(0, prefix.size()) != prefix) return false;
+  s->remove_prefix(prefix.size());
+  return true;
+}
+
+}  // namespace moepool::planner_internal
+
+#endif  // MOEPOOL_COORDINATOR_PLANNER_INTERNAL_H_

@@ -1,0 +1,410 @@
+#include "coordinator/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/status_macros.h"
+
+namespace moepool {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// Position of the earliest occurrence of any stop string in `text`, or npos.
+size_t FindStop(const std::string& text, const std::vector<std::string>& stops) {
+  size_t best = std::string::npos;
+  for (const std::string& s : stops) best = std::min(best, text.find(s));
+  return best;
+}
+
+// Length of the longest suffix of `text` that is a proper prefix of a stop string: text that
+// must be held back because the next tokens may complete a stop string. Stop strings are valid
+// UTF-8, so such a suffix starts on a character boundary.
+size_t StopPrefixSuffix(const std::string& text, const std::vector<std::string>& stops) {
+  size_t hold = 0;
+  for (const std::string& s : stops) {
+    for (size_t k = std::min(s.size() - 1, text.size()); k > hold; --k) {
+      if (text.compare(text.size() - k, k, s, 0, k) == 0) {
+        hold = k;
+        break;
+      }
+    }
+  }
+  return hold;
+}
+
+}  // namespace
+
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kError:
+      return "error";
+    case FinishReason::kNone:
+      break;
+  }
+  return "none";
+}
+
+bool GenerationStream::Next(GenerationEvent* event, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!cv_.wait_for(lock, timeout, [&] { return !events_.empty(); })) return false;
+  *event = std::move(events_.front());
+  events_.pop_front();
+  return true;
+}
+
+void GenerationStream::Push(GenerationEvent event) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    events_.push_back(std::move(event));
+  }
+  cv_.notify_all();
+}
+
+struct Scheduler::Sequence {
+  Sequence(GenerationRequest r, KvBlockPool* pool, int64_t n_ctx, const Tokenizer& tokenizer)
+      : req(std::move(r)),
+        stream(std::make_shared<GenerationStream>()),
+        cache(pool, n_ctx),
+        sampler(req.sampling),
+        detok(tokenizer),
+        tokens(req.prompt),
+        trim_pending(req.trim_leading_space),
+        submitted(Clock::now()) {}
+
+  GenerationRequest req;
+  std::shared_ptr<GenerationStream> stream;
+  KvCache cache;
+  Sampler sampler;
+  StreamingDetokenizer detok;
+  std::vector<int32_t> tokens;  // prompt + generated; positions < cache.n_past() are computed
+  int64_t n_generated = 0;
+  std::string held;  // decoded text not yet sent (a possible stop-string prefix)
+  bool trim_pending;
+  bool admitted = false;  // moved from the queue to the active set
+  bool done = false;
+  Clock::time_point submitted, last_token;
+};
+
+Scheduler::Scheduler(Engine* engine, const SchedulerOptions& options, ServerMetrics* metrics)
+    : engine_(engine), options_(options), metrics_(metrics) {
+  n_ctx_ = options_.n_ctx > 0 ? options_.n_ctx : engine_->n_ctx();
+  options_.max_active = std::max(options_.max_active, 1);
+  options_.max_queue = std::max(options_.max_queue, 0);
+  options_.step_tokens = std::max<int64_t>(options_.step_tokens, 1);
+  options_.block_size = std::max<int64_t>(options_.block_size, 1);
+  const int64_t per_ctx = (n_ctx_ + options_.block_size - 1) / options_.block_size;
+  const int64_t blocks = options_.kv_blocks > 0 ? std::max(options_.kv_blocks, per_ctx)
+                                                : per_ctx * options_.max_active;
+  pool_ = std::make_unique<KvBlockPool>(engine_->config(), options_.block_size, blocks);
+}
+
+Scheduler::~Scheduler() { Stop(); }
+
+void Scheduler::Start() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (loop_.joinable() || stopping_) return;
+  loop_ = std::thread([this] { Loop(); });
+}
+
+void Scheduler::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (loop_.joinable()) loop_.join();
+  // The loop has ended (or never ran): end every sequence still here.
+  const absl::Status shutdown = absl::UnavailableError("the server is shutting down");
+  for (auto& seq : active_) {
+    if (!seq->done) Finish(seq.get(), FinishReason::kCancelled, shutdown);
+  }
+  active_.clear();
+  std::deque<std::unique_ptr<Sequence>> pending;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending.swap(pending_);
+  }
+  for (auto& seq : pending) Finish(seq.get(), FinishReason::kCancelled, shutdown);
+}
+
+absl::StatusOr<std::shared_ptr<GenerationStream>> Scheduler::Submit(GenerationRequest request) {
+  const int64_t n_vocab = engine_->config().n_vocab;
+  if (request.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
+  for (int32_t id : request.prompt) {
+    if (id < 0 || id >= n_vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", id, " out of range [0, ", n_vocab, ")"));
+    }
+  }
+  const int64_t n_prompt = static_cast<int64_t>(request.prompt.size());
+  if (n_prompt >= n_ctx_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "This model's maximum context length is ", n_ctx_, " tokens. However, your prompt has ",
+        n_prompt, " tokens, which leaves no room to generate."));
+  }
+  if (request.max_tokens == 0) return absl::InvalidArgumentError("max_tokens must be at least 1");
+  for (const std::string& s : request.stop) {
+    if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
+  }
+  for (const auto& [id, bias] : request.logit_bias) {
+    if (id < 0 || id >= n_vocab || !(std::fabs(bias) <= 100.0f)) {
+      return absl::InvalidArgumentError(absl::StrCat("logit_bias: token ", id, " must be in [0, ",
+                                                     n_vocab, ") with a bias in [-100, 100]"));
+    }
+  }
+  RETURN_IF_ERROR(ValidateSamplingParams(request.sampling));
+  auto seq =
+      std::make_unique<Sequence>(std::move(request), pool_.get(), n_ctx_, engine_->tokenizer());
+  std::shared_ptr<GenerationStream> stream = seq->stream;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return absl::UnavailableError("the server is shutting down");
+    const int64_t waiting = static_cast<int64_t>(pending_.size()) + n_active_.load();
+    if (waiting >= options_.max_active + options_.max_queue) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the server is busy: ", options_.max_active, " requests are running and ",
+                       options_.max_queue, " waiting; retry later"));
+    }
+    pending_.push_back(std::move(seq));
+  }
+  cv_.notify_all();
+  if (metrics_ != nullptr) metrics_->AddPromptTokens(n_prompt);
+  return stream;
+}
+
+SchedulerStats Scheduler::stats() const {
+  SchedulerStats s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    s.queued = static_cast<int64_t>(pending_.size());
+  }
+  s.active = n_active_.load();
+  s.kv_blocks_free = pool_->free_blocks();
+  s.kv_blocks_total = pool_->n_blocks();
+  s.kv_blocks_used = s.kv_blocks_total - s.kv_blocks_free;
+  s.block_size = pool_->block_size();
+  s.finished = n_finished_.load();
+  s.cancelled = n_cancelled_.load();
+  s.preempted = n_preempted_.load();
+  return s;
+}
+
+void Scheduler::Loop() {
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stopping_ || !pending_.empty() || !active_.empty(); });
+      if (stopping_) return;
+    }
+    if (!Step()) {
+      // Active sequences but nothing runnable (all waiting for KV blocks): do not spin.
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_for(lock, std::chrono::milliseconds(1), [&] { return stopping_; });
+    }
+  }
+}
+
+void Scheduler::Admit() {
+  std::vector<std::unique_ptr<Sequence>> cancelled;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      if ((*it)->stream->cancelled()) {
+        cancelled.push_back(std::move(*it));
+        it = pending_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    while (!pending_.empty() && static_cast<int>(active_.size()) < options_.max_active) {
+      pending_.front()->admitted = true;
+      active_.push_back(std::move(pending_.front()));
+      pending_.pop_front();
+      n_active_.fetch_add(1);
+    }
+  }
+  for (auto& seq : cancelled) Finish(seq.get(), FinishReason::kCancelled);
+}
+
+void Scheduler::Preempt(Sequence* seq) {
+  seq->cache.Release();
+  n_preempted_.fetch_add(1);
+  if (metrics_ != nullptr) metrics_->CountPreemption();
+}
+
+bool Scheduler::Step() {
+  Admit();
+  for (auto& seq : active_) {
+    if (seq->stream->cancelled()) Finish(seq.get(), FinishReason::kCancelled);
+  }
+  struct Chunk {
+    Sequence* seq;
+    int64_t start;
+    int64_t n;
+  };
+  std::vector<Chunk> chunks;
+  int64_t n_decode = 0;
+  for (auto& seq : active_) {
+    if (!seq->done && static_cast<int64_t>(seq->tokens.size()) - seq->cache.n_past() == 1) {
+      ++n_decode;
+    }
+  }
+  int64_t prefill_budget = std::max<int64_t>(options_.step_tokens - n_decode, 0);
+  for (size_t i = 0; i < active_.size(); ++i) {
+    Sequence* seq = active_[i].get();
+    if (seq->done) continue;
+    const int64_t start = seq->cache.n_past();
+    const int64_t remaining = static_cast<int64_t>(seq->tokens.size()) - start;
+    int64_t n = remaining == 1 ? 1 : std::min(remaining, prefill_budget);
+    if (n <= 0) continue;
+    absl::Status reserved = seq->cache.Reserve(start + n);
+    // Out of blocks: reclaim the youngest sequences' blocks (they are planned after this one).
+    for (size_t v = active_.size(); !reserved.ok() && v-- > i + 1;) {
+      Sequence* victim = active_[v].get();
+      if (victim->done || victim->cache.n_blocks() == 0) continue;
+      Preempt(victim);
+      reserved = seq->cache.Reserve(start + n);
+    }
+    if (!reserved.ok()) n = std::min(n, seq->cache.capacity() - start);
+    if (n <= 0) continue;
+    if (remaining > 1) prefill_budget -= n;
+    chunks.push_back({seq, start, n});
+  }
+  if (chunks.empty()) {
+    active_.erase(
+        std::remove_if(active_.begin(), active_.end(), [](const auto& s) { return s->done; }),
+        active_.end());
+    return false;
+  }
+
+  std::vector<BatchRow> rows;
+  for (const Chunk& c : chunks) {
+    const int64_t end = c.start + c.n;
+    for (int64_t p = c.start; p < end; ++p) {
+      const bool last = p + 1 == static_cast<int64_t>(c.seq->tokens.size());
+      rows.push_back({c.seq->tokens[static_cast<size_t>(p)], p, &c.seq->cache, last});
+    }
+  }
+  logits_.clear();
+  const absl::Status status = engine_->transformer().Forward(rows, &logits_);
+  const int64_t n_vocab = engine_->config().n_vocab;
+  size_t logits_row = 0;
+  for (const Chunk& c : chunks) {
+    if (!status.ok()) {
+      Finish(c.seq, FinishReason::kError, status);
+      continue;
+    }
+    c.seq->cache.set_n_past(c.start + c.n);
+    if (c.start + c.n == static_cast<int64_t>(c.seq->tokens.size())) {
+      OnToken(c.seq, logits_.data() + logits_row * n_vocab);
+      ++logits_row;
+    }
+  }
+  active_.erase(
+      std::remove_if(active_.begin(), active_.end(), [](const auto& s) { return s->done; }),
+      active_.end());
+  return true;
+}
+
+void Scheduler::OnToken(Sequence* seq, float* logits) {
+  const GenerationRequest& req = seq->req;
+  const Tokenizer& tok = engine_->tokenizer();
+  const int64_t n_vocab = engine_->config().n_vocab;
+  for (const auto& [bias_id, bias] : req.logit_bias) logits[bias_id] += bias;
+  std::vector<float> raw;
+  if (req.top_logprobs >= 0) raw.assign(logits, logits + n_vocab);
+  const int32_t id = seq->sampler.Sample(logits, n_vocab);
+
+  const Clock::time_point now = Clock::now();
+  if (metrics_ != nullptr) {
+    metrics_->AddGeneratedTokens(1);
+    if (seq->n_generated == 0) {
+      metrics_->time_to_first_token().Observe(Seconds(seq->submitted, now));
+    } else {
+      metrics_->inter_token_latency().Observe(Seconds(seq->last_token, now));
+    }
+  }
+  seq->last_token = now;
+
+  const bool end_of_turn =
+      !req.ignore_eos &&
+      (tok.IsEndOfGeneration(id) ||
+       std::find(req.stop_tokens.begin(), req.stop_tokens.end(), id) != req.stop_tokens.end());
+  GenerationEvent ev;
+  bool final = end_of_turn;
+  FinishReason reason = FinishReason::kStop;
+  std::string piece;
+  if (!end_of_turn) {
+    SampledToken st;
+    st.id = id;
+    if (req.top_logprobs >= 0) {
+      st.logprob = Sampler::Logprob(raw.data(), n_vocab, id).logprob;
+      if (req.top_logprobs > 0)
+        st.top = Sampler::TopLogprobs(raw.data(), n_vocab, req.top_logprobs);
+    }
+    ev.tokens.push_back(std::move(st));
+    ++seq->n_generated;
+    seq->tokens.push_back(id);
+    piece = seq->detok.Push(id);
+    // The next token would sit at position tokens.size()-1, which must be inside the context.
+    if ((req.max_tokens > 0 && seq->n_generated >= req.max_tokens) ||
+        static_cast<int64_t>(seq->tokens.size()) > n_ctx_) {
+      final = true;
+      reason = FinishReason::kLength;
+    }
+  }
+  if (final) piece += seq->detok.Flush();
+  if (seq->trim_pending && !piece.empty()) {
+    if (piece[0] == ' ') piece.erase(0, 1);
+    seq->trim_pending = false;
+  }
+  seq->held += piece;
+  const size_t stop_at = FindStop(seq->held, req.stop);
+  if (stop_at != std::string::npos) {
+    ev.text = seq->held.substr(0, stop_at);
+    seq->held.clear();
+    final = true;
+    reason = FinishReason::kStop;
+  } else {
+    const size_t keep = final ? 0 : StopPrefixSuffix(seq->held, req.stop);
+    ev.text = seq->held.substr(0, seq->held.size() - keep);
+    seq->held.erase(0, seq->held.size() - keep);
+  }
+  if (final) {
+    ev.finish = reason;
+    Finish(seq, reason, absl::OkStatus(), std::move(ev));
+  } else {
+    seq->stream->Push(std::move(ev));
+  }
+}
+
+void Scheduler::Finish(Sequence* seq, FinishReason reason, absl::Status error,
+                       GenerationEvent event) {
+  if (seq->done) return;
+  seq->done = true;
+  seq->cache.Release();
+  if (seq->admitted) n_active_.fetch_sub(1);
+  event.finish = reason;
+  event.error = std::move(error);
+  event.prompt_tokens = static_cast<int64_t>(seq->req.prompt.size());
+  event.completion_tokens = seq->n_generated;
+  n_finished_.fetch_add(1);
+  if (reason == FinishReason::kCancelled) n_cancelled_.fetch_add(1);
+  if (metrics_ != nullptr) metrics_->CountFinish(FinishReasonName(reason));
+  seq->stream->Push(std::move(event));
+}
+
+}  // namespace moepool

@@ -1,0 +1,116 @@
+// The official OpenAI Node.js client against a real `moepool serve` process on a tiny
+// random-weight model: chat (plain and streamed), completions, models, errors.
+// Run by ctest through tests/node/run.sh; needs MOEPOOL_BINARY (the moepool executable).
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import OpenAI from 'openai';
+
+const binary = process.env.MOEPOOL_BINARY;
+const apiKey = 'node-test-key';
+let dir;
+let server;
+let client;
+let modelId;
+
+function waitForReady(proc) {
+  return new Promise((resolve, reject) => {
+    let out = '';
+    let err = '';
+    proc.stdout.on('data', (d) => {
+      out += d;
+      const m = out.match(/moepool: serving on http:\/\/127\.0\.0\.1:(\d+)\n/);
+      if (m) resolve(Number(m[1]));
+    });
+    proc.stderr.on('data', (d) => { err += d; });
+    proc.on('exit', (code) => reject(new Error(`moepool serve exited with ${code}: ${err}`)));
+  });
+}
+
+before(async () => {
+  assert.ok(binary, 'MOEPOOL_BINARY must name the moepool executable');
+  dir = mkdtempSync(join(tmpdir(), 'moepool-node-'));
+  const model = join(dir, 'tiny-Q8_0.gguf');
+  execFileSync(binary, ['synth', '--out', model, '--shape', 'tiny', '--type', 'Q8_0', '--seed', '5'],
+               { stdio: 'inherit' });
+  modelId = 'tiny-Q8_0';
+  server = spawn(binary, ['serve', '--model', model, '--listen', '127.0.0.1:0', '--threads', '1',
+                          '--ctx', '512', '--parallel', '2', '--api-key', apiKey],
+                 { stdio: ['ignore', 'pipe', 'pipe'] });
+  const port = await waitForReady(server);
+  client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey, maxRetries: 0 });
+});
+
+after(async () => {
+  if (server && server.exitCode === null) {
+    const exited = new Promise((resolve) => server.on('exit', (code) => resolve(code)));
+    server.kill('SIGTERM');
+    assert.equal(await exited, 0, 'moepool serve stops cleanly on SIGTERM');
+  }
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+const messages = [
+  { role: 'system', content: 'You are terse.' },
+  { role: 'user', content: 'Name three colours.' },
+];
+
+test('lists the model', async () => {
+  const models = await client.models.list();
+  assert.deepEqual(models.data.map((m) => m.id), [modelId]);
+  assert.equal(models.data[0].object, 'model');
+});
+
+test('chat completion, then the same streamed', async () => {
+  const plain = await client.chat.completions.create({
+    model: modelId, messages, max_tokens: 10, temperature: 0,
+  });
+  assert.equal(plain.object, 'chat.completion');
+  assert.equal(plain.choices.length, 1);
+  const choice = plain.choices[0];
+  assert.equal(choice.message.role, 'assistant');
+  assert.equal(typeof choice.message.content, 'string');
+  assert.ok(['stop', 'length'].includes(choice.finish_reason));
+  assert.ok(plain.usage.prompt_tokens > 0);
+  assert.equal(plain.usage.total_tokens, plain.usage.prompt_tokens + plain.usage.completion_tokens);
+
+  const stream = await client.chat.completions.create({
+    model: modelId, messages, max_tokens: 10, temperature: 0, stream: true,
+    stream_options: { include_usage: true },
+  });
+  let text = '';
+  let finish = null;
+  let usage = null;
+  for await (const chunk of stream) {
+    assert.equal(chunk.object, 'chat.completion.chunk');
+    if (chunk.usage) usage = chunk.usage;
+    for (const c of chunk.choices) {
+      if (c.delta.content) text += c.delta.content;
+      if (c.finish_reason) finish = c.finish_reason;
+    }
+  }
+  assert.equal(text, choice.message.content);
+  assert.equal(finish, choice.finish_reason);
+  assert.deepEqual(usage, plain.usage);
+});
+
+test('legacy completion with logprobs', async () => {
+  const r = await client.completions.create({
+    model: modelId, prompt: 'The quick brown fox', max_tokens: 6, seed: 3, logprobs: 2,
+  });
+  assert.equal(r.object, 'text_completion');
+  assert.equal(typeof r.choices[0].text, 'string');
+  assert.equal(r.usage.completion_tokens, 6);
+  assert.equal(r.choices[0].logprobs.tokens.length, 6);
+});
+
+test('errors surface as the client\'s error classes', async () => {
+  const bad = new OpenAI({ baseURL: client.baseURL, apiKey: 'wrong', maxRetries: 0 });
+  await assert.rejects(bad.models.list(), (e) => e instanceof OpenAI.AuthenticationError);
+  await assert.rejects(
+    client.chat.completions.create({ model: modelId, messages: [{ role: 'user', content: 'x' }], n: 2 }),
+    (e) => e instanceof OpenAI.BadRequestError && e.status === 400 && e.param === 'n');
+});
