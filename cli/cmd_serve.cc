@@ -3,12 +3,17 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
+#include "cli/cluster_flags.h"
 #include "cli/commands.h"
+#include "coordinator/expert_placement.h"
+#include "coordinator/remote_expert_backend.h"
 #include "coordinator/serve.h"
 #include "engine/status_macros.h"
 
@@ -105,13 +110,42 @@ absl::StatusOr<ServeConfig> ParseConfig(const Args& args) {
   return c;
 }
 
-// Where the experts run. The cluster's --workers flags plug in here: build a remote
-// ExpertBackend from `args`, return a factory that sets EngineOptions::experts to it (keeping it
-// alive while the server runs), and report worker coverage through config->http.health.
+// Where the experts run: here, or with --workers on a ClusterExpertBackend that the engine
+// factory and /health share (kept alive by both as long as the server). /health reports each
+// worker and answers 503 while some expert has no reachable holder.
 absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFactory* factory) {
-  (void)args;
-  (void)config;
-  *factory = LocalEngineFactory();
+  ASSIGN_OR_RETURN(std::optional<ClusterOptions> cluster, ClusterOptionsFromArgs(args));
+  if (!cluster.has_value()) {
+    *factory = LocalEngineFactory();
+    return absl::OkStatus();
+  }
+  cluster->local_threads = config->engine.threads;
+  ASSIGN_OR_RETURN(std::unique_ptr<ClusterExpertBackend> created,
+                   ClusterExpertBackend::Create(config->engine.model_path, *cluster));
+  std::shared_ptr<ClusterExpertBackend> backend = std::move(created);
+  *factory = [backend](const EngineOptions& options) {
+    EngineOptions with_workers = options;
+    with_workers.experts = backend.get();
+    return Engine::Load(with_workers);
+  };
+  config->http.health = [backend] {
+    HealthReport report;
+    nlohmann::json workers = nlohmann::json::array();
+    for (const WorkerStats& w : backend->Stats().workers) {
+      workers.push_back({{"address", w.address},
+                         {"worker_id", w.worker_id},
+                         {"up", w.up},
+                         {"last_error", w.last_error},
+                         {"requests", w.requests},
+                         {"failures", w.failures},
+                         {"reconnects", w.reconnects}});
+    }
+    report.details["workers"] = workers;
+    const auto uncovered = backend->UncoveredPairs();
+    report.ok = uncovered.empty();
+    if (!uncovered.empty()) report.details["unavailable_experts"] = DescribeExpertPairs(uncovered);
+    return report;
+  };
   return absl::OkStatus();
 }
 
@@ -143,16 +177,19 @@ absl::Status Serve(const Args& args) {
   return absl::OkStatus();
 }
 
-const FlagSpec kServeFlags = {
-    {"model", "listen", "api-key", "api-key-file", "parallel", "ctx", "max-queue", "threads",
-     "chat-template", "moe-residual", "step-tokens", "kv-block-size", "kv-cache-tokens",
-     "http-threads", "max-body-bytes", "model-name"},
-    {}};
+FlagSpec ServeFlags() {
+  FlagSpec spec = {{"model", "listen", "api-key", "api-key-file", "parallel", "ctx", "max-queue",
+                    "threads", "chat-template", "moe-residual", "step-tokens", "kv-block-size",
+                    "kv-cache-tokens", "http-threads", "max-body-bytes", "model-name"},
+                   {}};
+  AddClusterFlags(&spec);
+  return spec;
+}
 
 }  // namespace
 
 int RunServe(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv, kServeFlags);
+  auto args = Args::Parse(argc, argv, ServeFlags());
   if (!args.ok()) return Fail(args.status());
   if (!args->positional().empty()) {
     return Fail(absl::InvalidArgumentError("moepool serve takes no positional arguments"));

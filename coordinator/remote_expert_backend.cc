@@ -353,6 +353,22 @@ ClusterStats ClusterExpertBackend::Stats() const {
   return s;
 }
 
+std::vector<std::pair<int, int>> ClusterExpertBackend::UncoveredPairs() const {
+  std::vector<bool> up(links_.size());
+  for (size_t w = 0; w < links_.size(); ++w) up[w] = links_[w]->up();
+  std::vector<std::pair<int, int>> uncovered;
+  for (int l = 0; l < placement_.n_layer(); ++l) {
+    for (int e = 0; e < placement_.n_expert(); ++e) {
+      bool covered = false;
+      for (const int h : placement_.holders(l, e)) {
+        covered = covered || h == ExpertPlacement::kLocal || up[static_cast<size_t>(h)];
+      }
+      if (!covered) uncovered.emplace_back(l, e);
+    }
+  }
+  return uncovered;
+}
+
 void ClusterExpertBackend::ResetStats() {
   {
     std::lock_guard<std::mutex> lock(stats_mu_);

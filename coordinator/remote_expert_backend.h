@@ -101,6 +101,10 @@ class ClusterExpertBackend : public ExpertBackend {
   ClusterStats Stats() const;
   void ResetStats();
 
+  // (layer, expert) pairs that no up worker and not this process holds right now (steps that
+  // route to them fail until a holder is back); empty when the whole model is covered.
+  std::vector<std::pair<int, int>> UncoveredPairs() const;
+
  private:
   ClusterExpertBackend() = default;
 
