@@ -99,24 +99,6 @@ absl::Status Inspect(const Args& args) {
   return absl::OkStatus();
 }
 
-// The vocabulary shipped with moepool: next to the working directory, the binary, or the source.
-std::string FindDefaultVocab() {
-  std::vector<std::filesystem::path> candidates = {kDefaultSynthVocabPath};
-  std::error_code ec;
-  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    for (auto dir = exe.parent_path(); !dir.empty() && dir != dir.root_path();
-         dir = dir.parent_path()) {
-      candidates.push_back(dir / kDefaultSynthVocabPath);
-    }
-  }
-  candidates.push_back(std::filesystem::path(MOEPOOL_SOURCE_DIR) / kDefaultSynthVocabPath);
-  for (const auto& p : candidates) {
-    if (std::filesystem::exists(p)) return p.string();
-  }
-  return kDefaultSynthVocabPath;
-}
-
 absl::Status Synth(const Args& args) {
   SynthOptions o;
   o.out_path = args.Get("out");
@@ -142,6 +124,24 @@ absl::Status Synth(const Args& args) {
 }
 
 }  // namespace
+
+// The vocabulary shipped with moepool: next to the working directory, the binary, or the source.
+std::string FindDefaultVocab() {
+  std::vector<std::filesystem::path> candidates = {kDefaultSynthVocabPath};
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (auto dir = exe.parent_path(); !dir.empty() && dir != dir.root_path();
+         dir = dir.parent_path()) {
+      candidates.push_back(dir / kDefaultSynthVocabPath);
+    }
+  }
+  candidates.push_back(std::filesystem::path(MOEPOOL_SOURCE_DIR) / kDefaultSynthVocabPath);
+  for (const auto& p : candidates) {
+    if (std::filesystem::exists(p)) return p.string();
+  }
+  return kDefaultSynthVocabPath;
+}
 
 int RunInspect(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, {{"ctx"}, {"json"}});

@@ -3,6 +3,8 @@
 #ifndef MOEPOOL_CLI_COMMANDS_H_
 #define MOEPOOL_CLI_COMMANDS_H_
 
+#include <string>
+
 namespace moepool::cli {
 
 int RunEval(int argc, char** argv);
@@ -14,6 +16,11 @@ int RunBench(int argc, char** argv);
 int RunWorker(int argc, char** argv);
 int RunPlan(int argc, char** argv);
 int RunServe(int argc, char** argv);
+int RunDemo(int argc, char** argv);
+
+// Path of the bundled Mistral vocabulary (next to the working directory, the binary or the
+// source tree).
+std::string FindDefaultVocab();
 
 }  // namespace moepool::cli
 

@@ -14,6 +14,7 @@ struct Command {
 };
 
 constexpr Command kCommands[] = {
+    {"demo", moepool::cli::RunDemo, "synthesize a demo model, start two workers and serve it"},
     {"run", moepool::cli::RunRun, "generate text from a prompt"},
     {"eval", moepool::cli::RunEval, "evaluate a prompt and write every position's logits"},
     {"tokenize", moepool::cli::RunTokenize, "print the token ids of a text"},
