@@ -91,6 +91,7 @@ start_worker "$ns_w2" 10.77.0.3 4-7 w2
 for w in w1 w2; do
   for _ in $(seq 600); do
     grep -q ':7070$' "$tmp/$w.out" 2>/dev/null && break
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || fail "worker $w exited"; done
     sleep 0.1
   done
   grep -q ':7070$' "$tmp/$w.out" || fail "worker $w did not start"

@@ -24,8 +24,8 @@ fail() {
 
 # Waits (at most 60 s) for a complete first line of $1 ending in HOST:PORT; prints the port.
 wait_port() {
-  local i line
-  for i in $(seq 600); do
+  local line
+  for _ in $(seq 600); do
     line=""
     [ "$(wc -l <"$1" 2>/dev/null || echo 0)" -ge 1 ] && line="$(head -n1 "$1")"
     if [[ "$line" =~ :([0-9]+)$ ]]; then
