@@ -1,7 +1,10 @@
 #include "engine/fingerprint.h"
 
-#include <cstdint>
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "absl/strings/str_format.h"
@@ -43,7 +46,32 @@ class Digest {
   uint64_t b_ = 0x13198a2e03707344ull;
 };
 
-void SampleMatrix(const WeightMatrix& m, Digest* d) {
+// Reads sampled bytes with pread when the file can be opened, so that sampling a few bytes of
+// every expert does not fault (and read ahead) pages of the mapping into this process's RSS;
+// otherwise reads the mapping.
+class SampleReader {
+ public:
+  explicit SampleReader(const GgufFile& f) : file_(f) {
+    if (f.mapped()) fd_ = ::open(f.path().c_str(), O_RDONLY | O_CLOEXEC);
+  }
+  ~SampleReader() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  void Read(const uint8_t* p, size_t n, uint8_t* out) const {
+    const uint8_t* base = file_.base();
+    if (fd_ >= 0 && p >= base && p + n <= base + file_.file_size()) {
+      const ssize_t got = ::pread(fd_, out, n, static_cast<off_t>(p - base));
+      if (got == static_cast<ssize_t>(n)) return;
+    }
+    std::memcpy(out, p, n);
+  }
+
+ private:
+  const GgufFile& file_;
+  int fd_ = -1;
+};
+
+void SampleMatrix(const WeightMatrix& m, const SampleReader& reader, Digest* d) {
   if (m.data == nullptr) {
     d->Update(0xab5e47ull);
     return;
@@ -53,7 +81,10 @@ void SampleMatrix(const WeightMatrix& m, Digest* d) {
   d->Update(size);
   for (int s = 0; s < 4; ++s) {
     const uint64_t off = size <= kSample ? 0 : (size - kSample) * static_cast<uint64_t>(s) / 3;
-    d->Update(m.data + off, static_cast<size_t>(std::min(kSample, size - off)));
+    uint8_t buf[kSample];
+    const size_t n = static_cast<size_t>(std::min(kSample, size - off));
+    reader.Read(m.data + off, n, buf);
+    d->Update(buf, n);
   }
 }
 
@@ -62,6 +93,7 @@ void SampleMatrix(const WeightMatrix& m, Digest* d) {
 std::string ModelFingerprint(const Model& model, const std::vector<std::pair<int, int>>& experts) {
   Digest d;
   const GgufFile& f = model.file();
+  const SampleReader reader(f);
   d.Update(f.base(), static_cast<size_t>(f.data_offset()));
   d.Update(f.file_size());
   for (const auto& [layer, expert] : experts) {
@@ -72,9 +104,9 @@ std::string ModelFingerprint(const Model& model, const std::vector<std::pair<int
       continue;
     }
     const ExpertWeights& e = model.layer(layer).experts[static_cast<size_t>(expert)];
-    SampleMatrix(e.gate, &d);
-    SampleMatrix(e.up, &d);
-    SampleMatrix(e.down, &d);
+    SampleMatrix(e.gate, reader, &d);
+    SampleMatrix(e.up, reader, &d);
+    SampleMatrix(e.down, reader, &d);
   }
   return d.Hex();
 }

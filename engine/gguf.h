@@ -106,6 +106,8 @@ class GgufFile {
   uint64_t file_size() const { return size_; }
   uint64_t data_offset() const { return data_offset_; }
   const uint8_t* base() const { return base_; }
+  // True when the bytes are a mapping of path() (Open), false for FromBuffer images.
+  bool mapped() const { return mapped_; }
 
   // Metadata, in file order.
   const std::vector<std::pair<std::string, GgufValue>>& metadata() const { return kv_; }
