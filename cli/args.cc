@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -80,6 +81,11 @@ absl::StatusOr<double> Args::GetDouble(const std::string& name, double def) cons
     return absl::InvalidArgumentError(absl::StrCat("--", name, ": not a number: '", v, "'"));
   }
   return x;
+}
+
+int PrintError(const absl::Status& status, const char* prefix) {
+  std::fprintf(stderr, "%s: %s\n", prefix, std::string(status.message()).c_str());
+  return 1;
 }
 
 absl::StatusOr<std::string> ReadFileToString(const std::string& path) {

@@ -37,6 +37,9 @@ class Args {
 
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
+// Prints "PREFIX: message" to stderr and returns the exit code 1.
+int PrintError(const absl::Status& status, const char* prefix = "moepool");
+
 }  // namespace moepool::cli
 
 #endif  // MOEPOOL_CLI_ARGS_H_

@@ -24,11 +24,6 @@
 namespace moepool::cli {
 namespace {
 
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "moepool: %s\n", std::string(s.message()).c_str());
-  return 1;
-}
-
 uint64_t PeakRssBytes() {
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
@@ -261,9 +256,9 @@ int RunBench(int argc, char** argv) {
                    {"json"}};
   AddClusterFlags(&spec);
   auto args = Args::Parse(argc, argv, spec);
-  if (!args.ok()) return Fail(args.status());
+  if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Bench(*args);
-  return s.ok() ? 0 : Fail(s);
+  return s.ok() ? 0 : PrintError(s);
 }
 
 }  // namespace moepool::cli

@@ -23,10 +23,7 @@
 namespace moepool::cli {
 namespace {
 
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "moepool demo: %s\n", std::string(s.message()).c_str());
-  return 1;
-}
+int Fail(const absl::Status& s) { return PrintError(s, "moepool demo"); }
 
 struct Child {
   std::string name;

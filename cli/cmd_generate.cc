@@ -16,11 +16,6 @@
 namespace moepool::cli {
 namespace {
 
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "moepool: %s\n", std::string(s.message()).c_str());
-  return 1;
-}
-
 absl::StatusOr<LoadedEngine> LoadEngine(const Args& args) {
   EngineOptions opts;
   opts.model_path = args.Get("model");
@@ -144,23 +139,23 @@ FlagSpec EngineFlags() {
 
 int RunEval(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, EngineFlags());
-  if (!args.ok()) return Fail(args.status());
+  if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Eval(*args);
-  return s.ok() ? 0 : Fail(s);
+  return s.ok() ? 0 : PrintError(s);
 }
 
 int RunRun(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, EngineFlags());
-  if (!args.ok()) return Fail(args.status());
+  if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Run(*args);
-  return s.ok() ? 0 : Fail(s);
+  return s.ok() ? 0 : PrintError(s);
 }
 
 int RunTokenize(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, {{"model", "file", "text"}, {"no-bos"}});
-  if (!args.ok()) return Fail(args.status());
+  if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Tokenize(*args);
-  return s.ok() ? 0 : Fail(s);
+  return s.ok() ? 0 : PrintError(s);
 }
 
 }  // namespace moepool::cli

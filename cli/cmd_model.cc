@@ -20,11 +20,6 @@
 namespace moepool::cli {
 namespace {
 
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "moepool: %s\n", std::string(s.message()).c_str());
-  return 1;
-}
-
 std::string HumanBytes(double b) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int u = 0;
@@ -145,17 +140,17 @@ std::string FindDefaultVocab() {
 
 int RunInspect(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, {{"ctx"}, {"json"}});
-  if (!args.ok()) return Fail(args.status());
+  if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Inspect(*args);
-  return s.ok() ? 0 : Fail(s);
+  return s.ok() ? 0 : PrintError(s);
 }
 
 int RunSynth(int argc, char** argv) {
   auto args =
       Args::Parse(argc, argv, {{"out", "shape", "type", "seed", "vocab", "expert-layout"}, {}});
-  if (!args.ok()) return Fail(args.status());
+  if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Synth(*args);
-  return s.ok() ? 0 : Fail(s);
+  return s.ok() ? 0 : PrintError(s);
 }
 
 }  // namespace moepool::cli

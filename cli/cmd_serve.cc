@@ -20,11 +20,6 @@
 namespace moepool::cli {
 namespace {
 
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "moepool: %s\n", std::string(s.message()).c_str());
-  return 1;
-}
-
 // "HOST:PORT" or "[V6HOST]:PORT".
 absl::Status ParseListen(const std::string& listen, std::string* host, int* port) {
   const size_t colon = listen.rfind(':');
@@ -190,12 +185,12 @@ FlagSpec ServeFlags() {
 
 int RunServe(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, ServeFlags());
-  if (!args.ok()) return Fail(args.status());
+  if (!args.ok()) return PrintError(args.status());
   if (!args->positional().empty()) {
-    return Fail(absl::InvalidArgumentError("moepool serve takes no positional arguments"));
+    return PrintError(absl::InvalidArgumentError("moepool serve takes no positional arguments"));
   }
   const absl::Status s = Serve(*args);
-  return s.ok() ? 0 : Fail(s);
+  return s.ok() ? 0 : PrintError(s);
 }
 
 }  // namespace moepool::cli

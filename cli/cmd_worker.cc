@@ -30,10 +30,7 @@ namespace {
 
 constexpr double kShutdownGraceSeconds = 5.0;
 
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "moepool worker: %s\n", std::string(s.message()).c_str());
-  return 1;
-}
+int Fail(const absl::Status& s) { return PrintError(s, "moepool worker"); }
 
 absl::StatusOr<worker::ExpertSet> ExpertsFromArgs(const Args& args, const std::string& model) {
   const bool by_flags = args.Has("experts");

@@ -1,7 +1,9 @@
 #include "tests/testdata.h"
 
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -47,6 +49,19 @@ std::string ReadFileOrDie(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+CommandResult RunMoepool(const std::string& args, const std::string& env) {
+  static std::atomic<int> n{0};
+  const std::string base = TempDir() + "/moepool_cmd" + std::to_string(++n);
+  const std::string cmd =
+      env + "'" + MOEPOOL_BINARY + "' " + args + " >'" + base + ".out' 2>'" + base + ".err'";
+  const int status = std::system(cmd.c_str());
+  CommandResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = ReadFileOrDie(base + ".out");
+  r.err = ReadFileOrDie(base + ".err");
+  return r;
 }
 
 }  // namespace moepool::testing

@@ -20,6 +20,16 @@ bool HaveTestdata(const std::string& path);
 
 std::string ReadFileOrDie(const std::string& path);
 
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+// Runs `ENV moepool ARGS` through the shell (the built binary; the caller quotes arguments
+// where needed; `env` is an optional prefix such as "VAR=x ").
+CommandResult RunMoepool(const std::string& args, const std::string& env = "");
+
 }  // namespace moepool::testing
 
 // Skips the test (or fails it under CI) if the reference file is missing.

@@ -27,25 +27,10 @@ using ::moepool::testing::ReferenceCase;
 using ::moepool::testing::SharedTestdataPath;
 using ::moepool::testing::TempDir;
 
-struct Result {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
+using Result = ::moepool::testing::CommandResult;
 
 // Runs `moepool ARGS` through the shell (arguments are quoted by the caller where needed).
-Result Moepool(const std::string& args) {
-  const std::string out = TempDir() + "/cli.stdout";
-  const std::string err = TempDir() + "/cli.stderr";
-  const std::string cmd =
-      std::string("'") + MOEPOOL_BINARY + "' " + args + " >'" + out + "' 2>'" + err + "'";
-  const int status = std::system(cmd.c_str());
-  Result r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = ReadFileOrDie(out);
-  r.err = ReadFileOrDie(err);
-  return r;
-}
+Result Moepool(const std::string& args) { return ::moepool::testing::RunMoepool(args); }
 
 std::string Quote(const std::string& s) { return "'" + s + "'"; }
 

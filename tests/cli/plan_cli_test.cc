@@ -19,24 +19,9 @@ using ::moepool::testing::ReadFileOrDie;
 using ::moepool::testing::TempDir;
 using ::moepool::testing::TinyModelPath;
 
-struct Result {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
+using Result = ::moepool::testing::CommandResult;
 
-Result Plan(const std::string& args) {
-  const std::string out = TempDir() + "/plan_cli.stdout";
-  const std::string err = TempDir() + "/plan_cli.stderr";
-  const std::string cmd =
-      std::string("'") + MOEPOOL_BINARY + "' plan " + args + " >'" + out + "' 2>'" + err + "'";
-  const int status = std::system(cmd.c_str());
-  Result r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = ReadFileOrDie(out);
-  r.err = ReadFileOrDie(err);
-  return r;
-}
+Result Plan(const std::string& args) { return ::moepool::testing::RunMoepool("plan " + args); }
 
 constexpr char kQ5[] = "--shape mixtral-8x7b --type Q5_K_M --ctx 4096 ";
 

@@ -24,23 +24,11 @@ using ::moepool::testing::SmallModel;
 using ::moepool::testing::TempDir;
 using ::testing::HasSubstr;
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out, err;
-};
+using RunResult = ::moepool::testing::CommandResult;
 
 // Runs `moepool <args>` with the given environment prefix (e.g. "VAR=x ").
 RunResult Moepool(const std::string& args, const std::string& env = "") {
-  static int n = 0;
-  const std::string base = absl::StrCat(TempDir(), "/cli", ++n);
-  const std::string cmd =
-      absl::StrCat(env, MOEPOOL_BINARY, " ", args, " >", base, ".out 2>", base, ".err");
-  const int rc = std::system(cmd.c_str());
-  RunResult r;
-  r.exit_code = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-  r.out = ReadFileOrDie(base + ".out");
-  r.err = ReadFileOrDie(base + ".err");
-  return r;
+  return ::moepool::testing::RunMoepool(args, env);
 }
 
 class ClusterCliTest : public ::testing::Test {
