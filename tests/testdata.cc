@@ -1,9 +1,12 @@
 #include "tests/testdata.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -62,6 +65,42 @@ CommandResult RunMoepool(const std::string& args, const std::string& env) {
   r.out = ReadFileOrDie(base + ".out");
   r.err = ReadFileOrDie(base + ".err");
   return r;
+}
+
+pid_t SpawnMoepool(const std::vector<std::string>& args, const std::string& log_path,
+                   std::string* first_line) {
+  first_line->clear();
+  int out[2];
+  if (pipe(out) != 0) return -1;
+  std::vector<std::string> argv = {MOEPOOL_BINARY};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<char*> cargs;  // built before fork: the child only calls async-signal-safe code
+  for (auto& a : argv) cargs.push_back(a.data());
+  cargs.push_back(nullptr);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(out[1], 1);
+    const int err = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(err, 2);
+    close(out[0]);
+    execv(cargs[0], cargs.data());
+    _exit(127);
+  }
+  close(out[1]);
+  std::string text;
+  pollfd p{out[0], POLLIN, 0};
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (text.find('\n') == std::string::npos && std::chrono::steady_clock::now() < give_up) {
+    if (poll(&p, 1, 200) <= 0) continue;
+    char buf[256];
+    const ssize_t n = read(out[0], buf, sizeof(buf));
+    if (n <= 0) break;
+    text.append(buf, static_cast<size_t>(n));
+  }
+  close(out[0]);
+  const size_t nl = text.find('\n');
+  if (nl != std::string::npos) *first_line = text.substr(0, nl);
+  return pid;
 }
 
 }  // namespace moepool::testing

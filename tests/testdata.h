@@ -2,7 +2,10 @@
 #ifndef MOEPOOL_TESTS_TESTDATA_H_
 #define MOEPOOL_TESTS_TESTDATA_H_
 
+#include <sys/types.h>
+
 #include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -29,6 +32,11 @@ struct CommandResult {
 // Runs `ENV moepool ARGS` through the shell (the built binary; the caller quotes arguments
 // where needed; `env` is an optional prefix such as "VAR=x ").
 CommandResult RunMoepool(const std::string& args, const std::string& env = "");
+
+// Starts `moepool ARGS...` in the background (stderr to `log_path`) and waits up to 60 s for the
+// first line it prints on stdout, stored in `first_line` (empty if none came). Returns the pid.
+pid_t SpawnMoepool(const std::vector<std::string>& args, const std::string& log_path,
+                   std::string* first_line);
 
 }  // namespace moepool::testing
 

@@ -40,40 +40,14 @@ class WorkerProcess {
   // Starts the worker for `experts` on 127.0.0.1:port (0: any); false (with a test failure)
   // if it does not come up.
   bool Start(const std::string& model, const std::string& experts, int port = 0) {
-    int out[2];
-    if (pipe(out) != 0) return false;
     log_ = absl::StrCat(TempDir(), "/worker-", experts, "-", port, ".log");
-    const std::string listen = absl::StrCat("127.0.0.1:", port);
-    std::vector<std::string> argv = {MOEPOOL_BINARY, "worker", "--model",         model,
-                                     "--experts",    experts,  "--listen",        listen,
-                                     "--threads",    "1",      "--cluster-token", kToken};
-    std::vector<char*> args;  // built before fork: the child only calls async-signal-safe code
-    for (auto& a : argv) args.push_back(a.data());
-    args.push_back(nullptr);
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(out[1], 1);
-      const int err = open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      dup2(err, 2);
-      close(out[0]);
-      execv(args[0], args.data());
-      _exit(127);
-    }
-    close(out[1]);
     std::string line;
-    pollfd p{out[0], POLLIN, 0};
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    while (line.find('\n') == std::string::npos && std::chrono::steady_clock::now() < give_up) {
-      if (poll(&p, 1, 200) <= 0) continue;
-      char buf[256];
-      const ssize_t n = read(out[0], buf, sizeof(buf));
-      if (n <= 0) break;
-      line.append(buf, static_cast<size_t>(n));
-    }
-    close(out[0]);
-    const size_t nl = line.find('\n');
-    const size_t colon = line.rfind(':', nl);
-    if (nl == std::string::npos || colon == std::string::npos) {
+    pid_ = ::moepool::testing::SpawnMoepool(
+        {"worker", "--model", model, "--experts", experts, "--listen",
+         absl::StrCat("127.0.0.1:", port), "--threads", "1", "--cluster-token", kToken},
+        log_, &line);
+    const size_t colon = line.rfind(':');
+    if (pid_ <= 0 || colon == std::string::npos) {
       ADD_FAILURE() << "worker did not start: " << line << ReadFileOrDie(log_);
       return false;
     }

@@ -38,39 +38,15 @@ class ServeProcess {
   ~ServeProcess() { Stop(); }
 
   bool Start(const std::vector<std::string>& flags) {
-    int out[2];
-    if (pipe(out) != 0) return false;
     static int n = 0;
     log_ = absl::StrCat(TempDir(), "/serve", ++n, ".log");
-    std::vector<std::string> argv = {MOEPOOL_BINARY, "serve", "--listen",   "127.0.0.1:0",
-                                     "--threads",    "1",     "--parallel", "1"};
-    argv.insert(argv.end(), flags.begin(), flags.end());
-    std::vector<char*> args;  // built before fork: the child only calls async-signal-safe code
-    for (auto& a : argv) args.push_back(a.data());
-    args.push_back(nullptr);
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(out[1], 1);
-      const int err = open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      dup2(err, 2);
-      close(out[0]);
-      execv(args[0], args.data());
-      _exit(127);
-    }
-    close(out[1]);
+    std::vector<std::string> args = {"serve",      "--listen", "127.0.0.1:0", "--threads", "1",
+                                     "--parallel", "1"};
+    args.insert(args.end(), flags.begin(), flags.end());
     std::string line;
-    pollfd p{out[0], POLLIN, 0};
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    while (line.find('\n') == std::string::npos && std::chrono::steady_clock::now() < give_up) {
-      if (poll(&p, 1, 200) <= 0) continue;
-      char buf[256];
-      const ssize_t r = read(out[0], buf, sizeof(buf));
-      if (r <= 0) break;
-      line.append(buf, static_cast<size_t>(r));
-    }
-    close(out[0]);
+    pid_ = ::moepool::testing::SpawnMoepool(args, log_, &line);
     const size_t colon = line.rfind(':');
-    if (line.find("serving on") == std::string::npos || colon == std::string::npos) {
+    if (pid_ <= 0 || line.find("serving on") == std::string::npos || colon == std::string::npos) {
       ADD_FAILURE() << "serve did not start: " << line << ReadFileOrDie(log_);
       return false;
     }
