@@ -32,6 +32,7 @@ void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, Th
   const TypeTraits& traits = GetTypeTraits(w.type);
   const VecDotFn dot = traits.vec_dot;
   const VecDotMultiFn dot_multi = x.type == TensorType::kF32 ? nullptr : traits.vec_dot_multi;
+  const VecDotMultiFn dot_multi4 = x.type == TensorType::kF32 ? nullptr : traits.vec_dot_multi4;
   const int64_t n = x.n;
   const int64_t rows = w.rows;
   const int64_t cols = w.cols;
@@ -55,6 +56,13 @@ void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, Th
           for (; t + kMultiDotCols <= t1; t += kMultiDotCols) {
             dot_multi(cols, wr, x.Row(t), x.row_bytes, out);
             for (int c = 0; c < kMultiDotCols; ++c) y[(t + c) * rows + r] = out[c];
+          }
+        }
+        if (dot_multi4 != nullptr) {
+          float out[4];
+          for (; t + 4 <= t1; t += 4) {
+            dot_multi4(cols, wr, x.Row(t), x.row_bytes, out);
+            for (int c = 0; c < 4; ++c) y[(t + c) * rows + r] = out[c];
           }
         }
         for (; t < t1; ++t) y[t * rows + r] = dot(cols, wr, x.Row(t));

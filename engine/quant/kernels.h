@@ -49,6 +49,11 @@ void VecDotQ4_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, 
 void VecDotQ5_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void VecDotQ6_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void VecDotQ8_0Avx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+// The same with 4 activation rows (for the rest of a batch after the groups of kMultiCols).
+void VecDotQ4_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void VecDotQ5_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void VecDotQ6_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void VecDotQ8_0Avx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 
 }  // namespace moepool::kernels
 

@@ -80,15 +80,19 @@ const Tables& GetTables() {
           case TensorType::kQ8_0:
             tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
             tr.vec_dot_multi = &kernels::VecDotQ8_0Avx2xN;
+            tr.vec_dot_multi4 = &kernels::VecDotQ8_0Avx2x4;
             break;
           case TensorType::kQ4_K:
             tr.vec_dot_multi = &kernels::VecDotQ4_KAvx2xN;
+            tr.vec_dot_multi4 = &kernels::VecDotQ4_KAvx2x4;
             break;
           case TensorType::kQ5_K:
             tr.vec_dot_multi = &kernels::VecDotQ5_KAvx2xN;
+            tr.vec_dot_multi4 = &kernels::VecDotQ5_KAvx2x4;
             break;
           case TensorType::kQ6_K:
             tr.vec_dot_multi = &kernels::VecDotQ6_KAvx2xN;
+            tr.vec_dot_multi4 = &kernels::VecDotQ6_KAvx2x4;
             break;
           default:
             break;

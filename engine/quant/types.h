@@ -140,10 +140,11 @@ struct TypeTraits {
   size_t block_bytes;       // bytes per block
   TensorType vec_dot_type;  // type activations are converted to for vec_dot
   DequantizeRowFn dequantize;
-  QuantizeRowFn quantize;       // nullptr if the type cannot be produced
-  VecDotFn vec_dot;             // fastest implementation for this CPU (may be == vec_dot_scalar)
-  VecDotFn vec_dot_scalar;      // portable reference
-  VecDotMultiFn vec_dot_multi;  // nullptr where no multi-row kernel exists for this CPU
+  QuantizeRowFn quantize;        // nullptr if the type cannot be produced
+  VecDotFn vec_dot;              // fastest implementation for this CPU (may be == vec_dot_scalar)
+  VecDotFn vec_dot_scalar;       // portable reference
+  VecDotMultiFn vec_dot_multi;   // nullptr where no multi-row kernel exists for this CPU
+  VecDotMultiFn vec_dot_multi4;  // the same for 4 rows (nullptr likewise)
 };
 
 // Returns the traits of a type id read from a file, or nullptr if moepool does not support it.

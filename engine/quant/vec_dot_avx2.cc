@@ -137,6 +137,10 @@ void VecDotQ8_0Avx2xN(int64_t n, const void* w, const void* a, size_t a_stride, 
                       out);
 }
 
+void VecDotQ8_0Avx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotQ8_0<4>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), a_stride, out);
+}
+
 float VecDotQ4_0Avx2(int64_t n, const void* w, const void* a) {
   const auto* x = static_cast<const BlockQ4_0*>(w);
   const auto* y = static_cast<const BlockQ8_0*>(a);

@@ -143,6 +143,11 @@ void VecDotQ4_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, 
                                 a_stride, out);
 }
 
+void VecDotQ4_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotK4Style<false, 4>(n, static_cast<const BlockQ4_K*>(w), static_cast<const uint8_t*>(a),
+                       a_stride, out);
+}
+
 float VecDotQ5_KAvx2(int64_t n, const void* w, const void* a) {
   float out;
   DotK4Style<true, 1>(n, static_cast<const BlockQ5_K*>(w), static_cast<const uint8_t*>(a), 0, &out);
@@ -221,6 +226,11 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
 
 }  // namespace
 
+void VecDotQ5_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotK4Style<true, 4>(n, static_cast<const BlockQ5_K*>(w), static_cast<const uint8_t*>(a), a_stride,
+                      out);
+}
+
 float VecDotQ6_KAvx2(int64_t n, const void* w, const void* a) {
   float out;
   DotQ6K<1>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), 0, &out);
@@ -230,6 +240,10 @@ float VecDotQ6_KAvx2(int64_t n, const void* w, const void* a) {
 void VecDotQ6_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
   DotQ6K<kMultiCols>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), a_stride,
                      out);
+}
+
+void VecDotQ6_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotQ6K<4>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), a_stride, out);
 }
 
 float VecDotQ2_KAvx2(int64_t n, const void* w, const void* a) {

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Serving benchmark: aggregate output tokens/s and time to first token at several concurrency
+levels, against a `moepool serve` it starts itself (python3 standard library only).
+
+  bench/serve_bench.py --binary build/cli/moepool --model mini-Q4_K_M.gguf \
+      [--workers host:port,host:port] [--streams 1,4,16] [--max-tokens 64] [--threads 2]
+
+Prints one JSON object: per concurrency level, aggregate tokens/s, TTFT p50/p99 (ms), and the
+ratio of each level's throughput to the single-stream figure (the baseline, same script).
+"""
+import argparse
+import json
+import subprocess
+import threading
+import time
+import urllib.request
+
+
+def stream_one(port, prompt, max_tokens, seed, out):
+    body = json.dumps({
+        "model": "moepool", "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+        "temperature": 0.8, "seed": seed}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.monotonic()
+    ttft = None
+    tokens = 0
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for raw in resp:
+            line = raw.decode("utf-8").strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            if ttft is None and choices and (choices[0].get("delta") or {}).get("content"):
+                ttft = time.monotonic() - t0  # first generated text, not the role chunk
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    out.append((ttft or 0.0, tokens, time.monotonic() - t0))
+
+
+def percentile(values, p):
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100.0 * (len(v) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--workers", default="")
+    ap.add_argument("--streams", default="1,4,16")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    levels = [int(x) for x in args.streams.split(",")]
+    cmd = [args.binary, "serve", "--model", args.model, "--listen", "127.0.0.1:0",
+           "--threads", str(args.threads), "--parallel", str(max(levels)),
+           "--max-queue", "64"]
+    if args.workers:
+        cmd += ["--workers", args.workers]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = server.stdout.readline().strip()
+        port = int(line.rsplit(":", 1)[1])
+        prompts = ["Tell me a story about a fox.", "Explain mixture of experts briefly.",
+                   "Write a short poem about the sea.", "List three uses of a GPU."]
+        stream_one(port, "warm up", 8, 0, [])
+        report = {"model": args.model, "workers": args.workers or None,
+                  "max_tokens": args.max_tokens, "levels": {}}
+        base = None
+        for n in levels:
+            results = []
+            threads = [threading.Thread(target=stream_one,
+                                        args=(port, prompts[i % len(prompts)], args.max_tokens,
+                                              i, results)) for i in range(n)]
+            t0 = time.monotonic()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.monotonic() - t0
+            tokens = sum(r[1] for r in results)
+            tps = tokens / wall
+            base = base or tps
+            ttfts = [r[0] * 1000 for r in results]
+            report["levels"][str(n)] = {
+                "streams": n, "completed": len(results), "output_tokens": tokens,
+                "aggregate_tokens_per_s": round(tps, 1),
+                "ttft_ms_p50": round(percentile(ttfts, 50), 1),
+                "ttft_ms_p99": round(percentile(ttfts, 99), 1),
+                "vs_single_stream": round(tps / base, 2)}
+        print(json.dumps(report, indent=1))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
