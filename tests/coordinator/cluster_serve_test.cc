@@ -1,11 +1,6 @@
 // `moepool serve --workers ...` against in-process fake workers: the same completions as a local
 // server, /health reports the workers, and a lost worker fails requests (not the server) until
 // it is back.
-#include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -18,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "httplib.h"
 #include "nlohmann/json.hpp"
+#include "tests/coordinator/cluster_process_util.h"
 #include "tests/coordinator/fake_worker_util.h"
 #include "tests/testdata.h"
 
@@ -26,53 +22,11 @@ namespace {
 
 using ::moepool::testing::FakeWorker;
 using ::moepool::testing::FakeWorkerOptions;
+using ::moepool::testing::GetJson;
 using ::moepool::testing::PairsForExperts;
-using ::moepool::testing::ReadFileOrDie;
+using ::moepool::testing::ServeProcess;
 using ::moepool::testing::SmallModel;
-using ::moepool::testing::TempDir;
 using ::testing::HasSubstr;
-
-// A `moepool serve` child; the port comes from its "serving on http://HOST:PORT" line.
-class ServeProcess {
- public:
-  ~ServeProcess() { Stop(); }
-
-  bool Start(const std::vector<std::string>& flags) {
-    static int n = 0;
-    log_ = absl::StrCat(TempDir(), "/serve", ++n, ".log");
-    std::vector<std::string> args = {"serve",      "--listen", "127.0.0.1:0", "--threads", "1",
-                                     "--parallel", "1"};
-    args.insert(args.end(), flags.begin(), flags.end());
-    std::string line;
-    pid_ = ::moepool::testing::SpawnMoepool(args, log_, &line);
-    const size_t colon = line.rfind(':');
-    if (pid_ <= 0 || line.find("serving on") == std::string::npos || colon == std::string::npos) {
-      ADD_FAILURE() << "serve did not start: " << line << ReadFileOrDie(log_);
-      return false;
-    }
-    port_ = std::atoi(line.c_str() + colon + 1);
-    return port_ > 0;
-  }
-
-  void Stop() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-
-  bool alive() const { return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
-  httplib::Client Client() const {
-    httplib::Client c("127.0.0.1", port_);
-    c.set_read_timeout(120, 0);
-    return c;
-  }
-
- private:
-  pid_t pid_ = -1;
-  int port_ = 0;
-  std::string log_;
-};
 
 // POST /v1/completions, greedy; returns (HTTP status, body).
 std::pair<int, nlohmann::json> Complete(const ServeProcess& s, const std::string& prompt) {
@@ -82,11 +36,7 @@ std::pair<int, nlohmann::json> Complete(const ServeProcess& s, const std::string
   return {r->status, nlohmann::json::parse(r->body, nullptr, false)};
 }
 
-std::pair<int, nlohmann::json> Health(const ServeProcess& s) {
-  auto r = s.Client().Get("/health");
-  if (!r) return {0, nullptr};
-  return {r->status, nlohmann::json::parse(r->body, nullptr, false)};
-}
+std::pair<int, nlohmann::json> Health(const ServeProcess& s) { return GetJson(s, "/health"); }
 
 TEST(ClusterServeTest, CompletionsMatchLocalAndWorkerLossIsSurvived) {
   const std::string& model = SmallModel("Q8_0");

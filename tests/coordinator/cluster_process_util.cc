@@ -1,0 +1,108 @@
+#include "tests/coordinator/cluster_process_util.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/testdata.h"
+
+namespace moepool::testing {
+namespace {
+
+// The port after the last ':' of a ready line, or 0.
+int PortOf(const std::string& line) {
+  const size_t colon = line.rfind(':');
+  return colon == std::string::npos ? 0 : std::atoi(line.c_str() + colon + 1);
+}
+
+}  // namespace
+
+bool WorkerProcess::Start(const std::string& model, const std::string& experts, int port,
+                          const std::vector<std::string>& extra) {
+  static int n = 0;
+  const std::string log = absl::StrCat(TempDir(), "/worker-", experts, "-", ++n, ".log");
+  std::vector<std::string> args = {"worker",
+                                   "--model",
+                                   model,
+                                   "--experts",
+                                   experts,
+                                   "--listen",
+                                   absl::StrCat("127.0.0.1:", port),
+                                   "--threads",
+                                   "1"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  std::string line;
+  pid_ = SpawnMoepool(args, log, &line);
+  port_ = PortOf(line);
+  if (pid_ <= 0 || port_ <= 0) {
+    ADD_FAILURE() << "worker did not start: " << line << ReadFileOrDie(log);
+    return false;
+  }
+  return true;
+}
+
+void WorkerProcess::Kill() {
+  if (pid_ <= 0) return;
+  kill(pid_, SIGKILL);
+  waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+}
+
+std::string WorkerProcess::address() const { return absl::StrCat("127.0.0.1:", port_); }
+
+bool ServeProcess::Start(const std::vector<std::string>& flags) {
+  static int n = 0;
+  log_ = absl::StrCat(TempDir(), "/serve", ++n, ".log");
+  std::vector<std::string> args = {"serve", "--listen", "127.0.0.1:0", "--threads", "1"};
+  bool parallel_given = false;
+  for (const std::string& f : flags) parallel_given |= f == "--parallel";
+  if (!parallel_given) args.insert(args.end(), {"--parallel", "1"});
+  args.insert(args.end(), flags.begin(), flags.end());
+  std::string line;
+  pid_ = SpawnMoepool(args, log_, &line);
+  port_ = PortOf(line);
+  if (pid_ <= 0 || line.find("serving on") == std::string::npos || port_ <= 0) {
+    ADD_FAILURE() << "serve did not start: " << line << ReadFileOrDie(log_);
+    return false;
+  }
+  return true;
+}
+
+void ServeProcess::Stop() {
+  if (pid_ <= 0) return;
+  kill(pid_, SIGTERM);
+  waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+}
+
+bool ServeProcess::alive() const { return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
+
+httplib::Client ServeProcess::Client() const {
+  httplib::Client c("127.0.0.1", port_);
+  c.set_read_timeout(300, 0);
+  return c;
+}
+
+std::pair<int, nlohmann::json> GetJson(const ServeProcess& s, const std::string& path) {
+  auto r = s.Client().Get(path);
+  if (!r) return {0, nullptr};
+  return {r->status, nlohmann::json::parse(r->body, nullptr, false)};
+}
+
+double MetricValue(const ServeProcess& s, const std::string& name) {
+  auto r = s.Client().Get("/metrics");
+  if (!r || r->status != 200) return -1;
+  std::istringstream in(r->body);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(name + " ", 0) == 0) return std::atof(line.c_str() + name.size() + 1);
+  }
+  return -1;
+}
+
+}  // namespace moepool::testing

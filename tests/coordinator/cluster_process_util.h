@@ -1,0 +1,64 @@
+// Real `moepool worker` and `moepool serve` child processes for the end-to-end tests. Each reads
+// its port from the process's ready line and is killed when the object goes away.
+#ifndef MOEPOOL_TESTS_COORDINATOR_CLUSTER_PROCESS_UTIL_H_
+#define MOEPOOL_TESTS_COORDINATOR_CLUSTER_PROCESS_UTIL_H_
+
+#include <sys/types.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "httplib.h"
+#include "nlohmann/json.hpp"
+
+namespace moepool::testing {
+
+// A `moepool worker` child ("serving ... on HOST:PORT").
+class WorkerProcess {
+ public:
+  ~WorkerProcess() { Kill(); }
+
+  // Starts a worker for `experts` of `model` on 127.0.0.1:port (0: any) with one thread and the
+  // extra flags; false (with a test failure showing its log) if it does not come up.
+  bool Start(const std::string& model, const std::string& experts, int port = 0,
+             const std::vector<std::string>& extra = {});
+  void Kill();  // SIGKILL
+
+  int port() const { return port_; }
+  std::string address() const;
+
+ private:
+  pid_t pid_ = -1;
+  int port_ = 0;
+};
+
+// A `moepool serve` child ("moepool: serving on http://HOST:PORT") on 127.0.0.1 with one thread.
+class ServeProcess {
+ public:
+  ~ServeProcess() { Stop(); }
+
+  // `flags` follow `serve --listen 127.0.0.1:0 --threads 1`; give --parallel etc. there (the
+  // default --parallel is 1 unless given).
+  bool Start(const std::vector<std::string>& flags);
+  void Stop();  // SIGTERM, then waits
+  bool alive() const;
+  int port() const { return port_; }
+  const std::string& log_path() const { return log_; }
+  httplib::Client Client() const;
+
+ private:
+  pid_t pid_ = -1;
+  int port_ = 0;
+  std::string log_;
+};
+
+// GET `path` on the server; (HTTP status or 0 if no answer, body parsed or discarded).
+std::pair<int, nlohmann::json> GetJson(const ServeProcess& s, const std::string& path);
+
+// The value of an unlabelled Prometheus sample `name` in /metrics, or -1 if absent.
+double MetricValue(const ServeProcess& s, const std::string& name);
+
+}  // namespace moepool::testing
+
+#endif  // MOEPOOL_TESTS_COORDINATOR_CLUSTER_PROCESS_UTIL_H_
