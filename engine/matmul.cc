@@ -31,8 +31,8 @@ void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols
 void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, ThreadPool* pool) {
   const TypeTraits& traits = GetTypeTraits(w.type);
   const VecDotFn dot = traits.vec_dot;
-  const VecDotMultiFn dot_multi = x.type == TensorType::kF32 ? nullptr : traits.vec_dot_multi;
-  const VecDotMultiFn dot_multi4 = x.type == TensorType::kF32 ? nullptr : traits.vec_dot_multi4;
+  // Multi-row kernels by row count (see TypeTraits::vec_dot_cols); none for f32 activations.
+  const VecDotMultiFn* dot_cols = x.type == TensorType::kF32 ? nullptr : traits.vec_dot_cols;
   const int64_t n = x.n;
   const int64_t rows = w.rows;
   const int64_t cols = w.cols;
@@ -51,18 +51,14 @@ void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, Th
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* wr = w.Row(r);
         int64_t t = t0;
-        if (dot_multi != nullptr) {
+        if (dot_cols != nullptr) {
           float out[kMultiDotCols];
-          for (; t + kMultiDotCols <= t1; t += kMultiDotCols) {
-            dot_multi(cols, wr, x.Row(t), x.row_bytes, out);
-            for (int c = 0; c < kMultiDotCols; ++c) y[(t + c) * rows + r] = out[c];
-          }
-        }
-        if (dot_multi4 != nullptr) {
-          float out[4];
-          for (; t + 4 <= t1; t += 4) {
-            dot_multi4(cols, wr, x.Row(t), x.row_bytes, out);
-            for (int c = 0; c < 4; ++c) y[(t + c) * rows + r] = out[c];
+          // Groups of kMultiDotCols rows, then the rest (2 or more) in one call.
+          while (t1 - t >= 2) {
+            const int c = static_cast<int>(std::min<int64_t>(t1 - t, kMultiDotCols));
+            dot_cols[c](cols, wr, x.Row(t), x.row_bytes, out);
+            for (int i = 0; i < c; ++i) y[(t + i) * rows + r] = out[i];
+            t += c;
           }
         }
         for (; t < t1; ++t) y[t * rows + r] = dot(cols, wr, x.Row(t));

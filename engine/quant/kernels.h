@@ -41,19 +41,17 @@ void QuantizeRowQ8_KAvx2(const float* src, void* dst, int64_t n);
 MOEPOOL_FOR_EACH_STORED_TYPE(MOEPOOL_DECLARE_DOT_FNS)
 #undef MOEPOOL_DECLARE_DOT_FNS
 
-// kMultiCols dot products of one weight row with as many activation rows (a + c * a_stride
-// bytes), out[c] bit-identical to the single-row VecDot*Avx2 of that row; the weight unpacking
-// is shared across the rows (the batched-prompt fast path).
+// Dot products of one weight row with c activation rows (a + c * a_stride bytes) for
+// c = 2 .. kMultiCols: out[i] bit-identical to the single-row VecDot*Avx2 of row i; the weight
+// unpacking is shared across the rows (batched prompts, and decode rows grouped per expert).
+// Table index = c; entries 0 and 1 are nullptr.
 inline constexpr int kMultiCols = 8;
-void VecDotQ4_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void VecDotQ5_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void VecDotQ6_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void VecDotQ8_0Avx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-// The same with 4 activation rows (for the rest of a batch after the groups of kMultiCols).
-void VecDotQ4_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void VecDotQ5_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void VecDotQ6_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void VecDotQ8_0Avx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+using MultiDotKernel = void (*)(int64_t n, const void* w, const void* a, size_t a_stride,
+                                float* out);
+extern const MultiDotKernel kVecDotQ4_KAvx2Cols[kMultiCols + 1];
+extern const MultiDotKernel kVecDotQ5_KAvx2Cols[kMultiCols + 1];
+extern const MultiDotKernel kVecDotQ6_KAvx2Cols[kMultiCols + 1];
+extern const MultiDotKernel kVecDotQ8_0Avx2Cols[kMultiCols + 1];
 
 }  // namespace moepool::kernels
 

@@ -79,20 +79,16 @@ const Tables& GetTables() {
         switch (tr.type) {
           case TensorType::kQ8_0:
             tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
-            tr.vec_dot_multi = &kernels::VecDotQ8_0Avx2xN;
-            tr.vec_dot_multi4 = &kernels::VecDotQ8_0Avx2x4;
+            tr.vec_dot_cols = kernels::kVecDotQ8_0Avx2Cols;
             break;
           case TensorType::kQ4_K:
-            tr.vec_dot_multi = &kernels::VecDotQ4_KAvx2xN;
-            tr.vec_dot_multi4 = &kernels::VecDotQ4_KAvx2x4;
+            tr.vec_dot_cols = kernels::kVecDotQ4_KAvx2Cols;
             break;
           case TensorType::kQ5_K:
-            tr.vec_dot_multi = &kernels::VecDotQ5_KAvx2xN;
-            tr.vec_dot_multi4 = &kernels::VecDotQ5_KAvx2x4;
+            tr.vec_dot_cols = kernels::kVecDotQ5_KAvx2Cols;
             break;
           case TensorType::kQ6_K:
-            tr.vec_dot_multi = &kernels::VecDotQ6_KAvx2xN;
-            tr.vec_dot_multi4 = &kernels::VecDotQ6_KAvx2x4;
+            tr.vec_dot_cols = kernels::kVecDotQ6_KAvx2Cols;
             break;
           default:
             break;

@@ -127,8 +127,8 @@ using QuantizeRowFn = void (*)(const float* src, void* dst, int64_t n);
 // Dot product of a weight row `w` (this type) with an activation row `a` already converted to
 // this type's vec_dot_type; `n` is the number of elements.
 using VecDotFn = float (*)(int64_t n, const void* w, const void* a);
-// kMultiDotCols dot products of one weight row with activation rows a + c * a_stride; each
-// out[c] is bit-identical to vec_dot of that row (so batching never changes a row's result).
+// c dot products of one weight row with activation rows a + i * a_stride (i < c); each out[i] is
+// bit-identical to vec_dot of that row (so batching never changes a row's result).
 inline constexpr int kMultiDotCols = 8;
 using VecDotMultiFn = void (*)(int64_t n, const void* w, const void* a, size_t a_stride,
                                float* out);
@@ -140,11 +140,12 @@ struct TypeTraits {
   size_t block_bytes;       // bytes per block
   TensorType vec_dot_type;  // type activations are converted to for vec_dot
   DequantizeRowFn dequantize;
-  QuantizeRowFn quantize;        // nullptr if the type cannot be produced
-  VecDotFn vec_dot;              // fastest implementation for this CPU (may be == vec_dot_scalar)
-  VecDotFn vec_dot_scalar;       // portable reference
-  VecDotMultiFn vec_dot_multi;   // nullptr where no multi-row kernel exists for this CPU
-  VecDotMultiFn vec_dot_multi4;  // the same for 4 rows (nullptr likewise)
+  QuantizeRowFn quantize;   // nullptr if the type cannot be produced
+  VecDotFn vec_dot;         // fastest implementation for this CPU (may be == vec_dot_scalar)
+  VecDotFn vec_dot_scalar;  // portable reference
+  // vec_dot_cols[c] computes c rows at once (c = 2 .. kMultiDotCols); all nullptr where no
+  // multi-row kernel exists for this type on this CPU (entries 0 and 1 are always nullptr).
+  const VecDotMultiFn* vec_dot_cols;
 };
 
 // Returns the traits of a type id read from a file, or nullptr if moepool does not support it.

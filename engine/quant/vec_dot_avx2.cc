@@ -132,15 +132,6 @@ float VecDotQ8_0Avx2(int64_t n, const void* w, const void* a) {
   return out;
 }
 
-void VecDotQ8_0Avx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotQ8_0<kMultiCols>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), a_stride,
-                      out);
-}
-
-void VecDotQ8_0Avx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotQ8_0<4>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), a_stride, out);
-}
-
 float VecDotQ4_0Avx2(int64_t n, const void* w, const void* a) {
   const auto* x = static_cast<const BlockQ4_0*>(w);
   const auto* y = static_cast<const BlockQ8_0*>(a);
@@ -197,5 +188,20 @@ float VecDotQ5_1Avx2(int64_t n, const void* w, const void* a) {
   }
   return HorizontalSum(acc) + mins;
 }
+
+namespace {
+
+template <int kCols>
+void DotQ8_0Cols(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotQ8_0<kCols>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), a_stride,
+                 out);
+}
+
+}  // namespace
+
+static_assert(kMultiCols == 8, "the table below lists 2..8 columns");
+const MultiDotKernel kVecDotQ8_0Avx2Cols[kMultiCols + 1] = {
+    nullptr,         nullptr,         &DotQ8_0Cols<2>, &DotQ8_0Cols<3>, &DotQ8_0Cols<4>,
+    &DotQ8_0Cols<5>, &DotQ8_0Cols<6>, &DotQ8_0Cols<7>, &DotQ8_0Cols<8>};
 
 }  // namespace moepool::kernels

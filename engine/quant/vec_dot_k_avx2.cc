@@ -138,25 +138,10 @@ float VecDotQ4_KAvx2(int64_t n, const void* w, const void* a) {
   return out;
 }
 
-void VecDotQ4_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotK4Style<false, kMultiCols>(n, static_cast<const BlockQ4_K*>(w), static_cast<const uint8_t*>(a),
-                                a_stride, out);
-}
-
-void VecDotQ4_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotK4Style<false, 4>(n, static_cast<const BlockQ4_K*>(w), static_cast<const uint8_t*>(a),
-                       a_stride, out);
-}
-
 float VecDotQ5_KAvx2(int64_t n, const void* w, const void* a) {
   float out;
   DotK4Style<true, 1>(n, static_cast<const BlockQ5_K*>(w), static_cast<const uint8_t*>(a), 0, &out);
   return out;
-}
-
-void VecDotQ5_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotK4Style<true, kMultiCols>(n, static_cast<const BlockQ5_K*>(w), static_cast<const uint8_t*>(a),
-                               a_stride, out);
 }
 
 namespace {
@@ -226,24 +211,10 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
 
 }  // namespace
 
-void VecDotQ5_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotK4Style<true, 4>(n, static_cast<const BlockQ5_K*>(w), static_cast<const uint8_t*>(a), a_stride,
-                      out);
-}
-
 float VecDotQ6_KAvx2(int64_t n, const void* w, const void* a) {
   float out;
   DotQ6K<1>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), 0, &out);
   return out;
-}
-
-void VecDotQ6_KAvx2xN(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotQ6K<kMultiCols>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), a_stride,
-                     out);
-}
-
-void VecDotQ6_KAvx2x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-  DotQ6K<4>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), a_stride, out);
 }
 
 float VecDotQ2_KAvx2(int64_t n, const void* w, const void* a) {
@@ -325,5 +296,43 @@ float VecDotQ3_KAvx2(int64_t n, const void* w, const void* a) {
   }
   return HorizontalSum(acc);
 }
+
+namespace {
+
+template <bool kHasHighBit, typename Block, int kCols>
+void DotK4StyleCols(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotK4Style<kHasHighBit, kCols>(n, static_cast<const Block*>(w), static_cast<const uint8_t*>(a),
+                                 a_stride, out);
+}
+
+template <int kCols>
+void DotQ6KCols(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+  DotQ6K<kCols>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), a_stride, out);
+}
+
+}  // namespace
+
+static_assert(kMultiCols == 8, "the tables below list 2..8 columns");
+const MultiDotKernel kVecDotQ4_KAvx2Cols[kMultiCols + 1] = {nullptr,
+                                                            nullptr,
+                                                            &DotK4StyleCols<false, BlockQ4_K, 2>,
+                                                            &DotK4StyleCols<false, BlockQ4_K, 3>,
+                                                            &DotK4StyleCols<false, BlockQ4_K, 4>,
+                                                            &DotK4StyleCols<false, BlockQ4_K, 5>,
+                                                            &DotK4StyleCols<false, BlockQ4_K, 6>,
+                                                            &DotK4StyleCols<false, BlockQ4_K, 7>,
+                                                            &DotK4StyleCols<false, BlockQ4_K, 8>};
+const MultiDotKernel kVecDotQ5_KAvx2Cols[kMultiCols + 1] = {nullptr,
+                                                            nullptr,
+                                                            &DotK4StyleCols<true, BlockQ5_K, 2>,
+                                                            &DotK4StyleCols<true, BlockQ5_K, 3>,
+                                                            &DotK4StyleCols<true, BlockQ5_K, 4>,
+                                                            &DotK4StyleCols<true, BlockQ5_K, 5>,
+                                                            &DotK4StyleCols<true, BlockQ5_K, 6>,
+                                                            &DotK4StyleCols<true, BlockQ5_K, 7>,
+                                                            &DotK4StyleCols<true, BlockQ5_K, 8>};
+const MultiDotKernel kVecDotQ6_KAvx2Cols[kMultiCols + 1] = {
+    nullptr,        nullptr,        &DotQ6KCols<2>, &DotQ6KCols<3>, &DotQ6KCols<4>,
+    &DotQ6KCols<5>, &DotQ6KCols<6>, &DotQ6KCols<7>, &DotQ6KCols<8>};
 
 }  // namespace moepool::kernels
