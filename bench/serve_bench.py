@@ -3,7 +3,11 @@
 levels, against a `moepool serve` it starts itself (python3 standard library only).
 
   bench/serve_bench.py --binary build/cli/moepool --model mini-Q4_K_M.gguf \
-      [--workers host:port,host:port] [--streams 1,4,16] [--max-tokens 64] [--threads 2]
+      [--workers host:port,host:port | --spawn-workers N [--worker-threads 1]] \
+      [--streams 1,4,16] [--max-tokens 64] [--threads 2]
+
+--spawn-workers N starts N `moepool worker` processes on 127.0.0.1 holding equal shares of the
+experts (N = 2: experts 0-3 and 4-7 of an 8-expert model) and serves through them.
 
 Prints one JSON object: per concurrency level, aggregate tokens/s, TTFT p50/p99 (ms), and the
 ratio of each level's throughput to the single-stream figure (the baseline, same script).
@@ -53,7 +57,25 @@ def main():
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--spawn-workers", type=int, default=0)
+    ap.add_argument("--worker-threads", type=int, default=1)
+    ap.add_argument("--n-expert", type=int, default=8)
     args = ap.parse_args()
+    spawned = []
+    if args.spawn_workers:
+        addresses = []
+        per = args.n_expert // args.spawn_workers
+        for w in range(args.spawn_workers):
+            lo = w * per
+            hi = args.n_expert - 1 if w == args.spawn_workers - 1 else lo + per - 1
+            proc = subprocess.Popen(
+                [args.binary, "worker", "--model", args.model, "--experts", f"{lo}-{hi}",
+                 "--listen", "127.0.0.1:0", "--threads", str(args.worker_threads)],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            spawned.append(proc)
+            ready = proc.stdout.readline().strip()
+            addresses.append(ready.rsplit(" on ", 1)[1].split()[0])
+        args.workers = ",".join(addresses)
     levels = [int(x) for x in args.streams.split(",")]
     cmd = [args.binary, "serve", "--model", args.model, "--listen", "127.0.0.1:0",
            "--threads", str(args.threads), "--parallel", str(max(levels)),
@@ -95,6 +117,9 @@ def main():
     finally:
         server.terminate()
         server.wait(timeout=30)
+        for proc in spawned:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 if __name__ == "__main__":
