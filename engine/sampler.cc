@@ -36,10 +36,11 @@ int32_t Sampler::Sample(float* logits, int64_t n_vocab) {
   } else {
     candidates_.clear();
     for (int64_t i = 0; i < n_vocab; ++i) {
-      if (std::isfinite(logits[i])) candidates_.emplace_back(logits[i], static_cast<int32_t>(i));
+      if (std::isfinite(logits[i]))
+        candidates_.push_back({logits[i], static_cast<int32_t>(i), 0.0});
     }
-    auto by_logit = [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    auto by_logit = [](const Candidate& a, const Candidate& b) {
+      return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
     };
     // Only the head of the distribution is ever needed in order: sort the top kHead candidates
     // and the rest only if min-p / top-p reach past them (a full sort of a 32000-token vocabulary
@@ -65,13 +66,15 @@ int32_t Sampler::Sample(float* logits, int64_t n_vocab) {
         sorted = candidates_.size();
       }
     };
-    // Softmax with temperature, in double for a reproducible, accurate cumulative sum.
-    const double max_l = candidates_[0].first;
+    // Softmax with temperature, in double for a reproducible, accurate cumulative sum. Each
+    // candidate's exponential is computed once and travels with it through later sorting.
+    const double max_l = candidates_[0].logit;
     double sum = 0.0;
-    for (const auto& c : candidates_) sum += std::exp((c.first - max_l) / params_.temperature);
-    auto prob = [&](size_t i) {
-      return std::exp((candidates_[i].first - max_l) / params_.temperature) / sum;
-    };
+    for (Candidate& c : candidates_) {
+      c.weight = std::exp((c.logit - max_l) / params_.temperature);
+      sum += c.weight;
+    }
+    auto prob = [&](size_t i) { return candidates_[i].weight / sum; };
     size_t n = candidates_.size();
     if (params_.min_p > 0.0f) {
       const double floor = params_.min_p * prob(0);
@@ -102,11 +105,11 @@ int32_t Sampler::Sample(float* logits, int64_t n_vocab) {
     }
     const double r = std::uniform_real_distribution<double>(0.0, total)(rng_);
     double cum = 0.0;
-    chosen = candidates_[n - 1].second;
+    chosen = candidates_[n - 1].id;
     for (size_t i = 0; i < n; ++i) {
       cum += p[i];
       if (r < cum) {
-        chosen = candidates_[i].second;
+        chosen = candidates_[i].id;
         break;
       }
     }

@@ -48,7 +48,12 @@ class Sampler {
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::unordered_map<int32_t, int> counts_;
-  std::vector<std::pair<float, int32_t>> candidates_;
+  struct Candidate {
+    float logit;
+    int32_t id;
+    double weight;  // exp((logit - max) / temperature), once the maximum is known
+  };
+  std::vector<Candidate> candidates_;
 };
 
 }  // namespace moepool
