@@ -3,7 +3,8 @@
 # namespaces (coordinator, w1, w2); a bridge inside the coordinator's namespace joins veth links
 # to w1 and w2 on 10.77.0.0/24 (coordinator 10.77.0.1, w1 10.77.0.2, w2 10.77.0.3). Runs
 # `moepool worker` in w1 (experts 0-3) and w2 (experts 4-7) and `moepool eval --workers` in the
-# coordinator's namespace; its logits must equal a local `moepool eval` byte for byte.
+# coordinator's namespace; its logits must equal a local `moepool eval` byte for byte. Then the
+# same with a split that has replicas: w1 holds experts 0-5 and w2 experts 2-7 (2-5 on both).
 # Only the namespaces and links it creates are touched; all are removed on exit, even on failure.
 # Not root, or `ip netns add` fails: skipped (exit 77), except as root under CI=true (failure).
 # Needs MOEPOOL_BINARY and MOEPOOL_SOURCE_DIR (set by tests/CMakeLists.txt).
@@ -81,20 +82,23 @@ if [ ! -f "$model" ]; then
     fail "synth failed"
 fi
 
-start_worker() {  # namespace address experts name
+start_worker() {  # namespace address:port experts name
   ip netns exec "$1" timeout 300 "$MOEPOOL_BINARY" worker --model "$model" --experts "$3" \
-    --listen "$2:7070" --threads 1 >"$tmp/$4.out" 2>"$tmp/$4.log" &
+    --listen "$2" --threads 1 >"$tmp/$4.out" 2>"$tmp/$4.log" &
   pids+=($!)
 }
-start_worker "$ns_w1" 10.77.0.2 0-3 w1
-start_worker "$ns_w2" 10.77.0.3 4-7 w2
-for w in w1 w2; do
+start_worker "$ns_w1" 10.77.0.2:7070 0-3 w1
+start_worker "$ns_w2" 10.77.0.3:7070 4-7 w2
+start_worker "$ns_w1" 10.77.0.2:7071 0-5 w1-replicas
+start_worker "$ns_w2" 10.77.0.3:7071 2-7 w2-replicas
+for w in w1:7070 w2:7070 w1-replicas:7071 w2-replicas:7071; do
+  name="${w%%:*}" port="${w##*:}"
   for _ in $(seq 600); do
-    grep -q ':7070$' "$tmp/$w.out" 2>/dev/null && break
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || fail "worker $w exited"; done
+    grep -q ":$port\$" "$tmp/$name.out" 2>/dev/null && break
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || fail "worker $name exited"; done
     sleep 0.1
   done
-  grep -q ':7070$' "$tmp/$w.out" || fail "worker $w did not start"
+  grep -q ":$port\$" "$tmp/$name.out" || fail "worker $name did not start"
 done
 
 prompt="The quick brown fox jumps over the lazy dog"
@@ -106,4 +110,9 @@ timeout 120 ip netns exec "$ns_coord" "$MOEPOOL_BINARY" eval --threads 2 --model
   fail "eval in $ns_coord against the namespaced workers failed"
 [ -s "$tmp/local.f32" ] || fail "local eval wrote no logits"
 cmp "$tmp/local.f32" "$tmp/cluster.f32" || fail "logits across namespaces differ from local"
-echo "netns_cluster: logits across three network namespaces match local"
+timeout 120 ip netns exec "$ns_coord" "$MOEPOOL_BINARY" eval --threads 2 --model "$model" \
+  --prompt "$prompt" --logits-out "$tmp/replicas.f32" --wire-dtype f32 \
+  --workers 10.77.0.2:7071,10.77.0.3:7071 >"$tmp/eval-replicas.log" 2>&1 ||
+  fail "eval against the split with replicas failed"
+cmp "$tmp/local.f32" "$tmp/replicas.f32" || fail "logits with replicated experts differ from local"
+echo "netns_cluster: logits across three network namespaces match local (plain split and replicas)"
