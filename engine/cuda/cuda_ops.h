@@ -9,8 +9,10 @@
 //   asynchronous on that stream: the returned Status covers argument checks and launch errors;
 //   faults during execution surface from the next synchronizing call (SyncStream, Download).
 // - Weights are stored exactly as in the GGUF file: `rows` rows of `cols` elements, each row
-//   RowBytes(type, cols) bytes, rows back to back (the engine's Tensor layout). `cols` must be a
-//   multiple of the type's block size.
+//   RowBytes(type, cols) bytes, rows back to back (the engine's Tensor layout), 4-byte aligned for
+//   F32 and 2-byte aligned otherwise (a cudaMalloc'd buffer plus whole rows is). `cols` must be a
+//   multiple of the block size: 32 for Q4_0..Q8_0, 256 for the k-quants, and 32 for F32, F16 and
+//   BF16 too (the kernels treat float rows as blocks of 32).
 // - Activations and results are f32. The kernels dequantize weights in registers and accumulate
 //   in f32 (no activation quantization), so results agree with the CPU engine (which quantizes
 //   activations to q8 for quantized weights) within the per-type tolerances documented in
