@@ -19,7 +19,7 @@
 //   docs/gpu.md, not bit for bit.
 // Threading: the functions are thread-safe; a DeviceBuffer is not (one owner at a time).
 // Errors: INVALID_ARGUMENT for bad shapes or null pointers, UNIMPLEMENTED for a weight type without
-// a kernel, INTERNAL / RESOURCE_EXHAUSTED carrying the CUDA error string otherwise.
+// a kernel, INTERNAL / UNAVAILABLE / RESOURCE_EXHAUSTED carrying the CUDA error string otherwise.
 #ifndef MOEPOOL_ENGINE_CUDA_CUDA_OPS_H_
 #define MOEPOOL_ENGINE_CUDA_CUDA_OPS_H_
 
@@ -64,7 +64,8 @@ absl::Status SyncStream(Stream stream);
 // memory return after the copy has finished, so `host` may be reused at once.
 class DeviceBuffer {
  public:
-  // RESOURCE_EXHAUSTED (naming bytes requested and free) when the device is full.
+  // RESOURCE_EXHAUSTED (naming bytes requested and free) when the device is full, UNAVAILABLE
+  // when there is no usable device. Zero bytes gives an empty buffer without a CUDA call.
   static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
   DeviceBuffer() = default;
   DeviceBuffer(DeviceBuffer&& other) noexcept;
