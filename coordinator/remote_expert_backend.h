@@ -19,10 +19,13 @@
 //
 // Pipelining: Start sends the requests and returns (local experts are computed in Start, after
 // the requests went out); Finish waits for the answers and combines. Several steps may be
-// outstanding (micro-batches); since a link carries one request at a time, a step's requests
-// go out once the earlier outstanding steps' answers are in (Start waits for them: that wait,
-// like Finish's, counts as blocked time). Compute is Start + Finish, except that without local
-// rows it runs one worker's exchange on the calling thread (no hand-off to a link thread).
+// outstanding (micro-batches). A link carries one request at a time, so each worker has
+// `streams_per_worker` links ("lanes"); a step takes a lane no outstanding step holds, or else
+// waits for the oldest outstanding step's answers and shares its lane (that wait, like Finish's,
+// counts as blocked time). A worker takes requests while any of its lanes is up (a request for a
+// lane that is down goes on another); Stats reports it up when every lane is. Compute is Start +
+// Finish, except that without local rows it runs one worker's exchange on the calling thread (no
+// hand-off to a link thread).
 //
 // Failures: a worker that does not answer within the step timeout has its stream cancelled by
 // the step watchdog (StepWatchdog); a lost connection fails its request. The worker is marked
@@ -30,8 +33,10 @@
 // Describe is accepted (same fingerprint, hyperparameters and experts).
 // In-step retry (ClusterOptions::retry_on_replica): when a worker's request fails with
 // UNAVAILABLE or DEADLINE_EXCEEDED and other up workers hold its experts, its rows are sent again
-// to those replicas within the same step, once; the result is the same bits. Without a replica
-// (or if the retry fails too) the step fails with that code, naming the worker(s). Steps after
+// to those replicas within the same step, once; the result is the same bits. Without a replica,
+// an UNAVAILABLE worker is tried once more on another of its lanes that is up (a stream broken
+// by a restart this lane had not seen yet). If that is not possible or the retry fails too, the
+// step fails with the first code, naming the worker(s). Steps after
 // that route the worker's experts to replicas if any, else fail with UNAVAILABLE until it is
 // back. Nothing here aborts the process.
 //
@@ -84,6 +89,11 @@ struct ClusterOptions {
   size_t max_samples = 16384;  // round-trip samples kept per worker
   // Re-send a failed worker's rows to replicas within the step (see the file comment).
   bool retry_on_replica = true;
+  // Forward streams (links, each with its own connection) per worker: how many steps can have
+  // requests on a worker at once. Two lets two pipelined micro-batches' requests travel and
+  // queue at the worker together; with one, a micro-batch's requests wait for the other's
+  // answers. Links connect on first use.
+  int streams_per_worker = 2;
 };
 
 struct ClusterStats {
@@ -149,15 +159,20 @@ class ClusterExpertBackend : public ExpertBackend {
   absl::Status Resend(Step* s, const std::vector<size_t>& failed);
   // Waits, retries, combines; the step's final status. Idempotent (the second call: OK).
   absl::Status FinishStep(Step* s);
-  // Waits until no other outstanding step has a request in flight.
-  void WaitForOthers(const Step* s);
+  // Waits until the other outstanding steps on lane `lane` (any lane: -1) have their answers.
+  void WaitForOthers(const Step* s, int lane);
+  // Chooses the lane of a new step.
+  int ChooseLane();
+  bool WorkerUsable(size_t w) const;  // some lane up (steps route to it)
   absl::Status Fail(absl::Status s);
+  // Joins the messages of several failures; the code is the first one's.
+  static absl::Status JoinErrors(const std::vector<absl::Status>& errors);
 
   ClusterOptions options_;
   std::unique_ptr<Model> model_;  // all experts bound, no non-expert weights
   std::unique_ptr<ThreadPool> local_pool_;
   std::unique_ptr<LocalExpertBackend> local_;
-  std::vector<std::unique_ptr<WorkerLink>> links_;
+  std::vector<std::vector<std::unique_ptr<WorkerLink>>> links_;  // [worker][lane]
   std::unique_ptr<StepWatchdog> watchdog_;
   std::vector<moepool::v1::DescribeResponse> describes_;
   ExpertPlacement placement_;
