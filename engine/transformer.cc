@@ -262,13 +262,18 @@ absl::Status Transformer::ForwardMicroBatches(
       pending[i] = experts_->Start(p->routes, p->moe.data());
     }
   }
+  // Each micro-batch's output head runs while the later ones' last experts are in flight.
+  const size_t logits_before = logits->size();
   for (size_t i = 0; i < passes.size(); ++i) {
     const absl::Status s = pending[i]->Finish();
     pending[i].reset();
-    if (!s.ok()) return drain(i, s);
+    if (!s.ok()) {
+      logits->resize(logits_before);
+      return drain(i, s);
+    }
     AddExperts(passes[i].get());
+    Head(*passes[i], logits);
   }
-  for (const auto& p : passes) Head(*p, logits);
   return absl::OkStatus();
 }
 

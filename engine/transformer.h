@@ -72,15 +72,17 @@ class Transformer {
   // Forward over several micro-batches at once, pipelined so that the experts of one run while
   // the attention (and everything else outside the experts) of the next is computed here: per
   // layer, for each micro-batch in turn, finish its previous layer's experts, run its
-  // attention and routing, and start its experts (ExpertBackend::Start). With remote experts
-  // this keeps this thread busy while the workers compute.
+  // attention and routing, and start its experts (ExpertBackend::Start); at the end, each
+  // micro-batch's output head runs while the later ones' last experts are in flight. With remote
+  // experts this keeps this thread busy while the workers compute.
   // Each micro-batch's rows give exactly the bits Forward gives for them alone (per-row
   // independence). Logits are appended micro-batch by micro-batch, each in row order (so a
   // split of one row list into consecutive parts gives the logits of Forward on the whole).
   // Rows of one sequence go in one micro-batch, or in increasing position order across
   // micro-batches (the earlier micro-batch's K/V of a layer is stored before the later one's
   // attention of that layer). Same errors as Forward; on an error every started expert
-  // computation is finished before returning. One micro-batch: exactly Forward.
+  // computation is finished before returning and no logits are appended. One non-empty
+  // micro-batch: exactly Forward.
   absl::Status ForwardMicroBatches(absl::Span<const absl::Span<const BatchRow>> micro_batches,
                                    std::vector<float>* logits);
 
