@@ -9,7 +9,9 @@
 #
 # Needs MOEPOOL_BINARY and MOEPOOL_SLOWLINK (default: build/cli/moepool,
 # build/bench/moepool_slowlink). THREADS (coordinator, default 1), DECODE (tokens per sequence,
-# default 32) and WORKER_THREADS (default 1) may be set in the environment.
+# default 32) and WORKER_THREADS (default 1) may be set in the environment. With SERVE=1 each run
+# is instead bench/serve_bench.py against `moepool serve --micro-batches 1|2` with SEQUENCES
+# concurrent streams of DECODE tokens (aggregate tokens/s and the idle ratio from /metrics).
 set -euo pipefail
 model="${1:?usage: pingpong_bench.sh MODEL [DELAY_US] [RATE_MBIT] [SEQUENCES] [ROUNDS]}"
 delay="${2:-100}"
@@ -60,8 +62,15 @@ for experts in 0-3 4-7; do
 done
 workers="127.0.0.1:${ports[0]},127.0.0.1:${ports[1]}"
 echo "model $model, proxies ${delay} us one-way, ${rate} Mbit/s, ${seqs} sequences x ${decode} tokens"
+here="$(cd "$(dirname "$0")" && pwd)"
 for r in $(seq "$rounds"); do
   for mb in 1 2; do
+    if [ "${SERVE:-0}" = 1 ]; then
+      python3 "$here/serve_bench.py" --binary "$bin" --model "$model" --workers "$workers" \
+        --streams "$seqs" --max-tokens "$decode" --threads "$threads" --micro-batches "$mb" |
+        python3 -c 'import json,sys; j=json.load(sys.stdin); l=list(j["levels"].values())[0]; print("round %s serve micro-batches %s: %.1f tokens/s, idle %.2f, ttft p50 %.0f ms" % (sys.argv[1], j["micro_batches"], l["aggregate_tokens_per_s"], l["coordinator_idle_ratio"], l["ttft_ms_p50"]))' "$r"
+      continue
+    fi
     "$bin" bench --model "$model" --threads "$threads" --workers "$workers" --json \
       --prompt-tokens 8 --decode-tokens "$decode" --sequences "$seqs" --micro-batches "$mb" \
       --pings 10 2>"$tmp/bench.log" |

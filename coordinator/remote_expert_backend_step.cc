@@ -50,11 +50,11 @@ struct ClusterExpertBackend::Bucket {
 class ClusterExpertBackend::Step final : public PendingExperts {
  public:
   Step(ClusterExpertBackend* backend, const ExpertRoutes& routes, float* out)
-      : backend_(backend), routes(routes), out(out) {}
-  ~Step() override { backend_->FinishStep(this).IgnoreError(); }
-  absl::Status Finish() override { return backend_->FinishStep(this); }
+      : backend(backend), routes(routes), out(out) {}
+  ~Step() override { backend->FinishStep(this).IgnoreError(); }
+  absl::Status Finish() override { return backend->FinishStep(this); }
 
-  ClusterExpertBackend* const backend_;
+  ClusterExpertBackend* const backend;
   const ExpertRoutes routes;
   float* const out;
   int lane = 0;             // the lane of its first round
@@ -119,8 +119,9 @@ absl::Status ClusterExpertBackend::Dispatch(Step* s) {
   for (int64_t i = 0; i < n * k; ++i) {
     const int32_t e = routes.expert[i];
     if (e < 0) continue;
-    if (e >= c.n_expert)
+    if (e >= c.n_expert) {
       return absl::InvalidArgumentError(absl::StrCat("expert ", e, " out of range"));
+    }
     ++rows_per_expert[static_cast<size_t>(e)];
   }
   std::vector<int> holder_of;
