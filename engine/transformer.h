@@ -94,7 +94,7 @@ class Transformer {
  private:
   struct Pass;  // one micro-batch's buffers
 
-  // Checks tokens and positions, and takes paged caches' blocks.
+  // Checks tokens and positions (INVALID_ARGUMENT).
   absl::Status Prepare(absl::Span<const BatchRow> rows) const;
   // Embedding into the residual stream.
   void Begin(Pass* p) const;
