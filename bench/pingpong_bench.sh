@@ -12,6 +12,8 @@
 # default 32) and WORKER_THREADS (default 1) may be set in the environment. With SERVE=1 each run
 # is instead bench/serve_bench.py against `moepool serve --micro-batches 1|2` with SEQUENCES
 # concurrent streams of DECODE tokens (aggregate tokens/s and the idle ratio from /metrics).
+# With PIN=1 (Linux, taskset) the coordinator runs on CPU 0 and the workers and proxies on CPU
+# 1, so that on a 2-core machine the coordinator does not compete with them for a core.
 set -euo pipefail
 model="${1:?usage: pingpong_bench.sh MODEL [DELAY_US] [RATE_MBIT] [SEQUENCES] [ROUNDS]}"
 delay="${2:-100}"
@@ -49,13 +51,19 @@ wait_port() {
   exit 1
 }
 
+coord=()
+side=()
+if [ "${PIN:-0}" = 1 ]; then
+  coord=(taskset -c 0)
+  side=(taskset -c 1)
+fi
 ports=()
 for experts in 0-3 4-7; do
-  "$bin" worker --model "$model" --experts "$experts" --listen 127.0.0.1:0 \
+  "${side[@]}" "$bin" worker --model "$model" --experts "$experts" --listen 127.0.0.1:0 \
     --threads "$worker_threads" >"$tmp/w$experts.out" 2>"$tmp/w$experts.log" &
   pids+=($!)
   wport="$(wait_port "$tmp/w$experts.out")"
-  "$slowlink" --listen 127.0.0.1:0 --target "127.0.0.1:$wport" --delay-us "$delay" \
+  "${side[@]}" "$slowlink" --listen 127.0.0.1:0 --target "127.0.0.1:$wport" --delay-us "$delay" \
     --rate-mbit "$rate" >"$tmp/p$experts.out" 2>"$tmp/p$experts.log" &
   pids+=($!)
   ports+=("$(wait_port "$tmp/p$experts.out")")
@@ -66,12 +74,12 @@ here="$(cd "$(dirname "$0")" && pwd)"
 for r in $(seq "$rounds"); do
   for mb in 1 2; do
     if [ "${SERVE:-0}" = 1 ]; then
-      python3 "$here/serve_bench.py" --binary "$bin" --model "$model" --workers "$workers" \
+      "${coord[@]}" python3 "$here/serve_bench.py" --binary "$bin" --model "$model" --workers "$workers" \
         --streams "$seqs" --max-tokens "$decode" --threads "$threads" --micro-batches "$mb" |
         python3 -c 'import json,sys; j=json.load(sys.stdin); l=list(j["levels"].values())[0]; print("round %s serve micro-batches %s: %.1f tokens/s, idle %.2f, ttft p50 %.0f ms" % (sys.argv[1], j["micro_batches"], l["aggregate_tokens_per_s"], l["coordinator_idle_ratio"], l["ttft_ms_p50"]))' "$r"
       continue
     fi
-    "$bin" bench --model "$model" --threads "$threads" --workers "$workers" --json \
+    "${coord[@]}" "$bin" bench --model "$model" --threads "$threads" --workers "$workers" --json \
       --prompt-tokens 8 --decode-tokens "$decode" --sequences "$seqs" --micro-batches "$mb" \
       --pings 10 2>"$tmp/bench.log" |
       python3 -c 'import json,sys; j=json.load(sys.stdin); print("round %s micro-batches %d: %.1f tokens/s, idle %.2f" % (sys.argv[1], j["decode_micro_batches"], j["decode_tokens_per_s"], j["decode_coordinator_idle_ratio"]))' "$r"
