@@ -4,13 +4,15 @@ levels, against a `moepool serve` it starts itself (python3 standard library onl
 
   bench/serve_bench.py --binary build/cli/moepool --model mini-Q4_K_M.gguf \
       [--workers host:port,host:port | --spawn-workers N [--worker-threads 1]] \
-      [--streams 1,4,16] [--max-tokens 64] [--threads 2]
+      [--streams 1,4,16] [--max-tokens 64] [--threads 2] [--micro-batches 1|2]
 
 --spawn-workers N starts N `moepool worker` processes on 127.0.0.1 holding equal shares of the
 experts (N = 2: experts 0-3 and 4-7 of an 8-expert model) and serves through them.
 
-Prints one JSON object: per concurrency level, aggregate tokens/s, TTFT p50/p99 (ms), and the
-ratio of each level's throughput to the single-stream figure (the baseline, same script).
+Prints one JSON object: per concurrency level, aggregate tokens/s, TTFT p50/p99 (ms), the
+ratio of each level's throughput to the single-stream figure (the baseline, same script), and
+the coordinator idle ratio over the level (from /metrics: time the forward thread was blocked
+waiting for remote experts / scheduler step time; 0 with local experts).
 """
 import argparse
 import json
@@ -44,6 +46,19 @@ def stream_one(port, prompt, max_tokens, seed, out):
     out.append((ttft or 0.0, tokens, time.monotonic() - t0))
 
 
+def step_counters(port):
+    """(idle seconds, step seconds) from the server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as resp:
+        text = resp.read().decode("utf-8")
+    values = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#"):
+            values[parts[0]] = float(parts[1])
+    return (values.get("moepool_coordinator_idle_seconds_total", 0.0),
+            values.get("moepool_step_seconds_total", 0.0))
+
+
 def percentile(values, p):
     v = sorted(values)
     return v[min(len(v) - 1, int(round(p / 100.0 * (len(v) - 1))))]
@@ -60,6 +75,7 @@ def main():
     ap.add_argument("--spawn-workers", type=int, default=0)
     ap.add_argument("--worker-threads", type=int, default=1)
     ap.add_argument("--n-expert", type=int, default=8)
+    ap.add_argument("--micro-batches", type=int, default=0, help="0: the server's default")
     args = ap.parse_args()
     spawned = []
     if args.spawn_workers:
@@ -82,6 +98,8 @@ def main():
            "--max-queue", "64"]
     if args.workers:
         cmd += ["--workers", args.workers]
+    if args.micro_batches:
+        cmd += ["--micro-batches", str(args.micro_batches)]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = server.stdout.readline().strip()
@@ -90,6 +108,7 @@ def main():
                    "Write a short poem about the sea.", "List three uses of a GPU."]
         stream_one(port, "warm up", 8, 0, [])
         report = {"model": args.model, "workers": args.workers or None,
+                  "micro_batches": args.micro_batches or "default",
                   "max_tokens": args.max_tokens, "levels": {}}
         base = None
         for n in levels:
@@ -97,12 +116,14 @@ def main():
             threads = [threading.Thread(target=stream_one,
                                         args=(port, prompts[i % len(prompts)], args.max_tokens,
                                               i, results)) for i in range(n)]
+            idle0, steps0 = step_counters(port)
             t0 = time.monotonic()
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             wall = time.monotonic() - t0
+            idle1, steps1 = step_counters(port)
             tokens = sum(r[1] for r in results)
             tps = tokens / wall
             base = base or tps
@@ -112,7 +133,8 @@ def main():
                 "aggregate_tokens_per_s": round(tps, 1),
                 "ttft_ms_p50": round(percentile(ttfts, 50), 1),
                 "ttft_ms_p99": round(percentile(ttfts, 99), 1),
-                "vs_single_stream": round(tps / base, 2)}
+                "vs_single_stream": round(tps / base, 2),
+                "coordinator_idle_ratio": round((idle1 - idle0) / max(steps1 - steps0, 1e-9), 3)}
         print(json.dumps(report, indent=1))
     finally:
         server.terminate()

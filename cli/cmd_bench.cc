@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -136,39 +137,6 @@ absl::StatusOr<nlohmann::json> ClusterReport(const Args& args, const ClusterExpe
   return j;
 }
 
-// Decode throughput with `batch` sequences advancing together: each sequence first gets a short
-// distinct prompt, then every step runs one decode row per sequence (as the serving scheduler's
-// steps do). Returns aggregate decode tokens/s.
-absl::StatusOr<double> BatchedDecode(Transformer* tf, const ModelConfig& c,
-                                     const std::vector<int32_t>& tokens, int64_t batch,
-                                     int64_t n_decode, int64_t n_ctx) {
-  constexpr int64_t kPrompt = 16;
-  const int64_t steps = std::min<int64_t>(n_decode, n_ctx - kPrompt);
-  if (steps < 1) return absl::InvalidArgumentError("--batch needs a context above 16 tokens");
-  std::vector<std::unique_ptr<KvCache>> caches;
-  std::vector<BatchRow> rows;
-  std::vector<float> logits;
-  for (int64_t b = 0; b < batch; ++b) {
-    caches.push_back(std::make_unique<KvCache>(c, n_ctx));
-    for (int64_t i = 0; i < kPrompt; ++i) {
-      const size_t t = static_cast<size_t>((b * 7 + i) % static_cast<int64_t>(tokens.size()));
-      rows.push_back({tokens[t], i, caches.back().get(), i + 1 == kPrompt});
-    }
-  }
-  RETURN_IF_ERROR(tf->Forward(rows, &logits));
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t i = 0; i < steps; ++i) {
-    rows.clear();
-    for (int64_t b = 0; b < batch; ++b) {
-      const size_t t = static_cast<size_t>((b * 13 + i) % static_cast<int64_t>(tokens.size()));
-      rows.push_back({tokens[t], kPrompt + i, caches[static_cast<size_t>(b)].get(), true});
-    }
-    logits.clear();
-    RETURN_IF_ERROR(tf->Forward(rows, &logits));
-  }
-  return static_cast<double>(steps * batch) / Seconds(t0, std::chrono::steady_clock::now());
-}
-
 absl::Status Bench(const Args& args) {
   EngineOptions opts;
   opts.model_path = args.Get("model");
@@ -177,10 +145,14 @@ absl::Status Bench(const Args& args) {
   ASSIGN_OR_RETURN(int64_t n_prompt, args.GetInt("prompt-tokens", 512));
   ASSIGN_OR_RETURN(int64_t n_decode, args.GetInt("decode-tokens", 128));
   ASSIGN_OR_RETURN(int64_t reps, args.GetInt("repeat", 1));
-  ASSIGN_OR_RETURN(int64_t batch, args.GetInt("batch", 1));
-  if (n_prompt < 1 || n_decode < 1 || reps < 1 || batch < 1 || batch > 256) {
+  ASSIGN_OR_RETURN(int64_t n_seq, args.GetInt("sequences", 1));
+  ASSIGN_OR_RETURN(int64_t micro_batches, args.GetInt("micro-batches", 1));
+  if (n_prompt < 1 || n_decode < 1 || reps < 1 || n_seq < 1 || n_seq > 1024) {
     return absl::InvalidArgumentError(
-        "--prompt-tokens, --decode-tokens, --repeat must be >= 1; --batch in 1..256");
+        "--prompt-tokens, --decode-tokens, --repeat must be >= 1, --sequences in 1..1024");
+  }
+  if (micro_batches != 1 && micro_batches != 2) {
+    return absl::InvalidArgumentError("--micro-batches must be 1 or 2");
   }
   opts.threads = static_cast<int>(threads);
   if (!ParseMoeResidual(args.Get("moe-residual", "reference"), &opts.transformer.moe_residual)) {
@@ -211,7 +183,14 @@ absl::Status Bench(const Args& args) {
     for (int64_t i = 0; i < n_warm; ++i) rows.push_back({tokens[i], i, &cache, i + 1 == n_warm});
     RETURN_IF_ERROR(tf.Forward(rows, &logits));
   }
-  double best_pp = 0, best_tg = 0, best_batch = 0;
+  // Decode: `n_seq` sequences, one row each per step; with two micro-batches the first half of
+  // the sequences and the second run ping-pong (Transformer::ForwardMicroBatches).
+  std::vector<std::unique_ptr<KvCache>> caches;
+  for (int64_t q = 0; q < n_seq; ++q) caches.push_back(std::make_unique<KvCache>(c, opts.n_ctx));
+  const size_t split = micro_batches == 2 && n_seq >= 2 ? static_cast<size_t>(n_seq / 2) : 0;
+  ExpertBackend* experts = tf.experts();
+  double best_pp = 0, best_tg = 0;
+  double idle_s = 0, decode_s = 0;
   DecodeWire wire;
   uint64_t prompt_wire_bytes = 0;
   for (int64_t r = 0; r < reps; ++r) {
@@ -230,24 +209,49 @@ absl::Status Bench(const Args& args) {
       }
       cluster->ResetStats();
     }
+    const uint64_t blocked0 = experts->blocked_micros();
     t0 = std::chrono::steady_clock::now();
+    std::vector<BatchRow> rows_step(static_cast<size_t>(n_seq));
     for (int64_t i = 0; i < n_decode; ++i) {
-      BatchRow row{tokens[i], i, &cache, true};
+      for (int64_t q = 0; q < n_seq; ++q) {
+        const size_t t = static_cast<size_t>((i + 7 * q) % static_cast<int64_t>(tokens.size()));
+        rows_step[static_cast<size_t>(q)] = {tokens[t], i, caches[static_cast<size_t>(q)].get(),
+                                             true};
+      }
       logits.clear();
-      RETURN_IF_ERROR(tf.Forward({&row, 1}, &logits));
+      if (split > 0) {
+        const absl::Span<const BatchRow> all(rows_step);
+        const absl::Span<const BatchRow> halves[] = {all.subspan(0, split), all.subspan(split)};
+        RETURN_IF_ERROR(tf.ForwardMicroBatches(halves, &logits));
+      } else {
+        RETURN_IF_ERROR(tf.Forward(rows_step, &logits));
+      }
     }
     t1 = std::chrono::steady_clock::now();
-    best_tg = std::max(best_tg, n_decode / Seconds(t0, t1));
+    best_tg = std::max(best_tg, static_cast<double>(n_decode * n_seq) / Seconds(t0, t1));
+    idle_s += static_cast<double>(experts->blocked_micros() - blocked0) / 1e6;
+    decode_s += Seconds(t0, t1);
     if (cluster != nullptr) wire.Add(cluster->Stats());
-    if (batch > 1) {
-      ASSIGN_OR_RETURN(double tps, BatchedDecode(&tf, c, tokens, batch, n_decode, opts.n_ctx));
-      best_batch = std::max(best_batch, tps);
+  }
+  // With several sequences, the single-sequence decode of the same process is the baseline.
+  double best_single = 0;
+  if (n_seq > 1) {
+    KvCache single(c, opts.n_ctx);
+    for (int64_t r = 0; r < reps; ++r) {
+      single.set_n_past(0);
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int64_t i = 0; i < n_decode; ++i) {
+        BatchRow row{tokens[static_cast<size_t>(i)], i, &single, true};
+        logits.clear();
+        RETURN_IF_ERROR(tf.Forward({&row, 1}, &logits));
+      }
+      best_single = std::max(best_single, n_decode / Seconds(t0, std::chrono::steady_clock::now()));
     }
   }
   const uint64_t rss = PeakRssBytes();
   nlohmann::json cluster_report;
   if (cluster != nullptr) {
-    ASSIGN_OR_RETURN(cluster_report, ClusterReport(args, *cluster, wire, n_decode * reps,
+    ASSIGN_OR_RETURN(cluster_report, ClusterReport(args, *cluster, wire, n_decode * reps * n_seq,
                                                    prompt_wire_bytes, n_prompt * reps));
   }
   if (args.Has("json")) {
@@ -258,24 +262,30 @@ absl::Status Bench(const Args& args) {
     j["decode_tokens"] = n_decode;
     j["prompt_tokens_per_s"] = best_pp;
     j["decode_tokens_per_s"] = best_tg;
-    if (batch > 1) {
-      j["batch"] = batch;
-      j["batched_decode_tokens_per_s"] = best_batch;
-      j["batched_vs_single_decode"] = best_batch / best_tg;
+    j["decode_sequences"] = n_seq;
+    if (n_seq > 1) {
+      j["decode_single_sequence_tokens_per_s"] = best_single;
+      j["decode_vs_single_sequence"] = best_tg / best_single;
     }
+    j["decode_micro_batches"] = split > 0 ? 2 : 1;
+    j["decode_coordinator_idle_ratio"] = decode_s > 0 ? idle_s / decode_s : 0.0;
+    j["decode_coordinator_idle_note"] =
+        "time the forward thread was blocked waiting for remote experts / decode wall time";
     j["peak_rss_bytes"] = rss;
     j["file_bytes"] = engine->model().file().file_size();
     if (cluster != nullptr) j["cluster"] = cluster_report;
     std::cout << j.dump() << std::endl;
   } else {
     std::cout << absl::StrFormat(
-        "model %s, %d threads\n  prompt %d tokens: %.1f tokens/s\n  decode %d tokens: %.1f "
-        "tokens/s\n  peak RSS %.1f MiB (file %.1f MiB)\n",
-        opts.model_path, engine->pool().size(), n_prompt, best_pp, n_decode, best_tg,
-        rss / 1048576.0, engine->model().file().file_size() / 1048576.0);
-    if (batch > 1) {
-      std::cout << absl::StrFormat("  decode %d sequences at once: %.1f tokens/s (%.2fx one)\n",
-                                   batch, best_batch, best_batch / best_tg);
+        "model %s, %d threads\n  prompt %d tokens: %.1f tokens/s\n  decode %d tokens x %d "
+        "sequences (%d micro-batches): %.1f tokens/s, coordinator idle %.0f%%\n  peak RSS %.1f "
+        "MiB (file %.1f MiB)\n",
+        opts.model_path, engine->pool().size(), n_prompt, best_pp, n_decode, n_seq,
+        split > 0 ? 2 : 1, best_tg, decode_s > 0 ? 100 * idle_s / decode_s : 0.0, rss / 1048576.0,
+        engine->model().file().file_size() / 1048576.0);
+    if (n_seq > 1) {
+      std::cout << absl::StrFormat("  one sequence alone: %.1f tokens/s (%d at once: %.2fx)\n",
+                                   best_single, n_seq, best_tg / best_single);
     }
     if (cluster != nullptr) {
       const nlohmann::json& c = cluster_report;
@@ -299,8 +309,8 @@ absl::Status Bench(const Args& args) {
 }  // namespace
 
 int RunBench(int argc, char** argv) {
-  FlagSpec spec = {{"model", "threads", "prompt-tokens", "decode-tokens", "repeat", "batch",
-                    "moe-residual", "echo-port", "pings"},
+  FlagSpec spec = {{"model", "threads", "prompt-tokens", "decode-tokens", "repeat", "moe-residual",
+                    "echo-port", "pings", "sequences", "micro-batches"},
                    {"json"}};
   AddClusterFlags(&spec);
   auto args = Args::Parse(argc, argv, spec);

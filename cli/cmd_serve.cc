@@ -87,6 +87,11 @@ absl::StatusOr<ServeConfig> ParseConfig(const Args& args) {
     return absl::InvalidArgumentError("--kv-block-size: 1..4096");
   }
   if (kv_tokens < 0) return absl::InvalidArgumentError("--kv-cache-tokens: >= 0");
+  ASSIGN_OR_RETURN(int64_t micro_batches, args.GetInt("micro-batches", 2));
+  if (micro_batches != 1 && micro_batches != 2) {
+    return absl::InvalidArgumentError("--micro-batches must be 1 or 2");
+  }
+  c.scheduler.micro_batches = static_cast<int>(micro_batches);
   c.scheduler.max_active = static_cast<int>(parallel);
   c.scheduler.max_queue = static_cast<int>(max_queue);
   c.scheduler.kv_blocks = (kv_tokens + c.scheduler.block_size - 1) / c.scheduler.block_size;
@@ -173,10 +178,11 @@ absl::Status Serve(const Args& args) {
 }
 
 FlagSpec ServeFlags() {
-  FlagSpec spec = {{"model", "listen", "api-key", "api-key-file", "parallel", "ctx", "max-queue",
-                    "threads", "chat-template", "moe-residual", "step-tokens", "kv-block-size",
-                    "kv-cache-tokens", "http-threads", "max-body-bytes", "model-name"},
-                   {}};
+  FlagSpec spec = {
+      {"model", "listen", "api-key", "api-key-file", "parallel", "ctx", "max-queue", "threads",
+       "chat-template", "moe-residual", "step-tokens", "kv-block-size", "kv-cache-tokens",
+       "http-threads", "max-body-bytes", "model-name", "micro-batches"},
+      {}};
   AddClusterFlags(&spec);
   return spec;
 }

@@ -1,5 +1,6 @@
 #include "coordinator/metrics.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -62,7 +63,8 @@ ServerMetrics::ServerMetrics(int n_layer, int n_expert)
       n_expert_(n_expert),
       routing_(new std::atomic<uint64_t>[static_cast<size_t>(n_layer * n_expert)]),
       ttft_(LatencyBounds()),
-      itl_(LatencyBounds()) {
+      itl_(LatencyBounds()),
+      idle_ratio_({0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1}) {
   for (int i = 0; i < n_layer * n_expert; ++i) routing_[i].store(0);
 }
 
@@ -79,6 +81,17 @@ void ServerMetrics::OnRoutes(int layer, const ExpertRoutes& routes) {
 
 uint64_t ServerMetrics::routed(int layer, int expert) const {
   return routing_[layer * n_expert_ + expert].load(std::memory_order_relaxed);
+}
+
+void ServerMetrics::ObserveStep(int micro_batches, double step_seconds, double idle_seconds) {
+  steps_[micro_batches >= 2 ? 1 : 0].fetch_add(1, std::memory_order_relaxed);
+  const double step = std::max(0.0, step_seconds);
+  const double idle = std::clamp(idle_seconds, 0.0, step);
+  step_micros_.fetch_add(static_cast<uint64_t>(std::llround(step * 1e6)),
+                         std::memory_order_relaxed);
+  idle_micros_.fetch_add(static_cast<uint64_t>(std::llround(idle * 1e6)),
+                         std::memory_order_relaxed);
+  idle_ratio_.Observe(step > 0 ? idle / step : 0.0);
 }
 
 void ServerMetrics::CountRequest(const std::string& endpoint, int http_status) {
@@ -117,6 +130,20 @@ std::string ServerMetrics::Render(const GaugeSnapshot& g) const {
                "Time from request admission to its first generated token.", &out);
   itl_.Render("moepool_inter_token_latency_seconds",
               "Time between consecutive generated tokens of a sequence.", &out);
+  Header("moepool_forward_steps_total", "counter",
+         "Scheduler steps (one forward pass each), by the micro-batches they ran as.", &out);
+  for (int i = 0; i < 2; ++i) {
+    absl::StrAppend(&out, "moepool_forward_steps_total{micro_batches=\"", i + 1, "\"} ",
+                    steps_[i].load(std::memory_order_relaxed), "\n");
+  }
+  Simple("moepool_step_seconds_total", "counter",
+         "Wall time of the scheduler's steps (batch building, forward pass, sampling).",
+         static_cast<double>(step_micros_.load()) / 1e6, &out);
+  Simple("moepool_coordinator_idle_seconds_total", "counter",
+         "Part of the step time the forward thread spent blocked waiting for remote experts.",
+         static_cast<double>(idle_micros_.load()) / 1e6, &out);
+  idle_ratio_.Render("moepool_coordinator_idle_ratio",
+                     "Per step: time blocked waiting for remote experts / step wall time.", &out);
   Simple("moepool_queue_depth", "gauge", "Requests waiting for a sequence slot.",
          static_cast<double>(g.queue_depth), &out);
   Simple("moepool_active_sequences", "gauge", "Sequences being generated.",

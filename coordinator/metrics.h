@@ -57,6 +57,10 @@ class ServerMetrics : public RoutingObserver {
   void AddGeneratedTokens(int64_t n) { generated_tokens_.fetch_add(n, std::memory_order_relaxed); }
   void CountFinish(const std::string& reason);
   void CountPreemption() { preemptions_.fetch_add(1, std::memory_order_relaxed); }
+  // One forward step of the scheduler: its wall time (building the batch, the forward pass,
+  // sampling) and the part of it the forward thread spent blocked waiting for experts computed
+  // elsewhere (ExpertBackend::blocked_micros), with the number of micro-batches it ran as.
+  void ObserveStep(int micro_batches, double step_seconds, double idle_seconds);
   Histogram& time_to_first_token() { return ttft_; }
   Histogram& inter_token_latency() { return itl_; }
 
@@ -76,6 +80,11 @@ class ServerMetrics : public RoutingObserver {
   std::atomic<uint64_t> preemptions_{0};
   Histogram ttft_;
   Histogram itl_;
+  // Steps: [0] one micro-batch, [1] two.
+  std::atomic<uint64_t> steps_[2] = {0, 0};
+  std::atomic<uint64_t> step_micros_{0};
+  std::atomic<uint64_t> idle_micros_{0};
+  Histogram idle_ratio_;  // per step: idle / step wall time
 };
 
 }  // namespace moepool

@@ -17,22 +17,41 @@
 // results may differ in the last bits unless each holder's experts are consecutive in the row.
 // f16/bf16 on the wire round rows and partials to that type.
 //
+// Pipelining: Start sends the requests and returns (local experts are computed in Start, after
+// the requests went out); Finish waits for the answers and combines. Several steps may be
+// outstanding (micro-batches). A link carries one request at a time, so each worker has
+// `streams_per_worker` links ("lanes"); a step takes a lane no outstanding step holds, or else
+// waits for the oldest outstanding step's answers and shares its lane (that wait, like Finish's,
+// counts as blocked time). A worker takes requests while any of its lanes is up (a request for a
+// lane that is down goes on another); Stats reports it up when every lane is. Compute is Start +
+// Finish, except that without local rows it runs one worker's exchange on the calling thread (no
+// hand-off to a link thread).
+//
 // Failures: a worker that does not answer within the step timeout has its stream cancelled by
-// the step watchdog (StepWatchdog); a lost connection fails its request. The step then fails with
-// DEADLINE_EXCEEDED / UNAVAILABLE naming the worker; the worker is marked down and reconnected
-// in the background (exponential backoff) and used again once its Describe is accepted (same
-// fingerprint, hyperparameters and experts). Steps after that route its experts to replicas if
-// any, else fail with UNAVAILABLE until it is back. Nothing here aborts the process.
+// the step watchdog (StepWatchdog); a lost connection fails its request. The worker is marked
+// down and reconnected in the background (exponential backoff) and used again once its
+// Describe is accepted (same fingerprint, hyperparameters and experts).
+// In-step retry (ClusterOptions::retry_on_replica): when a worker's request fails with
+// UNAVAILABLE or DEADLINE_EXCEEDED and other up workers hold its experts, its rows are sent again
+// to those replicas within the same step, once; the result is the same bits. Without a replica,
+// an UNAVAILABLE worker is tried once more on another of its lanes that is up (a stream broken
+// by a restart this lane had not seen yet). If that is not possible or the retry fails too, the
+// step fails with the first code, naming the worker(s). Steps after
+// that route the worker's experts to replicas if any, else fail with UNAVAILABLE until it is
+// back. Nothing here aborts the process.
 //
 // Ownership: owns its worker links, the Model bound to all experts (for fingerprints and the
 // local experts) and, when local experts are kept, their thread pool.
-// Threading: Compute is not reentrant (the forward pass calls one at a time); Stats,
-// ResetStats and placement may be called from any thread.
+// Threading: Compute / Start / Finish are called from one thread at a time (the forward
+// thread; see ExpertBackend for the order); Stats, ResetStats, blocked_micros and placement may
+// be called from any thread.
 #ifndef MOEPOOL_COORDINATOR_REMOTE_EXPERT_BACKEND_H_
 #define MOEPOOL_COORDINATOR_REMOTE_EXPERT_BACKEND_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -68,12 +87,22 @@ struct ClusterOptions {
   double reconnect_initial_s = 0.1;
   double reconnect_max_s = 5;
   size_t max_samples = 16384;  // round-trip samples kept per worker
+  // Re-send a failed worker's rows to replicas within the step (see the file comment).
+  bool retry_on_replica = true;
+  // Forward streams (links, each with its own connection) per worker: how many steps can have
+  // requests on a worker at once. Two lets two pipelined micro-batches' requests travel and
+  // queue at the worker together; with one, a micro-batch's requests wait for the other's
+  // answers. Links connect on first use.
+  int streams_per_worker = 2;
 };
 
 struct ClusterStats {
-  uint64_t steps = 0;  // Compute calls
+  uint64_t steps = 0;  // Compute / Start calls
   uint64_t failed_steps = 0;
-  uint64_t local_rows = 0;  // rows computed by local experts
+  uint64_t retried_steps = 0;   // steps that re-sent a failed worker's rows to replicas
+  uint64_t retried_rows = 0;    // rows re-sent (each once per failed worker)
+  uint64_t blocked_micros = 0;  // the forward thread waiting for workers (see blocked_micros())
+  uint64_t local_rows = 0;      // rows computed by local experts
   uint64_t local_compute_micros = 0;
   std::vector<WorkerStats> workers;  // in --workers order
 };
@@ -91,6 +120,13 @@ class ClusterExpertBackend : public ExpertBackend {
   ~ClusterExpertBackend() override;
 
   absl::Status Compute(const ExpertRoutes& routes, float* out) override;
+  std::unique_ptr<PendingExperts> Start(const ExpertRoutes& routes, float* out) override;
+  bool overlaps() const override { return !links_.empty(); }
+  // Time in Compute / Start / Finish spent waiting for workers' answers (or for the links to be
+  // free), including exchanges run on the calling thread.
+  uint64_t blocked_micros() const override {
+    return blocked_micros_.load(std::memory_order_relaxed);
+  }
 
   const ExpertPlacement& placement() const { return placement_; }
   const ModelConfig& config() const { return model_->config(); }
@@ -106,20 +142,48 @@ class ClusterExpertBackend : public ExpertBackend {
   std::vector<std::pair<int, int>> UncoveredPairs() const;
 
  private:
+  struct Bucket;
+  class Step;
+
   ClusterExpertBackend() = default;
+
+  // Creates a step and sends its requests (see the file comment).
+  std::unique_ptr<Step> Begin(const ExpertRoutes& routes, float* out, bool allow_inline);
+  // Validates, chooses holders and groups the rows per holder.
+  absl::Status Dispatch(Step* s);
+  // Sends the buckets from index `first` on (posting remote ones, computing local ones here).
+  void Send(Step* s, size_t first, bool allow_inline);
+  // Waits for the requests of the current round and disarms its watchdog.
+  void WaitRound(Step* s);
+  // Re-sends the rows of the failed buckets to up replicas; error if some expert has none.
+  absl::Status Resend(Step* s, const std::vector<size_t>& failed);
+  // Waits, retries, combines; the step's final status. Idempotent (the second call: OK).
+  absl::Status FinishStep(Step* s);
+  // Waits until the other outstanding steps on lane `lane` (any lane: -1) have their answers.
+  void WaitForOthers(const Step* s, int lane);
+  // Chooses the lane of a new step.
+  int ChooseLane();
+  bool WorkerUsable(size_t w) const;  // some lane up (steps route to it)
+  absl::Status Fail(absl::Status s);
+  // Joins the messages of several failures; the code is the first one's.
+  static absl::Status JoinErrors(const std::vector<absl::Status>& errors);
 
   ClusterOptions options_;
   std::unique_ptr<Model> model_;  // all experts bound, no non-expert weights
   std::unique_ptr<ThreadPool> local_pool_;
   std::unique_ptr<LocalExpertBackend> local_;
-  std::vector<std::unique_ptr<WorkerLink>> links_;
+  std::vector<std::vector<std::unique_ptr<WorkerLink>>> links_;  // [worker][lane]
   std::unique_ptr<StepWatchdog> watchdog_;
   std::vector<moepool::v1::DescribeResponse> describes_;
   ExpertPlacement placement_;
 
-  uint64_t step_counter_ = 0;  // Compute thread only
+  // Forward thread only.
+  uint64_t step_counter_ = 0;       // request rounds sent (ids of steps and retries)
+  std::vector<Step*> outstanding_;  // started, not finished; oldest first
+  std::atomic<uint64_t> blocked_micros_{0};
   mutable std::mutex stats_mu_;
   uint64_t steps_ = 0, failed_steps_ = 0, local_rows_ = 0, local_micros_ = 0;
+  uint64_t retried_steps_ = 0, retried_rows_ = 0;
 };
 
 }  // namespace moepool

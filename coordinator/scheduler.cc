@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -199,6 +200,8 @@ SchedulerStats Scheduler::stats() const {
   s.finished = n_finished_.load();
   s.cancelled = n_cancelled_.load();
   s.preempted = n_preempted_.load();
+  s.steps = n_steps_.load();
+  s.micro_batched_steps = n_micro_batched_.load();
   return s;
 }
 
@@ -290,16 +293,42 @@ bool Scheduler::Step() {
     return false;
   }
 
+  const Clock::time_point step_start = Clock::now();
+  ExpertBackend* experts = engine_->transformer().experts();
+  const uint64_t blocked_before = experts->blocked_micros();
   std::vector<BatchRow> rows;
+  std::vector<size_t> chunk_end;  // rows.size() after each chunk
   for (const Chunk& c : chunks) {
     const int64_t end = c.start + c.n;
     for (int64_t p = c.start; p < end; ++p) {
       const bool last = p + 1 == static_cast<int64_t>(c.seq->tokens.size());
       rows.push_back({c.seq->tokens[static_cast<size_t>(p)], p, &c.seq->cache, last});
     }
+    chunk_end.push_back(rows.size());
+  }
+  // Two micro-batches split at the chunk boundary nearest half the rows (logits stay in row
+  // order: the first micro-batch's come first).
+  size_t split = 0;
+  if (options_.micro_batches >= 2 && chunks.size() >= 2 && experts->overlaps() &&
+      static_cast<int64_t>(rows.size()) >= options_.micro_batch_min_rows) {
+    for (size_t i = 0; i + 1 < chunk_end.size(); ++i) {
+      const auto gap = [&](size_t at) {
+        return std::abs(2 * static_cast<int64_t>(at) - static_cast<int64_t>(rows.size()));
+      };
+      if (split == 0 || gap(chunk_end[i]) < gap(split)) split = chunk_end[i];
+    }
   }
   logits_.clear();
-  const absl::Status status = engine_->transformer().Forward(rows, &logits_);
+  absl::Status status;
+  if (split > 0) {
+    const absl::Span<const BatchRow> all(rows);
+    const absl::Span<const BatchRow> halves[] = {all.subspan(0, split), all.subspan(split)};
+    status = engine_->transformer().ForwardMicroBatches(halves, &logits_);
+    n_micro_batched_.fetch_add(1);
+  } else {
+    status = engine_->transformer().Forward(rows, &logits_);
+  }
+  n_steps_.fetch_add(1);
   const int64_t n_vocab = engine_->config().n_vocab;
   size_t logits_row = 0;
   for (const Chunk& c : chunks) {
@@ -312,6 +341,10 @@ bool Scheduler::Step() {
       OnToken(c.seq, logits_.data() + logits_row * n_vocab);
       ++logits_row;
     }
+  }
+  if (metrics_ != nullptr) {
+    const double blocked_s = static_cast<double>(experts->blocked_micros() - blocked_before) / 1e6;
+    metrics_->ObserveStep(split > 0 ? 2 : 1, Seconds(step_start, Clock::now()), blocked_s);
   }
   active_.erase(
       std::remove_if(active_.begin(), active_.end(), [](const auto& s) { return s->done; }),

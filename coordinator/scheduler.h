@@ -101,6 +101,13 @@ struct SchedulerOptions {
   int64_t block_size = 16;    // positions per KV block
   // KV blocks in the pool; 0: enough for max_active full contexts. At least one full context.
   int64_t kv_blocks = 0;
+  // Micro-batches per step (--micro-batches, 1 or 2). With 2, a step whose experts are remote
+  // (ExpertBackend::overlaps) and that has at least `micro_batch_min_rows` rows from two or more
+  // sequences is split by sequence into two halves of about equal rows, run ping-pong
+  // (Transformer::ForwardMicroBatches): the coordinator computes one half's attention while the
+  // workers compute the other's experts. Same tokens either way.
+  int micro_batches = 2;
+  int64_t micro_batch_min_rows = 2;
 };
 
 struct SchedulerStats {
@@ -113,6 +120,8 @@ struct SchedulerStats {
   uint64_t finished = 0;   // sequences finished for any reason
   uint64_t cancelled = 0;  // of which cancelled
   uint64_t preempted = 0;
+  uint64_t steps = 0;                // forward steps run
+  uint64_t micro_batched_steps = 0;  // of which split into two micro-batches
 };
 
 class Scheduler {
@@ -172,6 +181,8 @@ class Scheduler {
   std::atomic<uint64_t> n_finished_{0};
   std::atomic<uint64_t> n_cancelled_{0};
   std::atomic<uint64_t> n_preempted_{0};
+  std::atomic<uint64_t> n_steps_{0};
+  std::atomic<uint64_t> n_micro_batched_{0};
 };
 
 }  // namespace moepool

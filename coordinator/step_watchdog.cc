@@ -1,5 +1,7 @@
 #include "coordinator/step_watchdog.h"
 
+#include <algorithm>
+
 namespace moepool {
 
 StepWatchdog::StepWatchdog(std::chrono::microseconds tick)
@@ -17,25 +19,31 @@ StepWatchdog::~StepWatchdog() {
 void StepWatchdog::Arm(uint64_t step, std::chrono::steady_clock::time_point deadline,
                        const std::vector<WorkerLink*>* links) {
   std::lock_guard<std::mutex> lock(mu_);
-  step_ = step;
-  deadline_ = deadline;
-  links_ = links;
+  armed_.push_back({step, deadline, links});
 }
 
-void StepWatchdog::Disarm() {
+void StepWatchdog::Disarm(uint64_t step) {
   std::lock_guard<std::mutex> lock(mu_);
-  step_ = 0;
-  links_ = nullptr;
+  armed_.erase(std::remove_if(armed_.begin(), armed_.end(),
+                              [step](const Armed& a) { return a.step == step; }),
+               armed_.end());
 }
 
 void StepWatchdog::Loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_) {
     cv_.wait_for(lock, tick_, [&] { return stop_; });
-    if (stop_ || step_ == 0 || std::chrono::steady_clock::now() < deadline_) continue;
+    if (stop_ || armed_.empty()) continue;
+    const auto now = std::chrono::steady_clock::now();
     // Cancelling under mu_ keeps the links alive: Disarm waits for it.
-    for (WorkerLink* link : *links_) link->CancelStep(step_);
-    step_ = 0;
+    for (auto it = armed_.begin(); it != armed_.end();) {
+      if (now < it->deadline) {
+        ++it;
+        continue;
+      }
+      for (WorkerLink* link : *it->links) link->CancelStep(it->step);
+      it = armed_.erase(it);
+    }
   }
 }
 

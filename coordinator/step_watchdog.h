@@ -1,11 +1,11 @@
 // The step watchdog of ClusterExpertBackend: cancels the streams of the workers of a step that
 // have not answered by the step's deadline (the long-lived streams never carry a deadline).
 //
-// Its thread checks the armed step every `tick`, so arming and disarming take a mutex but never
+// Its thread checks the armed steps every `tick`, so arming and disarming take a mutex but never
 // wake a thread (they run once per layer on the forward path); a step times out between its
-// deadline and one tick later.
-// Threading: Arm/Disarm from one thread at a time (the step's); cancellation runs on the
-// watchdog's thread. The links passed to Arm must stay alive until Disarm returns.
+// deadline and one tick later. Several steps may be armed at once (pipelined micro-batches).
+// Threading: Arm/Disarm from any thread; cancellation runs on the watchdog's thread. The links
+// passed to Arm must stay alive until the step's Disarm returns.
 #ifndef MOEPOOL_COORDINATOR_STEP_WATCHDOG_H_
 #define MOEPOOL_COORDINATOR_STEP_WATCHDOG_H_
 
@@ -27,10 +27,11 @@ class StepWatchdog {
   StepWatchdog(const StepWatchdog&) = delete;
   StepWatchdog& operator=(const StepWatchdog&) = delete;
 
-  // Until Disarm: once `deadline` passes, calls CancelStep(step) on each of `links`.
+  // Until Disarm(step): once `deadline` passes, calls CancelStep(step) on each of `links`
+  // (once). `step` must be non-zero and not armed already.
   void Arm(uint64_t step, std::chrono::steady_clock::time_point deadline,
            const std::vector<WorkerLink*>* links);
-  void Disarm();
+  void Disarm(uint64_t step);
 
  private:
   void Loop();
@@ -39,9 +40,12 @@ class StepWatchdog {
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
-  uint64_t step_ = 0;  // 0: not armed
-  std::chrono::steady_clock::time_point deadline_;
-  const std::vector<WorkerLink*>* links_ = nullptr;
+  struct Armed {
+    uint64_t step;
+    std::chrono::steady_clock::time_point deadline;
+    const std::vector<WorkerLink*>* links;
+  };
+  std::vector<Armed> armed_;  // guarded by mu_; a handful at most
   std::thread thread_;
 };
 

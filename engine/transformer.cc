@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "engine/attention.h"
@@ -77,12 +78,40 @@ void Transformer::Attention(int64_t layer, absl::Span<const BatchRow> rows, cons
   });
 }
 
-absl::Status Transformer::Forward(absl::Span<const BatchRow> rows, std::vector<float>* logits) {
+// One micro-batch's state through the layers.
+struct Transformer::Pass {
+  Pass(absl::Span<const BatchRow> r, const ModelConfig& c)
+      : rows(r),
+        n(static_cast<int64_t>(r.size())),
+        x(static_cast<size_t>(n * c.n_embd)),
+        h(static_cast<size_t>(n * c.n_embd)),
+        q(static_cast<size_t>(n * c.n_embd)),
+        kbuf(static_cast<size_t>(n * c.kv_dim())),
+        vbuf(static_cast<size_t>(n * c.kv_dim())),
+        attn(static_cast<size_t>(n * c.n_embd)),
+        moe(static_cast<size_t>(n * c.n_embd)),
+        router_logits(static_cast<size_t>(n * c.n_expert)),
+        expert(static_cast<size_t>(n * c.n_expert_used)),
+        weight(static_cast<size_t>(n * c.n_expert_used)) {}
+
+  absl::Span<const BatchRow> rows;
+  int64_t n;
+  std::vector<float> x;              // residual stream [n x n_embd]
+  std::vector<float> h;              // normed input [n x n_embd]; the experts' input
+  std::vector<float> q;              // [n x n_embd]
+  std::vector<float> kbuf;           // [n x kv_dim]
+  std::vector<float> vbuf;           // [n x kv_dim]
+  std::vector<float> attn;           // [n x n_embd]; also the attention output projection
+  std::vector<float> moe;            // the experts' output [n x n_embd]
+  std::vector<float> router_logits;  // [n x n_expert]
+  std::vector<int32_t> expert;       // [n x k]
+  std::vector<float> weight;         // [n x k]
+  ConvertedRows converted;
+  ExpertRoutes routes;  // of the current layer, pointing into h / expert / weight
+};
+
+absl::Status Transformer::Prepare(absl::Span<const BatchRow> rows) const {
   const ModelConfig& c = model_->config();
-  const int64_t n = static_cast<int64_t>(rows.size());
-  if (n == 0) return absl::OkStatus();
-  const int64_t d = c.n_embd;
-  const int64_t kvd = c.kv_dim();
   for (const BatchRow& row : rows) {
     if (row.token < 0 || row.token >= c.n_vocab) {
       return absl::InvalidArgumentError(
@@ -94,83 +123,157 @@ absl::Status Transformer::Forward(absl::Span<const BatchRow> rows, std::vector<f
                        row.cache ? row.cache->n_ctx() : 0, " tokens"));
     }
   }
-  // Paged caches take their blocks now, before any K/V is written.
-  for (const BatchRow& row : rows) RETURN_IF_ERROR(row.cache->Reserve(row.pos + 1));
+  return absl::OkStatus();
+}
 
-  std::vector<float> x(static_cast<size_t>(n * d));       // residual stream [n x d]
-  std::vector<float> h(static_cast<size_t>(n * d));       // normed input [n x d]
-  std::vector<float> q(static_cast<size_t>(n * d));       // [n x d]
-  std::vector<float> kbuf(static_cast<size_t>(n * kvd));  // [n x kv_dim]
-  std::vector<float> vbuf(static_cast<size_t>(n * kvd));  // [n x kv_dim]
-  std::vector<float> attn(static_cast<size_t>(n * d));    // [n x d]
-  std::vector<float> tmp(static_cast<size_t>(n * d));     // [n x d]
-  const int k_used = static_cast<int>(c.n_expert_used);
-  std::vector<float> router_logits(static_cast<size_t>(n * c.n_expert));
-  std::vector<int32_t> expert(static_cast<size_t>(n * k_used));
-  std::vector<float> weight(static_cast<size_t>(n * k_used));
-
-  for (int64_t r = 0; r < n; ++r) DequantizeRow(model_->token_embd(), rows[r].token, &x[r * d]);
-
-  ConvertedRows ch;
-  for (int64_t il = 0; il < c.n_layer; ++il) {
-    const LayerWeights& L = model_->layer(il);
-    // Attention.
-    RmsNorm(x.data(), L.attn_norm.data(), n, d, c.rms_eps, h.data());
-    ConvertRows(L.wq.type, h.data(), n, d, &ch, pool_);
-    MatMulConverted(L.wq, ch, q.data(), pool_);
-    if (L.wk.type != L.wq.type) ConvertRows(L.wk.type, h.data(), n, d, &ch, pool_);
-    MatMulConverted(L.wk, ch, kbuf.data(), pool_);
-    if (L.wv.type != L.wk.type) ConvertRows(L.wv.type, h.data(), n, d, &ch, pool_);
-    MatMulConverted(L.wv, ch, vbuf.data(), pool_);
-    for (int64_t r = 0; r < n; ++r) {
-      const BatchRow& row = rows[r];
-      ApplyRope(&q[r * d], c.n_head, c.head_dim, c.n_rot, row.pos, c.rope_base);
-      ApplyRope(&kbuf[r * kvd], c.n_head_kv, c.head_dim, c.n_rot, row.pos, c.rope_base);
-      row.cache->Store(il, row.pos, &kbuf[r * kvd], &vbuf[r * kvd]);
-    }
-    Attention(il, rows, q.data(), attn.data());
-    MatMul(L.wo, attn.data(), n, tmp.data(), pool_);
-    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
-
-    // MoE FFN: Route -> (Dispatch -> ExpertCompute -> Combine in the backend).
-    RmsNorm(x.data(), L.ffn_norm.data(), n, d, c.rms_eps, h.data());
-    if (L.router.data != nullptr) {
-      MatMul(L.router, h.data(), n, router_logits.data(), pool_);
-      RouteTopK(router_logits.data(), n, static_cast<int>(c.n_expert), k_used, expert.data(),
-                weight.data());
-    } else {
-      std::fill(expert.begin(), expert.end(), 0);
-      std::fill(weight.begin(), weight.end(), 1.0f);
-    }
-    ExpertRoutes routes;
-    routes.layer = static_cast<int>(il);
-    routes.n_rows = n;
-    routes.n_embd = d;
-    routes.k = k_used;
-    routes.x = h.data();
-    routes.expert = expert.data();
-    routes.weight = weight.data();
-    if (observer_ != nullptr) observer_->OnRoutes(static_cast<int>(il), routes);
-    RETURN_IF_ERROR(experts_->Compute(routes, tmp.data()));
-    // Combine into the residual stream (see MoeResidual for the two conventions).
-    const std::vector<float>& base = options_.moe_residual == MoeResidual::kReference ? h : x;
-    for (size_t i = 0; i < x.size(); ++i) x[i] = base[i] + tmp[i];
+void Transformer::Begin(Pass* p) const {
+  const int64_t d = model_->config().n_embd;
+  for (int64_t r = 0; r < p->n; ++r) {
+    DequantizeRow(model_->token_embd(), p->rows[r].token, &p->x[r * d]);
   }
+}
 
-  // Output head for the rows that want logits.
+void Transformer::AttentionAndRoute(int64_t il, Pass* p) {
+  const ModelConfig& c = model_->config();
+  const LayerWeights& L = model_->layer(il);
+  const int64_t n = p->n;
+  const int64_t d = c.n_embd;
+  const int64_t kvd = c.kv_dim();
+  ConvertedRows& ch = p->converted;
+  RmsNorm(p->x.data(), L.attn_norm.data(), n, d, c.rms_eps, p->h.data());
+  ConvertRows(L.wq.type, p->h.data(), n, d, &ch, pool_);
+  MatMulConverted(L.wq, ch, p->q.data(), pool_);
+  if (L.wk.type != L.wq.type) ConvertRows(L.wk.type, p->h.data(), n, d, &ch, pool_);
+  MatMulConverted(L.wk, ch, p->kbuf.data(), pool_);
+  if (L.wv.type != L.wk.type) ConvertRows(L.wv.type, p->h.data(), n, d, &ch, pool_);
+  MatMulConverted(L.wv, ch, p->vbuf.data(), pool_);
+  for (int64_t r = 0; r < n; ++r) {
+    const BatchRow& row = p->rows[r];
+    ApplyRope(&p->q[r * d], c.n_head, c.head_dim, c.n_rot, row.pos, c.rope_base);
+    ApplyRope(&p->kbuf[r * kvd], c.n_head_kv, c.head_dim, c.n_rot, row.pos, c.rope_base);
+    row.cache->Store(il, row.pos, &p->kbuf[r * kvd], &p->vbuf[r * kvd]);
+  }
+  Attention(il, p->rows, p->q.data(), p->attn.data());
+  // The projection goes to `moe` (free until the experts run), then into the residual.
+  MatMul(L.wo, p->attn.data(), n, p->moe.data(), pool_);
+  for (size_t i = 0; i < p->x.size(); ++i) p->x[i] += p->moe[i];
+
+  // MoE FFN: Route here; Dispatch -> ExpertCompute -> Combine in the backend.
+  const int k_used = static_cast<int>(c.n_expert_used);
+  RmsNorm(p->x.data(), L.ffn_norm.data(), n, d, c.rms_eps, p->h.data());
+  if (L.router.data != nullptr) {
+    MatMul(L.router, p->h.data(), n, p->router_logits.data(), pool_);
+    RouteTopK(p->router_logits.data(), n, static_cast<int>(c.n_expert), k_used, p->expert.data(),
+              p->weight.data());
+  } else {
+    std::fill(p->expert.begin(), p->expert.end(), 0);
+    std::fill(p->weight.begin(), p->weight.end(), 1.0f);
+  }
+  ExpertRoutes& routes = p->routes;
+  routes.layer = static_cast<int>(il);
+  routes.n_rows = n;
+  routes.n_embd = d;
+  routes.k = k_used;
+  routes.x = p->h.data();
+  routes.expert = p->expert.data();
+  routes.weight = p->weight.data();
+  if (observer_ != nullptr) observer_->OnRoutes(static_cast<int>(il), routes);
+}
+
+void Transformer::AddExperts(Pass* p) const {
+  // See MoeResidual for the two conventions.
+  const std::vector<float>& base = options_.moe_residual == MoeResidual::kReference ? p->h : p->x;
+  for (size_t i = 0; i < p->x.size(); ++i) p->x[i] = base[i] + p->moe[i];
+}
+
+void Transformer::Head(const Pass& p, std::vector<float>* logits) const {
+  const ModelConfig& c = model_->config();
+  const int64_t d = c.n_embd;
   std::vector<float> sel;
   int64_t n_out = 0;
-  for (int64_t r = 0; r < n; ++r) {
-    if (!rows[r].want_logits) continue;
-    sel.insert(sel.end(), x.begin() + r * d, x.begin() + (r + 1) * d);
+  for (int64_t r = 0; r < p.n; ++r) {
+    if (!p.rows[r].want_logits) continue;
+    sel.insert(sel.end(), p.x.begin() + r * d, p.x.begin() + (r + 1) * d);
     ++n_out;
   }
-  if (n_out == 0) return absl::OkStatus();
+  if (n_out == 0) return;
   std::vector<float> normed(sel.size());
   RmsNorm(sel.data(), model_->output_norm().data(), n_out, d, c.rms_eps, normed.data());
   const size_t base = logits->size();
   logits->resize(base + static_cast<size_t>(n_out * c.n_vocab));
   MatMul(model_->output(), normed.data(), n_out, logits->data() + base, pool_);
+}
+
+absl::Status Transformer::Forward(absl::Span<const BatchRow> rows, std::vector<float>* logits) {
+  if (rows.empty()) return absl::OkStatus();
+  RETURN_IF_ERROR(Prepare(rows));
+  // Paged caches take their blocks now, before any K/V is written.
+  for (const BatchRow& row : rows) RETURN_IF_ERROR(row.cache->Reserve(row.pos + 1));
+  Pass p(rows, model_->config());
+  Begin(&p);
+  for (int64_t il = 0; il < model_->config().n_layer; ++il) {
+    AttentionAndRoute(il, &p);
+    RETURN_IF_ERROR(experts_->Compute(p.routes, p.moe.data()));
+    AddExperts(&p);
+  }
+  Head(p, logits);
+  return absl::OkStatus();
+}
+
+absl::Status Transformer::ForwardMicroBatches(
+    absl::Span<const absl::Span<const BatchRow>> micro_batches, std::vector<float>* logits) {
+  std::vector<absl::Span<const BatchRow>> batches;
+  for (const auto& mb : micro_batches) {
+    if (!mb.empty()) batches.push_back(mb);
+  }
+  if (batches.size() <= 1) return batches.empty() ? absl::OkStatus() : Forward(batches[0], logits);
+  for (const auto& mb : batches) RETURN_IF_ERROR(Prepare(mb));
+  for (const auto& mb : batches) {
+    for (const BatchRow& row : mb) RETURN_IF_ERROR(row.cache->Reserve(row.pos + 1));
+  }
+  const ModelConfig& c = model_->config();
+  std::vector<std::unique_ptr<Pass>> passes;
+  for (const auto& mb : batches) passes.push_back(std::make_unique<Pass>(mb, c));
+  std::vector<std::unique_ptr<PendingExperts>> pending(passes.size());
+  // After micro-batch `failed` failed: finishes every outstanding computation in start order
+  // (the micro-batches after it started first) and returns `error`.
+  auto drain = [&](size_t failed, absl::Status error) {
+    for (size_t t = 1; t <= pending.size(); ++t) {
+      const size_t j = (failed + t) % pending.size();
+      if (pending[j] == nullptr) continue;
+      pending[j]->Finish().IgnoreError();
+      pending[j].reset();
+    }
+    return error;
+  };
+  for (auto& p : passes) Begin(p.get());
+  // The start order is (layer, micro-batch) ascending, so finishing micro-batch i's previous
+  // layer before starting its next one finishes in start order.
+  for (int64_t il = 0; il < c.n_layer; ++il) {
+    for (size_t i = 0; i < passes.size(); ++i) {
+      Pass* p = passes[i].get();
+      if (pending[i] != nullptr) {
+        const absl::Status s = pending[i]->Finish();
+        pending[i].reset();
+        if (!s.ok()) return drain(i, s);
+        AddExperts(p);
+      }
+      AttentionAndRoute(il, p);
+      pending[i] = experts_->Start(p->routes, p->moe.data());
+    }
+  }
+  // Each micro-batch's output head runs while the later ones' last experts are in flight.
+  const size_t logits_before = logits->size();
+  for (size_t i = 0; i < passes.size(); ++i) {
+    const absl::Status s = pending[i]->Finish();
+    pending[i].reset();
+    if (!s.ok()) {
+      logits->resize(logits_before);
+      return drain(i, s);
+    }
+    AddExperts(passes[i].get());
+    Head(*passes[i], logits);
+  }
   return absl::OkStatus();
 }
 

@@ -69,11 +69,41 @@ class Transformer {
   // n_past, which this function never changes).
   absl::Status Forward(absl::Span<const BatchRow> rows, std::vector<float>* logits);
 
+  // Forward over several micro-batches at once, pipelined so that the experts of one run while
+  // the attention (and everything else outside the experts) of the next is computed here: per
+  // layer, for each micro-batch in turn, finish its previous layer's experts, run its
+  // attention and routing, and start its experts (ExpertBackend::Start); at the end, each
+  // micro-batch's output head runs while the later ones' last experts are in flight. With remote
+  // experts this keeps this thread busy while the workers compute.
+  // Each micro-batch's rows give exactly the bits Forward gives for them alone (per-row
+  // independence). Logits are appended micro-batch by micro-batch, each in row order (so a
+  // split of one row list into consecutive parts gives the logits of Forward on the whole).
+  // Rows of one sequence go in one micro-batch, or in increasing position order across
+  // micro-batches (the earlier micro-batch's K/V of a layer is stored before the later one's
+  // attention of that layer). Same errors as Forward; on an error every started expert
+  // computation is finished before returning and no logits are appended. One non-empty
+  // micro-batch: exactly Forward.
+  absl::Status ForwardMicroBatches(absl::Span<const absl::Span<const BatchRow>> micro_batches,
+                                   std::vector<float>* logits);
+
   void set_routing_observer(RoutingObserver* obs) { observer_ = obs; }
   const Model& model() const { return *model_; }
   ThreadPool* pool() const { return pool_; }
+  ExpertBackend* experts() const { return experts_; }
 
  private:
+  struct Pass;  // one micro-batch's buffers
+
+  // Checks tokens and positions (INVALID_ARGUMENT).
+  absl::Status Prepare(absl::Span<const BatchRow> rows) const;
+  // Embedding into the residual stream.
+  void Begin(Pass* p) const;
+  // Layer `il` up to the experts: attention block, FFN norm, routing (p->routes).
+  void AttentionAndRoute(int64_t il, Pass* p);
+  // Adds the experts' output (p->moe) to the residual stream.
+  void AddExperts(Pass* p) const;
+  // Output norm and head for the rows that want logits.
+  void Head(const Pass& p, std::vector<float>* logits) const;
   void Attention(int64_t layer, absl::Span<const BatchRow> rows, const float* q, float* out);
 
   const Model* model_;

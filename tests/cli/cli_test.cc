@@ -159,16 +159,17 @@ TEST(CliTest, BenchJsonReportsSpeedsAndMemory) {
 
 TEST(CliTest, BenchBatchDecodesSeveralSequencesAtOnce) {
   REQUIRE_TESTDATA(TinyF16());
-  const Result r = Moepool("bench --model " + Quote(TinyF16()) +
-                           " --prompt-tokens 8 --decode-tokens 20 --batch 4 --threads 1 --json");
+  const Result r =
+      Moepool("bench --model " + Quote(TinyF16()) +
+              " --prompt-tokens 8 --decode-tokens 20 --sequences 4 --threads 1 --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto j = nlohmann::json::parse(r.out);
-  EXPECT_EQ(j.at("batch"), 4);
-  EXPECT_GT(j.at("batched_decode_tokens_per_s").get<double>(), 0.0);
-  EXPECT_DOUBLE_EQ(j.at("batched_vs_single_decode").get<double>(),
-                   j.at("batched_decode_tokens_per_s").get<double>() /
-                       j.at("decode_tokens_per_s").get<double>());
-  ExpectFailure(Moepool("bench --model " + Quote(TinyF16()) + " --batch 0"), "--batch");
+  EXPECT_EQ(j.at("decode_sequences"), 4);
+  EXPECT_GT(j.at("decode_single_sequence_tokens_per_s").get<double>(), 0.0);
+  EXPECT_DOUBLE_EQ(j.at("decode_vs_single_sequence").get<double>(),
+                   j.at("decode_tokens_per_s").get<double>() /
+                       j.at("decode_single_sequence_tokens_per_s").get<double>());
+  ExpectFailure(Moepool("bench --model " + Quote(TinyF16()) + " --sequences 0"), "--sequences");
 }
 
 TEST(CliTest, MissingModelFileFails) {

@@ -1,16 +1,19 @@
 // End to end with real `moepool worker` processes on 127.0.0.1: `moepool eval --workers` gives
 // logits bit-identical to a local `moepool eval`, and a worker killed mid-run is reported,
-// survived and reconnected after it restarts.
+// survived and reconnected after it restarts; with a replica of its experts, a worker killed
+// while a sequence decodes fails no step (its rows are re-sent to the replica).
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -193,6 +196,76 @@ TEST(ClusterEndToEndKillTest, KilledWorkerIsReportedAndReconnected) {
   ASSERT_TRUE(again.ok()) << again.status();
   ASSERT_EQ(again->size(), first->size());
   EXPECT_EQ(std::memcmp(again->data(), first->data(), first->size() * 4), 0);
+}
+
+// Prompt then `n_decode` decode steps of `tokens` (prompt first), the logits of every row; calls
+// on_step(i) before decode step i.
+absl::StatusOr<std::vector<float>> PromptThenDecode(Engine& e, const std::vector<int32_t>& tokens,
+                                                    size_t n_prompt,
+                                                    const std::function<void(size_t)>& on_step) {
+  KvCache cache(e.config(), e.n_ctx());
+  std::vector<BatchRow> rows;
+  for (size_t i = 0; i < n_prompt; ++i) {
+    rows.push_back({tokens[i], static_cast<int64_t>(i), &cache, true});
+  }
+  std::vector<float> logits;
+  absl::Status s = e.transformer().Forward(rows, &logits);
+  for (size_t i = n_prompt; s.ok() && i < tokens.size(); ++i) {
+    on_step(i - n_prompt);
+    const BatchRow row{tokens[i], static_cast<int64_t>(i), &cache, true};
+    s = e.transformer().Forward({&row, 1}, &logits);
+  }
+  if (!s.ok()) return s;
+  return logits;
+}
+
+// Workers 0-3, 4-7 and 0-7 (a replica of both): the first is killed by another thread while the
+// coordinator decodes. No step fails, the logits are the local ones bit for bit, and the
+// backend reports the in-step retry.
+TEST(ClusterEndToEndKillTest, KilledWorkerWithReplicaFailsNoStep) {
+  const std::string model = SharedTestdataPath("conformance/tiny-Q4_K_M.gguf");
+  REQUIRE_TESTDATA(model);
+  WorkerProcess a, b, c;
+  ASSERT_TRUE(a.Start(model, "0-3"));
+  ASSERT_TRUE(b.Start(model, "4-7"));
+  ASSERT_TRUE(c.Start(model, "0-7"));
+  ClusterOptions o;
+  o.workers = {a.address(), b.address(), c.address()};
+  o.cluster_token = kToken;
+  o.reconnect_initial_s = 0.05;
+  o.reconnect_max_s = 0.5;
+  auto backend = ClusterExpertBackend::Create(model, o);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  EngineOptions eo;
+  eo.model_path = model;
+  eo.threads = 2;
+  eo.n_ctx = 128;
+  auto local = Engine::Load(eo);
+  ASSERT_TRUE(local.ok()) << local.status();
+  eo.experts = backend->get();
+  auto cluster = Engine::Load(eo);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+
+  std::vector<int32_t> tokens = (*local)->Tokenize("The capital of France is Paris, and");
+  const size_t n_prompt = tokens.size();
+  for (int i = 0; i < 60; ++i) tokens.push_back(static_cast<int32_t>(100 + 37 * i));
+  auto want = PromptThenDecode(**local, tokens, n_prompt, [](size_t) {});
+  ASSERT_TRUE(want.ok()) << want.status();
+
+  std::atomic<size_t> step{0};
+  std::thread killer([&] {
+    while (step.load() < 10) std::this_thread::yield();
+    a.Kill();  // while the coordinator keeps decoding
+  });
+  auto got = PromptThenDecode(**cluster, tokens, n_prompt, [&](size_t i) { step.store(i); });
+  killer.join();
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->size(), want->size());
+  EXPECT_EQ(std::memcmp(got->data(), want->data(), want->size() * 4), 0);
+  const ClusterStats st = (*backend)->Stats();
+  EXPECT_EQ(st.failed_steps, 0u);
+  EXPECT_GE(st.retried_steps, 1u);
+  EXPECT_FALSE(st.workers[0].up);
 }
 
 }  // namespace

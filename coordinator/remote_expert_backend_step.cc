@@ -1,0 +1,451 @@
+// ClusterExpertBackend's step path: Dispatch -> Send -> (Finish: wait, retry on replicas,
+// Combine). See remote_expert_backend.h.
+#include <algorithm>
+#include <chrono>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "coordinator/remote_expert_backend.h"
+#include "engine/status_macros.h"
+
+namespace moepool {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+uint64_t MicrosSince(Clock::time_point t0) {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0).count());
+}
+
+}  // namespace
+
+// The rows of one step that go to one holder, and what came back.
+struct ClusterExpertBackend::Bucket {
+  int holder = ExpertPlacement::kLocal;  // kLocal or a worker index
+  int lane = 0;                          // which of the worker's links carries it
+  std::vector<int64_t> rows;             // ascending rows of the step
+  std::vector<int32_t> expert;           // [rows x k], -1 for experts computed elsewhere
+  std::vector<float> weight;             // [rows x k]
+  std::vector<int32_t> first_expert;     // smallest expert of each row in this bucket
+  LinkJob job;                           // job.partial [rows x n_embd]: the result (local too)
+  bool replaced = false;                 // failed; its rows were re-sent to replicas
+
+  // Adds expert slot `j` of row `r` (rows arrive in ascending order).
+  void Add(int64_t r, int j, int k, int32_t e, float w) {
+    if (rows.empty() || rows.back() != r) {
+      rows.push_back(r);
+      expert.resize(expert.size() + static_cast<size_t>(k), -1);
+      weight.resize(weight.size() + static_cast<size_t>(k), 0.0f);
+      first_expert.push_back(e);
+    }
+    const size_t slot = (rows.size() - 1) * static_cast<size_t>(k) + static_cast<size_t>(j);
+    expert[slot] = e;
+    weight[slot] = w;
+    first_expert.back() = std::min(first_expert.back(), e);
+  }
+};
+
+// One layer's MoE step in flight.
+class ClusterExpertBackend::Step final : public PendingExperts {
+ public:
+  Step(ClusterExpertBackend* backend, const ExpertRoutes& routes, float* out)
+      : backend(backend), routes(routes), out(out) {}
+  ~Step() override { backend->FinishStep(this).IgnoreError(); }
+  absl::Status Finish() override { return backend->FinishStep(this); }
+
+  ClusterExpertBackend* const backend;
+  const ExpertRoutes routes;
+  float* const out;
+  int lane = 0;             // the lane of its first round
+  absl::Status dispatched;  // an error here: nothing was sent
+  std::vector<std::unique_ptr<Bucket>> buckets;
+  // The current round of requests: its id, links (for the watchdog) and latch.
+  uint64_t round = 0;
+  std::vector<WorkerLink*> active;
+  std::unique_ptr<StepLatch> latch;
+  bool armed = false;
+  bool finished = false;
+};
+
+absl::Status ClusterExpertBackend::Fail(absl::Status s) {
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  ++failed_steps_;
+  return s;
+}
+
+absl::Status ClusterExpertBackend::Compute(const ExpertRoutes& routes, float* out) {
+  std::unique_ptr<Step> s = Begin(routes, out, /*allow_inline=*/true);
+  return FinishStep(s.get());
+}
+
+std::unique_ptr<PendingExperts> ClusterExpertBackend::Start(const ExpertRoutes& routes,
+                                                            float* out) {
+  return Begin(routes, out, /*allow_inline=*/false);
+}
+
+std::unique_ptr<ClusterExpertBackend::Step> ClusterExpertBackend::Begin(const ExpertRoutes& routes,
+                                                                        float* out,
+                                                                        bool allow_inline) {
+  auto s = std::make_unique<Step>(this, routes, out);
+  s->lane = ChooseLane();
+  outstanding_.push_back(s.get());
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    ++steps_;
+  }
+  s->dispatched = Dispatch(s.get());
+  if (s->dispatched.ok()) Send(s.get(), 0, allow_inline);
+  return s;
+}
+
+absl::Status ClusterExpertBackend::Dispatch(Step* s) {
+  const ExpertRoutes& routes = s->routes;
+  const ModelConfig& c = model_->config();
+  if (routes.layer < 0 || routes.layer >= c.n_layer) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", routes.layer, " out of range"));
+  }
+  if (routes.n_embd != c.n_embd) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("row width ", routes.n_embd, " != model embedding length ", c.n_embd));
+  }
+  if (routes.k < 1 || routes.k > c.n_expert) {
+    return absl::InvalidArgumentError(absl::StrCat("k = ", routes.k, " out of range"));
+  }
+  const int64_t n = routes.n_rows;
+  const int k = routes.k;
+  // A holder per routed expert, rows grouped per holder.
+  std::vector<int64_t> rows_per_expert(static_cast<size_t>(c.n_expert), 0);
+  for (int64_t i = 0; i < n * k; ++i) {
+    const int32_t e = routes.expert[i];
+    if (e < 0) continue;
+    if (e >= c.n_expert) {
+      return absl::InvalidArgumentError(absl::StrCat("expert ", e, " out of range"));
+    }
+    ++rows_per_expert[static_cast<size_t>(e)];
+  }
+  std::vector<int> holder_of;
+  s->round = ++step_counter_;
+  RETURN_IF_ERROR(placement_.ChooseHolders(
+      routes.layer, rows_per_expert, [&](int w) { return WorkerUsable(static_cast<size_t>(w)); },
+      s->round, &holder_of));
+  // Bucket 0: local; 1 + w: worker w.
+  const size_t n_links = links_.size();
+  s->buckets.resize(1 + n_links);
+  for (size_t b = 0; b < s->buckets.size(); ++b) {
+    s->buckets[b] = std::make_unique<Bucket>();
+    s->buckets[b]->holder = b == 0 ? ExpertPlacement::kLocal : static_cast<int>(b - 1);
+    s->buckets[b]->lane = s->lane;
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    for (int j = 0; j < k; ++j) {
+      const int32_t e = routes.expert[r * k + j];
+      if (e < 0) continue;
+      const int h = holder_of[static_cast<size_t>(e)];
+      s->buckets[h == ExpertPlacement::kLocal ? 0 : 1 + static_cast<size_t>(h)]->Add(
+          r, j, k, e, routes.weight[r * k + j]);
+    }
+  }
+  return absl::OkStatus();
+}
+
+int ClusterExpertBackend::ChooseLane() {
+  const int n_lanes = options_.streams_per_worker;
+  std::vector<bool> held(static_cast<size_t>(n_lanes), false);
+  for (const Step* other : outstanding_) held[static_cast<size_t>(other->lane)] = true;
+  for (int lane = 0; lane < n_lanes; ++lane) {
+    if (!held[static_cast<size_t>(lane)]) return lane;
+  }
+  return outstanding_.front()->lane;  // shared with the oldest (Send waits for its answers)
+}
+
+void ClusterExpertBackend::WaitForOthers(const Step* s, int lane) {
+  for (Step* other : outstanding_) {
+    if (other == s || other->latch == nullptr || (lane >= 0 && other->lane != lane)) continue;
+    const auto t0 = Clock::now();
+    other->latch->Wait();
+    blocked_micros_.fetch_add(MicrosSince(t0), std::memory_order_relaxed);
+  }
+}
+
+void ClusterExpertBackend::Send(Step* s, size_t first, bool allow_inline) {
+  const ExpertRoutes& routes = s->routes;
+  const int64_t d = routes.n_embd;
+  // A request goes on its bucket's lane, or on another lane of the worker if that link is down
+  // (reconnecting) and another is up.
+  std::vector<bool> lanes(static_cast<size_t>(options_.streams_per_worker), false);
+  for (size_t b = first; b < s->buckets.size(); ++b) {
+    Bucket& bucket = *s->buckets[b];
+    if (bucket.rows.empty() || bucket.holder == ExpertPlacement::kLocal) continue;
+    const auto& worker = links_[static_cast<size_t>(bucket.holder)];
+    if (!worker[static_cast<size_t>(bucket.lane)]->up()) {
+      for (size_t lane = 0; lane < worker.size(); ++lane) {
+        if (worker[lane]->up()) {
+          bucket.lane = static_cast<int>(lane);
+          break;
+        }
+      }
+    }
+    lanes[static_cast<size_t>(bucket.lane)] = true;
+  }
+  // A link carries one request at a time: earlier steps on those lanes must have their answers
+  // (a retry waits for all of them).
+  if (first > 0) {
+    WaitForOthers(s, -1);
+  } else {
+    for (size_t lane = 0; lane < lanes.size(); ++lane) {
+      if (lanes[lane]) WaitForOthers(s, static_cast<int>(lane));
+    }
+  }
+  std::vector<LinkJob*> jobs;
+  Bucket* local = nullptr;
+  s->active.clear();
+  for (size_t b = first; b < s->buckets.size(); ++b) {
+    Bucket& bucket = *s->buckets[b];
+    if (bucket.rows.empty()) continue;
+    if (bucket.holder == ExpertPlacement::kLocal) {
+      local = &bucket;
+      continue;
+    }
+    LinkJob& job = bucket.job;
+    job.step_id = s->round;
+    job.layer = routes.layer;
+    job.dtype = options_.wire_dtype;
+    job.n_embd = d;
+    job.k = routes.k;
+    job.x = routes.x;
+    job.rows = &bucket.rows;
+    job.expert = &bucket.expert;
+    job.weight = &bucket.weight;
+    s->active.push_back(
+        links_[static_cast<size_t>(bucket.holder)][static_cast<size_t>(bucket.lane)].get());
+    jobs.push_back(&job);
+  }
+  // Without local rows the calling thread runs one worker's exchange itself (Compute only).
+  const bool run_inline = allow_inline && local == nullptr && !jobs.empty();
+  s->latch = std::make_unique<StepLatch>(static_cast<int>(jobs.size()) - (run_inline ? 1 : 0));
+  watchdog_->Arm(
+      s->round,
+      Clock::now() + std::chrono::microseconds(static_cast<int64_t>(options_.step_timeout_s * 1e6)),
+      &s->active);
+  s->armed = true;
+  for (size_t i = run_inline ? 1 : 0; i < jobs.size(); ++i) {
+    s->active[i]->Post(jobs[i], s->latch.get());
+  }
+  if (run_inline) {
+    const auto t0 = Clock::now();
+    s->active[0]->RunInline(jobs[0]);
+    blocked_micros_.fetch_add(MicrosSince(t0), std::memory_order_relaxed);
+  } else if (local != nullptr) {
+    const auto t0 = Clock::now();
+    const int64_t m = static_cast<int64_t>(local->rows.size());
+    std::vector<float> xg(static_cast<size_t>(m * d));
+    for (int64_t i = 0; i < m; ++i) {
+      std::copy_n(routes.x + local->rows[static_cast<size_t>(i)] * d, d, xg.data() + i * d);
+    }
+    ExpertRoutes sub;
+    sub.layer = routes.layer;
+    sub.n_rows = m;
+    sub.n_embd = d;
+    sub.k = routes.k;
+    sub.x = xg.data();
+    sub.expert = local->expert.data();
+    sub.weight = local->weight.data();
+    local->job.partial.resize(static_cast<size_t>(m * d));
+    local->job.status = local_->Compute(sub, local->job.partial.data());
+    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0);
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    local_rows_ += static_cast<uint64_t>(m);
+    local_micros_ += static_cast<uint64_t>(us.count());
+  }
+}
+
+void ClusterExpertBackend::WaitRound(Step* s) {
+  if (s->latch != nullptr) {
+    const auto t0 = Clock::now();
+    s->latch->Wait();
+    blocked_micros_.fetch_add(MicrosSince(t0), std::memory_order_relaxed);
+  }
+  if (s->armed) watchdog_->Disarm(s->round);
+  s->armed = false;
+}
+
+absl::Status ClusterExpertBackend::Resend(Step* s, const std::vector<size_t>& failed) {
+  const ExpertRoutes& routes = s->routes;
+  const int k = routes.k;
+  const size_t n_workers = links_.size();
+  // The failed workers, the lane each failed on, and whether it was unreachable.
+  std::vector<bool> excluded(n_workers, false), unavailable(n_workers, false);
+  std::vector<int> failed_lane(n_workers, -1);
+  std::vector<int64_t> rows_per_expert(static_cast<size_t>(model_->config().n_expert), 0);
+  // (row, slot, expert, weight) of every failed request, in row then slot order.
+  struct Entry {
+    int64_t row;
+    int slot;
+    int32_t expert;
+    float weight;
+  };
+  std::vector<Entry> entries;
+  for (const size_t b : failed) {
+    const Bucket& bucket = *s->buckets[b];
+    const size_t w = static_cast<size_t>(bucket.holder);
+    excluded[w] = true;
+    unavailable[w] = bucket.job.status.code() == absl::StatusCode::kUnavailable;
+    failed_lane[w] = bucket.lane;
+    for (size_t i = 0; i < bucket.rows.size(); ++i) {
+      for (int j = 0; j < k; ++j) {
+        const size_t slot = i * static_cast<size_t>(k) + static_cast<size_t>(j);
+        const int32_t e = bucket.expert[slot];
+        if (e < 0) continue;
+        ++rows_per_expert[static_cast<size_t>(e)];
+        entries.push_back({bucket.rows[i], j, e, bucket.weight[slot]});
+      }
+    }
+  }
+  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return a.row != b.row ? a.row < b.row : a.slot < b.slot;
+  });
+  // Another lane of worker w that is up, or -1.
+  auto other_lane = [&](size_t w) {
+    for (size_t lane = 0; lane < links_[w].size(); ++lane) {
+      if (static_cast<int>(lane) != failed_lane[w] && links_[w][lane]->up()) {
+        return static_cast<int>(lane);
+      }
+    }
+    return -1;
+  };
+  std::vector<int> holder_of;
+  const uint64_t round = ++step_counter_;
+  absl::Status chosen = placement_.ChooseHolders(
+      routes.layer, rows_per_expert,
+      [&](int w) {
+        return !excluded[static_cast<size_t>(w)] && WorkerUsable(static_cast<size_t>(w));
+      },
+      round, &holder_of);
+  if (!chosen.ok()) {
+    // No replica for some expert: an unreachable worker once more on another lane.
+    const absl::Status again = placement_.ChooseHolders(
+        routes.layer, rows_per_expert,
+        [&](int w) {
+          const size_t i = static_cast<size_t>(w);
+          return excluded[i] ? unavailable[i] && other_lane(i) >= 0 : WorkerUsable(i);
+        },
+        round, &holder_of);
+    if (!again.ok()) return chosen;
+  }
+  // The retry may use any lane: wait until no other step has requests in flight.
+  WaitForOthers(s, -1);
+  const size_t first = s->buckets.size();
+  std::vector<size_t> bucket_of(n_workers, 0);  // 0: none yet
+  for (const Entry& en : entries) {
+    const size_t h = static_cast<size_t>(holder_of[static_cast<size_t>(en.expert)]);
+    size_t& b = bucket_of[h];
+    if (b == 0) {
+      b = s->buckets.size();
+      s->buckets.push_back(std::make_unique<Bucket>());
+      s->buckets.back()->holder = static_cast<int>(h);
+      // (Should the other lane have gone down meanwhile, the request fails as UNAVAILABLE.)
+      const int lane = excluded[h] ? other_lane(h) : s->lane;
+      s->buckets.back()->lane = lane >= 0 ? lane : std::max(failed_lane[h], 0);
+    }
+    s->buckets[b]->Add(en.row, en.slot, k, en.expert, en.weight);
+  }
+  uint64_t rows = 0;
+  for (const size_t b : failed) {
+    s->buckets[b]->replaced = true;
+    rows += s->buckets[b]->rows.size();
+  }
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    ++retried_steps_;
+    retried_rows_ += rows;
+  }
+  s->round = round;
+  Send(s, first, /*allow_inline=*/false);
+  return absl::OkStatus();
+}
+
+absl::Status ClusterExpertBackend::FinishStep(Step* s) {
+  if (s->finished) return absl::OkStatus();
+  s->finished = true;
+  // Leaves the outstanding list however this ends.
+  struct Leave {
+    ClusterExpertBackend* b;
+    Step* s;
+    ~Leave() {
+      b->outstanding_.erase(std::find(b->outstanding_.begin(), b->outstanding_.end(), s));
+    }
+  } leave{this, s};
+  if (!s->dispatched.ok()) return Fail(s->dispatched);
+  WaitRound(s);
+
+  // Failed requests: retried on replicas (once) when the worker is unreachable.
+  auto collect = [&](size_t from, std::vector<absl::Status>* hard, std::vector<size_t>* soft) {
+    for (size_t b = from; b < s->buckets.size(); ++b) {
+      const Bucket& bucket = *s->buckets[b];
+      if (bucket.rows.empty() || bucket.job.status.ok()) continue;
+      const absl::StatusCode code = bucket.job.status.code();
+      const bool retryable =
+          options_.retry_on_replica && soft != nullptr &&
+          bucket.holder != ExpertPlacement::kLocal &&
+          (code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kDeadlineExceeded);
+      if (retryable) {
+        soft->push_back(b);
+      } else {
+        hard->push_back(bucket.job.status);
+      }
+    }
+  };
+  std::vector<absl::Status> errors;
+  std::vector<size_t> failed;
+  collect(0, &errors, &failed);
+  if (!errors.empty()) {
+    for (const size_t b : failed) errors.push_back(s->buckets[b]->job.status);
+    return Fail(JoinErrors(errors));
+  }
+  if (!failed.empty()) {
+    std::vector<absl::Status> first_errors;
+    for (const size_t b : failed) first_errors.push_back(s->buckets[b]->job.status);
+    const size_t first_retry = s->buckets.size();
+    const absl::Status resent = Resend(s, failed);
+    if (!resent.ok()) {
+      const absl::Status e = JoinErrors(first_errors);
+      return Fail(absl::Status(e.code(), absl::StrCat(e.message(), "; no replica to retry on (",
+                                                      resent.message(), ")")));
+    }
+    WaitRound(s);
+    std::vector<absl::Status> retry_errors;
+    collect(first_retry, &retry_errors, nullptr);
+    if (!retry_errors.empty()) {
+      const absl::Status e = JoinErrors(first_errors);
+      return Fail(absl::Status(e.code(), absl::StrCat(e.message(), "; the retry failed too: ",
+                                                      JoinErrors(retry_errors).message())));
+    }
+  }
+
+  // Combine: per row, partials in ascending order of their smallest expert, from 0.0f.
+  const int64_t n = s->routes.n_rows;
+  const int64_t d = s->routes.n_embd;
+  std::vector<size_t> cursor(s->buckets.size(), 0);
+  std::vector<std::pair<int32_t, const float*>> parts;
+  for (int64_t r = 0; r < n; ++r) {
+    parts.clear();
+    for (size_t h = 0; h < s->buckets.size(); ++h) {
+      const Bucket& b = *s->buckets[h];
+      const size_t i = cursor[h];
+      if (b.replaced || i >= b.rows.size() || b.rows[i] != r) continue;
+      parts.emplace_back(b.first_expert[i], b.job.partial.data() + static_cast<int64_t>(i) * d);
+      ++cursor[h];
+    }
+    std::sort(parts.begin(), parts.end(),
+              [](const auto& a, const auto& b) { return a.first < b.first; });
+    float* o = s->out + r * d;
+    std::fill(o, o + d, 0.0f);
+    for (const auto& [first, p] : parts) {
+      for (int64_t j = 0; j < d; ++j) o[j] += p[j];
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace moepool
