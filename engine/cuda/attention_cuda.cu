@@ -50,7 +50,7 @@ __global__ void AttentionDecodeKernel(const float* __restrict__ q, int64_t group
   for (int64_t p = threadIdx.x; p < kv.n_kv; p += kAttnThreads) {
     const uint16_t* k = KvRow(kv.k, kv, p) + kv_off;
     float dot = 0.0f;
-    for (int64_t i = 0; i < hd; ++i) dot += qs[i] * HalfBitsToF32(k[i]);
+    for (int64_t i = 0; i < hd; ++i) dot += qs[i] * HalfToFloat(k[i]);
     score[p] = dot * scale;
     mx = fmaxf(mx, score[p]);
   }
@@ -65,7 +65,7 @@ __global__ void AttentionDecodeKernel(const float* __restrict__ q, int64_t group
   for (int64_t i = threadIdx.x; i < hd; i += kAttnThreads) {
     float o = 0.0f;
     for (int64_t p = 0; p < kv.n_kv; ++p) {
-      o += score[p] * inv * HalfBitsToF32(KvRow(kv.v, kv, p)[kv_off + i]);
+      o += score[p] * inv * HalfToFloat(KvRow(kv.v, kv, p)[kv_off + i]);
     }
     out[h * hd + i] = o;
   }

@@ -5,9 +5,11 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "engine/cuda/cuda_ops.h"
 
 namespace moepool::cuda {
 
@@ -25,56 +27,24 @@ inline absl::Status LaunchStatus(const char* kernel) {
 
 inline cudaStream_t AsStream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
-// Owns one cudaMalloc allocation on the current device (freed on destruction; move-only).
-class DeviceMem {
- public:
-  DeviceMem() = default;
-  DeviceMem(const DeviceMem&) = delete;
-  DeviceMem& operator=(const DeviceMem&) = delete;
-  DeviceMem(DeviceMem&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr; }
-  DeviceMem& operator=(DeviceMem&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      ptr_ = o.ptr_;
-      bytes_ = o.bytes_;
-      o.ptr_ = nullptr;
-    }
-    return *this;
-  }
-  ~DeviceMem() { Reset(); }
+// *out = a new device buffer of `bytes` on the current device.
+inline absl::Status AllocateInto(size_t bytes, DeviceBuffer* out) {
+  absl::StatusOr<DeviceBuffer> b = DeviceBuffer::Allocate(bytes);
+  if (!b.ok()) return b.status();
+  *out = std::move(*b);
+  return absl::OkStatus();
+}
 
-  absl::Status Allocate(size_t bytes) {
-    Reset();
-    if (bytes == 0) return absl::OkStatus();
-    const cudaError_t err = cudaMalloc(&ptr_, bytes);
-    if (err != cudaSuccess) {
-      ptr_ = nullptr;
-      return CudaStatus(err, "cudaMalloc");
-    }
-    bytes_ = bytes;
-    return absl::OkStatus();
-  }
-  // Allocates and copies `bytes` from host memory.
-  absl::Status Upload(const void* host, size_t bytes) {
-    absl::Status s = Allocate(bytes);
-    if (!s.ok() || bytes == 0) return s;
-    return CudaStatus(cudaMemcpy(ptr_, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
-  }
-  void Reset() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
-    ptr_ = nullptr;
-    bytes_ = 0;
-  }
-  template <typename T = void>
-  T* get() const {
-    return static_cast<T*>(ptr_);
-  }
-  size_t bytes() const { return bytes_; }
+// *out = a new device buffer holding a copy of `bytes` of host memory.
+inline absl::Status UploadInto(const void* host, size_t bytes, DeviceBuffer* out) {
+  if (absl::Status s = AllocateInto(bytes, out); !s.ok()) return s;
+  return out->Upload(host, bytes);
+}
 
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
+template <typename T>
+T* Ptr(const DeviceBuffer& b) {
+  return static_cast<T*>(b.data());
+}
 
 }  // namespace moepool::cuda
 

@@ -11,8 +11,8 @@
 // returns FAILED_PRECONDITION.
 //
 // The scalar host references beside them (Ref*, engine/cuda/kernel_refs.cc, built everywhere)
-// compute the same expressions in f32 on the CPU; the kernels agree with them within rounding
-// (summation order), not bit for bit.
+// compute the same expressions in f32 on the CPU (weights through block_math.h); the kernels
+// agree with them within rounding (summation order, device exp/sin/cos), not bit for bit.
 #ifndef MOEPOOL_ENGINE_CUDA_EXPERT_KERNELS_H_
 #define MOEPOOL_ENGINE_CUDA_EXPERT_KERNELS_H_
 
@@ -34,14 +34,12 @@ struct MatrixRef {
   int64_t cols = 0;
 };
 
-// h [m x gate.rows] = silu(x gate^T) * (x up^T) for x [m x gate.cols]; one pass over x reads
-// both matrices when their types agree (else two passes and a SiLU kernel, using h2 [m x
-// gate.rows] as scratch; h2 may be nullptr when the types agree).
+// h [m x gate.rows] = silu(x gate^T) * (x up^T) for x [m x gate.cols] (dense rows). Up to 16
+// rows with gate and up of one type: one fused pass over x reading both matrices. Otherwise the
+// tiled QuantMatMul (cuda_ops.h) for each and a SiLU kernel, with h2 [m x gate.rows] as
+// scratch (h2 may be nullptr only in the fused case). The down projection is QuantMatMul.
 absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, const float* x,
                                 int64_t m, float* h, float* h2, void* stream);
-// y [m x w.rows] = x [m x w.cols] w^T (mat-vec for m == 1, tiles of 8 rows otherwise).
-absl::Status LaunchQuantMatMul(const MatrixRef& w, const float* x, int64_t m, float* y,
-                               void* stream);
 
 // y [n x d] = x * rsqrt(mean(x^2) + eps) * w, per row.
 absl::Status LaunchRmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps,
@@ -88,8 +86,8 @@ absl::Status RunAttentionDecodeOnDevice(int device, const float* q, int64_t n_he
                                         int64_t n_phys_blocks, float scale, float* out);
 
 // ---- Scalar host references (every build).
-// out [m x down.rows] = down(silu(gate x) * up x), weights dequantized with DequantChunk32 and
-// dot products summed in f32 in element order. UNIMPLEMENTED for a type without chunk maths.
+// out [m x down.rows] = down(silu(gate x) * up x) with QuantMatMulReference (block_math.h).
+// UNIMPLEMENTED for a type without block maths.
 absl::Status RefExpertFfn(const MatrixRef& gate, const MatrixRef& up, const MatrixRef& down,
                           const float* x, int64_t m, float* out);
 void RefRmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* y);

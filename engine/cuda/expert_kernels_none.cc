@@ -14,9 +14,6 @@ absl::Status LaunchExpertGateUp(const MatrixRef&, const MatrixRef&, const float*
                                 float*, void*) {
   return NoCuda();
 }
-absl::Status LaunchQuantMatMul(const MatrixRef&, const float*, int64_t, float*, void*) {
-  return NoCuda();
-}
 absl::Status LaunchRmsNorm(const float*, const float*, int64_t, int64_t, float, float*, void*) {
   return NoCuda();
 }

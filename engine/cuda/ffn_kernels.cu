@@ -1,76 +1,77 @@
-// Expert FFN kernels: quantized weight rows times f32 activation rows.
+// The expert FFN's input projections: silu(gate x) * up x.
 //
-// One warp computes one output feature r for R activation rows: its lanes take the row's 32-
-// element chunks in turn, dequantize each chunk once into registers (DequantChunk32) and dot it
-// with the R activation rows, then the warp sums its lanes. R = 1 is the decode mat-vec; R = 8
-// tiles a batch (grid.y runs over the tiles), reading each weight chunk once per tile. The fused
-// gate/up kernel reads the gate and up rows of the same feature in one pass over x and writes
-// silu(gate x) * up x, so the intermediate projections never reach memory.
+// Few rows (decode, small batches): one fused kernel. A warp computes one feature r for up to
+// kMaxVecRows activation rows; lane l unpacks part l % kParts of every (32 / kParts)-th block of
+// the gate row and of the up row (block_math.h, the same coalesced walk as the mat-vec kernel of
+// quant_matmul.cuh), so one pass over x reads both matrices and the two projections never reach
+// memory. Many rows: the tiled QuantMatMul for each projection, then an element-wise SiLU.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/cuda_check.cuh"
+#include "engine/cuda/cuda_ops.h"
 #include "engine/cuda/expert_kernels.h"
 #include "engine/cuda/expert_math.h"
 
 namespace moepool::cuda {
 namespace {
 
-constexpr int kWarpsPerBlock = 4;
-constexpr int kTileRows = 8;
+constexpr int kWarpsPerCta = 4;
+constexpr int kFusedTileRows = 8;      // activation rows per warp in the fused kernel
+constexpr int64_t kFusedMaxRows = 16;  // above this, two tiled mat-muls are faster
 
-template <TensorType T, int R, bool kFused>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    ChunkMatMulKernel(const uint8_t* __restrict__ w0, const uint8_t* __restrict__ w1,
-                      size_t row_bytes, int64_t n_out, int64_t n_in, const float* __restrict__ x,
-                      int64_t m, float* __restrict__ y) {
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (r >= n_out) return;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * R;
-  const int nr = static_cast<int>(m - t0 < R ? m - t0 : R);
-  float acc0[R];
-  float acc1[R];
+template <class M>
+__global__ void __launch_bounds__(32 * kWarpsPerCta)
+    GateUpKernel(const uint8_t* __restrict__ gate, const uint8_t* __restrict__ up, int64_t n_ff,
+                 int64_t blocks_per_row, const float* __restrict__ x, int64_t n_embd, int64_t m,
+                 float* __restrict__ h) {
+  static_assert(32 % M::kParts == 0, "a warp covers whole blocks");
+  constexpr int kBlocksPerStep = 32 / M::kParts;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
+  if (row >= n_ff) return;  // whole warps leave together
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kFusedTileRows;
+  const int nx = static_cast<int>(m - t0 < kFusedTileRows ? m - t0 : kFusedTileRows);
+  const int part = lane % M::kParts;
+  const size_t row_bytes = static_cast<size_t>(blocks_per_row) * M::kBlockBytes;
+  const uint8_t* grow = gate + row * row_bytes;
+  const uint8_t* urow = up + row * row_bytes;
+  const float* xt = x + t0 * n_embd;
+  float ag[kFusedTileRows];
+  float au[kFusedTileRows];
 #pragma unroll
-  for (int i = 0; i < R; ++i) acc0[i] = acc1[i] = 0.0f;
-  const uint8_t* row0 = w0 + static_cast<size_t>(r) * row_bytes;
-  const uint8_t* row1 = kFused ? w1 + static_cast<size_t>(r) * row_bytes : nullptr;
-  const int64_t n_chunks = n_in / kChunk;
-  for (int64_t c = lane; c < n_chunks; c += 32) {
-    float wa[kChunk];
-    float wb[kFused ? kChunk : 1];
-    DequantChunk32<T>(row0, c, wa);
-    if constexpr (kFused) DequantChunk32<T>(row1, c, wb);
+  for (int t = 0; t < kFusedTileRows; ++t) ag[t] = au[t] = 0.0f;
+  for (int64_t b = lane / M::kParts; b < blocks_per_row; b += kBlocksPerStep) {
+    float g[M::kPartElems];
+    float u[M::kPartElems];
+    M::DequantPart(grow + b * M::kBlockBytes, part, g);
+    M::DequantPart(urow + b * M::kBlockBytes, part, u);
+    const float* xb = xt + b * M::kBlockElems;
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
-      if (i < nr) {
-        const float4* xp = reinterpret_cast<const float4*>(x + (t0 + i) * n_in + c * kChunk);
+    for (int t = 0; t < kFusedTileRows; ++t) {
+      if (t < nx) {
 #pragma unroll
-        for (int q = 0; q < kChunk / 4; ++q) {
-          const float4 v = __ldg(xp + q);
-          acc0[i] +=
-              wa[4 * q] * v.x + wa[4 * q + 1] * v.y + wa[4 * q + 2] * v.z + wa[4 * q + 3] * v.w;
-          if constexpr (kFused) {
-            acc1[i] +=
-                wb[4 * q] * v.x + wb[4 * q + 1] * v.y + wb[4 * q + 2] * v.z + wb[4 * q + 3] * v.w;
-          }
+        for (int i = 0; i < M::kPartElems; ++i) {
+          const float xv = __ldg(xb + t * n_embd + M::Element(part, i));
+          ag[t] = fmaf(g[i], xv, ag[t]);
+          au[t] = fmaf(u[i], xv, au[t]);
         }
       }
     }
   }
 #pragma unroll
-  for (int i = 0; i < R; ++i) {
+  for (int t = 0; t < kFusedTileRows; ++t) {
+    if (t < nx) {
+      float sg = ag[t];
+      float su = au[t];
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      acc0[i] += __shfl_xor_sync(0xffffffffu, acc0[i], off);
-      if constexpr (kFused) acc1[i] += __shfl_xor_sync(0xffffffffu, acc1[i], off);
-    }
-  }
-  if (lane == 0) {
-    for (int i = 0; i < nr; ++i) {
-      y[(t0 + i) * n_out + r] = kFused ? SiluMul(acc0[i], acc1[i]) : acc0[i];
+      for (int offset = 16; offset > 0; offset /= 2) {
+        sg += __shfl_xor_sync(0xffffffffu, sg, offset);
+        su += __shfl_xor_sync(0xffffffffu, su, offset);
+      }
+      if (lane == 0) h[(t0 + t) * n_ff + row] = SiluMul(sg, su);
     }
   }
 }
@@ -80,62 +81,14 @@ __global__ void SiluMulKernel(float* __restrict__ h, const float* __restrict__ u
   if (i < n) h[i] = SiluMul(h[i], u[i]);
 }
 
-template <int R, bool kFused>
-absl::Status LaunchChunk(TensorType type, const uint8_t* w0, const uint8_t* w1, size_t row_bytes,
-                         int64_t n_out, int64_t n_in, const float* x, int64_t m, float* y,
-                         cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((n_out + kWarpsPerBlock - 1) / kWarpsPerBlock),
-                  static_cast<unsigned>((m + R - 1) / R));
-  const dim3 block(kWarpsPerBlock * 32);
-  switch (type) {
-#define MOEPOOL_CHUNK_CASE(NAME)                                               \
-  case TensorType::NAME:                                                       \
-    ChunkMatMulKernel<TensorType::NAME, R, kFused>                             \
-        <<<grid, block, 0, stream>>>(w0, w1, row_bytes, n_out, n_in, x, m, y); \
-    break;
-    MOEPOOL_CHUNK_CASE(kF32)
-    MOEPOOL_CHUNK_CASE(kF16)
-    MOEPOOL_CHUNK_CASE(kBF16)
-    MOEPOOL_CHUNK_CASE(kQ4_0)
-    MOEPOOL_CHUNK_CASE(kQ4_1)
-    MOEPOOL_CHUNK_CASE(kQ5_0)
-    MOEPOOL_CHUNK_CASE(kQ5_1)
-    MOEPOOL_CHUNK_CASE(kQ8_0)
-    MOEPOOL_CHUNK_CASE(kQ2_K)
-    MOEPOOL_CHUNK_CASE(kQ3_K)
-    MOEPOOL_CHUNK_CASE(kQ4_K)
-    MOEPOOL_CHUNK_CASE(kQ5_K)
-    MOEPOOL_CHUNK_CASE(kQ6_K)
-#undef MOEPOOL_CHUNK_CASE
-    default:
-      return absl::UnimplementedError(
-          absl::StrCat("no CUDA kernel for weight type ", static_cast<uint32_t>(type)));
-  }
-  return LaunchStatus("ChunkMatMulKernel");
-}
-
-template <bool kFused>
-absl::Status LaunchRows(TensorType type, const uint8_t* w0, const uint8_t* w1, size_t row_bytes,
-                        int64_t n_out, int64_t n_in, const float* x, int64_t m, float* y,
-                        cudaStream_t stream) {
-  if (m == 1) return LaunchChunk<1, kFused>(type, w0, w1, row_bytes, n_out, n_in, x, m, y, stream);
-  return LaunchChunk<kTileRows, kFused>(type, w0, w1, row_bytes, n_out, n_in, x, m, y, stream);
-}
-
-absl::Status CheckMatrix(const MatrixRef& w, const float* x, int64_t m) {
-  if (!ChunkTypeSupported(w.type)) {
+absl::Status CheckMatrix(const MatrixRef& w) {
+  if (!QuantKernelSupports(w.type)) {
     return absl::UnimplementedError(
         absl::StrCat("no CUDA kernel for weight type ", static_cast<uint32_t>(w.type)));
   }
-  if (w.cols % kChunk != 0 || w.rows <= 0 || m < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("matrix of ", w.rows, " x ", w.cols,
-                                                   " elements: columns must be a multiple of 32"));
-  }
-  if (reinterpret_cast<uintptr_t>(x) % 16 != 0) {
-    return absl::InvalidArgumentError("activation rows must be 16-byte aligned");
-  }
-  if (m > 65535LL * kTileRows) {
-    return absl::InvalidArgumentError(absl::StrCat(m, " rows exceed one launch"));
+  if (w.rows <= 0 || w.cols <= 0 || w.row_bytes != RowBytes(w.type, w.cols)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "matrix of ", w.rows, " x ", w.cols, " elements and ", w.row_bytes, " bytes per row"));
   }
   return absl::OkStatus();
 }
@@ -144,42 +97,46 @@ absl::Status CheckMatrix(const MatrixRef& w, const float* x, int64_t m) {
 
 absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, const float* x,
                                 int64_t m, float* h, float* h2, void* stream) {
-  if (absl::Status s = CheckMatrix(gate, x, m); !s.ok()) return s;
-  if (absl::Status s = CheckMatrix(up, x, m); !s.ok()) return s;
+  if (absl::Status s = CheckMatrix(gate); !s.ok()) return s;
+  if (absl::Status s = CheckMatrix(up); !s.ok()) return s;
   if (gate.rows != up.rows || gate.cols != up.cols) {
     return absl::InvalidArgumentError("gate and up projections differ in shape");
   }
+  if (m < 0 || x == nullptr || h == nullptr) {
+    return absl::InvalidArgumentError("gate/up: bad rows or null pointer");
+  }
   if (m == 0) return absl::OkStatus();
   const cudaStream_t s = AsStream(stream);
-  const auto* g = static_cast<const uint8_t*>(gate.data);
-  const auto* u = static_cast<const uint8_t*>(up.data);
-  if (gate.type == up.type && gate.row_bytes == up.row_bytes) {
-    return LaunchRows<true>(gate.type, g, u, gate.row_bytes, gate.rows, gate.cols, x, m, h, s);
+  if (gate.type == up.type && m <= kFusedMaxRows) {
+    absl::Status status = absl::OkStatus();
+    const bool found = DispatchBlockMath(gate.type, [&](auto tag) {
+      using M = typename decltype(tag)::type;
+      if (gate.cols % M::kBlockElems != 0) {
+        status.Update(absl::InvalidArgumentError("row length is not a multiple of the block size"));
+        return;
+      }
+      const dim3 grid(static_cast<unsigned>((gate.rows + kWarpsPerCta - 1) / kWarpsPerCta),
+                      static_cast<unsigned>((m + kFusedTileRows - 1) / kFusedTileRows));
+      GateUpKernel<M><<<grid, 32 * kWarpsPerCta, 0, s>>>(
+          static_cast<const uint8_t*>(gate.data), static_cast<const uint8_t*>(up.data), gate.rows,
+          gate.cols / M::kBlockElems, x, gate.cols, m, h);
+      status.Update(LaunchStatus("GateUpKernel"));
+    });
+    if (!found) return absl::UnimplementedError("no block maths for the gate/up weight type");
+    return status;
   }
-  if (h2 == nullptr) {
-    return absl::InvalidArgumentError("gate and up differ in type: scratch rows required");
-  }
-  if (absl::Status st = LaunchRows<false>(gate.type, g, nullptr, gate.row_bytes, gate.rows,
-                                          gate.cols, x, m, h, s);
+  if (h2 == nullptr) return absl::InvalidArgumentError("gate/up over many rows needs scratch h2");
+  if (absl::Status st = QuantMatMul(gate.type, gate.data, gate.rows, gate.cols, x, h, m, stream);
       !st.ok()) {
     return st;
   }
-  if (absl::Status st =
-          LaunchRows<false>(up.type, u, nullptr, up.row_bytes, up.rows, up.cols, x, m, h2, s);
+  if (absl::Status st = QuantMatMul(up.type, up.data, up.rows, up.cols, x, h2, m, stream);
       !st.ok()) {
     return st;
   }
   const int64_t n = m * gate.rows;
   SiluMulKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(h, h2, n);
   return LaunchStatus("SiluMulKernel");
-}
-
-absl::Status LaunchQuantMatMul(const MatrixRef& w, const float* x, int64_t m, float* y,
-                               void* stream) {
-  if (absl::Status s = CheckMatrix(w, x, m); !s.ok()) return s;
-  if (m == 0) return absl::OkStatus();
-  return LaunchRows<false>(w.type, static_cast<const uint8_t*>(w.data), nullptr, w.row_bytes,
-                           w.rows, w.cols, x, m, y, AsStream(stream));
 }
 
 }  // namespace moepool::cuda

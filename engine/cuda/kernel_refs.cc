@@ -6,54 +6,17 @@
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/expert_kernels.h"
 #include "engine/cuda/expert_math.h"
+#include "engine/cuda/quant_matmul_ref.h"
 
 namespace moepool::cuda {
 namespace {
 
-using ChunkFn = void (*)(const uint8_t* row, int64_t c, float* out);
-
-ChunkFn ChunkFnFor(TensorType t) {
-  switch (t) {
-#define MOEPOOL_REF_CASE(NAME) \
-  case TensorType::NAME:       \
-    return &DequantChunk32<TensorType::NAME>;
-    MOEPOOL_REF_CASE(kF32)
-    MOEPOOL_REF_CASE(kF16)
-    MOEPOOL_REF_CASE(kBF16)
-    MOEPOOL_REF_CASE(kQ4_0)
-    MOEPOOL_REF_CASE(kQ4_1)
-    MOEPOOL_REF_CASE(kQ5_0)
-    MOEPOOL_REF_CASE(kQ5_1)
-    MOEPOOL_REF_CASE(kQ8_0)
-    MOEPOOL_REF_CASE(kQ2_K)
-    MOEPOOL_REF_CASE(kQ3_K)
-    MOEPOOL_REF_CASE(kQ4_K)
-    MOEPOOL_REF_CASE(kQ5_K)
-    MOEPOOL_REF_CASE(kQ6_K)
-#undef MOEPOOL_REF_CASE
-    default:
-      return nullptr;
-  }
-}
-
-// y [m x w.rows] = x w^T with the weights dequantized chunk by chunk.
 absl::Status RefMatMul(const MatrixRef& w, const float* x, int64_t m, float* y) {
-  const ChunkFn chunk = ChunkFnFor(w.type);
-  if (chunk == nullptr || w.cols % kChunk != 0) {
+  if (!BlockMathSupports(w.type)) {
     return absl::UnimplementedError(
-        absl::StrCat("no chunk maths for weight type ", static_cast<uint32_t>(w.type)));
+        absl::StrCat("no block maths for weight type ", static_cast<uint32_t>(w.type)));
   }
-  std::vector<float> row(static_cast<size_t>(w.cols));
-  for (int64_t r = 0; r < w.rows; ++r) {
-    const auto* src = static_cast<const uint8_t*>(w.data) + static_cast<size_t>(r) * w.row_bytes;
-    for (int64_t c = 0; c < w.cols / kChunk; ++c) chunk(src, c, row.data() + c * kChunk);
-    for (int64_t t = 0; t < m; ++t) {
-      const float* xt = x + t * w.cols;
-      float dot = 0.0f;
-      for (int64_t i = 0; i < w.cols; ++i) dot += row[static_cast<size_t>(i)] * xt[i];
-      y[t * w.rows + r] = dot;
-    }
-  }
+  QuantMatMulReference(w.type, w.data, w.rows, w.cols, x, y, m);
   return absl::OkStatus();
 }
 
@@ -112,7 +75,7 @@ void RefAttentionDecode(const float* q, int64_t n_head, int64_t n_head_kv, int64
     for (int64_t p = 0; p < kv.n_kv; ++p) {
       const uint16_t* k = row(kv.k, p) + off;
       float dot = 0.0f;
-      for (int64_t i = 0; i < head_dim; ++i) dot += qh[i] * HalfBitsToF32(k[i]);
+      for (int64_t i = 0; i < head_dim; ++i) dot += qh[i] * HalfToFloat(k[i]);
       score[static_cast<size_t>(p)] = dot * scale;
       mx = std::fmax(mx, score[static_cast<size_t>(p)]);
     }
@@ -127,7 +90,7 @@ void RefAttentionDecode(const float* q, int64_t n_head, int64_t n_head_kv, int64
     for (int64_t p = 0; p < kv.n_kv; ++p) {
       const uint16_t* v = row(kv.v, p) + off;
       const float w = score[static_cast<size_t>(p)] * inv;
-      for (int64_t i = 0; i < head_dim; ++i) o[i] += w * HalfBitsToF32(v[i]);
+      for (int64_t i = 0; i < head_dim; ++i) o[i] += w * HalfToFloat(v[i]);
     }
   }
 }

@@ -23,14 +23,16 @@
 #include "absl/strings/str_format.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.cuh"
+#include "engine/cuda/cuda_ops.h"
 #include "engine/cuda/expert_kernels.h"
 #include "engine/cuda/expert_math.h"
 
 namespace moepool {
 namespace {
 
-using cuda::DeviceMem;
+using cuda::DeviceBuffer;
 using cuda::MatrixRef;
+using cuda::Ptr;
 
 #define MOEPOOL_RETURN_IF_NOT_OK(expr)   \
   do {                                   \
@@ -79,14 +81,14 @@ struct PlacedExpert {
 struct DeviceState {
   int ordinal = 0;
   cudaStream_t stream = nullptr;
-  DeviceMem weights;
-  DeviceMem x;      // [max_rows x n_embd]
-  DeviceMem xg;     // [slots x n_embd] one expert's gathered rows
-  DeviceMem h, h2;  // [slots x n_ff]
-  DeviceMem y;      // [slots x n_embd]
-  DeviceMem prod;   // [slots x n_embd] weighted products by (row, rank)
-  DeviceMem out;    // [max_rows x n_embd]
-  DeviceMem index;  // [3 x slots] gather rows, destination slots, weights
+  DeviceBuffer weights;
+  DeviceBuffer x;      // [max_rows x n_embd]
+  DeviceBuffer xg;     // [slots x n_embd] one expert's gathered rows
+  DeviceBuffer h, h2;  // [slots x n_ff]
+  DeviceBuffer y;      // [slots x n_embd]
+  DeviceBuffer prod;   // [slots x n_embd] weighted products by (row, rank)
+  DeviceBuffer out;    // [max_rows x n_embd]
+  DeviceBuffer index;  // [3 x slots] gather rows, destination slots, weights
   ~DeviceState() {
     if (stream != nullptr) {
       cudaSetDevice(ordinal);
@@ -150,7 +152,7 @@ absl::Status CudaExpertBackend::Init() {
       const ExpertWeights& w = L.experts[e];
       if (!w.present()) continue;
       for (const WeightMatrix* m : {&w.gate, &w.up, &w.down}) {
-        if (!cuda::ChunkTypeSupported(m->type) || m->cols % cuda::kChunk != 0) {
+        if (!cuda::QuantKernelSupports(m->type)) {
           return absl::UnimplementedError(
               absl::StrCat("no CUDA kernel for ", m->name == nullptr ? "?" : m->name, " (type ",
                            static_cast<uint32_t>(m->type), ", ", m->cols, " columns)"));
@@ -168,7 +170,6 @@ absl::Status CudaExpertBackend::Init() {
   const size_t n_dev = options_.devices.size();
   std::vector<int> owner(items.size());
   std::vector<uint64_t> dev_bytes(n_dev, 0);
-  std::vector<bool> dev_mixed(n_dev, false);
   uint64_t before = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     // The device whose share contains the middle of this expert's bytes.
@@ -177,8 +178,6 @@ absl::Status CudaExpertBackend::Init() {
         std::min(n_dev - 1, static_cast<size_t>(mid * n_dev / std::max<uint64_t>(1, total_bytes)));
     owner[i] = static_cast<int>(dev);
     dev_bytes[dev] += items[i].bytes;
-    const ExpertWeights& w = model_->layer(items[i].layer).experts[items[i].expert];
-    if (w.gate.type != w.up.type) dev_mixed[dev] = true;
     before += items[i].bytes;
   }
 
@@ -186,9 +185,8 @@ absl::Status CudaExpertBackend::Init() {
   const uint64_t f = sizeof(float);
   for (size_t i = 0; i < n_dev; ++i) {
     const int ordinal = options_.devices[i];
-    const uint64_t buffers =
-        f * static_cast<uint64_t>(2 * options_.max_rows * d + 3 * slots_ * d +
-                                  (dev_mixed[i] ? 2 : 1) * slots_ * n_ff + 3 * slots_);
+    const uint64_t buffers = f * static_cast<uint64_t>(2 * options_.max_rows * d + 3 * slots_ * d +
+                                                       2 * slots_ * n_ff + 3 * slots_);
     const uint64_t needed = dev_bytes[i] + buffers;
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaSetDevice(ordinal));
     size_t free_bytes = 0, device_total = 0;
@@ -202,15 +200,15 @@ absl::Status CudaExpertBackend::Init() {
     auto state = std::make_unique<DeviceState>();
     state->ordinal = ordinal;
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&state->stream, cudaStreamNonBlocking));
-    MOEPOOL_RETURN_IF_NOT_OK(state->weights.Allocate(dev_bytes[i]));
-    MOEPOOL_RETURN_IF_NOT_OK(state->x.Allocate(f * options_.max_rows * d));
-    MOEPOOL_RETURN_IF_NOT_OK(state->xg.Allocate(f * slots_ * d));
-    MOEPOOL_RETURN_IF_NOT_OK(state->h.Allocate(f * slots_ * n_ff));
-    if (dev_mixed[i]) MOEPOOL_RETURN_IF_NOT_OK(state->h2.Allocate(f * slots_ * n_ff));
-    MOEPOOL_RETURN_IF_NOT_OK(state->y.Allocate(f * slots_ * d));
-    MOEPOOL_RETURN_IF_NOT_OK(state->prod.Allocate(f * slots_ * d));
-    MOEPOOL_RETURN_IF_NOT_OK(state->out.Allocate(f * options_.max_rows * d));
-    MOEPOOL_RETURN_IF_NOT_OK(state->index.Allocate(f * 3 * slots_));
+    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(dev_bytes[i], &state->weights));
+    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * options_.max_rows * d, &state->x));
+    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * d, &state->xg));
+    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * n_ff, &state->h));
+    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * n_ff, &state->h2));
+    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * d, &state->y));
+    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * d, &state->prod));
+    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * options_.max_rows * d, &state->out));
+    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * 3 * slots_, &state->index));
     devices_.push_back(std::move(state));
   }
 
@@ -226,7 +224,7 @@ absl::Status CudaExpertBackend::Init() {
     MatrixRef* dst[3] = {&placed.gate, &placed.up, &placed.down};
     const WeightMatrix* src[3] = {&w.gate, &w.up, &w.down};
     for (int j = 0; j < 3; ++j) {
-      uint8_t* p = dev.weights.get<uint8_t>() + offset[owner[i]];
+      uint8_t* p = Ptr<uint8_t>(dev.weights) + offset[owner[i]];
       MOEPOOL_CUDA_RETURN_IF_ERROR(
           cudaMemcpy(p, src[j]->data, src[j]->SizeBytes(), cudaMemcpyHostToDevice));
       *dst[j] = MatrixRef{src[j]->type, p, src[j]->row_bytes, src[j]->rows, src[j]->cols};
@@ -329,25 +327,26 @@ absl::Status CudaExpertBackend::ComputeChunk(const ExpertRoutes& routes, int64_t
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaSetDevice(dev.ordinal));
     const size_t f = sizeof(float);
     MOEPOOL_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(dev.x.get(), routes.x + r0 * d, f * n * d, cudaMemcpyHostToDevice, s));
-    MOEPOOL_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(dev.index.get(), index_.data(), f * 3 * slots_, cudaMemcpyHostToDevice, s));
-    MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dev.prod.get(), 0, f * n * k * d, s));
-    const int32_t* d_rows = dev.index.get<int32_t>();
+        cudaMemcpyAsync(dev.x.data(), routes.x + r0 * d, f * n * d, cudaMemcpyHostToDevice, s));
+    MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev.index.data(), index_.data(), f * 3 * slots_,
+                                                 cudaMemcpyHostToDevice, s));
+    MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dev.prod.data(), 0, f * n * k * d, s));
+    const int32_t* d_rows = Ptr<int32_t>(dev.index);
     const int32_t* d_slots = d_rows + slots_;
     const float* d_weights = reinterpret_cast<const float*>(d_slots + slots_);
     for (const Group& g : groups) {
       const unsigned count = static_cast<unsigned>(g.count);
-      GatherRowsKernel<<<count, 256, 0, s>>>(dev.x.get<float>(), d_rows + g.begin, d,
-                                             dev.xg.get<float>());
+      GatherRowsKernel<<<count, 256, 0, s>>>(Ptr<float>(dev.x), d_rows + g.begin, d,
+                                             Ptr<float>(dev.xg));
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchStatus("GatherRowsKernel"));
-      MOEPOOL_RETURN_IF_NOT_OK(
-          cuda::LaunchExpertGateUp(g.expert->gate, g.expert->up, dev.xg.get<float>(), g.count,
-                                   dev.h.get<float>(), dev.h2.get<float>(), s));
-      MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchQuantMatMul(g.expert->down, dev.h.get<float>(), g.count,
-                                                       dev.y.get<float>(), s));
-      ScaleToSlotsKernel<<<count, 256, 0, s>>>(dev.y.get<float>(), d_slots + g.begin,
-                                               d_weights + g.begin, d, dev.prod.get<float>());
+      MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchExpertGateUp(g.expert->gate, g.expert->up,
+                                                        Ptr<float>(dev.xg), g.count,
+                                                        Ptr<float>(dev.h), Ptr<float>(dev.h2), s));
+      const MatrixRef& down = g.expert->down;
+      MOEPOOL_RETURN_IF_NOT_OK(cuda::QuantMatMul(down.type, down.data, down.rows, down.cols,
+                                                 Ptr<float>(dev.h), Ptr<float>(dev.y), g.count, s));
+      ScaleToSlotsKernel<<<count, 256, 0, s>>>(Ptr<float>(dev.y), d_slots + g.begin,
+                                               d_weights + g.begin, d, Ptr<float>(dev.prod));
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchStatus("ScaleToSlotsKernel"));
     }
     // index_ is reused for the next device: its copy must have left the host buffer (pageable
@@ -364,9 +363,9 @@ absl::Status CudaExpertBackend::ComputeChunk(const ExpertRoutes& routes, int64_t
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaSetDevice(dev.ordinal));
     const int64_t total = n * d;
     CombineSlotsKernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, dev.stream>>>(
-        dev.prod.get<float>(), n, k, d, dev.out.get<float>());
+        Ptr<float>(dev.prod), n, k, d, Ptr<float>(dev.out));
     MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchStatus("CombineSlotsKernel"));
-    MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out, dev.out.get(), sizeof(float) * total,
+    MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out, dev.out.data(), sizeof(float) * total,
                                                  cudaMemcpyDeviceToHost, dev.stream));
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev.stream));
     return absl::OkStatus();
@@ -380,7 +379,7 @@ absl::Status CudaExpertBackend::ComputeChunk(const ExpertRoutes& routes, int64_t
     DeviceState& dev = *devices_[di];
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaSetDevice(dev.ordinal));
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-        part.data(), dev.prod.get(), sizeof(float) * per_dev, cudaMemcpyDeviceToHost, dev.stream));
+        part.data(), dev.prod.data(), sizeof(float) * per_dev, cudaMemcpyDeviceToHost, dev.stream));
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev.stream));
     // Slots are disjoint between devices; unused ones hold +0.0f.
     for (size_t i = 0; i < per_dev; ++i) host_slots_[i] += part[i];
