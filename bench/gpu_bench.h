@@ -1,0 +1,27 @@
+// Bandwidth benchmark of the CUDA decode kernel (QuantMatVec), run by `moepool_gpu_tests --bench`.
+#ifndef MOEPOOL_BENCH_GPU_BENCH_H_
+#define MOEPOOL_BENCH_GPU_BENCH_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace moepool {
+
+struct GpuBenchOptions {
+  int device = 0;
+  int64_t cols = 4096;  // row length of the benchmark matrices (Mixtral's hidden size)
+  int l2_multiple = 4;  // working set >= this many times the device's L2 cache
+  int iterations = 20;  // timed launches per measurement (median reported)
+};
+
+// Measures, on one device: device-to-device cudaMemcpy bandwidth (bytes read + written per
+// second) and, for Q4_K and Q8_0, QuantMatVec's weight bandwidth (weight bytes per second) with a
+// weight matrix of >= l2_multiple x L2 bytes, plus QuantMatMul throughput for a few batch sizes.
+// Returns a JSON document. UNAVAILABLE without a device.
+absl::StatusOr<std::string> RunGpuBench(const GpuBenchOptions& options);
+
+}  // namespace moepool
+
+#endif  // MOEPOOL_BENCH_GPU_BENCH_H_

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Builds the self-contained GPU test bundle into ./gpu-pack (gitignored):
+#   gpu-pack/moepool_gpu_tests   CUDA suites + benchmark (Abseil, GoogleTest, cudart, libstdc++
+#                                and libgcc linked statically)
+#   gpu-pack/lib/                any shared library it still needs besides glibc and the driver
+#   gpu-pack/testdata/           the reference files its suites read
+#   gpu-pack/run_gpu_checks.sh   what to run on the GPU machine (writes everything to $OUT)
+# Needs the CUDA toolkit (no GPU). Build directory: ./build-gpu-pack (override: BUILD_DIR=...).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+build=${BUILD_DIR:-build-gpu-pack}
+pack=$root/gpu-pack
+launcher=()
+if command -v ccache >/dev/null; then
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache
+            -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+fi
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEPOOL_WERROR=ON -DMOEPOOL_CUDA=ON \
+  -DMOEPOOL_GPU_STATIC=ON -DMOEPOOL_BUILD_BENCHMARKS=OFF "${launcher[@]}" >/dev/null
+ninja -C "$build" -j"${JOBS:-$(nproc)}" moepool_gpu_tests
+
+rm -rf "$pack"
+mkdir -p "$pack/lib" "$pack/testdata/conformance"
+cp "$build/deploy/gpu/moepool_gpu_tests" "$pack/"
+strip "$pack/moepool_gpu_tests"
+cp deploy/gpu/run_gpu_checks.sh "$pack/"
+testdata=${MOEPOOL_TESTDATA:-$root/../shared/testdata}
+[ -d "$testdata" ] || testdata=/work/shared/testdata
+if [ -f "$testdata/conformance/quant-vectors.gguf" ]; then
+  cp "$testdata/conformance/quant-vectors.gguf" "$pack/testdata/conformance/"
+else
+  echo "pack.sh: warning: no quant-vectors.gguf under $testdata (those tests will skip)" >&2
+fi
+# Shared libraries still needed, except glibc's and the CUDA driver's (the machine has its own).
+ldd "$pack/moepool_gpu_tests" | awk '/=> \// {print $1, $3}' | while read -r name path; do
+  case "$name" in
+    libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libcuda.so*) ;;
+    *) cp -L "$path" "$pack/lib/" && echo "bundled $name" ;;
+  esac
+done
+du -sh "$pack"
