@@ -28,8 +28,10 @@
 #ifdef __CUDACC__
 #include <cuda_fp16.h>
 #define MOEPOOL_HD __host__ __device__ __forceinline__
+#define MOEPOOL_PRAGMA(x) _Pragma(#x)
 #else
 #define MOEPOOL_HD inline
+#define MOEPOOL_PRAGMA(x)  // loop pragmas (unroll) are for nvcc only
 #endif
 
 namespace moepool::cuda {

@@ -1,6 +1,10 @@
 // Kernels of the quantized matrix products (host API: engine/cuda/cuda_ops.h). Each kernel is a
 // template over a block_math "math" struct M, so one source serves every weight type; the host
 // references in quant_matmul_ref.h run the same per-block code on the CPU.
+//
+// Plain CUDA C++ without host-only constructs: tests/engine/cuda/kernel_emulation_test.cc also
+// compiles these kernels with the host compiler against a thread-per-CUDA-thread emulation
+// (tests/engine/cuda/cuda_emulation.h) to check their indexing where no GPU exists.
 #ifndef MOEPOOL_ENGINE_CUDA_QUANT_MATMUL_CUH_
 #define MOEPOOL_ENGINE_CUDA_QUANT_MATMUL_CUH_
 
@@ -30,28 +34,28 @@ __global__ void __launch_bounds__(32 * kVecWarpsPerCta)
   const int part = lane % M::kParts;
   const uint8_t* wrow = w + row * blocks_per_row * M::kBlockBytes;
   float acc[kMaxVecRows];
-#pragma unroll
+  MOEPOOL_PRAGMA(unroll)
   for (int t = 0; t < kMaxVecRows; ++t) acc[t] = 0.0f;
-#pragma unroll 2
+  MOEPOOL_PRAGMA(unroll 2)
   for (int64_t b = lane / M::kParts; b < blocks_per_row; b += kBlocksPerStep) {
     float v[M::kPartElems];
     M::DequantPart(wrow + b * M::kBlockBytes, part, v);
     const float* xb = x + b * M::kBlockElems;
-#pragma unroll
+    MOEPOOL_PRAGMA(unroll)
     for (int t = 0; t < kMaxVecRows; ++t) {
       if (t < nx) {
-#pragma unroll
+        MOEPOOL_PRAGMA(unroll)
         for (int i = 0; i < M::kPartElems; ++i) {
           acc[t] = fmaf(v[i], __ldg(xb + t * x_stride + M::Element(part, i)), acc[t]);
         }
       }
     }
   }
-#pragma unroll
+  MOEPOOL_PRAGMA(unroll)
   for (int t = 0; t < kMaxVecRows; ++t) {
     if (t < nx) {
       float s = acc[t];
-#pragma unroll
+      MOEPOOL_PRAGMA(unroll)
       for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
       if (lane == 0) y[t * y_stride + row] = s;
     }
@@ -93,7 +97,7 @@ __global__ void __launch_bounds__(kMatThreads)
     const int wr = tid % kMatTileW;
     const int64_t row = r0 + wr;
     const uint8_t* wrow = w + row * blocks_per_row * M::kBlockBytes;
-#pragma unroll
+    MOEPOOL_PRAGMA(unroll)
     for (int s = tid / kMatTileW; s < kPartsPerChunk; s += kSlotsPerPass) {
       const int64_t gp = k0 / M::kPartElems + s;  // part index within the row
       const int64_t b = gp / M::kParts;
@@ -102,28 +106,28 @@ __global__ void __launch_bounds__(kMatThreads)
       if (row < rows && gp < parts_per_row) {
         M::DequantPart(wrow + b * M::kBlockBytes, part, v);
       } else {
-#pragma unroll
+        MOEPOOL_PRAGMA(unroll)
         for (int i = 0; i < M::kPartElems; ++i) v[i] = 0.0f;
       }
       const int64_t base = b * M::kBlockElems - k0;  // chunk offset of the block's element 0
-#pragma unroll
+      MOEPOOL_PRAGMA(unroll)
       for (int i = 0; i < M::kPartElems; ++i) {
         w_tile[base + M::Element(part, i)][wr] = v[i];
       }
     }
     // Activation tile.
-#pragma unroll 4
+    MOEPOOL_PRAGMA(unroll 4)
     for (int idx = tid; idx < kMatTileX * kMatChunk; idx += kMatThreads) {
       const int xr = idx / kMatChunk, k = idx % kMatChunk;
       const int64_t t = n0 + xr;
       x_tile[xr][k] = (t < n && k0 + k < cols) ? __ldg(x + t * x_stride + k0 + k) : 0.0f;
     }
     __syncthreads();
-#pragma unroll 8
+    MOEPOOL_PRAGMA(unroll 8)
     for (int k = 0; k < kMatChunk; ++k) {
       const float w0 = w_tile[k][lane];
       const float w1 = w_tile[k][lane + 32];
-#pragma unroll
+      MOEPOOL_PRAGMA(unroll)
       for (int j = 0; j < 4; ++j) {
         const float xv = x_tile[warp + 8 * j][k];
         acc[0][j] = fmaf(w0, xv, acc[0][j]);
@@ -132,11 +136,11 @@ __global__ void __launch_bounds__(kMatThreads)
     }
     __syncthreads();
   }
-#pragma unroll
+  MOEPOOL_PRAGMA(unroll)
   for (int j = 0; j < 4; ++j) {
     const int64_t t = n0 + warp + 8 * j;
     if (t >= n) continue;
-#pragma unroll
+    MOEPOOL_PRAGMA(unroll)
     for (int i = 0; i < 2; ++i) {
       const int64_t r = r0 + lane + 32 * i;
       if (r < rows) y[t * y_stride + r] = acc[i][j];
@@ -155,7 +159,7 @@ __global__ void DequantizeKernel(const uint8_t* __restrict__ w, int64_t total_pa
   float v[M::kPartElems];
   M::DequantPart(w + b * M::kBlockBytes, part, v);
   float* ob = out + b * M::kBlockElems;
-#pragma unroll
+  MOEPOOL_PRAGMA(unroll)
   for (int i = 0; i < M::kPartElems; ++i) ob[M::Element(part, i)] = v[i];
 }
 
