@@ -26,6 +26,7 @@
 #include "engine/cuda/cuda_ops.h"
 #include "engine/cuda/expert_kernels.h"
 #include "engine/cuda/expert_math.h"
+#include "engine/cuda/moe_ffn_cuda.h"
 
 namespace moepool {
 namespace {
@@ -99,16 +100,20 @@ struct DeviceState {
 
 class CudaExpertBackend : public ExpertBackend {
  public:
-  CudaExpertBackend(const Model* model, const CudaExpertOptions& options)
-      : model_(model), options_(options) {}
-  absl::Status Init();
+  explicit CudaExpertBackend(const CudaExpertOptions& options) : options_(options) {}
+  // Uploads the experts bound in `model` (borrowed).
+  absl::Status InitFromModel(const Model* model);
+  // Uses experts already on one device (borrowed).
+  absl::Status InitFromDevice(const DeviceResidentExperts& experts);
   absl::Status Compute(const ExpertRoutes& routes, float* out) override;
 
  private:
+  // Checks free memory for `weight_bytes` plus the buffers and sets up devices_[i].
+  absl::Status AddDevice(int ordinal, uint64_t weight_bytes, int64_t n_ff);
   absl::Status ComputeChunk(const ExpertRoutes& routes, int64_t r0, int64_t n, float* out);
 
-  const Model* model_;
   CudaExpertOptions options_;
+  int64_t n_embd_ = 0;
   int64_t slots_ = 0;  // (row, pair) slots the device buffers hold
   std::vector<std::unique_ptr<DeviceState>> devices_;
   std::vector<std::vector<PlacedExpert>> experts_;  // [layer][expert]
@@ -130,10 +135,70 @@ void ShowProgress(int64_t done, int64_t total, uint64_t bytes, uint64_t total_by
   if (done == total) std::fprintf(stderr, "\n");
 }
 
-absl::Status CudaExpertBackend::Init() {
-  const ModelConfig& c = model_->config();
-  const int64_t d = c.n_embd;
+absl::Status CudaExpertBackend::AddDevice(int ordinal, uint64_t weight_bytes, int64_t n_ff) {
+  const uint64_t f = sizeof(float);
+  const int64_t d = n_embd_;
+  const uint64_t buffers = f * static_cast<uint64_t>(2 * options_.max_rows * d + 3 * slots_ * d +
+                                                     2 * slots_ * n_ff + 3 * slots_);
+  const uint64_t needed = weight_bytes + buffers;
+  MOEPOOL_CUDA_RETURN_IF_ERROR(cudaSetDevice(ordinal));
+  size_t free_bytes = 0, device_total = 0;
+  MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &device_total));
+  if (needed + options_.reserve_bytes > free_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "cuda:", ordinal, " needs ", needed, " bytes (experts ", weight_bytes, ", buffers ",
+        buffers, ") plus ", options_.reserve_bytes, " in reserve, but only ", free_bytes,
+        " bytes are free (of ", device_total, "); add devices or load fewer experts"));
+  }
+  auto state = std::make_unique<DeviceState>();
+  state->ordinal = ordinal;
+  MOEPOOL_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&state->stream, cudaStreamNonBlocking));
+  MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(weight_bytes, &state->weights));
+  MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * options_.max_rows * d, &state->x));
+  MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * d, &state->xg));
+  MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * n_ff, &state->h));
+  MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * n_ff, &state->h2));
+  MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * d, &state->y));
+  MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * d, &state->prod));
+  MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * options_.max_rows * d, &state->out));
+  MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * 3 * slots_, &state->index));
+  devices_.push_back(std::move(state));
+  index_.resize(static_cast<size_t>(3 * slots_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaExpertBackend::InitFromDevice(const DeviceResidentExperts& experts) {
+  n_embd_ = experts.n_embd;
+  slots_ = std::max<int64_t>(1, options_.max_rows) * std::max(1, experts.max_pairs_per_row);
+  int64_t n_ff = 0;
+  experts_.assign(experts.layers.size(), {});
+  for (size_t l = 0; l < experts.layers.size(); ++l) {
+    for (const DeviceExpert& e : experts.layers[l]) {
+      PlacedExpert placed;
+      if (e.gate.data != nullptr) {
+        for (const cuda::MatrixRef* m : {&e.gate, &e.up, &e.down}) {
+          if (!cuda::QuantKernelSupports(m->type)) {
+            return absl::UnimplementedError(
+                absl::StrCat("no CUDA kernel for weight type ", static_cast<uint32_t>(m->type)));
+          }
+        }
+        if (e.gate.cols != n_embd_ || e.down.rows != n_embd_ || e.down.cols != e.gate.rows) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("expert ", experts_[l].size(), " of layer ", l, " has the wrong shape"));
+        }
+        placed = PlacedExpert{0, e.gate, e.up, e.down};
+        n_ff = std::max(n_ff, e.gate.rows);
+      }
+      experts_[l].push_back(placed);
+    }
+  }
+  return AddDevice(experts.device, 0, n_ff);
+}
+
+absl::Status CudaExpertBackend::InitFromModel(const Model* model) {
+  const ModelConfig& c = model->config();
   const int64_t k_used = std::max<int64_t>(1, c.n_expert_used);
+  n_embd_ = c.n_embd;
   slots_ = std::max<int64_t>(1, options_.max_rows) * k_used;
 
   // Which experts, their sizes, and whether kernels exist for them.
@@ -146,7 +211,7 @@ absl::Status CudaExpertBackend::Init() {
   int64_t n_ff = 0;
   experts_.assign(static_cast<size_t>(c.n_layer), {});
   for (int64_t l = 0; l < c.n_layer; ++l) {
-    const LayerWeights& L = model_->layer(l);
+    const LayerWeights& L = model->layer(l);
     experts_[static_cast<size_t>(l)].resize(L.experts.size());
     for (size_t e = 0; e < L.experts.size(); ++e) {
       const ExpertWeights& w = L.experts[e];
@@ -181,35 +246,9 @@ absl::Status CudaExpertBackend::Init() {
     before += items[i].bytes;
   }
 
-  // Check free memory on every device before allocating anything.
-  const uint64_t f = sizeof(float);
+  // Per device: check free memory, then allocate weights and buffers; all before any upload.
   for (size_t i = 0; i < n_dev; ++i) {
-    const int ordinal = options_.devices[i];
-    const uint64_t buffers = f * static_cast<uint64_t>(2 * options_.max_rows * d + 3 * slots_ * d +
-                                                       2 * slots_ * n_ff + 3 * slots_);
-    const uint64_t needed = dev_bytes[i] + buffers;
-    MOEPOOL_CUDA_RETURN_IF_ERROR(cudaSetDevice(ordinal));
-    size_t free_bytes = 0, device_total = 0;
-    MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &device_total));
-    if (needed + options_.reserve_bytes > free_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "cuda:", ordinal, " needs ", needed, " bytes (experts ", dev_bytes[i], ", buffers ",
-          buffers, ") plus ", options_.reserve_bytes, " in reserve, but only ", free_bytes,
-          " bytes are free (of ", device_total, "); add devices or load fewer experts"));
-    }
-    auto state = std::make_unique<DeviceState>();
-    state->ordinal = ordinal;
-    MOEPOOL_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&state->stream, cudaStreamNonBlocking));
-    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(dev_bytes[i], &state->weights));
-    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * options_.max_rows * d, &state->x));
-    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * d, &state->xg));
-    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * n_ff, &state->h));
-    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * n_ff, &state->h2));
-    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * d, &state->y));
-    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * slots_ * d, &state->prod));
-    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * options_.max_rows * d, &state->out));
-    MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * 3 * slots_, &state->index));
-    devices_.push_back(std::move(state));
+    MOEPOOL_RETURN_IF_NOT_OK(AddDevice(options_.devices[i], dev_bytes[i], n_ff));
   }
 
   // Upload, by expert.
@@ -218,7 +257,7 @@ absl::Status CudaExpertBackend::Init() {
   for (size_t i = 0; i < items.size(); ++i) {
     DeviceState& dev = *devices_[static_cast<size_t>(owner[i])];
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaSetDevice(dev.ordinal));
-    const ExpertWeights& w = model_->layer(items[i].layer).experts[items[i].expert];
+    const ExpertWeights& w = model->layer(items[i].layer).experts[items[i].expert];
     PlacedExpert& placed = experts_[items[i].layer][items[i].expert];
     placed.device = owner[i];
     MatrixRef* dst[3] = {&placed.gate, &placed.up, &placed.down};
@@ -236,18 +275,16 @@ absl::Status CudaExpertBackend::Init() {
                    total_bytes);
     }
   }
-  index_.resize(static_cast<size_t>(3 * slots_));
   return absl::OkStatus();
 }
 
 absl::Status CudaExpertBackend::Compute(const ExpertRoutes& routes, float* out) {
-  const ModelConfig& c = model_->config();
-  if (routes.layer < 0 || routes.layer >= c.n_layer) {
+  if (routes.layer < 0 || routes.layer >= static_cast<int64_t>(experts_.size())) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", routes.layer, " out of range"));
   }
-  if (routes.n_embd != c.n_embd) {
+  if (routes.n_embd != n_embd_) {
     return absl::InvalidArgumentError(
-        absl::StrCat("row width ", routes.n_embd, " != model embedding length ", c.n_embd));
+        absl::StrCat("row width ", routes.n_embd, " != model embedding length ", n_embd_));
   }
   if (routes.n_rows < 0 || routes.k < 0) {
     return absl::InvalidArgumentError("negative row or pair count");
@@ -419,8 +456,20 @@ absl::StatusOr<std::unique_ptr<ExpertBackend>> CreateCudaExpertBackend(
       }
     }
   }
-  auto backend = std::make_unique<CudaExpertBackend>(model, options);
-  MOEPOOL_RETURN_IF_NOT_OK(backend->Init());
+  auto backend = std::make_unique<CudaExpertBackend>(options);
+  MOEPOOL_RETURN_IF_NOT_OK(backend->InitFromModel(model));
+  return std::unique_ptr<ExpertBackend>(std::move(backend));
+}
+
+absl::StatusOr<std::unique_ptr<ExpertBackend>> CreateCudaExpertBackendOnDeviceExperts(
+    const DeviceResidentExperts& experts, const CudaExpertOptions& options) {
+  if (options.max_rows < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("max_rows ", options.max_rows, " < 1"));
+  }
+  absl::StatusOr<std::vector<CudaDeviceInfo>> present = ListCudaDevices();
+  if (!present.ok()) return present.status();
+  auto backend = std::make_unique<CudaExpertBackend>(options);
+  MOEPOOL_RETURN_IF_NOT_OK(backend->InitFromDevice(experts));
   return std::unique_ptr<ExpertBackend>(std::move(backend));
 }
 
