@@ -24,6 +24,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.cuh"
 #include "engine/cuda/cuda_ops.h"
+#include "engine/cuda/expert_kernels.cuh"
 #include "engine/cuda/expert_kernels.h"
 #include "engine/cuda/expert_math.h"
 #include "engine/cuda/moe_ffn_cuda.h"
@@ -31,9 +32,12 @@
 namespace moepool {
 namespace {
 
+using cuda::CombineSlotsKernel;
 using cuda::DeviceBuffer;
+using cuda::GatherRowsKernel;
 using cuda::MatrixRef;
 using cuda::Ptr;
+using cuda::ScaleToSlotsKernel;
 
 #define MOEPOOL_RETURN_IF_NOT_OK(expr)   \
   do {                                   \
@@ -43,36 +47,6 @@ using cuda::Ptr;
 
 constexpr size_t kAlign = 256;
 size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
-__global__ void GatherRowsKernel(const float* __restrict__ x, const int32_t* __restrict__ rows,
-                                 int64_t d, float* __restrict__ xg) {
-  const int64_t i = blockIdx.x;
-  const float* src = x + static_cast<int64_t>(rows[i]) * d;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) xg[i * d + c] = src[c];
-}
-
-// slots[slot[i]] = weight[i] * y[i], the product rounded to f32 on its own (never fused).
-__global__ void ScaleToSlotsKernel(const float* __restrict__ y, const int32_t* __restrict__ slot,
-                                   const float* __restrict__ weight, int64_t d,
-                                   float* __restrict__ slots) {
-  const int64_t i = blockIdx.x;
-  const float w = weight[i];
-  float* dst = slots + static_cast<int64_t>(slot[i]) * d;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dst[c] = __fmul_rn(w, y[i * d + c]);
-}
-
-// out[r] = ((0 + slot[r][0]) + slot[r][1]) + ... ; unused slots hold +0.0f, which leaves a sum
-// that started at +0.0f unchanged.
-__global__ void CombineSlotsKernel(const float* __restrict__ slots, int64_t n, int k, int64_t d,
-                                   float* __restrict__ out) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= n * d) return;
-  const int64_t r = t / d;
-  const int64_t c = t % d;
-  float sum = 0.0f;
-  for (int j = 0; j < k; ++j) sum = __fadd_rn(sum, slots[(r * k + j) * d + c]);
-  out[t] = sum;
-}
 
 struct PlacedExpert {
   int device = -1;           // index into the backend's devices, -1 when not bound
