@@ -26,9 +26,14 @@ absl::StatusOr<std::string> SynthModelForCudaTests(const std::string& shape,
   o.shape = *s;
   o.type = type;
   o.seed = 11;
+  // The working directory's deploy/vocab, the source tree's, or the shared test data's (the
+  // GPU bundle's testdata/vocab).
   o.vocab_path = kDefaultSynthVocabPath;
-  if (!std::filesystem::exists(o.vocab_path)) {
-    o.vocab_path = std::string(MOEPOOL_SOURCE_DIR) + "/" + kDefaultSynthVocabPath;
+  for (const std::string& candidate :
+       {std::string(MOEPOOL_SOURCE_DIR) + "/" + kDefaultSynthVocabPath,
+        ::moepool::testing::SharedTestdataPath("vocab/mistral-vocab.gguf")}) {
+    if (std::filesystem::exists(o.vocab_path)) break;
+    o.vocab_path = candidate;
   }
   o.out_path = ::moepool::testing::TempDir() + "/cuda-" + key + ".gguf";
   if (absl::Status st = SynthesizeModel(o); !st.ok()) return st;

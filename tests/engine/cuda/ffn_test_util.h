@@ -15,7 +15,7 @@ bool GpuRequired();
 
 // Path of a synthesized model of `shape` ("tiny") and `type` written on first use into the test
 // temp dir (per process). The vocabulary comes from deploy/vocab in the working directory or the
-// source tree.
+// source tree, else from <shared testdata>/vocab/mistral-vocab.gguf.
 absl::StatusOr<std::string> SynthModelForCudaTests(const std::string& shape,
                                                    const std::string& type);
 
