@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the bundle made by deploy/gpu/pack.sh (gpu-pack/): the device
 # listing, every CUDA suite with MOEPOOL_REQUIRE_GPU=1 (no device = failure, not a skip) and the
-# kernel benchmark. Everything goes to $OUT (default ./gpu-out): nvidia-smi.txt, tests.txt,
-# tests.xml, bench.json, bench.txt, summary.txt. Exit status: 0 only if the tests passed.
+# kernel benchmark. Everything goes to $OUT (default ./gpu-out): nvidia-smi.txt, system.txt,
+# tests.txt, tests.xml, bench.json, bench.txt, summary.txt. Exit status: 0 only if the tests
+# passed.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/gpu-out}
@@ -13,6 +14,8 @@ export MOEPOOL_REQUIRE_GPU=1
 
 { nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
     --format=csv; } >"$out/nvidia-smi.txt" 2>&1
+# The binary is built on Debian 12 and needs glibc >= 2.36 (everything else is inside it).
+{ uname -a; ldd --version 2>&1 | head -1; } >"$out/system.txt"
 
 "$here/moepool_gpu_tests" --gtest_output="xml:$out/tests.xml" >"$out/tests.txt" 2>&1
 tests_rc=$?

@@ -9,15 +9,17 @@
 //   asynchronous on that stream: the returned Status covers argument checks and launch errors;
 //   faults during execution surface from the next synchronizing call (SyncStream, Download).
 // - Weights are stored exactly as in the GGUF file: `rows` rows of `cols` elements, each row
-//   RowBytes(type, cols) bytes, rows back to back (the engine's Tensor layout). `cols` must be a
-//   multiple of the type's block size.
+//   RowBytes(type, cols) bytes, rows back to back (the engine's Tensor layout), 4-byte aligned for
+//   F32 and 2-byte aligned otherwise (a cudaMalloc'd buffer plus whole rows is). `cols` must be a
+//   multiple of the block size: 32 for Q4_0..Q8_0, 256 for the k-quants, and 32 for F32, F16 and
+//   BF16 too (the kernels treat float rows as blocks of 32).
 // - Activations and results are f32. The kernels dequantize weights in registers and accumulate
 //   in f32 (no activation quantization), so results agree with the CPU engine (which quantizes
 //   activations to q8 for quantized weights) within the per-type tolerances documented in
 //   docs/gpu.md, not bit for bit.
 // Threading: the functions are thread-safe; a DeviceBuffer is not (one owner at a time).
 // Errors: INVALID_ARGUMENT for bad shapes or null pointers, UNIMPLEMENTED for a weight type without
-// a kernel, INTERNAL / RESOURCE_EXHAUSTED carrying the CUDA error string otherwise.
+// a kernel, INTERNAL / UNAVAILABLE / RESOURCE_EXHAUSTED carrying the CUDA error string otherwise.
 #ifndef MOEPOOL_ENGINE_CUDA_CUDA_OPS_H_
 #define MOEPOOL_ENGINE_CUDA_CUDA_OPS_H_
 
@@ -62,7 +64,8 @@ absl::Status SyncStream(Stream stream);
 // memory return after the copy has finished, so `host` may be reused at once.
 class DeviceBuffer {
  public:
-  // RESOURCE_EXHAUSTED (naming bytes requested and free) when the device is full.
+  // RESOURCE_EXHAUSTED (naming bytes requested and free) when the device is full, UNAVAILABLE
+  // when there is no usable device. Zero bytes gives an empty buffer without a CUDA call.
   static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
   DeviceBuffer() = default;
   DeviceBuffer(DeviceBuffer&& other) noexcept;

@@ -67,8 +67,12 @@ absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
   const cudaError_t err = cudaMalloc(&p, bytes);
   if (err != cudaSuccess) {
     cudaGetLastError();
+    if (err != cudaErrorMemoryAllocation) {
+      return absl::UnavailableError(
+          absl::StrCat("cudaMalloc of ", bytes, " bytes: ", cudaGetErrorString(err)));
+    }
     size_t free_bytes = 0, total_bytes = 0;
-    cudaMemGetInfo(&free_bytes, &total_bytes);
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) cudaGetLastError();
     return absl::ResourceExhaustedError(absl::StrCat(
         "cudaMalloc of ", bytes, " bytes (", free_bytes, " free): ", cudaGetErrorString(err)));
   }

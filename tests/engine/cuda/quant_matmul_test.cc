@@ -5,12 +5,14 @@
 //
 // Without a CUDA device the CUDA instantiation is skipped, or fails when MOEPOOL_REQUIRE_GPU=1
 // (the GPU bundle sets it, so a machine whose GPU is not seen cannot pass silently).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -265,6 +267,42 @@ TEST(QuantMatMulArgumentsTest, BadShapesAndTypesAreErrorsNotCrashes) {
             absl::StatusCode::kInvalidArgument);
   for (TensorType type : KernelTypes()) EXPECT_TRUE(QuantKernelSupports(type));
   EXPECT_FALSE(QuantKernelSupports(TensorType::kQ8_1));
+}
+
+TEST(DeviceBufferTest, EmptyBufferChecksRangesWithoutTouchingCuda) {
+  auto empty = DeviceBuffer::Allocate(0);
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_EQ(empty->data(), nullptr);
+  char host[8] = {};
+  EXPECT_EQ(empty->Upload(host, sizeof(host)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(empty->Download(host, 1, 0).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(empty->Upload(host, 0).ok());
+  EXPECT_TRUE(empty->Zero().ok());
+}
+
+TEST(DeviceBufferTest, WithoutADeviceAllocationIsAnErrorNotACrash) {
+  if (ListCudaDevices().ok()) GTEST_SKIP() << "a CUDA device is present";
+  auto buffer = DeviceBuffer::Allocate(1 << 20);
+  EXPECT_EQ(buffer.status().code(), absl::StatusCode::kUnavailable) << buffer.status();
+  EXPECT_FALSE(DeviceStream::Create().ok());
+}
+
+TEST(DeviceBufferTest, MovesTransferOwnershipAndCopiesRespectOffsets) {
+  if (!ListCudaDevices().ok()) {
+    if (RequireGpu()) FAIL() << "MOEPOOL_REQUIRE_GPU=1 but no CUDA device";
+    GTEST_SKIP() << "no CUDA device here";
+  }
+  auto a = DeviceBuffer::Allocate(256);
+  ASSERT_TRUE(a.ok()) << a.status();
+  void* p = a->data();
+  DeviceBuffer b = std::move(*a);
+  EXPECT_EQ(b.data(), p);
+  EXPECT_EQ(b.bytes(), 256u);
+  std::vector<uint8_t> in(256), out(256, 0);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<uint8_t>(i * 7);
+  ASSERT_TRUE(b.Upload(in.data() + 128, 128, 128).ok());
+  ASSERT_TRUE(b.Download(out.data() + 128, 128, 128).ok());
+  EXPECT_TRUE(std::equal(in.begin() + 128, in.end(), out.begin() + 128));
 }
 #endif
 
