@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -57,13 +58,14 @@ struct DeviceState {
   int ordinal = 0;
   cudaStream_t stream = nullptr;
   DeviceBuffer weights;
-  DeviceBuffer x;      // [max_rows x n_embd]
-  DeviceBuffer xg;     // [slots x n_embd] one expert's gathered rows
-  DeviceBuffer h, h2;  // [slots x n_ff]
-  DeviceBuffer y;      // [slots x n_embd]
-  DeviceBuffer prod;   // [slots x n_embd] weighted products by (row, rank)
-  DeviceBuffer out;    // [max_rows x n_embd]
-  DeviceBuffer index;  // [3 x slots] gather rows, destination slots, weights
+  DeviceBuffer x;                   // [max_rows x n_embd]
+  DeviceBuffer xg;                  // [slots x n_embd] one expert's gathered rows
+  DeviceBuffer h, h2;               // [slots x n_ff]
+  DeviceBuffer y;                   // [slots x n_embd]
+  DeviceBuffer prod;                // [slots x n_embd] weighted products by (row, rank)
+  DeviceBuffer out;                 // [max_rows x n_embd]
+  DeviceBuffer index;               // [3 x slots] gather rows, destination slots, weights
+  std::vector<int32_t> host_index;  // the same on the host (the copy's source)
   ~DeviceState() {
     if (stream != nullptr) {
       cudaSetDevice(ordinal);
@@ -92,7 +94,9 @@ class CudaExpertBackend : public ExpertBackend {
   std::vector<std::unique_ptr<DeviceState>> devices_;
   std::vector<std::vector<PlacedExpert>> experts_;  // [layer][expert]
   // Per-call host scratch.
-  std::vector<int32_t> index_;
+  std::vector<int32_t> rows_;
+  std::vector<int32_t> slot_of_row_;
+  std::vector<float> weight_of_row_;
   std::vector<int32_t> rank_;
   std::vector<float> host_slots_;
 };
@@ -137,7 +141,6 @@ absl::Status CudaExpertBackend::AddDevice(int ordinal, uint64_t weight_bytes, in
   MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * options_.max_rows * d, &state->out));
   MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * 3 * slots_, &state->index));
   devices_.push_back(std::move(state));
-  index_.resize(static_cast<size_t>(3 * slots_));
   return absl::OkStatus();
 }
 
@@ -308,30 +311,36 @@ absl::Status CudaExpertBackend::ComputeChunk(const ExpertRoutes& routes, int64_t
   std::vector<bool> used(devices_.size(), false);
   for (size_t di = 0; di < devices_.size(); ++di) {
     // Routing of this device's experts, grouped by expert: gather rows, slots, weights.
-    int32_t* rows = index_.data();
-    int32_t* slots = rows + slots_;
-    float* weights = reinterpret_cast<float*>(slots + slots_);
+    rows_.clear();
+    slot_of_row_.clear();
+    weight_of_row_.clear();
     struct Group {
       const PlacedExpert* expert;
       int64_t begin, count;
     };
     std::vector<Group> groups;
-    int64_t m = 0;
     for (size_t e = 0; e < held.size(); ++e) {
       if (held[e].device != static_cast<int>(di)) continue;
-      const int64_t begin = m;
+      const int64_t begin = static_cast<int64_t>(rows_.size());
       for (int64_t r = 0; r < n; ++r) {
         for (int j = 0; j < k; ++j) {
           if (ex[r * k + j] != static_cast<int32_t>(e)) continue;
-          rows[m] = static_cast<int32_t>(r);
-          slots[m] = rank_[static_cast<size_t>(r * k + j)];
-          weights[m] = wt[r * k + j];
-          ++m;
+          rows_.push_back(static_cast<int32_t>(r));
+          slot_of_row_.push_back(rank_[static_cast<size_t>(r * k + j)]);
+          weight_of_row_.push_back(wt[r * k + j]);
         }
       }
-      if (m > begin) groups.push_back({&held[e], begin, m - begin});
+      const int64_t end = static_cast<int64_t>(rows_.size());
+      if (end > begin) groups.push_back({&held[e], begin, end - begin});
     }
     if (groups.empty()) continue;
+    // Packed for one upload: rows [m], slots [m], weights [m] (4 bytes each).
+    const size_t m = rows_.size();
+    std::vector<int32_t>& packed = devices_[di]->host_index;
+    packed.resize(3 * m);
+    std::copy(rows_.begin(), rows_.end(), packed.begin());
+    std::copy(slot_of_row_.begin(), slot_of_row_.end(), packed.begin() + m);
+    std::memcpy(packed.data() + 2 * m, weight_of_row_.data(), m * sizeof(float));
     used[di] = true;
     DeviceState& dev = *devices_[di];
     const cudaStream_t s = dev.stream;
@@ -339,12 +348,12 @@ absl::Status CudaExpertBackend::ComputeChunk(const ExpertRoutes& routes, int64_t
     const size_t f = sizeof(float);
     MOEPOOL_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(dev.x.data(), routes.x + r0 * d, f * n * d, cudaMemcpyHostToDevice, s));
-    MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev.index.data(), index_.data(), f * 3 * slots_,
-                                                 cudaMemcpyHostToDevice, s));
+    MOEPOOL_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dev.index.data(), packed.data(), f * 3 * m, cudaMemcpyHostToDevice, s));
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dev.prod.data(), 0, f * n * k * d, s));
     const int32_t* d_rows = Ptr<int32_t>(dev.index);
-    const int32_t* d_slots = d_rows + slots_;
-    const float* d_weights = reinterpret_cast<const float*>(d_slots + slots_);
+    const int32_t* d_slots = d_rows + m;
+    const float* d_weights = reinterpret_cast<const float*>(d_slots + m);
     for (const Group& g : groups) {
       const unsigned count = static_cast<unsigned>(g.count);
       GatherRowsKernel<<<count, 256, 0, s>>>(Ptr<float>(dev.x), d_rows + g.begin, d,
@@ -360,8 +369,7 @@ absl::Status CudaExpertBackend::ComputeChunk(const ExpertRoutes& routes, int64_t
                                                d_weights + g.begin, d, Ptr<float>(dev.prod));
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchStatus("ScaleToSlotsKernel"));
     }
-    // index_ is reused for the next device: its copy must have left the host buffer (pageable
-    // copies return once staged, so this holds without a sync).
+    // dev.host_index stays untouched until this device's stream is synchronized below.
   }
   const int n_used = static_cast<int>(std::count(used.begin(), used.end(), true));
   if (n_used == 0) {
