@@ -4,7 +4,7 @@
 // there (ffn_kernels.cu, norm_rope.cu, attention_cuda.cu, moe_ffn_cuda.cu).
 //
 // Kernel by kernel:
-//   GateUpKernel<M>       silu(gate x) * up x, one warp per feature, up to 8 activation rows,
+//   GateUpKernel<M, R>    silu(gate x) * up x, one warp per feature, R (1 or 8) activation rows,
 //                         both matrices read in one pass (block_math.h parts, coalesced)
 //   SiluMulKernel         h = silu(h) * u element-wise (the unfused path)
 //   RmsNormKernel         one block per row, f64 sum of squares
@@ -39,7 +39,9 @@ inline constexpr int kGateUpWarpsPerCta = 4;
 inline constexpr int kFusedTileRows = 8;      // activation rows per warp in the fused kernel
 inline constexpr int64_t kFusedMaxRows = 16;  // above this, two tiled mat-muls are faster
 
-template <class M>
+// kRows activation rows per warp: 1 for decode (fewer registers, more warps in flight), else
+// kFusedTileRows.
+template <class M, int kRows>
 __global__ void __launch_bounds__(32 * kGateUpWarpsPerCta)
     GateUpKernel(const uint8_t* __restrict__ gate, const uint8_t* __restrict__ up, int64_t n_ff,
                  int64_t blocks_per_row, const float* __restrict__ x, int64_t n_embd, int64_t m,
@@ -49,17 +51,17 @@ __global__ void __launch_bounds__(32 * kGateUpWarpsPerCta)
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kGateUpWarpsPerCta + threadIdx.x / 32;
   if (row >= n_ff) return;  // whole warps leave together
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kFusedTileRows;
-  const int nx = static_cast<int>(m - t0 < kFusedTileRows ? m - t0 : kFusedTileRows);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kRows;
+  const int nx = static_cast<int>(m - t0 < kRows ? m - t0 : kRows);
   const int part = lane % M::kParts;
   const size_t row_bytes = static_cast<size_t>(blocks_per_row) * M::kBlockBytes;
   const uint8_t* grow = gate + row * row_bytes;
   const uint8_t* urow = up + row * row_bytes;
   const float* xt = x + t0 * n_embd;
-  float ag[kFusedTileRows];
-  float au[kFusedTileRows];
+  float ag[kRows];
+  float au[kRows];
   MOEPOOL_PRAGMA(unroll)
-  for (int t = 0; t < kFusedTileRows; ++t) ag[t] = au[t] = 0.0f;
+  for (int t = 0; t < kRows; ++t) ag[t] = au[t] = 0.0f;
   for (int64_t b = lane / M::kParts; b < blocks_per_row; b += kBlocksPerStep) {
     float g[M::kPartElems];
     float u[M::kPartElems];
@@ -67,7 +69,7 @@ __global__ void __launch_bounds__(32 * kGateUpWarpsPerCta)
     M::DequantPart(urow + b * M::kBlockBytes, part, u);
     const float* xb = xt + b * M::kBlockElems;
     MOEPOOL_PRAGMA(unroll)
-    for (int t = 0; t < kFusedTileRows; ++t) {
+    for (int t = 0; t < kRows; ++t) {
       if (t < nx) {
         MOEPOOL_PRAGMA(unroll)
         for (int i = 0; i < M::kPartElems; ++i) {
@@ -79,7 +81,7 @@ __global__ void __launch_bounds__(32 * kGateUpWarpsPerCta)
     }
   }
   MOEPOOL_PRAGMA(unroll)
-  for (int t = 0; t < kFusedTileRows; ++t) {
+  for (int t = 0; t < kRows; ++t) {
     if (t < nx) {
       float sg = ag[t];
       float su = au[t];

@@ -53,12 +53,19 @@ absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, cons
         status.Update(absl::InvalidArgumentError("row length is not a multiple of the block size"));
         return;
       }
-      const dim3 grid(
-          static_cast<unsigned>((gate.rows + kGateUpWarpsPerCta - 1) / kGateUpWarpsPerCta),
-          static_cast<unsigned>((m + kFusedTileRows - 1) / kFusedTileRows));
-      GateUpKernel<M><<<grid, 32 * kGateUpWarpsPerCta, 0, s>>>(
-          static_cast<const uint8_t*>(gate.data), static_cast<const uint8_t*>(up.data), gate.rows,
-          gate.cols / M::kBlockElems, x, gate.cols, m, h);
+      const unsigned ctas =
+          static_cast<unsigned>((gate.rows + kGateUpWarpsPerCta - 1) / kGateUpWarpsPerCta);
+      const auto* g = static_cast<const uint8_t*>(gate.data);
+      const auto* u = static_cast<const uint8_t*>(up.data);
+      const int64_t bpr = gate.cols / M::kBlockElems;
+      if (m == 1) {
+        GateUpKernel<M, 1>
+            <<<ctas, 32 * kGateUpWarpsPerCta, 0, s>>>(g, u, gate.rows, bpr, x, gate.cols, m, h);
+      } else {
+        const dim3 grid(ctas, static_cast<unsigned>((m + kFusedTileRows - 1) / kFusedTileRows));
+        GateUpKernel<M, kFusedTileRows>
+            <<<grid, 32 * kGateUpWarpsPerCta, 0, s>>>(g, u, gate.rows, bpr, x, gate.cols, m, h);
+      }
       status.Update(LaunchStatus("GateUpKernel"));
     });
     if (!found) return absl::UnimplementedError("no block maths for the gate/up weight type");

@@ -56,9 +56,16 @@ TEST_P(GateUpEmulationTest, FusedKernelMatchesReference) {
     std::vector<float> got(want.size(), -777.0f);
     DispatchBlockMath(type, [&](auto tag) {
       using M = typename decltype(tag)::type;
-      Launch(Dim3{CeilDiv(n_ff, kGateUpWarpsPerCta), CeilDiv(m, kFusedTileRows)},
-             Dim3{32 * kGateUpWarpsPerCta}, GateUpKernel<M>, gate.data(), up.data(), n_ff,
-             n_embd / M::kBlockElems, x.data(), n_embd, m, got.data());
+      const Dim3 block{32 * kGateUpWarpsPerCta};
+      const int64_t bpr = n_embd / M::kBlockElems;
+      if (m == 1) {  // the decode variant, as LaunchExpertGateUp picks it
+        Launch(Dim3{CeilDiv(n_ff, kGateUpWarpsPerCta)}, block, GateUpKernel<M, 1>, gate.data(),
+               up.data(), n_ff, bpr, x.data(), n_embd, m, got.data());
+      } else {
+        Launch(Dim3{CeilDiv(n_ff, kGateUpWarpsPerCta), CeilDiv(m, kFusedTileRows)}, block,
+               GateUpKernel<M, kFusedTileRows>, gate.data(), up.data(), n_ff, bpr, x.data(), n_embd,
+               m, got.data());
+      }
     });
     EXPECT_LE(RelMaxError(got, want), 1e-5);
   }
