@@ -169,12 +169,21 @@ absl::StatusOr<std::string> MixtralMoe(const ExpertBenchOptions& o) {
   copts.max_rows = 64;
   auto backend = CreateCudaExpertBackendOnDeviceExperts(experts, copts);
   if (!backend.ok()) return backend.status();
+  copts.batch_invariant = false;
+  auto tiled = CreateCudaExpertBackendOnDeviceExperts(experts, copts);
+  if (!tiled.ok()) return tiled.status();
 
   std::mt19937 rng(4);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::string batches;
   double decode_ms = 0.0;
-  for (const int64_t n : {1, 8, 32}) {
+  struct Config {
+    int64_t rows;
+    bool invariant;
+  };
+  for (const Config cfg : {Config{1, true}, Config{8, true}, Config{32, true}, Config{32, false}}) {
+    const int64_t n = cfg.rows;
+    ExpertBackend* b = cfg.invariant ? backend->get() : tiled->get();
     std::vector<float> x(static_cast<size_t>(n * kEmbd)), out(x.size());
     for (float& v : x) v = normal(rng);
     std::vector<int32_t> ex(static_cast<size_t>(n * kTop));
@@ -186,12 +195,12 @@ absl::StatusOr<std::string> MixtralMoe(const ExpertBenchOptions& o) {
       for (int l = 0; l < o.mixtral_layers; ++l) {
         for (int64_t r = 0; r < n; ++r) {  // two distinct experts, ascending
           const int32_t a = static_cast<int32_t>(rng() % kExperts);
-          const int32_t b = static_cast<int32_t>((a + 1 + rng() % (kExperts - 1)) % kExperts);
-          ex[static_cast<size_t>(r * kTop)] = std::min(a, b);
-          ex[static_cast<size_t>(r * kTop + 1)] = std::max(a, b);
+          const int32_t c = static_cast<int32_t>((a + 1 + rng() % (kExperts - 1)) % kExperts);
+          ex[static_cast<size_t>(r * kTop)] = std::min(a, c);
+          ex[static_cast<size_t>(r * kTop + 1)] = std::max(a, c);
         }
         const ExpertRoutes routes{l, n, kEmbd, kTop, x.data(), ex.data(), w.data()};
-        BENCH_RETURN_IF_ERROR((*backend)->Compute(routes, out.data()));
+        BENCH_RETURN_IF_ERROR(b->Compute(routes, out.data()));
       }
       if (it >= 0) token_ms.push_back(1e3 * Seconds(t0, Clock::now()));
     }
@@ -199,7 +208,9 @@ absl::StatusOr<std::string> MixtralMoe(const ExpertBenchOptions& o) {
     const double ms = token_ms[token_ms.size() / 2];
     if (n == 1) decode_ms = ms;
     absl::StrAppend(&batches, batches.empty() ? "" : ", ",
-                    absl::StrFormat("{\"rows\": %d, \"ms_all_layers\": %.3f}", n, ms));
+                    absl::StrFormat("{\"rows\": %d, \"batch_invariant\": %s, "
+                                    "\"ms_all_layers\": %.3f}",
+                                    n, cfg.invariant ? "true" : "false", ms));
   }
   // One decode token reads 2 experts x (gate + up + down) per layer.
   const double bytes = static_cast<double>(o.mixtral_layers) * kTop * (2 * up_bytes + down_bytes);

@@ -34,12 +34,19 @@ struct MatrixRef {
   int64_t cols = 0;
 };
 
-// h [m x gate.rows] = silu(x gate^T) * (x up^T) for x [m x gate.cols] (dense rows). Up to 16
-// rows with gate and up of one type: one fused pass over x reading both matrices. Otherwise the
-// tiled QuantMatMul (cuda_ops.h) for each and a SiLU kernel, with h2 [m x gate.rows] as
-// scratch (h2 may be nullptr only in the fused case). The down projection is QuantMatMul.
+// h [m x gate.rows] = silu(x gate^T) * (x up^T) for x [m x gate.cols] (dense rows). Gate and
+// up of one type: one fused pass over x reading both matrices, for up to 16 rows or any number
+// when batch_invariant. Otherwise LaunchMatMulRows for each and a SiLU kernel, with h2
+// [m x gate.rows] as scratch (h2 may be nullptr only in the fused case).
+// batch_invariant: each row's result is the same bits whatever the other rows of the launch
+// (only mat-vec style kernels; weights are re-read once per 8 rows). Otherwise many rows take
+// the tiled mat-mul (faster for prompts; a row's bits then depend on the batch size).
 absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, const float* x,
-                                int64_t m, float* h, float* h2, void* stream);
+                                int64_t m, float* h, float* h2, bool batch_invariant, void* stream);
+// y [m x w.rows] = x [m x w.cols] w^T through QuantMatMul (cuda_ops.h); batch_invariant: in
+// groups of at most 8 rows (the mat-vec kernel), as above.
+absl::Status LaunchMatMulRows(const MatrixRef& w, const float* x, int64_t m, float* y,
+                              bool batch_invariant, void* stream);
 
 // y [n x d] = x * rsqrt(mean(x^2) + eps) * w, per row.
 absl::Status LaunchRmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps,

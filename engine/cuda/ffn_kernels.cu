@@ -7,6 +7,7 @@
 // memory. Many rows: the tiled QuantMatMul for each projection, then an element-wise SiLU.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
@@ -33,8 +34,27 @@ absl::Status CheckMatrix(const MatrixRef& w) {
 
 }  // namespace
 
+absl::Status LaunchMatMulRows(const MatrixRef& w, const float* x, int64_t m, float* y,
+                              bool batch_invariant, void* stream) {
+  if (absl::Status s = CheckMatrix(w); !s.ok()) return s;
+  if (!batch_invariant) return QuantMatMul(w.type, w.data, w.rows, w.cols, x, y, m, stream);
+  // QuantMatMul runs groups of at most 8 rows with the mat-vec kernel, whose per-row result
+  // does not depend on how many rows share the launch (moe_ffn_cuda_test checks it on a GPU).
+  constexpr int64_t kGroup = 8;
+  for (int64_t t = 0; t < m; t += kGroup) {
+    const int64_t n = std::min<int64_t>(kGroup, m - t);
+    if (absl::Status s =
+            QuantMatMul(w.type, w.data, w.rows, w.cols, x + t * w.cols, y + t * w.rows, n, stream);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, const float* x,
-                                int64_t m, float* h, float* h2, void* stream) {
+                                int64_t m, float* h, float* h2, bool batch_invariant,
+                                void* stream) {
   if (absl::Status s = CheckMatrix(gate); !s.ok()) return s;
   if (absl::Status s = CheckMatrix(up); !s.ok()) return s;
   if (gate.rows != up.rows || gate.cols != up.cols) {
@@ -45,7 +65,7 @@ absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, cons
   }
   if (m == 0) return absl::OkStatus();
   const cudaStream_t s = AsStream(stream);
-  if (gate.type == up.type && m <= kFusedMaxRows) {
+  if (gate.type == up.type && (m <= kFusedMaxRows || batch_invariant)) {
     absl::Status status = absl::OkStatus();
     const bool found = DispatchBlockMath(gate.type, [&](auto tag) {
       using M = typename decltype(tag)::type;
@@ -72,12 +92,10 @@ absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, cons
     return status;
   }
   if (h2 == nullptr) return absl::InvalidArgumentError("gate/up over many rows needs scratch h2");
-  if (absl::Status st = QuantMatMul(gate.type, gate.data, gate.rows, gate.cols, x, h, m, stream);
-      !st.ok()) {
+  if (absl::Status st = LaunchMatMulRows(gate, x, m, h, batch_invariant, stream); !st.ok()) {
     return st;
   }
-  if (absl::Status st = QuantMatMul(up.type, up.data, up.rows, up.cols, x, h2, m, stream);
-      !st.ok()) {
+  if (absl::Status st = LaunchMatMulRows(up, x, m, h2, batch_invariant, stream); !st.ok()) {
     return st;
   }
   const int64_t n = m * gate.rows;

@@ -46,8 +46,9 @@ absl::Status RunExpertFfnOnDevice(int device, const MatrixRef& gate, const Matri
   MOEPOOL_RETURN_IF_NOT_OK(AllocateInto(sizeof(float) * static_cast<size_t>(m * gate.rows), &dh));
   MOEPOOL_RETURN_IF_NOT_OK(AllocateInto(sizeof(float) * static_cast<size_t>(m * gate.rows), &dh2));
   MOEPOOL_RETURN_IF_NOT_OK(AllocateInto(sizeof(float) * static_cast<size_t>(m * down.rows), &dy));
-  MOEPOOL_RETURN_IF_NOT_OK(
-      LaunchExpertGateUp(gd, ud, Ptr<float>(dx), m, Ptr<float>(dh), Ptr<float>(dh2), nullptr));
+  MOEPOOL_RETURN_IF_NOT_OK(LaunchExpertGateUp(gd, ud, Ptr<float>(dx), m, Ptr<float>(dh),
+                                              Ptr<float>(dh2),
+                                              /*batch_invariant=*/false, nullptr));
   MOEPOOL_RETURN_IF_NOT_OK(
       QuantMatMul(dd.type, dd.data, dd.rows, dd.cols, Ptr<float>(dh), Ptr<float>(dy), m, nullptr));
   return Download(dy, out, dy.bytes());

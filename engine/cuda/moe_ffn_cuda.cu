@@ -359,12 +359,12 @@ absl::Status CudaExpertBackend::ComputeChunk(const ExpertRoutes& routes, int64_t
       GatherRowsKernel<<<count, 256, 0, s>>>(Ptr<float>(dev.x), d_rows + g.begin, d,
                                              Ptr<float>(dev.xg));
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchStatus("GatherRowsKernel"));
-      MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchExpertGateUp(g.expert->gate, g.expert->up,
-                                                        Ptr<float>(dev.xg), g.count,
-                                                        Ptr<float>(dev.h), Ptr<float>(dev.h2), s));
+      MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchExpertGateUp(
+          g.expert->gate, g.expert->up, Ptr<float>(dev.xg), g.count, Ptr<float>(dev.h),
+          Ptr<float>(dev.h2), options_.batch_invariant, s));
       const MatrixRef& down = g.expert->down;
-      MOEPOOL_RETURN_IF_NOT_OK(cuda::QuantMatMul(down.type, down.data, down.rows, down.cols,
-                                                 Ptr<float>(dev.h), Ptr<float>(dev.y), g.count, s));
+      MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchMatMulRows(
+          down, Ptr<float>(dev.h), g.count, Ptr<float>(dev.y), options_.batch_invariant, s));
       ScaleToSlotsKernel<<<count, 256, 0, s>>>(Ptr<float>(dev.y), d_slots + g.begin,
                                                d_weights + g.begin, d, Ptr<float>(dev.prod));
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchStatus("ScaleToSlotsKernel"));

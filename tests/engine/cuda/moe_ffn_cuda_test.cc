@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/expert_kernels.h"
 #include "engine/model.h"
@@ -144,10 +145,11 @@ class MoeFfnCudaTest : public ::testing::Test {
     return routes;
   }
 
-  std::unique_ptr<ExpertBackend> Backend(int64_t max_rows = 64) {
+  std::unique_ptr<ExpertBackend> Backend(int64_t max_rows = 64, bool batch_invariant = true) {
     CudaExpertOptions options;
     options.show_progress = false;
     options.max_rows = max_rows;
+    options.batch_invariant = batch_invariant;
     absl::StatusOr<std::unique_ptr<ExpertBackend>> b = Device::Create(model_.get(), options);
     EXPECT_TRUE(b.ok()) << b.status();
     return b.ok() ? std::move(*b) : nullptr;
@@ -183,25 +185,60 @@ double RelMaxError(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 TYPED_TEST(MoeFfnCudaTest, MatchesLocalBackendOnEveryLayer) {
-  std::unique_ptr<ExpertBackend> backend = this->Backend();
-  ASSERT_NE(backend, nullptr);
   ThreadPool pool(2);
   LocalExpertBackend local(this->model_.get(), &pool);
   ReferenceExpertBackend reference(this->model_.get());
+  std::unique_ptr<ExpertBackend> invariant = this->Backend(64, /*batch_invariant=*/true);
+  std::unique_ptr<ExpertBackend> tiled = this->Backend(64, /*batch_invariant=*/false);
+  ASSERT_NE(invariant, nullptr);
+  ASSERT_NE(tiled, nullptr);
   const ModelConfig& c = this->model_->config();
   const int k = static_cast<int>(c.n_expert_used);
   for (const int64_t n : {1, 5, 19}) {
     this->MakeRoutes(n, k, static_cast<uint32_t>(n));
+    if (n == 19) {  // expert 0 gets every row: the tiled kernels when not batch-invariant
+      for (int64_t r = 0; r < n; ++r) this->expert_[static_cast<size_t>(r * k)] = 0;
+    }
     for (int layer = 0; layer < c.n_layer; ++layer) {
       const ExpertRoutes routes = this->Routes(layer, n, k);
-      std::vector<float> got(this->x_.size()), cpu(got.size()), ref(got.size());
-      const absl::Status s = backend->Compute(routes, got.data());
-      ASSERT_TRUE(s.ok()) << s;
+      std::vector<float> cpu(this->x_.size()), ref(cpu.size());
       ASSERT_TRUE(local.Compute(routes, cpu.data()).ok());
       ASSERT_TRUE(reference.Compute(routes, ref.data()).ok());
-      // Q4_K_M experts (Q4_K and Q6_K): the CPU's q8 activations are the difference.
-      EXPECT_LE(RelMaxError(got, cpu), 5e-2) << "layer " << layer << " rows " << n;
-      EXPECT_LE(RelMaxError(got, ref), 1e-4) << "layer " << layer << " rows " << n;
+      for (ExpertBackend* backend : {invariant.get(), tiled.get()}) {
+        std::vector<float> got(cpu.size());
+        const absl::Status s = backend->Compute(routes, got.data());
+        ASSERT_TRUE(s.ok()) << s;
+        const std::string what = absl::StrCat("layer ", layer, " rows ", n,
+                                              backend == tiled.get() ? " tiled" : " invariant");
+        // Q4_K_M experts (Q4_K and Q6_K): the CPU's q8 activations are the difference.
+        EXPECT_LE(RelMaxError(got, cpu), 5e-2) << what;
+        EXPECT_LE(RelMaxError(got, ref), 1e-4) << what;
+      }
+    }
+  }
+}
+
+// With batch_invariant (the default) a row's result is the same bits whether it is computed
+// alone or with 20 others.
+TYPED_TEST(MoeFfnCudaTest, RowsAreBatchInvariant) {
+  std::unique_ptr<ExpertBackend> backend = this->Backend();
+  ASSERT_NE(backend, nullptr);
+  const int64_t n = 21, d = this->model_->config().n_embd;
+  this->MakeRoutes(n, 2, 9);
+  for (int64_t r = 0; r < n; ++r) this->expert_[static_cast<size_t>(2 * r)] = 0;  // 21 rows
+  std::vector<float> batch(this->x_.size());
+  ASSERT_TRUE(backend->Compute(this->Routes(3, n, 2), batch.data()).ok());
+  std::vector<float> alone(static_cast<size_t>(d));
+  for (int64_t r = 0; r < n; ++r) {
+    ExpertRoutes one = this->Routes(3, 1, 2);
+    one.x = this->x_.data() + r * d;
+    one.expert = this->expert_.data() + 2 * r;
+    one.weight = this->weight_.data() + 2 * r;
+    ASSERT_TRUE(backend->Compute(one, alone.data()).ok());
+    for (int64_t i = 0; i < d; ++i) {
+      ASSERT_EQ(Fp32ToBits(alone[static_cast<size_t>(i)]),
+                Fp32ToBits(batch[static_cast<size_t>(r * d + i)]))
+          << "row " << r << " element " << i;
     }
   }
 }
