@@ -25,6 +25,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.cuh"
 #include "engine/cuda/cuda_ops.h"
+#include "engine/cuda/expert_dispatch.h"
 #include "engine/cuda/expert_kernels.cuh"
 #include "engine/cuda/expert_kernels.h"
 #include "engine/cuda/expert_math.h"
@@ -35,8 +36,11 @@ namespace {
 
 using cuda::CombineSlotsKernel;
 using cuda::DeviceBuffer;
+using cuda::DeviceDispatch;
+using cuda::ExpertGroup;
 using cuda::GatherRowsKernel;
 using cuda::MatrixRef;
+using cuda::PlanExpertDispatch;
 using cuda::Ptr;
 using cuda::ScaleToSlotsKernel;
 
@@ -58,14 +62,13 @@ struct DeviceState {
   int ordinal = 0;
   cudaStream_t stream = nullptr;
   DeviceBuffer weights;
-  DeviceBuffer x;                   // [max_rows x n_embd]
-  DeviceBuffer xg;                  // [slots x n_embd] one expert's gathered rows
-  DeviceBuffer h, h2;               // [slots x n_ff]
-  DeviceBuffer y;                   // [slots x n_embd]
-  DeviceBuffer prod;                // [slots x n_embd] weighted products by (row, rank)
-  DeviceBuffer out;                 // [max_rows x n_embd]
-  DeviceBuffer index;               // [3 x slots] gather rows, destination slots, weights
-  std::vector<int32_t> host_index;  // the same on the host (the copy's source)
+  DeviceBuffer x;      // [max_rows x n_embd]
+  DeviceBuffer xg;     // [slots x n_embd] one expert's gathered rows
+  DeviceBuffer h, h2;  // [slots x n_ff]
+  DeviceBuffer y;      // [slots x n_embd]
+  DeviceBuffer prod;   // [slots x n_embd] weighted products by (row, rank)
+  DeviceBuffer out;    // [max_rows x n_embd]
+  DeviceBuffer index;  // [3 x slots] gather rows, destination slots, weights
   ~DeviceState() {
     if (stream != nullptr) {
       cudaSetDevice(ordinal);
@@ -94,10 +97,8 @@ class CudaExpertBackend : public ExpertBackend {
   std::vector<std::unique_ptr<DeviceState>> devices_;
   std::vector<std::vector<PlacedExpert>> experts_;  // [layer][expert]
   // Per-call host scratch.
-  std::vector<int32_t> rows_;
-  std::vector<int32_t> slot_of_row_;
-  std::vector<float> weight_of_row_;
-  std::vector<int32_t> rank_;
+  std::vector<int> device_of_;
+  std::vector<cuda::DeviceDispatch> dispatch_;  // [device]
   std::vector<float> host_slots_;
 };
 
@@ -141,6 +142,7 @@ absl::Status CudaExpertBackend::AddDevice(int ordinal, uint64_t weight_bytes, in
   MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * options_.max_rows * d, &state->out));
   MOEPOOL_RETURN_IF_NOT_OK(cuda::AllocateInto(f * 3 * slots_, &state->index));
   devices_.push_back(std::move(state));
+  dispatch_.resize(devices_.size());
   return absl::OkStatus();
 }
 
@@ -294,53 +296,14 @@ absl::Status CudaExpertBackend::ComputeChunk(const ExpertRoutes& routes, int64_t
   const std::vector<PlacedExpert>& held = experts_[static_cast<size_t>(routes.layer)];
   const int32_t* ex = routes.expert + r0 * k;
   const float* wt = routes.weight + r0 * k;
-  // Rank of each pair within its row in ascending (expert id, position): its slot r * k + rank.
-  rank_.assign(static_cast<size_t>(n * k), -1);
-  for (int64_t r = 0; r < n; ++r) {
-    for (int j = 0; j < k; ++j) {
-      const int32_t e = ex[r * k + j];
-      if (e < 0) continue;
-      int rank = 0;
-      for (int i = 0; i < k; ++i) {
-        const int32_t o = ex[r * k + i];
-        if (o >= 0 && (o < e || (o == e && i < j))) ++rank;
-      }
-      rank_[static_cast<size_t>(r * k + j)] = static_cast<int32_t>(r * k + rank);
-    }
-  }
+  device_of_.assign(held.size(), -1);
+  for (size_t e = 0; e < held.size(); ++e) device_of_[e] = held[e].device;
+  PlanExpertDispatch(ex, wt, n, k, device_of_, &dispatch_);
   std::vector<bool> used(devices_.size(), false);
   for (size_t di = 0; di < devices_.size(); ++di) {
-    // Routing of this device's experts, grouped by expert: gather rows, slots, weights.
-    rows_.clear();
-    slot_of_row_.clear();
-    weight_of_row_.clear();
-    struct Group {
-      const PlacedExpert* expert;
-      int64_t begin, count;
-    };
-    std::vector<Group> groups;
-    for (size_t e = 0; e < held.size(); ++e) {
-      if (held[e].device != static_cast<int>(di)) continue;
-      const int64_t begin = static_cast<int64_t>(rows_.size());
-      for (int64_t r = 0; r < n; ++r) {
-        for (int j = 0; j < k; ++j) {
-          if (ex[r * k + j] != static_cast<int32_t>(e)) continue;
-          rows_.push_back(static_cast<int32_t>(r));
-          slot_of_row_.push_back(rank_[static_cast<size_t>(r * k + j)]);
-          weight_of_row_.push_back(wt[r * k + j]);
-        }
-      }
-      const int64_t end = static_cast<int64_t>(rows_.size());
-      if (end > begin) groups.push_back({&held[e], begin, end - begin});
-    }
-    if (groups.empty()) continue;
-    // Packed for one upload: rows [m], slots [m], weights [m] (4 bytes each).
-    const size_t m = rows_.size();
-    std::vector<int32_t>& packed = devices_[di]->host_index;
-    packed.resize(3 * m);
-    std::copy(rows_.begin(), rows_.end(), packed.begin());
-    std::copy(slot_of_row_.begin(), slot_of_row_.end(), packed.begin() + m);
-    std::memcpy(packed.data() + 2 * m, weight_of_row_.data(), m * sizeof(float));
+    const DeviceDispatch& plan = dispatch_[di];
+    if (plan.groups.empty()) continue;
+    const int64_t m = plan.m();
     used[di] = true;
     DeviceState& dev = *devices_[di];
     const cudaStream_t s = dev.stream;
@@ -348,28 +311,29 @@ absl::Status CudaExpertBackend::ComputeChunk(const ExpertRoutes& routes, int64_t
     const size_t f = sizeof(float);
     MOEPOOL_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(dev.x.data(), routes.x + r0 * d, f * n * d, cudaMemcpyHostToDevice, s));
-    MOEPOOL_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(dev.index.data(), packed.data(), f * 3 * m, cudaMemcpyHostToDevice, s));
+    MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev.index.data(), plan.packed.data(), f * 3 * m,
+                                                 cudaMemcpyHostToDevice, s));
     MOEPOOL_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dev.prod.data(), 0, f * n * k * d, s));
     const int32_t* d_rows = Ptr<int32_t>(dev.index);
     const int32_t* d_slots = d_rows + m;
     const float* d_weights = reinterpret_cast<const float*>(d_slots + m);
-    for (const Group& g : groups) {
+    for (const ExpertGroup& g : plan.groups) {
+      const PlacedExpert& expert = held[static_cast<size_t>(g.expert)];
       const unsigned count = static_cast<unsigned>(g.count);
       GatherRowsKernel<<<count, 256, 0, s>>>(Ptr<float>(dev.x), d_rows + g.begin, d,
                                              Ptr<float>(dev.xg));
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchStatus("GatherRowsKernel"));
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchExpertGateUp(
-          g.expert->gate, g.expert->up, Ptr<float>(dev.xg), g.count, Ptr<float>(dev.h),
+          expert.gate, expert.up, Ptr<float>(dev.xg), g.count, Ptr<float>(dev.h),
           Ptr<float>(dev.h2), options_.batch_invariant, s));
-      const MatrixRef& down = g.expert->down;
+      const MatrixRef& down = expert.down;
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchMatMulRows(
           down, Ptr<float>(dev.h), g.count, Ptr<float>(dev.y), options_.batch_invariant, s));
       ScaleToSlotsKernel<<<count, 256, 0, s>>>(Ptr<float>(dev.y), d_slots + g.begin,
                                                d_weights + g.begin, d, Ptr<float>(dev.prod));
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchStatus("ScaleToSlotsKernel"));
     }
-    // dev.host_index stays untouched until this device's stream is synchronized below.
+    // dispatch_ (the copy's source) stays untouched until this device's stream is synchronized.
   }
   const int n_used = static_cast<int>(std::count(used.begin(), used.end(), true));
   if (n_used == 0) {
