@@ -409,6 +409,9 @@ absl::StatusOr<std::unique_ptr<ExpertBackend>> CreateCudaExpertBackend(
 
 absl::StatusOr<std::unique_ptr<ExpertBackend>> CreateCudaExpertBackendOnDeviceExperts(
     const DeviceResidentExperts& experts, const CudaExpertOptions& options) {
+  if (experts.n_embd <= 0 || experts.layers.empty()) {
+    return absl::InvalidArgumentError("no experts or no row width given");
+  }
   if (options.max_rows < 1) {
     return absl::InvalidArgumentError(absl::StrCat("max_rows ", options.max_rows, " < 1"));
   }
