@@ -53,6 +53,10 @@ struct CudaExpertOptions {
   bool show_progress = true;              // upload progress bar on stderr
   int64_t max_rows = 512;                 // rows per Compute call the device buffers are sized for
   uint64_t reserve_bytes = 256ull << 20;  // left free on each device for buffers and the driver
+  // Each row's result independent of the other rows of a Compute call (mat-vec kernels in
+  // groups of 8 rows, like the CPU engine's batch invariance). false: experts with many rows use
+  // the tiled mat-mul (faster prompts; a row's bits then depend on its expert's row count).
+  bool batch_invariant = true;
 };
 
 // Uploads every expert bound in `model` (once, by expert) to the devices and returns a backend

@@ -37,10 +37,4 @@ absl::StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices() {
   return devices;
 }
 
-// Placeholder until the CUDA expert backend lands (engine/cuda/moe_ffn_cuda.cu replaces it).
-absl::StatusOr<std::unique_ptr<ExpertBackend>> CreateCudaExpertBackend(const Model*,
-                                                                       const CudaExpertOptions&) {
-  return absl::UnimplementedError("the CUDA expert backend is not built yet");
-}
-
 }  // namespace moepool

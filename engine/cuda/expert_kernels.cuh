@@ -1,0 +1,237 @@
+// The kernels behind expert_kernels.h and the CUDA expert backend, in a header so that the host
+// compiler can also run them under tests/engine/cuda/cuda_emulation.h (indexing and reduction
+// checks on machines without a GPU). Included by the engine's .cu files; their launchers live
+// there (ffn_kernels.cu, norm_rope.cu, attention_cuda.cu, moe_ffn_cuda.cu).
+//
+// Kernel by kernel:
+//   GateUpKernel<M, R>    silu(gate x) * up x, one warp per feature, R (1 or 8) activation rows,
+//                         both matrices read in one pass (block_math.h parts, coalesced)
+//   SiluMulKernel         h = silu(h) * u element-wise (the unfused path)
+//   RmsNormKernel         one block per row, f64 sum of squares
+//   RopeKernel            one thread per (head, pair)
+//   RouteKernel           one thread per row (RouteRow)
+//   AttentionDecodeKernel one block per query head over a paged f16 cache
+//   GatherRowsKernel, ScaleToSlotsKernel, CombineSlotsKernel: the expert backend's dispatch and
+//                         combine (products rounded to f32, added from 0 in slot order)
+#ifndef MOEPOOL_ENGINE_CUDA_EXPERT_KERNELS_CUH_
+#define MOEPOOL_ENGINE_CUDA_EXPERT_KERNELS_CUH_
+
+#include <cmath>
+#include <cstdint>
+
+#include "engine/cuda/block_math.h"
+#include "engine/cuda/expert_kernels.h"
+#include "engine/cuda/expert_math.h"
+
+// Device-only helpers (plain inline functions under the host emulation).
+#ifdef __CUDACC__
+#define MOEPOOL_DEVICE __device__ __forceinline__
+#else
+#define MOEPOOL_DEVICE inline
+#endif
+
+namespace moepool::cuda {
+// Internal linkage: each .cu file that includes this header gets its own copy of the kernels
+// it launches (the non-template kernels would otherwise be defined in several objects).
+namespace {
+
+inline constexpr int kGateUpWarpsPerCta = 4;
+inline constexpr int kFusedTileRows = 8;      // activation rows per warp in the fused kernel
+inline constexpr int64_t kFusedMaxRows = 16;  // above this, two tiled mat-muls are faster
+
+// kRows activation rows per warp: 1 for decode (fewer registers, more warps in flight), else
+// kFusedTileRows.
+template <class M, int kRows>
+__global__ void __launch_bounds__(32 * kGateUpWarpsPerCta)
+    GateUpKernel(const uint8_t* __restrict__ gate, const uint8_t* __restrict__ up, int64_t n_ff,
+                 int64_t blocks_per_row, const float* __restrict__ x, int64_t n_embd, int64_t m,
+                 float* __restrict__ h) {
+  static_assert(32 % M::kParts == 0, "a warp covers whole blocks");
+  constexpr int kBlocksPerStep = 32 / M::kParts;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kGateUpWarpsPerCta + threadIdx.x / 32;
+  if (row >= n_ff) return;  // whole warps leave together
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kRows;
+  const int nx = static_cast<int>(m - t0 < kRows ? m - t0 : kRows);
+  const int part = lane % M::kParts;
+  const size_t row_bytes = static_cast<size_t>(blocks_per_row) * M::kBlockBytes;
+  const uint8_t* grow = gate + row * row_bytes;
+  const uint8_t* urow = up + row * row_bytes;
+  const float* xt = x + t0 * n_embd;
+  float ag[kRows];
+  float au[kRows];
+  MOEPOOL_PRAGMA(unroll)
+  for (int t = 0; t < kRows; ++t) ag[t] = au[t] = 0.0f;
+  for (int64_t b = lane / M::kParts; b < blocks_per_row; b += kBlocksPerStep) {
+    float g[M::kPartElems];
+    float u[M::kPartElems];
+    M::DequantPart(grow + b * M::kBlockBytes, part, g);
+    M::DequantPart(urow + b * M::kBlockBytes, part, u);
+    const float* xb = xt + b * M::kBlockElems;
+    MOEPOOL_PRAGMA(unroll)
+    for (int t = 0; t < kRows; ++t) {
+      if (t < nx) {
+        MOEPOOL_PRAGMA(unroll)
+        for (int i = 0; i < M::kPartElems; ++i) {
+          const float xv = __ldg(xb + t * n_embd + M::Element(part, i));
+          ag[t] = fmaf(g[i], xv, ag[t]);
+          au[t] = fmaf(u[i], xv, au[t]);
+        }
+      }
+    }
+  }
+  MOEPOOL_PRAGMA(unroll)
+  for (int t = 0; t < kRows; ++t) {
+    if (t < nx) {
+      float sg = ag[t];
+      float su = au[t];
+      MOEPOOL_PRAGMA(unroll)
+      for (int offset = 16; offset > 0; offset /= 2) {
+        sg += __shfl_xor_sync(0xffffffffu, sg, offset);
+        su += __shfl_xor_sync(0xffffffffu, su, offset);
+      }
+      if (lane == 0) h[(t0 + t) * n_ff + row] = SiluMul(sg, su);
+    }
+  }
+}
+
+__global__ void SiluMulKernel(float* __restrict__ h, const float* __restrict__ u, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) h[i] = SiluMul(h[i], u[i]);
+}
+
+inline constexpr int kNormThreads = 256;
+
+// One block per row. The sum of squares is accumulated in f64 like the CPU RmsNorm, so the
+// scale almost always rounds to the same f32 (only the summation order differs).
+__global__ void RmsNormKernel(const float* __restrict__ x, const float* __restrict__ w, int64_t d,
+                              float eps, float* __restrict__ y) {
+  __shared__ double partial[kNormThreads];
+  const float* xr = x + static_cast<int64_t>(blockIdx.x) * d;
+  float* yr = y + static_cast<int64_t>(blockIdx.x) * d;
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < d; i += kNormThreads) {
+    sum += static_cast<double>(xr[i]) * xr[i];
+  }
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int step = kNormThreads / 2; step > 0; step /= 2) {
+    if (static_cast<int>(threadIdx.x) < step) partial[threadIdx.x] += partial[threadIdx.x + step];
+    __syncthreads();
+  }
+  const float mean = static_cast<float>(partial[0] / static_cast<double>(d));
+  const float scale = 1.0f / sqrtf(mean + eps);
+  for (int64_t i = threadIdx.x; i < d; i += kNormThreads) yr[i] = MulRn(xr[i], scale) * w[i];
+}
+
+// One thread per (head, pair).
+__global__ void RopeKernel(float* x, int64_t n_heads, int64_t head_dim, int64_t n_pairs,
+                           int64_t pos, float theta_scale) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= n_heads * n_pairs) return;
+  const int64_t h = t / n_pairs;
+  const int64_t p = t % n_pairs;
+  float* v = x + h * head_dim + 2 * p;
+  RopeRotate(RopeTheta(pos, theta_scale, p), &v[0], &v[1]);
+}
+
+// One thread per row (n_expert is small: 8 for Mixtral).
+__global__ void RouteKernel(const float* __restrict__ logits, int64_t n_rows, int n_expert, int k,
+                            int32_t* __restrict__ expert, float* __restrict__ weight) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= n_rows) return;
+  RouteRow(logits + r * n_expert, n_expert, k, expert + r * k, weight + r * k);
+}
+
+inline constexpr int kAttnThreads = 128;
+inline constexpr int kMaxHeadDim = 512;
+
+MOEPOOL_HD const uint16_t* KvRow(const uint16_t* base, const KvDeviceView& kv, int64_t p) {
+  return base + static_cast<size_t>(kv.blocks[p / kv.block_size]) * kv.block_stride +
+         static_cast<size_t>(p % kv.block_size) * kv.stride;
+}
+
+template <bool kMax>
+MOEPOOL_DEVICE float BlockReduce(float v, float* shared) {
+  for (int off = 16; off > 0; off /= 2) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = kMax ? fmaxf(v, o) : v + o;
+  }
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  if ((threadIdx.x & 31) == 0) shared[warp] = v;
+  __syncthreads();
+  float r = shared[0];
+  for (int i = 1; i < kAttnThreads / 32; ++i) r = kMax ? fmaxf(r, shared[i]) : r + shared[i];
+  __syncthreads();
+  return r;
+}
+
+__global__ void AttentionDecodeKernel(const float* __restrict__ q, int64_t group, int64_t hd,
+                                      KvDeviceView kv, float scale, float* __restrict__ out,
+                                      float* __restrict__ scratch) {
+  __shared__ float qs[kMaxHeadDim];
+  __shared__ float red[kAttnThreads / 32];
+  const int64_t h = blockIdx.x;
+  const int64_t kv_off = (h / group) * hd;
+  for (int64_t i = threadIdx.x; i < hd; i += kAttnThreads) qs[i] = q[h * hd + i];
+  __syncthreads();
+  float* score = scratch + h * kv.n_kv;
+  float mx = -INFINITY;
+  for (int64_t p = threadIdx.x; p < kv.n_kv; p += kAttnThreads) {
+    const uint16_t* k = KvRow(kv.k, kv, p) + kv_off;
+    float dot = 0.0f;
+    for (int64_t i = 0; i < hd; ++i) dot += qs[i] * HalfToFloat(k[i]);
+    score[p] = dot * scale;
+    mx = fmaxf(mx, score[p]);
+  }
+  mx = BlockReduce<true>(mx, red);
+  float sum = 0.0f;
+  for (int64_t p = threadIdx.x; p < kv.n_kv; p += kAttnThreads) {
+    score[p] = expf(score[p] - mx);
+    sum += score[p];
+  }
+  sum = BlockReduce<false>(sum, red);  // also orders the score writes before the reads below
+  const float inv = 1.0f / sum;
+  for (int64_t i = threadIdx.x; i < hd; i += kAttnThreads) {
+    float o = 0.0f;
+    for (int64_t p = 0; p < kv.n_kv; ++p) {
+      o += score[p] * inv * HalfToFloat(KvRow(kv.v, kv, p)[kv_off + i]);
+    }
+    out[h * hd + i] = o;
+  }
+}
+
+__global__ void GatherRowsKernel(const float* __restrict__ x, const int32_t* __restrict__ rows,
+                                 int64_t d, float* __restrict__ xg) {
+  const int64_t i = blockIdx.x;
+  const float* src = x + static_cast<int64_t>(rows[i]) * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) xg[i * d + c] = src[c];
+}
+
+// slots[slot[i]] = weight[i] * y[i], the product rounded to f32 on its own (never fused).
+__global__ void ScaleToSlotsKernel(const float* __restrict__ y, const int32_t* __restrict__ slot,
+                                   const float* __restrict__ weight, int64_t d,
+                                   float* __restrict__ slots) {
+  const int64_t i = blockIdx.x;
+  const float w = weight[i];
+  float* dst = slots + static_cast<int64_t>(slot[i]) * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dst[c] = MulRn(w, y[i * d + c]);
+}
+
+// out[r] = ((0 + slot[r][0]) + slot[r][1]) + ... ; unused slots hold +0.0f, which leaves a sum
+// that started at +0.0f unchanged.
+__global__ void CombineSlotsKernel(const float* __restrict__ slots, int64_t n, int k, int64_t d,
+                                   float* __restrict__ out) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= n * d) return;
+  const int64_t r = t / d;
+  const int64_t c = t % d;
+  float sum = 0.0f;
+  for (int j = 0; j < k; ++j) sum = AddRn(sum, slots[(r * k + j) * d + c]);
+  out[t] = sum;
+}
+
+}  // namespace
+}  // namespace moepool::cuda
+
+#endif  // MOEPOOL_ENGINE_CUDA_EXPERT_KERNELS_CUH_

@@ -1,0 +1,109 @@
+// Host API of the CUDA kernels behind the expert backend and the device forward pass: the SwiGLU
+// expert FFN (gate and up projections fused into one pass over x), a quantized mat-vec/mat-mat
+// for the down projection, RMSNorm, RoPE, the softmax + top-k router and decode attention over
+// an f16 KV cache. Plain C++ (no CUDA headers).
+//
+// Launch* functions take device pointers and a stream (a cudaStream_t passed as void*; nullptr
+// is the default stream), return after queueing the work (errors of the launch itself as
+// INTERNAL; INVALID_ARGUMENT / UNIMPLEMENTED for shapes or types they do not handle) and never
+// synchronize. Run*OnDevice functions take host pointers: they copy in, run on `device`,
+// synchronize and copy out (for tests and benchmarks). In a build without CUDA every function
+// returns FAILED_PRECONDITION.
+//
+// The scalar host references beside them (Ref*, engine/cuda/kernel_refs.cc, built everywhere)
+// compute the same expressions in f32 on the CPU (weights through block_math.h); the kernels
+// agree with them within rounding (summation order, device exp/sin/cos), not bit for bit.
+#ifndef MOEPOOL_ENGINE_CUDA_EXPERT_KERNELS_H_
+#define MOEPOOL_ENGINE_CUDA_EXPERT_KERNELS_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "engine/quant/types.h"
+
+namespace moepool::cuda {
+
+// A weight matrix in device (or, for the references, host) memory: `rows` rows of `cols`
+// elements of `type`, row r at data + r * row_bytes.
+struct MatrixRef {
+  TensorType type = TensorType::kF32;
+  const void* data = nullptr;
+  size_t row_bytes = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// h [m x gate.rows] = silu(x gate^T) * (x up^T) for x [m x gate.cols] (dense rows). Gate and
+// up of one type: one fused pass over x reading both matrices, for up to 16 rows or any number
+// when batch_invariant. Otherwise LaunchMatMulRows for each and a SiLU kernel, with h2
+// [m x gate.rows] as scratch (h2 may be nullptr only in the fused case).
+// batch_invariant: each row's result is the same bits whatever the other rows of the launch
+// (only mat-vec style kernels; weights are re-read once per 8 rows). Otherwise many rows take
+// the tiled mat-mul (faster for prompts; a row's bits then depend on the batch size).
+absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, const float* x,
+                                int64_t m, float* h, float* h2, bool batch_invariant, void* stream);
+// y [m x w.rows] = x [m x w.cols] w^T through QuantMatMul (cuda_ops.h); batch_invariant: in
+// groups of at most 8 rows (the mat-vec kernel), as above.
+absl::Status LaunchMatMulRows(const MatrixRef& w, const float* x, int64_t m, float* y,
+                              bool batch_invariant, void* stream);
+
+// y [n x d] = x * rsqrt(mean(x^2) + eps) * w, per row.
+absl::Status LaunchRmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps,
+                           float* y, void* stream);
+// Rotates the first n_rot elements of each of the n_heads heads of x [n_heads x head_dim] in
+// place for position pos (llama pair convention, as ApplyRope).
+absl::Status LaunchRope(float* x, int64_t n_heads, int64_t head_dim, int64_t n_rot, int64_t pos,
+                        float base, void* stream);
+// RouteTopK on the device: logits [n_rows x n_expert] -> expert, weight [n_rows x k];
+// n_expert <= 64.
+absl::Status LaunchRouteTopK(const float* logits, int64_t n_rows, int n_expert, int k,
+                             int32_t* expert, float* weight, void* stream);
+
+// One layer's f16 KV cache for decode attention, paged like KvHeadView: position p of KV head
+// h has its K row (head_dim halves) at k + blocks[p / block_size] * block_stride +
+// (p % block_size) * stride + h * head_dim, likewise V.
+struct KvDeviceView {
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  const int32_t* blocks = nullptr;
+  int64_t block_size = 0;
+  size_t block_stride = 0;
+  size_t stride = 0;
+  int64_t n_kv = 0;
+};
+// out [n_head x head_dim] = softmax(q K^T * scale) V for one token's q [n_head x head_dim];
+// query head h reads KV head h / (n_head / n_head_kv). scratch: n_head * n_kv floats.
+absl::Status LaunchAttentionDecode(const float* q, int64_t n_head, int64_t n_head_kv,
+                                   int64_t head_dim, const KvDeviceView& kv, float scale,
+                                   float* out, float* scratch, void* stream);
+
+// ---- Host-pointer forms (copy in, run, synchronize, copy out). `w.data` is a host pointer.
+absl::Status RunExpertFfnOnDevice(int device, const MatrixRef& gate, const MatrixRef& up,
+                                  const MatrixRef& down, const float* x, int64_t m, float* out);
+absl::Status RunRmsNormOnDevice(int device, const float* x, const float* w, int64_t n, int64_t d,
+                                float eps, float* y);
+absl::Status RunRopeOnDevice(int device, float* x, int64_t n_heads, int64_t head_dim, int64_t n_rot,
+                             int64_t pos, float base);
+absl::Status RunRouteTopKOnDevice(int device, const float* logits, int64_t n_rows, int n_expert,
+                                  int k, int32_t* expert, float* weight);
+// kv.k / kv.v / kv.blocks are host pointers; the cache spans n_phys_blocks physical blocks.
+absl::Status RunAttentionDecodeOnDevice(int device, const float* q, int64_t n_head,
+                                        int64_t n_head_kv, int64_t head_dim, const KvDeviceView& kv,
+                                        int64_t n_phys_blocks, float scale, float* out);
+
+// ---- Scalar host references (every build).
+// out [m x down.rows] = down(silu(gate x) * up x) with QuantMatMulReference (block_math.h).
+// UNIMPLEMENTED for a type without block maths.
+absl::Status RefExpertFfn(const MatrixRef& gate, const MatrixRef& up, const MatrixRef& down,
+                          const float* x, int64_t m, float* out);
+void RefRmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* y);
+void RefRope(float* x, int64_t n_heads, int64_t head_dim, int64_t n_rot, int64_t pos, float base);
+void RefRouteTopK(const float* logits, int64_t n_rows, int n_expert, int k, int32_t* expert,
+                  float* weight);
+void RefAttentionDecode(const float* q, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                        const KvDeviceView& kv, float scale, float* out);
+
+}  // namespace moepool::cuda
+
+#endif  // MOEPOOL_ENGINE_CUDA_EXPERT_KERNELS_H_

@@ -1,0 +1,79 @@
+// Per-element maths of the CUDA expert, norm, rope and router kernels, shared by the device
+// kernels and their scalar host references (and tested on the CPU in every build). The weight
+// block maths lives in block_math.h (whose MOEPOOL_HD marks these functions too).
+//
+// Plain header: compiles as C++ (host only) and as CUDA (__host__ __device__).
+// Everything here is a pure function of its arguments (thread-safe).
+#ifndef MOEPOOL_ENGINE_CUDA_EXPERT_MATH_H_
+#define MOEPOOL_ENGINE_CUDA_EXPERT_MATH_H_
+
+#include <cmath>
+#include <cstdint>
+
+#include "engine/cuda/block_math.h"
+
+namespace moepool::cuda {
+
+inline constexpr int kMaxRouted = 64;  // the router kernel handles up to this many experts
+
+// SiLU(g) * u, the SwiGLU gate (as ExpertFfnCpu writes it).
+MOEPOOL_HD float SiluMul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// RoPE angle of pair `pair` (elements 2 pair, 2 pair + 1) at position `pos`: theta starts at
+// pos and is multiplied by theta_scale = base^(-2 / n_rot) once per pair, in the same order as
+// ApplyRope, so host and device see the same angle.
+MOEPOOL_HD float RopeTheta(int64_t pos, float theta_scale, int64_t pair) {
+  float theta = static_cast<float>(pos);
+  for (int64_t i = 0; i < pair; ++i) theta *= theta_scale;
+  return theta;
+}
+
+// Rotates (a, b) by theta (llama / GGUF convention: adjacent pairs).
+MOEPOOL_HD void RopeRotate(float theta, float* a, float* b) {
+  const float c = cosf(theta);
+  const float s = sinf(theta);
+  const float x = *a;
+  const float y = *b;
+  *a = SubRn(MulRn(x, c), MulRn(y, s));
+  *b = AddRn(MulRn(x, s), MulRn(y, c));
+}
+
+// Mixtral routing of one row (RouteTopK's algorithm and evaluation order): softmax over
+// n_expert <= kMaxRouted logits (f32 exp, f64 sum), the k largest (ties: lower id), renormalised,
+// in ascending expert id.
+MOEPOOL_HD void RouteRow(const float* logits, int n_expert, int k, int32_t* expert, float* weight) {
+  float prob[kMaxRouted];
+  bool taken[kMaxRouted];
+  float mx = logits[0];
+  for (int e = 1; e < n_expert; ++e) mx = logits[e] > mx ? logits[e] : mx;
+  double sum = 0.0;
+  for (int e = 0; e < n_expert; ++e) {
+    prob[e] = expf(logits[e] - mx);
+    sum += prob[e];
+    taken[e] = false;
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int e = 0; e < n_expert; ++e) prob[e] *= inv;
+  for (int j = 0; j < k; ++j) {
+    int best = -1;
+    for (int e = 0; e < n_expert; ++e) {
+      if (!taken[e] && (best < 0 || prob[e] > prob[best])) best = e;
+    }
+    taken[best] = true;
+  }
+  float wsum = 0.0f;
+  for (int e = 0; e < n_expert; ++e) {
+    if (taken[e]) wsum += prob[e];
+  }
+  int j = 0;
+  for (int e = 0; e < n_expert; ++e) {
+    if (!taken[e]) continue;
+    expert[j] = e;
+    weight[j] = prob[e] / wsum;
+    ++j;
+  }
+}
+
+}  // namespace moepool::cuda
+
+#endif  // MOEPOOL_ENGINE_CUDA_EXPERT_MATH_H_

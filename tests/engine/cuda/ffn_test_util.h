@@ -1,0 +1,24 @@
+// Shared pieces of the CUDA expert/FFN suites: the GPU-required switch and a small synthesized
+// model that needs no files outside the source tree (also linked into moepool_gpu_tests).
+#ifndef MOEPOOL_TESTS_ENGINE_CUDA_FFN_TEST_UTIL_H_
+#define MOEPOOL_TESTS_ENGINE_CUDA_FFN_TEST_UTIL_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace moepool::cuda {
+
+// True when MOEPOOL_REQUIRE_GPU=1: a missing CUDA device fails the CUDA instantiations instead
+// of skipping them.
+bool GpuRequired();
+
+// Path of a synthesized model of `shape` ("tiny") and `type` written on first use into the test
+// temp dir (per process). The vocabulary comes from deploy/vocab in the working directory or the
+// source tree, else from <shared testdata>/vocab/mistral-vocab.gguf.
+absl::StatusOr<std::string> SynthModelForCudaTests(const std::string& shape,
+                                                   const std::string& type);
+
+}  // namespace moepool::cuda
+
+#endif  // MOEPOOL_TESTS_ENGINE_CUDA_FFN_TEST_UTIL_H_
