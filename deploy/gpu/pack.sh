@@ -2,6 +2,7 @@
 # Builds the self-contained GPU test bundle into ./gpu-pack (gitignored):
 #   gpu-pack/moepool_gpu_tests   CUDA suites + benchmark (Abseil, GoogleTest, cudart, libstdc++
 #                                and libgcc linked statically)
+#   gpu-pack/moepool_expert_bench  the CUDA expert backend benchmark (bench/expert_bench.h)
 #   gpu-pack/lib/                any shared library it still needs besides glibc and the driver
 #   gpu-pack/testdata/           the reference files its suites read
 #   gpu-pack/run_gpu_checks.sh   what to run on the GPU machine (writes everything to $OUT)
@@ -18,12 +19,16 @@ if command -v ccache >/dev/null; then
 fi
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEPOOL_WERROR=ON -DMOEPOOL_CUDA=ON \
   -DMOEPOOL_GPU_STATIC=ON -DMOEPOOL_BUILD_BENCHMARKS=OFF "${launcher[@]}" >/dev/null
-ninja -C "$build" -j"${JOBS:-$(nproc)}" moepool_gpu_tests
+ninja -C "$build" -j"${JOBS:-$(nproc)}" moepool_gpu_tests moepool_expert_bench
 
 rm -rf "$pack"
-mkdir -p "$pack/lib" "$pack/testdata/conformance"
-cp "$build/deploy/gpu/moepool_gpu_tests" "$pack/"
-strip "$pack/moepool_gpu_tests"
+mkdir -p "$pack/lib" "$pack/testdata/conformance" "$pack/testdata/vocab" "$pack/deploy/vocab"
+cp "$build/deploy/gpu/moepool_gpu_tests" "$build/bench/moepool_expert_bench" "$pack/"
+strip "$pack/moepool_gpu_tests" "$pack/moepool_expert_bench"
+# The vocabulary the synthesized test and benchmark models use (found as testdata/vocab by the
+# suites and as deploy/vocab under the working directory by the benchmark).
+cp deploy/vocab/mistral-vocab.gguf "$pack/testdata/vocab/"
+cp deploy/vocab/mistral-vocab.gguf "$pack/deploy/vocab/"
 cp deploy/gpu/run_gpu_checks.sh "$pack/"
 testdata=${MOEPOOL_TESTDATA:-$root/../shared/testdata}
 [ -d "$testdata" ] || testdata=/work/shared/testdata
