@@ -55,7 +55,14 @@ WorkerLink::~WorkerLink() {
 }
 
 void WorkerLink::NewChannel() {
-  channel_ = grpc::CreateCustomChannel(config_.address, config_.credentials, config_.channel_args);
+  grpc::ChannelArguments args = config_.channel_args;
+  // One small message each way per layer: HTTP/2 bandwidth-delay probing only adds PING frames
+  // (and wake-ups on both ends) to the exchange.
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  // A large flow-control window: WINDOW_UPDATE frames (each a write and a wake-up of the peer)
+  // become rare instead of following every few messages.
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
+  channel_ = grpc::CreateCustomChannel(config_.address, config_.credentials, args);
   stub_ = moepool::v1::ExpertService::NewStub(channel_);
 }
 
@@ -217,12 +224,16 @@ void WorkerLink::RunInline(LinkJob* job) {
     cancelled_ = false;
   }
   RunJob(job);
+  bool wake;
   {
     std::lock_guard<std::mutex> lock(mu_);
     inline_ = false;
     in_flight_step_ = 0;
+    // The link thread only has work if the job marked the link down (reconnect) or if it is
+    // stopping; waking it after every job would cost a context switch per layer.
+    wake = !up_ || stop_;
   }
-  cv_.notify_all();  // the link thread resumes (and reconnects if the job marked it down)
+  if (wake) cv_.notify_all();
 }
 
 void WorkerLink::RunJob(LinkJob* job) {

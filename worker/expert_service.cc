@@ -272,6 +272,11 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   builder.AddListeningPort(options.listen_address, credentials, &server->port_);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
+  // No HTTP/2 bandwidth-delay probing: it adds PING frames (and wake-ups) to the exchanges.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  // A large flow-control window, so that WINDOW_UPDATE frames (each a write and a wake-up of the
+  // peer) are rare instead of following every few messages.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
   // No default (callback-based) health service: its threads would poll too and take part in
   // every message's wake-ups. This server serves grpc.health.v1 itself, on its own queue.
   builder.SetOption(std::make_unique<grpc::HealthCheckServiceServerBuilderOption>(nullptr));
