@@ -55,7 +55,14 @@ WorkerLink::~WorkerLink() {
 }
 
 void WorkerLink::NewChannel() {
-  channel_ = grpc::CreateCustomChannel(config_.address, config_.credentials, config_.channel_args);
+  grpc::ChannelArguments args = config_.channel_args;
+  // One small message each way per layer: HTTP/2 bandwidth-delay probing only adds PING frames
+  // (and wake-ups on both ends) to the exchange.
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  // A large flow-control window: WINDOW_UPDATE frames (each a write and a wake-up of the peer)
+  // become rare instead of following every few messages.
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
+  channel_ = grpc::CreateCustomChannel(config_.address, config_.credentials, args);
   stub_ = moepool::v1::ExpertService::NewStub(channel_);
 }
 
@@ -112,6 +119,7 @@ bool WorkerLink::up() const {
 }
 
 void WorkerLink::Post(LinkJob* job, StepLatch* latch) {
+  bool write_here = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (job_ != nullptr || inline_ || !started_) {
@@ -120,10 +128,46 @@ void WorkerLink::Post(LinkJob* job, StepLatch* latch) {
       latch->CountDown();
       return;
     }
-    job_ = job;
-    latch_ = latch;
+    // With the stream open and idle (no job, no RunInline: nobody else touches it) a request
+    // that fits one message is written right here, so it leaves without waiting for the link
+    // thread to wake up; the link thread then only reads the answer.
+    if (up_ && stream_ != nullptr &&
+        RowsPerChunk(config_.max_message_bytes, job->n_embd, job->dtype, job->k) >=
+            static_cast<int64_t>(job->rows->size())) {
+      write_here = true;
+      inline_ = true;  // this thread owns the stream while it writes
+      in_flight_step_ = job->step_id;
+      cancelled_ = false;
+    } else {
+      job_ = job;
+      latch_ = latch;
+    }
   }
-  cv_.notify_all();
+  if (!write_here) {
+    cv_.notify_all();
+    return;
+  }
+  Written written;
+  written.t0 = Clock::now();
+  const absl::Status s = WriteRequest(job, &written.request_bytes);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    inline_ = false;
+    if (s.ok()) {
+      job_ = job;
+      latch_ = latch;
+      written_ = written;
+    } else {
+      in_flight_step_ = 0;
+      ++stats_.failures;
+      stats_.last_error = std::string(s.message());
+    }
+  }
+  cv_.notify_all();  // the link thread reads the answer, or reconnects after a failed write
+  if (!s.ok()) {
+    job->status = s;
+    latch->CountDown();
+  }
 }
 
 void WorkerLink::CancelStep(uint64_t step_id) {
@@ -161,13 +205,17 @@ void WorkerLink::Loop() {
     if (job_ != nullptr) {
       LinkJob* job = job_;
       StepLatch* latch = latch_;
+      const std::optional<Written> written = written_;
+      written_.reset();
       if (!up_) {
         job->status = DownError();
       } else {
-        in_flight_step_ = job->step_id;
-        cancelled_ = false;
+        if (!written) {  // else Post set these before writing
+          in_flight_step_ = job->step_id;
+          cancelled_ = false;
+        }
         lock.unlock();
-        RunJob(job);
+        RunJob(job, written ? &*written : nullptr);
         lock.lock();
       }
       in_flight_step_ = 0;
@@ -216,17 +264,21 @@ void WorkerLink::RunInline(LinkJob* job) {
     in_flight_step_ = job->step_id;
     cancelled_ = false;
   }
-  RunJob(job);
+  RunJob(job, nullptr);
+  bool wake;
   {
     std::lock_guard<std::mutex> lock(mu_);
     inline_ = false;
     in_flight_step_ = 0;
+    // The link thread only has work if the job marked the link down (reconnect) or if it is
+    // stopping; waking it after every job would cost a context switch per layer.
+    wake = !up_ || stop_;
   }
-  cv_.notify_all();  // the link thread resumes (and reconnects if the job marked it down)
+  if (wake) cv_.notify_all();
 }
 
-void WorkerLink::RunJob(LinkJob* job) {
-  const absl::Status s = Exchange(job);
+void WorkerLink::RunJob(LinkJob* job, const Written* written) {
+  const absl::Status s = Exchange(job, written);
   bool close = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -304,21 +356,13 @@ absl::Status WorkerLink::Broken(const LinkJob& job, const std::string& what, boo
   return s;
 }
 
-absl::Status WorkerLink::Exchange(LinkJob* job) {
-  if (stream_ == nullptr) {
-    const absl::Status s = OpenStream();
-    if (!s.ok()) {
-      MarkDown(s);
-      return s;
-    }
-  }
-  const auto t0 = Clock::now();
+absl::Status WorkerLink::WriteRequest(LinkJob* job, uint64_t* request_bytes) {
   const int64_t n = static_cast<int64_t>(job->rows->size());
   const int64_t d = job->n_embd;
   const int k = job->k;
   const int64_t chunk = RowsPerChunk(config_.max_message_bytes, d, job->dtype, k);
-  uint64_t request_bytes = 0;
-  moepool::v1::ForwardRequest req;
+  *request_bytes = 0;
+  moepool::v1::ForwardRequest& req = request_;
   for (int64_t off = 0; off < n; off += chunk) {
     const int64_t m = std::min(chunk, n - off);
     req.Clear();
@@ -337,13 +381,36 @@ absl::Status WorkerLink::Exchange(LinkJob* job) {
     }
     req.mutable_expert()->Add(job->expert->begin() + off * k, job->expert->begin() + (off + m) * k);
     req.mutable_weight()->Add(job->weight->begin() + off * k, job->weight->begin() + (off + m) * k);
-    request_bytes += req.ByteSizeLong();
+    *request_bytes += req.ByteSizeLong();
     if (!stream_->Write(req)) {
       return Broken(*job, absl::StrCat("connection lost while sending layer ", job->layer), false);
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status WorkerLink::Exchange(LinkJob* job, const Written* written) {
+  Written w;
+  if (written != nullptr) {
+    w = *written;
+  } else {
+    if (stream_ == nullptr) {
+      const absl::Status s = OpenStream();
+      if (!s.ok()) {
+        MarkDown(s);
+        return s;
+      }
+    }
+    w.t0 = Clock::now();
+    const absl::Status s = WriteRequest(job, &w.request_bytes);
+    if (!s.ok()) return s;
+  }
+  const auto t0 = w.t0;
+  const uint64_t request_bytes = w.request_bytes;
+  const int64_t n = static_cast<int64_t>(job->rows->size());
+  const int64_t d = job->n_embd;
   RowAssembler rows(n, d);
-  moepool::v1::ForwardResponse resp;
+  moepool::v1::ForwardResponse& resp = response_;
   uint64_t response_bytes = 0;
   uint64_t compute_micros = 0;
   while (!rows.complete()) {

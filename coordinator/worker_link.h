@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -124,7 +125,9 @@ class WorkerLink {
 
   bool up() const;
 
-  // Hands a job to the I/O thread; latch->CountDown() when it is finished (ok or not).
+  // Hands a job to the I/O thread; latch->CountDown() when it is finished (ok or not). A request
+  // that fits one message on an open stream is written by the calling thread before Post
+  // returns (the I/O thread only reads the answer), so it leaves without a thread hand-off.
   void Post(LinkJob* job, StepLatch* latch);
 
   // Runs a job on the calling thread (saving the hand-offs to and from the I/O thread), which
@@ -139,10 +142,19 @@ class WorkerLink {
   void ResetStats();
 
  private:
+  // A request already written by Post on the caller's thread.
+  struct Written {
+    std::chrono::steady_clock::time_point t0;  // when its first byte was handed to gRPC
+    uint64_t request_bytes = 0;
+  };
+
   void Loop();
-  void RunJob(LinkJob* job);
+  void RunJob(LinkJob* job, const Written* written);
   absl::Status DownError() const;  // mu_ held
-  absl::Status Exchange(LinkJob* job);
+  // Writes the job's request (in chunks); on failure the stream is closed and the link down.
+  absl::Status WriteRequest(LinkJob* job, uint64_t* request_bytes);
+  // Writes the request unless `written`, then reads and reassembles the answer.
+  absl::Status Exchange(LinkJob* job, const Written* written);
   absl::Status OpenStream();
   // Finishes the stream (cancelling it first if `cancel`); returns its final status.
   grpc::Status CloseStream(bool cancel);
@@ -162,6 +174,8 @@ class WorkerLink {
   std::unique_ptr<
       grpc::ClientReaderWriter<moepool::v1::ForwardRequest, moepool::v1::ForwardResponse>>
       stream_;
+  moepool::v1::ForwardRequest request_;    // reused by the stream's owner
+  moepool::v1::ForwardResponse response_;  // reused by the stream's owner
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
@@ -169,7 +183,8 @@ class WorkerLink {
   bool started_ = false;
   bool up_ = false;
   LinkJob* job_ = nullptr;
-  bool inline_ = false;  // a RunInline caller owns the stream
+  bool inline_ = false;             // a RunInline caller (or a Post caller writing) owns the stream
+  std::optional<Written> written_;  // the posted job_'s request is on the wire already
   StepLatch* latch_ = nullptr;
   uint64_t in_flight_step_ = 0;                          // step of the job on the wire; 0 = none
   bool cancelled_ = false;                               // by CancelStep, for the job in flight

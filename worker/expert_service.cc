@@ -6,95 +6,21 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/ext/health_check_service_server_builder_option.h"
+#include "worker/forward_call.h"
+#include "worker/server_call.h"
 
 namespace moepool::worker {
 namespace {
 
 namespace pb = ::moepool::v1;
-
-static_assert(static_cast<int>(RowDType::kF32) == pb::DTYPE_F32 &&
-                  static_cast<int>(RowDType::kF16) == pb::DTYPE_F16 &&
-                  static_cast<int>(RowDType::kBf16) == pb::DTYPE_BF16,
-              "RowDType numbering must match moepool.v1.DType");
+namespace health = ::grpc::health::v1;
 
 constexpr char kBearerPrefix[] = "Bearer ";
 
 grpc::Status ToGrpc(const absl::Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
-
-// A request being reassembled from its chunks.
-struct Assembly {
-  bool active = false;
-  pb::ForwardRequest header;  // first chunk's fields, without its payload
-  int64_t next_row = 0;
-  std::string rows;
-  std::vector<int32_t> expert;
-  std::vector<float> weight;
-};
-
-bool IsLastChunk(const pb::ForwardRequest& c) {
-  return static_cast<int64_t>(c.row_offset()) + c.n_rows() >= c.total_rows();
-}
-
-// Checks a chunk on its own: the sizes that make its rows placeable. Semantic checks (experts
-// held, weights finite, ...) are WorkerCore's, on the whole request.
-absl::Status CheckChunk(const pb::ForwardRequest& c, const WorkerCore& core) {
-  const size_t elem = RowDTypeSize(static_cast<RowDType>(c.dtype()));
-  if (elem == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", c.dtype()));
-  }
-  if (c.n_embd() != core.config().n_embd) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "n_embd ", c.n_embd(), " != the model's embedding length ", core.config().n_embd));
-  }
-  if (c.total_rows() < 0 || c.total_rows() > core.max_rows()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("total_rows ", c.total_rows(), " is outside [0, ", core.max_rows(), "]"));
-  }
-  if (c.k() < 1 || c.k() > core.config().n_expert) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("k ", c.k(), " is outside [1, ", core.config().n_expert, "]"));
-  }
-  const int64_t end = static_cast<int64_t>(c.row_offset()) + c.n_rows();
-  if (c.row_offset() < 0 || c.n_rows() < 0 || end > c.total_rows() ||
-      (c.n_rows() == 0 && c.total_rows() > 0)) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk rows [", c.row_offset(), ", ", end,
-                                                   ") do not fit total_rows ", c.total_rows()));
-  }
-  const uint64_t want_bytes = static_cast<uint64_t>(c.n_rows()) * c.n_embd() * elem;
-  if (c.rows().size() != want_bytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("chunk rows hold ", c.rows().size(), " bytes, expected ", want_bytes));
-  }
-  const int64_t pairs = static_cast<int64_t>(c.n_rows()) * c.k();
-  if (c.expert_size() != pairs || c.weight_size() != pairs) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk has ", c.expert_size(),
-                                                   " expert ids and ", c.weight_size(),
-                                                   " weights, expected n_rows x k = ", pairs));
-  }
-  return absl::OkStatus();
-}
-
-bool SameRequest(const pb::ForwardRequest& a, const pb::ForwardRequest& b) {
-  return a.step_id() == b.step_id() && a.layer() == b.layer() && a.dtype() == b.dtype() &&
-         a.n_embd() == b.n_embd() && a.total_rows() == b.total_rows() && a.k() == b.k();
-}
-
-pb::ForwardResponse ResponseHeader(const pb::ForwardRequest& request) {
-  pb::ForwardResponse r;
-  r.set_step_id(request.step_id());
-  r.set_layer(request.layer());
-  r.set_dtype(request.dtype());
-  r.set_total_rows(request.total_rows());
-  return r;
-}
-
-pb::ForwardResponse ErrorResponse(const pb::ForwardRequest& request, const absl::Status& error) {
-  pb::ForwardResponse r = ResponseHeader(request);
-  r.set_error_code(static_cast<int>(error.code()));
-  r.set_error_message(std::string(error.message()));
-  return r;
 }
 
 }  // namespace
@@ -109,11 +35,20 @@ bool ConstantTimeEquals(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
-ExpertServiceImpl::ExpertServiceImpl(WorkerCore* core, ExpertServiceOptions options)
-    : core_(core), options_(std::move(options)) {}
+// Everything the calls of one server share; lives as long as the server.
+struct ServerState {
+  WorkerCore* core = nullptr;
+  ExpertServiceOptions options;
+  pb::ExpertService::AsyncService service;
+  health::Health::AsyncService health;
+  ForwardCallEnv forward;
+  OpGate gate;
+};
 
-grpc::Status ExpertServiceImpl::CheckToken(const grpc::ServerContext& context) const {
-  if (options_.cluster_token.empty()) return grpc::Status::OK;
+namespace {
+
+grpc::Status CheckToken(const std::string& token, const grpc::ServerContext& context) {
+  if (token.empty()) return grpc::Status::OK;
   const auto& metadata = context.client_metadata();
   const auto it = metadata.find("authorization");
   if (it == metadata.end()) {
@@ -122,18 +57,15 @@ grpc::Status ExpertServiceImpl::CheckToken(const grpc::ServerContext& context) c
                         "<token>')");
   }
   const std::string value(it->second.data(), it->second.size());
-  const std::string expected = std::string(kBearerPrefix) + options_.cluster_token;
+  const std::string expected = std::string(kBearerPrefix) + token;
   if (!ConstantTimeEquals(value, expected)) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "wrong cluster token");
   }
   return grpc::Status::OK;
 }
 
-grpc::Status ExpertServiceImpl::Describe(grpc::ServerContext* context,
-                                         const pb::DescribeRequest* /*request*/,
-                                         pb::DescribeResponse* response) {
-  if (grpc::Status auth = CheckToken(*context); !auth.ok()) return auth;
-  absl::StatusOr<WorkerDescription> d = core_->Describe();
+grpc::Status FillDescribe(WorkerCore* core, pb::DescribeResponse* response) {
+  absl::StatusOr<WorkerDescription> d = core->Describe();
   if (!d.ok()) return ToGrpc(d.status());
   response->set_protocol_version(pb::PROTOCOL_VERSION_CURRENT);
   pb::ModelIdentity* model = response->mutable_model();
@@ -156,135 +88,152 @@ grpc::Status ExpertServiceImpl::Describe(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-grpc::Status ExpertServiceImpl::Forward(
-    grpc::ServerContext* context,
-    grpc::ServerReaderWriter<pb::ForwardResponse, pb::ForwardRequest>* stream) {
-  if (grpc::Status auth = CheckToken(*context); !auth.ok()) return auth;
-  Assembly pending;
-  // After an error in a chunked request, its remaining chunks (same step, row_offset > 0) are
-  // dropped without further responses.
-  bool discarding = false;
-  uint64_t discarded_step = 0;
-  std::string result;
-  pb::ForwardRequest chunk;
-  bool stream_ok = true;
-
-  auto refuse = [&](const pb::ForwardRequest& request, const absl::Status& error) {
-    stream_ok = stream_ok && stream->Write(ErrorResponse(request, error));
-  };
-  // Computes a complete request and writes its result in chunks.
-  auto answer = [&](const ComputeRequest& compute, const pb::ForwardRequest& header) {
-    const auto start = std::chrono::steady_clock::now();
-    const absl::Status s = core_->Compute(compute, &result);
-    const auto micros = std::chrono::duration_cast<std::chrono::microseconds>(
-                            std::chrono::steady_clock::now() - start)
-                            .count();
-    if (!s.ok()) return refuse(header, s);
-    const size_t row_bytes =
-        static_cast<size_t>(compute.n_embd) * RowDTypeSize(static_cast<RowDType>(header.dtype()));
-    const int64_t rows_per_message =
-        std::max<int64_t>(1, static_cast<int64_t>(options_.response_chunk_bytes / row_bytes));
-    int64_t offset = 0;
-    do {
-      const int64_t n = std::min(rows_per_message, compute.n_rows - offset);
-      pb::ForwardResponse r = ResponseHeader(header);
-      r.set_row_offset(static_cast<int32_t>(offset));
-      r.set_n_rows(static_cast<int32_t>(n));
-      r.set_rows(result.data() + offset * row_bytes, static_cast<size_t>(n) * row_bytes);
-      r.set_compute_micros(static_cast<uint64_t>(micros));
-      stream_ok = stream_ok && stream->Write(r);
-      offset += n;
-    } while (stream_ok && offset < compute.n_rows);
-  };
-  auto compute_request = [](const pb::ForwardRequest& h, const void* rows, size_t rows_bytes,
-                            const int32_t* expert, const float* weight, size_t pairs) {
-    ComputeRequest c;
-    c.layer = h.layer();
-    c.dtype = static_cast<RowDType>(h.dtype());
-    c.rows = rows;
-    c.rows_bytes = rows_bytes;
-    c.n_rows = h.total_rows();
-    c.n_embd = h.n_embd();
-    c.k = h.k();
-    c.expert = expert;
-    c.expert_count = pairs;
-    c.weight = weight;
-    c.weight_count = pairs;
-    return c;
-  };
-
-  while (stream_ok && stream->Read(&chunk)) {
-    if (discarding) {
-      discarding = false;
-      if (chunk.step_id() == discarded_step && chunk.row_offset() > 0) {
-        discarding = !IsLastChunk(chunk);
-        continue;
-      }
-    }
-    if (pending.active && chunk.step_id() != pending.header.step_id()) {
-      // The previous request never got its last chunk.
-      refuse(pending.header,
-             absl::InvalidArgumentError(absl::StrCat(
-                 "request ended at row ", pending.next_row, " of ", pending.header.total_rows(),
-                 ": the next chunk belongs to step ", chunk.step_id())));
-      pending = Assembly();
-    }
-    absl::Status framing = CheckChunk(chunk, *core_);
-    if (framing.ok() && pending.active &&
-        (!SameRequest(chunk, pending.header) || chunk.row_offset() != pending.next_row)) {
-      framing = absl::InvalidArgumentError(absl::StrCat(
-          "chunk at row ", chunk.row_offset(), " does not continue the request (expected row ",
-          pending.next_row, " with the first chunk's layer, dtype, n_embd, total_rows and k)"));
-    }
-    if (framing.ok() && !pending.active && chunk.row_offset() != 0) {
-      framing = absl::InvalidArgumentError(absl::StrCat("chunk starts at row ", chunk.row_offset(),
-                                                        " but no request is in progress"));
-    }
-    if (!framing.ok()) {
-      refuse(pending.active ? pending.header : chunk, framing);
-      discarding = !IsLastChunk(chunk);
-      discarded_step = chunk.step_id();
-      pending = Assembly();
-      continue;
-    }
-    const size_t pairs = static_cast<size_t>(chunk.expert_size());
-    if (!pending.active && chunk.n_rows() == chunk.total_rows()) {
-      // Whole request in one message: compute straight from it.
-      answer(compute_request(chunk, chunk.rows().data(), chunk.rows().size(), chunk.expert().data(),
-                             chunk.weight().data(), pairs),
-             chunk);
-      continue;
-    }
-    if (!pending.active) {
-      pending.active = true;
-      pending.header = chunk;
-      pending.header.clear_rows();
-      pending.header.clear_expert();
-      pending.header.clear_weight();
-      const size_t total = static_cast<size_t>(chunk.total_rows());
-      pending.rows.reserve(total * (chunk.rows().size() / static_cast<size_t>(chunk.n_rows())));
-      pending.expert.reserve(total * static_cast<size_t>(chunk.k()));
-      pending.weight.reserve(total * static_cast<size_t>(chunk.k()));
-    }
-    pending.rows.append(chunk.rows());
-    pending.expert.insert(pending.expert.end(), chunk.expert().begin(), chunk.expert().end());
-    pending.weight.insert(pending.weight.end(), chunk.weight().begin(), chunk.weight().end());
-    pending.next_row += chunk.n_rows();
-    if (pending.next_row == pending.header.total_rows()) {
-      answer(compute_request(pending.header, pending.rows.data(), pending.rows.size(),
-                             pending.expert.data(), pending.weight.data(), pending.expert.size()),
-             pending.header);
-      pending = Assembly();
-    }
-  }
-  if (stream_ok && pending.active) {
-    refuse(pending.header, absl::InvalidArgumentError(
-                               absl::StrCat("stream closed at row ", pending.next_row, " of ",
-                                            pending.header.total_rows(), " of the request")));
-  }
-  if (!stream_ok) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-  return grpc::Status::OK;
+// The serving status the health service reports for `service`.
+health::HealthCheckResponse::ServingStatus HealthOf(const std::string& service) {
+  return service.empty() || service == pb::ExpertService::service_full_name()
+             ? health::HealthCheckResponse::SERVING
+             : health::HealthCheckResponse::SERVICE_UNKNOWN;
 }
+
+// A unary call (Describe or Health/Check): accepted, answered, finished.
+template <typename Request, typename Response>
+class UnaryCall final : public ServerCall {
+ public:
+  using Answer = grpc::Status (*)(ServerState* state, const grpc::ServerContext& context,
+                                  const Request& request, Response* response);
+  using RequestFn = void (*)(ServerState* state, grpc::ServerContext* context, Request* request,
+                             grpc::ServerAsyncResponseWriter<Response>* writer,
+                             grpc::ServerCompletionQueue* cq, void* tag);
+
+  static void Listen(ServerState* state, RequestFn request_fn, Answer answer) {
+    auto* call = new UnaryCall(state, request_fn, answer);
+    if (!state->gate.Run([&] {
+          request_fn(state, &call->context_, &call->request_, &call->writer_, state->forward.cq,
+                     &call->accepted_);
+        })) {
+      delete call;
+    }
+  }
+
+  void OnEvent(int event, bool ok) override {
+    if (event == 1 || !ok) {  // finished, or not accepted (shutting down)
+      delete this;
+      return;
+    }
+    Listen(state_, request_fn_, answer_);
+    Response response;
+    const grpc::Status s = answer_(state_, context_, request_, &response);
+    const bool started = state_->gate.Run([&] {
+      if (s.ok()) {
+        writer_.Finish(response, s, &finished_);
+      } else {
+        writer_.FinishWithError(s, &finished_);
+      }
+    });
+    if (!started) delete this;
+  }
+
+ private:
+  UnaryCall(ServerState* state, RequestFn request_fn, Answer answer)
+      : state_(state), request_fn_(request_fn), answer_(answer), writer_(&context_) {}
+
+  ServerState* const state_;
+  const RequestFn request_fn_;
+  const Answer answer_;
+  CallTag accepted_{this, 0};
+  CallTag finished_{this, 1};
+  grpc::ServerContext context_;
+  Request request_;
+  grpc::ServerAsyncResponseWriter<Response> writer_;
+};
+
+using DescribeCall = UnaryCall<pb::DescribeRequest, pb::DescribeResponse>;
+using HealthCheckCall = UnaryCall<health::HealthCheckRequest, health::HealthCheckResponse>;
+
+void ListenDescribe(ServerState* state) {
+  DescribeCall::Listen(
+      state,
+      [](ServerState* st, grpc::ServerContext* context, pb::DescribeRequest* request,
+         grpc::ServerAsyncResponseWriter<pb::DescribeResponse>* writer,
+         grpc::ServerCompletionQueue* cq,
+         void* tag) { st->service.RequestDescribe(context, request, writer, cq, cq, tag); },
+      [](ServerState* st, const grpc::ServerContext& context, const pb::DescribeRequest&,
+         pb::DescribeResponse* response) {
+        grpc::Status s = CheckToken(st->options.cluster_token, context);
+        if (s.ok()) s = FillDescribe(st->core, response);
+        return s;
+      });
+}
+
+void ListenHealthCheck(ServerState* state) {
+  HealthCheckCall::Listen(
+      state,
+      [](ServerState* st, grpc::ServerContext* context, health::HealthCheckRequest* request,
+         grpc::ServerAsyncResponseWriter<health::HealthCheckResponse>* writer,
+         grpc::ServerCompletionQueue* cq,
+         void* tag) { st->health.RequestCheck(context, request, writer, cq, cq, tag); },
+      [](ServerState*, const grpc::ServerContext&, const health::HealthCheckRequest& request,
+         health::HealthCheckResponse* response) {
+        const auto status = HealthOf(request.service());
+        if (status == health::HealthCheckResponse::SERVICE_UNKNOWN) {
+          return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                              absl::StrCat("unknown service '", request.service(), "'"));
+        }
+        response->set_status(status);
+        return grpc::Status::OK;
+      });
+}
+
+// Health/Watch: sends the status once (it does not change while the server is up) and keeps the
+// stream open until the client cancels it or the server shuts down.
+class HealthWatchCall final : public ServerCall {
+ public:
+  static void Listen(ServerState* state) {
+    auto* call = new HealthWatchCall(state);
+    call->context_.AsyncNotifyWhenDone(&call->done_);
+    state->health.RequestWatch(&call->context_, &call->request_, &call->writer_, state->forward.cq,
+                               state->forward.cq, &call->accepted_);
+  }
+
+  void OnEvent(int event, bool ok) override {
+    switch (event) {
+      case kAccepted:
+        if (!ok) {  // shutting down; the done tag never comes for a call that never started
+          delete this;
+          return;
+        }
+        Listen(state_);
+        response_.set_status(HealthOf(request_.service()));
+        // If the queue is shut down already, the done event still comes (the call started).
+        writing_ = state_->gate.Run([&] { writer_.Write(response_, &written_); });
+        return;
+      case kWritten:
+        writing_ = false;
+        break;
+      default:  // kDone: cancelled by the client or by the server's shutdown
+        done_seen_ = true;
+        break;
+    }
+    if (done_seen_ && !writing_) delete this;
+  }
+
+ private:
+  enum Event { kAccepted, kWritten, kDone };
+  explicit HealthWatchCall(ServerState* state) : state_(state), writer_(&context_) {}
+
+  ServerState* const state_;
+  CallTag accepted_{this, kAccepted};
+  CallTag written_{this, kWritten};
+  CallTag done_{this, kDone};
+  grpc::ServerContext context_;
+  health::HealthCheckRequest request_;
+  health::HealthCheckResponse response_;
+  grpc::ServerAsyncWriter<health::HealthCheckResponse> writer_;
+  bool writing_ = false;
+  bool done_seen_ = false;
+};
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
     WorkerCore* core, const WorkerServerOptions& options) {
@@ -303,7 +252,9 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
     return absl::InvalidArgumentError("response chunk size must be positive");
   }
   auto server = std::unique_ptr<WorkerServer>(new WorkerServer);
-  server->service_ = std::make_unique<ExpertServiceImpl>(core, options.service);
+  ServerState* state = server->state_.get();
+  state->core = core;
+  state->options = options.service;
   std::shared_ptr<grpc::ServerCredentials> credentials;
   if (!options.tls_cert_pem.empty()) {
     grpc::SslServerCredentialsOptions ssl(
@@ -317,32 +268,77 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   } else {
     credentials = grpc::InsecureServerCredentials();
   }
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen_address, credentials, &server->port_);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
-  builder.RegisterService(server->service_.get());
+  // No HTTP/2 bandwidth-delay probing: it adds PING frames (and wake-ups) to the exchanges.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  // A large flow-control window, so that WINDOW_UPDATE frames (each a write and a wake-up of the
+  // peer) are rare instead of following every few messages.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
+  // No default (callback-based) health service: its threads would poll too and take part in
+  // every message's wake-ups. This server serves grpc.health.v1 itself, on its own queue.
+  builder.SetOption(std::make_unique<grpc::HealthCheckServiceServerBuilderOption>(nullptr));
+  builder.RegisterService(&state->service);
+  builder.RegisterService(&state->health);
+  server->cq_ = builder.AddCompletionQueue(/*is_frequently_polled=*/true);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
+    server->server_.reset();
+    state->gate.Close(server->cq_.get());
+    void* tag = nullptr;
+    bool ok = false;
+    while (server->cq_->Next(&tag, &ok)) {
+    }
     return absl::UnavailableError(absl::StrCat("cannot listen on '", options.listen_address,
                                                "' (address in use, or not HOST:PORT?)"));
   }
+  state->forward.core = core;
+  state->forward.response_chunk_bytes = options.service.response_chunk_bytes;
+  state->forward.check_token = [state](const grpc::ServerContext& context) {
+    return CheckToken(state->options.cluster_token, context);
+  };
+  state->forward.service = &state->service;
+  state->forward.cq = server->cq_.get();
+  state->forward.gate = &state->gate;
+  ForwardCall::Listen(&state->forward);
+  ListenDescribe(state);
+  ListenHealthCheck(state);
+  HealthWatchCall::Listen(state);
+  server->thread_ = std::thread([s = server.get()] { s->Serve(); });
   return server;
 }
+
+WorkerServer::WorkerServer() : state_(std::make_unique<ServerState>()) {}
 
 WorkerServer::~WorkerServer() {
   if (server_ != nullptr) {
     Shutdown(0);
     Wait();
   }
+  server_.reset();  // before the completion queue
+}
+
+void WorkerServer::Serve() {
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq_->Next(&tag, &ok)) DispatchEvent(tag, ok);
 }
 
 void WorkerServer::Shutdown(double grace_seconds) {
+  std::lock_guard<std::mutex> lock(shutdown_mu_);
+  // Returns once every call has ended (calls still running at the deadline are cancelled); the
+  // queue thread keeps serving meanwhile, so only then may the queue be shut down.
   server_->Shutdown(std::chrono::system_clock::now() +
                     std::chrono::microseconds(static_cast<int64_t>(grace_seconds * 1e6)));
+  state_->gate.Close(cq_.get());
 }
 
-void WorkerServer::Wait() { server_->Wait(); }
+void WorkerServer::Wait() {
+  server_->Wait();
+  std::lock_guard<std::mutex> lock(shutdown_mu_);  // a Shutdown in progress completes first
+  if (thread_.joinable()) thread_.join();
+}
 
 }  // namespace moepool::worker

@@ -1,25 +1,30 @@
-// The gRPC face of a worker: moepool.v1.ExpertService over a WorkerCore, and the server that
-// hosts it (see docs/protocol.md for the wire protocol).
+// The gRPC face of a worker: moepool.v1.ExpertService and grpc.health.v1.Health over a
+// WorkerCore, and the server that hosts them (see docs/protocol.md for the wire protocol).
 //
-// ExpertServiceImpl only translates: protobuf <-> WorkerCore, chunk reassembly of requests,
-// chunking of responses, and the cluster-token check. A refused request is answered on the same
-// stream with error_code / error_message set, and the stream keeps serving.
+// The calls only translate: protobuf <-> WorkerCore, chunk reassembly of requests, chunking of
+// responses, and the cluster-token check. A refused request is answered on the same stream with
+// error_code / error_message set, and the stream keeps serving.
 //
 // Auth: with a non-empty cluster token every Describe and Forward call must carry the metadata
 // `authorization: Bearer <token>` (compared in constant time), else it fails with
-// UNAUTHENTICATED. The standard health service (grpc.health.v1) is not token-protected, so load
-// balancers and orchestrators can probe it.
+// UNAUTHENTICATED. The health service (grpc.health.v1: Check and Watch; SERVING for "" and
+// "moepool.v1.ExpertService") is not token-protected, so load balancers and orchestrators can
+// probe it.
 //
-// Threading: the gRPC sync server calls the handlers on its own threads, one per active stream;
-// WorkerCore serialises the computations. Ownership: the service and the server borrow the
-// WorkerCore, which must outlive them.
+// Threading: the server uses gRPC's asynchronous API with one completion queue and one thread
+// that polls it and runs every call's work, computations included (worker/forward_call.h): a
+// decode step's request wakes exactly that thread, which computes and answers without handing
+// the message to another thread. WorkerCore's own thread pool (--threads) does the math.
+// Ownership: the server borrows the WorkerCore, which must outlive it.
 #ifndef MOEPOOL_WORKER_EXPERT_SERVICE_H_
 #define MOEPOOL_WORKER_EXPERT_SERVICE_H_
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "grpcpp/grpcpp.h"
@@ -39,23 +44,6 @@ struct ExpertServiceOptions {
 // differ.
 bool ConstantTimeEquals(const std::string& a, const std::string& b);
 
-class ExpertServiceImpl final : public moepool::v1::ExpertService::Service {
- public:
-  ExpertServiceImpl(WorkerCore* core, ExpertServiceOptions options);
-
-  grpc::Status Describe(grpc::ServerContext* context, const moepool::v1::DescribeRequest* request,
-                        moepool::v1::DescribeResponse* response) override;
-  grpc::Status Forward(grpc::ServerContext* context,
-                       grpc::ServerReaderWriter<moepool::v1::ForwardResponse,
-                                                moepool::v1::ForwardRequest>* stream) override;
-
- private:
-  grpc::Status CheckToken(const grpc::ServerContext& context) const;
-
-  WorkerCore* core_;
-  ExpertServiceOptions options_;
-};
-
 struct WorkerServerOptions {
   std::string listen_address;  // "host:port"; port 0 picks a free port (see WorkerServer::port)
   ExpertServiceOptions service;
@@ -68,7 +56,9 @@ struct WorkerServerOptions {
   std::string tls_client_ca_pem;
 };
 
-// A started gRPC server hosting ExpertServiceImpl and grpc.health.v1 (SERVING while up).
+struct ServerState;  // worker/expert_service.cc
+
+// A started gRPC server hosting moepool.v1.ExpertService and grpc.health.v1 (SERVING while up).
 class WorkerServer {
  public:
   // Builds and starts the server. Errors: INVALID_ARGUMENT for inconsistent TLS options or a bad
@@ -84,16 +74,20 @@ class WorkerServer {
   // Stops accepting calls; calls still running after `grace_seconds` are cancelled (open Forward
   // streams end with CANCELLED). Idempotent; thread-safe.
   void Shutdown(double grace_seconds);
-  // Blocks until the server has shut down.
+  // Blocks until the server has shut down (Shutdown called and every call ended).
   void Wait();
 
  private:
-  WorkerServer() = default;
+  WorkerServer();
+  void Serve();  // the completion-queue thread
 
-  std::unique_ptr<ExpertServiceImpl> service_;
+  std::unique_ptr<ServerState> state_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<grpc::ServerCompletionQueue> cq_;
   int port_ = 0;
   bool tls_ = false;
+  std::mutex shutdown_mu_;  // serialises Shutdown and Wait
+  std::thread thread_;
 };
 
 }  // namespace moepool::worker

@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/model.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "tests/engine/tiny_model_util.h"
@@ -420,6 +421,42 @@ TEST_F(ExpertServiceTest, HealthServiceReportsServingWithoutTheToken) {
   const grpc::Status s = HealthCheck(Channel(server->port()), &response);
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(response, std::string("\x08\x01", 2));  // status: SERVING
+}
+
+// Check names the service; Watch sends the status and stays open until the server shuts down.
+TEST_F(ExpertServiceTest, HealthCheckNamesServicesAndWatchLastsUntilShutdown) {
+  auto server = Start();
+  ASSERT_NE(server, nullptr);
+  auto stub = grpc::health::v1::Health::NewStub(Channel(server->port()));
+  grpc::health::v1::HealthCheckRequest request;
+  grpc::health::v1::HealthCheckResponse response;
+  {
+    grpc::ClientContext context;
+    request.set_service("moepool.v1.ExpertService");
+    ASSERT_TRUE(stub->Check(&context, request, &response).ok());
+    EXPECT_EQ(response.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+  }
+  {
+    grpc::ClientContext context;
+    request.set_service("no.such.Service");
+    EXPECT_EQ(stub->Check(&context, request, &response).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  grpc::ClientContext watch_context;
+  request.set_service("");
+  auto watch = stub->Watch(&watch_context, request);
+  ASSERT_TRUE(watch->Read(&response));
+  EXPECT_EQ(response.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+  // A second watch that the client cancels is cleaned up while the server keeps running.
+  {
+    grpc::ClientContext context;
+    auto other = stub->Watch(&context, request);
+    ASSERT_TRUE(other->Read(&response));
+    context.TryCancel();
+    EXPECT_FALSE(other->Read(&response));
+  }
+  server->Shutdown(0);
+  EXPECT_FALSE(watch->Read(&response));  // the open watch ends with the server
+  server->Wait();
 }
 
 // Certificates made with the openssl command line, once per process.
