@@ -89,6 +89,7 @@ struct Scheduler::Sequence {
   std::shared_ptr<GenerationStream> stream;
   KvCache cache;
   Sampler sampler;
+  SampledToken next;  // set by SampleNext, consumed by OnToken in the same step
   StreamingDetokenizer detok;
   std::vector<int32_t> tokens;  // prompt + generated; positions < cache.n_past() are computed
   int64_t n_generated = 0;
@@ -331,6 +332,7 @@ bool Scheduler::Step() {
   n_steps_.fetch_add(1);
   const int64_t n_vocab = engine_->config().n_vocab;
   size_t logits_row = 0;
+  std::vector<std::pair<Sequence*, float*>> sampled;  // sequences that get a token this step
   for (const Chunk& c : chunks) {
     if (!status.ok()) {
       Finish(c.seq, FinishReason::kError, status);
@@ -338,10 +340,17 @@ bool Scheduler::Step() {
     }
     c.seq->cache.set_n_past(c.start + c.n);
     if (c.start + c.n == static_cast<int64_t>(c.seq->tokens.size())) {
-      OnToken(c.seq, logits_.data() + logits_row * n_vocab);
+      sampled.emplace_back(c.seq, logits_.data() + logits_row * n_vocab);
       ++logits_row;
     }
   }
+  // Sampling touches only each sequence's own sampler and logits row, so the sequences are
+  // sampled in parallel on the engine's pool (the same tokens as one by one); the text, stop
+  // strings and events then follow in batch order on this thread.
+  engine_->pool().ParallelFor(static_cast<int64_t>(sampled.size()), [&](int64_t i) {
+    SampleNext(sampled[static_cast<size_t>(i)].first, sampled[static_cast<size_t>(i)].second);
+  });
+  for (const auto& [seq, logits] : sampled) OnToken(seq);
   if (metrics_ != nullptr) {
     const double blocked_s = static_cast<double>(experts->blocked_micros() - blocked_before) / 1e6;
     metrics_->ObserveStep(split > 0 ? 2 : 1, Seconds(step_start, Clock::now()), blocked_s);
@@ -352,14 +361,25 @@ bool Scheduler::Step() {
   return true;
 }
 
-void Scheduler::OnToken(Sequence* seq, float* logits) {
+void Scheduler::SampleNext(Sequence* seq, float* logits) const {
   const GenerationRequest& req = seq->req;
-  const Tokenizer& tok = engine_->tokenizer();
   const int64_t n_vocab = engine_->config().n_vocab;
   for (const auto& [bias_id, bias] : req.logit_bias) logits[bias_id] += bias;
   std::vector<float> raw;
   if (req.top_logprobs >= 0) raw.assign(logits, logits + n_vocab);
-  const int32_t id = seq->sampler.Sample(logits, n_vocab);
+  SampledToken& st = seq->next;
+  st = SampledToken();
+  st.id = seq->sampler.Sample(logits, n_vocab);
+  if (req.top_logprobs >= 0) {
+    st.logprob = Sampler::Logprob(raw.data(), n_vocab, st.id).logprob;
+    if (req.top_logprobs > 0) st.top = Sampler::TopLogprobs(raw.data(), n_vocab, req.top_logprobs);
+  }
+}
+
+void Scheduler::OnToken(Sequence* seq) {
+  const GenerationRequest& req = seq->req;
+  const Tokenizer& tok = engine_->tokenizer();
+  const int32_t id = seq->next.id;
 
   const Clock::time_point now = Clock::now();
   if (metrics_ != nullptr) {
@@ -381,14 +401,7 @@ void Scheduler::OnToken(Sequence* seq, float* logits) {
   FinishReason reason = FinishReason::kStop;
   std::string piece;
   if (!end_of_turn) {
-    SampledToken st;
-    st.id = id;
-    if (req.top_logprobs >= 0) {
-      st.logprob = Sampler::Logprob(raw.data(), n_vocab, id).logprob;
-      if (req.top_logprobs > 0)
-        st.top = Sampler::TopLogprobs(raw.data(), n_vocab, req.top_logprobs);
-    }
-    ev.tokens.push_back(std::move(st));
+    ev.tokens.push_back(std::move(seq->next));
     ++seq->n_generated;
     seq->tokens.push_back(id);
     piece = seq->detok.Push(id);

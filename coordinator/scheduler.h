@@ -158,7 +158,11 @@ class Scheduler {
               GenerationEvent event = {});
   void Preempt(Sequence* seq);
   // Samples the sequence's next token from `logits` (modified by penalties) and streams it.
-  void OnToken(Sequence* seq, float* logits);
+  // Samples the sequence's next token from its logits row into seq->next (bias, sampler,
+  // logprobs). Touches only `seq` and `logits`: safe for several sequences in parallel.
+  void SampleNext(Sequence* seq, float* logits) const;
+  // Emits seq->next: metrics, text, stop strings, the event; finishes the sequence if it ends.
+  void OnToken(Sequence* seq);
 
   Engine* engine_;
   SchedulerOptions options_;
