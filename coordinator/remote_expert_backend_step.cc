@@ -102,16 +102,7 @@ std::unique_ptr<ClusterExpertBackend::Step> ClusterExpertBackend::Begin(const Ex
 absl::Status ClusterExpertBackend::Dispatch(Step* s) {
   const ExpertRoutes& routes = s->routes;
   const ModelConfig& c = model_->config();
-  if (routes.layer < 0 || routes.layer >= c.n_layer) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", routes.layer, " out of range"));
-  }
-  if (routes.n_embd != c.n_embd) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("row width ", routes.n_embd, " != model embedding length ", c.n_embd));
-  }
-  if (routes.k < 1 || routes.k > c.n_expert) {
-    return absl::InvalidArgumentError(absl::StrCat("k = ", routes.k, " out of range"));
-  }
+  if (absl::Status st = CheckRoutes(routes, c); !st.ok()) return st;
   const int64_t n = routes.n_rows;
   const int k = routes.k;
   // A holder per routed expert, rows grouped per holder.

@@ -54,8 +54,7 @@ void ExpertFfnCpu(const ExpertWeights& e, const float* x, int64_t n, float* out,
   MatMul(e.down, g.data(), n, out, pool);
 }
 
-absl::Status LocalExpertBackend::Compute(const ExpertRoutes& routes, float* out) {
-  const ModelConfig& c = model_->config();
+absl::Status CheckRoutes(const ExpertRoutes& routes, const ModelConfig& c) {
   if (routes.layer < 0 || routes.layer >= c.n_layer) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", routes.layer, " out of range"));
   }
@@ -63,6 +62,15 @@ absl::Status LocalExpertBackend::Compute(const ExpertRoutes& routes, float* out)
     return absl::InvalidArgumentError(
         absl::StrCat("row width ", routes.n_embd, " != model embedding length ", c.n_embd));
   }
+  if (routes.k < 1 || routes.k > c.n_expert) {
+    return absl::InvalidArgumentError(absl::StrCat("k = ", routes.k, " out of range"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LocalExpertBackend::Compute(const ExpertRoutes& routes, float* out) {
+  const ModelConfig& c = model_->config();
+  if (absl::Status s = CheckRoutes(routes, c); !s.ok()) return s;
   const LayerWeights& L = model_->layer(routes.layer);
   const int64_t n = routes.n_rows;
   const int64_t d = routes.n_embd;

@@ -22,6 +22,10 @@ namespace moepool {
 void RouteTopK(const float* logits, int64_t n_rows, int n_expert, int k, int32_t* expert,
                float* weight);
 
+// Checks what every backend requires of `routes` for `config`: layer in range, row width equal
+// to the embedding length, 1 <= k <= n_expert. INVALID_ARGUMENT saying which, else OK.
+absl::Status CheckRoutes(const ExpertRoutes& routes, const ModelConfig& config);
+
 // out [n x n_embd] = down(silu(gate x) * up x) for one expert, x [n x n_embd].
 void ExpertFfnCpu(const ExpertWeights& e, const float* x, int64_t n, float* out, ThreadPool* pool);
 

@@ -23,6 +23,7 @@
 #include "engine/engine.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/coordinator/cluster_process_util.h"
 #include "tests/testdata.h"
 
 namespace moepool {
@@ -35,43 +36,18 @@ using ::testing::HasSubstr;
 
 constexpr char kToken[] = "e2e-token";
 
-// A `moepool worker` child process. The port is read from its "serving ... on HOST:PORT" line.
+// A `moepool worker` child process with this test's cluster token.
 class WorkerProcess {
  public:
-  ~WorkerProcess() { Kill(); }
-
-  // Starts the worker for `experts` on 127.0.0.1:port (0: any); false (with a test failure)
-  // if it does not come up.
   bool Start(const std::string& model, const std::string& experts, int port = 0) {
-    log_ = absl::StrCat(TempDir(), "/worker-", experts, "-", port, ".log");
-    std::string line;
-    pid_ = ::moepool::testing::SpawnMoepool(
-        {"worker", "--model", model, "--experts", experts, "--listen",
-         absl::StrCat("127.0.0.1:", port), "--threads", "1", "--cluster-token", kToken},
-        log_, &line);
-    const size_t colon = line.rfind(':');
-    if (pid_ <= 0 || colon == std::string::npos) {
-      ADD_FAILURE() << "worker did not start: " << line << ReadFileOrDie(log_);
-      return false;
-    }
-    port_ = std::atoi(line.c_str() + colon + 1);
-    return port_ > 0;
+    return process_.Start(model, experts, port, {"--cluster-token", kToken});
   }
-
-  void Kill() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-
-  int port() const { return port_; }
-  std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
+  void Kill() { process_.Kill(); }
+  int port() const { return process_.port(); }
+  std::string address() const { return process_.address(); }
 
  private:
-  pid_t pid_ = -1;
-  int port_ = 0;
-  std::string log_;
+  ::moepool::testing::WorkerProcess process_;
 };
 
 int RunCommand(const std::string& args, std::string* err) {

@@ -196,4 +196,26 @@ const std::string& SmallModel(const std::string& type, int k, uint64_t seed) {
   return cache->emplace(file, o.out_path).first->second;
 }
 
+ClusterOptions TestClusterOptions(const std::vector<std::string>& addresses) {
+  ClusterOptions o;
+  o.workers = addresses;
+  o.local_threads = 2;
+  o.connect_timeout_s = 5;
+  o.reconnect_initial_s = 0.02;
+  o.reconnect_max_s = 0.2;
+  return o;
+}
+
+std::unique_ptr<Engine> LoadEngineWithExperts(const std::string& model, ExpertBackend* experts,
+                                              int64_t n_ctx) {
+  EngineOptions o;
+  o.model_path = model;
+  o.threads = 2;
+  o.n_ctx = n_ctx;
+  o.experts = experts;
+  auto e = Engine::Load(o);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return e.ok() ? *std::move(e) : nullptr;
+}
+
 }  // namespace moepool::testing

@@ -17,6 +17,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "coordinator/remote_expert_backend.h"
+#include "engine/engine.h"
 #include "engine/model.h"
 #include "engine/moe_ffn.h"
 #include "engine/thread_pool.h"
@@ -70,6 +72,15 @@ class FakeWorker final : public moepool::v1::ExpertService::Service {
   std::atomic<int> forward_requests_{0};
   std::atomic<bool> killed_{false};
 };
+
+// Cluster options for in-process tests: the workers' addresses, 2 local threads, short connect
+// and reconnect times.
+ClusterOptions TestClusterOptions(const std::vector<std::string>& addresses);
+
+// An engine over `model` (2 threads, n_ctx positions) with its experts behind `experts`; null
+// (with a test failure) if it cannot load.
+std::unique_ptr<Engine> LoadEngineWithExperts(const std::string& model, ExpertBackend* experts,
+                                              int64_t n_ctx);
 
 // A small synthetic Mixtral model (n_embd 64, n_ff 128, 2 layers, 8 experts, k used) of the given
 // tensor type, synthesized once per (type, k, seed) and process under TempDir().

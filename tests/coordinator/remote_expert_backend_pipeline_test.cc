@@ -40,24 +40,13 @@ std::unique_ptr<FakeWorker> StartWorker(const std::string& model, int lo, int hi
 }
 
 ClusterOptions Options(const std::vector<std::unique_ptr<FakeWorker>>& workers) {
-  ClusterOptions o;
-  for (const auto& w : workers) o.workers.push_back(w->address());
-  o.local_threads = 2;
-  o.connect_timeout_s = 5;
-  o.reconnect_initial_s = 0.02;
-  o.reconnect_max_s = 0.2;
-  return o;
+  std::vector<std::string> addresses;
+  for (const auto& w : workers) addresses.push_back(w->address());
+  return ::moepool::testing::TestClusterOptions(addresses);
 }
 
 std::unique_ptr<Engine> LoadEngine(const std::string& model, ExpertBackend* experts) {
-  EngineOptions o;
-  o.model_path = model;
-  o.threads = 2;
-  o.n_ctx = 128;
-  o.experts = experts;
-  auto e = Engine::Load(o);
-  EXPECT_TRUE(e.ok()) << e.status();
-  return e.ok() ? *std::move(e) : nullptr;
+  return ::moepool::testing::LoadEngineWithExperts(model, experts, 128);
 }
 
 std::vector<int32_t> Prompt(int64_t n_vocab, int n, uint32_t seed) {

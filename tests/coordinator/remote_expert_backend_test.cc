@@ -37,24 +37,13 @@ std::unique_ptr<FakeWorker> StartWorker(const std::string& model, int n_layer, i
 }
 
 ClusterOptions Options(const std::vector<const FakeWorker*>& workers) {
-  ClusterOptions o;
-  for (const FakeWorker* w : workers) o.workers.push_back(w->address());
-  o.local_threads = 2;
-  o.connect_timeout_s = 5;
-  o.reconnect_initial_s = 0.02;
-  o.reconnect_max_s = 0.2;
-  return o;
+  std::vector<std::string> addresses;
+  for (const FakeWorker* w : workers) addresses.push_back(w->address());
+  return ::moepool::testing::TestClusterOptions(addresses);
 }
 
 std::unique_ptr<Engine> LoadEngine(const std::string& model, ExpertBackend* experts) {
-  EngineOptions o;
-  o.model_path = model;
-  o.threads = 2;
-  o.n_ctx = 256;
-  o.experts = experts;
-  auto e = Engine::Load(o);
-  EXPECT_TRUE(e.ok()) << e.status();
-  return e.ok() ? *std::move(e) : nullptr;
+  return ::moepool::testing::LoadEngineWithExperts(model, experts, 256);
 }
 
 std::vector<int32_t> Prompt(int64_t n_vocab, int n, uint32_t seed = 7) {

@@ -214,6 +214,13 @@ TEST_F(LocalExpertBackendTest, RejectsBadLayerRowWidthOrExpert) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("expert 8"), absl::string_view::npos) << s;
   routes.expert = expert;
+  for (int k : {0, -1, static_cast<int>(model_->config().n_expert) + 1}) {
+    routes.k = k;
+    s = backend.Compute(routes, out.data());
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << k;
+    EXPECT_NE(s.message().find("k = "), absl::string_view::npos) << s;
+  }
+  routes.k = kK;
   EXPECT_TRUE(backend.Compute(routes, out.data()).ok());
 }
 
