@@ -19,6 +19,7 @@
 #include "engine/quant/fp16.h"
 #include "engine/quant/types.h"
 #include "gtest/gtest.h"
+#include "tests/engine/cuda/ffn_test_util.h"
 #include "tests/engine/cuda/quant_test_util.h"
 
 namespace moepool::cuda {
@@ -28,15 +29,6 @@ using emulation::Dim3;
 using emulation::Launch;
 
 unsigned CeilDiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
-
-double RelMaxError(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0.0, mag = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::fabs(static_cast<double>(a[i]) - b[i]));
-    mag = std::max(mag, std::fabs(static_cast<double>(b[i])));
-  }
-  return mag > 0.0 ? err / mag : err;
-}
 
 class GateUpEmulationTest : public ::testing::TestWithParam<TensorType> {};
 

@@ -100,24 +100,7 @@ using FfnDevices = ::testing::Types<FfnCpuReferenceDevice, FfnCudaDevice>;
 #else
 using FfnDevices = ::testing::Types<FfnCpuReferenceDevice>;
 #endif
-class FfnDeviceNames {
- public:
-  template <class T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, FfnCpuReferenceDevice> ? "CpuReference" : "Cuda";
-  }
-};
-TYPED_TEST_SUITE(FfnKernelsTest, FfnDevices, FfnDeviceNames);
-
-// max |a - b| / max |b|.
-double RelMaxError(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0.0, mag = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::fabs(static_cast<double>(a[i]) - b[i]));
-    mag = std::max(mag, std::fabs(static_cast<double>(b[i])));
-  }
-  return mag > 0.0 ? err / mag : err;
-}
+TYPED_TEST_SUITE(FfnKernelsTest, FfnDevices, ReferenceOrCudaNames<FfnCpuReferenceDevice>);
 
 // How far the f32-activation FFN may be from ExpertFfnCpu, relative to the largest output: the
 // CPU quantizes the activations of each projection to its vec_dot_type (q8 for the quantized

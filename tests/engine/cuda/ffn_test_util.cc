@@ -1,5 +1,7 @@
 #include "tests/engine/cuda/ffn_test_util.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <map>
@@ -38,6 +40,15 @@ absl::StatusOr<std::string> SynthModelForCudaTests(const std::string& shape,
   o.out_path = ::moepool::testing::TempDir() + "/cuda-" + key + ".gguf";
   if (absl::Status st = SynthesizeModel(o); !st.ok()) return st;
   return made->emplace(key, o.out_path).first->second;
+}
+
+double RelMaxError(const std::vector<float>& a, const std::vector<float>& b) {
+  double err = 0.0, mag = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    err = std::max(err, std::fabs(static_cast<double>(a[i]) - b[i]));
+    mag = std::max(mag, std::fabs(static_cast<double>(b[i])));
+  }
+  return mag > 0.0 ? err / mag : err;
 }
 
 }  // namespace moepool::cuda

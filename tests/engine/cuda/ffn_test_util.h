@@ -4,6 +4,8 @@
 #define MOEPOOL_TESTS_ENGINE_CUDA_FFN_TEST_UTIL_H_
 
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -18,6 +20,20 @@ bool GpuRequired();
 // source tree, else from <shared testdata>/vocab/mistral-vocab.gguf.
 absl::StatusOr<std::string> SynthModelForCudaTests(const std::string& shape,
                                                    const std::string& type);
+
+// max |a - b| / max |b| over equal-length vectors (|a - b| alone when b is all zeros).
+double RelMaxError(const std::vector<float>& a, const std::vector<float>& b);
+
+// Names the instantiations of a typed suite over {Reference, CUDA device}: "CpuReference" for
+// `Reference`, "Cuda" for the other.
+template <class Reference>
+class ReferenceOrCudaNames {
+ public:
+  template <class T>
+  static std::string GetName(int) {
+    return std::is_same_v<T, Reference> ? "CpuReference" : "Cuda";
+  }
+};
 
 }  // namespace moepool::cuda
 

@@ -166,23 +166,7 @@ using BackendDevices = ::testing::Types<ReferenceBackendDevice, CudaBackendDevic
 #else
 using BackendDevices = ::testing::Types<ReferenceBackendDevice>;
 #endif
-class BackendDeviceNames {
- public:
-  template <class T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, ReferenceBackendDevice> ? "CpuReference" : "Cuda";
-  }
-};
-TYPED_TEST_SUITE(MoeFfnCudaTest, BackendDevices, BackendDeviceNames);
-
-double RelMaxError(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0.0, mag = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::fabs(static_cast<double>(a[i]) - b[i]));
-    mag = std::max(mag, std::fabs(static_cast<double>(b[i])));
-  }
-  return mag > 0.0 ? err / mag : err;
-}
+TYPED_TEST_SUITE(MoeFfnCudaTest, BackendDevices, ReferenceOrCudaNames<ReferenceBackendDevice>);
 
 TYPED_TEST(MoeFfnCudaTest, MatchesLocalBackendOnEveryLayer) {
   ThreadPool pool(2);
