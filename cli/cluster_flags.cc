@@ -22,6 +22,16 @@ const char* const kClusterValued[] = {"workers",         "local-experts",    "wi
 
 void AddClusterFlags(FlagSpec* spec) {
   for (const char* f : kClusterValued) spec->valued.insert(f);
+  AddDeviceFlag(spec);
+}
+
+void UseDeviceForLocalExperts(const std::string& model_path, const DeviceSpec& device,
+                              ClusterOptions* cluster) {
+  if (!device.cuda) return;
+  const std::vector<int> local = cluster->local_experts;
+  cluster->local_backend_factory = [model_path, local, device] {
+    return OpenDeviceExperts(model_path, local, device, /*show_progress=*/true);
+  };
 }
 
 absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args& args) {
@@ -60,10 +70,17 @@ absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args&
 }
 
 absl::StatusOr<LoadedEngine> LoadEngineForArgs(const Args& args, EngineOptions options) {
+  ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
   ASSIGN_OR_RETURN(std::optional<ClusterOptions> cluster, ClusterOptionsFromArgs(args));
   LoadedEngine loaded;
+  if (!cluster.has_value() && device.cuda) {
+    ASSIGN_OR_RETURN(loaded.device_experts, OpenDeviceExperts(options.model_path, {}, device,
+                                                              /*show_progress=*/true));
+    options.experts = loaded.device_experts.get();
+  }
   if (cluster.has_value()) {
     cluster->local_threads = options.threads;
+    UseDeviceForLocalExperts(options.model_path, device, &*cluster);
     ASSIGN_OR_RETURN(loaded.cluster, ClusterExpertBackend::Create(options.model_path, *cluster));
     options.experts = loaded.cluster.get();
   }

@@ -145,7 +145,9 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   if (!errors.empty()) return JoinErrors(errors);
   ASSIGN_OR_RETURN(b->placement_, ExpertPlacement::Build(c.n_layer, c.n_expert, options.workers,
                                                          pairs, options.local_experts));
-  if (!options.local_experts.empty()) {
+  if (!options.local_experts.empty() && options.local_backend_factory) {
+    ASSIGN_OR_RETURN(b->local_, options.local_backend_factory());
+  } else if (!options.local_experts.empty()) {
     b->local_pool_ = std::make_unique<ThreadPool>(options.local_threads);
     b->local_ = std::make_unique<LocalExpertBackend>(model, b->local_pool_.get());
   }

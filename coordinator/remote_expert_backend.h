@@ -32,6 +32,7 @@
 #define MOEPOOL_COORDINATOR_REMOTE_EXPERT_BACKEND_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -65,6 +66,9 @@ struct ClusterOptions {
   // max(this, 64 MiB).
   int64_t max_message_bytes = 4 << 20;
   int local_threads = 0;  // pool for local experts; <= 0: all hardware threads
+  // When set and local_experts is not empty, Create calls it once for the backend of the local
+  // experts (e.g. on a GPU, --device) instead of a LocalExpertBackend on a pool of its own.
+  std::function<absl::StatusOr<std::unique_ptr<ExpertBackend>>()> local_backend_factory;
   double reconnect_initial_s = 0.1;
   double reconnect_max_s = 5;
   size_t max_samples = 16384;  // round-trip samples kept per worker
@@ -111,7 +115,7 @@ class ClusterExpertBackend : public ExpertBackend {
   ClusterOptions options_;
   std::unique_ptr<Model> model_;  // all experts bound, no non-expert weights
   std::unique_ptr<ThreadPool> local_pool_;
-  std::unique_ptr<LocalExpertBackend> local_;
+  std::unique_ptr<ExpertBackend> local_;  // LocalExpertBackend or the factory's
   std::vector<std::unique_ptr<WorkerLink>> links_;
   std::unique_ptr<StepWatchdog> watchdog_;
   std::vector<moepool::v1::DescribeResponse> describes_;
