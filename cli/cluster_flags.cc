@@ -13,10 +13,10 @@
 namespace moepool::cli {
 namespace {
 
-const char* const kClusterValued[] = {"workers",         "local-experts",    "wire-dtype",
-                                      "step-timeout",    "connect-timeout",  "cluster-token",
-                                      "tls-ca",          "tls-cert",         "tls-key",
-                                      "tls-server-name", "max-message-bytes"};
+const char* const kClusterValued[] = {"workers",         "local-experts",     "wire-dtype",
+                                      "step-timeout",    "connect-timeout",   "cluster-token",
+                                      "tls-ca",          "tls-cert",          "tls-key",
+                                      "tls-server-name", "max-message-bytes", "transport"};
 
 }  // namespace
 
@@ -25,8 +25,9 @@ void AddClusterFlags(FlagSpec* spec) {
   AddDeviceFlag(spec);
 }
 
-void UseDeviceForLocalExperts(const std::string& model_path, const DeviceSpec& device,
-                              ClusterOptions* cluster) {
+void ApplyDeviceToCluster(const std::string& model_path, const DeviceSpec& device,
+                          ClusterOptions* cluster) {
+  cluster->nccl.device = device.cuda ? device.ordinals.front() : 0;
   if (!device.cuda) return;
   const std::vector<int> local = cluster->local_experts;
   cluster->local_backend_factory = [model_path, local, device] {
@@ -57,6 +58,8 @@ absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args&
     return absl::InvalidArgumentError("--step-timeout and --connect-timeout must be > 0");
   }
   ASSIGN_OR_RETURN(o.max_message_bytes, args.GetInt("max-message-bytes", o.max_message_bytes));
+  ASSIGN_OR_RETURN(o.transport, ParseTransport(args.Get("transport", "grpc")));
+  o.nccl.nccl.timeout_s = o.step_timeout_s;
   if (args.Has("cluster-token")) {
     o.cluster_token = args.Get("cluster-token");
   } else if (const char* env = std::getenv("MOEPOOL_CLUSTER_TOKEN"); env != nullptr) {
@@ -80,7 +83,7 @@ absl::StatusOr<LoadedEngine> LoadEngineForArgs(const Args& args, EngineOptions o
   }
   if (cluster.has_value()) {
     cluster->local_threads = options.threads;
-    UseDeviceForLocalExperts(options.model_path, device, &*cluster);
+    ApplyDeviceToCluster(options.model_path, device, &*cluster);
     ASSIGN_OR_RETURN(loaded.cluster, ClusterExpertBackend::Create(options.model_path, *cluster));
     options.experts = loaded.cluster.get();
   }

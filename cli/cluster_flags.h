@@ -11,7 +11,8 @@
 // not need --workers):
 //   --device cpu|cuda:N|cuda:all  where this process's experts run (cli/device_flags.h): every
 //                             expert without --workers, the --local-experts with them
-//   --transport grpc|nccl     how token rows travel to workers (coordinator/transport.h)
+//   --transport grpc|nccl     how token rows travel to workers (coordinator/transport.h); this
+//                             one needs --workers
 #ifndef MOEPOOL_CLI_CLUSTER_FLAGS_H_
 #define MOEPOOL_CLI_CLUSTER_FLAGS_H_
 
@@ -34,9 +35,10 @@ void AddClusterFlags(FlagSpec* spec);
 // environment variable MOEPOOL_CLUSTER_TOKEN.
 absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args& args);
 
-// Sets cluster->local_backend_factory so the local experts run on `device` (nothing for cpu).
-void UseDeviceForLocalExperts(const std::string& model_path, const DeviceSpec& device,
-                              ClusterOptions* cluster);
+// Sets cluster->local_backend_factory so the local experts run on `device` (nothing for cpu),
+// and the coordinator's NCCL device (the first of `device`, else cuda:0).
+void ApplyDeviceToCluster(const std::string& model_path, const DeviceSpec& device,
+                          ClusterOptions* cluster);
 
 // An engine and, in cluster mode, the expert backend it borrows (destroyed after the engine).
 struct LoadedEngine {

@@ -131,7 +131,7 @@ absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFacto
     return absl::OkStatus();
   }
   cluster->local_threads = config->engine.threads;
-  UseDeviceForLocalExperts(config->engine.model_path, device, &*cluster);
+  ApplyDeviceToCluster(config->engine.model_path, device, &*cluster);
   ASSIGN_OR_RETURN(std::unique_ptr<ClusterExpertBackend> created,
                    ClusterExpertBackend::Create(config->engine.model_path, *cluster));
   std::shared_ptr<ClusterExpertBackend> backend = std::move(created);

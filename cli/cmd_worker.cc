@@ -6,7 +6,9 @@
 //                  [--device cpu|cuda:N|cuda:all] [--transport grpc|nccl]
 //
 // --device cuda:* puts the experts on the GPU(s) (cuda:all spreads them over every device);
-// a build without CUDA refuses it before the model is opened.
+// a build without CUDA refuses it before the model is opened. --transport nccl offers the
+// coordinator NCCL pipes for the rows (coordinator/transport.h); where NCCL cannot be used the
+// worker says so in one line and serves over gRPC only.
 // The cluster token may also come from the environment (MOEPOOL_CLUSTER_TOKEN), which keeps it
 // out of the process list. SIGINT / SIGTERM stop the server (open streams get 5 s to finish).
 #include <pthread.h>
@@ -22,8 +24,10 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/device_flags.h"
+#include "coordinator/transport.h"
 #include "engine/gguf.h"
 #include "engine/model.h"
+#include "engine/nccl_peer.h"
 #include "engine/status_macros.h"
 #include "worker/expert_service.h"
 #include "worker/expert_set.h"
@@ -76,6 +80,7 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   const std::string listen = args.Get("listen");
   if (listen.empty()) return absl::InvalidArgumentError("--listen HOST:PORT is required");
   ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
+  ASSIGN_OR_RETURN(const TransportKind transport, ParseTransport(args.Get("transport", "grpc")));
   ASSIGN_OR_RETURN(worker::ExpertSet experts, ExpertsFromArgs(args, model));
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
   ASSIGN_OR_RETURN(int64_t max_message_mib, args.GetInt("max-message-mib", 64));
@@ -97,6 +102,21 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   ASSIGN_OR_RETURN(server_options.tls_cert_pem, ReadPem(args, "tls-cert"));
   ASSIGN_OR_RETURN(server_options.tls_key_pem, ReadPem(args, "tls-key"));
   ASSIGN_OR_RETURN(server_options.tls_client_ca_pem, ReadPem(args, "tls-ca"));
+
+  if (transport == TransportKind::kNccl) {
+    // The pipes use the worker's first GPU (cuda:0 for a CPU worker on a GPU machine).
+    const int nccl_device = device.cuda ? device.ordinals.front() : 0;
+    NcclOptions nccl;
+    const absl::Status usable = NcclUsable(nccl, nccl_device);
+    if (usable.ok()) {
+      server_options.service.nccl = std::make_shared<worker::NcclSessions>(nccl_device, nccl);
+    } else {
+      std::fprintf(stderr,
+                   "moepool worker: --transport nccl: NCCL cannot be used here (%s); rows travel "
+                   "over gRPC\n",
+                   std::string(usable.message()).c_str());
+    }
+  }
 
   worker::WorkerCoreOptions core_options;
   core_options.model_path = model;
@@ -133,7 +153,7 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
 
 const FlagSpec kWorkerFlags = {
     {"model", "experts", "layers", "placement", "listen", "threads", "cluster-token", "tls-cert",
-     "tls-key", "tls-ca", "max-message-mib", "name", "device"},
+     "tls-key", "tls-ca", "max-message-mib", "name", "device", "transport"},
     {}};
 
 }  // namespace

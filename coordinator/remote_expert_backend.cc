@@ -158,6 +158,14 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   const double tick_s = std::clamp(options.step_timeout_s / 10, 0.001, 0.05);
   b->watchdog_ =
       std::make_unique<StepWatchdog>(std::chrono::microseconds(static_cast<int64_t>(tick_s * 1e6)));
+  if (options.transport == TransportKind::kNccl) {
+    std::vector<TransportEndpoint> endpoints(n_workers);
+    for (size_t i = 0; i < n_workers; ++i) {
+      endpoints[i] = {options.workers[i], *answers[i], creds, args, options.cluster_token};
+    }
+    const auto transports = ConnectNcclTransports(endpoints, options.nccl);
+    for (size_t i = 0; i < n_workers; ++i) b->links_[i]->SetRowTransport(transports[i]);
+  }
   // A reconnected worker is used again only if it still serves the same model and experts.
   for (size_t i = 0; i < n_workers; ++i) {
     // The hook reads only immutable state (the model outlives the links).

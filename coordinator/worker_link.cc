@@ -312,6 +312,7 @@ absl::Status WorkerLink::Exchange(LinkJob* job) {
       return s;
     }
   }
+  if (row_transport_ != nullptr && !row_transport_->broken()) return ExchangeOutOfBand(job);
   const auto t0 = Clock::now();
   const int64_t n = static_cast<int64_t>(job->rows->size());
   const int64_t d = job->n_embd;

@@ -29,6 +29,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "coordinator/transport.h"
 #include "moepool/v1/expert_service.grpc.pb.h"
 
 namespace moepool {
@@ -124,6 +125,12 @@ class WorkerLink {
 
   bool up() const;
 
+  // Rows travel over `transport` (--transport nccl) while it works, over gRPC once it broke.
+  // Call before Start.
+  void SetRowTransport(std::shared_ptr<RowTransport> transport) {
+    row_transport_ = std::move(transport);
+  }
+
   // Hands a job to the I/O thread; latch->CountDown() when it is finished (ok or not).
   void Post(LinkJob* job, StepLatch* latch);
 
@@ -143,6 +150,8 @@ class WorkerLink {
   void RunJob(LinkJob* job);
   absl::Status DownError() const;  // mu_ held
   absl::Status Exchange(LinkJob* job);
+  // Exchange with the rows on row_transport_ (worker_link_rows.cc).
+  absl::Status ExchangeOutOfBand(LinkJob* job);
   absl::Status OpenStream();
   // Finishes the stream (cancelling it first if `cancel`); returns its final status.
   grpc::Status CloseStream(bool cancel);
@@ -154,7 +163,8 @@ class WorkerLink {
   void NewChannel();
 
   const WorkerLinkConfig config_;
-  AcceptWorker accept_;  // set by Start
+  AcceptWorker accept_;                          // set by Start
+  std::shared_ptr<RowTransport> row_transport_;  // null: gRPC; used by the I/O owner only
 
   // Channel and stream: used by the I/O thread (and Describe before Start).
   std::shared_ptr<grpc::Channel> channel_;

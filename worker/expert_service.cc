@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <utility>
 #include <vector>
 
@@ -63,7 +64,13 @@ absl::Status CheckChunk(const pb::ForwardRequest& c, const WorkerCore& core) {
                                                    ") do not fit total_rows ", c.total_rows()));
   }
   const uint64_t want_bytes = static_cast<uint64_t>(c.n_rows()) * c.n_embd() * elem;
-  if (c.rows().size() != want_bytes) {
+  if (c.nccl_session() != 0) {
+    if (c.row_offset() != 0 || c.n_rows() != c.total_rows() || !c.rows().empty()) {
+      return absl::InvalidArgumentError(
+          "a request with its rows on NCCL is one message without rows (row_offset 0, n_rows = "
+          "total_rows)");
+    }
+  } else if (c.rows().size() != want_bytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("chunk rows hold ", c.rows().size(), " bytes, expected ", want_bytes));
   }
@@ -153,6 +160,23 @@ grpc::Status ExpertServiceImpl::Describe(grpc::ServerContext* context,
   response->set_memory_free_bytes(d->memory_free_bytes);
   response->set_worker_id(d->worker_id);
   response->set_threads(d->threads);
+  if (options_.nccl != nullptr) response->add_transports("nccl");
+  return grpc::Status::OK;
+}
+
+grpc::Status ExpertServiceImpl::SetupNccl(grpc::ServerContext* context,
+                                          const pb::NcclSetupRequest* request,
+                                          pb::NcclSetupResponse* response) {
+  if (grpc::Status auth = CheckToken(*context); !auth.ok()) return auth;
+  if (options_.nccl == nullptr) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this worker does not offer NCCL (start it with --transport nccl)");
+  }
+  absl::StatusOr<uint64_t> session =
+      options_.nccl->Join(request->unique_id(), request->timeout_s());
+  if (!session.ok()) return ToGrpc(session.status());
+  response->set_session(*session);
+  response->set_device(options_.nccl->device());
   return grpc::Status::OK;
 }
 
@@ -213,6 +237,46 @@ grpc::Status ExpertServiceImpl::Forward(
     return c;
   };
 
+  // A request whose rows come over an NCCL session (one message, checked by CheckChunk): receive
+  // them, compute, answer with a header and send the result on the same session.
+  std::string nccl_rows;
+  auto answer_over_nccl = [&](const pb::ForwardRequest& request) {
+    NcclSessions::Locked session;
+    if (options_.nccl != nullptr) session = options_.nccl->Lock(request.nccl_session());
+    if (session.peer == nullptr || session.peer->broken()) {
+      return refuse(request, absl::FailedPreconditionError(
+                                 absl::StrCat("NCCL session ", request.nccl_session(),
+                                              " is unknown or broken here (worker restarted?)")));
+    }
+    const size_t elem = RowDTypeSize(static_cast<RowDType>(request.dtype()));
+    nccl_rows.resize(static_cast<size_t>(request.total_rows()) * request.n_embd() * elem);
+    if (absl::Status s = session.peer->Recv(nccl_rows.data(), nccl_rows.size()); !s.ok()) {
+      return refuse(request, absl::UnavailableError(
+                                 absl::StrCat("NCCL receive of the rows failed: ", s.message())));
+    }
+    const auto start = std::chrono::steady_clock::now();
+    const size_t pairs = static_cast<size_t>(request.expert_size());
+    const absl::Status s =
+        core_->Compute(compute_request(request, nccl_rows.data(), nccl_rows.size(),
+                                       request.expert().data(), request.weight().data(), pairs),
+                       &result);
+    if (!s.ok()) return refuse(request, s);
+    pb::ForwardResponse r = ResponseHeader(request);
+    r.set_row_offset(0);
+    r.set_n_rows(request.total_rows());
+    r.set_rows_via_nccl(true);
+    r.set_compute_micros(
+        static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                  std::chrono::steady_clock::now() - start)
+                                  .count()));
+    stream_ok = stream_ok && stream->Write(r);
+    if (!stream_ok) return;
+    if (absl::Status sent = session.peer->Send(result.data(), result.size()); !sent.ok()) {
+      std::fprintf(stderr, "moepool worker: NCCL send of layer %d failed: %s\n", request.layer(),
+                   std::string(sent.message()).c_str());
+    }
+  };
+
   while (stream_ok && stream->Read(&chunk)) {
     if (discarding) {
       discarding = false;
@@ -248,6 +312,10 @@ grpc::Status ExpertServiceImpl::Forward(
       continue;
     }
     const size_t pairs = static_cast<size_t>(chunk.expert_size());
+    if (chunk.nccl_session() != 0) {
+      answer_over_nccl(chunk);
+      continue;
+    }
     if (!pending.active && chunk.n_rows() == chunk.total_rows()) {
       // Whole request in one message: compute straight from it.
       answer(compute_request(chunk, chunk.rows().data(), chunk.rows().size(), chunk.expert().data(),

@@ -24,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "grpcpp/grpcpp.h"
 #include "moepool/v1/expert_service.grpc.pb.h"
+#include "worker/nccl_sessions.h"
 #include "worker/worker_core.h"
 
 namespace moepool::worker {
@@ -33,6 +34,9 @@ struct ExpertServiceOptions {
   // Largest payload of result rows in one ForwardResponse message (at least one row is always
   // sent per message); the whole result is split into consecutive-row chunks of this size.
   size_t response_chunk_bytes = size_t{4} << 20;
+  // Non-null (--transport nccl, NCCL usable here): Describe lists "nccl" in transports,
+  // SetupNccl joins communicators, and Forward requests naming a session get their rows over it.
+  std::shared_ptr<NcclSessions> nccl;
 };
 
 // True if a and b are equal; the time taken depends only on the lengths, not on where they
@@ -45,6 +49,8 @@ class ExpertServiceImpl final : public moepool::v1::ExpertService::Service {
 
   grpc::Status Describe(grpc::ServerContext* context, const moepool::v1::DescribeRequest* request,
                         moepool::v1::DescribeResponse* response) override;
+  grpc::Status SetupNccl(grpc::ServerContext* context, const moepool::v1::NcclSetupRequest* request,
+                         moepool::v1::NcclSetupResponse* response) override;
   grpc::Status Forward(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<moepool::v1::ForwardResponse,
                                                 moepool::v1::ForwardRequest>* stream) override;
