@@ -90,7 +90,7 @@ std::vector<std::shared_ptr<RowTransport>> ConnectNcclTransports(
     }
     std::fprintf(stderr, "moepool: worker %s: rows over NCCL (cuda:%d here, cuda:%d there)\n",
                  e.address.c_str(), options.device, remote->device());
-    out[i] = std::make_shared<NcclRowTransport>(*std::move(local), remote->session());
+    out[i] = std::make_shared<PipeRowTransport>(*std::move(local), remote->session());
   }
   return out;
 }

@@ -24,11 +24,13 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/nccl_peer.h"
+#include "engine/row_pipe.h"
 #include "moepool/v1/expert_service.pb.h"
 
 namespace moepool {
@@ -54,18 +56,18 @@ class RowTransport {
   virtual absl::Status Recv(void* data, size_t bytes) = 0;
 };
 
-// The coordinator's rank of a worker's NCCL session.
-class NcclRowTransport : public RowTransport {
+// A session's pipe (the coordinator's end: NcclPeer rank 0, or a test's in-memory pipe).
+class PipeRowTransport : public RowTransport {
  public:
-  NcclRowTransport(std::unique_ptr<NcclPeer> peer, uint64_t session)
-      : peer_(std::move(peer)), session_(session) {}
+  PipeRowTransport(std::unique_ptr<RowPipe> pipe, uint64_t session)
+      : pipe_(std::move(pipe)), session_(session) {}
   uint64_t session() const override { return session_; }
-  bool broken() const override { return peer_->broken(); }
-  absl::Status Send(const void* data, size_t bytes) override { return peer_->Send(data, bytes); }
-  absl::Status Recv(void* data, size_t bytes) override { return peer_->Recv(data, bytes); }
+  bool broken() const override { return pipe_->broken(); }
+  absl::Status Send(const void* data, size_t bytes) override { return pipe_->Send(data, bytes); }
+  absl::Status Recv(void* data, size_t bytes) override { return pipe_->Recv(data, bytes); }
 
  private:
-  std::unique_ptr<NcclPeer> peer_;
+  std::unique_ptr<RowPipe> pipe_;
   uint64_t session_;
 };
 

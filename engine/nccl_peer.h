@@ -23,6 +23,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/row_pipe.h"
 
 namespace moepool {
 
@@ -41,7 +42,7 @@ absl::Status NcclUsable(const NcclOptions& options, int device);
 // both peers. Errors as NcclUsable's, or INTERNAL with NCCL's message.
 absl::StatusOr<std::string> NcclNewUniqueId(const NcclOptions& options);
 
-class NcclPeer {
+class NcclPeer : public RowPipe {
  public:
   // Joins the two-rank communicator `unique_id` as `rank` (0 or 1) on CUDA device `device`, and
   // blocks until the other rank has joined too (both must call Connect concurrently), or
@@ -49,19 +50,19 @@ class NcclPeer {
   // errors as INTERNAL with its message; NcclUsable's errors.
   static absl::StatusOr<std::unique_ptr<NcclPeer>> Connect(const std::string& unique_id, int rank,
                                                            int device, const NcclOptions& options);
-  ~NcclPeer();  // aborts the communicator, frees the staging buffer
+  ~NcclPeer() override;  // aborts the communicator, frees the staging buffer
   NcclPeer(const NcclPeer&) = delete;
   NcclPeer& operator=(const NcclPeer&) = delete;
 
   int device() const;
   int rank() const;
-  bool broken() const;
+  bool broken() const override;
 
   // Sends `bytes` bytes at `data` (host memory) to the other rank, which must Recv the same
   // count. Returns when they have left this process's buffers.
-  absl::Status Send(const void* data, size_t bytes);
+  absl::Status Send(const void* data, size_t bytes) override;
   // Receives `bytes` bytes from the other rank into `data` (host memory).
-  absl::Status Recv(void* data, size_t bytes);
+  absl::Status Recv(void* data, size_t bytes) override;
 
   struct State;  // NCCL and CUDA handles (nccl_peer.cc)
 

@@ -10,8 +10,12 @@ absl::StatusOr<uint64_t> NcclSessions::Join(const std::string& unique_id, double
   absl::StatusOr<std::unique_ptr<NcclPeer>> peer =
       NcclPeer::Connect(unique_id, /*rank=*/1, device_, options);
   if (!peer.ok()) return peer.status();
+  return Add(*std::move(peer));
+}
+
+uint64_t NcclSessions::Add(std::unique_ptr<RowPipe> pipe) {
   auto session = std::make_shared<Session>();
-  session->peer = *std::move(peer);
+  session->peer = std::move(pipe);
   absl::MutexLock lock(&mu_);
   const uint64_t id = next_id_++;
   sessions_[id] = std::move(session);

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "engine/nccl_peer.h"
+#include "engine/row_pipe.h"
 
 namespace moepool::worker {
 
@@ -30,10 +31,13 @@ class NcclSessions {
   // `timeout_s` passes; <= 0: the options' timeout) and returns the new session's id (> 0).
   // Errors: NcclPeer::Connect's.
   absl::StatusOr<uint64_t> Join(const std::string& unique_id, double timeout_s);
+  // Adds a session over `pipe` (Join's NcclPeer, or a test's pipe) and returns its id (> 0).
+  uint64_t Add(std::unique_ptr<RowPipe> pipe);
 
-  // A session's pipe with its lock held, or nullptr for an unknown session.
+  // A session's pipe with its lock held, or nullptr for an unknown session. Sessions are never
+  // removed, so the lock outlives nothing it guards.
   struct Locked {
-    std::shared_ptr<NcclPeer> peer;
+    std::shared_ptr<RowPipe> peer;
     std::unique_ptr<absl::MutexLock> lock;
   };
   Locked Lock(uint64_t session);
@@ -41,7 +45,7 @@ class NcclSessions {
  private:
   struct Session {
     absl::Mutex mu;
-    std::shared_ptr<NcclPeer> peer;
+    std::shared_ptr<RowPipe> peer;
   };
   const int device_;
   const NcclOptions options_;
