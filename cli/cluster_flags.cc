@@ -13,15 +13,26 @@
 namespace moepool::cli {
 namespace {
 
-const char* const kClusterValued[] = {"workers",         "local-experts",    "wire-dtype",
-                                      "step-timeout",    "connect-timeout",  "cluster-token",
-                                      "tls-ca",          "tls-cert",         "tls-key",
-                                      "tls-server-name", "max-message-bytes"};
+const char* const kClusterValued[] = {"workers",         "local-experts",     "wire-dtype",
+                                      "step-timeout",    "connect-timeout",   "cluster-token",
+                                      "tls-ca",          "tls-cert",          "tls-key",
+                                      "tls-server-name", "max-message-bytes", "transport"};
 
 }  // namespace
 
 void AddClusterFlags(FlagSpec* spec) {
   for (const char* f : kClusterValued) spec->valued.insert(f);
+  AddDeviceFlag(spec);
+}
+
+void ApplyDeviceToCluster(const std::string& model_path, const DeviceSpec& device,
+                          ClusterOptions* cluster) {
+  cluster->nccl.device = device.cuda ? device.ordinals.front() : 0;
+  if (!device.cuda) return;
+  const std::vector<int> local = cluster->local_experts;
+  cluster->local_backend_factory = [model_path, local, device] {
+    return OpenDeviceExperts(model_path, local, device, /*show_progress=*/true);
+  };
 }
 
 absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args& args) {
@@ -47,6 +58,8 @@ absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args&
     return absl::InvalidArgumentError("--step-timeout and --connect-timeout must be > 0");
   }
   ASSIGN_OR_RETURN(o.max_message_bytes, args.GetInt("max-message-bytes", o.max_message_bytes));
+  ASSIGN_OR_RETURN(o.transport, ParseTransport(args.Get("transport", "grpc")));
+  o.nccl.nccl.timeout_s = o.step_timeout_s;
   if (args.Has("cluster-token")) {
     o.cluster_token = args.Get("cluster-token");
   } else if (const char* env = std::getenv("MOEPOOL_CLUSTER_TOKEN"); env != nullptr) {
@@ -60,10 +73,17 @@ absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args&
 }
 
 absl::StatusOr<LoadedEngine> LoadEngineForArgs(const Args& args, EngineOptions options) {
+  ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
   ASSIGN_OR_RETURN(std::optional<ClusterOptions> cluster, ClusterOptionsFromArgs(args));
   LoadedEngine loaded;
+  if (!cluster.has_value() && device.cuda) {
+    ASSIGN_OR_RETURN(loaded.device_experts, OpenDeviceExperts(options.model_path, {}, device,
+                                                              /*show_progress=*/true));
+    options.experts = loaded.device_experts.get();
+  }
   if (cluster.has_value()) {
     cluster->local_threads = options.threads;
+    ApplyDeviceToCluster(options.model_path, device, &*cluster);
     ASSIGN_OR_RETURN(loaded.cluster, ClusterExpertBackend::Create(options.model_path, *cluster));
     options.experts = loaded.cluster.get();
   }

@@ -7,7 +7,12 @@
 //   --cluster-token T         bearer token for every RPC (default: $MOEPOOL_CLUSTER_TOKEN)
 //   --tls-ca/--tls-cert/--tls-key PEM files, --tls-server-name NAME: TLS / mutual TLS
 //   --max-message-bytes N     largest message sent; larger batches are chunked (default 4 MiB)
-// Without --workers the engine runs every expert locally, as before.
+// Without --workers the engine runs every expert locally, as before. Also added here (they do
+// not need --workers):
+//   --device cpu|cuda:N|cuda:all  where this process's experts run (cli/device_flags.h): every
+//                             expert without --workers, the --local-experts with them
+//   --transport grpc|nccl     how token rows travel to workers (coordinator/transport.h); this
+//                             one needs --workers
 #ifndef MOEPOOL_CLI_CLUSTER_FLAGS_H_
 #define MOEPOOL_CLI_CLUSTER_FLAGS_H_
 
@@ -16,6 +21,7 @@
 
 #include "absl/status/statusor.h"
 #include "cli/args.h"
+#include "cli/device_flags.h"
 #include "coordinator/remote_expert_backend.h"
 #include "engine/engine.h"
 
@@ -29,14 +35,21 @@ void AddClusterFlags(FlagSpec* spec);
 // environment variable MOEPOOL_CLUSTER_TOKEN.
 absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args& args);
 
+// Sets cluster->local_backend_factory so the local experts run on `device` (nothing for cpu),
+// and the coordinator's NCCL device (the first of `device`, else cuda:0).
+void ApplyDeviceToCluster(const std::string& model_path, const DeviceSpec& device,
+                          ClusterOptions* cluster);
+
 // An engine and, in cluster mode, the expert backend it borrows (destroyed after the engine).
 struct LoadedEngine {
+  std::unique_ptr<ExpertBackend> device_experts;  // --device cuda:* without --workers
   std::unique_ptr<ClusterExpertBackend> cluster;
   std::unique_ptr<Engine> engine;
 };
 
 // Loads `options.model_path`; with --workers, first connects to the workers (errors name them)
-// and binds only the non-expert weights in the engine.
+// and binds only the non-expert weights in the engine. --device is checked before anything is
+// loaded (a cuda:* value fails here in a build without CUDA).
 absl::StatusOr<LoadedEngine> LoadEngineForArgs(const Args& args, EngineOptions options);
 
 }  // namespace moepool::cli

@@ -1,6 +1,7 @@
 // moepool plan: where the coordinator and each expert go on a set of machines.
 //
 //   moepool plan (--model M.gguf | --shape mixtral-8x7b --type Q5_K_M) --machine 12GiB ...
+//                [--machine cuda:24GiB (a GPU worker) | --machine cuda (this machine's GPU)]
 //                [--coordinator 8GiB] [--ctx 4096] [--reserve 0.5GiB] [--replicas]
 //                [--host NAME ...] [--json]
 //
@@ -14,6 +15,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "coordinator/planner.h"
+#include "engine/cuda/cuda_backend.h"
 #include "engine/status_macros.h"
 #include "engine/synth.h"
 #include "nlohmann/json.hpp"
@@ -22,9 +24,32 @@ namespace moepool::cli {
 namespace {
 
 constexpr char kUsage[] =
-    "usage: moepool plan (--model M.gguf | --shape NAME --type MIX) --machine SIZE "
+    "usage: moepool plan (--model M.gguf | --shape NAME --type MIX) --machine [cuda:]SIZE "
     "[--machine SIZE ...] [--coordinator SIZE] [--ctx N] [--reserve SIZE] [--replicas] "
     "[--host NAME ...] [--json]";
+
+struct MachineArg {
+  uint64_t bytes = 0;
+  std::string device;  // "" or "cuda:0"
+};
+
+// --machine SIZE (host memory), cuda:SIZE (a GPU worker: its experts on a card of SIZE) or cuda
+// (the card of this machine: cuda:0's total memory, as the driver reports it).
+absl::StatusOr<MachineArg> ParseMachine(const std::string& text) {
+  MachineArg machine;
+  if (text == "cuda") {
+    ASSIGN_OR_RETURN(const std::vector<CudaDeviceInfo> devices, ListCudaDevices());
+    if (devices.empty()) return absl::UnavailableError("--machine cuda: no CUDA device found");
+    machine.bytes = devices.front().total_bytes;
+    machine.device = "cuda:0";
+    return machine;
+  }
+  const std::string prefix = "cuda:";
+  const bool gpu = text.rfind(prefix, 0) == 0;
+  ASSIGN_OR_RETURN(machine.bytes, ParseByteSize(gpu ? text.substr(prefix.size()) : text));
+  if (gpu) machine.device = "cuda:0";
+  return machine;
+}
 
 absl::StatusOr<PlanRequest> ReadRequest(const Args& args) {
   if (!args.positional().empty()) {
@@ -45,9 +70,10 @@ absl::StatusOr<PlanRequest> ReadRequest(const Args& args) {
     ASSIGN_OR_RETURN(r.sizes, SizesFromShape(shape, args.Get("type", "Q4_K_M")));
   }
   for (const std::string& m : args.GetAll("machine")) {
-    ASSIGN_OR_RETURN(const uint64_t bytes, ParseByteSize(m));
-    if (bytes == 0) return absl::InvalidArgumentError("--machine: a machine of 0 bytes");
-    r.machines.push_back(bytes);
+    ASSIGN_OR_RETURN(const MachineArg machine, ParseMachine(m));
+    if (machine.bytes == 0) return absl::InvalidArgumentError("--machine: a machine of 0 bytes");
+    r.machines.push_back(machine.bytes);
+    r.machine_devices.push_back(machine.device);
   }
   if (r.machines.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("give at least one --machine SIZE; ", kUsage));
@@ -113,6 +139,7 @@ nlohmann::json PlanJson(const PlanRequest& r, const Plan& plan) {
                  : m.coordinator           ? "coordinator"
                  : m.worker                ? "worker"
                                            : "unused";
+    jm["device"] = m.device.empty() ? "cpu" : m.device;
     jm["size_bytes"] = m.size;
     jm["available_bytes"] = m.available();
     jm["used_bytes"] = m.used();

@@ -12,6 +12,7 @@
 #include "cli/args.h"
 #include "cli/cluster_flags.h"
 #include "cli/commands.h"
+#include "cli/device_flags.h"
 #include "coordinator/expert_placement.h"
 #include "coordinator/remote_expert_backend.h"
 #include "coordinator/serve.h"
@@ -113,13 +114,29 @@ absl::StatusOr<ServeConfig> ParseConfig(const Args& args) {
 // Where the experts run: here, or with --workers on a ClusterExpertBackend that the engine
 // factory and /health share (kept alive by both as long as the server). /health reports each
 // worker and answers 503 while some expert has no reachable holder.
+// With --device cuda:* the experts of this process (all of them, or the --local-experts) run on
+// the GPU; the check comes first, so a build without CUDA fails before loading anything.
 absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFactory* factory) {
+  ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
   ASSIGN_OR_RETURN(std::optional<ClusterOptions> cluster, ClusterOptionsFromArgs(args));
-  if (!cluster.has_value()) {
+  if (!cluster.has_value() && !device.cuda) {
     *factory = LocalEngineFactory();
     return absl::OkStatus();
   }
+  if (!cluster.has_value()) {
+    ASSIGN_OR_RETURN(std::unique_ptr<ExpertBackend> created,
+                     OpenDeviceExperts(config->engine.model_path, {}, device,
+                                       /*show_progress=*/true));
+    std::shared_ptr<ExpertBackend> experts = std::move(created);
+    *factory = [experts](const EngineOptions& options) {
+      EngineOptions on_device = options;
+      on_device.experts = experts.get();
+      return Engine::Load(on_device);
+    };
+    return absl::OkStatus();
+  }
   cluster->local_threads = config->engine.threads;
+  ApplyDeviceToCluster(config->engine.model_path, device, &*cluster);
   ASSIGN_OR_RETURN(std::unique_ptr<ClusterExpertBackend> created,
                    ClusterExpertBackend::Create(config->engine.model_path, *cluster));
   std::shared_ptr<ClusterExpertBackend> backend = std::move(created);

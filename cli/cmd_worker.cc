@@ -3,7 +3,12 @@
 //   moepool worker --model M.gguf (--experts 0-3 [--layers 0-31] | --placement FILE)
 //                  --listen HOST:PORT [--threads N] [--cluster-token T] [--name NAME]
 //                  [--tls-cert F --tls-key F [--tls-ca F]] [--max-message-mib N]
+//                  [--device cpu|cuda:N|cuda:all] [--transport grpc|nccl]
 //
+// --device cuda:* puts the experts on the GPU(s) (cuda:all spreads them over every device);
+// a build without CUDA refuses it before the model is opened. --transport nccl offers the
+// coordinator NCCL pipes for the rows (coordinator/transport.h); where NCCL cannot be used the
+// worker says so in one line and serves over gRPC only.
 // The cluster token may also come from the environment (MOEPOOL_CLUSTER_TOKEN), which keeps it
 // out of the process list. SIGINT / SIGTERM stop the server (open streams get 5 s to finish).
 #include <pthread.h>
@@ -18,8 +23,11 @@
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/device_flags.h"
+#include "coordinator/transport.h"
 #include "engine/gguf.h"
 #include "engine/model.h"
+#include "engine/nccl_peer.h"
 #include "engine/status_macros.h"
 #include "worker/expert_service.h"
 #include "worker/expert_set.h"
@@ -71,6 +79,8 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   if (model.empty()) return absl::InvalidArgumentError("--model is required");
   const std::string listen = args.Get("listen");
   if (listen.empty()) return absl::InvalidArgumentError("--listen HOST:PORT is required");
+  ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
+  ASSIGN_OR_RETURN(const TransportKind transport, ParseTransport(args.Get("transport", "grpc")));
   ASSIGN_OR_RETURN(worker::ExpertSet experts, ExpertsFromArgs(args, model));
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
   ASSIGN_OR_RETURN(int64_t max_message_mib, args.GetInt("max-message-mib", 64));
@@ -93,11 +103,27 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   ASSIGN_OR_RETURN(server_options.tls_key_pem, ReadPem(args, "tls-key"));
   ASSIGN_OR_RETURN(server_options.tls_client_ca_pem, ReadPem(args, "tls-ca"));
 
+  if (transport == TransportKind::kNccl) {
+    // The pipes use the worker's first GPU (cuda:0 for a CPU worker on a GPU machine).
+    const int nccl_device = device.cuda ? device.ordinals.front() : 0;
+    NcclOptions nccl;
+    const absl::Status usable = NcclUsable(nccl, nccl_device);
+    if (usable.ok()) {
+      server_options.service.nccl = std::make_shared<worker::NcclSessions>(nccl_device, nccl);
+    } else {
+      std::fprintf(stderr,
+                   "moepool worker: --transport nccl: NCCL cannot be used here (%s); rows travel "
+                   "over gRPC\n",
+                   std::string(usable.message()).c_str());
+    }
+  }
+
   worker::WorkerCoreOptions core_options;
   core_options.model_path = model;
   core_options.experts = experts;
   core_options.threads = static_cast<int>(threads);
   core_options.worker_id = args.Get("name", listen);
+  core_options.cuda_devices = device.ordinals;
   ASSIGN_OR_RETURN(std::unique_ptr<worker::WorkerCore> core,
                    worker::WorkerCore::Create(core_options));
   ASSIGN_OR_RETURN(std::unique_ptr<worker::WorkerServer> server,
@@ -110,9 +136,10 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
                  "MOEPOOL_CLUSTER_TOKEN); any client that reaches %s can use this worker\n",
                  bound.c_str());
   }
-  std::printf("moepool worker: serving %zu experts (%.1f MiB) of %s on %s%s\n", experts.size(),
+  std::printf("moepool worker: serving %zu experts (%.1f MiB) of %s on %s%s%s\n", experts.size(),
               static_cast<double>(core->expert_bytes()) / (1 << 20), model.c_str(), bound.c_str(),
-              server->tls() ? " (TLS)" : "");
+              server->tls() ? " (TLS)" : "",
+              device.cuda ? absl::StrCat(" on ", device.ToString()).c_str() : "");
   std::fflush(stdout);
 
   int signal_number = 0;
@@ -126,7 +153,7 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
 
 const FlagSpec kWorkerFlags = {
     {"model", "experts", "layers", "placement", "listen", "threads", "cluster-token", "tls-cert",
-     "tls-key", "tls-ca", "max-message-mib", "name"},
+     "tls-key", "tls-ca", "max-message-mib", "name", "device", "transport"},
     {}};
 
 }  // namespace

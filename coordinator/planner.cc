@@ -128,6 +128,7 @@ void DescribeWorker(const ModelSizes& sizes, MachinePlan* m) {
     m->experts_text = text;
     absl::StrAppend(&cmd, " --placement ", ShellQuote(m->placement_file_name));
   }
+  if (!m->device.empty()) absl::StrAppend(&cmd, " --device ", m->device);
   m->worker_command = cmd + listen;
 }
 
@@ -218,6 +219,7 @@ absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
     MachinePlan m;
     m.name = i < r.host_names.size() ? r.host_names[i] : absl::StrCat("machine-", i + 1);
     m.size = r.machines[i];
+    if (i < r.machine_devices.size()) m.device = r.machine_devices[i];
     m.port = r.first_port + static_cast<int>(i);
     plan.machines.push_back(m);
   }

@@ -100,6 +100,9 @@ struct PlanRequest {
   std::vector<uint64_t> machines;               // bytes of memory of each machine, in order
   std::optional<uint64_t> coordinator_machine;  // a separate coordinator machine
   std::vector<std::string> host_names;          // names of `machines` (missing: machine-N)
+  // Where each machine's experts live: "" (missing) for host memory, "cuda:0" for a GPU whose
+  // memory is the size given in `machines` (its worker command then gets --device cuda:0).
+  std::vector<std::string> machine_devices;
   int64_t ctx = 4096;
   int64_t batch = kPlanBatch;
   uint64_t reserve = 512 * kMiB;
@@ -117,6 +120,7 @@ struct CoordinatorMemory {
 
 struct MachinePlan {
   std::string name;
+  std::string device;    // "" (host memory) or "cuda:0" (size is the card's memory)
   uint64_t size = 0;     // the machine's memory
   uint64_t reserve = 0;  // kept free
   bool coordinator = false;

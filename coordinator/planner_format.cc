@@ -55,8 +55,10 @@ std::string FormatPlan(const PlanRequest& r, const Plan& plan) {
                              : m.coordinator           ? "coordinator"
                              : m.worker                ? "worker"
                                                        : "unused";
-    absl::StrAppend(&out, m.name, " (", role, "): uses ", FormatBytes(m.used()), " of ",
-                    FormatBytes(m.available()), " (", FormatBytes(m.size), " less the reserve)\n");
+    absl::StrAppend(&out, m.name, " (", role, m.device.empty() ? "" : absl::StrCat(", ", m.device),
+                    "): uses ", FormatBytes(m.used()), " of ", FormatBytes(m.available()), " (",
+                    FormatBytes(m.size), m.device.empty() ? "" : " of GPU memory",
+                    " less the reserve)\n");
     if (!m.worker) continue;
     absl::StrAppend(&out, "  ", m.experts_text, ": ", m.pairs.size(), " pairs, ",
                     FormatBytes(m.expert_bytes));

@@ -152,7 +152,9 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   if (!errors.empty()) return JoinErrors(errors);
   ASSIGN_OR_RETURN(b->placement_, ExpertPlacement::Build(c.n_layer, c.n_expert, options.workers,
                                                          pairs, options.local_experts));
-  if (!options.local_experts.empty()) {
+  if (!options.local_experts.empty() && options.local_backend_factory) {
+    ASSIGN_OR_RETURN(b->local_, options.local_backend_factory());
+  } else if (!options.local_experts.empty()) {
     b->local_pool_ = std::make_unique<ThreadPool>(options.local_threads);
     b->local_ = std::make_unique<LocalExpertBackend>(model, b->local_pool_.get());
   }
@@ -163,6 +165,15 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   const double tick_s = std::clamp(options.step_timeout_s / 10, 0.001, 0.05);
   b->watchdog_ =
       std::make_unique<StepWatchdog>(std::chrono::microseconds(static_cast<int64_t>(tick_s * 1e6)));
+  if (options.transport == TransportKind::kNccl) {
+    std::vector<TransportEndpoint> endpoints(n_workers);
+    for (size_t i = 0; i < n_workers; ++i) {
+      endpoints[i] = {options.workers[i], *answers[i], creds, args, options.cluster_token};
+    }
+    const auto transports = ConnectNcclTransports(endpoints, options.nccl);
+    // Lane 0 of each worker carries its rows over NCCL; further lanes stay on gRPC.
+    for (size_t i = 0; i < n_workers; ++i) b->links_[i][0]->SetRowTransport(transports[i]);
+  }
   // A reconnected worker is used again only if it still serves the same model and experts.
   for (size_t i = 0; i < n_workers; ++i) {
     // The hook reads only immutable state (the model outlives the links).

@@ -50,6 +50,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -58,6 +59,7 @@
 #include "absl/status/statusor.h"
 #include "coordinator/expert_placement.h"
 #include "coordinator/step_watchdog.h"
+#include "coordinator/transport.h"
 #include "coordinator/worker_link.h"
 #include "engine/expert_backend.h"
 #include "engine/model.h"
@@ -84,6 +86,13 @@ struct ClusterOptions {
   // max(this, 64 MiB).
   int64_t max_message_bytes = 4 << 20;
   int local_threads = 0;  // pool for local experts; <= 0: all hardware threads
+  // When set and local_experts is not empty, Create calls it once for the backend of the local
+  // experts (e.g. on a GPU, --device) instead of a LocalExpertBackend on a pool of its own.
+  std::function<absl::StatusOr<std::unique_ptr<ExpertBackend>>()> local_backend_factory;
+  // kNccl: rows to workers that offer it travel over NCCL (coordinator/transport.h); falls
+  // back to gRPC per worker, with a line on stderr, wherever NCCL cannot be set up.
+  TransportKind transport = TransportKind::kGrpc;
+  NcclTransportOptions nccl;
   double reconnect_initial_s = 0.1;
   double reconnect_max_s = 5;
   size_t max_samples = 16384;  // round-trip samples kept per worker
@@ -171,7 +180,7 @@ class ClusterExpertBackend : public ExpertBackend {
   ClusterOptions options_;
   std::unique_ptr<Model> model_;  // all experts bound, no non-expert weights
   std::unique_ptr<ThreadPool> local_pool_;
-  std::unique_ptr<LocalExpertBackend> local_;
+  std::unique_ptr<ExpertBackend> local_;  // LocalExpertBackend or the factory's
   std::vector<std::vector<std::unique_ptr<WorkerLink>>> links_;  // [worker][lane]
   std::unique_ptr<StepWatchdog> watchdog_;
   std::vector<moepool::v1::DescribeResponse> describes_;

@@ -131,7 +131,9 @@ void WorkerLink::Post(LinkJob* job, StepLatch* latch) {
     // With the stream open and idle (no job, no RunInline: nobody else touches it) a request
     // that fits one message is written right here, so it leaves without waiting for the link
     // thread to wake up; the link thread then only reads the answer.
-    if (up_ && stream_ != nullptr &&
+    // Rows on an NCCL pipe go through Exchange on the link thread (ExchangeOutOfBand).
+    const bool rows_out_of_band = row_transport_ != nullptr && !row_transport_->broken();
+    if (up_ && stream_ != nullptr && !rows_out_of_band &&
         RowsPerChunk(config_.max_message_bytes, job->n_embd, job->dtype, job->k) >=
             static_cast<int64_t>(job->rows->size())) {
       write_here = true;
@@ -401,6 +403,7 @@ absl::Status WorkerLink::Exchange(LinkJob* job, const Written* written) {
         return s;
       }
     }
+    if (row_transport_ != nullptr && !row_transport_->broken()) return ExchangeOutOfBand(job);
     w.t0 = Clock::now();
     const absl::Status s = WriteRequest(job, &w.request_bytes);
     if (!s.ok()) return s;

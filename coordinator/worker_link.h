@@ -30,6 +30,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "coordinator/transport.h"
 #include "moepool/v1/expert_service.grpc.pb.h"
 
 namespace moepool {
@@ -125,6 +126,12 @@ class WorkerLink {
 
   bool up() const;
 
+  // Rows travel over `transport` (--transport nccl) while it works, over gRPC once it broke.
+  // Call before Start.
+  void SetRowTransport(std::shared_ptr<RowTransport> transport) {
+    row_transport_ = std::move(transport);
+  }
+
   // Hands a job to the I/O thread; latch->CountDown() when it is finished (ok or not). A request
   // that fits one message on an open stream is written by the calling thread before Post
   // returns (the I/O thread only reads the answer), so it leaves without a thread hand-off.
@@ -155,6 +162,8 @@ class WorkerLink {
   absl::Status WriteRequest(LinkJob* job, uint64_t* request_bytes);
   // Writes the request unless `written`, then reads and reassembles the answer.
   absl::Status Exchange(LinkJob* job, const Written* written);
+  // Exchange with the rows on row_transport_ (worker_link_rows.cc).
+  absl::Status ExchangeOutOfBand(LinkJob* job);
   absl::Status OpenStream();
   // Finishes the stream (cancelling it first if `cancel`); returns its final status.
   grpc::Status CloseStream(bool cancel);
@@ -166,7 +175,8 @@ class WorkerLink {
   void NewChannel();
 
   const WorkerLinkConfig config_;
-  AcceptWorker accept_;  // set by Start
+  AcceptWorker accept_;                          // set by Start
+  std::shared_ptr<RowTransport> row_transport_;  // null: gRPC; used by the I/O owner only
 
   // Channel and stream: used by the I/O thread (and Describe before Start).
   std::shared_ptr<grpc::Channel> channel_;

@@ -88,6 +88,19 @@ grpc::Status FillDescribe(WorkerCore* core, pb::DescribeResponse* response) {
   return grpc::Status::OK;
 }
 
+grpc::Status JoinNccl(NcclSessions* nccl, const pb::NcclSetupRequest& request,
+                      pb::NcclSetupResponse* response) {
+  if (nccl == nullptr) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this worker does not offer NCCL (start it with --transport nccl)");
+  }
+  absl::StatusOr<uint64_t> session = nccl->Join(request.unique_id(), request.timeout_s());
+  if (!session.ok()) return ToGrpc(session.status());
+  response->set_session(*session);
+  response->set_device(nccl->device());
+  return grpc::Status::OK;
+}
+
 // The serving status the health service reports for `service`.
 health::HealthCheckResponse::ServingStatus HealthOf(const std::string& service) {
   return service.empty() || service == pb::ExpertService::service_full_name()
@@ -161,6 +174,24 @@ void ListenDescribe(ServerState* state) {
          pb::DescribeResponse* response) {
         grpc::Status s = CheckToken(st->options.cluster_token, context);
         if (s.ok()) s = FillDescribe(st->core, response);
+        if (s.ok() && st->options.nccl != nullptr) response->add_transports("nccl");
+        return s;
+      });
+}
+
+using SetupNcclCall = UnaryCall<pb::NcclSetupRequest, pb::NcclSetupResponse>;
+
+void ListenSetupNccl(ServerState* state) {
+  SetupNcclCall::Listen(
+      state,
+      [](ServerState* st, grpc::ServerContext* context, pb::NcclSetupRequest* request,
+         grpc::ServerAsyncResponseWriter<pb::NcclSetupResponse>* writer,
+         grpc::ServerCompletionQueue* cq,
+         void* tag) { st->service.RequestSetupNccl(context, request, writer, cq, cq, tag); },
+      [](ServerState* st, const grpc::ServerContext& context, const pb::NcclSetupRequest& request,
+         pb::NcclSetupResponse* response) {
+        grpc::Status s = CheckToken(st->options.cluster_token, context);
+        if (s.ok()) s = JoinNccl(st->options.nccl.get(), request, response);
         return s;
       });
 }
@@ -302,8 +333,10 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
   state->forward.service = &state->service;
   state->forward.cq = server->cq_.get();
   state->forward.gate = &state->gate;
+  state->forward.nccl = state->options.nccl.get();
   ForwardCall::Listen(&state->forward);
   ListenDescribe(state);
+  ListenSetupNccl(state);
   ListenHealthCheck(state);
   HealthWatchCall::Listen(state);
   server->thread_ = std::thread([s = server.get()] { s->Serve(); });

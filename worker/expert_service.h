@@ -29,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "grpcpp/grpcpp.h"
 #include "moepool/v1/expert_service.grpc.pb.h"
+#include "worker/nccl_sessions.h"
 #include "worker/worker_core.h"
 
 namespace moepool::worker {
@@ -38,6 +39,10 @@ struct ExpertServiceOptions {
   // Largest payload of result rows in one ForwardResponse message (at least one row is always
   // sent per message); the whole result is split into consecutive-row chunks of this size.
   size_t response_chunk_bytes = size_t{4} << 20;
+  // Non-null (--transport nccl, NCCL usable here): Describe lists "nccl" in transports,
+  // SetupNccl joins communicators (blocking the queue thread for up to the request's timeout),
+  // and Forward requests naming a session get their rows over it.
+  std::shared_ptr<NcclSessions> nccl;
 };
 
 // True if a and b are equal; the time taken depends only on the lengths, not on where they

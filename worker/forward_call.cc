@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 
 #include "absl/strings/str_cat.h"
 
@@ -45,7 +46,13 @@ absl::Status CheckChunk(const pb::ForwardRequest& c, const WorkerCore& core) {
                                                    ") do not fit total_rows ", c.total_rows()));
   }
   const uint64_t want_bytes = static_cast<uint64_t>(c.n_rows()) * c.n_embd() * elem;
-  if (c.rows().size() != want_bytes) {
+  if (c.nccl_session() != 0) {
+    if (c.row_offset() != 0 || c.n_rows() != c.total_rows() || !c.rows().empty()) {
+      return absl::InvalidArgumentError(
+          "a request with its rows on NCCL is one message without rows (row_offset 0, n_rows = "
+          "total_rows)");
+    }
+  } else if (c.rows().size() != want_bytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("chunk rows hold ", c.rows().size(), " bytes, expected ", want_bytes));
   }
@@ -159,6 +166,18 @@ void ForwardCall::OnWritten(bool ok) {
     return;
   }
   ++out_next_;
+  if (out_next_ == out_count_ && nccl_send_session_ != 0) {
+    // The header-only answer is out: the result follows on the NCCL session.
+    NcclSessions::Locked session;
+    if (env_->nccl != nullptr) session = env_->nccl->Lock(nccl_send_session_);
+    nccl_send_session_ = 0;
+    if (session.peer != nullptr) {
+      if (absl::Status sent = session.peer->Send(result_.data(), result_.size()); !sent.ok()) {
+        std::fprintf(stderr, "moepool worker: NCCL send of a result failed: %s\n",
+                     std::string(sent.message()).c_str());
+      }
+    }
+  }
   Continue();
 }
 
@@ -220,6 +239,37 @@ void ForwardCall::Answer(const ComputeRequest& compute, const pb::ForwardRequest
   } while (offset < compute.n_rows);
 }
 
+void ForwardCall::AnswerOverNccl(const pb::ForwardRequest& request) {
+  NcclSessions::Locked session;
+  if (env_->nccl != nullptr) session = env_->nccl->Lock(request.nccl_session());
+  if (session.peer == nullptr || session.peer->broken()) {
+    return Refuse(request, absl::FailedPreconditionError(
+                               absl::StrCat("NCCL session ", request.nccl_session(),
+                                            " is unknown or broken here (worker restarted?)")));
+  }
+  const size_t elem = RowDTypeSize(static_cast<RowDType>(request.dtype()));
+  nccl_rows_.resize(static_cast<size_t>(request.total_rows()) * request.n_embd() * elem);
+  if (absl::Status s = session.peer->Recv(nccl_rows_.data(), nccl_rows_.size()); !s.ok()) {
+    return Refuse(request, absl::UnavailableError(
+                               absl::StrCat("NCCL receive of the rows failed: ", s.message())));
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const absl::Status s = env_->core->Compute(
+      ToCompute(request, nccl_rows_.data(), nccl_rows_.size(), request.expert().data(),
+                request.weight().data(), static_cast<size_t>(request.expert_size())),
+      &result_);
+  if (!s.ok()) return Refuse(request, s);
+  pb::ForwardResponse* r = NextResponse();
+  SetHeader(request, r);
+  r->set_row_offset(0);
+  r->set_n_rows(request.total_rows());
+  r->set_rows_via_nccl(true);
+  r->set_compute_micros(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                                  std::chrono::steady_clock::now() - start)
+                                                  .count()));
+  nccl_send_session_ = request.nccl_session();
+}
+
 void ForwardCall::HandleChunk() {
   const pb::ForwardRequest& chunk = chunk_;
   if (discarding_) {
@@ -256,6 +306,10 @@ void ForwardCall::HandleChunk() {
     return;
   }
   const size_t pairs = static_cast<size_t>(chunk.expert_size());
+  if (chunk.nccl_session() != 0) {
+    AnswerOverNccl(chunk);
+    return;
+  }
   if (!pending_.active && chunk.n_rows() == chunk.total_rows()) {
     // Whole request in one message: compute straight from it.
     Answer(ToCompute(chunk, chunk.rows().data(), chunk.rows().size(), chunk.expert().data(),

@@ -24,6 +24,7 @@
 #include "absl/status/status.h"
 #include "grpcpp/grpcpp.h"
 #include "moepool/v1/expert_service.grpc.pb.h"
+#include "worker/nccl_sessions.h"
 #include "worker/server_call.h"
 #include "worker/worker_core.h"
 
@@ -37,6 +38,7 @@ struct ForwardCallEnv {
   moepool::v1::ExpertService::AsyncService* service = nullptr;
   grpc::ServerCompletionQueue* cq = nullptr;
   OpGate* gate = nullptr;
+  NcclSessions* nccl = nullptr;  // null: no NCCL sessions (requests naming one are refused)
 };
 
 class ForwardCall final : public ServerCall {
@@ -72,6 +74,10 @@ class ForwardCall final : public ServerCall {
   void HandleChunk();
   // Queues an error response for `request`.
   void Refuse(const moepool::v1::ForwardRequest& request, const absl::Status& error);
+  // A request whose rows come over NCCL session request.nccl_session(): receives them, computes
+  // and queues a header-only response; the result goes out on the session once that response
+  // is written (the coordinator reads the header, then receives).
+  void AnswerOverNccl(const moepool::v1::ForwardRequest& request);
   // Computes a complete request and queues its result in chunks.
   void Answer(const ComputeRequest& compute, const moepool::v1::ForwardRequest& header);
   // A cleared response at the end of the queue (reused across requests).
@@ -91,7 +97,9 @@ class ForwardCall final : public ServerCall {
   std::string result_;                             // WorkerCore's output buffer (reused)
   std::vector<moepool::v1::ForwardResponse> out_;  // queue slots [0, out_count_), reused
   size_t out_count_ = 0;
-  size_t out_next_ = 0;  // the slot being written
+  size_t out_next_ = 0;             // the slot being written
+  uint64_t nccl_send_session_ = 0;  // > 0: result_ goes out on this session after the writes
+  std::string nccl_rows_;           // rows received over NCCL (reused)
 };
 
 }  // namespace moepool::worker

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -10,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cuda/cuda_backend.h"
 #include "engine/fingerprint.h"
 #include "engine/gguf.h"
 #include "engine/quant/fp16.h"
@@ -87,10 +89,21 @@ absl::StatusOr<std::unique_ptr<WorkerCore>> WorkerCore::Create(const WorkerCoreO
   core->experts_ = options.experts;
   core->fingerprint_ = ModelFingerprint(*core->model_, options.experts.pairs());
   core->worker_id_ = options.worker_id;
-  core->device_ = options.device;
   core->max_rows_ = options.max_rows;
   core->pool_ = std::make_unique<ThreadPool>(options.threads);
-  core->backend_ = std::make_unique<LocalExpertBackend>(core->model_.get(), core->pool_.get());
+  core->cuda_devices_ = options.cuda_devices;
+  if (options.cuda_devices.empty()) {
+    core->device_ = "cpu";
+    core->backend_ = std::make_unique<LocalExpertBackend>(core->model_.get(), core->pool_.get());
+  } else {
+    DeviceSpec spec;
+    spec.cuda = true;
+    spec.ordinals = options.cuda_devices;
+    core->device_ = spec.ToString();
+    CudaExpertOptions cuda;
+    cuda.devices = options.cuda_devices;
+    ASSIGN_OR_RETURN(core->backend_, CreateCudaExpertBackend(core->model_.get(), cuda));
+  }
   return core;
 }
 
@@ -108,8 +121,20 @@ absl::StatusOr<WorkerDescription> WorkerCore::Describe() const {
   d.experts = experts_.Packed();
   d.device = device_;
   d.expert_bytes = model_->ExpertBytes();
-  d.memory_used_bytes = ProcessResidentBytes();
-  d.memory_free_bytes = MachineAvailableBytes();
+  if (cuda_devices_.empty()) {
+    d.memory_used_bytes = ProcessResidentBytes();
+    d.memory_free_bytes = MachineAvailableBytes();
+  } else {
+    ASSIGN_OR_RETURN(const std::vector<CudaDeviceInfo> devices, ListCudaDevices());
+    for (const CudaDeviceInfo& info : devices) {
+      if (std::find(cuda_devices_.begin(), cuda_devices_.end(), info.ordinal) ==
+          cuda_devices_.end()) {
+        continue;
+      }
+      d.memory_used_bytes += info.total_bytes - std::min(info.free_bytes, info.total_bytes);
+      d.memory_free_bytes += info.free_bytes;
+    }
+  }
   d.worker_id = worker_id_;
   d.threads = pool_->size();
   return d;

@@ -2,8 +2,10 @@
 //
 // WorkerCore binds only its (layer, expert) pairs of a GGUF file (no attention, router,
 // embedding or head; the mapping is lazy, so pages of experts held elsewhere are never read) and
-// runs them with LocalExpertBackend on its own ThreadPool. It knows nothing about gRPC: the
-// service (expert_service.h) translates protocol messages into ComputeRequest.
+// runs them with LocalExpertBackend on its own ThreadPool, or, given CUDA devices, with the CUDA
+// expert backend (engine/cuda/cuda_backend.h), the pairs spread over those devices. It knows
+// nothing about gRPC: the service (expert_service.h) translates protocol messages into
+// ComputeRequest.
 //
 // Contract of Compute: every field of the request is checked before anything is computed; a bad
 // request returns INVALID_ARGUMENT (malformed: sizes, dtype, ids outside the model, non-finite
@@ -52,7 +54,9 @@ struct WorkerCoreOptions {
   int threads = 0;           // <= 0: one per hardware thread
   int64_t max_rows = 65536;  // the most rows one Compute accepts
   std::string worker_id;     // reported by Describe (host:port or a name)
-  std::string device = "cpu";
+  // CUDA device ordinals the experts live on (resolved, see ResolveDeviceSpec); empty: the CPU.
+  // Create fails with the CUDA backend's error (FAILED_PRECONDITION in a build without CUDA).
+  std::vector<int> cuda_devices;
 };
 
 // What Describe reports (mirrors moepool.v1.DescribeResponse without protobuf types).
@@ -62,10 +66,12 @@ struct WorkerDescription {
   uint64_t file_bytes = 0;
   int64_t n_embd = 0, n_ff = 0, n_layer = 0, n_expert = 0, n_expert_used = 0;
   std::vector<uint32_t> experts;  // packed (PackExpert), ascending
-  std::string device;
+  std::string device;             // "cpu", "cuda:0", "cuda:0,1"
   uint64_t expert_bytes = 0;
-  uint64_t memory_used_bytes = 0;  // resident set of this process now
-  uint64_t memory_free_bytes = 0;  // MemAvailable of the machine now
+  // CPU: resident set of this process and MemAvailable of the machine, now. CUDA: used (total
+  // less free) and free memory summed over the worker's devices, now.
+  uint64_t memory_used_bytes = 0;
+  uint64_t memory_free_bytes = 0;
   std::string worker_id;
   int threads = 0;
 };
@@ -119,9 +125,10 @@ class WorkerCore {
   std::string fingerprint_;
   std::string worker_id_;
   std::string device_;
+  std::vector<int> cuda_devices_;
   int64_t max_rows_ = 0;
   std::unique_ptr<ThreadPool> pool_;
-  std::unique_ptr<LocalExpertBackend> backend_;
+  std::unique_ptr<ExpertBackend> backend_;  // LocalExpertBackend or the CUDA backend
 
   absl::Mutex compute_mu_;
   std::vector<float> x_ ABSL_GUARDED_BY(compute_mu_);  // rows widened to f32

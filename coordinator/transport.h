@@ -1,0 +1,95 @@
+// How token rows travel between the coordinator and a worker (--transport grpc|nccl).
+//
+// grpc (default): rows ride inside the ForwardRequest / ForwardResponse messages.
+// nccl: the Forward stream stays the control channel (routing, step ids, errors), but the rows
+// go GPU to GPU over a two-rank NCCL communicator per worker (engine/nccl_peer.h): the
+// coordinator makes an ncclUniqueId, hands it to the worker with the SetupNccl RPC, and both
+// join; then each Forward request names the session and its rows follow it with ncclSend.
+// See docs/protocol.md ("NCCL rows") and docs/gpu-cluster.md.
+//
+// Fallback: when NCCL cannot be used (a build without CUDA, no libnccl.so.2, no GPU, the worker
+// does not offer it, joining fails or times out), one line on stderr says why and that link
+// stays on gRPC; a link whose NCCL pipe breaks later (RowTransport::broken) goes back to gRPC for
+// good. Nothing here is fatal.
+//
+// Threading: ConnectNcclTransports blocks (it joins communicators) and is called once at
+// startup. A RowTransport is used by one link at a time.
+#ifndef MOEPOOL_COORDINATOR_TRANSPORT_H_
+#define MOEPOOL_COORDINATOR_TRANSPORT_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/nccl_peer.h"
+#include "engine/row_pipe.h"
+#include "moepool/v1/expert_service.pb.h"
+
+namespace moepool {
+
+enum class TransportKind { kGrpc, kNccl };
+
+// "grpc" or "nccl"; INVALID_ARGUMENT naming the text otherwise.
+absl::StatusOr<TransportKind> ParseTransport(std::string_view text);
+const char* TransportName(TransportKind kind);
+
+// The transport name a worker lists in DescribeResponse.transports when it offers NCCL.
+inline constexpr char kNcclTransportName[] = "nccl";
+
+// A byte pipe for a link's rows outside the gRPC messages.
+class RowTransport {
+ public:
+  virtual ~RowTransport() = default;
+  // ForwardRequest.nccl_session for requests whose rows travel here.
+  virtual uint64_t session() const = 0;
+  // True after a failure: the link must use gRPC from then on.
+  virtual bool broken() const = 0;
+  virtual absl::Status Send(const void* data, size_t bytes) = 0;
+  virtual absl::Status Recv(void* data, size_t bytes) = 0;
+};
+
+// A session's pipe (the coordinator's end: NcclPeer rank 0, or a test's in-memory pipe).
+class PipeRowTransport : public RowTransport {
+ public:
+  PipeRowTransport(std::unique_ptr<RowPipe> pipe, uint64_t session)
+      : pipe_(std::move(pipe)), session_(session) {}
+  uint64_t session() const override { return session_; }
+  bool broken() const override { return pipe_->broken(); }
+  absl::Status Send(const void* data, size_t bytes) override { return pipe_->Send(data, bytes); }
+  absl::Status Recv(void* data, size_t bytes) override { return pipe_->Recv(data, bytes); }
+
+ private:
+  std::unique_ptr<RowPipe> pipe_;
+  uint64_t session_;
+};
+
+// One worker as the coordinator reaches it (the same channel settings as its WorkerLink).
+struct TransportEndpoint {
+  std::string address;
+  moepool::v1::DescribeResponse describe;  // the accepted startup answer
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  grpc::ChannelArguments channel_args;
+  std::string token;  // bearer token; empty: none
+};
+
+struct NcclTransportOptions {
+  int device = 0;  // the coordinator's CUDA device for the pipes
+  NcclOptions nccl;
+};
+
+// For each endpoint, an NCCL pipe or null (gRPC). Prints one line on stderr per fallback (or a
+// single line when NCCL is not usable here at all) and one line per pipe set up.
+std::vector<std::shared_ptr<RowTransport>> ConnectNcclTransports(
+    const std::vector<TransportEndpoint>& endpoints, const NcclTransportOptions& options);
+
+}  // namespace moepool
+
+#endif  // MOEPOOL_COORDINATOR_TRANSPORT_H_

@@ -1,0 +1,106 @@
+// WorkerLink's exchange with the rows outside the gRPC messages (--transport nccl, see
+// coordinator/transport.h): one request message without rows naming the NCCL session, the rows
+// sent on the pipe, one response message without rows, the result received on the pipe. Kept
+// apart from worker_link.cc so the gRPC path reads as before.
+#include <chrono>
+#include <cstdio>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "coordinator/wire_format.h"
+#include "coordinator/worker_link.h"
+
+namespace moepool {
+namespace {
+
+uint64_t MicrosSince(std::chrono::steady_clock::time_point t0) {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
+          .count());
+}
+
+}  // namespace
+
+absl::Status WorkerLink::ExchangeOutOfBand(LinkJob* job) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t n = static_cast<int64_t>(job->rows->size());
+  const int64_t d = job->n_embd;
+  const int k = job->k;
+  // After a pipe failure the two ends may disagree on what is in flight: gRPC from now on.
+  auto pipe_failed = [&](const absl::Status& why) {
+    std::fprintf(stderr, "moepool: worker %s: NCCL rows failed (%s); using gRPC from now on\n",
+                 config_.address.c_str(), std::string(why.message()).c_str());
+    row_transport_.reset();
+    return Broken(*job, absl::StrCat("NCCL rows of layer ", job->layer, " failed"), true);
+  };
+
+  moepool::v1::ForwardRequest req;
+  req.set_step_id(job->step_id);
+  req.set_layer(job->layer);
+  req.set_dtype(job->dtype);
+  req.set_n_embd(static_cast<int32_t>(d));
+  req.set_total_rows(static_cast<int32_t>(n));
+  req.set_row_offset(0);
+  req.set_n_rows(static_cast<int32_t>(n));
+  req.set_k(k);
+  req.set_nccl_session(row_transport_->session());
+  req.mutable_expert()->Add(job->expert->begin(), job->expert->end());
+  req.mutable_weight()->Add(job->weight->begin(), job->weight->end());
+  std::string rows;
+  rows.reserve(static_cast<size_t>(n * d * WireDTypeBytes(job->dtype)));
+  for (int64_t i = 0; i < n; ++i) {
+    EncodeRows(job->dtype, job->x + (*job->rows)[static_cast<size_t>(i)] * d, d, &rows);
+  }
+  const uint64_t request_bytes = req.ByteSizeLong();
+  if (!stream_->Write(req)) {
+    return Broken(*job, absl::StrCat("connection lost while sending layer ", job->layer), false);
+  }
+  if (absl::Status s = row_transport_->Send(rows.data(), rows.size()); !s.ok()) {
+    return pipe_failed(s);
+  }
+
+  moepool::v1::ForwardResponse resp;
+  uint64_t response_bytes = 0;
+  do {
+    if (!stream_->Read(&resp)) {
+      return Broken(*job, absl::StrCat("connection lost while waiting for layer ", job->layer),
+                    false);
+    }
+    response_bytes += resp.ByteSizeLong();
+  } while (resp.step_id() < job->step_id);  // the rest of an answer to an abandoned step
+  if (resp.step_id() != job->step_id || resp.layer() != job->layer) {
+    return Broken(*job,
+                  absl::StrCat("answered step ", resp.step_id(), " layer ", resp.layer(),
+                               " to a request for step ", job->step_id, " layer ", job->layer),
+                  true);
+  }
+  if (resp.error_code() != 0) {
+    return absl::Status(static_cast<absl::StatusCode>(resp.error_code()),
+                        absl::StrCat("worker ", config_.address, " refused layer ", job->layer,
+                                     ": ", resp.error_message()));
+  }
+  if (!resp.rows_via_nccl() || resp.dtype() != job->dtype || resp.total_rows() != n ||
+      resp.row_offset() != 0 || resp.n_rows() != n) {
+    return pipe_failed(
+        absl::InternalError(absl::StrCat("the answer to layer ", job->layer, " does not announce ",
+                                         n, " rows on the NCCL session")));
+  }
+  rows.resize(static_cast<size_t>(n * d * WireDTypeBytes(job->dtype)));
+  if (absl::Status s = row_transport_->Recv(rows.data(), rows.size()); !s.ok()) {
+    return pipe_failed(s);
+  }
+  job->partial.resize(static_cast<size_t>(n * d));
+  if (absl::Status s = DecodeRows(job->dtype, rows, n * d, job->partial.data()); !s.ok()) {
+    return Broken(*job, absl::StrCat("malformed answer for layer ", job->layer, ": ", s.message()),
+                  true);
+  }
+  job->sample.layer = job->layer;
+  job->sample.rows = n;
+  job->sample.round_trip_micros = MicrosSince(t0);
+  job->sample.compute_micros = resp.compute_micros();
+  job->sample.request_bytes = request_bytes + rows.size();
+  job->sample.response_bytes = response_bytes + rows.size();
+  return absl::OkStatus();
+}
+
+}  // namespace moepool

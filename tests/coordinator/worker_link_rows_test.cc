@@ -1,0 +1,204 @@
+// The rows-outside-gRPC protocol (--transport nccl) end to end without GPUs: a real worker
+// (WorkerCore + WorkerServer over gRPC) whose session is an in-memory pipe instead of NCCL, and
+// WorkerLinks with and without that pipe. The answers must equal the all-gRPC ones bit for bit,
+// the rows must really cross the pipe, and refusals must keep both ends in step.
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "coordinator/transport.h"
+#include "coordinator/worker_link.h"
+#include "gtest/gtest.h"
+#include "tests/engine/tiny_model_util.h"
+#include "worker/expert_service.h"
+#include "worker/nccl_sessions.h"
+#include "worker/worker_core.h"
+
+namespace moepool {
+namespace {
+
+using ::moepool::testing::TinyModelPath;
+
+// Two connected in-memory pipe ends (unbounded queues; Recv waits up to 10 s).
+struct PipeWire {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<char> queue[2];  // queue[i]: bytes for end i
+  size_t sent[2] = {0, 0};    // bytes sent by end i
+};
+
+class MemoryPipe : public RowPipe {
+ public:
+  MemoryPipe(std::shared_ptr<PipeWire> wire, int end) : wire_(std::move(wire)), end_(end) {}
+  bool broken() const override { return broken_; }
+  absl::Status Send(const void* data, size_t bytes) override {
+    std::lock_guard<std::mutex> lock(wire_->mu);
+    const char* p = static_cast<const char*>(data);
+    wire_->queue[1 - end_].insert(wire_->queue[1 - end_].end(), p, p + bytes);
+    wire_->sent[end_] += bytes;
+    wire_->cv.notify_all();
+    return absl::OkStatus();
+  }
+  absl::Status Recv(void* data, size_t bytes) override {
+    std::unique_lock<std::mutex> lock(wire_->mu);
+    std::deque<char>& q = wire_->queue[end_];
+    if (!wire_->cv.wait_for(lock, std::chrono::seconds(10), [&] { return q.size() >= bytes; })) {
+      broken_ = true;
+      return absl::DeadlineExceededError("memory pipe: nothing came");
+    }
+    std::copy(q.begin(), q.begin() + static_cast<std::ptrdiff_t>(bytes), static_cast<char*>(data));
+    q.erase(q.begin(), q.begin() + static_cast<std::ptrdiff_t>(bytes));
+    return absl::OkStatus();
+  }
+
+ private:
+  std::shared_ptr<PipeWire> wire_;
+  int end_;
+  bool broken_ = false;
+};
+
+class WorkerLinkRowsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    worker::WorkerCoreOptions o;
+    o.model_path = TinyModelPath("Q4_K_M");
+    ASSERT_FALSE(o.model_path.empty());
+    auto experts = worker::ExpertSetFromFlags("0-7", "0-1", 64, 8);
+    ASSERT_TRUE(experts.ok()) << experts.status();
+    o.experts = *experts;
+    o.threads = 2;
+    auto core = worker::WorkerCore::Create(o);
+    ASSERT_TRUE(core.ok()) << core.status();
+    core_ = *std::move(core);
+    wire_ = std::make_shared<PipeWire>();
+    sessions_ = std::make_shared<worker::NcclSessions>(0, NcclOptions{});
+    session_ = sessions_->Add(std::make_unique<MemoryPipe>(wire_, 1));
+    worker::WorkerServerOptions so;
+    so.listen_address = "127.0.0.1:0";
+    so.service.nccl = sessions_;
+    auto server = worker::WorkerServer::Start(core_.get(), so);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = *std::move(server);
+  }
+
+  std::unique_ptr<WorkerLink> Link(std::shared_ptr<RowTransport> rows) {
+    WorkerLinkConfig c;
+    c.address = "127.0.0.1:" + std::to_string(server_->port());
+    c.credentials = grpc::InsecureChannelCredentials();
+    auto link = std::make_unique<WorkerLink>(std::move(c));
+    auto d = link->Describe(10, true);
+    EXPECT_TRUE(d.ok()) << d.status();
+    if (!d.ok()) return nullptr;
+    describe_ = *d;
+    link->SetRowTransport(std::move(rows));
+    link->Start(*d, [](const moepool::v1::DescribeResponse&) { return absl::OkStatus(); });
+    return link;
+  }
+
+  // A job of `n` rows of layer `layer`, two experts per row.
+  void MakeJob(int layer, int64_t n, moepool::v1::DType dtype, uint64_t step, LinkJob* job) {
+    const int64_t d = core_->config().n_embd;
+    std::mt19937 rng(static_cast<uint32_t>(n * 31 + layer));
+    std::uniform_real_distribution<float> u(-1, 1);
+    x_.resize(static_cast<size_t>(n * d));
+    for (float& v : x_) v = u(rng);
+    rows_.clear();
+    expert_.clear();
+    weight_.clear();
+    for (int64_t r = 0; r < n; ++r) {
+      rows_.push_back(r);
+      const int a = static_cast<int>(r % 7);
+      expert_.push_back(a);
+      expert_.push_back(a + 1);
+      weight_.push_back(0.75f);
+      weight_.push_back(0.25f);
+    }
+    job->step_id = step;
+    job->layer = layer;
+    job->dtype = dtype;
+    job->n_embd = d;
+    job->k = 2;
+    job->x = x_.data();
+    job->rows = &rows_;
+    job->expert = &expert_;
+    job->weight = &weight_;
+  }
+
+  std::unique_ptr<worker::WorkerCore> core_;
+  std::shared_ptr<PipeWire> wire_;
+  std::shared_ptr<worker::NcclSessions> sessions_;
+  uint64_t session_ = 0;
+  std::unique_ptr<worker::WorkerServer> server_;
+  moepool::v1::DescribeResponse describe_;
+  std::vector<float> x_;
+  std::vector<int64_t> rows_;
+  std::vector<int32_t> expert_;
+  std::vector<float> weight_;
+};
+
+TEST_F(WorkerLinkRowsTest, RowsOverThePipeEqualGrpcBitForBit) {
+  auto grpc_link = Link(nullptr);
+  ASSERT_NE(grpc_link, nullptr);
+  EXPECT_EQ(describe_.transports_size(), 1);
+  EXPECT_EQ(describe_.transports(0), "nccl");
+  auto pipe_link =
+      Link(std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_));
+  ASSERT_NE(pipe_link, nullptr);
+  uint64_t step = 1;
+  for (const auto dtype : {moepool::v1::DTYPE_F32, moepool::v1::DTYPE_F16}) {
+    for (const int64_t n : {int64_t{1}, int64_t{5}, int64_t{64}}) {
+      SCOPED_TRACE(::testing::Message() << "dtype " << dtype << ", " << n << " rows");
+      LinkJob by_grpc, by_pipe;
+      MakeJob(1, n, dtype, step++, &by_grpc);
+      grpc_link->RunInline(&by_grpc);
+      ASSERT_TRUE(by_grpc.status.ok()) << by_grpc.status;
+      const size_t sent_before = wire_->sent[0];
+      MakeJob(1, n, dtype, step++, &by_pipe);
+      pipe_link->RunInline(&by_pipe);
+      ASSERT_TRUE(by_pipe.status.ok()) << by_pipe.status;
+      ASSERT_EQ(by_pipe.partial.size(), by_grpc.partial.size());
+      EXPECT_EQ(std::memcmp(by_pipe.partial.data(), by_grpc.partial.data(),
+                            by_grpc.partial.size() * sizeof(float)),
+                0);
+      const size_t elem = dtype == moepool::v1::DTYPE_F32 ? 4 : 2;
+      const size_t row_bytes = static_cast<size_t>(n * core_->config().n_embd) * elem;
+      EXPECT_EQ(wire_->sent[0] - sent_before, row_bytes);              // the rows crossed the pipe
+      EXPECT_LT(by_pipe.sample.request_bytes - row_bytes, row_bytes);  // not in the message
+    }
+  }
+  EXPECT_EQ(wire_->sent[1], wire_->sent[0]);  // every answer came back on the pipe
+}
+
+TEST_F(WorkerLinkRowsTest, RefusalsKeepBothEndsInStep) {
+  auto pipe_link =
+      Link(std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_));
+  ASSERT_NE(pipe_link, nullptr);
+  LinkJob bad;
+  MakeJob(99, 3, moepool::v1::DTYPE_F32, 1, &bad);  // no such layer
+  pipe_link->RunInline(&bad);
+  EXPECT_EQ(bad.status.code(), absl::StatusCode::kInvalidArgument) << bad.status;
+  LinkJob good;
+  MakeJob(0, 3, moepool::v1::DTYPE_F32, 2, &good);
+  pipe_link->RunInline(&good);
+  EXPECT_TRUE(good.status.ok()) << good.status;
+  EXPECT_TRUE(pipe_link->up());
+}
+
+TEST_F(WorkerLinkRowsTest, UnknownSessionIsRefusedByName) {
+  auto pipe_link = Link(
+      std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_ + 41));
+  ASSERT_NE(pipe_link, nullptr);
+  LinkJob job;
+  MakeJob(0, 2, moepool::v1::DTYPE_F32, 1, &job);
+  pipe_link->RunInline(&job);
+  EXPECT_EQ(job.status.code(), absl::StatusCode::kFailedPrecondition) << job.status;
+  EXPECT_NE(job.status.message().find("NCCL session"), absl::string_view::npos) << job.status;
+}
+
+}  // namespace
+}  // namespace moepool

@@ -1,0 +1,39 @@
+#include "worker/nccl_sessions.h"
+
+#include <utility>
+
+namespace moepool::worker {
+
+absl::StatusOr<uint64_t> NcclSessions::Join(const std::string& unique_id, double timeout_s) {
+  NcclOptions options = options_;
+  if (timeout_s > 0) options.timeout_s = timeout_s;
+  absl::StatusOr<std::unique_ptr<NcclPeer>> peer =
+      NcclPeer::Connect(unique_id, /*rank=*/1, device_, options);
+  if (!peer.ok()) return peer.status();
+  return Add(*std::move(peer));
+}
+
+uint64_t NcclSessions::Add(std::unique_ptr<RowPipe> pipe) {
+  auto session = std::make_shared<Session>();
+  session->peer = std::move(pipe);
+  absl::MutexLock lock(&mu_);
+  const uint64_t id = next_id_++;
+  sessions_[id] = std::move(session);
+  return id;
+}
+
+NcclSessions::Locked NcclSessions::Lock(uint64_t session) {
+  std::shared_ptr<Session> s;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(session);
+    if (it == sessions_.end()) return {};
+    s = it->second;
+  }
+  Locked locked;
+  locked.lock = std::make_unique<absl::MutexLock>(&s->mu);
+  locked.peer = s->peer;
+  return locked;
+}
+
+}  // namespace moepool::worker

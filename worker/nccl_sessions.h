@@ -1,0 +1,59 @@
+// The worker's NCCL sessions (--transport nccl): communicators joined on the coordinator's
+// request (SetupNccl), each a two-rank pipe for the rows of Forward requests that name it.
+// See coordinator/transport.h for the whole scheme and engine/nccl_peer.h for the pipe.
+//
+// Threading: all methods are thread-safe. A session is used by one Forward request at a time
+// (Lock holds its mutex). Ownership: sessions live until the worker exits.
+#ifndef MOEPOOL_WORKER_NCCL_SESSIONS_H_
+#define MOEPOOL_WORKER_NCCL_SESSIONS_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/nccl_peer.h"
+#include "engine/row_pipe.h"
+
+namespace moepool::worker {
+
+class NcclSessions {
+ public:
+  // Sessions on CUDA device `device`.
+  NcclSessions(int device, NcclOptions options) : device_(device), options_(std::move(options)) {}
+
+  int device() const { return device_; }
+
+  // Joins communicator `unique_id` as rank 1 (blocks until the coordinator has joined too, or
+  // `timeout_s` passes; <= 0: the options' timeout) and returns the new session's id (> 0).
+  // Errors: NcclPeer::Connect's.
+  absl::StatusOr<uint64_t> Join(const std::string& unique_id, double timeout_s);
+  // Adds a session over `pipe` (Join's NcclPeer, or a test's pipe) and returns its id (> 0).
+  uint64_t Add(std::unique_ptr<RowPipe> pipe);
+
+  // A session's pipe with its lock held, or nullptr for an unknown session. Sessions are never
+  // removed, so the lock outlives nothing it guards.
+  struct Locked {
+    std::shared_ptr<RowPipe> peer;
+    std::unique_ptr<absl::MutexLock> lock;
+  };
+  Locked Lock(uint64_t session);
+
+ private:
+  struct Session {
+    absl::Mutex mu;
+    std::shared_ptr<RowPipe> peer;
+  };
+  const int device_;
+  const NcclOptions options_;
+  absl::Mutex mu_;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<uint64_t, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace moepool::worker
+
+#endif  // MOEPOOL_WORKER_NCCL_SESSIONS_H_
