@@ -63,6 +63,53 @@ void Args(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_MatVec)->Apply(Args);
 
+// Cost of one (weight row, activation row) dot when c activation rows share each weight row
+// (the multi-row kernels of batched decode): args tensor type id, c, total weight bytes (in L2,
+// or far beyond the caches as in decode). Items = dots.
+void BM_MultiRowDot(benchmark::State& state) {
+  const TypeTraits* tr = FindTypeTraits(static_cast<uint32_t>(state.range(0)));
+  const int c = static_cast<int>(state.range(1));
+  const size_t row_bytes = RowBytes(tr->type, kCols);
+  const int64_t rows = std::max<int64_t>(1, state.range(2) / static_cast<int64_t>(row_bytes));
+  std::mt19937 rng(2);
+  std::normal_distribution<float> gauss(0.0f, 1.0f);
+  std::vector<float> values(kCols);
+  for (float& v : values) v = 0.02f * gauss(rng);
+  std::vector<uint8_t> weights(row_bytes * rows);
+  tr->quantize(values.data(), weights.data(), kCols);
+  for (int64_t r = 1; r < rows; ++r) {
+    std::copy_n(weights.begin(), row_bytes, weights.begin() + r * row_bytes);
+  }
+  const TypeTraits& act = GetTypeTraits(tr->vec_dot_type);
+  const size_t a_bytes = RowBytes(act.type, kCols);
+  std::vector<uint8_t> a(a_bytes * c);
+  for (int i = 0; i < c; ++i) act.quantize(values.data(), a.data() + i * a_bytes, kCols);
+  const VecDotMultiFn multi =
+      (c >= 2 && tr->vec_dot_cols != nullptr) ? tr->vec_dot_cols[c] : nullptr;
+  std::vector<float> out(static_cast<size_t>(rows) * c);
+  for (auto _ : state) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* w = weights.data() + r * row_bytes;
+      if (multi != nullptr) {
+        multi(kCols, w, a.data(), a_bytes, out.data() + r * c);
+      } else {
+        for (int i = 0; i < c; ++i) out[r * c + i] = tr->vec_dot(kCols, w, a.data() + i * a_bytes);
+      }
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * rows * c);
+  state.SetLabel(std::string(tr->name) + (multi ? " multi" : " single"));
+}
+
+BENCHMARK(BM_MultiRowDot)
+    ->ArgsProduct({{static_cast<int64_t>(TensorType::kQ4_K),
+                    static_cast<int64_t>(TensorType::kQ6_K),
+                    static_cast<int64_t>(TensorType::kQ8_0)},
+                   {1, 2, 4, 8},
+                   {int64_t{256} << 10, int64_t{256} << 20}});
+
 }  // namespace
 }  // namespace moepool
 

@@ -28,48 +28,70 @@ void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols
   }
 }
 
-void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, ThreadPool* pool) {
+int64_t MatMulRowsPerTask(int64_t rows, int threads) {
+  const int64_t per_task = std::max<int64_t>(1, rows / (std::max(threads, 1) * 8));
+  return std::min<int64_t>(per_task, 64);
+}
+
+void MatMulRowRange(const WeightMatrix& w, const RowsView& x, int64_t r0, int64_t r1, float* y,
+                    int64_t y_stride) {
   const TypeTraits& traits = GetTypeTraits(w.type);
   const VecDotFn dot = traits.vec_dot;
   // Multi-row kernels by row count (see TypeTraits::vec_dot_cols); none for f32 activations.
   const VecDotMultiFn* dot_cols = x.type == TensorType::kF32 ? nullptr : traits.vec_dot_cols;
   const int64_t n = x.n;
-  const int64_t rows = w.rows;
   const int64_t cols = w.cols;
-  // Weight rows per task: enough tasks to balance threads, few enough to amortise scheduling.
-  const int threads = pool ? pool->size() : 1;
-  int64_t rows_per_task = std::max<int64_t>(1, rows / (threads * 8));
-  rows_per_task = std::min<int64_t>(rows_per_task, 64);
-  const int64_t n_tasks = (rows + rows_per_task - 1) / rows_per_task;
   // Tokens per tile: keep the tile's activation rows hot in cache while the weight rows stream.
   constexpr int64_t kTokenTile = 64;
-  auto task = [&](int64_t ti) {
-    const int64_t r0 = ti * rows_per_task;
-    const int64_t r1 = std::min(rows, r0 + rows_per_task);
-    for (int64_t t0 = 0; t0 < n; t0 += kTokenTile) {
-      const int64_t t1 = std::min(n, t0 + kTokenTile);
-      for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* wr = w.Row(r);
-        int64_t t = t0;
-        if (dot_cols != nullptr) {
-          float out[kMultiDotCols];
-          // Groups of kMultiDotCols rows, then the rest (2 or more) in one call.
-          while (t1 - t >= 2) {
-            const int c = static_cast<int>(std::min<int64_t>(t1 - t, kMultiDotCols));
-            dot_cols[c](cols, wr, x.Row(t), x.row_bytes, out);
-            for (int i = 0; i < c; ++i) y[(t + i) * rows + r] = out[i];
-            t += c;
-          }
+  for (int64_t t0 = 0; t0 < n; t0 += kTokenTile) {
+    const int64_t t1 = std::min(n, t0 + kTokenTile);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* wr = w.Row(r);
+      int64_t t = t0;
+      if (dot_cols != nullptr) {
+        float out[kMultiDotCols];
+        // Groups of kMultiDotCols rows, then the rest (2 or more) in one call.
+        while (t1 - t >= 2) {
+          const int c = static_cast<int>(std::min<int64_t>(t1 - t, kMultiDotCols));
+          dot_cols[c](cols, wr, x.Row(t), x.row_bytes, out);
+          for (int i = 0; i < c; ++i) y[(t + i) * y_stride + r] = out[i];
+          t += c;
         }
-        for (; t < t1; ++t) y[t * rows + r] = dot(cols, wr, x.Row(t));
       }
+      for (; t < t1; ++t) y[t * y_stride + r] = dot(cols, wr, x.Row(t));
     }
-  };
-  if (pool != nullptr) {
-    pool->ParallelFor(n_tasks, task);
-  } else {
-    for (int64_t i = 0; i < n_tasks; ++i) task(i);
   }
+}
+
+void MatMulMany(const std::vector<MatMulJob>& jobs, ThreadPool* pool) {
+  const int threads = pool ? pool->size() : 1;
+  struct Task {
+    const MatMulJob* job;
+    int64_t r0, r1;
+  };
+  std::vector<Task> tasks;
+  for (const MatMulJob& job : jobs) {
+    if (job.x.n == 0) continue;
+    const int64_t rows = job.w->rows;
+    const int64_t per_task = MatMulRowsPerTask(rows, threads);
+    for (int64_t r0 = 0; r0 < rows; r0 += per_task) {
+      tasks.push_back({&job, r0, std::min(rows, r0 + per_task)});
+    }
+  }
+  auto run = [&](int64_t i) {
+    const Task& t = tasks[static_cast<size_t>(i)];
+    MatMulRowRange(*t.job->w, t.job->x, t.r0, t.r1, t.job->y, t.job->w->rows);
+  };
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  if (pool != nullptr) {
+    pool->ParallelFor(n_tasks, run);
+  } else {
+    for (int64_t i = 0; i < n_tasks; ++i) run(i);
+  }
+}
+
+void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, ThreadPool* pool) {
+  MatMulMany({{&w, x.Slice(0, x.n), y}}, pool);
 }
 
 void MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y, ThreadPool* pool) {

@@ -15,6 +15,15 @@
 
 namespace moepool {
 
+// A run of `n` converted activation rows, `row_bytes` apart from `data`. Borrowed.
+struct RowsView {
+  TensorType type = TensorType::kF32;
+  const uint8_t* data = nullptr;
+  size_t row_bytes = 0;
+  int64_t n = 0;
+  const void* Row(int64_t t) const { return data + static_cast<size_t>(t) * row_bytes; }
+};
+
 // Activation rows converted to a vec_dot_type, reusable across several weight matrices of the
 // same input width and type (e.g. wq, wk, wv; or an expert's gate and up).
 struct ConvertedRows {
@@ -29,7 +38,13 @@ struct ConvertedRows {
     return type == TensorType::kF32 ? static_cast<const void*>(f32 + t * cols)
                                     : static_cast<const void*>(bytes.data() + t * row_bytes);
   }
+  // Rows [t0, t0 + count) as a view; valid while this object and (F32) the caller's data live.
+  RowsView Slice(int64_t t0, int64_t count) const;
 };
+
+inline RowsView ConvertedRows::Slice(int64_t t0, int64_t count) const {
+  return {type, static_cast<const uint8_t*>(Row(t0)), row_bytes, count};
+}
 
 // Converts x [n x cols] for dot products with weights of type `weight_type`. `x` must outlive
 // `out` when the target type is F32.
@@ -38,6 +53,26 @@ void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols
 
 // y [n x w.rows] = x [n x w.cols] W^T, with x already converted for w's type.
 void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, ThreadPool* pool);
+
+// y[t * y_stride + r] = dot(weight row r, x row t) for r in [r0, r1) and every row t of x: one
+// task's share of a product. Single-threaded; the building block of fused parallel passes.
+void MatMulRowRange(const WeightMatrix& w, const RowsView& x, int64_t r0, int64_t r1, float* y,
+                    int64_t y_stride);
+
+// Weight rows per parallel task for a matrix of `rows` rows on a pool of `threads`: enough tasks
+// to balance the threads, few enough to amortise the scheduling.
+int64_t MatMulRowsPerTask(int64_t rows, int threads);
+
+// One product of MatMulMany: y [x.n x w.rows] = x W^T.
+struct MatMulJob {
+  const WeightMatrix* w;
+  RowsView x;
+  float* y;
+};
+
+// Runs every job in a single ParallelFor (one synchronisation for all of them, e.g. q, k and v),
+// with the same per-element results as MatMulConverted.
+void MatMulMany(const std::vector<MatMulJob>& jobs, ThreadPool* pool);
 
 // Convenience: convert + multiply.
 void MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y, ThreadPool* pool);

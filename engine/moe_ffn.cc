@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/matmul.h"
+#include "engine/swiglu.h"
 
 namespace moepool {
 
@@ -47,10 +48,7 @@ void ExpertFfnCpu(const ExpertWeights& e, const float* x, int64_t n, float* out,
   MatMulConverted(e.gate, cx, g.data(), pool);
   if (e.up.type != e.gate.type) ConvertRows(e.up.type, x, n, e.up.cols, &cx, pool);
   MatMulConverted(e.up, cx, u.data(), pool);
-  for (size_t i = 0; i < g.size(); ++i) {
-    const float a = g[i];
-    g[i] = a / (1.0f + std::exp(-a)) * u[i];
-  }
+  SwiGlu(g.data(), u.data(), static_cast<int64_t>(g.size()));
   MatMul(e.down, g.data(), n, out, pool);
 }
 
@@ -83,41 +81,116 @@ absl::Status LocalExpertBackend::Compute(const ExpertRoutes& routes, float* out)
           absl::StrCat("expert ", e, " of layer ", routes.layer, " is not held here"));
     }
   }
+  std::lock_guard<std::mutex> lock(mu_);
   std::fill(out, out + n * d, 0.0f);
-  // Dispatch: group rows by expert; ExpertCompute; Combine in ascending expert id.
-  std::vector<int64_t> rows;
-  std::vector<float> w;
-  std::vector<float> xg, yg;
+
+  // Dispatch: group the (row, weight) pairs by expert in ascending id; each group's rows are
+  // gathered into one run of `xg_` (slot order = combine order).
+  Scratch& s = scratch_;
+  s.groups.clear();
+  s.slot_row.clear();
+  s.slot_weight.clear();
   for (int32_t e = 0; e < c.n_expert; ++e) {
-    rows.clear();
-    w.clear();
+    const int64_t first = static_cast<int64_t>(s.slot_row.size());
     for (int64_t r = 0; r < n; ++r) {
       for (int j = 0; j < k; ++j) {
-        if (routes.expert[r * k + j] == e) {
-          rows.push_back(r);
-          w.push_back(routes.weight[r * k + j]);
-        }
+        if (routes.expert[r * k + j] != e) continue;
+        s.slot_row.push_back(r);
+        s.slot_weight.push_back(routes.weight[r * k + j]);
       }
     }
-    if (rows.empty()) continue;
-    const int64_t m = static_cast<int64_t>(rows.size());
-    xg.resize(static_cast<size_t>(m * d));
-    yg.resize(static_cast<size_t>(m * d));
-    for (int64_t i = 0; i < m; ++i) {
-      std::copy_n(routes.x + rows[i] * d, d, xg.data() + i * d);
-    }
-    ExpertFfnCpu(L.experts[static_cast<size_t>(e)], xg.data(), m, yg.data(), pool_);
-    for (int64_t i = 0; i < m; ++i) {
-      float* o = out + rows[i] * d;
-      const float* y = yg.data() + i * d;
-      const float wi = w[i];
-      for (int64_t j = 0; j < d; ++j) {
-        const float p = wi * y[j];
-        o[j] += p;
-      }
+    const int64_t m = static_cast<int64_t>(s.slot_row.size()) - first;
+    if (m > 0) s.groups.push_back({&L.experts[static_cast<size_t>(e)], first, m});
+  }
+  const int64_t slots = static_cast<int64_t>(s.slot_row.size());
+  if (slots == 0) return absl::OkStatus();
+  s.xg.resize(static_cast<size_t>(slots * d));
+  for (int64_t i = 0; i < slots; ++i) {
+    std::copy_n(routes.x + s.slot_row[i] * d, d, s.xg.data() + i * d);
+  }
+
+  // ExpertCompute: all experts of the layer together, in two parallel passes (SwiGLU, down).
+  const int64_t n_ff = s.groups.front().expert->gate.rows;
+  s.h.resize(static_cast<size_t>(slots * n_ff));
+  s.u.resize(static_cast<size_t>(slots * n_ff));
+  s.y.resize(static_cast<size_t>(slots * d));
+  SwiGluPass(s.xg.data(), slots);
+  DownPass(slots);
+
+  // Combine: each row's weighted expert outputs in ascending expert id.
+  for (int64_t i = 0; i < slots; ++i) {
+    float* o = out + s.slot_row[i] * d;
+    const float* y = s.y.data() + i * d;
+    const float wi = s.slot_weight[i];
+    for (int64_t j = 0; j < d; ++j) {
+      const float p = wi * y[j];
+      o[j] += p;
     }
   }
   return absl::OkStatus();
+}
+
+const ConvertedRows& LocalExpertBackend::Converted(TensorType weight_type, const float* x,
+                                                   int64_t rows, int64_t cols, int pass) {
+  auto& cache = scratch_.converted[pass];
+  const TensorType dot_type = GetTypeTraits(weight_type).vec_dot_type;
+  for (ConvertedRows& cr : cache) {
+    if (cr.type == dot_type) return cr;
+  }
+  cache.emplace_back();
+  ConvertRows(weight_type, x, rows, cols, &cache.back(), pool_);
+  return cache.back();
+}
+
+void LocalExpertBackend::SwiGluPass(const float* xg, int64_t slots) {
+  Scratch& s = scratch_;
+  const int64_t d = model_->config().n_embd;
+  const int64_t n_ff = s.groups.front().expert->gate.rows;
+  // Activations converted once per distinct weight type over all slots (usually one type).
+  s.converted[0].clear();
+  s.tasks.clear();
+  const int64_t per_task = MatMulRowsPerTask(n_ff, pool_->size());
+  for (size_t g = 0; g < s.groups.size(); ++g) {
+    const Group& grp = s.groups[g];
+    const ConvertedRows& cg = Converted(grp.expert->gate.type, xg, slots, d, 0);
+    const ConvertedRows& cu = Converted(grp.expert->up.type, xg, slots, d, 0);
+    for (int64_t r0 = 0; r0 < n_ff; r0 += per_task) {
+      s.tasks.push_back({g, r0, std::min(n_ff, r0 + per_task), cg.Slice(grp.first, grp.m),
+                         cu.Slice(grp.first, grp.m)});
+    }
+  }
+  pool_->ParallelFor(static_cast<int64_t>(s.tasks.size()), [&](int64_t ti) {
+    const Task& t = s.tasks[static_cast<size_t>(ti)];
+    const Group& grp = s.groups[t.group];
+    float* h = s.h.data() + grp.first * n_ff;
+    float* u = s.u.data() + grp.first * n_ff;
+    MatMulRowRange(grp.expert->gate, t.a, t.r0, t.r1, h, n_ff);
+    MatMulRowRange(grp.expert->up, t.b, t.r0, t.r1, u, n_ff);
+    for (int64_t i = 0; i < grp.m; ++i) {
+      SwiGlu(h + i * n_ff + t.r0, u + i * n_ff + t.r0, t.r1 - t.r0);
+    }
+  });
+}
+
+void LocalExpertBackend::DownPass(int64_t slots) {
+  Scratch& s = scratch_;
+  const int64_t d = model_->config().n_embd;
+  const int64_t n_ff = s.groups.front().expert->gate.rows;
+  s.converted[1].clear();
+  s.tasks.clear();
+  const int64_t per_task = MatMulRowsPerTask(d, pool_->size());
+  for (size_t g = 0; g < s.groups.size(); ++g) {
+    const Group& grp = s.groups[g];
+    const ConvertedRows& ch = Converted(grp.expert->down.type, s.h.data(), slots, n_ff, 1);
+    for (int64_t r0 = 0; r0 < d; r0 += per_task) {
+      s.tasks.push_back({g, r0, std::min(d, r0 + per_task), ch.Slice(grp.first, grp.m), {}});
+    }
+  }
+  pool_->ParallelFor(static_cast<int64_t>(s.tasks.size()), [&](int64_t ti) {
+    const Task& t = s.tasks[static_cast<size_t>(ti)];
+    const Group& grp = s.groups[t.group];
+    MatMulRowRange(grp.expert->down, t.a, t.r0, t.r1, s.y.data() + grp.first * d, d);
+  });
 }
 
 }  // namespace moepool

@@ -8,9 +8,12 @@
 #define MOEPOOL_ENGINE_MOE_FFN_H_
 
 #include <cstdint>
+#include <deque>
+#include <mutex>
 #include <vector>
 
 #include "engine/expert_backend.h"
+#include "engine/matmul.h"
 #include "engine/model.h"
 #include "engine/thread_pool.h"
 
@@ -29,16 +32,49 @@ absl::Status CheckRoutes(const ExpertRoutes& routes, const ModelConfig& config);
 // out [n x n_embd] = down(silu(gate x) * up x) for one expert, x [n x n_embd].
 void ExpertFfnCpu(const ExpertWeights& e, const float* x, int64_t n, float* out, ThreadPool* pool);
 
-// Runs the experts bound in `model` on this process's CPU. Holds no state besides borrowed
-// pointers; Compute is not reentrant (it uses the shared pool).
+// Runs the experts bound in `model` on this process's CPU. Borrows the model and the pool.
+// Thread-safe: concurrent Compute calls run one at a time (they share scratch buffers and the
+// pool). All experts of a layer run together: one parallel pass computes every expert's gate, up
+// and SwiGLU, a second every expert's down projection (two synchronisations per layer, and the
+// threads balance across experts). Each output element is still one dot product of one row, so
+// results equal ExpertFfnCpu row by row.
 class LocalExpertBackend : public ExpertBackend {
  public:
   LocalExpertBackend(const Model* model, ThreadPool* pool) : model_(model), pool_(pool) {}
   absl::Status Compute(const ExpertRoutes& routes, float* out) override;
 
  private:
+  struct Group {  // one expert's run of slots
+    const ExpertWeights* expert;
+    int64_t first;  // first slot
+    int64_t m;      // slots
+  };
+  struct Task {  // weight rows [r0, r1) of one group's matrices
+    size_t group;
+    int64_t r0, r1;
+    RowsView a, b;  // converted activations of the group (gate and up; down uses a)
+  };
+  struct Scratch {
+    std::vector<Group> groups;
+    std::vector<int64_t> slot_row;           // [slots] routed row of each slot
+    std::vector<float> slot_weight;          // [slots]
+    std::vector<float> xg;                   // [slots x n_embd] gathered input rows
+    std::vector<float> h, u;                 // [slots x n_ff] SwiGLU output, up projection
+    std::vector<float> y;                    // [slots x n_embd] expert outputs
+    std::deque<ConvertedRows> converted[2];  // per pass, one per activation type (stable refs)
+    std::vector<Task> tasks;
+  };
+
+  // Activations of pass `pass` converted for `weight_type` (cached per vec_dot type).
+  const ConvertedRows& Converted(TensorType weight_type, const float* x, int64_t rows, int64_t cols,
+                                 int pass);
+  void SwiGluPass(const float* xg, int64_t slots);
+  void DownPass(int64_t slots);
+
   const Model* model_;
   ThreadPool* pool_;
+  std::mutex mu_;    // serialises Compute
+  Scratch scratch_;  // guarded by mu_
 };
 
 }  // namespace moepool

@@ -11,13 +11,14 @@
 #include <cstdint>
 
 #include "engine/cuda/block_math.h"
+#include "engine/swiglu_math.h"
 
 namespace moepool::cuda {
 
 inline constexpr int kMaxRouted = 64;  // the router kernel handles up to this many experts
 
-// SiLU(g) * u, the SwiGLU gate (as ExpertFfnCpu writes it).
-MOEPOOL_HD float SiluMul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+// SiLU(g) * u, the SwiGLU gate: the CPU engine's own arithmetic (engine/swiglu_math.h).
+MOEPOOL_HD float SiluMul(float g, float u) { return swiglu::SiluMul(g, u); }
 
 // RoPE angle of pair `pair` (elements 2 pair, 2 pair + 1) at position `pos`: theta starts at
 // pos and is multiplied by theta_scale = base^(-2 / n_rot) once per pair, in the same order as

@@ -3,6 +3,7 @@
 //   quantize.cc        QuantizeRow*   (reference quantizers, used by synth and for activations)
 //   vec_dot_scalar.cc  VecDot*Scalar  (portable reference dot products)
 //   vec_dot_avx2.cc    VecDot*Avx2    (AVX2 + FMA; compiled with -mavx2 -mfma -mf16c)
+//   vec_dot_vnni.cc    VecDot*Vnni    (the same source built for AVX512-VNNI; same bits as Avx2)
 // All functions are thread-safe and take n = number of elements, a multiple of the block size.
 // Pointers need no particular alignment.
 #ifndef MOEPOOL_ENGINE_QUANT_KERNELS_H_
@@ -37,21 +38,29 @@ void QuantizeRowQ8_KAvx2(const float* src, void* dst, int64_t n);
 //   Q4_0, Q5_0, Q8_0 -> Q8_0;  Q4_1, Q5_1 -> Q8_1;  Q2_K .. Q6_K -> Q8_K
 #define MOEPOOL_DECLARE_DOT_FNS(T)                                  \
   float VecDot##T##Scalar(int64_t n, const void* w, const void* a); \
-  float VecDot##T##Avx2(int64_t n, const void* w, const void* a);
+  float VecDot##T##Avx2(int64_t n, const void* w, const void* a);   \
+  float VecDot##T##Vnni(int64_t n, const void* w, const void* a);
 MOEPOOL_FOR_EACH_STORED_TYPE(MOEPOOL_DECLARE_DOT_FNS)
 #undef MOEPOOL_DECLARE_DOT_FNS
 
 // Dot products of one weight row with c activation rows (a + c * a_stride bytes) for
-// c = 2 .. kMultiCols: out[i] bit-identical to the single-row VecDot*Avx2 of row i; the weight
-// unpacking is shared across the rows (batched prompts, and decode rows grouped per expert).
+// c = 2 .. kMultiCols: out[i] bit-identical to the single-row VecDot* of row i (same build); the
+// weight unpacking is shared across the rows (batched prompts, and decode rows grouped per expert).
 // Table index = c; entries 0 and 1 are nullptr.
 inline constexpr int kMultiCols = 8;
 using MultiDotKernel = void (*)(int64_t n, const void* w, const void* a, size_t a_stride,
                                 float* out);
-extern const MultiDotKernel kVecDotQ4_KAvx2Cols[kMultiCols + 1];
-extern const MultiDotKernel kVecDotQ5_KAvx2Cols[kMultiCols + 1];
-extern const MultiDotKernel kVecDotQ6_KAvx2Cols[kMultiCols + 1];
-extern const MultiDotKernel kVecDotQ8_0Avx2Cols[kMultiCols + 1];
+#define MOEPOOL_DECLARE_MULTI_DOT_TABLES(T)                         \
+  extern const MultiDotKernel kVecDot##T##ColsAvx2[kMultiCols + 1]; \
+  extern const MultiDotKernel kVecDot##T##ColsVnni[kMultiCols + 1];
+MOEPOOL_DECLARE_MULTI_DOT_TABLES(Q4_K)
+MOEPOOL_DECLARE_MULTI_DOT_TABLES(Q5_K)
+MOEPOOL_DECLARE_MULTI_DOT_TABLES(Q6_K)
+MOEPOOL_DECLARE_MULTI_DOT_TABLES(Q8_0)
+#undef MOEPOOL_DECLARE_MULTI_DOT_TABLES
+
+// The Vnni functions and tables exist only where MOEPOOL_HAVE_VNNI_KERNELS is defined; call them
+// only where CpuHasAvx512Vnni() (types.h).
 
 }  // namespace moepool::kernels
 

@@ -20,14 +20,24 @@ namespace {
 
 std::atomic<bool> g_force_scalar{false};
 
-#define MOEPOOL_TRAITS(T, BLOCK, STRUCT_BYTES, DOT)                                               \
-  TypeTraits {                                                                                    \
-    TensorType::k##T, #T, BLOCK, STRUCT_BYTES, TensorType::k##DOT, &kernels::DequantizeRow##T,    \
-        &kernels::QuantizeRow##T, avx2 ? &kernels::VecDot##T##Avx2 : &kernels::VecDot##T##Scalar, \
-        &kernels::VecDot##T##Scalar                                                               \
+// The fastest build of a kernel this CPU runs (kernels.h).
+enum class Isa { kScalar, kAvx2, kVnni };
+
+#ifdef MOEPOOL_HAVE_VNNI_KERNELS
+#define MOEPOOL_VNNI_OR_AVX2(name) (isa == Isa::kVnni ? kernels::name##Vnni : kernels::name##Avx2)
+#else
+#define MOEPOOL_VNNI_OR_AVX2(name) (kernels::name##Avx2)
+#endif
+
+#define MOEPOOL_TRAITS(T, BLOCK, STRUCT_BYTES, DOT)                                            \
+  TypeTraits {                                                                                 \
+    TensorType::k##T, #T, BLOCK, STRUCT_BYTES, TensorType::k##DOT, &kernels::DequantizeRow##T, \
+        &kernels::QuantizeRow##T,                                                              \
+        isa == Isa::kScalar ? &kernels::VecDot##T##Scalar : MOEPOOL_VNNI_OR_AVX2(VecDot##T),   \
+        &kernels::VecDot##T##Scalar                                                            \
   }
 
-std::array<TypeTraits, 13> MakeTable(bool avx2) {
+std::array<TypeTraits, 13> MakeTable(Isa isa) {
   return {
       MOEPOOL_TRAITS(F32, 1, 4, F32),
       MOEPOOL_TRAITS(F16, 1, 2, F32),
@@ -47,7 +57,8 @@ std::array<TypeTraits, 13> MakeTable(bool avx2) {
 #undef MOEPOOL_TRAITS
 
 // Activation-only types: no dot product of their own.
-std::array<TypeTraits, 2> MakeActivationTable(bool avx2) {
+std::array<TypeTraits, 2> MakeActivationTable(Isa isa) {
+  const bool avx2 = isa != Isa::kScalar;
   return {
       TypeTraits{TensorType::kQ8_1, "Q8_1", kQK8_1, sizeof(BlockQ8_1), TensorType::kQ8_1,
                  &kernels::DequantizeRowQ8_1,
@@ -65,30 +76,35 @@ struct Tables {
   std::array<TypeTraits, 2> activation[2];
 };
 
+Isa FastestIsa() {
+  if (CpuHasAvx512Vnni()) return Isa::kVnni;
+  return CpuHasAvx2() ? Isa::kAvx2 : Isa::kScalar;
+}
+
 const Tables& GetTables() {
   static const Tables* tables = [] {
     auto* t = new Tables;
-    const bool avx2 = CpuHasAvx2();
-    t->stored[0] = MakeTable(false);
-    t->stored[1] = MakeTable(avx2);
-    t->activation[0] = MakeActivationTable(false);
-    t->activation[1] = MakeActivationTable(avx2);
+    const Isa isa = FastestIsa();
+    t->stored[0] = MakeTable(Isa::kScalar);
+    t->stored[1] = MakeTable(isa);
+    t->activation[0] = MakeActivationTable(Isa::kScalar);
+    t->activation[1] = MakeActivationTable(isa);
     // Q8_0 is both stored and an activation type: use the fast quantizer on the fast table.
-    if (avx2) {
+    if (isa != Isa::kScalar) {
       for (auto& tr : t->stored[1]) {
         switch (tr.type) {
           case TensorType::kQ8_0:
             tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
-            tr.vec_dot_cols = kernels::kVecDotQ8_0Avx2Cols;
+            tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ8_0Cols);
             break;
           case TensorType::kQ4_K:
-            tr.vec_dot_cols = kernels::kVecDotQ4_KAvx2Cols;
+            tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ4_KCols);
             break;
           case TensorType::kQ5_K:
-            tr.vec_dot_cols = kernels::kVecDotQ5_KAvx2Cols;
+            tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ5_KCols);
             break;
           case TensorType::kQ6_K:
-            tr.vec_dot_cols = kernels::kVecDotQ6_KAvx2Cols;
+            tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ6_KCols);
             break;
           default:
             break;
@@ -99,6 +115,7 @@ const Tables& GetTables() {
   }();
   return *tables;
 }
+#undef MOEPOOL_VNNI_OR_AVX2
 
 }  // namespace
 
@@ -114,6 +131,29 @@ bool CpuHasAvx2() {
 #else
   return false;
 #endif
+}
+
+bool CpuHasAvx512Vnni() {
+#if defined(MOEPOOL_HAVE_VNNI_KERNELS) && (defined(__x86_64__) || defined(__i386__))
+  static const bool has =
+      CpuHasAvx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
+const char* KernelIsaName() {
+  if (g_force_scalar.load()) return "scalar";
+  switch (FastestIsa()) {
+    case Isa::kVnni:
+      return "avx512-vnni";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
 }
 
 bool SetForceScalarKernels(bool force) { return g_force_scalar.exchange(force); }

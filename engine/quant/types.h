@@ -160,6 +160,11 @@ size_t RowBytes(TensorType type, int64_t n);
 
 // True when the AVX2 + FMA + F16C kernels were compiled in and this CPU supports them.
 bool CpuHasAvx2();
+// True when the AVX512-VNNI builds of the AVX2 kernels were compiled in and this CPU supports
+// them; they then replace the AVX2 ones and return the same bits.
+bool CpuHasAvx512Vnni();
+// The kernels GetTypeTraits hands out now: "avx512-vnni", "avx2" or "scalar".
+const char* KernelIsaName();
 // Forces the portable kernels (for tests and benchmarks); returns the previous setting.
 bool SetForceScalarKernels(bool force);
 

@@ -63,17 +63,17 @@ MOEPOOL_AVX2_INLINE __m256 ScaleOf(uint16_t dx, uint16_t dy) {
 
 }  // namespace
 
-float VecDotF32Avx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotF32)(int64_t n, const void* w, const void* a) {
   return DotFloatRow<float, LoadF32x8, F32Value>(n, static_cast<const float*>(w),
                                                  static_cast<const float*>(a));
 }
 
-float VecDotF16Avx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotF16)(int64_t n, const void* w, const void* a) {
   return DotFloatRow<uint16_t, LoadHalf8, F16Value>(n, static_cast<const uint16_t*>(w),
                                                     static_cast<const float*>(a));
 }
 
-float VecDotBF16Avx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotBF16)(int64_t n, const void* w, const void* a) {
   return DotFloatRow<uint16_t, LoadBf16x8, Bf16Value>(n, static_cast<const uint16_t*>(w),
                                                       static_cast<const float*>(a));
 }
@@ -126,13 +126,13 @@ MOEPOOL_AVX2_INLINE void DotQ8_0(int64_t n, const BlockQ8_0* x, const uint8_t* a
 
 }  // namespace
 
-float VecDotQ8_0Avx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotQ8_0)(int64_t n, const void* w, const void* a) {
   float out;
   DotQ8_0<1>(n, static_cast<const BlockQ8_0*>(w), static_cast<const uint8_t*>(a), 0, &out);
   return out;
 }
 
-float VecDotQ4_0Avx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotQ4_0)(int64_t n, const void* w, const void* a) {
   const auto* x = static_cast<const BlockQ4_0*>(w);
   const auto* y = static_cast<const BlockQ8_0*>(a);
   const __m256i eight = _mm256_set1_epi8(8);
@@ -145,7 +145,7 @@ float VecDotQ4_0Avx2(int64_t n, const void* w, const void* a) {
   return HorizontalSum(acc);
 }
 
-float VecDotQ4_1Avx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotQ4_1)(int64_t n, const void* w, const void* a) {
   const auto* x = static_cast<const BlockQ4_1*>(w);
   const auto* y = static_cast<const BlockQ8_1*>(a);
   __m256 acc = _mm256_setzero_ps();
@@ -158,7 +158,7 @@ float VecDotQ4_1Avx2(int64_t n, const void* w, const void* a) {
   return HorizontalSum(acc) + mins;
 }
 
-float VecDotQ5_0Avx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotQ5_0)(int64_t n, const void* w, const void* a) {
   const auto* x = static_cast<const BlockQ5_0*>(w);
   const auto* y = static_cast<const BlockQ8_0*>(a);
   const __m256i high_nibble = _mm256_set1_epi8(static_cast<char>(0xF0));
@@ -173,7 +173,7 @@ float VecDotQ5_0Avx2(int64_t n, const void* w, const void* a) {
   return HorizontalSum(acc);
 }
 
-float VecDotQ5_1Avx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotQ5_1)(int64_t n, const void* w, const void* a) {
   const auto* x = static_cast<const BlockQ5_1*>(w);
   const auto* y = static_cast<const BlockQ8_1*>(a);
   const __m256i bit4 = _mm256_set1_epi8(0x10);
@@ -200,7 +200,7 @@ void DotQ8_0Cols(int64_t n, const void* w, const void* a, size_t a_stride, float
 }  // namespace
 
 static_assert(kMultiCols == 8, "the table below lists 2..8 columns");
-const MultiDotKernel kVecDotQ8_0Avx2Cols[kMultiCols + 1] = {
+const MultiDotKernel MOEPOOL_ISA(kVecDotQ8_0Cols)[kMultiCols + 1] = {
     nullptr,         nullptr,         &DotQ8_0Cols<2>, &DotQ8_0Cols<3>, &DotQ8_0Cols<4>,
     &DotQ8_0Cols<5>, &DotQ8_0Cols<6>, &DotQ8_0Cols<7>, &DotQ8_0Cols<8>};
 

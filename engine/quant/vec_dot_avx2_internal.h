@@ -1,5 +1,12 @@
 // Inline AVX2 helpers shared by the *_avx2.cc dot-product files. Include only from files compiled
-// with -mavx2 -mfma -mf16c (the *_avx2.cc files); internal to engine/quant.
+// with -mavx2 -mfma -mf16c (the *_avx2.cc files) or from their AVX512-VNNI builds (the *_vnni.cc
+// wrappers); internal to engine/quant.
+//
+// Each dot-product file is compiled twice: as itself (exported names end in Avx2) and, through its
+// *_vnni.cc wrapper, with -mavx512f -mavx512vl -mavx512bw -mavx512vnni (names end in Vnni). The
+// VNNI build keeps 256-bit vectors but gets 32 of them and fused multiply-accumulates (vpdpbusd,
+// vpdpwssd) that produce the same int32 lanes as the AVX2 instruction pairs they replace, so both
+// builds return the same bits; types.cc picks the build the CPU runs.
 #ifndef MOEPOOL_ENGINE_QUANT_VEC_DOT_AVX2_INTERNAL_H_
 #define MOEPOOL_ENGINE_QUANT_VEC_DOT_AVX2_INTERNAL_H_
 
@@ -13,7 +20,17 @@
 // Fully unrolls a short constant-trip loop so per-iteration constants fold.
 #define MOEPOOL_UNROLL _Pragma("GCC unroll 8")
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MOEPOOL_KERNELS_VNNI 1
+#define MOEPOOL_ISA(name) name##Vnni
+#else
+#define MOEPOOL_ISA(name) name##Avx2
+#endif
+
+// The helpers have internal linkage: each build of a kernel file gets its own copies, compiled
+// for that build's instruction set.
 namespace moepool::kernels::avx2 {
+namespace {
 
 MOEPOOL_AVX2_INLINE float HalfToFloat(uint16_t h) { return _cvtsh_ss(h); }
 
@@ -31,7 +48,22 @@ MOEPOOL_AVX2_INLINE float HorizontalSum(__m256 v) {
 // pair sums saturate unless |u * s| <= 16383 per product; callers keep u <= 128 and |s| <= 127
 // (or u <= 63).
 MOEPOOL_AVX2_INLINE __m256i DotU8I8(__m256i u, __m256i s) {
+#ifdef MOEPOOL_KERNELS_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);  // same sums, never saturating
+#else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// acc + 8 int32 sums over 32 elements of u * a with int16 scales: `scales` holds the scale of
+// the first 16 elements in its low 128-bit lane and that of the last 16 in its high lane
+// (lane l of the sum: scale * (4 adjacent products)). Products must satisfy DotU8I8's bound.
+MOEPOOL_AVX2_INLINE __m256i AddScaledDot32(__m256i acc, __m256i u, __m256i a, __m256i scales) {
+#ifdef MOEPOOL_KERNELS_VNNI
+  return _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(u, a), scales);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), scales));
+#endif
 }
 
 // As DotU8I8 for two signed vectors; `y` must not contain -128.
@@ -59,6 +91,24 @@ MOEPOOL_AVX2_INLINE __m256i SpreadBits32(const uint8_t* p) {
   return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit_of_byte), bit_of_byte);
 }
 
+// acc + s0 * (u0 . a0) + s1 * (u1 . a1) per 4-element lane, with (s0, s1) the low and high int16
+// halves of each 32-bit lane of `scale_pairs`: the int32 lanes of
+// AddScaledDot32(AddScaledDot32(acc, u0, a0, s0), u1, a1, s1). Each 4-element sum must fit in
+// int16 (u <= 63, |a| <= 128).
+MOEPOOL_AVX2_INLINE __m256i AddScaledDot32Pair(__m256i acc, __m256i u0, __m256i a0, __m256i u1,
+                                               __m256i a1, __m256i scale_pairs) {
+#ifdef MOEPOOL_KERNELS_VNNI
+  const __m256i t0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, a0);
+  const __m256i t1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u1, a1);
+  return _mm256_dpwssd_epi32(acc, _mm256_blend_epi16(t0, _mm256_slli_epi32(t1, 16), 0xAA),
+                             scale_pairs);
+#else
+  const __m256i s0 = _mm256_shuffle_epi8(scale_pairs, _mm256_set1_epi32(0x01000100));
+  const __m256i s1 = _mm256_shuffle_epi8(scale_pairs, _mm256_set1_epi32(0x03020302));
+  return AddScaledDot32(AddScaledDot32(acc, u0, a0, s0), u1, a1, s1);
+#endif
+}
+
 // Shuffle control that fills the low 128-bit lane with int16 element k0 and the high lane with
 // element k1 of a register whose two lanes hold the same 8 int16 values.
 MOEPOOL_AVX2_INLINE __m256i Int16PairSelector(int k0, int k1) {
@@ -66,6 +116,7 @@ MOEPOOL_AVX2_INLINE __m256i Int16PairSelector(int k0, int k1) {
                           _mm_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * k0)));
 }
 
+}  // namespace
 }  // namespace moepool::kernels::avx2
 
 #endif  // MOEPOOL_ENGINE_QUANT_VEC_DOT_AVX2_INTERNAL_H_

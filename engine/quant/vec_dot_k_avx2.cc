@@ -17,6 +17,8 @@
 namespace moepool::kernels {
 namespace {
 
+using avx2::AddScaledDot32;
+using avx2::AddScaledDot32Pair;
 using avx2::DotU8I8;
 using avx2::HalfToFloat;
 using avx2::HorizontalSum;
@@ -24,12 +26,6 @@ using avx2::Int16PairSelector;
 
 MOEPOOL_AVX2_INLINE __m256i Load256(const void* p) {
   return _mm256_loadu_si256(static_cast<const __m256i*>(p));
-}
-
-// Sum over 32 elements of u * a with int16 scales: `scales` holds the scale of the first 16
-// elements in its low 128-bit lane and that of the last 16 in its high lane.
-MOEPOOL_AVX2_INLINE __m256i ScaledDot32(__m256i u, __m256i a, __m256i scales) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), scales);
 }
 
 // Unpacks the 12 scale bytes of a Q4_K / Q5_K super-block into 8 scales (bytes 0..7 of the
@@ -63,6 +59,11 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
     acc[c] = _mm256_setzero_ps();
   }
   for (int64_t b = 0; b < n / kQK_K; ++b) {
+    if constexpr (kCols > 1) {
+      // Batched rows are compute-bound: ask for the weights a few blocks ahead.
+      _mm_prefetch(reinterpret_cast<const char*>(x + b + 4), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(x + b + 4) + 64, _MM_HINT_T0);
+    }
     // d and dmin are adjacent halves: convert both at once.
     uint32_t d_dmin;
     std::memcpy(&d_dmin, &x[b].d, 4);
@@ -71,13 +72,17 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
     // Mins: every min twice (one per 16-element activation sum), times bsums.
     const __m128i mins8 = _mm_unpackhi_epi64(scales_mins, scales_mins);
     const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
-    __m128 scale_pair[kCols];
+    // d and dmin broadcast once per block; each column's scales are then one multiply each
+    // (the same float products d * y.d and dmin * y.d as computing them one at a time).
+    const __m256 d8 = _mm256_broadcastss_ps(d_pair);
+    const __m256 dmin8 = _mm256_broadcastss_ps(_mm_movehdup_ps(d_pair));
+    __m256 scale[kCols];
     MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      scale_pair[c] = _mm_mul_ps(d_pair, _mm_set1_ps(y[c][b].d));
+      const __m256 yd = _mm256_broadcast_ss(&y[c][b].d);
+      scale[c] = _mm256_mul_ps(d8, yd);
       const __m256i mins_dot = _mm256_madd_epi16(mins16, Load256(y[c][b].bsums));
-      acc[c] = _mm256_fnmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(scale_pair[c])),
-                                _mm256_cvtepi32_ps(mins_dot), acc[c]);
+      acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin8, yd), _mm256_cvtepi32_ps(mins_dot), acc[c]);
     }
     const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales_mins));
     __m256i high_bits;
@@ -98,19 +103,30 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
             hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high_bits, 1), one), 4));
         high_bits = _mm256_srli_epi16(high_bits, 2);
       }
+#ifdef MOEPOOL_KERNELS_VNNI
+      // (s_2j, s_2j+1) in every 32-bit lane.
+      const __m256i scale_pairs =
+          _mm256_shuffle_epi8(scales, _mm256_set1_epi32(0x03020100 + 0x04040404 * j));
+      MOEPOOL_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int8_t* q8 = y[c][b].qs;
+        sumi[c] = AddScaledDot32Pair(sumi[c], lo, Load256(q8 + 64 * j), hi,
+                                     Load256(q8 + 64 * j + 32), scale_pairs);
+      }
+#else
       const __m256i scale_lo = _mm256_shuffle_epi8(scales, Int16PairSelector(2 * j, 2 * j));
       const __m256i scale_hi = _mm256_shuffle_epi8(scales, Int16PairSelector(2 * j + 1, 2 * j + 1));
       MOEPOOL_UNROLL
       for (int c = 0; c < kCols; ++c) {
         const int8_t* q8 = y[c][b].qs;
-        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(lo, Load256(q8 + 64 * j), scale_lo));
-        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(hi, Load256(q8 + 64 * j + 32), scale_hi));
+        sumi[c] = AddScaledDot32(sumi[c], lo, Load256(q8 + 64 * j), scale_lo);
+        sumi[c] = AddScaledDot32(sumi[c], hi, Load256(q8 + 64 * j + 32), scale_hi);
       }
+#endif
     }
     MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      acc[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scale_pair[c]), _mm256_cvtepi32_ps(sumi[c]),
-                               acc[c]);
+      acc[c] = _mm256_fmadd_ps(scale[c], _mm256_cvtepi32_ps(sumi[c]), acc[c]);
     }
   }
   MOEPOOL_UNROLL
@@ -131,14 +147,14 @@ MOEPOOL_AVX2_INLINE __m256i ScaleBsumDot(__m256i scales16, const int16_t* bsums)
 
 }  // namespace
 
-float VecDotQ4_KAvx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotQ4_K)(int64_t n, const void* w, const void* a) {
   float out;
   DotK4Style<false, 1>(n, static_cast<const BlockQ4_K*>(w), static_cast<const uint8_t*>(a), 0,
                        &out);
   return out;
 }
 
-float VecDotQ5_KAvx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotQ5_K)(int64_t n, const void* w, const void* a) {
   float out;
   DotK4Style<true, 1>(n, static_cast<const BlockQ5_K*>(w), static_cast<const uint8_t*>(a), 0, &out);
   return out;
@@ -190,14 +206,25 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
       const __m256i s1 = _mm256_shuffle_epi8(scales, Int16PairSelector(2, 3));
       const __m256i s2 = _mm256_shuffle_epi8(scales, Int16PairSelector(4, 5));
       const __m256i s3 = _mm256_shuffle_epi8(scales, Int16PairSelector(6, 7));
+#ifdef MOEPOOL_KERNELS_VNNI
+      const __m256i s01 = _mm256_blend_epi16(s0, s1, 0xAA);
+      const __m256i s23 = _mm256_blend_epi16(s2, s3, 0xAA);
       MOEPOOL_UNROLL
       for (int c = 0; c < kCols; ++c) {
         const int8_t* q8 = y[c][b].qs + 128 * h;
-        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(u0, Load256(q8), s0));
-        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(u1, Load256(q8 + 32), s1));
-        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(u2, Load256(q8 + 64), s2));
-        sumi[c] = _mm256_add_epi32(sumi[c], ScaledDot32(u3, Load256(q8 + 96), s3));
+        sumi[c] = AddScaledDot32Pair(sumi[c], u0, Load256(q8), u1, Load256(q8 + 32), s01);
+        sumi[c] = AddScaledDot32Pair(sumi[c], u2, Load256(q8 + 64), u3, Load256(q8 + 96), s23);
       }
+#else
+      MOEPOOL_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int8_t* q8 = y[c][b].qs + 128 * h;
+        sumi[c] = AddScaledDot32(sumi[c], u0, Load256(q8), s0);
+        sumi[c] = AddScaledDot32(sumi[c], u1, Load256(q8 + 32), s1);
+        sumi[c] = AddScaledDot32(sumi[c], u2, Load256(q8 + 64), s2);
+        sumi[c] = AddScaledDot32(sumi[c], u3, Load256(q8 + 96), s3);
+      }
+#endif
     }
     MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
@@ -211,13 +238,13 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
 
 }  // namespace
 
-float VecDotQ6_KAvx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotQ6_K)(int64_t n, const void* w, const void* a) {
   float out;
   DotQ6K<1>(n, static_cast<const BlockQ6_K*>(w), static_cast<const uint8_t*>(a), 0, &out);
   return out;
 }
 
-float VecDotQ2_KAvx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotQ2_K)(int64_t n, const void* w, const void* a) {
   const auto* x = static_cast<const BlockQ2_K*>(w);
   const auto* y = static_cast<const BlockQ8_K*>(a);
   const __m256i low2 = _mm256_set1_epi8(3);
@@ -241,8 +268,7 @@ float VecDotQ2_KAvx2(int64_t n, const void* w, const void* a) {
       for (int j = 0; j < 4; ++j) {
         const __m256i u = _mm256_and_si256(_mm256_srli_epi16(q2, 2 * j), low2);
         const __m256i sel = Int16PairSelector(2 * j, 2 * j + 1);
-        sumi = _mm256_add_epi32(
-            sumi, ScaledDot32(u, Load256(q8 + 32 * j), _mm256_shuffle_epi8(scales, sel)));
+        sumi = AddScaledDot32(sumi, u, Load256(q8 + 32 * j), _mm256_shuffle_epi8(scales, sel));
       }
     }
     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
@@ -250,7 +276,7 @@ float VecDotQ2_KAvx2(int64_t n, const void* w, const void* a) {
   return HorizontalSum(acc);
 }
 
-float VecDotQ3_KAvx2(int64_t n, const void* w, const void* a) {
+float MOEPOOL_ISA(VecDotQ3_K)(int64_t n, const void* w, const void* a) {
   const auto* x = static_cast<const BlockQ3_K*>(w);
   const auto* y = static_cast<const BlockQ8_K*>(a);
   const __m256i low2 = _mm256_set1_epi8(3);
@@ -288,8 +314,7 @@ float VecDotQ3_KAvx2(int64_t n, const void* w, const void* a) {
         const __m256i u =
             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q2, 2 * j), low2), high);
         const __m256i sel = Int16PairSelector(2 * j, 2 * j + 1);
-        sumi = _mm256_add_epi32(
-            sumi, ScaledDot32(u, Load256(q8 + 32 * j), _mm256_shuffle_epi8(scales, sel)));
+        sumi = AddScaledDot32(sumi, u, Load256(q8 + 32 * j), _mm256_shuffle_epi8(scales, sel));
       }
     }
     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
@@ -313,25 +338,27 @@ void DotQ6KCols(int64_t n, const void* w, const void* a, size_t a_stride, float*
 }  // namespace
 
 static_assert(kMultiCols == 8, "the tables below list 2..8 columns");
-const MultiDotKernel kVecDotQ4_KAvx2Cols[kMultiCols + 1] = {nullptr,
-                                                            nullptr,
-                                                            &DotK4StyleCols<false, BlockQ4_K, 2>,
-                                                            &DotK4StyleCols<false, BlockQ4_K, 3>,
-                                                            &DotK4StyleCols<false, BlockQ4_K, 4>,
-                                                            &DotK4StyleCols<false, BlockQ4_K, 5>,
-                                                            &DotK4StyleCols<false, BlockQ4_K, 6>,
-                                                            &DotK4StyleCols<false, BlockQ4_K, 7>,
-                                                            &DotK4StyleCols<false, BlockQ4_K, 8>};
-const MultiDotKernel kVecDotQ5_KAvx2Cols[kMultiCols + 1] = {nullptr,
-                                                            nullptr,
-                                                            &DotK4StyleCols<true, BlockQ5_K, 2>,
-                                                            &DotK4StyleCols<true, BlockQ5_K, 3>,
-                                                            &DotK4StyleCols<true, BlockQ5_K, 4>,
-                                                            &DotK4StyleCols<true, BlockQ5_K, 5>,
-                                                            &DotK4StyleCols<true, BlockQ5_K, 6>,
-                                                            &DotK4StyleCols<true, BlockQ5_K, 7>,
-                                                            &DotK4StyleCols<true, BlockQ5_K, 8>};
-const MultiDotKernel kVecDotQ6_KAvx2Cols[kMultiCols + 1] = {
+const MultiDotKernel MOEPOOL_ISA(kVecDotQ4_KCols)[kMultiCols + 1] = {
+    nullptr,
+    nullptr,
+    &DotK4StyleCols<false, BlockQ4_K, 2>,
+    &DotK4StyleCols<false, BlockQ4_K, 3>,
+    &DotK4StyleCols<false, BlockQ4_K, 4>,
+    &DotK4StyleCols<false, BlockQ4_K, 5>,
+    &DotK4StyleCols<false, BlockQ4_K, 6>,
+    &DotK4StyleCols<false, BlockQ4_K, 7>,
+    &DotK4StyleCols<false, BlockQ4_K, 8>};
+const MultiDotKernel MOEPOOL_ISA(kVecDotQ5_KCols)[kMultiCols + 1] = {
+    nullptr,
+    nullptr,
+    &DotK4StyleCols<true, BlockQ5_K, 2>,
+    &DotK4StyleCols<true, BlockQ5_K, 3>,
+    &DotK4StyleCols<true, BlockQ5_K, 4>,
+    &DotK4StyleCols<true, BlockQ5_K, 5>,
+    &DotK4StyleCols<true, BlockQ5_K, 6>,
+    &DotK4StyleCols<true, BlockQ5_K, 7>,
+    &DotK4StyleCols<true, BlockQ5_K, 8>};
+const MultiDotKernel MOEPOOL_ISA(kVecDotQ6_KCols)[kMultiCols + 1] = {
     nullptr,        nullptr,        &DotQ6KCols<2>, &DotQ6KCols<3>, &DotQ6KCols<4>,
     &DotQ6KCols<5>, &DotQ6KCols<6>, &DotQ6KCols<7>, &DotQ6KCols<8>};
 

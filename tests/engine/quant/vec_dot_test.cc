@@ -22,13 +22,22 @@ struct DotCase {
   TensorType type;
   VecDotFn scalar;
   VecDotFn avx2;
+  VecDotFn vnni;  // nullptr where the VNNI build is not compiled in
   // Byte offsets of the half-float scale fields in a block (-1: none).
   int scale_offsets[2];
 };
 
-#define MOEPOOL_DOT_CASE(T, OFF0, OFF1)                                                      \
-  DotCase {                                                                                  \
-    TensorType::k##T, &kernels::VecDot##T##Scalar, &kernels::VecDot##T##Avx2, { OFF0, OFF1 } \
+#ifdef MOEPOOL_HAVE_VNNI_KERNELS
+#define MOEPOOL_VNNI_DOT(T) &kernels::VecDot##T##Vnni
+#else
+#define MOEPOOL_VNNI_DOT(T) nullptr
+#endif
+#define MOEPOOL_DOT_CASE(T, OFF0, OFF1)                                                            \
+  DotCase {                                                                                        \
+    TensorType::k##T, &kernels::VecDot##T##Scalar, &kernels::VecDot##T##Avx2, MOEPOOL_VNNI_DOT(T), \
+    {                                                                                              \
+      OFF0, OFF1                                                                                   \
+    }                                                                                              \
   }
 
 const DotCase kDotCases[] = {
@@ -212,6 +221,10 @@ TEST_P(VecDotTest, ScalarMatchesDequantizedDotAndAvx2MatchesScalar) {
         if (CpuHasAvx2()) {
           const float avx2 = c.avx2(n, w.data(), a.data());
           EXPECT_NEAR(avx2, scalar, 1e-5 * ref.abs_scale);
+          // The VNNI build replaces instruction pairs by fused ones with the same int32 lanes.
+          if (CpuHasAvx512Vnni()) {
+            EXPECT_EQ(c.vnni(n, w.data(), a.data()), avx2);
+          }
         }
       }
     }
@@ -228,11 +241,14 @@ TEST_P(VecDotTest, ZeroLengthRowIsZero) {
 
 INSTANTIATE_TEST_SUITE_P(AllStoredTypes, VecDotTest, ::testing::ValuesIn(kDotCases), CaseName);
 
-TEST(VecDotTraitsTest, DispatchPicksAvx2OnlyWhenAvailable) {
+TEST(VecDotTraitsTest, DispatchPicksTheFastestBuildTheCpuRuns) {
   for (const DotCase& c : kDotCases) {
     const TypeTraits& tr = GetTypeTraits(c.type);
     EXPECT_EQ(tr.vec_dot_scalar, c.scalar) << tr.name;
-    EXPECT_EQ(tr.vec_dot, CpuHasAvx2() ? c.avx2 : c.scalar) << tr.name;
+    EXPECT_EQ(tr.vec_dot, CpuHasAvx512Vnni() ? c.vnni
+                          : CpuHasAvx2()     ? c.avx2
+                                             : c.scalar)
+        << tr.name;
   }
 }
 
