@@ -14,29 +14,47 @@ namespace {
 
 constexpr int64_t kCols = 4096;
 
+// `rows` weight rows of `type` (every row the same valid quantized values; the kernels do not
+// care) and one activation row converted for them, kCols wide.
+struct DotOperands {
+  size_t row_bytes = 0;
+  int64_t rows = 0;
+  std::vector<uint8_t> weights;     // [rows x row_bytes]
+  std::vector<uint8_t> activation;  // one row of the vec_dot type
+};
+
+DotOperands MakeOperands(const TypeTraits& tr, int64_t total_weight_bytes, uint32_t seed) {
+  DotOperands o;
+  o.row_bytes = RowBytes(tr.type, kCols);
+  o.rows = std::max<int64_t>(1, total_weight_bytes / static_cast<int64_t>(o.row_bytes));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> gauss(0.0f, 1.0f);
+  std::vector<float> values(kCols);
+  for (float& v : values) v = 0.02f * gauss(rng);
+  o.weights.resize(o.row_bytes * static_cast<size_t>(o.rows));
+  tr.quantize(values.data(), o.weights.data(), kCols);
+  for (int64_t r = 1; r < o.rows; ++r) {
+    std::copy_n(o.weights.begin(), o.row_bytes, o.weights.begin() + r * o.row_bytes);
+  }
+  const TypeTraits& act = GetTypeTraits(tr.vec_dot_type);
+  o.activation.resize(RowBytes(act.type, kCols));
+  if (act.type == TensorType::kF32) {
+    std::copy(values.begin(), values.end(), reinterpret_cast<float*>(o.activation.data()));
+  } else {
+    act.quantize(values.data(), o.activation.data(), kCols);
+  }
+  return o;
+}
+
 // args: tensor type id, total weight bytes, 1 = scalar kernels.
 void BM_MatVec(benchmark::State& state) {
   const TypeTraits* tr = FindTypeTraits(static_cast<uint32_t>(state.range(0)));
   const VecDotFn dot = state.range(2) ? tr->vec_dot_scalar : tr->vec_dot;
-  const size_t row_bytes = RowBytes(tr->type, kCols);
-  const int64_t rows = std::max<int64_t>(1, state.range(1) / static_cast<int64_t>(row_bytes));
-  std::mt19937 rng(1);
-  std::normal_distribution<float> gauss(0.0f, 1.0f);
-  std::vector<float> values(kCols);
-  for (float& v : values) v = 0.02f * gauss(rng);
-  // Every row holds the same valid quantized values; the kernel does not care.
-  std::vector<uint8_t> row(row_bytes);
-  tr->quantize(values.data(), row.data(), kCols);
-  std::vector<uint8_t> weights(row_bytes * rows);
-  for (int64_t r = 0; r < rows; ++r)
-    std::copy(row.begin(), row.end(), weights.begin() + r * row_bytes);
-  const TypeTraits& act = GetTypeTraits(tr->vec_dot_type);
-  std::vector<uint8_t> a(RowBytes(act.type, kCols));
-  if (act.type == TensorType::kF32) {
-    std::copy(values.begin(), values.end(), reinterpret_cast<float*>(a.data()));
-  } else {
-    act.quantize(values.data(), a.data(), kCols);
-  }
+  const DotOperands o = MakeOperands(*tr, state.range(1), 1);
+  const int64_t rows = o.rows;
+  const size_t row_bytes = o.row_bytes;
+  const std::vector<uint8_t>& weights = o.weights;
+  const std::vector<uint8_t>& a = o.activation;
   std::vector<float> out(rows);
   for (auto _ : state) {
     for (int64_t r = 0; r < rows; ++r)
@@ -69,21 +87,15 @@ BENCHMARK(BM_MatVec)->Apply(Args);
 void BM_MultiRowDot(benchmark::State& state) {
   const TypeTraits* tr = FindTypeTraits(static_cast<uint32_t>(state.range(0)));
   const int c = static_cast<int>(state.range(1));
-  const size_t row_bytes = RowBytes(tr->type, kCols);
-  const int64_t rows = std::max<int64_t>(1, state.range(2) / static_cast<int64_t>(row_bytes));
-  std::mt19937 rng(2);
-  std::normal_distribution<float> gauss(0.0f, 1.0f);
-  std::vector<float> values(kCols);
-  for (float& v : values) v = 0.02f * gauss(rng);
-  std::vector<uint8_t> weights(row_bytes * rows);
-  tr->quantize(values.data(), weights.data(), kCols);
-  for (int64_t r = 1; r < rows; ++r) {
-    std::copy_n(weights.begin(), row_bytes, weights.begin() + r * row_bytes);
-  }
-  const TypeTraits& act = GetTypeTraits(tr->vec_dot_type);
-  const size_t a_bytes = RowBytes(act.type, kCols);
+  const DotOperands o = MakeOperands(*tr, state.range(2), 2);
+  const int64_t rows = o.rows;
+  const size_t row_bytes = o.row_bytes;
+  const std::vector<uint8_t>& weights = o.weights;
+  // The same activation row c times (the kernels read each copy).
+  const size_t a_bytes = o.activation.size();
   std::vector<uint8_t> a(a_bytes * c);
-  for (int i = 0; i < c; ++i) act.quantize(values.data(), a.data() + i * a_bytes, kCols);
+  for (int i = 0; i < c; ++i)
+    std::copy(o.activation.begin(), o.activation.end(), a.begin() + i * a_bytes);
   const VecDotMultiFn multi =
       (c >= 2 && tr->vec_dot_cols != nullptr) ? tr->vec_dot_cols[c] : nullptr;
   std::vector<float> out(static_cast<size_t>(rows) * c);

@@ -142,6 +142,13 @@ const ConvertedRows& LocalExpertBackend::Converted(TensorType weight_type, const
   return cache.back();
 }
 
+void LocalExpertBackend::AddTasks(size_t group, int64_t rows, RowsView a, RowsView b) {
+  const int64_t per_task = MatMulRowsPerTask(rows, pool_->size());
+  for (int64_t r0 = 0; r0 < rows; r0 += per_task) {
+    scratch_.tasks.push_back({group, r0, std::min(rows, r0 + per_task), a, b});
+  }
+}
+
 void LocalExpertBackend::SwiGluPass(const float* xg, int64_t slots) {
   Scratch& s = scratch_;
   const int64_t d = model_->config().n_embd;
@@ -149,15 +156,11 @@ void LocalExpertBackend::SwiGluPass(const float* xg, int64_t slots) {
   // Activations converted once per distinct weight type over all slots (usually one type).
   s.converted[0].clear();
   s.tasks.clear();
-  const int64_t per_task = MatMulRowsPerTask(n_ff, pool_->size());
   for (size_t g = 0; g < s.groups.size(); ++g) {
     const Group& grp = s.groups[g];
     const ConvertedRows& cg = Converted(grp.expert->gate.type, xg, slots, d, 0);
     const ConvertedRows& cu = Converted(grp.expert->up.type, xg, slots, d, 0);
-    for (int64_t r0 = 0; r0 < n_ff; r0 += per_task) {
-      s.tasks.push_back({g, r0, std::min(n_ff, r0 + per_task), cg.Slice(grp.first, grp.m),
-                         cu.Slice(grp.first, grp.m)});
-    }
+    AddTasks(g, n_ff, cg.Slice(grp.first, grp.m), cu.Slice(grp.first, grp.m));
   }
   pool_->ParallelFor(static_cast<int64_t>(s.tasks.size()), [&](int64_t ti) {
     const Task& t = s.tasks[static_cast<size_t>(ti)];
@@ -178,13 +181,10 @@ void LocalExpertBackend::DownPass(int64_t slots) {
   const int64_t n_ff = s.groups.front().expert->gate.rows;
   s.converted[1].clear();
   s.tasks.clear();
-  const int64_t per_task = MatMulRowsPerTask(d, pool_->size());
   for (size_t g = 0; g < s.groups.size(); ++g) {
     const Group& grp = s.groups[g];
     const ConvertedRows& ch = Converted(grp.expert->down.type, s.h.data(), slots, n_ff, 1);
-    for (int64_t r0 = 0; r0 < d; r0 += per_task) {
-      s.tasks.push_back({g, r0, std::min(d, r0 + per_task), ch.Slice(grp.first, grp.m), {}});
-    }
+    AddTasks(g, d, ch.Slice(grp.first, grp.m), {});
   }
   pool_->ParallelFor(static_cast<int64_t>(s.tasks.size()), [&](int64_t ti) {
     const Task& t = s.tasks[static_cast<size_t>(ti)];

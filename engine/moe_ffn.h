@@ -68,6 +68,8 @@ class LocalExpertBackend : public ExpertBackend {
   // Activations of pass `pass` converted for `weight_type` (cached per vec_dot type).
   const ConvertedRows& Converted(TensorType weight_type, const float* x, int64_t rows, int64_t cols,
                                  int pass);
+  // Appends tasks covering weight rows [0, rows) of group `group`'s matrices.
+  void AddTasks(size_t group, int64_t rows, RowsView a, RowsView b);
   void SwiGluPass(const float* xg, int64_t slots);
   void DownPass(int64_t slots);
 
