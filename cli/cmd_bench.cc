@@ -19,6 +19,7 @@
 #include "coordinator/tcp_echo.h"
 #include "coordinator/wire_format.h"
 #include "engine/engine.h"
+#include "engine/quant/types.h"
 #include "engine/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -256,6 +257,7 @@ absl::Status Bench(const Args& args) {
     nlohmann::json j;
     j["model"] = opts.model_path;
     j["threads"] = engine->pool().size();
+    j["cpu_kernels"] = KernelIsaName();
     j["prompt_tokens"] = n_prompt;
     j["decode_tokens"] = n_decode;
     j["prompt_tokens_per_s"] = best_pp;
@@ -275,10 +277,11 @@ absl::Status Bench(const Args& args) {
     std::cout << j.dump() << std::endl;
   } else {
     std::cout << absl::StrFormat(
-        "model %s, %d threads\n  prompt %d tokens: %.1f tokens/s\n  decode %d tokens x %d "
+        "model %s, %d threads, %s kernels\n  prompt %d tokens: %.1f tokens/s\n  decode %d tokens x "
+        "%d "
         "sequences (%d micro-batches): %.1f tokens/s, coordinator idle %.0f%%\n  peak RSS %.1f "
         "MiB (file %.1f MiB)\n",
-        opts.model_path, engine->pool().size(), n_prompt, best_pp, n_decode, n_seq,
+        opts.model_path, engine->pool().size(), KernelIsaName(), n_prompt, best_pp, n_decode, n_seq,
         split > 0 ? 2 : 1, best_tg, decode_s > 0 ? 100 * idle_s / decode_s : 0.0, rss / 1048576.0,
         engine->model().file().file_size() / 1048576.0);
     if (n_seq > 1) {

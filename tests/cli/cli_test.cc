@@ -13,6 +13,7 @@
 
 #include "engine/kv_cache.h"
 #include "engine/model.h"
+#include "engine/quant/types.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/engine/conformance_util.h"
@@ -154,6 +155,8 @@ TEST(CliTest, BenchJsonReportsSpeedsAndMemory) {
     // At least the bytes it had to read: the non-expert F16 weights touched on every pass.
     EXPECT_GT(j.at("peak_rss_bytes").get<uint64_t>(), 1ull << 20);
     EXPECT_EQ(j.at("threads"), 2);
+    // The kernels the numbers came from: the fastest this CPU runs.
+    EXPECT_EQ(j.at("cpu_kernels").get<std::string>(), KernelIsaName());
   }
 }
 
