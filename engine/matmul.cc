@@ -50,9 +50,12 @@ void MatMulRowRange(const WeightMatrix& w, const RowsView& x, int64_t r0, int64_
       int64_t t = t0;
       if (dot_cols != nullptr) {
         float out[kMultiDotCols];
-        // Groups of kMultiDotCols rows, then the rest (2 or more) in one call.
+        // Groups of at most kMultiDotCols rows, as even as possible (9 rows run as 5 + 4, not
+        // 8 + a single-row dot); a last lone row takes the single-row kernel.
         while (t1 - t >= 2) {
-          const int c = static_cast<int>(std::min<int64_t>(t1 - t, kMultiDotCols));
+          const int64_t left = t1 - t;
+          const int64_t groups = (left + kMultiDotCols - 1) / kMultiDotCols;
+          const int c = static_cast<int>((left + groups - 1) / groups);
           dot_cols[c](cols, wr, x.Row(t), x.row_bytes, out);
           for (int i = 0; i < c; ++i) y[(t + i) * y_stride + r] = out[i];
           t += c;
