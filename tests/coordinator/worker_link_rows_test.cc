@@ -200,5 +200,64 @@ TEST_F(WorkerLinkRowsTest, UnknownSessionIsRefusedByName) {
   EXPECT_NE(job.status.message().find("NCCL session"), absl::string_view::npos) << job.status;
 }
 
+// Post writes one-message requests on the caller's thread when the stream is open; a link with a
+// working row transport must still send its rows on the pipe (the whole exchange on its thread).
+TEST_F(WorkerLinkRowsTest, PostedJobsSendTheirRowsOnThePipe) {
+  auto grpc_link = Link(nullptr);
+  ASSERT_NE(grpc_link, nullptr);
+  auto pipe_link =
+      Link(std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_));
+  ASSERT_NE(pipe_link, nullptr);
+  uint64_t step = 1;
+  LinkJob warm;  // opens the stream, so the next Post could write on this thread
+  MakeJob(0, 2, moepool::v1::DTYPE_F32, step++, &warm);
+  pipe_link->RunInline(&warm);
+  ASSERT_TRUE(warm.status.ok()) << warm.status;
+  for (int i = 0; i < 3; ++i) {
+    LinkJob by_grpc, by_pipe;
+    MakeJob(1, 4, moepool::v1::DTYPE_F32, step++, &by_grpc);
+    grpc_link->RunInline(&by_grpc);
+    ASSERT_TRUE(by_grpc.status.ok()) << by_grpc.status;
+    const size_t sent_before = wire_->sent[0];
+    MakeJob(1, 4, moepool::v1::DTYPE_F32, step++, &by_pipe);
+    StepLatch latch(1);
+    pipe_link->Post(&by_pipe, &latch);
+    latch.Wait();
+    ASSERT_TRUE(by_pipe.status.ok()) << by_pipe.status;
+    EXPECT_EQ(wire_->sent[0] - sent_before,
+              static_cast<size_t>(4 * core_->config().n_embd) * sizeof(float));
+    ASSERT_EQ(by_pipe.partial.size(), by_grpc.partial.size());
+    EXPECT_EQ(std::memcmp(by_pipe.partial.data(), by_grpc.partial.data(),
+                          by_grpc.partial.size() * sizeof(float)),
+              0);
+  }
+  EXPECT_EQ(wire_->sent[1], wire_->sent[0]);
+}
+
+// SetupNccl on a worker started without NCCL is refused with FAILED_PRECONDITION (and Describe
+// offers no transport beyond gRPC).
+TEST_F(WorkerLinkRowsTest, SetupNcclWithoutNcclIsAFailedPrecondition) {
+  worker::WorkerServerOptions so;
+  so.listen_address = "127.0.0.1:0";
+  auto server = worker::WorkerServer::Start(core_.get(), so);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string((*server)->port()),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = moepool::v1::ExpertService::NewStub(channel);
+  {
+    grpc::ClientContext context;
+    moepool::v1::DescribeRequest request;
+    moepool::v1::DescribeResponse response;
+    ASSERT_TRUE(stub->Describe(&context, request, &response).ok());
+    EXPECT_EQ(response.transports_size(), 0);
+  }
+  grpc::ClientContext context;
+  moepool::v1::NcclSetupRequest request;
+  request.set_timeout_s(1);
+  moepool::v1::NcclSetupResponse response;
+  const grpc::Status s = stub->SetupNccl(&context, request, &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+}
+
 }  // namespace
 }  // namespace moepool
