@@ -171,8 +171,12 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
       endpoints[i] = {options.workers[i], *answers[i], creds, args, options.cluster_token};
     }
     const auto transports = ConnectNcclTransports(endpoints, options.nccl);
-    // Lane 0 of each worker carries its rows over NCCL; further lanes stay on gRPC.
-    for (size_t i = 0; i < n_workers; ++i) b->links_[i][0]->SetRowTransport(transports[i]);
+    // Lane 0 of each worker carries its rows over NCCL; further lanes stay on gRPC. A reconnected
+    // worker gets a new session (a restarted one has lost the old).
+    for (size_t i = 0; i < n_workers; ++i) {
+      b->links_[i][0]->SetRowTransport(transports[i],
+                                       NcclTransportFactory(endpoints[i], options.nccl));
+    }
   }
   // A reconnected worker is used again only if it still serves the same model and experts.
   for (size_t i = 0; i < n_workers; ++i) {

@@ -95,4 +95,13 @@ std::vector<std::shared_ptr<RowTransport>> ConnectNcclTransports(
   return out;
 }
 
+RowTransportFactory NcclTransportFactory(TransportEndpoint endpoint, NcclTransportOptions options) {
+  return [endpoint = std::move(endpoint),
+          options = std::move(options)](const moepool::v1::DescribeResponse& describe) {
+    TransportEndpoint e = endpoint;
+    e.describe = describe;
+    return ConnectNcclTransports({e}, options)[0];
+  };
+}
+
 }  // namespace moepool

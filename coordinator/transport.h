@@ -9,11 +9,13 @@
 //
 // Fallback: when NCCL cannot be used (a build without CUDA, no libnccl.so.2, no GPU, the worker
 // does not offer it, joining fails or times out), one line on stderr says why and that link
-// stays on gRPC; a link whose NCCL pipe breaks later (RowTransport::broken) goes back to gRPC for
-// good. Nothing here is fatal.
+// stays on gRPC; a link whose NCCL pipe breaks later (RowTransport::broken) goes back to gRPC,
+// and a link that reconnects (a restarted worker, or after a broken pipe) sets up a new session
+// (NcclTransportFactory). Nothing here is fatal.
 //
 // Threading: ConnectNcclTransports blocks (it joins communicators) and is called once at
-// startup. A RowTransport is used by one link at a time.
+// startup; NcclTransportFactory's factories block the same way on a reconnecting link's thread. A
+// RowTransport is used by one link at a time.
 #ifndef MOEPOOL_COORDINATOR_TRANSPORT_H_
 #define MOEPOOL_COORDINATOR_TRANSPORT_H_
 
@@ -21,6 +23,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -85,10 +88,19 @@ struct NcclTransportOptions {
   NcclOptions nccl;
 };
 
+// Makes a link's row transport again for a worker that answered `describe` on reconnect; null
+// means gRPC (see WorkerLink::SetRowTransport).
+using RowTransportFactory =
+    std::function<std::shared_ptr<RowTransport>(const moepool::v1::DescribeResponse& describe)>;
+
 // For each endpoint, an NCCL pipe or null (gRPC). Prints one line on stderr per fallback (or a
 // single line when NCCL is not usable here at all) and one line per pipe set up.
 std::vector<std::shared_ptr<RowTransport>> ConnectNcclTransports(
     const std::vector<TransportEndpoint>& endpoints, const NcclTransportOptions& options);
+
+// A factory that sets up a new NCCL session with `endpoint`'s worker as ConnectNcclTransports
+// does (blocking while both ends join; one line on stderr either way).
+RowTransportFactory NcclTransportFactory(TransportEndpoint endpoint, NcclTransportOptions options);
 
 }  // namespace moepool
 

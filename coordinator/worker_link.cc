@@ -473,8 +473,16 @@ void WorkerLink::TryReconnect() {
   absl::StatusOr<moepool::v1::DescribeResponse> d =
       Describe(config_.describe_timeout_s, /*wait_for_ready=*/false);
   absl::Status s = d.ok() ? (accept_ ? accept_(*d) : absl::OkStatus()) : d.status();
+  // A new row session before the link is up again (this may block while both ends join).
+  std::shared_ptr<RowTransport> renewed;
+  if (s.ok() && renew_transport_) renewed = renew_transport_(*d);
+  std::shared_ptr<RowTransport> old;  // released after the lock (an NCCL pipe aborts its comm)
   std::lock_guard<std::mutex> lock(mu_);
   if (s.ok()) {
+    if (renew_transport_) {
+      old = std::move(row_transport_);
+      row_transport_ = std::move(renewed);
+    }
     up_ = true;
     stats_.up = true;
     ++stats_.reconnects;

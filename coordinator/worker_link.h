@@ -127,9 +127,13 @@ class WorkerLink {
   bool up() const;
 
   // Rows travel over `transport` (--transport nccl) while it works, over gRPC once it broke.
-  // Call before Start.
-  void SetRowTransport(std::shared_ptr<RowTransport> transport) {
+  // With `renew`, every reconnect (a restarted worker has lost its sessions; after a lost stream
+  // the old pipe's state is unknown) asks it for a fresh transport for the accepted worker, on the
+  // link's thread before the link is up again; null from it means gRPC. Call before Start.
+  void SetRowTransport(std::shared_ptr<RowTransport> transport,
+                       RowTransportFactory renew = nullptr) {
     row_transport_ = std::move(transport);
+    renew_transport_ = std::move(renew);
   }
 
   // Hands a job to the I/O thread; latch->CountDown() when it is finished (ok or not). A request
@@ -177,6 +181,7 @@ class WorkerLink {
   const WorkerLinkConfig config_;
   AcceptWorker accept_;                          // set by Start
   std::shared_ptr<RowTransport> row_transport_;  // null: gRPC; used by the I/O owner only
+  RowTransportFactory renew_transport_;          // may be null; set before Start
 
   // Channel and stream: used by the I/O thread (and Describe before Start).
   std::shared_ptr<grpc::Channel> channel_;

@@ -28,8 +28,9 @@ absl::Status WorkerLink::ExchangeOutOfBand(LinkJob* job) {
   const int k = job->k;
   // After a pipe failure the two ends may disagree on what is in flight: gRPC from now on.
   auto pipe_failed = [&](const absl::Status& why) {
-    std::fprintf(stderr, "moepool: worker %s: NCCL rows failed (%s); using gRPC from now on\n",
-                 config_.address.c_str(), std::string(why.message()).c_str());
+    std::fprintf(stderr, "moepool: worker %s: NCCL rows failed (%s); using gRPC %s\n",
+                 config_.address.c_str(), std::string(why.message()).c_str(),
+                 renew_transport_ ? "until a new session is set up on reconnect" : "from now on");
     row_transport_.reset();
     return Broken(*job, absl::StrCat("NCCL rows of layer ", job->layer, " failed"), true);
   };

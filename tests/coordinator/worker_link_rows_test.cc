@@ -2,6 +2,8 @@
 // (WorkerCore + WorkerServer over gRPC) whose session is an in-memory pipe instead of NCCL, and
 // WorkerLinks with and without that pipe. The answers must equal the all-gRPC ones bit for bit,
 // the rows must really cross the pipe, and refusals must keep both ends in step.
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -9,6 +11,7 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "coordinator/transport.h"
@@ -232,6 +235,67 @@ TEST_F(WorkerLinkRowsTest, PostedJobsSendTheirRowsOnThePipe) {
               0);
   }
   EXPECT_EQ(wire_->sent[1], wire_->sent[0]);
+}
+
+// A restarted worker has lost its sessions: on reconnect the link asks its factory for a new row
+// transport, and the rows then cross the new pipe with the same answers as before the restart.
+TEST_F(WorkerLinkRowsTest, ReconnectedLinkGetsANewRowSession) {
+  const int port = server_->port();
+  WorkerLinkConfig c;
+  c.address = "127.0.0.1:" + std::to_string(port);
+  c.credentials = grpc::InsecureChannelCredentials();
+  c.backoff_initial_s = 0.02;
+  c.backoff_max_s = 0.1;
+  WorkerLink link(std::move(c));
+  auto d = link.Describe(10, true);
+  ASSERT_TRUE(d.ok()) << d.status();
+  auto sessions2 = std::make_shared<worker::NcclSessions>(0, NcclOptions{});
+  std::shared_ptr<PipeWire> wire2;
+  std::atomic<int> renewals{0};
+  link.SetRowTransport(
+      std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_),
+      [&](const moepool::v1::DescribeResponse& answer) -> std::shared_ptr<RowTransport> {
+        EXPECT_EQ(answer.transports_size(), 1);
+        wire2 = std::make_shared<PipeWire>();
+        const uint64_t session = sessions2->Add(std::make_unique<MemoryPipe>(wire2, 1));
+        ++renewals;
+        return std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire2, 0), session);
+      });
+  link.Start(*d, [](const moepool::v1::DescribeResponse&) { return absl::OkStatus(); });
+  LinkJob before;
+  MakeJob(1, 4, moepool::v1::DTYPE_F32, 1, &before);
+  link.RunInline(&before);
+  ASSERT_TRUE(before.status.ok()) << before.status;
+  ASSERT_GT(wire_->sent[0], 0u);
+
+  // The worker restarts on the same port with no sessions but the factory's.
+  server_.reset();
+  worker::WorkerServerOptions so;
+  so.listen_address = "127.0.0.1:" + std::to_string(port);
+  so.service.nccl = sessions2;
+  auto server = worker::WorkerServer::Start(core_.get(), so);
+  ASSERT_TRUE(server.ok()) << server.status();
+  server_ = *std::move(server);
+  LinkJob lost;  // finds the old stream gone: the link goes down and reconnects
+  MakeJob(1, 4, moepool::v1::DTYPE_F32, 2, &lost);
+  link.RunInline(&lost);
+  EXPECT_FALSE(lost.status.ok());
+  for (int i = 0; i < 500 && (!link.up() || renewals == 0); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE(link.up());
+  EXPECT_EQ(renewals, 1);
+
+  LinkJob after;
+  MakeJob(1, 4, moepool::v1::DTYPE_F32, 3, &after);
+  link.RunInline(&after);
+  ASSERT_TRUE(after.status.ok()) << after.status;
+  EXPECT_EQ(wire2->sent[0], static_cast<size_t>(4 * core_->config().n_embd) * sizeof(float));
+  EXPECT_EQ(wire2->sent[1], wire2->sent[0]);
+  ASSERT_EQ(after.partial.size(), before.partial.size());
+  EXPECT_EQ(std::memcmp(after.partial.data(), before.partial.data(),
+                        before.partial.size() * sizeof(float)),
+            0);
 }
 
 // SetupNccl on a worker started without NCCL is refused with FAILED_PRECONDITION (and Describe
