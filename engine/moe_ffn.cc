@@ -85,7 +85,7 @@ absl::Status LocalExpertBackend::Compute(const ExpertRoutes& routes, float* out)
   std::fill(out, out + n * d, 0.0f);
 
   // Dispatch: group the (row, weight) pairs by expert in ascending id; each group's rows are
-  // gathered into one run of `xg_` (slot order = combine order).
+  // gathered into one run of `xg` (slot order = combine order).
   Scratch& s = scratch_;
   s.groups.clear();
   s.slot_row.clear();
