@@ -151,8 +151,16 @@ int ClusterExpertBackend::ChooseLane() {
 }
 
 void ClusterExpertBackend::WaitForOthers(const Step* s, int lane) {
+  // A step holds its own lane and any lane Send moved one of its buckets to (a link was down).
+  auto holds = [lane](const Step* other) {
+    if (lane < 0 || other->lane == lane) return true;
+    for (const auto& b : other->buckets) {
+      if (b->lane == lane && !b->rows.empty()) return true;
+    }
+    return false;
+  };
   for (Step* other : outstanding_) {
-    if (other == s || other->latch == nullptr || (lane >= 0 && other->lane != lane)) continue;
+    if (other == s || other->latch == nullptr || !holds(other)) continue;
     const auto t0 = Clock::now();
     other->latch->Wait();
     blocked_micros_.fetch_add(MicrosSince(t0), std::memory_order_relaxed);

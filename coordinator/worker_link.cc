@@ -336,6 +336,21 @@ grpc::Status WorkerLink::CloseStream(bool cancel) {
   return s;
 }
 
+absl::Status WorkerLink::CheckAnswer(const LinkJob& job, const moepool::v1::ForwardResponse& resp) {
+  if (resp.step_id() != job.step_id || resp.layer() != job.layer) {
+    return Broken(job,
+                  absl::StrCat("answered step ", resp.step_id(), " layer ", resp.layer(),
+                               " to a request for step ", job.step_id, " layer ", job.layer),
+                  true);
+  }
+  if (resp.error_code() != 0) {
+    return absl::Status(static_cast<absl::StatusCode>(resp.error_code()),
+                        absl::StrCat("worker ", config_.address, " refused layer ", job.layer, ": ",
+                                     resp.error_message()));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status WorkerLink::Broken(const LinkJob& job, const std::string& what, bool cancel) {
   bool by_watchdog;
   {
@@ -423,17 +438,7 @@ absl::Status WorkerLink::Exchange(LinkJob* job, const Written* written) {
     }
     response_bytes += resp.ByteSizeLong();
     if (resp.step_id() < job->step_id) continue;  // the rest of an answer to an abandoned step
-    if (resp.step_id() != job->step_id || resp.layer() != job->layer) {
-      return Broken(*job,
-                    absl::StrCat("answered step ", resp.step_id(), " layer ", resp.layer(),
-                                 " to a request for step ", job->step_id, " layer ", job->layer),
-                    true);
-    }
-    if (resp.error_code() != 0) {
-      return absl::Status(static_cast<absl::StatusCode>(resp.error_code()),
-                          absl::StrCat("worker ", config_.address, " refused layer ", job->layer,
-                                       ": ", resp.error_message()));
-    }
+    if (absl::Status s = CheckAnswer(*job, resp); !s.ok()) return s;
     absl::Status s = resp.dtype() != job->dtype
                          ? absl::InvalidArgumentError(
                                absl::StrCat("answer in ", WireDTypeName(resp.dtype()),

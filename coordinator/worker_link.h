@@ -173,6 +173,9 @@ class WorkerLink {
   grpc::Status CloseStream(bool cancel);
   // Closes the broken stream, marks the link down and returns the job's error: UNAVAILABLE
   // saying `what`, or DEADLINE_EXCEEDED when the watchdog cancelled the step.
+  // An answer's header against its job: a mismatched step or layer breaks the stream (Broken);
+  // a refusal is the worker's status naming the worker. OK otherwise.
+  absl::Status CheckAnswer(const LinkJob& job, const moepool::v1::ForwardResponse& resp);
   absl::Status Broken(const LinkJob& job, const std::string& what, bool cancel);
   void MarkDown(const absl::Status& why);
   void TryReconnect();

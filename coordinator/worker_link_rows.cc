@@ -69,17 +69,7 @@ absl::Status WorkerLink::ExchangeOutOfBand(LinkJob* job) {
     }
     response_bytes += resp.ByteSizeLong();
   } while (resp.step_id() < job->step_id);  // the rest of an answer to an abandoned step
-  if (resp.step_id() != job->step_id || resp.layer() != job->layer) {
-    return Broken(*job,
-                  absl::StrCat("answered step ", resp.step_id(), " layer ", resp.layer(),
-                               " to a request for step ", job->step_id, " layer ", job->layer),
-                  true);
-  }
-  if (resp.error_code() != 0) {
-    return absl::Status(static_cast<absl::StatusCode>(resp.error_code()),
-                        absl::StrCat("worker ", config_.address, " refused layer ", job->layer,
-                                     ": ", resp.error_message()));
-  }
+  if (absl::Status s = CheckAnswer(*job, resp); !s.ok()) return s;
   if (!resp.rows_via_nccl() || resp.dtype() != job->dtype || resp.total_rows() != n ||
       resp.row_offset() != 0 || resp.n_rows() != n) {
     return pipe_failed(
