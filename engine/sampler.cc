@@ -4,6 +4,8 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "engine/swiglu.h"
+#include "engine/swiglu_math.h"
 
 namespace moepool {
 
@@ -34,10 +36,27 @@ int32_t Sampler::Sample(float* logits, int64_t n_vocab) {
   if (params_.temperature <= 0.0f) {
     chosen = static_cast<int32_t>(std::max_element(logits, logits + n_vocab) - logits);
   } else {
+    // Softmax weights with temperature, by the engine's exponential (the same bits on every CPU);
+    // probabilities are normalised and summed in double.
+    const float max_l = MaxFinite(logits, n_vocab);
+    if (max_l == -INFINITY) return 0;  // no finite logit: nothing to choose from
+    const bool top_k = params_.top_k > 0 && params_.top_k < n_vocab;
+    if (!top_k) {  // every token's weight is needed
+      weights_.resize(static_cast<size_t>(n_vocab));
+      SoftmaxWeights(logits, n_vocab, max_l, params_.temperature, weights_.data());
+    }
+    if (!top_k && params_.top_p >= 1.0f && params_.min_p <= 0.0f) {
+      // The whole distribution: no order needed, the tokens are walked by id.
+      chosen = SampleByIdOrder();
+      ++counts_[chosen];
+      return chosen;
+    }
     candidates_.clear();
     for (int64_t i = 0; i < n_vocab; ++i) {
-      if (std::isfinite(logits[i]))
-        candidates_.push_back({logits[i], static_cast<int32_t>(i), 0.0});
+      if (std::isfinite(logits[i])) {
+        candidates_.push_back(
+            {logits[i], static_cast<int32_t>(i), top_k ? 0.0 : weights_[static_cast<size_t>(i)]});
+      }
     }
     auto by_logit = [](const Candidate& a, const Candidate& b) {
       return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
@@ -66,12 +85,11 @@ int32_t Sampler::Sample(float* logits, int64_t n_vocab) {
         sorted = candidates_.size();
       }
     };
-    // Softmax with temperature, in double for a reproducible, accurate cumulative sum. Each
-    // candidate's exponential is computed once and travels with it through later sorting.
-    const double max_l = candidates_[0].logit;
+    // Each candidate's weight travels with it through later sorting (with top-k, only the kept
+    // candidates' weights are computed, here).
     double sum = 0.0;
     for (Candidate& c : candidates_) {
-      c.weight = std::exp((c.logit - max_l) / params_.temperature);
+      if (top_k) c.weight = swiglu::Exp((c.logit - max_l) / params_.temperature);
       sum += c.weight;
     }
     auto prob = [&](size_t i) { return candidates_[i].weight / sum; };
@@ -116,6 +134,29 @@ int32_t Sampler::Sample(float* logits, int64_t n_vocab) {
   }
   ++counts_[chosen];
   return chosen;
+}
+
+int32_t Sampler::SampleByIdOrder() {
+  const size_t n = weights_.size();
+  // The total in four interleaved partial sums (a fixed order, so reproducible), then one
+  // cumulative walk by id.
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int k = 0; k < 4; ++k) part[k] += weights_[i + k];
+  }
+  for (; i < n; ++i) part[0] += weights_[i];
+  const double total = (part[0] + part[1]) + (part[2] + part[3]);
+  const double r = std::uniform_real_distribution<double>(0.0, total)(rng_);
+  double cum = 0.0;
+  size_t last_positive = 0;
+  for (size_t id = 0; id < n; ++id) {
+    if (weights_[id] <= 0.0f) continue;
+    cum += weights_[id];
+    last_positive = id;
+    if (r < cum) return static_cast<int32_t>(id);
+  }
+  return static_cast<int32_t>(last_positive);  // r at the very top of the range (rounding)
 }
 
 namespace {

@@ -51,9 +51,13 @@ class Sampler {
   struct Candidate {
     float logit;
     int32_t id;
-    double weight;  // exp((logit - max) / temperature), once the maximum is known
+    double weight;  // exp((logit - max) / temperature) (see SoftmaxWeights)
   };
   std::vector<Candidate> candidates_;
+  std::vector<float> weights_;  // [n_vocab] softmax weights of the current step
+
+  // A token drawn from all of weights_ (no truncation).
+  int32_t SampleByIdOrder();
 };
 
 }  // namespace moepool

@@ -1,5 +1,7 @@
 #include "engine/swiglu.h"
 
+#include <cmath>
+
 #include "engine/quant/types.h"
 #include "engine/swiglu_math.h"
 
@@ -17,6 +19,37 @@ void SwiGlu(float* g, const float* u, int64_t n) {
   }
 #endif
   SwiGluScalar(g, u, n);
+}
+
+float MaxFiniteScalar(const float* x, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isfinite(x[i]) && x[i] > m) m = x[i];
+  }
+  return m;
+}
+
+void SoftmaxWeightsScalar(const float* x, int64_t n, float max, float temperature, float* w) {
+  for (int64_t i = 0; i < n; ++i) {
+    w[i] = std::isfinite(x[i]) ? swiglu::Exp((x[i] - max) / temperature) : 0.0f;
+  }
+}
+
+float MaxFinite(const float* x, int64_t n) {
+#ifdef MOEPOOL_HAVE_AVX2_KERNELS
+  if (CpuHasAvx2()) return MaxFiniteAvx2(x, n);
+#endif
+  return MaxFiniteScalar(x, n);
+}
+
+void SoftmaxWeights(const float* x, int64_t n, float max, float temperature, float* w) {
+#ifdef MOEPOOL_HAVE_AVX2_KERNELS
+  if (CpuHasAvx2()) {
+    SoftmaxWeightsAvx2(x, n, max, temperature, w);
+    return;
+  }
+#endif
+  SoftmaxWeightsScalar(x, n, max, temperature, w);
 }
 
 }  // namespace moepool

@@ -1,4 +1,5 @@
-// AVX2 + FMA SwiGLU: swiglu::SiluMul on 8 floats at a time, one instruction per scalar step.
+// AVX2 + FMA SwiGLU and sampling weights: swiglu::SiluMul and swiglu::Exp on 8 floats at a time,
+// one instruction per scalar step.
 #include <immintrin.h>
 
 #include "engine/swiglu.h"
@@ -44,6 +45,43 @@ void SwiGluAvx2(float* g, const float* u, int64_t n) {
     _mm256_storeu_ps(g + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
   }
   SwiGluScalar(g + i, u + i, n - i);
+}
+
+namespace {
+
+// All-ones lanes where x is finite (|x| < inf; false for NaN).
+__m256 FiniteMask(__m256 x) {
+  const __m256 abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  return _mm256_cmp_ps(abs, _mm256_set1_ps(INFINITY), _CMP_LT_OQ);
+}
+
+}  // namespace
+
+float MaxFiniteAvx2(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    m = _mm256_max_ps(m, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, FiniteMask(v)));
+  }
+  // The maximum of a set does not depend on the order it is taken in.
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float best = MaxFiniteScalar(x + i, n - i);
+  for (float v : lanes) best = v > best ? v : best;
+  return best;
+}
+
+void SoftmaxWeightsAvx2(const float* x, int64_t n, float max, float temperature, float* w) {
+  const __m256 shift = _mm256_set1_ps(max);
+  const __m256 t = _mm256_set1_ps(temperature);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 e = Exp8(_mm256_div_ps(_mm256_sub_ps(v, shift), t));
+    _mm256_storeu_ps(w + i, _mm256_and_ps(e, FiniteMask(v)));
+  }
+  SoftmaxWeightsScalar(x + i, n - i, max, temperature, w + i);
 }
 
 }  // namespace moepool

@@ -109,11 +109,13 @@ TEST(SamplerTest, TruncationKeepsOnlyTheAllowedTokens) {
   EXPECT_EQ(seen.size(), 3u);
   EXPECT_GT(seen[3], 0);
 
-  // -inf logits are never chosen.
+  // -inf and NaN logits are never chosen, truncated or not.
   std::vector<float> masked = kLogits;
   masked[1] = -INFINITY;
   masked[4] = -INFINITY;
-  for (int32_t t : Draw(Untruncated(2.0f, 9), masked, 300)) EXPECT_TRUE(t != 1 && t != 4);
+  masked[3] = NAN;
+  for (int32_t t : Draw(Untruncated(2.0f, 9), masked, 300)) EXPECT_TRUE(t != 1 && t != 4 && t != 3);
+  for (int32_t t : Draw(p50, masked, 300)) EXPECT_TRUE(t != 1 && t != 4 && t != 3);
 }
 
 TEST(SamplerTest, PenaltiesLowerTokensAlreadyChosen) {

@@ -1,5 +1,5 @@
-// The SwiGLU gate (engine/swiglu.h): AVX2 and scalar give the same bits for every input, and
-// moepool's exponential stays within 2 ulp of exp.
+// The SwiGLU gate and the sampling weights (engine/swiglu.h): AVX2 and scalar give the same bits
+// for every input, and moepool's exponential stays within 2 ulp of exp.
 #include "engine/swiglu.h"
 
 #include <cfloat>
@@ -110,6 +110,42 @@ TEST(SwiGluTest, SiluMulMatchesItsDefinition) {
   EXPECT_EQ(swiglu::SiluMul(-100.0f, 1.0f), -0.0f);
   EXPECT_TRUE(std::signbit(swiglu::SiluMul(-100.0f, 1.0f)));
   EXPECT_EQ(swiglu::SiluMul(100.0f, 2.0f), 200.0f);
+}
+
+// Sampling weights: the same bits on both paths, 0 for infinite and NaN logits, 1 at the maximum.
+TEST(SwiGluTest, SoftmaxWeightsAvx2BitIdenticalToScalar) {
+  if (!CpuHasAvx2()) GTEST_SKIP() << "no AVX2 on this CPU";
+  const std::vector<float> x = EdgeAndSweepInputs();
+  const int64_t n = static_cast<int64_t>(x.size());
+  const float max = MaxFiniteScalar(x.data(), n);
+  EXPECT_EQ(max, FLT_MAX);
+  for (const int64_t len : {n, int64_t{13}, int64_t{8}, int64_t{5}}) {
+    EXPECT_EQ(Bits(MaxFiniteAvx2(x.data(), len)), Bits(MaxFiniteScalar(x.data(), len))) << len;
+  }
+  // A realistic maximum (the sweep's FLT_MAX would send every other weight to the clamp).
+  for (const float temperature : {1.0f, 0.7f, 1e-3f, 3.0f}) {
+    std::vector<float> scalar(x.size()), avx2(x.size());
+    SoftmaxWeightsScalar(x.data(), n, 120.0f, temperature, scalar.data());
+    SoftmaxWeightsAvx2(x.data(), n, 120.0f, temperature, avx2.data());
+    for (int64_t i = 0; i < n; ++i) {
+      ASSERT_EQ(Bits(avx2[i]), Bits(scalar[i])) << "x " << x[i] << " T " << temperature;
+      if (!std::isfinite(x[i])) {
+        EXPECT_EQ(scalar[i], 0.0f) << x[i];
+      }
+    }
+  }
+  const std::vector<float> logits = {1.0f, 3.5f, -INFINITY, 2.0f, NAN, 3.5f, -2.0f, 0.0f, 3.0f};
+  const int64_t m = static_cast<int64_t>(logits.size());
+  EXPECT_EQ(MaxFinite(logits.data(), m), 3.5f);
+  std::vector<float> w(logits.size());
+  SoftmaxWeights(logits.data(), m, 3.5f, 0.5f, w.data());
+  EXPECT_EQ(w[1], 1.0f);
+  EXPECT_EQ(w[5], 1.0f);
+  EXPECT_EQ(w[2], 0.0f);
+  EXPECT_EQ(w[4], 0.0f);
+  EXPECT_NEAR(w[8], std::exp(-1.0), 2e-7);
+  const std::vector<float> none = {-INFINITY, NAN, INFINITY};
+  EXPECT_EQ(MaxFinite(none.data(), 3), -INFINITY);
 }
 
 }  // namespace
