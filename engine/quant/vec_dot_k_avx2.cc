@@ -19,10 +19,13 @@ namespace {
 
 using avx2::AddScaledDot32;
 using avx2::AddScaledDot32Pair;
+using avx2::AddScaledDot64;
 using avx2::DotU8I8;
 using avx2::HalfToFloat;
 using avx2::HorizontalSum;
 using avx2::Int16PairSelector;
+using avx2::MakePairScales;
+using avx2::PairScales;
 
 MOEPOOL_AVX2_INLINE __m256i Load256(const void* p) {
   return _mm256_loadu_si256(static_cast<const __m256i*>(p));
@@ -202,29 +205,16 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
       const __m256i u3 = _mm256_or_si256(
           _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
           _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(static_cast<char>(0xC0))), 2));
-      const __m256i s0 = _mm256_shuffle_epi8(scales, Int16PairSelector(0, 1));
-      const __m256i s1 = _mm256_shuffle_epi8(scales, Int16PairSelector(2, 3));
-      const __m256i s2 = _mm256_shuffle_epi8(scales, Int16PairSelector(4, 5));
-      const __m256i s3 = _mm256_shuffle_epi8(scales, Int16PairSelector(6, 7));
-#ifdef MOEPOOL_KERNELS_VNNI
-      const __m256i s01 = _mm256_blend_epi16(s0, s1, 0xAA);
-      const __m256i s23 = _mm256_blend_epi16(s2, s3, 0xAA);
+      // u0 holds sub-blocks 0 (low 128-bit half) and 1 (high half) of this half-block, u1 2 and
+      // 3, u2 4 and 5, u3 6 and 7.
+      const PairScales s01 = MakePairScales(scales, 0, 1, 2, 3);
+      const PairScales s23 = MakePairScales(scales, 4, 5, 6, 7);
       MOEPOOL_UNROLL
       for (int c = 0; c < kCols; ++c) {
         const int8_t* q8 = y[c][b].qs + 128 * h;
-        sumi[c] = AddScaledDot32Pair(sumi[c], u0, Load256(q8), u1, Load256(q8 + 32), s01);
-        sumi[c] = AddScaledDot32Pair(sumi[c], u2, Load256(q8 + 64), u3, Load256(q8 + 96), s23);
+        sumi[c] = AddScaledDot64(sumi[c], u0, Load256(q8), u1, Load256(q8 + 32), s01);
+        sumi[c] = AddScaledDot64(sumi[c], u2, Load256(q8 + 64), u3, Load256(q8 + 96), s23);
       }
-#else
-      MOEPOOL_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const int8_t* q8 = y[c][b].qs + 128 * h;
-        sumi[c] = AddScaledDot32(sumi[c], u0, Load256(q8), s0);
-        sumi[c] = AddScaledDot32(sumi[c], u1, Load256(q8 + 32), s1);
-        sumi[c] = AddScaledDot32(sumi[c], u2, Load256(q8 + 64), s2);
-        sumi[c] = AddScaledDot32(sumi[c], u3, Load256(q8 + 96), s3);
-      }
-#endif
     }
     MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
