@@ -91,24 +91,6 @@ MOEPOOL_AVX2_INLINE __m256i SpreadBits32(const uint8_t* p) {
   return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit_of_byte), bit_of_byte);
 }
 
-// acc + s0 * (u0 . a0) + s1 * (u1 . a1) per 4-element lane, with (s0, s1) the low and high int16
-// halves of each 32-bit lane of `scale_pairs`: the int32 lanes of
-// AddScaledDot32(AddScaledDot32(acc, u0, a0, s0), u1, a1, s1). Each 4-element sum must fit in
-// int16 (u <= 63, |a| <= 128).
-MOEPOOL_AVX2_INLINE __m256i AddScaledDot32Pair(__m256i acc, __m256i u0, __m256i a0, __m256i u1,
-                                               __m256i a1, __m256i scale_pairs) {
-#ifdef MOEPOOL_KERNELS_VNNI
-  const __m256i t0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, a0);
-  const __m256i t1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u1, a1);
-  return _mm256_dpwssd_epi32(acc, _mm256_blend_epi16(t0, _mm256_slli_epi32(t1, 16), 0xAA),
-                             scale_pairs);
-#else
-  const __m256i s0 = _mm256_shuffle_epi8(scale_pairs, _mm256_set1_epi32(0x01000100));
-  const __m256i s1 = _mm256_shuffle_epi8(scale_pairs, _mm256_set1_epi32(0x03020302));
-  return AddScaledDot32(AddScaledDot32(acc, u0, a0, s0), u1, a1, s1);
-#endif
-}
-
 // Shuffle control that fills the low 128-bit lane with int16 element k0 and the high lane with
 // element k1 of a register whose two lanes hold the same 8 int16 values.
 MOEPOOL_AVX2_INLINE __m256i Int16PairSelector(int k0, int k1) {
@@ -116,47 +98,34 @@ MOEPOOL_AVX2_INLINE __m256i Int16PairSelector(int k0, int k1) {
                           _mm_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * k0)));
 }
 
-// The scales of AddScaledDot64: per 128-bit half, one int16 scale for u0's products and one for
-// u1's, in the form each build consumes.
-struct PairScales {
-#ifdef MOEPOOL_KERNELS_VNNI
-  __m256i packed;  // int16 pairs: lanes 0, 1 of a half (s0, s0), lanes 2, 3 (s1, s1)
-#else
-  __m256i s0, s1;  // every int16 element of a half: that half's scale
-#endif
-};
-
-// From a register holding 8 int16 scales in both 128-bit halves: u0 takes scale u0_low in the
-// low half and u0_high in the high half, u1 likewise.
-MOEPOOL_AVX2_INLINE PairScales MakePairScales(__m256i scales, int u0_low, int u0_high, int u1_low,
-                                              int u1_high) {
-#ifdef MOEPOOL_KERNELS_VNNI
+// int16 scales for AddScaledDot64, from a register holding 8 int16 scales in both 128-bit halves:
+// u0's products take scale u0_low in the low half and u0_high in the high half, u1's likewise.
+// Layout: int16 elements 0..3 of a half hold u0's scale, elements 4..7 u1's.
+MOEPOOL_AVX2_INLINE __m256i PairScales(__m256i scales, int u0_low, int u0_high, int u1_low,
+                                       int u1_high) {
   const auto sel = [](int k) { return 0x01000100 + 0x02020202 * k; };  // int16 k, twice
-  return {_mm256_shuffle_epi8(
+  return _mm256_shuffle_epi8(
       scales, _mm256_setr_epi32(sel(u0_low), sel(u0_low), sel(u1_low), sel(u1_low), sel(u0_high),
-                                sel(u0_high), sel(u1_high), sel(u1_high)))};
-#else
-  return {_mm256_shuffle_epi8(scales, Int16PairSelector(u0_low, u0_high)),
-          _mm256_shuffle_epi8(scales, Int16PairSelector(u1_low, u1_high))};
-#endif
+                                sel(u0_high), sel(u1_high), sel(u1_high)));
 }
 
-// acc + the products u0 * a0 and u1 * a1 (64 elements in all) times their scales, in the
+// acc + the products u0 * a0 and u1 * a1 (64 elements in all) times their PairScales, in the
 // "paired" lane layout: int32 lanes 0 and 1 of each 128-bit half take the sums of elements 0..7
 // and 8..15 of u0's half, lanes 2 and 3 those of u1's. Exact when every 4-element sum fits int16
-// (u <= 63, |a| <= 128). Both builds give the same int32 lanes:
-//   AVX2: madd(maddubs(u, a), scale) for u0 and u1, then one horizontal add of the pair;
-//   VNNI: the 4-element sums (vpdpbusd) of both, packed to int16 and scaled by one vpdpwssd.
+// (u <= 63, |a| <= 128). Both builds give the same int32 lanes from the 4-element sums:
+//   AVX2: maddubs (2-element sums) and one horizontal add of the two (4-element sums, int16);
+//   VNNI: vpdpbusd (4-element sums, int32), packed to int16;
+// then one multiply-add of the int16 pairs by the scales.
 MOEPOOL_AVX2_INLINE __m256i AddScaledDot64(__m256i acc, __m256i u0, __m256i a0, __m256i u1,
-                                           __m256i a1, const PairScales& scales) {
+                                           __m256i a1, __m256i pair_scales) {
 #ifdef MOEPOOL_KERNELS_VNNI
   const __m256i t0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, a0);
   const __m256i t1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u1, a1);
-  return _mm256_dpwssd_epi32(acc, _mm256_packs_epi32(t0, t1), scales.packed);
+  return _mm256_dpwssd_epi32(acc, _mm256_packs_epi32(t0, t1), pair_scales);
 #else
-  const __m256i m0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, a0), scales.s0);
-  const __m256i m1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, a1), scales.s1);
-  return _mm256_add_epi32(acc, _mm256_hadd_epi32(m0, m1));
+  const __m256i sums4 =
+      _mm256_hadd_epi16(_mm256_maddubs_epi16(u0, a0), _mm256_maddubs_epi16(u1, a1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(sums4, pair_scales));
 #endif
 }
 

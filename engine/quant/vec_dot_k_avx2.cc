@@ -18,13 +18,11 @@ namespace moepool::kernels {
 namespace {
 
 using avx2::AddScaledDot32;
-using avx2::AddScaledDot32Pair;
 using avx2::AddScaledDot64;
 using avx2::DotU8I8;
 using avx2::HalfToFloat;
 using avx2::HorizontalSum;
 using avx2::Int16PairSelector;
-using avx2::MakePairScales;
 using avx2::PairScales;
 
 MOEPOOL_AVX2_INLINE __m256i Load256(const void* p) {
@@ -106,26 +104,13 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
             hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high_bits, 1), one), 4));
         high_bits = _mm256_srli_epi16(high_bits, 2);
       }
-#ifdef MOEPOOL_KERNELS_VNNI
-      // (s_2j, s_2j+1) in every 32-bit lane.
-      const __m256i scale_pairs =
-          _mm256_shuffle_epi8(scales, _mm256_set1_epi32(0x03020100 + 0x04040404 * j));
+      // lo holds sub-block 2j, hi 2j + 1.
+      const __m256i pair_scales = PairScales(scales, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1);
       MOEPOOL_UNROLL
       for (int c = 0; c < kCols; ++c) {
-        const int8_t* q8 = y[c][b].qs;
-        sumi[c] = AddScaledDot32Pair(sumi[c], lo, Load256(q8 + 64 * j), hi,
-                                     Load256(q8 + 64 * j + 32), scale_pairs);
+        const int8_t* q8 = y[c][b].qs + 64 * j;
+        sumi[c] = AddScaledDot64(sumi[c], lo, Load256(q8), hi, Load256(q8 + 32), pair_scales);
       }
-#else
-      const __m256i scale_lo = _mm256_shuffle_epi8(scales, Int16PairSelector(2 * j, 2 * j));
-      const __m256i scale_hi = _mm256_shuffle_epi8(scales, Int16PairSelector(2 * j + 1, 2 * j + 1));
-      MOEPOOL_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const int8_t* q8 = y[c][b].qs;
-        sumi[c] = AddScaledDot32(sumi[c], lo, Load256(q8 + 64 * j), scale_lo);
-        sumi[c] = AddScaledDot32(sumi[c], hi, Load256(q8 + 64 * j + 32), scale_hi);
-      }
-#endif
     }
     MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
@@ -207,8 +192,8 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
           _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(static_cast<char>(0xC0))), 2));
       // u0 holds sub-blocks 0 (low 128-bit half) and 1 (high half) of this half-block, u1 2 and
       // 3, u2 4 and 5, u3 6 and 7.
-      const PairScales s01 = MakePairScales(scales, 0, 1, 2, 3);
-      const PairScales s23 = MakePairScales(scales, 4, 5, 6, 7);
+      const __m256i s01 = PairScales(scales, 0, 1, 2, 3);
+      const __m256i s23 = PairScales(scales, 4, 5, 6, 7);
       MOEPOOL_UNROLL
       for (int c = 0; c < kCols; ++c) {
         const int8_t* q8 = y[c][b].qs + 128 * h;
