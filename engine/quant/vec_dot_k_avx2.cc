@@ -73,17 +73,16 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
     // Mins: every min twice (one per 16-element activation sum), times bsums.
     const __m128i mins8 = _mm_unpackhi_epi64(scales_mins, scales_mins);
     const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
-    // d and dmin broadcast once per block; each column's scales are then one multiply each
-    // (the same float products d * y.d and dmin * y.d as computing them one at a time).
+    // Per lane and column: acc += y.d * (d * sumi - dmin * mins), with d and dmin broadcast
+    // once per block and y.d applied last (one multiply per column fewer than scaling d and
+    // dmin by y.d first).
     const __m256 d8 = _mm256_broadcastss_ps(d_pair);
     const __m256 dmin8 = _mm256_broadcastss_ps(_mm_movehdup_ps(d_pair));
-    __m256 scale[kCols];
+    __m256 mins_term[kCols];
     MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const __m256 yd = _mm256_broadcast_ss(&y[c][b].d);
-      scale[c] = _mm256_mul_ps(d8, yd);
       const __m256i mins_dot = _mm256_madd_epi16(mins16, Load256(y[c][b].bsums));
-      acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin8, yd), _mm256_cvtepi32_ps(mins_dot), acc[c]);
+      mins_term[c] = _mm256_mul_ps(dmin8, _mm256_cvtepi32_ps(mins_dot));
     }
     const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales_mins));
     __m256i high_bits;
@@ -114,7 +113,8 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
     }
     MOEPOOL_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      acc[c] = _mm256_fmadd_ps(scale[c], _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+      const __m256 block = _mm256_fmsub_ps(d8, _mm256_cvtepi32_ps(sumi[c]), mins_term[c]);
+      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(&y[c][b].d), block, acc[c]);
     }
   }
   MOEPOOL_UNROLL
