@@ -34,6 +34,7 @@ absl::StatusOr<moepool::v1::NcclSetupResponse> SetupOnWorker(const TransportEndp
   moepool::v1::NcclSetupRequest request;
   request.set_unique_id(unique_id);
   request.set_timeout_s(timeout_s);
+  request.set_replaces_session(e.replaces_session);
   moepool::v1::NcclSetupResponse response;
   const grpc::Status s = stub->SetupNccl(&context, request, &response);
   if (!s.ok()) {
@@ -96,10 +97,11 @@ std::vector<std::shared_ptr<RowTransport>> ConnectNcclTransports(
 }
 
 RowTransportFactory NcclTransportFactory(TransportEndpoint endpoint, NcclTransportOptions options) {
-  return [endpoint = std::move(endpoint),
-          options = std::move(options)](const moepool::v1::DescribeResponse& describe) {
+  return [endpoint = std::move(endpoint), options = std::move(options)](
+             const moepool::v1::DescribeResponse& describe, uint64_t replaces_session) {
     TransportEndpoint e = endpoint;
     e.describe = describe;
+    e.replaces_session = replaces_session;
     return ConnectNcclTransports({e}, options)[0];
   };
 }

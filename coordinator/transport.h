@@ -80,7 +80,8 @@ struct TransportEndpoint {
   moepool::v1::DescribeResponse describe;  // the accepted startup answer
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   grpc::ChannelArguments channel_args;
-  std::string token;  // bearer token; empty: none
+  std::string token;              // bearer token; empty: none
+  uint64_t replaces_session = 0;  // NcclSetupRequest.replaces_session
 };
 
 struct NcclTransportOptions {
@@ -89,9 +90,10 @@ struct NcclTransportOptions {
 };
 
 // Makes a link's row transport again for a worker that answered `describe` on reconnect; null
-// means gRPC (see WorkerLink::SetRowTransport).
-using RowTransportFactory =
-    std::function<std::shared_ptr<RowTransport>(const moepool::v1::DescribeResponse& describe)>;
+// means gRPC (see WorkerLink::SetRowTransport). `replaces_session`: the link's previous session
+// (0: none), which the worker is asked to close.
+using RowTransportFactory = std::function<std::shared_ptr<RowTransport>(
+    const moepool::v1::DescribeResponse& describe, uint64_t replaces_session)>;
 
 // For each endpoint, an NCCL pipe or null (gRPC). Prints one line on stderr per fallback (or a
 // single line when NCCL is not usable here at all) and one line per pipe set up.

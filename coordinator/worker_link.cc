@@ -480,7 +480,10 @@ void WorkerLink::TryReconnect() {
   absl::Status s = d.ok() ? (accept_ ? accept_(*d) : absl::OkStatus()) : d.status();
   // A new row session before the link is up again (this may block while both ends join).
   std::shared_ptr<RowTransport> renewed;
-  if (s.ok() && renew_transport_) renewed = renew_transport_(*d);
+  if (s.ok() && renew_transport_) {
+    renewed = renew_transport_(*d, row_session_);
+    row_session_ = renewed != nullptr ? renewed->session() : 0;
+  }
   std::shared_ptr<RowTransport> old;  // released after the lock (an NCCL pipe aborts its comm)
   std::lock_guard<std::mutex> lock(mu_);
   if (s.ok()) {

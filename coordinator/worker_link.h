@@ -132,6 +132,7 @@ class WorkerLink {
   // link's thread before the link is up again; null from it means gRPC. Call before Start.
   void SetRowTransport(std::shared_ptr<RowTransport> transport,
                        RowTransportFactory renew = nullptr) {
+    row_session_ = transport != nullptr ? transport->session() : 0;
     row_transport_ = std::move(transport);
     renew_transport_ = std::move(renew);
   }
@@ -185,6 +186,9 @@ class WorkerLink {
   AcceptWorker accept_;                          // set by Start
   std::shared_ptr<RowTransport> row_transport_;  // null: gRPC; used by the I/O owner only
   RowTransportFactory renew_transport_;          // may be null; set before Start
+  // The session of the last row transport set up (kept after the pipe broke), so a renewal can
+  // ask the worker to close it. Written by the link's thread only (and before Start).
+  uint64_t row_session_ = 0;
 
   // Channel and stream: used by the I/O thread (and Describe before Start).
   std::shared_ptr<grpc::Channel> channel_;

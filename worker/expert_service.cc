@@ -94,6 +94,8 @@ grpc::Status JoinNccl(NcclSessions* nccl, const pb::NcclSetupRequest& request,
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         "this worker does not offer NCCL (start it with --transport nccl)");
   }
+  // The coordinator has dropped its end of the session this one replaces.
+  if (request.replaces_session() != 0) nccl->Close(request.replaces_session());
   absl::StatusOr<uint64_t> session = nccl->Join(request.unique_id(), request.timeout_s());
   if (!session.ok()) return ToGrpc(session.status());
   response->set_session(*session);

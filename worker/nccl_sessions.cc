@@ -1,8 +1,17 @@
 #include "worker/nccl_sessions.h"
 
+#include <random>
 #include <utility>
 
 namespace moepool::worker {
+
+NcclSessions::NcclSessions(int device, NcclOptions options)
+    : device_(device), options_(std::move(options)) {
+  std::random_device entropy;
+  const uint64_t start = (uint64_t{entropy()} << 32) | entropy();
+  absl::MutexLock lock(&mu_);
+  next_id_ = (start >> 2) + 1;  // non-zero, and far from wrapping
+}
 
 absl::StatusOr<uint64_t> NcclSessions::Join(const std::string& unique_id, double timeout_s) {
   NcclOptions options = options_;
@@ -22,6 +31,16 @@ uint64_t NcclSessions::Add(std::unique_ptr<RowPipe> pipe) {
   return id;
 }
 
+bool NcclSessions::Close(uint64_t session) {
+  std::shared_ptr<Session> closed;  // released after mu_
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(session);
+  if (it == sessions_.end()) return false;
+  closed = std::move(it->second);
+  sessions_.erase(it);
+  return true;
+}
+
 NcclSessions::Locked NcclSessions::Lock(uint64_t session) {
   std::shared_ptr<Session> s;
   {
@@ -31,6 +50,7 @@ NcclSessions::Locked NcclSessions::Lock(uint64_t session) {
     s = it->second;
   }
   Locked locked;
+  locked.keep_alive = s;
   locked.lock = std::make_unique<absl::MutexLock>(&s->mu);
   locked.peer = s->peer;
   return locked;

@@ -3,7 +3,10 @@
 // See coordinator/transport.h for the whole scheme and engine/nccl_peer.h for the pipe.
 //
 // Threading: all methods are thread-safe. A session is used by one Forward request at a time
-// (Lock holds its mutex). Ownership: sessions live until the worker exits.
+// (Lock holds its mutex). Ownership: a session lives until its coordinator replaces it (Close, on
+// a SetupNccl that names it) or the worker exits; a Forward holding it keeps it alive until done.
+// Session ids start at a random value, so a restarted worker does not hand out the ids of its
+// previous run (a reconnecting coordinator names its old session for closing).
 #ifndef MOEPOOL_WORKER_NCCL_SESSIONS_H_
 #define MOEPOOL_WORKER_NCCL_SESSIONS_H_
 
@@ -23,7 +26,7 @@ namespace moepool::worker {
 class NcclSessions {
  public:
   // Sessions on CUDA device `device`.
-  NcclSessions(int device, NcclOptions options) : device_(device), options_(std::move(options)) {}
+  NcclSessions(int device, NcclOptions options);
 
   int device() const { return device_; }
 
@@ -34,9 +37,13 @@ class NcclSessions {
   // Adds a session over `pipe` (Join's NcclPeer, or a test's pipe) and returns its id (> 0).
   uint64_t Add(std::unique_ptr<RowPipe> pipe);
 
-  // A session's pipe with its lock held, or nullptr for an unknown session. Sessions are never
-  // removed, so the lock outlives nothing it guards.
+  // Closes a session (its communicator is released once no Forward uses it). False for an
+  // unknown session.
+  bool Close(uint64_t session);
+
+  // A session's pipe with its lock held, or nullptr for an unknown session.
   struct Locked {
+    std::shared_ptr<void> keep_alive;  // the session: outlives the lock below
     std::shared_ptr<RowPipe> peer;
     std::unique_ptr<absl::MutexLock> lock;
   };
@@ -50,7 +57,7 @@ class NcclSessions {
   const int device_;
   const NcclOptions options_;
   absl::Mutex mu_;
-  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
 };
 

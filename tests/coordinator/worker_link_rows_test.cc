@@ -254,8 +254,10 @@ TEST_F(WorkerLinkRowsTest, ReconnectedLinkGetsANewRowSession) {
   std::atomic<int> renewals{0};
   link.SetRowTransport(
       std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_),
-      [&](const moepool::v1::DescribeResponse& answer) -> std::shared_ptr<RowTransport> {
+      [&](const moepool::v1::DescribeResponse& answer,
+          uint64_t replaces_session) -> std::shared_ptr<RowTransport> {
         EXPECT_EQ(answer.transports_size(), 1);
+        EXPECT_EQ(replaces_session, session_);  // the worker is asked to close the old one
         wire2 = std::make_shared<PipeWire>();
         const uint64_t session = sessions2->Add(std::make_unique<MemoryPipe>(wire2, 1));
         ++renewals;
@@ -296,6 +298,34 @@ TEST_F(WorkerLinkRowsTest, ReconnectedLinkGetsANewRowSession) {
   EXPECT_EQ(std::memcmp(after.partial.data(), before.partial.data(),
                         before.partial.size() * sizeof(float)),
             0);
+}
+
+// SetupNccl naming the session it replaces closes that session on the worker, even when the new
+// one cannot be joined (here: no usable NCCL device and a made-up id); other sessions stay.
+TEST_F(WorkerLinkRowsTest, SetupNcclClosesTheSessionItReplaces) {
+  const uint64_t other = sessions_->Add(std::make_unique<MemoryPipe>(wire_, 1));
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server_->port()),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = moepool::v1::ExpertService::NewStub(channel);
+  grpc::ClientContext context;
+  moepool::v1::NcclSetupRequest request;
+  request.set_unique_id(std::string(128, '\x01'));
+  request.set_timeout_s(1);
+  request.set_replaces_session(session_);
+  moepool::v1::NcclSetupResponse response;
+  const grpc::Status s = stub->SetupNccl(&context, request, &response);
+  EXPECT_FALSE(s.ok());
+  EXPECT_EQ(sessions_->Lock(session_).peer, nullptr);
+  EXPECT_NE(sessions_->Lock(other).peer, nullptr);
+  // Rows for the closed session are refused with a clear error.
+  LinkJob job;
+  MakeJob(1, 4, moepool::v1::DTYPE_F32, 1, &job);
+  auto link =
+      Link(std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_));
+  ASSERT_NE(link, nullptr);
+  link->RunInline(&job);
+  EXPECT_FALSE(job.status.ok());
+  EXPECT_NE(job.status.ToString().find("unknown"), std::string::npos) << job.status;
 }
 
 // SetupNccl on a worker started without NCCL is refused with FAILED_PRECONDITION (and Describe
