@@ -94,6 +94,11 @@ MOEPOOL_AVX2_INLINE void DotQ8_0(int64_t n, const BlockQ8_0* x, const uint8_t* a
   }
   const int64_t nb = n / kQK8_0;
   for (int64_t b = 0; b < nb; ++b) {
+    if constexpr (kCols >= 5) {
+      // As in the k-quant kernels (vec_dot_k_avx2.cc): with 5 or more rows, weights streamed
+      // from memory stall the kernel unless asked for ~1 KiB ahead (+16-24% at 6-8 rows, A/B).
+      _mm_prefetch(reinterpret_cast<const char*>(x + b + 32), _MM_HINT_T0);
+    }
     const __m256i xq = Load256(x[b].qs);
     const __m256i ax = _mm256_sign_epi8(xq, xq);
     // Scales of all columns: one half->float conversion and one multiply for 8 columns (the
