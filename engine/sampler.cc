@@ -36,8 +36,9 @@ int32_t Sampler::Sample(float* logits, int64_t n_vocab) {
   if (params_.temperature <= 0.0f) {
     // The lowest id with the largest finite logit (0 when there is none).
     const float max_l = MaxFinite(logits, n_vocab);
-    chosen = static_cast<int32_t>(std::find(logits, logits + n_vocab, max_l) - logits);
-    if (chosen == n_vocab) chosen = 0;
+    if (max_l != -INFINITY) {
+      chosen = static_cast<int32_t>(std::find(logits, logits + n_vocab, max_l) - logits);
+    }
   } else {
     // Softmax weights with temperature, by the engine's exponential (the same bits on every CPU);
     // probabilities are normalised and summed in double.

@@ -14,7 +14,7 @@
 namespace moepool {
 
 struct SamplingParams {
-  float temperature = 0.8f;  // <= 0: greedy (argmax, lowest id on ties)
+  float temperature = 0.8f;  // <= 0: greedy (largest finite logit, lowest id on ties)
   int top_k = 40;            // <= 0: disabled
   float top_p = 0.95f;       // >= 1: disabled
   float min_p = 0.05f;       // <= 0: disabled

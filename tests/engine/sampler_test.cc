@@ -47,6 +47,11 @@ TEST(SamplerTest, GreedyTakesTheArgmaxAndTheLowestIdOnTies) {
   EXPECT_EQ(Draw(Greedy(), tied, 1)[0], 1);
   const std::vector<float> negative = {-5.0f, -4.0f, -7.0f};
   EXPECT_EQ(Draw(Greedy(), negative, 1)[0], 1);
+  // Infinite and NaN logits are never the argmax; with no finite logit the answer is token 0.
+  const std::vector<float> odd = {NAN, -INFINITY, 2.0f, INFINITY, 5.0f, NAN, 5.0f, 1.0f, 0.0f};
+  EXPECT_EQ(Draw(Greedy(), odd, 1)[0], 4);
+  const std::vector<float> none = {NAN, -INFINITY, INFINITY, -INFINITY};
+  EXPECT_EQ(Draw(Greedy(), none, 1)[0], 0);
 }
 
 TEST(SamplerTest, TopKOneEqualsGreedyAtAnyTemperature) {
