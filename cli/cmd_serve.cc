@@ -93,6 +93,11 @@ absl::StatusOr<ServeConfig> ParseConfig(const Args& args) {
     return absl::InvalidArgumentError("--micro-batches must be 1 or 2");
   }
   c.scheduler.micro_batches = static_cast<int>(micro_batches);
+  const std::string prefix_cache = args.Get("prefix-cache", "on");
+  if (prefix_cache != "on" && prefix_cache != "off") {
+    return absl::InvalidArgumentError("--prefix-cache must be on or off");
+  }
+  c.scheduler.prefix_cache = prefix_cache == "on";
   c.scheduler.max_active = static_cast<int>(parallel);
   c.scheduler.max_queue = static_cast<int>(max_queue);
   c.scheduler.kv_blocks = (kv_tokens + c.scheduler.block_size - 1) / c.scheduler.block_size;
@@ -198,7 +203,7 @@ FlagSpec ServeFlags() {
   FlagSpec spec = {
       {"model", "listen", "api-key", "api-key-file", "parallel", "ctx", "max-queue", "threads",
        "chat-template", "moe-residual", "step-tokens", "kv-block-size", "kv-cache-tokens",
-       "http-threads", "max-body-bytes", "model-name", "micro-batches"},
+       "http-threads", "max-body-bytes", "model-name", "micro-batches", "prefix-cache"},
       {}};
   AddClusterFlags(&spec);
   return spec;

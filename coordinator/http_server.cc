@@ -174,7 +174,9 @@ absl::Status HttpServer::Start() {
     g.active_sequences = s.active;
     g.kv_blocks_used = s.kv_blocks_used;
     g.kv_blocks_free = s.kv_blocks_free;
+    g.kv_blocks_cached = s.kv_blocks_cached;
     g.kv_block_size = s.block_size;
+    g.prefix_cache_hit_tokens = s.prefix_hit_tokens;
     const std::string body = metrics_ != nullptr ? metrics_->Render(g) : std::string();
     res.set_content(body, "text/plain; version=0.0.4; charset=utf-8");
   });
@@ -201,9 +203,10 @@ void HttpServer::HandleHealth(httplib::Response& res) {
   const SchedulerStats s = scheduler_->stats();
   HealthReport extra = options_.health ? options_.health() : HealthReport{};
   const bool ok = extra.ok && !stopping_.load();
-  json body = {{"status", ok ? "ok" : "unavailable"}, {"model", options_.model_id},
-               {"active_sequences", s.active},        {"queued_requests", s.queued},
-               {"kv_blocks_free", s.kv_blocks_free},  {"kv_blocks_total", s.kv_blocks_total}};
+  json body = {{"status", ok ? "ok" : "unavailable"},   {"model", options_.model_id},
+               {"active_sequences", s.active},          {"queued_requests", s.queued},
+               {"kv_blocks_free", s.kv_blocks_free},    {"kv_blocks_total", s.kv_blocks_total},
+               {"kv_blocks_cached", s.kv_blocks_cached}};
   if (extra.details.is_object()) body.update(extra.details);
   SendJson(res, ok ? 200 : 503, body);
 }
@@ -289,6 +292,7 @@ void HttpServer::HandleGenerate(const std::string& body, httplib::Response& res,
       }
       result.finish = ev.finish;
       result.prompt_tokens = ev.prompt_tokens;
+      result.cached_prompt_tokens = ev.cached_prompt_tokens;
       result.completion_tokens = ev.completion_tokens;
       break;
     }
@@ -357,7 +361,7 @@ void HttpServer::HandleGenerate(const std::string& body, httplib::Response& res,
           if (!send(SseData(last))) return false;
           if (state->include_usage &&
               !send(SseData(UsageChunkJson(state->meta, state->chat, ev.prompt_tokens,
-                                           ev.completion_tokens)))) {
+                                           ev.completion_tokens, ev.cached_prompt_tokens)))) {
             return false;
           }
           if (!send("data: [DONE]\n\n")) return false;

@@ -150,8 +150,15 @@ std::string ServerMetrics::Render(const GaugeSnapshot& g) const {
          static_cast<double>(g.active_sequences), &out);
   Simple("moepool_kv_blocks_used", "gauge", "KV cache blocks held by sequences.",
          static_cast<double>(g.kv_blocks_used), &out);
-  Simple("moepool_kv_blocks_free", "gauge", "KV cache blocks free.",
+  Simple("moepool_kv_blocks_free", "gauge",
+         "KV cache blocks no sequence holds (free, or cached and evictable).",
          static_cast<double>(g.kv_blocks_free), &out);
+  Simple("moepool_kv_blocks_cached", "gauge",
+         "KV cache blocks in the prefix cache (held by sequences or evictable).",
+         static_cast<double>(g.kv_blocks_cached), &out);
+  Simple("moepool_prefix_cache_hit_tokens_total", "counter",
+         "Prompt positions taken from the prefix cache instead of being computed.",
+         static_cast<double>(g.prefix_cache_hit_tokens), &out);
   Simple("moepool_kv_block_size_tokens", "gauge", "Positions per KV cache block.",
          static_cast<double>(g.kv_block_size), &out);
   Header("moepool_expert_routed_tokens_total", "counter",

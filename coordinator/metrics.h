@@ -42,7 +42,9 @@ struct GaugeSnapshot {
   int64_t active_sequences = 0;
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_free = 0;
+  int64_t kv_blocks_cached = 0;
   int64_t kv_block_size = 0;
+  uint64_t prefix_cache_hit_tokens = 0;
 };
 
 class ServerMetrics : public RoutingObserver {

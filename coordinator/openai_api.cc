@@ -358,10 +358,11 @@ std::string NewResponseId(std::string_view prefix) {
   return absl::StrFormat("%s%016x%08x", std::string(prefix), rng(), rng() & 0xffffffffu);
 }
 
-json UsageJson(int64_t prompt_tokens, int64_t completion_tokens) {
+json UsageJson(int64_t prompt_tokens, int64_t completion_tokens, int64_t cached_prompt_tokens) {
   return {{"prompt_tokens", prompt_tokens},
           {"completion_tokens", completion_tokens},
-          {"total_tokens", prompt_tokens + completion_tokens}};
+          {"total_tokens", prompt_tokens + completion_tokens},
+          {"prompt_tokens_details", {{"cached_tokens", cached_prompt_tokens}}}};
 }
 
 json FinishReasonJson(FinishReason reason) {
@@ -420,7 +421,8 @@ json ChatCompletionJson(const ResponseMeta& meta, const GenerationResult& result
           {"created", meta.created},
           {"model", meta.model},
           {"choices", json::array({choice})},
-          {"usage", UsageJson(result.prompt_tokens, result.completion_tokens)}};
+          {"usage",
+           UsageJson(result.prompt_tokens, result.completion_tokens, result.cached_prompt_tokens)}};
 }
 
 json ChatCompletionChunkJson(const ResponseMeta& meta, json delta, FinishReason finish,
@@ -444,7 +446,8 @@ json CompletionJson(const ResponseMeta& meta, const GenerationResult& result, bo
           {"created", meta.created},
           {"model", meta.model},
           {"choices", json::array({choice})},
-          {"usage", UsageJson(result.prompt_tokens, result.completion_tokens)}};
+          {"usage",
+           UsageJson(result.prompt_tokens, result.completion_tokens, result.cached_prompt_tokens)}};
 }
 
 json CompletionChunkJson(const ResponseMeta& meta, const std::string& text, FinishReason finish,
@@ -459,13 +462,13 @@ json CompletionChunkJson(const ResponseMeta& meta, const std::string& text, Fini
 }
 
 json UsageChunkJson(const ResponseMeta& meta, bool chat, int64_t prompt_tokens,
-                    int64_t completion_tokens) {
+                    int64_t completion_tokens, int64_t cached_prompt_tokens) {
   return {{"id", meta.id},
           {"object", chat ? "chat.completion.chunk" : "text_completion"},
           {"created", meta.created},
           {"model", meta.model},
           {"choices", json::array()},
-          {"usage", UsageJson(prompt_tokens, completion_tokens)}};
+          {"usage", UsageJson(prompt_tokens, completion_tokens, cached_prompt_tokens)}};
 }
 
 json ModelJson(const std::string& id, int64_t created) {

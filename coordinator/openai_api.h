@@ -85,6 +85,7 @@ struct GenerationResult {
   std::vector<SampledToken> tokens;
   FinishReason finish = FinishReason::kNone;
   int64_t prompt_tokens = 0;
+  int64_t cached_prompt_tokens = 0;  // usage.prompt_tokens_details.cached_tokens
   int64_t completion_tokens = 0;
 };
 
@@ -98,7 +99,10 @@ struct ResponseMeta {
 // A fresh response id with `prefix`, e.g. NewResponseId("chatcmpl-").
 std::string NewResponseId(std::string_view prefix);
 
-nlohmann::json UsageJson(int64_t prompt_tokens, int64_t completion_tokens);
+// OpenAI's usage object; cached_prompt_tokens (prompt tokens served from the prefix cache) goes
+// to prompt_tokens_details.cached_tokens.
+nlohmann::json UsageJson(int64_t prompt_tokens, int64_t completion_tokens,
+                         int64_t cached_prompt_tokens);
 // "stop" / "length"; null for an unfinished stream.
 nlohmann::json FinishReasonJson(FinishReason reason);
 
@@ -119,7 +123,7 @@ nlohmann::json CompletionChunkJson(const ResponseMeta& meta, const std::string& 
                                    FinishReason finish, nlohmann::json logprobs);
 // The final usage-only chunk of a stream with include_usage (choices empty).
 nlohmann::json UsageChunkJson(const ResponseMeta& meta, bool chat, int64_t prompt_tokens,
-                              int64_t completion_tokens);
+                              int64_t completion_tokens, int64_t cached_prompt_tokens);
 nlohmann::json ModelJson(const std::string& id, int64_t created);
 
 }  // namespace moepool

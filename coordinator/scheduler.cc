@@ -93,7 +93,8 @@ struct Scheduler::Sequence {
   StreamingDetokenizer detok;
   std::vector<int32_t> tokens;  // prompt + generated; positions < cache.n_past() are computed
   int64_t n_generated = 0;
-  std::string held;  // decoded text not yet sent (a possible stop-string prefix)
+  int64_t cached_prompt_tokens = -1;  // from the first prefix lookup; -1 before it
+  std::string held;                   // decoded text not yet sent (a possible stop-string prefix)
   bool trim_pending;
   bool admitted = false;  // moved from the queue to the active set
   bool done = false;
@@ -110,7 +111,8 @@ Scheduler::Scheduler(Engine* engine, const SchedulerOptions& options, ServerMetr
   const int64_t per_ctx = (n_ctx_ + options_.block_size - 1) / options_.block_size;
   const int64_t blocks = options_.kv_blocks > 0 ? std::max(options_.kv_blocks, per_ctx)
                                                 : per_ctx * options_.max_active;
-  pool_ = std::make_unique<KvBlockPool>(engine_->config(), options_.block_size, blocks);
+  pool_ = std::make_unique<KvBlockPool>(engine_->config(), options_.block_size, blocks,
+                                        options_.prefix_cache);
 }
 
 Scheduler::~Scheduler() { Stop(); }
@@ -197,7 +199,9 @@ SchedulerStats Scheduler::stats() const {
   s.kv_blocks_free = pool_->free_blocks();
   s.kv_blocks_total = pool_->n_blocks();
   s.kv_blocks_used = s.kv_blocks_total - s.kv_blocks_free;
+  s.kv_blocks_cached = pool_->cached_blocks();
   s.block_size = pool_->block_size();
+  s.prefix_hit_tokens = n_prefix_hit_tokens_.load();
   s.finished = n_finished_.load();
   s.cancelled = n_cancelled_.load();
   s.preempted = n_preempted_.load();
@@ -270,6 +274,14 @@ bool Scheduler::Step() {
   for (size_t i = 0; i < active_.size(); ++i) {
     Sequence* seq = active_[i].get();
     if (seq->done) continue;
+    if (seq->cache.n_blocks() == 0) {
+      // Starting (or restarting after preemption): take the longest cached prefix, leaving at
+      // least the last token to compute, whose logits give the next token.
+      const int64_t attached =
+          seq->cache.AttachCachedPrefix(seq->tokens, static_cast<int64_t>(seq->tokens.size()) - 1);
+      n_prefix_hit_tokens_.fetch_add(static_cast<uint64_t>(attached));
+      if (seq->cached_prompt_tokens < 0) seq->cached_prompt_tokens = attached;
+    }
     const int64_t start = seq->cache.n_past();
     const int64_t remaining = static_cast<int64_t>(seq->tokens.size()) - start;
     int64_t n = remaining == 1 ? 1 : std::min(remaining, prefill_budget);
@@ -339,6 +351,7 @@ bool Scheduler::Step() {
       continue;
     }
     c.seq->cache.set_n_past(c.start + c.n);
+    c.seq->cache.PublishFullBlocks(c.seq->tokens);
     if (c.start + c.n == static_cast<int64_t>(c.seq->tokens.size())) {
       sampled.emplace_back(c.seq, logits_.data() + logits_row * n_vocab);
       ++logits_row;
@@ -446,6 +459,7 @@ void Scheduler::Finish(Sequence* seq, FinishReason reason, absl::Status error,
   event.finish = reason;
   event.error = std::move(error);
   event.prompt_tokens = static_cast<int64_t>(seq->req.prompt.size());
+  event.cached_prompt_tokens = std::max<int64_t>(seq->cached_prompt_tokens, 0);
   event.completion_tokens = seq->n_generated;
   n_finished_.fetch_add(1);
   if (reason == FinishReason::kCancelled) n_cancelled_.fetch_add(1);

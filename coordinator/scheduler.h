@@ -9,6 +9,11 @@
 // ends or is cancelled. If the pool runs dry the youngest sequence is preempted (its blocks freed,
 // its tokens kept) and recomputed later, which gives the same tokens again.
 //
+// Prefix caching (SchedulerOptions::prefix_cache): every full block a sequence computes is
+// published, and a sequence that starts (or restarts after preemption) attaches the cached blocks
+// of its longest cached prefix, keeping at least its last token to compute. Multi-turn chats and
+// shared system prompts then prefill only what is new; the tokens are the same either way.
+//
 // Text: tokens are detokenized with StreamingDetokenizer, so every text delta is valid UTF-8
 // (an incomplete character is held back, and replaced by U+FFFD if the sequence ends). Text that
 // may be the start of a stop string is held back until it cannot be; a stop string is never
@@ -69,6 +74,7 @@ struct GenerationEvent {
   FinishReason finish = FinishReason::kNone;  // set on the last event of a stream only
   absl::Status error;                         // with kError / kCancelled by shutdown
   int64_t prompt_tokens = 0;                  // on the last event
+  int64_t cached_prompt_tokens = 0;           // on the last event: prompt tokens not recomputed
   int64_t completion_tokens = 0;              // on the last event
 };
 
@@ -108,6 +114,9 @@ struct SchedulerOptions {
   // workers compute the other's experts. Same tokens either way.
   int micro_batches = 2;
   int64_t micro_batch_min_rows = 2;
+  // Publish full KV blocks and reuse them for later sequences with the same prefix
+  // (--prefix-cache).
+  bool prefix_cache = true;
 };
 
 struct SchedulerStats {
@@ -116,9 +125,11 @@ struct SchedulerStats {
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_free = 0;
   int64_t kv_blocks_total = 0;
+  int64_t kv_blocks_cached = 0;  // published blocks (held by sequences or evictable)
   int64_t block_size = 0;
-  uint64_t finished = 0;   // sequences finished for any reason
-  uint64_t cancelled = 0;  // of which cancelled
+  uint64_t prefix_hit_tokens = 0;  // prompt positions attached from the prefix cache
+  uint64_t finished = 0;           // sequences finished for any reason
+  uint64_t cancelled = 0;          // of which cancelled
   uint64_t preempted = 0;
   uint64_t steps = 0;                // forward steps run
   uint64_t micro_batched_steps = 0;  // of which split into two micro-batches
@@ -187,6 +198,7 @@ class Scheduler {
   std::atomic<uint64_t> n_preempted_{0};
   std::atomic<uint64_t> n_steps_{0};
   std::atomic<uint64_t> n_micro_batched_{0};
+  std::atomic<uint64_t> n_prefix_hit_tokens_{0};
 };
 
 }  // namespace moepool

@@ -12,18 +12,32 @@
 // address space, not RAM, until it is used. Freed blocks are reused most-recent-first, so reuse
 // touches pages that are already resident.
 //
-// Threading: KvBlockPool's Allocate/Free/counters are thread-safe. A KvCache is not: one sequence
-// is advanced by one forward pass at a time, and Reserve/Release are called by its owner only.
+// Prefix caching (a pool built with prefix_cache = true): a full block is *published* with the
+// tokens it was computed from and the key of the prefix before it, so a later sequence whose
+// tokens start the same way attaches the block instead of recomputing it. A block's KV depends
+// only on its tokens, their positions and everything before them, and every row of a forward
+// pass is computed independently of its batch, so an attached block holds exactly the values the
+// sequence would have computed itself: outputs do not change, only the prefill work does.
+// Published blocks are shared read-only (a sequence writes only at positions >= its n_past, which
+// lie past every full block) and reference counted. A published block that no sequence holds
+// stays cached but counts as free: Allocate takes a truly free block first, and otherwise evicts
+// the least recently released cached block.
+//
+// Threading: KvBlockPool is thread-safe. A KvCache is not: one sequence is advanced by one
+// forward pass at a time, and its methods are called by its owner only.
 #ifndef MOEPOOL_ENGINE_KV_CACHE_H_
 #define MOEPOOL_ENGINE_KV_CACHE_H_
 
 #include <atomic>
 #include <cstdint>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/types/span.h"
 #include "engine/attention.h"
 #include "engine/model.h"
 
@@ -32,18 +46,36 @@ namespace moepool {
 class KvBlockPool {
  public:
   // block_size >= 1 positions per block, n_blocks >= 1.
-  KvBlockPool(const ModelConfig& config, int64_t block_size, int64_t n_blocks);
+  KvBlockPool(const ModelConfig& config, int64_t block_size, int64_t n_blocks,
+              bool prefix_cache = false);
 
   int64_t block_size() const { return block_size_; }
   int64_t n_blocks() const { return n_blocks_; }
   int64_t kv_dim() const { return kv_dim_; }
+  bool prefix_cache() const { return prefix_cache_; }
 
-  // A free block's id, or -1 if every block is in use.
+  // A block for the caller (who then holds it), or -1 if every block is held. May evict the
+  // least recently released cached block.
   int32_t Allocate();
-  // Returns a block obtained from Allocate (each exactly once).
+  // Drops the caller's hold on a block it got from Allocate or Acquire (once per hold).
   void Free(int32_t block);
+  // Blocks no sequence holds: free ones plus cached ones that Allocate may evict.
   int64_t free_blocks() const { return n_free_.load(std::memory_order_relaxed); }
   int64_t used_blocks() const { return n_blocks_ - free_blocks(); }
+
+  // Key of the empty prefix: the parent of a sequence's first block.
+  static constexpr uint64_t kEmptyPrefix = 0;
+  // Publishes `block` (held by the caller, full) as holding the KV of `tokens` (block_size of
+  // them) at the positions that follow the prefix `parent`. Returns the key of the prefix that
+  // ends with this block, or 0 if it could not be published (prefix caching off, or a hash
+  // collision); the caller's hold is unchanged. If an equal block is already published, that one
+  // stays and its key is returned.
+  uint64_t Publish(uint64_t parent, absl::Span<const int32_t> tokens, int32_t block);
+  // The published block holding `tokens` after prefix `parent`, now also held by the caller (drop
+  // it with Free), and its key in *key; -1 if there is none.
+  int32_t Acquire(uint64_t parent, absl::Span<const int32_t> tokens, uint64_t* key);
+  // Published blocks (held or not).
+  int64_t cached_blocks() const;
 
   // Row of position `i` (< block_size) of `block` in `layer`: kv_dim halves.
   uint16_t* K(int32_t block, int64_t layer, int64_t i) {
@@ -68,14 +100,34 @@ class KvBlockPool {
   size_t Offset(int32_t block, int64_t layer, int64_t i) const {
     return static_cast<size_t>(((block * n_layer_ + layer) * block_size_ + i) * kv_dim_);
   }
+  struct Published {
+    uint64_t parent;
+    std::vector<int32_t> tokens;  // [block_size]
+    int32_t block;
+  };
+  // With mu_ held.
+  void Unpublish(int32_t block);
+  void CountFree();
+
   int64_t n_layer_;
   int64_t kv_dim_;
   int64_t block_size_;
   int64_t n_blocks_;
+  bool prefix_cache_;
   std::unique_ptr<uint16_t[]> k_;  // [n_blocks x n_layer x block_size x kv_dim]
   std::unique_ptr<uint16_t[]> v_;
-  std::mutex mu_;
-  std::vector<int32_t> free_;  // guarded by mu_; the back is handed out first
+  mutable std::mutex mu_;
+  // Guarded by mu_:
+  std::vector<int32_t> free_;   // the back is handed out first
+  std::vector<int32_t> holds_;  // [n_blocks] caches holding each block, +1 while published
+  std::vector<uint64_t> key_;   // [n_blocks] the block's prefix key while published, else 0
+  absl::flat_hash_map<uint64_t, Published> published_;  // by key
+  absl::flat_hash_map<size_t, uint64_t> by_content_;    // hash of (parent, tokens) -> key
+  // Published blocks that no cache holds, least recently released first; evictable_at_[b] is
+  // b's place in the list.
+  std::list<int32_t> evictable_;
+  std::vector<std::list<int32_t>::iterator> evictable_at_;
+  uint64_t next_key_ = 1;
   std::atomic<int64_t> n_free_;
 };
 
@@ -104,8 +156,18 @@ class KvCache {
   // n > n_ctx; RESOURCE_EXHAUSTED if the pool runs out (blocks taken so far are kept).
   absl::Status Reserve(int64_t n);
   // Returns every block to the pool and sets n_past to 0 (paged form; the single-sequence form
-  // keeps its private block and only resets n_past).
+  // keeps its private block and only resets n_past). Blocks go back last first, so a cached
+  // prefix loses its tail before its head.
   void Release();
+
+  // Prefix caching (paged form on a prefix-caching pool; otherwise both do nothing).
+  // On an empty cache (no blocks, n_past 0): attaches the published blocks that hold
+  // tokens[0 .. k * block_size) for the largest k with k * block_size <= max_positions, and sets
+  // n_past to k * block_size. Returns the positions attached.
+  int64_t AttachCachedPrefix(absl::Span<const int32_t> tokens, int64_t max_positions);
+  // Publishes the full blocks below n_past() not yet published; tokens[0 .. n_past()) are the
+  // tokens those positions were computed from.
+  void PublishFullBlocks(absl::Span<const int32_t> tokens);
 
   // Rows of kv_dim half values; pos < capacity().
   uint16_t* K(int64_t layer, int64_t pos) { return pool_->K(Block(pos), layer, InBlock(pos)); }
@@ -137,6 +199,11 @@ class KvCache {
   int64_t block_size_;
   int64_t n_past_ = 0;
   std::vector<int32_t> table_;  // logical block -> physical block
+  // Prefix caching: table_[0 .. published_) are published (or attached), and prefix_key_ is the
+  // key of the prefix they hold; publishing stops for good if a block cannot be published.
+  int64_t published_ = 0;
+  uint64_t prefix_key_ = KvBlockPool::kEmptyPrefix;
+  bool publishing_ = true;
 };
 
 // Half -> float through a 64K-entry table (exact).

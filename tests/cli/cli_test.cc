@@ -210,6 +210,14 @@ TEST(CliTest, UnknownFlagOrCommandFails) {
   EXPECT_NE(none.err.find("usage"), std::string::npos);
 }
 
+TEST(CliTest, ServeRejectsBadOptionValuesBeforeLoading) {
+  REQUIRE_TESTDATA(TinyF16());
+  const std::string serve = "serve --listen 127.0.0.1:0 --model " + Quote(TinyF16());
+  ExpectFailure(Moepool(serve + " --prefix-cache maybe"), "--prefix-cache must be on or off");
+  ExpectFailure(Moepool(serve + " --micro-batches 3"), "--micro-batches must be 1 or 2");
+  ExpectFailure(Moepool(serve + " --kv-block-size 0"), "--kv-block-size: 1..4096");
+}
+
 TEST(CliTest, PromptLongerThanContextFails) {
   REQUIRE_TESTDATA(TinyF16());
   const std::string logits_path = TempDir() + "/too-long.f32";

@@ -167,6 +167,44 @@ TEST(HttpServerTest, StreamingChatSendsChunksUsageAndDone) {
   EXPECT_EQ(usage["usage"], json::parse(whole->body)["usage"]);
 }
 
+// A conversation sent again (as every chat client does on the next turn) reuses the cached KV of
+// its prompt: usage reports the cached tokens the way OpenAI does, the reply is unchanged, and
+// /metrics counts the hits.
+TEST(HttpServerTest, RepeatedPromptReportsCachedTokens) {
+  TestServer srv;
+  const std::string body =
+      R"({"messages": [{"role": "system", "content": "You are a patient teacher of geography. )"
+      R"(Keep answers short."}, {"role": "user", "content": "Name the longest river."}],)"
+      R"( "max_tokens": 6, "temperature": 0, "stream": true,)"
+      R"( "stream_options": {"include_usage": true}})";
+  auto usage_of = [&](std::string* text) {
+    auto res = srv.Post("/v1/chat/completions", body);
+    EXPECT_TRUE(res);
+    if (!res) return json();
+    const auto events = SseData(res->body);
+    for (size_t i = 0; i + 2 < events.size(); ++i) {
+      const json c = json::parse(events[i]);
+      if (c["choices"][0]["delta"].contains("content"))
+        *text += c["choices"][0]["delta"]["content"];
+    }
+    return json::parse(events[events.size() - 2])["usage"];
+  };
+  std::string first_text, second_text;
+  const json first = usage_of(&first_text);
+  const json second = usage_of(&second_text);
+  const int64_t prompt = first["prompt_tokens"];
+  const int64_t block = srv.scheduler->stats().block_size;
+  ASSERT_GT(prompt, block);
+  EXPECT_EQ(first["prompt_tokens_details"]["cached_tokens"], 0);
+  EXPECT_EQ(second["prompt_tokens_details"]["cached_tokens"], (prompt - 1) / block * block);
+  EXPECT_EQ(second_text, first_text);
+  auto metrics = srv.client->Get("/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_NE(metrics->body.find("moepool_prefix_cache_hit_tokens_total " +
+                               std::to_string((prompt - 1) / block * block) + "\n"),
+            std::string::npos);
+}
+
 TEST(HttpServerTest, CompletionsModelsHealthAndMetrics) {
   TestServer srv;
   auto res = srv.Post("/v1/completions", R"({"prompt": "The quick brown", "max_tokens": 5,

@@ -241,9 +241,11 @@ TEST(OpenAiApiTest, BuildsStreamChunks) {
   c = ChatCompletionChunkJson(meta, json::object(), FinishReason::kStop, nullptr);
   EXPECT_EQ(c["choices"][0]["finish_reason"], "stop");
   EXPECT_TRUE(c["choices"][0]["delta"].empty());
-  const json u = UsageChunkJson(meta, true, 3, 4);
+  const json u = UsageChunkJson(meta, true, 3, 4, 2);
   EXPECT_TRUE(u["choices"].empty());
   EXPECT_EQ(u["usage"]["completion_tokens"], 4);
+  EXPECT_EQ(u["usage"]["total_tokens"], 7);
+  EXPECT_EQ(u["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
   const json t = CompletionChunkJson(meta, "x", FinishReason::kLength, nullptr);
   EXPECT_EQ(t["choices"][0]["text"], "x");
   EXPECT_EQ(t["choices"][0]["finish_reason"], "length");

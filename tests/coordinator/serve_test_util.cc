@@ -44,6 +44,7 @@ Drained Drain(GenerationStream* stream, std::chrono::seconds limit) {
       d.finish = ev.finish;
       d.error = ev.error;
       d.prompt_tokens = ev.prompt_tokens;
+      d.cached_prompt_tokens = ev.cached_prompt_tokens;
       d.completion_tokens = ev.completion_tokens;
       return d;
     }

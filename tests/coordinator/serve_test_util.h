@@ -29,6 +29,7 @@ struct Drained {
   FinishReason finish = FinishReason::kNone;
   absl::Status error;
   int64_t prompt_tokens = 0;
+  int64_t cached_prompt_tokens = 0;
   int64_t completion_tokens = 0;
   bool timed_out = false;
 };

@@ -65,6 +65,122 @@ TEST(KvCacheTest, PagedCacheTakesBlocksOnDemandAndReturnsThem) {
   EXPECT_EQ(pool.free_blocks(), 4);  // the destructor returned the last one
 }
 
+std::vector<int32_t> Tokens(int first, int n) {
+  std::vector<int32_t> t;
+  for (int i = 0; i < n; ++i) t.push_back(first + i);
+  return t;
+}
+
+TEST(KvBlockPoolTest, PublishedBlockIsSharedUntilEvicted) {
+  KvBlockPool pool(SmallConfig(), 4, 3, /*prefix_cache=*/true);
+  const std::vector<int32_t> t0 = Tokens(10, 4), t1 = Tokens(20, 4);
+  const int32_t a = pool.Allocate();
+  const uint64_t k0 = pool.Publish(KvBlockPool::kEmptyPrefix, t0, a);
+  ASSERT_NE(k0, 0u);
+  EXPECT_EQ(pool.cached_blocks(), 1);
+  EXPECT_EQ(pool.free_blocks(), 2);  // still held by its writer
+  pool.Free(a);
+  EXPECT_EQ(pool.free_blocks(), 3);  // cached, but evictable: counts as free
+  EXPECT_EQ(pool.cached_blocks(), 1);
+
+  uint64_t key = 0;
+  EXPECT_EQ(pool.Acquire(KvBlockPool::kEmptyPrefix, t1, &key), -1);  // other tokens
+  EXPECT_EQ(pool.Acquire(k0, t0, &key), -1);                         // other prefix
+  EXPECT_EQ(pool.Acquire(KvBlockPool::kEmptyPrefix, t0, &key), a);
+  EXPECT_EQ(key, k0);
+  EXPECT_EQ(pool.free_blocks(), 2);
+  // A held cached block is never evicted: the pool runs out instead.
+  const int32_t b = pool.Allocate(), c = pool.Allocate();
+  EXPECT_NE(b, a);
+  EXPECT_NE(c, a);
+  EXPECT_EQ(pool.Allocate(), -1);
+  pool.Free(b);
+  pool.Free(c);
+  pool.Free(a);
+  // Three allocations: two free blocks, then the cached one is evicted.
+  std::vector<int32_t> got = {pool.Allocate(), pool.Allocate(), pool.Allocate()};
+  EXPECT_EQ(got[2], a);
+  EXPECT_EQ(pool.cached_blocks(), 0);
+  EXPECT_EQ(pool.free_blocks(), 0);
+  for (int32_t g : got) pool.Free(g);
+  EXPECT_EQ(pool.Acquire(KvBlockPool::kEmptyPrefix, t0, &key), -1);
+  EXPECT_EQ(pool.free_blocks(), 3);
+}
+
+TEST(KvBlockPoolTest, EvictsTheLeastRecentlyReleasedCachedBlockFirst) {
+  KvBlockPool pool(SmallConfig(), 2, 2, /*prefix_cache=*/true);
+  const std::vector<int32_t> tx = Tokens(1, 2), ty = Tokens(5, 2);
+  const int32_t x = pool.Allocate(), y = pool.Allocate();
+  ASSERT_NE(pool.Publish(KvBlockPool::kEmptyPrefix, tx, x), 0u);
+  ASSERT_NE(pool.Publish(KvBlockPool::kEmptyPrefix, ty, y), 0u);
+  pool.Free(y);
+  pool.Free(x);  // released last: y goes first
+  EXPECT_EQ(pool.Allocate(), y);
+  uint64_t key = 0;
+  EXPECT_EQ(pool.Acquire(KvBlockPool::kEmptyPrefix, ty, &key), -1);
+  EXPECT_EQ(pool.Acquire(KvBlockPool::kEmptyPrefix, tx, &key), x);
+}
+
+TEST(KvBlockPoolTest, AnEqualBlockIsPublishedOnce) {
+  KvBlockPool pool(SmallConfig(), 2, 3, /*prefix_cache=*/true);
+  const std::vector<int32_t> t = Tokens(7, 2);
+  const int32_t a = pool.Allocate(), b = pool.Allocate();
+  const uint64_t ka = pool.Publish(KvBlockPool::kEmptyPrefix, t, a);
+  EXPECT_EQ(pool.Publish(KvBlockPool::kEmptyPrefix, t, b), ka);  // same content: a's key
+  EXPECT_EQ(pool.cached_blocks(), 1);
+  pool.Free(b);  // b was never published: truly free again
+  pool.Free(a);
+  EXPECT_EQ(pool.free_blocks(), 3);
+  EXPECT_EQ(pool.cached_blocks(), 1);
+  EXPECT_EQ(pool.Publish(KvBlockPool::kEmptyPrefix, Tokens(7, 3), pool.Allocate()), 0u)
+      << "a block holds exactly block_size tokens";
+}
+
+TEST(KvBlockPoolTest, WithoutPrefixCachingNothingIsPublished) {
+  KvBlockPool pool(SmallConfig(), 2, 2);
+  const int32_t a = pool.Allocate();
+  EXPECT_EQ(pool.Publish(KvBlockPool::kEmptyPrefix, Tokens(1, 2), a), 0u);
+  uint64_t key = 0;
+  EXPECT_EQ(pool.Acquire(KvBlockPool::kEmptyPrefix, Tokens(1, 2), &key), -1);
+  pool.Free(a);
+  EXPECT_EQ(pool.free_blocks(), 2);
+  EXPECT_EQ(pool.cached_blocks(), 0);
+}
+
+TEST(KvCacheTest, AttachesTheLongestPublishedPrefixOfFullBlocks) {
+  KvBlockPool pool(SmallConfig(), 4, 8, /*prefix_cache=*/true);
+  const std::vector<int32_t> tokens = Tokens(100, 11);
+  {
+    KvCache writer(&pool, 64);
+    ASSERT_TRUE(writer.Reserve(11).ok());
+    writer.set_n_past(6);
+    writer.PublishFullBlocks(tokens);  // block 0 only: block 1 is half written
+    EXPECT_EQ(pool.cached_blocks(), 1);
+    writer.set_n_past(11);
+    writer.PublishFullBlocks(tokens);
+    EXPECT_EQ(pool.cached_blocks(), 2);
+  }
+  EXPECT_EQ(pool.used_blocks(), 0);
+  KvCache reader(&pool, 64);
+  EXPECT_EQ(reader.AttachCachedPrefix(tokens, 7), 4);  // whole blocks within the limit
+  EXPECT_EQ(reader.n_past(), 4);
+  EXPECT_EQ(reader.AttachCachedPrefix(tokens, 10), 0) << "only on an empty cache";
+  reader.Release();
+  EXPECT_EQ(reader.AttachCachedPrefix(tokens, 10), 8);
+  EXPECT_EQ(reader.n_blocks(), 2);
+  EXPECT_EQ(pool.used_blocks(), 2);
+  // The reader extends the prefix privately: its new block is its own.
+  ASSERT_TRUE(reader.Reserve(11).ok());
+  EXPECT_EQ(pool.used_blocks(), 3);
+  reader.Release();
+  std::vector<int32_t> other = tokens;
+  other[5] = 1;  // differs in block 1
+  EXPECT_EQ(reader.AttachCachedPrefix(other, 10), 4);
+  other[0] = 1;  // differs in block 0
+  reader.Release();
+  EXPECT_EQ(reader.AttachCachedPrefix(other, 10), 0);
+}
+
 TEST(KvCacheTest, SingleSequenceFormSpansTheWholeContext) {
   KvCache cache(SmallConfig(), 300);
   EXPECT_EQ(cache.capacity(), 300);
@@ -148,6 +264,45 @@ TEST(KvCacheTest, ForwardThroughPagedCacheIsBitIdentical) {
   EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)));
   EXPECT_EQ(paged.n_blocks(), 10);
   EXPECT_EQ(other.n_blocks(), 3);
+}
+
+// A sequence that attaches another's published prefix computes exactly the logits it computes
+// from scratch: the cached KV is what it would have written.
+TEST(KvCacheTest, ForwardFromACachedPrefixIsBitIdentical) {
+  const std::string path = SharedTestdataPath("conformance/tiny-F16.gguf");
+  REQUIRE_TESTDATA(path);
+  auto model = Model::Load(path);
+  ASSERT_TRUE(model.ok()) << model.status();
+  ThreadPool pool(2);
+  LocalExpertBackend experts(model->get(), &pool);
+  Transformer tf(model->get(), &experts, &pool);
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 24; ++i) tokens.push_back(200 + 29 * i);
+  // Positions [from, 24) of `tokens` through `cache`, one step; the last row's logits.
+  auto run = [&](KvCache* cache, int from) {
+    EXPECT_TRUE(cache->Reserve(24).ok());
+    std::vector<BatchRow> rows;
+    for (int i = from; i < 24; ++i) rows.push_back({tokens[i], i, cache, i == 23});
+    std::vector<float> logits;
+    EXPECT_TRUE(tf.Forward(rows, &logits).ok());
+    cache->set_n_past(24);
+    return logits;
+  };
+  KvBlockPool plain((*model)->config(), 8, 4);
+  KvCache alone(&plain, 64);
+  const std::vector<float> want = run(&alone, 0);
+
+  KvBlockPool cached((*model)->config(), 8, 8, /*prefix_cache=*/true);
+  {
+    KvCache first(&cached, 64);
+    run(&first, 0);
+    first.PublishFullBlocks(tokens);
+  }
+  KvCache second(&cached, 64);
+  ASSERT_EQ(second.AttachCachedPrefix(tokens, 23), 16);
+  const std::vector<float> got = run(&second, 16);
+  ASSERT_EQ(want.size(), got.size());
+  EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)));
 }
 
 TEST(KvCacheTest, ForwardReportsAnExhaustedPool) {
