@@ -228,17 +228,30 @@ TEST(AttentionTest, PagedViewGivesTheContiguousResultBitForBit) {
 #endif
 }
 
+// The tiny conformance model on a local expert backend, for forward passes through caches.
+class KvCacheForwardTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string path = SharedTestdataPath("conformance/tiny-F16.gguf");
+    REQUIRE_TESTDATA(path);
+    auto model = Model::Load(path);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model);
+    experts_ = std::make_unique<LocalExpertBackend>(model_.get(), &pool_);
+    tf_ = std::make_unique<Transformer>(model_.get(), experts_.get(), &pool_);
+  }
+  const ModelConfig& config() const { return model_->config(); }
+
+  ThreadPool pool_{2};
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<LocalExpertBackend> experts_;
+  std::unique_ptr<Transformer> tf_;
+};
+
 // A prompt and decode steps through a paged cache (with blocks scattered by another sequence)
 // give exactly the logits of the contiguous single-sequence cache.
-TEST(KvCacheTest, ForwardThroughPagedCacheIsBitIdentical) {
-  const std::string path = SharedTestdataPath("conformance/tiny-F16.gguf");
-  REQUIRE_TESTDATA(path);
-  auto model = Model::Load(path);
-  ASSERT_TRUE(model.ok()) << model.status();
-  ThreadPool pool(2);
-  LocalExpertBackend experts(model->get(), &pool);
-  Transformer tf(model->get(), &experts, &pool);
-  const ModelConfig& c = (*model)->config();
+TEST_F(KvCacheForwardTest, ForwardThroughPagedCacheIsBitIdentical) {
+  const ModelConfig& c = config();
   std::vector<int32_t> tokens;
   for (int i = 0; i < 40; ++i) tokens.push_back(100 + 37 * i);
 
@@ -246,12 +259,12 @@ TEST(KvCacheTest, ForwardThroughPagedCacheIsBitIdentical) {
     std::vector<float> logits;
     std::vector<BatchRow> rows;
     for (int i = 0; i < 30; ++i) rows.push_back({tokens[i], i, cache, true});
-    EXPECT_TRUE(tf.Forward(rows, &logits).ok());
+    EXPECT_TRUE(tf_->Forward(rows, &logits).ok());
     for (int i = 30; i < 40; ++i) {
       std::vector<BatchRow> step = {{tokens[i], i, cache, true}};
       // Interleave another sequence's blocks so this one's are not adjacent.
       if (other != nullptr) step.push_back({tokens[i - 30], i - 30, other, false});
-      EXPECT_TRUE(tf.Forward(step, &logits).ok());
+      EXPECT_TRUE(tf_->Forward(step, &logits).ok());
     }
     return logits;
   };
@@ -268,14 +281,7 @@ TEST(KvCacheTest, ForwardThroughPagedCacheIsBitIdentical) {
 
 // A sequence that attaches another's published prefix computes exactly the logits it computes
 // from scratch: the cached KV is what it would have written.
-TEST(KvCacheTest, ForwardFromACachedPrefixIsBitIdentical) {
-  const std::string path = SharedTestdataPath("conformance/tiny-F16.gguf");
-  REQUIRE_TESTDATA(path);
-  auto model = Model::Load(path);
-  ASSERT_TRUE(model.ok()) << model.status();
-  ThreadPool pool(2);
-  LocalExpertBackend experts(model->get(), &pool);
-  Transformer tf(model->get(), &experts, &pool);
+TEST_F(KvCacheForwardTest, ForwardFromACachedPrefixIsBitIdentical) {
   std::vector<int32_t> tokens;
   for (int i = 0; i < 24; ++i) tokens.push_back(200 + 29 * i);
   // Positions [from, 24) of `tokens` through `cache`, one step; the last row's logits.
@@ -284,15 +290,15 @@ TEST(KvCacheTest, ForwardFromACachedPrefixIsBitIdentical) {
     std::vector<BatchRow> rows;
     for (int i = from; i < 24; ++i) rows.push_back({tokens[i], i, cache, i == 23});
     std::vector<float> logits;
-    EXPECT_TRUE(tf.Forward(rows, &logits).ok());
+    EXPECT_TRUE(tf_->Forward(rows, &logits).ok());
     cache->set_n_past(24);
     return logits;
   };
-  KvBlockPool plain((*model)->config(), 8, 4);
+  KvBlockPool plain(config(), 8, 4);
   KvCache alone(&plain, 64);
   const std::vector<float> want = run(&alone, 0);
 
-  KvBlockPool cached((*model)->config(), 8, 8, /*prefix_cache=*/true);
+  KvBlockPool cached(config(), 8, 8, /*prefix_cache=*/true);
   {
     KvCache first(&cached, 64);
     run(&first, 0);
@@ -305,20 +311,13 @@ TEST(KvCacheTest, ForwardFromACachedPrefixIsBitIdentical) {
   EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)));
 }
 
-TEST(KvCacheTest, ForwardReportsAnExhaustedPool) {
-  const std::string path = SharedTestdataPath("conformance/tiny-F16.gguf");
-  REQUIRE_TESTDATA(path);
-  auto model = Model::Load(path);
-  ASSERT_TRUE(model.ok()) << model.status();
-  ThreadPool pool(1);
-  LocalExpertBackend experts(model->get(), &pool);
-  Transformer tf(model->get(), &experts, &pool);
-  KvBlockPool blocks((*model)->config(), 4, 2);
+TEST_F(KvCacheForwardTest, ForwardReportsAnExhaustedPool) {
+  KvBlockPool blocks(config(), 4, 2);
   KvCache cache(&blocks, 64);
   std::vector<BatchRow> rows;
   for (int i = 0; i < 9; ++i) rows.push_back({1, i, &cache, false});
   std::vector<float> logits;
-  EXPECT_EQ(tf.Forward(rows, &logits).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(tf_->Forward(rows, &logits).code(), absl::StatusCode::kResourceExhausted);
 }
 
 }  // namespace
