@@ -5,7 +5,7 @@ levels, against a `moepool serve` it starts itself (python3 standard library onl
   bench/serve_bench.py --binary build/cli/moepool --model mini-Q4_K_M.gguf \
       [--workers host:port,host:port | --spawn-workers N [--worker-threads 1]] \
       [--streams 1,4,16] [--max-tokens 64] [--threads 2] [--micro-batches 1|2] [--repeat N] \
-      [--prefix-cache off|on|off,on] [--system-words N]
+      [--prefix-cache off|on|off,on] [--system-words N [--fresh-system]]
 
 --spawn-workers N starts N `moepool worker` processes on 127.0.0.1 holding equal shares of the
 experts (N = 2: experts 0-3 and 4-7 of an 8-expert model) and serves through them.
@@ -19,7 +19,8 @@ The requests cycle through four short prompts, so they repeat: the server runs w
 --prefix-cache off by default, which measures batching rather than cache hits. --prefix-cache
 off,on runs the same rounds against one server per setting and reports the ratio (on / off).
 --system-words N puts one shared system message of about N words before every prompt (the
-shared-system-prompt case the prefix cache is for).
+shared-system-prompt case the prefix cache is for). With --fresh-system every round of every level
+gets a system message the server has not seen (a burst of requests with a new shared prefix).
 """
 import argparse
 import json
@@ -126,6 +127,14 @@ def start_server(args, prefix_cache, levels):
 
 
 def run_setting(args, prefix_cache, levels, prompts, system):
+    fresh = [0]
+
+    def system_for_round():
+        if not system or not args.fresh_system:
+            return system
+        fresh[0] += 1
+        return f"Session {fresh[0]}. {system}"
+
     server, port = start_server(args, prefix_cache, levels)
     try:
         stream_one(port, "warm up", 8, 0, [], system)  # with --system-words: primes the cache
@@ -134,7 +143,7 @@ def run_setting(args, prefix_cache, levels, prompts, system):
         rounds = {n: [] for n in levels}
         for _ in range(max(1, args.repeat)):
             for n in levels:
-                rounds[n].append(run_level(port, n, prompts, args.max_tokens, system))
+                rounds[n].append(run_level(port, n, prompts, args.max_tokens, system_for_round()))
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -169,6 +178,8 @@ def main():
                     help="off, on, or off,on (one server each, same rounds; adds on/off ratios)")
     ap.add_argument("--system-words", type=int, default=0,
                     help="a shared system message of this many words before every prompt")
+    ap.add_argument("--fresh-system", action="store_true",
+                    help="a new system message (same length) for every round of every level")
     args = ap.parse_args()
     settings = args.prefix_cache.split(",")
     if any(s not in ("on", "off") for s in settings):
@@ -196,7 +207,7 @@ def main():
         report = {"model": args.model, "workers": args.workers or None,
                   "micro_batches": args.micro_batches or "default",
                   "max_tokens": args.max_tokens, "repeat": max(1, args.repeat),
-                  "system_words": args.system_words}
+                  "system_words": args.system_words, "fresh_system": args.fresh_system}
         results = {s: run_setting(args, s, levels, prompts, system) for s in settings}
         if len(settings) == 1:
             report["prefix_cache"] = settings[0]

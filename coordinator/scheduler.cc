@@ -93,8 +93,9 @@ struct Scheduler::Sequence {
   StreamingDetokenizer detok;
   std::vector<int32_t> tokens;  // prompt + generated; positions < cache.n_past() are computed
   int64_t n_generated = 0;
-  int64_t cached_prompt_tokens = -1;  // from the first prefix lookup; -1 before it
-  std::string held;                   // decoded text not yet sent (a possible stop-string prefix)
+  int64_t cached_prompt_tokens = 0;  // positions attached before it computed any of its own
+  bool computed = false;             // some chunk of it has run
+  std::string held;                  // decoded text not yet sent (a possible stop-string prefix)
   bool trim_pending;
   bool admitted = false;  // moved from the queue to the active set
   bool done = false;
@@ -258,11 +259,6 @@ bool Scheduler::Step() {
   for (auto& seq : active_) {
     if (seq->stream->cancelled()) Finish(seq.get(), FinishReason::kCancelled);
   }
-  struct Chunk {
-    Sequence* seq;
-    int64_t start;
-    int64_t n;
-  };
   std::vector<Chunk> chunks;
   int64_t n_decode = 0;
   for (auto& seq : active_) {
@@ -274,16 +270,18 @@ bool Scheduler::Step() {
   for (size_t i = 0; i < active_.size(); ++i) {
     Sequence* seq = active_[i].get();
     if (seq->done) continue;
-    if (seq->cache.n_blocks() == 0) {
-      // Starting (or restarting after preemption): take the longest cached prefix, leaving at
-      // least the last token to compute, whose logits give the next token.
-      const int64_t attached =
-          seq->cache.AttachCachedPrefix(seq->tokens, static_cast<int64_t>(seq->tokens.size()) - 1);
-      n_prefix_hit_tokens_.fetch_add(static_cast<uint64_t>(attached));
-      if (seq->cached_prompt_tokens < 0) seq->cached_prompt_tokens = attached;
-    }
+    // Starting, restarting after preemption, or waiting for a prefix another sequence computed:
+    // take the longest cached prefix (a no-op once the sequence has blocks of its own), leaving
+    // at least the last token to compute, whose logits give the next token.
+    const int64_t attached =
+        seq->cache.AttachCachedPrefix(seq->tokens, static_cast<int64_t>(seq->tokens.size()) - 1);
+    n_prefix_hit_tokens_.fetch_add(static_cast<uint64_t>(attached));
+    if (!seq->computed) seq->cached_prompt_tokens += attached;
     const int64_t start = seq->cache.n_past();
     const int64_t remaining = static_cast<int64_t>(seq->tokens.size()) - start;
+    // A prompt whose next block a chunk planned earlier in this step computes as well waits one
+    // step and attaches it instead of computing it twice.
+    if (remaining > 1 && SharesAPlannedBlock(chunks, *seq, start)) continue;
     int64_t n = remaining == 1 ? 1 : std::min(remaining, prefill_budget);
     if (n <= 0) continue;
     absl::Status reserved = seq->cache.Reserve(start + n);
@@ -351,6 +349,7 @@ bool Scheduler::Step() {
       continue;
     }
     c.seq->cache.set_n_past(c.start + c.n);
+    c.seq->computed = true;
     c.seq->cache.PublishFullBlocks(c.seq->tokens);
     if (c.start + c.n == static_cast<int64_t>(c.seq->tokens.size())) {
       sampled.emplace_back(c.seq, logits_.data() + logits_row * n_vocab);
@@ -372,6 +371,24 @@ bool Scheduler::Step() {
       std::remove_if(active_.begin(), active_.end(), [](const auto& s) { return s->done; }),
       active_.end());
   return true;
+}
+
+bool Scheduler::SharesAPlannedBlock(const std::vector<Chunk>& chunks, const Sequence& seq,
+                                    int64_t start) const {
+  const int64_t bs = options_.block_size;
+  const int64_t end = start + bs;
+  // Only a block the sequence could attach: whole, and short of its last token.
+  if (!options_.prefix_cache || start % bs != 0 ||
+      end > static_cast<int64_t>(seq.tokens.size()) - 1) {
+    return false;
+  }
+  for (const Chunk& c : chunks) {
+    if (c.start > start || c.start + c.n < end) continue;
+    if (std::equal(seq.tokens.begin(), seq.tokens.begin() + end, c.seq->tokens.begin())) {
+      return true;
+    }
+  }
+  return false;
 }
 
 void Scheduler::SampleNext(Sequence* seq, float* logits) const {
@@ -459,7 +476,7 @@ void Scheduler::Finish(Sequence* seq, FinishReason reason, absl::Status error,
   event.finish = reason;
   event.error = std::move(error);
   event.prompt_tokens = static_cast<int64_t>(seq->req.prompt.size());
-  event.cached_prompt_tokens = std::max<int64_t>(seq->cached_prompt_tokens, 0);
+  event.cached_prompt_tokens = seq->cached_prompt_tokens;
   event.completion_tokens = seq->n_generated;
   n_finished_.fetch_add(1);
   if (reason == FinishReason::kCancelled) n_cancelled_.fetch_add(1);

@@ -160,6 +160,12 @@ class Scheduler {
 
  private:
   struct Sequence;
+  // Rows [start, start + n) of one sequence in a step.
+  struct Chunk {
+    Sequence* seq;
+    int64_t start;
+    int64_t n;
+  };
   void Loop();
   // One batch; false if there was nothing to run.
   bool Step();
@@ -168,6 +174,10 @@ class Scheduler {
   void Finish(Sequence* seq, FinishReason reason, absl::Status error = absl::OkStatus(),
               GenerationEvent event = {});
   void Preempt(Sequence* seq);
+  // True if a chunk in `chunks` computes, from the same tokens, the whole block of `seq` that
+  // starts at `start` (prefix caching on): `seq` can attach it next step.
+  bool SharesAPlannedBlock(const std::vector<Chunk>& chunks, const Sequence& seq,
+                           int64_t start) const;
   // Samples the sequence's next token from `logits` (modified by penalties) and streams it.
   // Samples the sequence's next token from its logits row into seq->next (bias, sampler,
   // logprobs). Touches only `seq` and `logits`: safe for several sequences in parallel.

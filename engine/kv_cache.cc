@@ -172,11 +172,13 @@ void KvCache::Release() {
 }
 
 int64_t KvCache::AttachCachedPrefix(absl::Span<const int32_t> tokens, int64_t max_positions) {
-  if (own_pool_ != nullptr || !pool_->prefix_cache() || !table_.empty() || n_past_ != 0) {
+  const int64_t before = n_past_;
+  if (own_pool_ != nullptr || !pool_->prefix_cache() || !publishing_ ||
+      published_ != static_cast<int64_t>(table_.size()) || n_past_ != published_ * block_size_) {
     return 0;
   }
   const int64_t limit = std::min({max_positions, n_ctx_, static_cast<int64_t>(tokens.size())});
-  for (int64_t end = block_size_; end <= limit; end += block_size_) {
+  for (int64_t end = n_past_ + block_size_; end <= limit; end += block_size_) {
     uint64_t key = 0;
     const int32_t b = pool_->Acquire(
         prefix_key_, tokens.subspan(static_cast<size_t>(end - block_size_), block_size_), &key);
@@ -186,7 +188,7 @@ int64_t KvCache::AttachCachedPrefix(absl::Span<const int32_t> tokens, int64_t ma
   }
   published_ = static_cast<int64_t>(table_.size());
   n_past_ = published_ * block_size_;
-  return n_past_;
+  return n_past_ - before;
 }
 
 void KvCache::PublishFullBlocks(absl::Span<const int32_t> tokens) {

@@ -161,9 +161,10 @@ class KvCache {
   void Release();
 
   // Prefix caching (paged form on a prefix-caching pool; otherwise both do nothing).
-  // On an empty cache (no blocks, n_past 0): attaches the published blocks that hold
+  // While the cache holds nothing but published blocks (empty, or only attached and published
+  // ones, n_past at their end): attaches further published blocks so that it holds
   // tokens[0 .. k * block_size) for the largest k with k * block_size <= max_positions, and sets
-  // n_past to k * block_size. Returns the positions attached.
+  // n_past to k * block_size. Returns the positions attached by this call.
   int64_t AttachCachedPrefix(absl::Span<const int32_t> tokens, int64_t max_positions);
   // Publishes the full blocks below n_past() not yet published; tokens[0 .. n_past()) are the
   // tokens those positions were computed from.

@@ -102,6 +102,36 @@ TEST_F(SchedulerPrefixCacheTest, ASharedPrefixIsComputedOnceAndChangesNoToken) {
   EXPECT_GT(st.kv_blocks_cached, 0);
 }
 
+// Four requests with one system prompt arrive together: the first computes the shared blocks, the
+// others wait one step and attach them instead of computing them too.
+TEST_F(SchedulerPrefixCacheTest, RequestsArrivingTogetherComputeTheirSharedPrefixOnce) {
+  const char* questions[] = {" Which fish live longest?", " Name three kinds of coral.",
+                             " Why do whales sing?", " What is a tide pool?"};
+  Scheduler sched(engine_.get(), {}, nullptr);
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::shared_ptr<GenerationStream>> streams;
+  for (int i = 0; i < 4; ++i) {
+    prompts.push_back(WithQuestion(questions[i]));
+    GenerationRequest r;
+    r.prompt = prompts.back();
+    r.sampling = Sampled(30 + i);
+    r.max_tokens = kMaxTokens;
+    r.ignore_eos = true;
+    auto stream = sched.Submit(std::move(r));
+    ASSERT_TRUE(stream.ok()) << stream.status();
+    streams.push_back(*stream);
+  }
+  sched.Start();  // all four are admitted in the first step, which has room for all prompts
+  int64_t common = static_cast<int64_t>(system_.size());
+  for (int i = 0; i < 4; ++i) {
+    const Drained d = Drain(streams[static_cast<size_t>(i)].get());
+    EXPECT_EQ(d.tokens, Reference(engine_.get(), prompts[static_cast<size_t>(i)], Sampled(30 + i)))
+        << "request " << i;
+    EXPECT_EQ(d.cached_prompt_tokens, i == 0 ? 0 : WholeBlocks(common)) << "request " << i;
+  }
+  EXPECT_EQ(sched.stats().prefix_hit_tokens, static_cast<uint64_t>(3 * WholeBlocks(common)));
+}
+
 // The second turn of a chat resends the first turn and its reply: everything up to the reply's
 // last computed position comes from the cache.
 TEST_F(SchedulerPrefixCacheTest, ANextTurnReusesTheWholeConversationSoFar) {

@@ -164,14 +164,18 @@ TEST(KvCacheTest, AttachesTheLongestPublishedPrefixOfFullBlocks) {
   KvCache reader(&pool, 64);
   EXPECT_EQ(reader.AttachCachedPrefix(tokens, 7), 4);  // whole blocks within the limit
   EXPECT_EQ(reader.n_past(), 4);
-  EXPECT_EQ(reader.AttachCachedPrefix(tokens, 10), 0) << "only on an empty cache";
-  reader.Release();
-  EXPECT_EQ(reader.AttachCachedPrefix(tokens, 10), 8);
+  // Holding only published blocks, it can attach more later (a block published meanwhile).
+  EXPECT_EQ(reader.AttachCachedPrefix(tokens, 10), 4);
+  EXPECT_EQ(reader.n_past(), 8);
   EXPECT_EQ(reader.n_blocks(), 2);
   EXPECT_EQ(pool.used_blocks(), 2);
-  // The reader extends the prefix privately: its new block is its own.
+  // The reader extends the prefix privately: its new block is its own, and from then on it
+  // attaches nothing.
   ASSERT_TRUE(reader.Reserve(11).ok());
   EXPECT_EQ(pool.used_blocks(), 3);
+  EXPECT_EQ(reader.AttachCachedPrefix(tokens, 10), 0);
+  reader.Release();
+  EXPECT_EQ(reader.AttachCachedPrefix(tokens, 10), 8);
   reader.Release();
   std::vector<int32_t> other = tokens;
   other[5] = 1;  // differs in block 1
