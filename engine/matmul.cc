@@ -41,28 +41,25 @@ void MatMulRowRange(const WeightMatrix& w, const RowsView& x, int64_t r0, int64_
   const VecDotMultiFn* dot_cols = x.type == TensorType::kF32 ? nullptr : traits.vec_dot_cols;
   const int64_t n = x.n;
   const int64_t cols = w.cols;
-  // Tokens per tile: keep the tile's activation rows hot in cache while the weight rows stream.
-  constexpr int64_t kTokenTile = 64;
-  for (int64_t t0 = 0; t0 < n; t0 += kTokenTile) {
-    const int64_t t1 = std::min(n, t0 + kTokenTile);
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* wr = w.Row(r);
-      int64_t t = t0;
-      if (dot_cols != nullptr) {
-        float out[kMultiDotCols];
-        // Groups of at most kMultiDotCols rows, as even as possible (9 rows run as 5 + 4, not
-        // 8 + a single-row dot); a last lone row takes the single-row kernel.
-        while (t1 - t >= 2) {
-          const int64_t left = t1 - t;
-          const int64_t groups = (left + kMultiDotCols - 1) / kMultiDotCols;
-          const int c = static_cast<int>((left + groups - 1) / groups);
-          dot_cols[c](cols, wr, x.Row(t), x.row_bytes, out);
-          for (int i = 0; i < c; ++i) y[(t + i) * y_stride + r] = out[i];
-          t += c;
-        }
+  // Activation rows in groups of at most kMultiDotCols, as even as possible (9 rows run as 5 + 4,
+  // not 8 + a single-row dot), each group against every weight row of the range: the group's
+  // rows stay in L1 while the range's weight rows (at most MatMulRowsPerTask of them, in L2 after
+  // the first group) stream past. A lone row takes the single-row kernel.
+  int64_t t = 0;
+  while (t < n) {
+    const int64_t left = n - t;
+    const int64_t groups = (left + kMultiDotCols - 1) / kMultiDotCols;
+    const int c = dot_cols == nullptr ? 1 : static_cast<int>((left + groups - 1) / groups);
+    if (c >= 2) {
+      float out[kMultiDotCols];
+      for (int64_t r = r0; r < r1; ++r) {
+        dot_cols[c](cols, w.Row(r), x.Row(t), x.row_bytes, out);
+        for (int i = 0; i < c; ++i) y[(t + i) * y_stride + r] = out[i];
       }
-      for (; t < t1; ++t) y[t * y_stride + r] = dot(cols, wr, x.Row(t));
+    } else {
+      for (int64_t r = r0; r < r1; ++r) y[t * y_stride + r] = dot(cols, w.Row(r), x.Row(t));
     }
+    t += c;
   }
 }
 
