@@ -205,6 +205,33 @@ TEST(HttpServerTest, RepeatedPromptReportsCachedTokens) {
             std::string::npos);
 }
 
+// The next turn of a chat renders the earlier turns exactly as they were rendered before, so at
+// least the blocks of the first turn's prompt come from the cache (more if the reply's text
+// tokenizes back to the sampled tokens).
+TEST(HttpServerTest, ANextChatTurnReusesThePreviousPrompt) {
+  TestServer srv;
+  json messages = json::array(
+      {{{"role", "system"}, {"content", "You are a patient teacher of geography. Be short."}},
+       {{"role", "user"}, {"content", "Name the longest river in Africa, and its length."}}});
+  auto chat = [&](const json& m) {
+    auto res = srv.Post("/v1/chat/completions",
+                        json{{"messages", m}, {"max_tokens", 8}, {"temperature", 0}}.dump());
+    EXPECT_TRUE(res);
+    EXPECT_EQ(res->status, 200);
+    return json::parse(res->body);
+  };
+  const json first = chat(messages);
+  const int64_t prompt1 = first["usage"]["prompt_tokens"];
+  const int64_t block = srv.scheduler->stats().block_size;
+  ASSERT_GE(prompt1, 2 * block);
+  messages.push_back(
+      {{"role", "assistant"}, {"content", first["choices"][0]["message"]["content"]}});
+  messages.push_back({{"role", "user"}, {"content", "And in Europe?"}});
+  const json second = chat(messages);
+  EXPECT_GE(second["usage"]["prompt_tokens_details"]["cached_tokens"].get<int64_t>(),
+            prompt1 / block * block);
+}
+
 TEST(HttpServerTest, CompletionsModelsHealthAndMetrics) {
   TestServer srv;
   auto res = srv.Post("/v1/completions", R"({"prompt": "The quick brown", "max_tokens": 5,
