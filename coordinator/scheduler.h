@@ -11,8 +11,10 @@
 //
 // Prefix caching (SchedulerOptions::prefix_cache): every full block a sequence computes is
 // published, and a sequence that starts (or restarts after preemption) attaches the cached blocks
-// of its longest cached prefix, keeping at least its last token to compute. Multi-turn chats and
-// shared system prompts then prefill only what is new; the tokens are the same either way.
+// of its longest cached prefix, keeping at least its last token to compute. A prompt whose next
+// block an earlier chunk of the same step computes from the same tokens waits one step and
+// attaches it (a burst with a new shared prefix computes it once). Multi-turn chats and shared
+// system prompts then prefill only what is new; the tokens are the same either way.
 //
 // Text: tokens are detokenized with StreamingDetokenizer, so every text delta is valid UTF-8
 // (an incomplete character is held back, and replaced by U+FFFD if the sequence ends). Text that
