@@ -17,6 +17,7 @@
 #include "bench/expert_bench.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_ops.h"
+#include "engine/cuda/device_attention.h"
 #include "engine/cuda/moe_ffn_cuda.h"
 #include "engine/kv_cache.h"
 #include "engine/model.h"
@@ -47,9 +48,13 @@ struct DecodeRun {
 };
 
 // Prefill `prompt` in one pass, then greedy-decode `n` tokens one at a time.
+// attention: nullptr for the CPU.
 absl::StatusOr<DecodeRun> Decode(const Model& model, ExpertBackend* experts, ThreadPool* pool,
-                                 const std::vector<int32_t>& prompt, int n) {
-  Transformer transformer(&model, experts, pool);
+                                 const std::vector<int32_t>& prompt, int n,
+                                 AttentionBackend* attention = nullptr) {
+  TransformerOptions options;
+  options.attention = attention;
+  Transformer transformer(&model, experts, pool, options);
   KvCache cache(model.config(), static_cast<int64_t>(prompt.size()) + n + 1);
   const int64_t n_vocab = model.config().n_vocab;
   std::vector<BatchRow> rows;
@@ -109,19 +114,32 @@ absl::StatusOr<std::string> MiniDecode(const ExpertBenchOptions& o) {
   const double upload_s = Seconds(u0, Clock::now());
   auto gpu_run = Decode(**model, gpu->get(), &pool, prompt, o.decode_tokens);
   if (!gpu_run.ok()) return gpu_run.status();
-  int same = 0;
-  while (same < o.decode_tokens && cpu_run->tokens[same] == gpu_run->tokens[same]) ++same;
+  // Everything but embedding and sampling on the GPU: attention, router and head too.
+  auto attention = CreateCudaAttentionBackend(model->get(), o.device);
+  if (!attention.ok()) return attention.status();
+  auto all_run = Decode(**model, gpu->get(), &pool, prompt, o.decode_tokens, attention->get());
+  if (!all_run.ok()) return all_run.status();
+  const auto same_prefix = [&](const DecodeRun& run) {
+    int same = 0;
+    while (same < o.decode_tokens && cpu_run->tokens[same] == run.tokens[same]) ++same;
+    return same;
+  };
   const double cpu_tps = o.decode_tokens / cpu_run->decode_s;
   const double gpu_tps = o.decode_tokens / gpu_run->decode_s;
+  const double all_tps = o.decode_tokens / all_run->decode_s;
   return absl::StrFormat(
       "  \"mini_decode\": {\"model\": \"%s\", \"expert_bytes\": %d, \"cpu_threads\": %d, "
       "\"prompt_tokens\": %d, \"decode_tokens\": %d,\n"
       "    \"cpu_experts_tokens_per_s\": %.2f, \"cuda_experts_tokens_per_s\": %.2f, "
       "\"speedup\": %.2f,\n"
-      "    \"cpu_prefill_s\": %.3f, \"cuda_prefill_s\": %.3f, \"upload_s\": %.2f, "
-      "\"greedy_tokens_identical_prefix\": %d}",
+      "    \"cuda_experts_and_attention_tokens_per_s\": %.2f, \"speedup_all_on_gpu\": %.2f,\n"
+      "    \"cpu_prefill_s\": %.3f, \"cuda_prefill_s\": %.3f, \"cuda_all_prefill_s\": %.3f, "
+      "\"upload_s\": %.2f,\n"
+      "    \"greedy_tokens_identical_prefix\": %d, \"all_on_gpu_identical_prefix\": %d}",
       path, (*model)->ExpertBytes(), pool.size(), o.prompt_tokens, o.decode_tokens, cpu_tps,
-      gpu_tps, gpu_tps / cpu_tps, cpu_run->prefill_s, gpu_run->prefill_s, upload_s, same);
+      gpu_tps, gpu_tps / cpu_tps, all_tps, all_tps / cpu_tps, cpu_run->prefill_s,
+      gpu_run->prefill_s, all_run->prefill_s, upload_s, same_prefix(*gpu_run),
+      same_prefix(*all_run));
 }
 
 // Random bytes whose every uint16 is a finite half below 1 (valid scales for every k-quant).

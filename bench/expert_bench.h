@@ -1,6 +1,7 @@
 // Benchmark of the CUDA expert backend (moepool_expert_bench; docs/gpu-backend.md):
-//  1. decode tokens/s of a `mini`-shape model with its experts on the GPU (CudaExpertBackend)
-//     against the CPU engine (LocalExpertBackend), same host, same process, same prompt;
+//  1. decode tokens/s of a `mini`-shape model with its experts on the GPU (CudaExpertBackend),
+//     and with attention, router and head on the GPU too (CreateCudaAttentionBackend), against
+//     the CPU engine (LocalExpertBackend), same host, same process, same prompt;
 //  2. the MoE step of Mixtral-8x7B-shaped layers (n_embd 4096, n_ff 14336, 8 experts, top-2,
 //     Q4_K) built directly in device memory from random blocks: time per decode token and the
 //     expert-weight bandwidth it reaches, plus a few batch sizes.

@@ -87,6 +87,7 @@ absl::StatusOr<LoadedEngine> LoadEngineForArgs(const Args& args, EngineOptions o
     ASSIGN_OR_RETURN(loaded.cluster, ClusterExpertBackend::Create(options.model_path, *cluster));
     options.experts = loaded.cluster.get();
   }
+  options.attention = AttentionOnDevice(device);
   ASSIGN_OR_RETURN(loaded.engine, Engine::Load(options));
   return loaded;
 }

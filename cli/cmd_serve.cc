@@ -120,7 +120,8 @@ absl::StatusOr<ServeConfig> ParseConfig(const Args& args) {
 // factory and /health share (kept alive by both as long as the server). /health reports each
 // worker and answers 503 while some expert has no reachable holder.
 // With --device cuda:* the experts of this process (all of them, or the --local-experts) run on
-// the GPU; the check comes first, so a build without CUDA fails before loading anything.
+// the GPU, and so do attention, router and head; the check comes first, so a build without CUDA
+// fails before loading anything.
 absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFactory* factory) {
   ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
   ASSIGN_OR_RETURN(std::optional<ClusterOptions> cluster, ClusterOptionsFromArgs(args));
@@ -128,14 +129,16 @@ absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFacto
     *factory = LocalEngineFactory();
     return absl::OkStatus();
   }
+  const auto attention = AttentionOnDevice(device);
   if (!cluster.has_value()) {
     ASSIGN_OR_RETURN(std::unique_ptr<ExpertBackend> created,
                      OpenDeviceExperts(config->engine.model_path, {}, device,
                                        /*show_progress=*/true));
     std::shared_ptr<ExpertBackend> experts = std::move(created);
-    *factory = [experts](const EngineOptions& options) {
+    *factory = [experts, attention](const EngineOptions& options) {
       EngineOptions on_device = options;
       on_device.experts = experts.get();
+      on_device.attention = attention;
       return Engine::Load(on_device);
     };
     return absl::OkStatus();
@@ -145,9 +148,10 @@ absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFacto
   ASSIGN_OR_RETURN(std::unique_ptr<ClusterExpertBackend> created,
                    ClusterExpertBackend::Create(config->engine.model_path, *cluster));
   std::shared_ptr<ClusterExpertBackend> backend = std::move(created);
-  *factory = [backend](const EngineOptions& options) {
+  *factory = [backend, attention](const EngineOptions& options) {
     EngineOptions with_workers = options;
     with_workers.experts = backend.get();
+    with_workers.attention = attention;
     return Engine::Load(with_workers);
   };
   config->http.health = [backend] {

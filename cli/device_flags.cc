@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "engine/cuda/device_attention.h"
 #include "engine/model.h"
 #include "engine/status_macros.h"
 
@@ -57,6 +58,17 @@ absl::StatusOr<std::unique_ptr<ExpertBackend>> OpenDeviceExperts(const std::stri
   ASSIGN_OR_RETURN(std::unique_ptr<ExpertBackend> backend,
                    CreateCudaExpertBackend(model.get(), options));
   return std::make_unique<OwningDeviceExperts>(std::move(model), std::move(backend));
+}
+
+std::function<absl::StatusOr<std::unique_ptr<AttentionBackend>>(const Model&)> AttentionOnDevice(
+    const DeviceSpec& device) {
+  if (!device.cuda || device.ordinals.empty()) return {};
+  const int ordinal = device.ordinals.front();
+  return [ordinal](const Model& model) {
+    DeviceAttentionOptions options;
+    options.show_progress = true;
+    return CreateCudaAttentionBackend(&model, ordinal, options);
+  };
 }
 
 }  // namespace moepool::cli

@@ -1,22 +1,28 @@
-// The --device flag of `moepool worker`, `serve`, `run` and `eval`: where experts are computed.
-//   --device cpu        (default) LocalExpertBackend on this process's thread pool
-//   --device cuda:N     every expert of this process on CUDA device N
-//   --device cuda:all   experts spread over all CUDA devices of the machine, balanced by bytes
-// Attention, router, embedding and output head stay on the CPU.
+// The --device flag of `moepool worker`, `serve`, `run` and `eval`: where this process computes.
+//   --device cpu        (default) everything on this process's thread pool
+//   --device cuda:N     every expert of this process on CUDA device N; on serve, run and eval
+//                       also the coordinator's attention (with its KV cache), router and output
+//                       head (engine/cuda/device_attention.h)
+//   --device cuda:all   experts spread over all CUDA devices of the machine, balanced by bytes;
+//                       attention on the first
+// Embedding, sampling and the residual after the experts stay on the CPU.
 //
 // A build without CUDA (or a machine without a usable device) refuses every cuda:* value at
 // startup with the message of engine/cuda/cuda_backend.h; nothing is loaded before that check.
 #ifndef MOEPOOL_CLI_DEVICE_FLAGS_H_
 #define MOEPOOL_CLI_DEVICE_FLAGS_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "cli/args.h"
+#include "engine/attention_backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/expert_backend.h"
+#include "engine/model.h"
 
 namespace moepool::cli {
 
@@ -36,6 +42,11 @@ absl::StatusOr<std::unique_ptr<ExpertBackend>> OpenDeviceExperts(const std::stri
                                                                  const std::vector<int>& experts,
                                                                  const DeviceSpec& device,
                                                                  bool show_progress);
+
+// The EngineOptions::attention factory for `device` (resolved): attention, router and head on
+// its first CUDA device, with an upload line on stderr. Empty for cpu.
+std::function<absl::StatusOr<std::unique_ptr<AttentionBackend>>(const Model&)> AttentionOnDevice(
+    const DeviceSpec& device);
 
 }  // namespace moepool::cli
 

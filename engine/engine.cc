@@ -31,8 +31,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
         std::make_unique<LocalExpertBackend>(engine->model_.get(), engine->pool_.get());
     experts = engine->local_experts_.get();
   }
+  TransformerOptions transformer = options.transformer;
+  if (options.attention) {
+    ASSIGN_OR_RETURN(engine->attention_, options.attention(*engine->model_));
+    transformer.attention = engine->attention_.get();
+  }
   engine->transformer_ = std::make_unique<Transformer>(engine->model_.get(), experts,
-                                                       engine->pool_.get(), options.transformer);
+                                                       engine->pool_.get(), transformer);
   return engine;
 }
 

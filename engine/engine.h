@@ -29,6 +29,10 @@ struct EngineOptions {
   int64_t n_ctx = 0;  // context per sequence; 0: min(model context, 4096)
   // Experts run here unless `experts` is set (then only non-expert weights are bound).
   ExpertBackend* experts = nullptr;
+  // Where attention, router and output head run: called once with the loaded model; the engine
+  // owns what it returns (its error fails Load). Empty: on the CPU (transformer.attention, if
+  // set, is used as given instead).
+  std::function<absl::StatusOr<std::unique_ptr<AttentionBackend>>(const Model&)> attention;
   TransformerOptions transformer;
 };
 
@@ -69,6 +73,7 @@ class Engine {
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<ThreadPool> pool_;
   std::unique_ptr<LocalExpertBackend> local_experts_;
+  std::unique_ptr<AttentionBackend> attention_;
   std::unique_ptr<Transformer> transformer_;
   int64_t n_ctx_ = 0;
 };

@@ -33,6 +33,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -42,6 +43,14 @@
 #include "engine/model.h"
 
 namespace moepool {
+
+// A backend's own copy of a pool's K/V storage (for example in GPU memory), with the same block
+// ids. The pool owns it and destroys it with itself, so the copy never outlives the blocks it
+// mirrors. What it holds is the backend's business.
+class KvPoolMirror {
+ public:
+  virtual ~KvPoolMirror() = default;
+};
 
 class KvBlockPool {
  public:
@@ -95,6 +104,12 @@ class KvBlockPool {
 
   // Bytes reserved (both K and V).
   uint64_t ReservedBytes() const;
+  int64_t n_layer() const { return n_layer_; }
+
+  // The mirror an AttentionBackend attached (nullptr if none). Set and read only by the thread
+  // that runs forward passes over this pool's caches.
+  KvPoolMirror* mirror() const { return mirror_.get(); }
+  void set_mirror(std::unique_ptr<KvPoolMirror> mirror) { mirror_ = std::move(mirror); }
 
  private:
   size_t Offset(int32_t block, int64_t layer, int64_t i) const {
@@ -129,6 +144,7 @@ class KvBlockPool {
   std::vector<std::list<int32_t>::iterator> evictable_at_;
   uint64_t next_key_ = 1;
   std::atomic<int64_t> n_free_;
+  std::unique_ptr<KvPoolMirror> mirror_;
 };
 
 class KvCache {
@@ -151,6 +167,9 @@ class KvCache {
   int64_t capacity() const;
   int64_t n_blocks() const { return static_cast<int64_t>(table_.size()); }
   const KvBlockPool& pool() const { return *pool_; }
+  KvBlockPool* mutable_pool() { return pool_; }
+  // Physical block of each logical block, in order (n_blocks() entries).
+  const std::vector<int32_t>& block_table() const { return table_; }
 
   // Makes positions 0 .. n-1 storable, taking blocks from the pool. INVALID_ARGUMENT if
   // n > n_ctx; RESOURCE_EXHAUSTED if the pool runs out (blocks taken so far are kept).

@@ -108,6 +108,7 @@ struct Transformer::Pass {
   std::vector<float> weight;         // [n x k]
   ConvertedRows converted;
   ExpertRoutes routes;  // of the current layer, pointing into h / expert / weight
+  std::unique_ptr<AttentionBackend::Pass> device;  // with an AttentionBackend
 };
 
 absl::Status Transformer::Prepare(absl::Span<const BatchRow> rows) const {
@@ -133,7 +134,27 @@ void Transformer::Begin(Pass* p) const {
   }
 }
 
-void Transformer::AttentionAndRoute(int64_t il, Pass* p) {
+absl::Status Transformer::AttentionAndRoute(int64_t il, Pass* p) {
+  if (options_.attention != nullptr) {
+    RETURN_IF_ERROR(options_.attention->Layer(p->device.get(), il, p->x.data(), p->h.data(),
+                                              p->expert.data(), p->weight.data()));
+  } else {
+    AttentionAndRouteOnCpu(il, p);
+  }
+  const ModelConfig& c = model_->config();
+  ExpertRoutes& routes = p->routes;
+  routes.layer = static_cast<int>(il);
+  routes.n_rows = p->n;
+  routes.n_embd = c.n_embd;
+  routes.k = static_cast<int>(c.n_expert_used);
+  routes.x = p->h.data();
+  routes.expert = p->expert.data();
+  routes.weight = p->weight.data();
+  if (observer_ != nullptr) observer_->OnRoutes(static_cast<int>(il), routes);
+  return absl::OkStatus();
+}
+
+void Transformer::AttentionAndRouteOnCpu(int64_t il, Pass* p) {
   const ModelConfig& c = model_->config();
   const LayerWeights& L = model_->layer(il);
   const int64_t n = p->n;
@@ -169,15 +190,6 @@ void Transformer::AttentionAndRoute(int64_t il, Pass* p) {
     std::fill(p->expert.begin(), p->expert.end(), 0);
     std::fill(p->weight.begin(), p->weight.end(), 1.0f);
   }
-  ExpertRoutes& routes = p->routes;
-  routes.layer = static_cast<int>(il);
-  routes.n_rows = n;
-  routes.n_embd = d;
-  routes.k = k_used;
-  routes.x = p->h.data();
-  routes.expert = p->expert.data();
-  routes.weight = p->weight.data();
-  if (observer_ != nullptr) observer_->OnRoutes(static_cast<int>(il), routes);
 }
 
 void Transformer::AddExperts(Pass* p) const {
@@ -186,7 +198,7 @@ void Transformer::AddExperts(Pass* p) const {
   for (size_t i = 0; i < p->x.size(); ++i) p->x[i] = base[i] + p->moe[i];
 }
 
-void Transformer::Head(const Pass& p, std::vector<float>* logits) const {
+absl::Status Transformer::Head(const Pass& p, std::vector<float>* logits) const {
   const ModelConfig& c = model_->config();
   const int64_t d = c.n_embd;
   std::vector<float> sel;
@@ -196,12 +208,24 @@ void Transformer::Head(const Pass& p, std::vector<float>* logits) const {
     sel.insert(sel.end(), p.x.begin() + r * d, p.x.begin() + (r + 1) * d);
     ++n_out;
   }
-  if (n_out == 0) return;
-  std::vector<float> normed(sel.size());
-  RmsNorm(sel.data(), model_->output_norm().data(), n_out, d, c.rms_eps, normed.data());
+  if (n_out == 0) return absl::OkStatus();
   const size_t base = logits->size();
   logits->resize(base + static_cast<size_t>(n_out * c.n_vocab));
+  if (options_.attention != nullptr) {
+    const absl::Status s = options_.attention->Head(sel.data(), n_out, logits->data() + base);
+    if (!s.ok()) logits->resize(base);
+    return s;
+  }
+  std::vector<float> normed(sel.size());
+  RmsNorm(sel.data(), model_->output_norm().data(), n_out, d, c.rms_eps, normed.data());
   MatMul(model_->output(), normed.data(), n_out, logits->data() + base, pool_);
+  return absl::OkStatus();
+}
+
+absl::Status Transformer::BeginOnBackend(Pass* p) const {
+  if (options_.attention == nullptr) return absl::OkStatus();
+  ASSIGN_OR_RETURN(p->device, options_.attention->BeginPass(p->rows));
+  return absl::OkStatus();
 }
 
 absl::Status Transformer::Forward(absl::Span<const BatchRow> rows, std::vector<float>* logits) {
@@ -210,14 +234,14 @@ absl::Status Transformer::Forward(absl::Span<const BatchRow> rows, std::vector<f
   // Paged caches take their blocks now, before any K/V is written.
   for (const BatchRow& row : rows) RETURN_IF_ERROR(row.cache->Reserve(row.pos + 1));
   Pass p(rows, model_->config());
+  RETURN_IF_ERROR(BeginOnBackend(&p));
   Begin(&p);
   for (int64_t il = 0; il < model_->config().n_layer; ++il) {
-    AttentionAndRoute(il, &p);
+    RETURN_IF_ERROR(AttentionAndRoute(il, &p));
     RETURN_IF_ERROR(experts_->Compute(p.routes, p.moe.data()));
     AddExperts(&p);
   }
-  Head(p, logits);
-  return absl::OkStatus();
+  return Head(p, logits);
 }
 
 absl::Status Transformer::ForwardMicroBatches(
@@ -233,7 +257,10 @@ absl::Status Transformer::ForwardMicroBatches(
   }
   const ModelConfig& c = model_->config();
   std::vector<std::unique_ptr<Pass>> passes;
-  for (const auto& mb : batches) passes.push_back(std::make_unique<Pass>(mb, c));
+  for (const auto& mb : batches) {
+    passes.push_back(std::make_unique<Pass>(mb, c));
+    RETURN_IF_ERROR(BeginOnBackend(passes.back().get()));
+  }
   std::vector<std::unique_ptr<PendingExperts>> pending(passes.size());
   // After micro-batch `failed` failed: finishes every outstanding computation in start order
   // (the micro-batches after it started first) and returns `error`.
@@ -258,7 +285,7 @@ absl::Status Transformer::ForwardMicroBatches(
         if (!s.ok()) return drain(i, s);
         AddExperts(p);
       }
-      AttentionAndRoute(il, p);
+      if (absl::Status s = AttentionAndRoute(il, p); !s.ok()) return drain(i, s);
       pending[i] = experts_->Start(p->routes, p->moe.data());
     }
   }
@@ -272,7 +299,10 @@ absl::Status Transformer::ForwardMicroBatches(
       return drain(i, s);
     }
     AddExperts(passes[i].get());
-    Head(*passes[i], logits);
+    if (absl::Status s = Head(*passes[i], logits); !s.ok()) {
+      logits->resize(logits_before);
+      return drain(i, s);
+    }
   }
   return absl::OkStatus();
 }

@@ -4,6 +4,9 @@
 // A batch is a list of rows, each a (token, position, sequence cache) triple, so prompt chunks
 // and decode tokens of different sequences share one pass. Every per-row computation depends only
 // on that row and its own sequence's cache, never on the other rows or the thread count.
+//
+// Each layer reads Attention (here, or on an AttentionBackend) -> Route -> Dispatch ->
+// ExpertCompute -> Combine (the ExpertBackend) -> residual.
 #ifndef MOEPOOL_ENGINE_TRANSFORMER_H_
 #define MOEPOOL_ENGINE_TRANSFORMER_H_
 
@@ -13,20 +16,13 @@
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "engine/attention_backend.h"
 #include "engine/expert_backend.h"
 #include "engine/kv_cache.h"
 #include "engine/model.h"
 #include "engine/thread_pool.h"
 
 namespace moepool {
-
-struct BatchRow {
-  int32_t token = 0;
-  int64_t pos = 0;           // position in its sequence; rows of one sequence in increasing order
-  KvCache* cache = nullptr;  // the sequence's cache; positions < pos must already be filled or
-                             // be earlier rows of this batch
-  bool want_logits = false;
-};
 
 // Observes each layer's routing (for metrics). Called on the forward thread.
 class RoutingObserver {
@@ -51,6 +47,10 @@ bool ParseMoeResidual(std::string_view name, MoeResidual* out);
 
 struct TransformerOptions {
   MoeResidual moe_residual = MoeResidual::kReference;
+  // Where attention, router and output head run (borrowed; must outlive the Transformer).
+  // nullptr: on the CPU, here. A backend keeps its own K/V: every pass over one cache must use
+  // the same backend.
+  AttentionBackend* attention = nullptr;
 };
 
 class Transformer {
@@ -98,12 +98,16 @@ class Transformer {
   absl::Status Prepare(absl::Span<const BatchRow> rows) const;
   // Embedding into the residual stream.
   void Begin(Pass* p) const;
-  // Layer `il` up to the experts: attention block, FFN norm, routing (p->routes).
-  void AttentionAndRoute(int64_t il, Pass* p);
+  // The AttentionBackend's pass for p's rows (nothing without a backend).
+  absl::Status BeginOnBackend(Pass* p) const;
+  // Layer `il` up to the experts: attention block, FFN norm, routing (p->routes); on the
+  // AttentionBackend when there is one (its errors), else on the CPU (never fails).
+  absl::Status AttentionAndRoute(int64_t il, Pass* p);
+  void AttentionAndRouteOnCpu(int64_t il, Pass* p);
   // Adds the experts' output (p->moe) to the residual stream.
   void AddExperts(Pass* p) const;
-  // Output norm and head for the rows that want logits.
-  void Head(const Pass& p, std::vector<float>* logits) const;
+  // Output norm and head for the rows that want logits (appended to `logits`).
+  absl::Status Head(const Pass& p, std::vector<float>* logits) const;
   void Attention(int64_t layer, absl::Span<const BatchRow> rows, const float* q, float* out);
 
   const Model* model_;

@@ -44,6 +44,15 @@ MOEPOOL_HD float HalfToFloat(uint16_t h) {
 #endif
 }
 
+// Round-to-nearest-even f32 -> IEEE half, the bits KvCache::Store writes.
+MOEPOOL_HD uint16_t FloatToHalf(float f) {
+#ifdef __CUDA_ARCH__
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  return Fp32ToFp16(f);
+#endif
+}
+
 MOEPOOL_HD float Bf16ToFloat(uint16_t h) {
 #ifdef __CUDA_ARCH__
   return __uint_as_float(static_cast<uint32_t>(h) << 16);

@@ -10,7 +10,11 @@
 //   RmsNormKernel         one block per row, f64 sum of squares
 //   RopeKernel            one thread per (head, pair)
 //   RouteKernel           one thread per row (RouteRow)
-//   AttentionDecodeKernel one block per query head over a paged f16 cache
+//   AttentionDecodeKernel one block per query head over a paged f16 cache (AttendHeadBlock)
+//   AttentionRowsKernel   the same for (head, row) pairs of a batch, each row over its own cache
+//   RopeRowsKernel        RoPE of a batch, each row at its own position
+//   StoreKvRowsKernel     a batch's K/V rounded to half into its pool slots
+//   AddInPlaceKernel      the residual add
 //   GatherRowsKernel, ScaleToSlotsKernel, CombineSlotsKernel: the expert backend's dispatch and
 //                         combine (products rounded to f32, added from 0 in slot order)
 #ifndef MOEPOOL_ENGINE_CUDA_EXPERT_KERNELS_CUH_
@@ -166,16 +170,17 @@ MOEPOOL_DEVICE float BlockReduce(float v, float* shared) {
   return r;
 }
 
-__global__ void AttentionDecodeKernel(const float* __restrict__ q, int64_t group, int64_t hd,
-                                      KvDeviceView kv, float scale, float* __restrict__ out,
-                                      float* __restrict__ scratch) {
+// One query head h of one token over kv, as a whole block: the threads score positions in
+// parallel (into score [kv.n_kv]), the block reduces max and sum, then each thread owns output
+// dimensions and visits positions in ascending order (as the CPU reference does).
+MOEPOOL_DEVICE void AttendHeadBlock(const float* __restrict__ q, int64_t h, int64_t group,
+                                    int64_t hd, const KvDeviceView& kv, float scale,
+                                    float* __restrict__ out, float* __restrict__ score) {
   __shared__ float qs[kMaxHeadDim];
   __shared__ float red[kAttnThreads / 32];
-  const int64_t h = blockIdx.x;
   const int64_t kv_off = (h / group) * hd;
   for (int64_t i = threadIdx.x; i < hd; i += kAttnThreads) qs[i] = q[h * hd + i];
   __syncthreads();
-  float* score = scratch + h * kv.n_kv;
   float mx = -INFINITY;
   for (int64_t p = threadIdx.x; p < kv.n_kv; p += kAttnThreads) {
     const uint16_t* k = KvRow(kv.k, kv, p) + kv_off;
@@ -199,6 +204,55 @@ __global__ void AttentionDecodeKernel(const float* __restrict__ q, int64_t group
     }
     out[h * hd + i] = o;
   }
+}
+
+// One block per query head of one token.
+__global__ void AttentionDecodeKernel(const float* __restrict__ q, int64_t group, int64_t hd,
+                                      KvDeviceView kv, float scale, float* __restrict__ out,
+                                      float* __restrict__ scratch) {
+  const int64_t h = blockIdx.x;
+  AttendHeadBlock(q, h, group, hd, kv, scale, out, scratch + h * kv.n_kv);
+}
+
+// Grid (n_head, n rows): block (h, r) attends query head h of row r over the row's positions.
+__global__ void AttentionRowsKernel(const float* __restrict__ q, const KvRowRef* __restrict__ rows,
+                                    int64_t layer, int64_t n_head, int64_t group, int64_t hd,
+                                    float scale, float* __restrict__ out,
+                                    float* __restrict__ scratch, int64_t max_kv) {
+  const int64_t h = blockIdx.x;
+  const int64_t r = blockIdx.y;
+  const int64_t width = n_head * hd;
+  const KvDeviceView kv = RowKvView(rows[r], layer, (n_head / group) * hd);
+  AttendHeadBlock(q + r * width, h, group, hd, kv, scale, out + r * width,
+                  scratch + (r * n_head + h) * max_kv);
+}
+
+// Grid (pair tiles, n rows): one thread per (head, pair) of row blockIdx.y.
+__global__ void RopeRowsKernel(float* x, int64_t row_stride, int64_t n_heads, int64_t head_dim,
+                               int64_t n_pairs, const int64_t* __restrict__ pos,
+                               float theta_scale) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= n_heads * n_pairs) return;
+  const int64_t r = blockIdx.y;
+  float* v = x + r * row_stride + (t / n_pairs) * head_dim + 2 * (t % n_pairs);
+  RopeRotate(RopeTheta(pos[r], theta_scale, t % n_pairs), &v[0], &v[1]);
+}
+
+// One block per row: its K and V rounded to half into its slot of the pool.
+__global__ void StoreKvRowsKernel(const KvRowRef* __restrict__ rows, int64_t layer, int64_t kv_dim,
+                                  const float* __restrict__ k, const float* __restrict__ v) {
+  const int64_t r = blockIdx.x;
+  const KvRowRef row = rows[r];
+  const size_t at = RowKvOffset(row, layer, kv_dim);
+  for (int64_t i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+    row.k[at + static_cast<size_t>(i)] = FloatToHalf(k[r * kv_dim + i]);
+    row.v[at + static_cast<size_t>(i)] = FloatToHalf(v[r * kv_dim + i]);
+  }
+}
+
+__global__ void AddInPlaceKernel(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] = AddRn(x[i], y[i]);
 }
 
 __global__ void GatherRowsKernel(const float* __restrict__ x, const int32_t* __restrict__ rows,

@@ -78,6 +78,36 @@ absl::Status LaunchAttentionDecode(const float* q, int64_t n_head, int64_t n_hea
                                    int64_t head_dim, const KvDeviceView& kv, float scale,
                                    float* out, float* scratch, void* stream);
 
+// One batch row's place in a paged f16 KV pool with the layout of KvBlockPool (device pointers):
+// position p of layer l is the kv_dim-wide row at
+// k + blocks[p / block_size] * block_stride + l * layer_stride + (p % block_size) * kv_dim.
+struct KvRowRef {
+  uint16_t* k = nullptr;            // the pool's K of physical block 0, layer 0, row 0
+  uint16_t* v = nullptr;            // likewise V
+  const int32_t* blocks = nullptr;  // the row's block table (logical -> physical)
+  int64_t block_size = 0;
+  size_t block_stride = 0;  // elements between physical blocks
+  size_t layer_stride = 0;  // elements between layers within a block (block_size * kv_dim)
+  int64_t pos = 0;          // the row's position: its K/V go there, it attends to 0 .. pos
+};
+
+// Rotates each of n rows of x (row r at x + r * row_stride, n_heads heads of head_dim) for
+// position pos[r] (device array), as LaunchRope does for one.
+absl::Status LaunchRopeRows(float* x, int64_t row_stride, int64_t n, int64_t n_heads,
+                            int64_t head_dim, int64_t n_rot, float base, const int64_t* pos,
+                            void* stream);
+// Stores row r of k and v [n x kv_dim] (f32, rounded to half) at rows[r].pos of layer `layer`.
+absl::Status LaunchStoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, int64_t kv_dim,
+                               const float* k, const float* v, void* stream);
+// Causal attention of n rows: out row r [n_head x head_dim] (at out + r * n_head * head_dim)
+// attends row r of q (same layout) over positions 0 .. rows[r].pos of `layer`. scratch holds
+// n * n_head * max_kv floats, max_kv >= every rows[r].pos + 1.
+absl::Status LaunchAttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
+                                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
+                                 float* out, float* scratch, int64_t max_kv, void* stream);
+// x[i] += y[i] for i < n.
+absl::Status LaunchAddInPlace(float* x, const float* y, int64_t n, void* stream);
+
 // ---- Host-pointer forms (copy in, run, synchronize, copy out). `w.data` is a host pointer.
 absl::Status RunExpertFfnOnDevice(int device, const MatrixRef& gate, const MatrixRef& up,
                                   const MatrixRef& down, const float* x, int64_t m, float* out);
@@ -103,6 +133,13 @@ void RefRouteTopK(const float* logits, int64_t n_rows, int n_expert, int k, int3
                   float* weight);
 void RefAttentionDecode(const float* q, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
                         const KvDeviceView& kv, float scale, float* out);
+// The batched forms above on host memory (rows[r].blocks etc. are host pointers).
+void RefRopeRows(float* x, int64_t row_stride, int64_t n, int64_t n_heads, int64_t head_dim,
+                 int64_t n_rot, float base, const int64_t* pos);
+void RefStoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, int64_t kv_dim, const float* k,
+                    const float* v);
+void RefAttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
+                      int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale, float* out);
 
 }  // namespace moepool::cuda
 

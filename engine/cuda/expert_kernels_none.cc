@@ -1,4 +1,5 @@
 // The CUDA kernel entry points of a build without the CUDA toolkit: each reports it plainly.
+#include "engine/cuda/device_ops.h"
 #include "engine/cuda/expert_kernels.h"
 
 namespace moepool::cuda {
@@ -30,6 +31,20 @@ absl::Status LaunchAttentionDecode(const float*, int64_t, int64_t, int64_t, cons
                                    float, float*, float*, void*) {
   return NoCuda();
 }
+absl::Status LaunchRopeRows(float*, int64_t, int64_t, int64_t, int64_t, int64_t, float,
+                            const int64_t*, void*) {
+  return NoCuda();
+}
+absl::Status LaunchStoreKvRows(const KvRowRef*, int64_t, int64_t, int64_t, const float*,
+                               const float*, void*) {
+  return NoCuda();
+}
+absl::Status LaunchAttentionRows(const float*, const KvRowRef*, int64_t, int64_t, int64_t, int64_t,
+                                 int64_t, float, float*, float*, int64_t, void*) {
+  return NoCuda();
+}
+absl::Status LaunchAddInPlace(float*, const float*, int64_t, void*) { return NoCuda(); }
+absl::StatusOr<std::unique_ptr<DeviceOps>> CreateCudaDeviceOps(int) { return NoCuda(); }
 absl::Status RunExpertFfnOnDevice(int, const MatrixRef&, const MatrixRef&, const MatrixRef&,
                                   const float*, int64_t, float*) {
   return NoCuda();

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "engine/cuda/block_math.h"
+#include "engine/cuda/expert_kernels.h"
 #include "engine/swiglu_math.h"
 
 namespace moepool::cuda {
@@ -73,6 +74,26 @@ MOEPOOL_HD void RouteRow(const float* logits, int n_expert, int k, int32_t* expe
     weight[j] = prob[e] / wsum;
     ++j;
   }
+}
+
+// The view of one batch row's K/V in `layer` over its positions 0 .. row.pos.
+MOEPOOL_HD KvDeviceView RowKvView(const KvRowRef& row, int64_t layer, int64_t kv_dim) {
+  KvDeviceView view;
+  view.k = row.k + static_cast<size_t>(layer) * row.layer_stride;
+  view.v = row.v + static_cast<size_t>(layer) * row.layer_stride;
+  view.blocks = row.blocks;
+  view.block_size = row.block_size;
+  view.block_stride = row.block_stride;
+  view.stride = static_cast<size_t>(kv_dim);
+  view.n_kv = row.pos + 1;
+  return view;
+}
+
+// Element offset of the row's own position in `layer` from row.k / row.v (where its K/V go).
+MOEPOOL_HD size_t RowKvOffset(const KvRowRef& row, int64_t layer, int64_t kv_dim) {
+  return static_cast<size_t>(row.blocks[row.pos / row.block_size]) * row.block_stride +
+         static_cast<size_t>(layer) * row.layer_stride +
+         static_cast<size_t>(row.pos % row.block_size) * static_cast<size_t>(kv_dim);
 }
 
 }  // namespace moepool::cuda

@@ -95,4 +95,31 @@ void RefAttentionDecode(const float* q, int64_t n_head, int64_t n_head_kv, int64
   }
 }
 
+void RefRopeRows(float* x, int64_t row_stride, int64_t n, int64_t n_heads, int64_t head_dim,
+                 int64_t n_rot, float base, const int64_t* pos) {
+  for (int64_t r = 0; r < n; ++r)
+    RefRope(x + r * row_stride, n_heads, head_dim, n_rot, pos[r], base);
+}
+
+void RefStoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, int64_t kv_dim, const float* k,
+                    const float* v) {
+  for (int64_t r = 0; r < n; ++r) {
+    const size_t at = RowKvOffset(rows[r], layer, kv_dim);
+    for (int64_t i = 0; i < kv_dim; ++i) {
+      rows[r].k[at + static_cast<size_t>(i)] = FloatToHalf(k[r * kv_dim + i]);
+      rows[r].v[at + static_cast<size_t>(i)] = FloatToHalf(v[r * kv_dim + i]);
+    }
+  }
+}
+
+void RefAttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
+                      int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
+                      float* out) {
+  const int64_t width = n_head * head_dim;
+  for (int64_t r = 0; r < n; ++r) {
+    RefAttentionDecode(q + r * width, n_head, n_head_kv, head_dim,
+                       RowKvView(rows[r], layer, n_head_kv * head_dim), scale, out + r * width);
+  }
+}
+
 }  // namespace moepool::cuda

@@ -15,9 +15,11 @@
 
 #include "engine/cuda/block_math.h"
 #include "engine/cuda/expert_kernels.h"
+#include "engine/cuda/expert_math.h"
 #include "engine/cuda/quant_matmul_ref.h"
 #include "engine/quant/fp16.h"
 #include "engine/quant/types.h"
+#include "engine/transformer.h"
 #include "gtest/gtest.h"
 #include "tests/engine/cuda/ffn_test_util.h"
 #include "tests/engine/cuda/quant_test_util.h"
@@ -175,6 +177,113 @@ TEST(ExpertKernelsEmulationTest, DispatchAndCombineKernels) {
     const float second = 0.25f * x[2 * d + c];
     EXPECT_EQ(Fp32ToBits(out[2 * d + c]), Fp32ToBits((0.0f + first) + second));
   }
+}
+
+// ---- The batched kernels of the device forward pass (attention_rows.cu): RoPE, K/V store and
+// attention of rows that each have their own position and paged cache, the residual add.
+
+constexpr int64_t kHeads = 4, kHeadsKv = 2, kHeadDim = 32, kKvDim = kHeadsKv * kHeadDim;
+constexpr int64_t kLayers = 2, kBlockSize = 8;
+
+// A paged pool in the layout of KvBlockPool: [blocks x layers x block_size x kv_dim] halves.
+struct HostPool {
+  explicit HostPool(int64_t n_blocks, uint32_t seed)
+      : k(static_cast<size_t>(n_blocks * kLayers * kBlockSize * kKvDim)), v(k.size()) {
+    const std::vector<float> kf = RandomActivations(1, static_cast<int64_t>(k.size()), seed);
+    const std::vector<float> vf = RandomActivations(1, static_cast<int64_t>(v.size()), seed + 1);
+    for (size_t i = 0; i < k.size(); ++i) {
+      k[i] = Fp32ToFp16(kf[i]);
+      v[i] = Fp32ToFp16(vf[i]);
+    }
+  }
+  KvRowRef Row(const std::vector<int32_t>& table, int64_t pos) {
+    KvRowRef r;
+    r.k = k.data();
+    r.v = v.data();
+    r.blocks = table.data();
+    r.block_size = kBlockSize;
+    r.block_stride = static_cast<size_t>(kLayers * kBlockSize * kKvDim);
+    r.layer_stride = static_cast<size_t>(kBlockSize * kKvDim);
+    r.pos = pos;
+    return r;
+  }
+  std::vector<uint16_t> k, v;
+};
+
+TEST(AttentionRowsEmulationTest, RopeRowsMatchesApplyRopePerRow) {
+  const int64_t n = 3, n_rot = 24;
+  const std::vector<int64_t> pos = {0, 17, 4095};
+  std::vector<float> want = RandomActivations(n, kHeads * kHeadDim, 40);
+  std::vector<float> got = want;
+  for (int64_t r = 0; r < n; ++r) {
+    ApplyRope(&want[static_cast<size_t>(r * kHeads * kHeadDim)], kHeads, kHeadDim, n_rot, pos[r],
+              1e6f);
+  }
+  const float theta_scale = std::pow(1e6f, -2.0f / static_cast<float>(n_rot));
+  Launch(Dim3{CeilDiv(kHeads * n_rot / 2, 32), static_cast<unsigned>(n)}, Dim3{32}, RopeRowsKernel,
+         got.data(), kHeads * kHeadDim, kHeads, kHeadDim, n_rot / 2, pos.data(), theta_scale);
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(Fp32ToBits(got[i]), Fp32ToBits(want[i])) << i;
+}
+
+TEST(AttentionRowsEmulationTest, StoreKvRowsWritesEachRowIntoItsBlockAndLayer) {
+  HostPool pool(4, 41);
+  const std::vector<int32_t> table = {3, 0, 2};
+  const std::vector<KvRowRef> rows = {pool.Row(table, 0), pool.Row(table, 9), pool.Row(table, 23)};
+  const std::vector<float> k = RandomActivations(3, kKvDim, 42);
+  const std::vector<float> v = RandomActivations(3, kKvDim, 43);
+  HostPool want = pool;
+  std::vector<KvRowRef> want_rows = rows;
+  for (KvRowRef& r : want_rows) {
+    r.k = want.k.data();
+    r.v = want.v.data();
+  }
+  RefStoreKvRows(want_rows.data(), 3, /*layer=*/1, kKvDim, k.data(), v.data());
+  Launch(Dim3{3}, Dim3{32}, StoreKvRowsKernel, rows.data(), int64_t{1}, kKvDim, k.data(), v.data());
+  EXPECT_EQ(pool.k, want.k);
+  EXPECT_EQ(pool.v, want.v);
+  // Position 9 is logical block 1 -> physical block 0, row 1 of layer 1.
+  const size_t at =
+      static_cast<size_t>(0 * kLayers * kBlockSize * kKvDim + 1 * kBlockSize * kKvDim + 1 * kKvDim);
+  EXPECT_EQ(pool.k[at + 5], Fp32ToFp16(k[kKvDim + 5]));
+  EXPECT_EQ(pool.v[at + 7], Fp32ToFp16(v[kKvDim + 7]));
+}
+
+// Three rows in two pools: two of one sequence (positions 20 and 21) and one of another whose
+// blocks are ordered differently; each row attends over its own positions only.
+TEST(AttentionRowsEmulationTest, AttentionRowsMatchesTheReferencePerRow) {
+  HostPool a(4, 44), b(3, 45);
+  const std::vector<int32_t> ta = {2, 0, 3}, tb = {1, 2};
+  const std::vector<KvRowRef> rows = {a.Row(ta, 20), a.Row(ta, 21), b.Row(tb, 12)};
+  const int64_t n = 3, max_kv = 22, width = kHeads * kHeadDim;
+  const std::vector<float> q = RandomActivations(n, width, 46);
+  std::vector<float> want(q.size()), got(q.size(), -9.0f);
+  RefAttentionRows(q.data(), rows.data(), n, /*layer=*/1, kHeads, kHeadsKv, kHeadDim, 0.2f,
+                   want.data());
+  for (int64_t r = 0; r < n; ++r) {  // the reference agrees with the one-token reference
+    std::vector<float> one(static_cast<size_t>(width));
+    RefAttentionDecode(q.data() + r * width, kHeads, kHeadsKv, kHeadDim,
+                       RowKvView(rows[static_cast<size_t>(r)], 1, kKvDim), 0.2f, one.data());
+    for (int64_t i = 0; i < width; ++i) ASSERT_EQ(one[i], want[r * width + i]);
+  }
+  std::vector<float> scratch(static_cast<size_t>(n * kHeads * max_kv));
+  Launch(Dim3{static_cast<unsigned>(kHeads), static_cast<unsigned>(n)}, Dim3{kAttnThreads},
+         AttentionRowsKernel, q.data(), rows.data(), int64_t{1}, kHeads, kHeads / kHeadsKv,
+         kHeadDim, 0.2f, got.data(), scratch.data(), max_kv);
+  EXPECT_LE(RelMaxError(got, want), 1e-6);
+  // Row 2 must not see pool a: recompute it alone.
+  std::vector<float> alone(static_cast<size_t>(width));
+  RefAttentionRows(q.data() + 2 * width, rows.data() + 2, 1, 1, kHeads, kHeadsKv, kHeadDim, 0.2f,
+                   alone.data());
+  for (int64_t i = 0; i < width; ++i) EXPECT_EQ(alone[i], want[2 * width + i]);
+}
+
+TEST(AttentionRowsEmulationTest, AddInPlaceKernel) {
+  std::vector<float> x = RandomActivations(1, 300, 47);
+  const std::vector<float> y = RandomActivations(1, 300, 48);
+  std::vector<float> want = x;
+  for (size_t i = 0; i < want.size(); ++i) want[i] += y[i];
+  Launch(Dim3{CeilDiv(300, 64)}, Dim3{64}, AddInPlaceKernel, x.data(), y.data(), int64_t{300});
+  EXPECT_EQ(x, want);
 }
 
 }  // namespace

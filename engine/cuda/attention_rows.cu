@@ -1,0 +1,69 @@
+// Launchers of the batched attention kernels of the device forward pass (expert_kernels.h):
+// RoPE, K/V store and causal attention over a batch whose rows each have their own position and
+// cache, and the residual add.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cuda/cuda_check.cuh"
+#include "engine/cuda/expert_kernels.cuh"
+#include "engine/cuda/expert_kernels.h"
+#include "engine/cuda/expert_math.h"
+
+namespace moepool::cuda {
+
+absl::Status LaunchRopeRows(float* x, int64_t row_stride, int64_t n, int64_t n_heads,
+                            int64_t head_dim, int64_t n_rot, float base, const int64_t* pos,
+                            void* stream) {
+  if (n_rot % 2 != 0 || n_rot > head_dim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rope dimension ", n_rot, " must be even and <= head size ", head_dim));
+  }
+  const float theta_scale = std::pow(base, -2.0f / static_cast<float>(n_rot));
+  const int64_t per_row = n_heads * (n_rot / 2);
+  if (n <= 0 || per_row == 0) return absl::OkStatus();
+  const dim3 grid(static_cast<unsigned>((per_row + 127) / 128), static_cast<unsigned>(n));
+  RopeRowsKernel<<<grid, 128, 0, AsStream(stream)>>>(x, row_stride, n_heads, head_dim, n_rot / 2,
+                                                     pos, theta_scale);
+  return LaunchStatus("RopeRowsKernel");
+}
+
+absl::Status LaunchStoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, int64_t kv_dim,
+                               const float* k, const float* v, void* stream) {
+  if (n <= 0) return absl::OkStatus();
+  StoreKvRowsKernel<<<static_cast<unsigned>(n), 128, 0, AsStream(stream)>>>(rows, layer, kv_dim, k,
+                                                                            v);
+  return LaunchStatus("StoreKvRowsKernel");
+}
+
+absl::Status LaunchAttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
+                                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
+                                 float* out, float* scratch, int64_t max_kv, void* stream) {
+  if (n_head_kv <= 0 || n_head % n_head_kv != 0 || head_dim > kMaxHeadDim || max_kv <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attention of ", n_head, " heads over ",
+                                                   n_head_kv, " KV heads of size ", head_dim,
+                                                   " and up to ", max_kv, " positions"));
+  }
+  // gridDim.y is limited to 65535 rows per launch.
+  for (int64_t r0 = 0; r0 < n; r0 += 65535) {
+    const int64_t m = std::min<int64_t>(65535, n - r0);
+    const int64_t width = n_head * head_dim;
+    const dim3 grid(static_cast<unsigned>(n_head), static_cast<unsigned>(m));
+    AttentionRowsKernel<<<grid, kAttnThreads, 0, AsStream(stream)>>>(
+        q + r0 * width, rows + r0, layer, n_head, n_head / n_head_kv, head_dim, scale,
+        out + r0 * width, scratch + r0 * n_head * max_kv, max_kv);
+    if (absl::Status s = LaunchStatus("AttentionRowsKernel"); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LaunchAddInPlace(float* x, const float* y, int64_t n, void* stream) {
+  if (n <= 0) return absl::OkStatus();
+  AddInPlaceKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, AsStream(stream)>>>(x, y, n);
+  return LaunchStatus("AddInPlaceKernel");
+}
+
+}  // namespace moepool::cuda

@@ -1,0 +1,333 @@
+// DeviceAttentionBackend: attention, router and output head through DeviceOps
+// (device_attention.h).
+#include "engine/cuda/device_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "engine/cuda/expert_math.h"
+#include "engine/status_macros.h"
+
+namespace moepool {
+namespace {
+
+using cuda::DeviceMemory;
+using cuda::DeviceOps;
+using cuda::KvRowRef;
+using cuda::MatrixRef;
+
+// A weight matrix or vector in device memory.
+struct DeviceMatrix {
+  DeviceMemory mem;
+  MatrixRef ref;
+};
+
+struct DeviceLayer {
+  DeviceMatrix attn_norm, ffn_norm;  // [n_embd] f32
+  DeviceMatrix wq, wk, wv, wo;
+  DeviceMatrix router;  // ref.data == nullptr for a dense model
+};
+
+// The device copy of one KvBlockPool (same layout, same block ids).
+struct DeviceKvMirror : KvPoolMirror {
+  const void* owner = nullptr;  // the backend that fills it
+  DeviceMemory k, v;            // [n_blocks x n_layer x block_size x kv_dim] halves
+};
+
+// A buffer that grows to the largest size asked for.
+struct Scratch {
+  DeviceMemory mem;
+  size_t bytes = 0;
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(mem.get());
+  }
+};
+
+class DevicePass : public AttentionBackend::Pass {
+ public:
+  int64_t n = 0;
+  int64_t max_kv = 0;  // largest pos + 1
+  // Host image of the per-row metadata, uploaded before each layer: n KvRowRef, then n int64
+  // positions, then the block tables (int32). The KvRowRef block pointers are offsets into the
+  // tables until Layer rebases them onto the device copy.
+  std::vector<KvRowRef> rows;
+  std::vector<int64_t> pos;
+  std::vector<int32_t> tables;
+  std::vector<size_t> table_at;  // per row, index into tables
+};
+
+class DeviceAttentionBackend : public AttentionBackend {
+ public:
+  DeviceAttentionBackend(const Model* model, std::unique_ptr<DeviceOps> ops,
+                         const DeviceAttentionOptions& options)
+      : model_(model), c_(model->config()), ops_(std::move(ops)), options_(options) {}
+
+  absl::Status Upload() {
+    RETURN_IF_ERROR(ops_->Activate());
+    if (c_.head_dim > 512) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("head size ", c_.head_dim, " exceeds the attention kernel's 512"));
+    }
+    if (c_.n_expert > cuda::kMaxRouted) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(c_.n_expert, " experts exceed the router kernel's ", cuda::kMaxRouted));
+    }
+    for (int64_t il = 0; il < c_.n_layer; ++il) {
+      const LayerWeights& L = model_->layer(il);
+      DeviceLayer d;
+      RETURN_IF_ERROR(UploadVector(L.attn_norm, &d.attn_norm));
+      RETURN_IF_ERROR(UploadVector(L.ffn_norm, &d.ffn_norm));
+      RETURN_IF_ERROR(UploadMatrix(L.wq, &d.wq));
+      RETURN_IF_ERROR(UploadMatrix(L.wk, &d.wk));
+      RETURN_IF_ERROR(UploadMatrix(L.wv, &d.wv));
+      RETURN_IF_ERROR(UploadMatrix(L.wo, &d.wo));
+      if (L.router.data != nullptr) RETURN_IF_ERROR(UploadMatrix(L.router, &d.router));
+      layers_.push_back(std::move(d));
+    }
+    RETURN_IF_ERROR(UploadVector(model_->output_norm(), &output_norm_));
+    RETURN_IF_ERROR(UploadMatrix(model_->output(), &output_));
+    if (options_.show_progress) {
+      std::fprintf(stderr, "moepool: attention, router and head on %s (%.1f MiB of weights)\n",
+                   ops_->name().c_str(), static_cast<double>(uploaded_) / (1 << 20));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::unique_ptr<Pass>> BeginPass(absl::Span<const BatchRow> rows) override {
+    RETURN_IF_ERROR(ops_->Activate());
+    auto pass = std::make_unique<DevicePass>();
+    pass->n = static_cast<int64_t>(rows.size());
+    absl::flat_hash_map<const KvCache*, size_t> table_of;
+    for (const BatchRow& row : rows) {
+      ASSIGN_OR_RETURN(DeviceKvMirror * mirror, MirrorOf(row.cache->mutable_pool()));
+      auto [it, added] = table_of.try_emplace(row.cache, pass->tables.size());
+      if (added) {
+        const std::vector<int32_t>& table = row.cache->block_table();
+        pass->tables.insert(pass->tables.end(), table.begin(), table.end());
+      }
+      const KvBlockPool& pool = row.cache->pool();
+      KvRowRef ref;
+      ref.k = static_cast<uint16_t*>(mirror->k.get());
+      ref.v = static_cast<uint16_t*>(mirror->v.get());
+      ref.block_size = pool.block_size();
+      ref.block_stride = pool.block_stride();
+      ref.layer_stride = static_cast<size_t>(pool.block_size() * pool.kv_dim());
+      ref.pos = row.pos;
+      pass->rows.push_back(ref);
+      pass->pos.push_back(row.pos);
+      pass->table_at.push_back(it->second);
+      pass->max_kv = std::max(pass->max_kv, row.pos + 1);
+    }
+    return pass;
+  }
+
+  absl::Status Layer(Pass* base, int64_t il, float* x, float* h, int32_t* expert,
+                     float* weight) override {
+    auto* pass = static_cast<DevicePass*>(base);
+    const int64_t n = pass->n;
+    if (n == 0) return absl::OkStatus();
+    const DeviceLayer& L = layers_[static_cast<size_t>(il)];
+    const int64_t d = c_.n_embd;
+    const int64_t kvd = c_.kv_dim();
+    const int k_used = static_cast<int>(c_.n_expert_used);
+    RETURN_IF_ERROR(EnsureRows(n));
+    RETURN_IF_ERROR(UploadMeta(*pass));
+    const auto* rows = meta_.as<const KvRowRef>();
+    const auto* pos = reinterpret_cast<const int64_t*>(meta_.as<const KvRowRef>() + n);
+    float* xd = x_.as<float>();
+    float* hd = h_.as<float>();
+    float* q = q_.as<float>();
+    float* kb = k_.as<float>();
+    float* vb = v_.as<float>();
+    float* attn = attn_.as<float>();
+    const size_t row_bytes = sizeof(float) * static_cast<size_t>(d);
+    RETURN_IF_ERROR(ops_->Upload(xd, x, row_bytes * static_cast<size_t>(n)));
+    // Attention: norm, projections, RoPE, K/V store, attention, output projection, residual.
+    RETURN_IF_ERROR(
+        ops_->RmsNorm(xd, static_cast<const float*>(L.attn_norm.ref.data), n, d, c_.rms_eps, hd));
+    RETURN_IF_ERROR(ops_->MatMul(L.wq.ref, hd, n, q));
+    RETURN_IF_ERROR(ops_->MatMul(L.wk.ref, hd, n, kb));
+    RETURN_IF_ERROR(ops_->MatMul(L.wv.ref, hd, n, vb));
+    RETURN_IF_ERROR(ops_->RopeRows(q, d, n, c_.n_head, c_.head_dim, c_.n_rot, c_.rope_base, pos));
+    RETURN_IF_ERROR(
+        ops_->RopeRows(kb, kvd, n, c_.n_head_kv, c_.head_dim, c_.n_rot, c_.rope_base, pos));
+    RETURN_IF_ERROR(ops_->StoreKvRows(rows, n, il, kvd, kb, vb));
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c_.head_dim));
+    const int64_t per_row = c_.n_head * pass->max_kv;
+    const int64_t chunk =
+        std::clamp<int64_t>(options_.max_scratch_floats / std::max<int64_t>(per_row, 1), 1, n);
+    RETURN_IF_ERROR(Ensure(&scores_, sizeof(float) * static_cast<size_t>(chunk * per_row)));
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t m = std::min(chunk, n - r0);
+      RETURN_IF_ERROR(ops_->AttentionRows(q + r0 * d, rows + r0, m, il, c_.n_head, c_.n_head_kv,
+                                          c_.head_dim, scale, attn + r0 * d, scores_.as<float>(),
+                                          pass->max_kv));
+    }
+    RETURN_IF_ERROR(ops_->MatMul(L.wo.ref, attn, n, q));  // q is free again
+    RETURN_IF_ERROR(ops_->AddInPlace(xd, q, n * d));
+    // FFN norm and routing.
+    RETURN_IF_ERROR(
+        ops_->RmsNorm(xd, static_cast<const float*>(L.ffn_norm.ref.data), n, d, c_.rms_eps, hd));
+    const size_t pairs = static_cast<size_t>(n * k_used);
+    if (L.router.ref.data != nullptr) {
+      RETURN_IF_ERROR(ops_->MatMul(L.router.ref, hd, n, router_logits_.as<float>()));
+      RETURN_IF_ERROR(ops_->RouteTopK(router_logits_.as<float>(), n, static_cast<int>(c_.n_expert),
+                                      k_used, expert_.as<int32_t>(), weight_.as<float>()));
+      RETURN_IF_ERROR(ops_->Download(expert, expert_.as<int32_t>(), sizeof(int32_t) * pairs));
+      RETURN_IF_ERROR(ops_->Download(weight, weight_.as<float>(), sizeof(float) * pairs));
+    } else {
+      std::fill(expert, expert + pairs, 0);
+      std::fill(weight, weight + pairs, 1.0f);
+    }
+    RETURN_IF_ERROR(ops_->Download(x, xd, row_bytes * static_cast<size_t>(n)));
+    return ops_->Download(h, hd, row_bytes * static_cast<size_t>(n));
+  }
+
+  absl::Status Head(const float* x, int64_t n, float* logits) override {
+    if (n == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(ops_->Activate());
+    RETURN_IF_ERROR(EnsureRows(n));
+    const size_t out_bytes = sizeof(float) * static_cast<size_t>(n * c_.n_vocab);
+    RETURN_IF_ERROR(Ensure(&logits_, out_bytes));
+    const size_t in_bytes = sizeof(float) * static_cast<size_t>(n * c_.n_embd);
+    RETURN_IF_ERROR(ops_->Upload(x_.as<float>(), x, in_bytes));
+    RETURN_IF_ERROR(ops_->RmsNorm(x_.as<float>(), static_cast<const float*>(output_norm_.ref.data),
+                                  n, c_.n_embd, c_.rms_eps, h_.as<float>()));
+    RETURN_IF_ERROR(ops_->MatMul(output_.ref, h_.as<float>(), n, logits_.as<float>()));
+    return ops_->Download(logits, logits_.as<float>(), out_bytes);
+  }
+
+ private:
+  absl::Status UploadBytes(const void* host, size_t bytes, DeviceMemory* out) {
+    ASSIGN_OR_RETURN(*out, ops_->Allocate(bytes));
+    uploaded_ += bytes;
+    return ops_->Upload(out->get(), host, bytes);
+  }
+  absl::Status UploadVector(const std::vector<float>& v, DeviceMatrix* out) {
+    RETURN_IF_ERROR(UploadBytes(v.data(), sizeof(float) * v.size(), &out->mem));
+    out->ref.type = TensorType::kF32;
+    out->ref.data = out->mem.get();
+    out->ref.rows = 1;
+    out->ref.cols = static_cast<int64_t>(v.size());
+    out->ref.row_bytes = sizeof(float) * v.size();
+    return absl::OkStatus();
+  }
+  absl::Status UploadMatrix(const WeightMatrix& w, DeviceMatrix* out) {
+    if (w.data == nullptr) {
+      return absl::FailedPreconditionError(
+          "the model does not bind the attention and head weights");
+    }
+    RETURN_IF_ERROR(UploadBytes(w.data, w.SizeBytes(), &out->mem));
+    out->ref.type = w.type;
+    out->ref.data = out->mem.get();
+    out->ref.rows = w.rows;
+    out->ref.cols = w.cols;
+    out->ref.row_bytes = w.row_bytes;
+    return absl::OkStatus();
+  }
+
+  absl::Status Ensure(Scratch* s, size_t bytes) {
+    if (s->bytes >= bytes) return absl::OkStatus();
+    s->mem.reset();  // free first: the old contents are not needed
+    ASSIGN_OR_RETURN(s->mem, ops_->Allocate(bytes));
+    s->bytes = bytes;
+    return absl::OkStatus();
+  }
+
+  // Buffers for passes of up to n rows.
+  absl::Status EnsureRows(int64_t n) {
+    if (n <= rows_capacity_) return absl::OkStatus();
+    const auto f = [n](int64_t width) { return sizeof(float) * static_cast<size_t>(n * width); };
+    RETURN_IF_ERROR(Ensure(&x_, f(c_.n_embd)));
+    RETURN_IF_ERROR(Ensure(&h_, f(c_.n_embd)));
+    RETURN_IF_ERROR(Ensure(&q_, f(c_.n_embd)));
+    RETURN_IF_ERROR(Ensure(&attn_, f(c_.n_embd)));
+    RETURN_IF_ERROR(Ensure(&k_, f(c_.kv_dim())));
+    RETURN_IF_ERROR(Ensure(&v_, f(c_.kv_dim())));
+    RETURN_IF_ERROR(Ensure(&router_logits_, f(c_.n_expert)));
+    RETURN_IF_ERROR(Ensure(&expert_, f(c_.n_expert_used)));
+    RETURN_IF_ERROR(Ensure(&weight_, f(c_.n_expert_used)));
+    rows_capacity_ = n;
+    return absl::OkStatus();
+  }
+
+  // Uploads the pass's rows (block pointers rebased onto the device copy of the tables), the
+  // positions and the tables into meta_.
+  absl::Status UploadMeta(const DevicePass& pass) {
+    const size_t rows_bytes = sizeof(KvRowRef) * pass.rows.size();
+    const size_t pos_bytes = sizeof(int64_t) * pass.pos.size();
+    const size_t table_bytes = sizeof(int32_t) * pass.tables.size();
+    RETURN_IF_ERROR(Ensure(&meta_, rows_bytes + pos_bytes + table_bytes));
+    auto* base = static_cast<unsigned char*>(meta_.mem.get());
+    const auto* tables = reinterpret_cast<const int32_t*>(base + rows_bytes + pos_bytes);
+    host_rows_ = pass.rows;
+    for (size_t r = 0; r < host_rows_.size(); ++r) host_rows_[r].blocks = tables + pass.table_at[r];
+    RETURN_IF_ERROR(ops_->Upload(base, host_rows_.data(), rows_bytes));
+    RETURN_IF_ERROR(ops_->Upload(base + rows_bytes, pass.pos.data(), pos_bytes));
+    return ops_->Upload(base + rows_bytes + pos_bytes, pass.tables.data(), table_bytes);
+  }
+
+  // The device copy of `pool`, made on first use.
+  absl::StatusOr<DeviceKvMirror*> MirrorOf(KvBlockPool* pool) {
+    if (KvPoolMirror* m = pool->mirror(); m != nullptr) {
+      auto* mine = dynamic_cast<DeviceKvMirror*>(m);
+      if (mine == nullptr || mine->owner != this) {
+        return absl::FailedPreconditionError(
+            "this KV cache was filled by another attention backend");
+      }
+      return mine;
+    }
+    if (pool->n_layer() != c_.n_layer || pool->kv_dim() != c_.kv_dim()) {
+      return absl::InvalidArgumentError("the KV cache was made for another model shape");
+    }
+    auto mirror = std::make_unique<DeviceKvMirror>();
+    mirror->owner = this;
+    const size_t bytes =
+        sizeof(uint16_t) * pool->block_stride() * static_cast<size_t>(pool->n_blocks());
+    ASSIGN_OR_RETURN(mirror->k, ops_->Allocate(bytes));
+    ASSIGN_OR_RETURN(mirror->v, ops_->Allocate(bytes));
+    DeviceKvMirror* out = mirror.get();
+    pool->set_mirror(std::move(mirror));
+    return out;
+  }
+
+  const Model* model_;
+  const ModelConfig& c_;
+  std::unique_ptr<DeviceOps> ops_;
+  DeviceAttentionOptions options_;
+  std::vector<DeviceLayer> layers_;
+  DeviceMatrix output_norm_, output_;
+  uint64_t uploaded_ = 0;
+  int64_t rows_capacity_ = 0;
+  Scratch x_, h_, q_, attn_, k_, v_, router_logits_, expert_, weight_;  // [rows x width]
+  Scratch scores_;                                                      // attention scores
+  Scratch logits_;                                                      // head output
+  Scratch meta_;                                                        // DevicePass image
+  std::vector<KvRowRef> host_rows_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateDeviceAttentionBackend(
+    const Model* model, std::unique_ptr<cuda::DeviceOps> ops,
+    const DeviceAttentionOptions& options) {
+  auto backend = std::make_unique<DeviceAttentionBackend>(model, std::move(ops), options);
+  RETURN_IF_ERROR(backend->Upload());
+  return backend;
+}
+
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaAttentionBackend(
+    const Model* model, int device, const DeviceAttentionOptions& options) {
+  ASSIGN_OR_RETURN(std::unique_ptr<cuda::DeviceOps> ops, cuda::CreateCudaDeviceOps(device));
+  return CreateDeviceAttentionBackend(model, std::move(ops), options);
+}
+
+}  // namespace moepool

@@ -1,0 +1,91 @@
+// DeviceOps on host memory through the scalar references of the CUDA kernels (device_ops.h).
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cuda/device_ops.h"
+#include "engine/cuda/expert_kernels.h"
+#include "engine/cuda/expert_math.h"
+#include "engine/cuda/quant_matmul_ref.h"
+
+namespace moepool::cuda {
+namespace {
+
+class ReferenceDeviceOps : public DeviceOps {
+ public:
+  std::string name() const override { return "cpu-reference"; }
+  absl::Status Activate() override { return absl::OkStatus(); }
+
+  absl::StatusOr<DeviceMemory> Allocate(size_t bytes) override {
+    std::shared_ptr<unsigned char[]> mem(new unsigned char[bytes > 0 ? bytes : 1]());
+    return DeviceMemory(mem, mem.get());
+  }
+  absl::Status Upload(void* device_dst, const void* host_src, size_t bytes) override {
+    if (bytes > 0) std::memcpy(device_dst, host_src, bytes);
+    return absl::OkStatus();
+  }
+  absl::Status Download(void* host_dst, const void* device_src, size_t bytes) override {
+    if (bytes > 0) std::memcpy(host_dst, device_src, bytes);
+    return absl::OkStatus();
+  }
+
+  absl::Status RmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps,
+                       float* y) override {
+    RefRmsNorm(x, w, n, d, eps, y);
+    return absl::OkStatus();
+  }
+  absl::Status MatMul(const MatrixRef& w, const float* x, int64_t n, float* y) override {
+    if (!BlockMathSupports(w.type)) {
+      return absl::UnimplementedError(
+          absl::StrCat("no kernel for weight type ", static_cast<uint32_t>(w.type)));
+    }
+    QuantMatMulReference(w.type, w.data, w.rows, w.cols, x, y, n);
+    return absl::OkStatus();
+  }
+  absl::Status RopeRows(float* x, int64_t row_stride, int64_t n, int64_t n_heads, int64_t head_dim,
+                        int64_t n_rot, float base, const int64_t* pos) override {
+    if (n_rot % 2 != 0 || n_rot > head_dim) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("rope dimension ", n_rot, " must be even and <= head size ", head_dim));
+    }
+    RefRopeRows(x, row_stride, n, n_heads, head_dim, n_rot, base, pos);
+    return absl::OkStatus();
+  }
+  absl::Status StoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, int64_t kv_dim,
+                           const float* k, const float* v) override {
+    RefStoreKvRows(rows, n, layer, kv_dim, k, v);
+    return absl::OkStatus();
+  }
+  absl::Status AttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
+                             int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
+                             float* out, float* /*scratch*/, int64_t /*max_kv*/) override {
+    if (n_head_kv <= 0 || n_head % n_head_kv != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(n_head, " query heads do not group over ", n_head_kv, " KV heads"));
+    }
+    RefAttentionRows(q, rows, n, layer, n_head, n_head_kv, head_dim, scale, out);
+    return absl::OkStatus();
+  }
+  absl::Status AddInPlace(float* x, const float* y, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+    return absl::OkStatus();
+  }
+  absl::Status RouteTopK(const float* logits, int64_t n_rows, int n_expert, int k, int32_t* expert,
+                         float* weight) override {
+    if (n_expert < 1 || n_expert > kMaxRouted || k < 1 || k > n_expert) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("router of ", n_expert, " experts, top-", k, " is not supported"));
+    }
+    RefRouteTopK(logits, n_rows, n_expert, k, expert, weight);
+    return absl::OkStatus();
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<DeviceOps> CreateReferenceDeviceOps() {
+  return std::make_unique<ReferenceDeviceOps>();
+}
+
+}  // namespace moepool::cuda
