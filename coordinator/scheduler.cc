@@ -118,6 +118,8 @@ Scheduler::Scheduler(Engine* engine, const SchedulerOptions& options, ServerMetr
 
 Scheduler::~Scheduler() { Stop(); }
 
+absl::Status Scheduler::PrepareBackend() { return engine_->transformer().PreparePool(pool_.get()); }
+
 void Scheduler::Start() {
   std::lock_guard<std::mutex> lock(mu_);
   if (loop_.joinable() || stopping_) return;

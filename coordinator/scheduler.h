@@ -145,6 +145,9 @@ class Scheduler {
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
 
+  // Reserves what the engine's attention backend needs for this scheduler's KV pool (device
+  // memory for a GPU backend): its error, e.g. RESOURCE_EXHAUSTED, belongs at startup.
+  absl::Status PrepareBackend();
   void Start();
   // Stops the loop; every queued or active sequence gets a final kCancelled event with an
   // UNAVAILABLE error. Later Submits fail with UNAVAILABLE. Idempotent.

@@ -25,6 +25,7 @@ absl::StatusOr<std::unique_ptr<ServeSession>> ServeSession::Create(const ServeCo
   s->engine_->transformer().set_routing_observer(s->metrics_.get());
   s->scheduler_ =
       std::make_unique<Scheduler>(s->engine_.get(), config.scheduler, s->metrics_.get());
+  RETURN_IF_ERROR(s->scheduler_->PrepareBackend());
   HttpServerOptions http = config.http;
   if (http.model_id.empty()) {
     http.model_id = std::filesystem::path(config.engine.model_path).stem().string();

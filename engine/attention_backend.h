@@ -61,6 +61,11 @@ class AttentionBackend {
 
   // logits [n x n_vocab] = output(output_norm(x)) for x [n x n_embd].
   virtual absl::Status Head(const float* x, int64_t n, float* logits) = 0;
+
+  // Makes the backend's copy of `pool` now (otherwise the first pass over it does), so that a
+  // pool that does not fit is an error at startup rather than a failed request.
+  // RESOURCE_EXHAUSTED naming the bytes when it does not fit. The CPU needs nothing.
+  virtual absl::Status PreparePool(KvBlockPool* pool) = 0;
 };
 
 }  // namespace moepool

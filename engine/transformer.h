@@ -86,6 +86,12 @@ class Transformer {
   absl::Status ForwardMicroBatches(absl::Span<const absl::Span<const BatchRow>> micro_batches,
                                    std::vector<float>* logits);
 
+  // Reserves the attention backend's copy of `pool` (AttentionBackend::PreparePool); OK at once
+  // without a backend.
+  absl::Status PreparePool(KvBlockPool* pool) {
+    return options_.attention == nullptr ? absl::OkStatus() : options_.attention->PreparePool(pool);
+  }
+
   void set_routing_observer(RoutingObserver* obs) { observer_ = obs; }
   const Model& model() const { return *model_; }
   ThreadPool* pool() const { return pool_; }

@@ -205,6 +205,11 @@ class DeviceAttentionBackend : public AttentionBackend {
     return ops_->Download(logits, logits_.as<float>(), out_bytes);
   }
 
+  absl::Status PreparePool(KvBlockPool* pool) override {
+    RETURN_IF_ERROR(ops_->Activate());
+    return MirrorOf(pool).status();
+  }
+
  private:
   absl::Status UploadBytes(const void* host, size_t bytes, DeviceMemory* out) {
     ASSIGN_OR_RETURN(*out, ops_->Allocate(bytes));
@@ -292,8 +297,18 @@ class DeviceAttentionBackend : public AttentionBackend {
     mirror->owner = this;
     const size_t bytes =
         sizeof(uint16_t) * pool->block_stride() * static_cast<size_t>(pool->n_blocks());
-    ASSIGN_OR_RETURN(mirror->k, ops_->Allocate(bytes));
-    ASSIGN_OR_RETURN(mirror->v, ops_->Allocate(bytes));
+    for (DeviceMemory* half : {&mirror->k, &mirror->v}) {
+      absl::StatusOr<DeviceMemory> mem = ops_->Allocate(bytes);
+      if (!mem.ok()) {
+        return absl::Status(
+            mem.status().code(),
+            absl::StrCat("the KV cache (", pool->n_blocks(), " blocks of ", pool->block_size(),
+                         " positions, ", (2 * bytes) >> 20, " MiB for K and V) does not fit on ",
+                         ops_->name(), " next to the weights; lower --parallel or --ctx: ",
+                         mem.status().message()));
+      }
+      *half = std::move(*mem);
+    }
     DeviceKvMirror* out = mirror.get();
     pool->set_mirror(std::move(mirror));
     return out;

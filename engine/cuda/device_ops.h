@@ -57,8 +57,9 @@ class DeviceOps {
 };
 
 // The scalar host reference (Ref* of expert_kernels.h, QuantMatMulReference): never fails for
-// lack of a device.
-std::unique_ptr<DeviceOps> CreateReferenceDeviceOps();
+// lack of a device. memory_bytes plays the device's memory size: Allocate beyond it (counting
+// what is still allocated) is RESOURCE_EXHAUSTED, as on a full GPU.
+std::unique_ptr<DeviceOps> CreateReferenceDeviceOps(uint64_t memory_bytes = UINT64_MAX);
 
 // CUDA device `ordinal` with a stream of its own. FAILED_PRECONDITION in a build without CUDA;
 // the runtime's error when the device cannot be used.

@@ -1,4 +1,7 @@
 // DeviceOps on host memory through the scalar references of the CUDA kernels (device_ops.h).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -14,12 +17,26 @@ namespace {
 
 class ReferenceDeviceOps : public DeviceOps {
  public:
+  explicit ReferenceDeviceOps(uint64_t memory_bytes)
+      : memory_bytes_(memory_bytes), used_(std::make_shared<std::atomic<uint64_t>>(0)) {}
+
   std::string name() const override { return "cpu-reference"; }
   absl::Status Activate() override { return absl::OkStatus(); }
 
   absl::StatusOr<DeviceMemory> Allocate(size_t bytes) override {
-    std::shared_ptr<unsigned char[]> mem(new unsigned char[bytes > 0 ? bytes : 1]());
-    return DeviceMemory(mem, mem.get());
+    const uint64_t used = used_->load();
+    if (bytes > memory_bytes_ - std::min(used, memory_bytes_)) {
+      return absl::ResourceExhaustedError(absl::StrCat("out of memory on ", name(), ": ", bytes,
+                                                       " bytes requested, ", memory_bytes_ - used,
+                                                       " free"));
+    }
+    used_->fetch_add(bytes);
+    unsigned char* mem = new unsigned char[bytes > 0 ? bytes : 1]();
+    std::shared_ptr<std::atomic<uint64_t>> used_count = used_;
+    return DeviceMemory(mem, [used_count, bytes](void* p) {
+      delete[] static_cast<unsigned char*>(p);
+      used_count->fetch_sub(bytes);
+    });
   }
   absl::Status Upload(void* device_dst, const void* host_src, size_t bytes) override {
     if (bytes > 0) std::memcpy(device_dst, host_src, bytes);
@@ -80,12 +97,17 @@ class ReferenceDeviceOps : public DeviceOps {
     RefRouteTopK(logits, n_rows, n_expert, k, expert, weight);
     return absl::OkStatus();
   }
+
+ private:
+  uint64_t memory_bytes_;
+  // Shared with the deleters of the memory handed out (which may outlive the ops).
+  std::shared_ptr<std::atomic<uint64_t>> used_;
 };
 
 }  // namespace
 
-std::unique_ptr<DeviceOps> CreateReferenceDeviceOps() {
-  return std::make_unique<ReferenceDeviceOps>();
+std::unique_ptr<DeviceOps> CreateReferenceDeviceOps(uint64_t memory_bytes) {
+  return std::make_unique<ReferenceDeviceOps>(memory_bytes);
 }
 
 }  // namespace moepool::cuda

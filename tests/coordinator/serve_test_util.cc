@@ -1,5 +1,7 @@
 #include "tests/coordinator/serve_test_util.h"
 
+#include <utility>
+
 #include "engine/synth.h"
 #include "gtest/gtest.h"
 #include "tests/testdata.h"
@@ -21,11 +23,15 @@ const std::string& TinyModelPath() {
   return *path;
 }
 
-std::unique_ptr<Engine> LoadTinyEngine(int64_t n_ctx) {
+std::unique_ptr<Engine> LoadTinyEngine(int64_t n_ctx) { return LoadTinyEngine(n_ctx, {}); }
+
+std::unique_ptr<Engine> LoadTinyEngine(int64_t n_ctx,
+                                       decltype(EngineOptions::attention) attention) {
   EngineOptions o;
   o.model_path = TinyModelPath();
   o.threads = 1;
   o.n_ctx = n_ctx;
+  o.attention = std::move(attention);
   auto engine = Engine::Load(o);
   EXPECT_TRUE(engine.ok()) << engine.status();
   return engine.ok() ? std::move(*engine) : nullptr;

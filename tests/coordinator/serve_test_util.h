@@ -20,6 +20,8 @@ const std::string& TinyModelPath();
 // An engine over the tiny model with `n_ctx` positions per sequence and one thread (a spinning pool
 // on a busy CI machine is slow).
 std::unique_ptr<Engine> LoadTinyEngine(int64_t n_ctx);
+// The same with attention, router and head behind the backend `attention` makes.
+std::unique_ptr<Engine> LoadTinyEngine(int64_t n_ctx, decltype(EngineOptions::attention) attention);
 
 // Everything a stream produced, up to its final event.
 struct Drained {
