@@ -15,6 +15,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/types/span.h"
 #include "bench/expert_bench.h"
+#include "bench/mixtral_moe_cpu.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_ops.h"
 #include "engine/cuda/device_attention.h"
@@ -232,14 +233,27 @@ absl::StatusOr<std::string> MixtralMoe(const ExpertBenchOptions& o) {
   }
   // One decode token reads 2 experts x (gate + up + down) per layer.
   const double bytes = static_cast<double>(o.mixtral_layers) * kTop * (2 * up_bytes + down_bytes);
+  std::string cpu = "null";
+  double cpu_ms = 0.0;
+  if (o.mixtral_cpu) {
+    absl::StatusOr<double> ms = MixtralMoeCpuMs(o.mixtral_layers, kEmbd, kFf, kExperts, type,
+                                                o.cpu_threads, std::max(3, o.iterations / 4));
+    if (!ms.ok()) return ms.status();
+    cpu_ms = *ms;
+    cpu = absl::StrFormat(
+        "{\"decode_ms_per_token\": %.2f, \"expert_weight_gbs\": %.1f, "
+        "\"gpu_speedup\": %.1f}",
+        cpu_ms, bytes / (cpu_ms * 1e6), cpu_ms / decode_ms);
+  }
   return absl::StrFormat(
       "  \"mixtral_moe\": {\"layers\": %d, \"n_embd\": %d, \"n_ff\": %d, \"experts\": %d, "
       "\"top_k\": %d, \"type\": \"Q4_K\",\n"
       "    \"decode_ms_per_token\": %.3f, \"decode_ms_per_layer\": %.3f, "
       "\"decode_ms_per_token_32_layers\": %.2f, \"expert_weight_gbs\": %.1f,\n"
-      "    \"batches\": [%s]}",
+      "    \"batches\": [%s],\n"
+      "    \"cpu_same_host\": %s}",
       o.mixtral_layers, kEmbd, kFf, kExperts, kTop, decode_ms, decode_ms / o.mixtral_layers,
-      decode_ms * 32.0 / o.mixtral_layers, bytes / (decode_ms * 1e6), batches);
+      decode_ms * 32.0 / o.mixtral_layers, bytes / (decode_ms * 1e6), batches, cpu);
 }
 
 }  // namespace

@@ -24,7 +24,8 @@ struct ExpertBenchOptions {
   int decode_tokens = 32;
   int cpu_threads = 0;  // 0: one per hardware thread
   int mixtral_layers = 4;
-  int iterations = 20;  // timed decode tokens of part 2
+  int iterations = 20;      // timed decode tokens of part 2
+  bool mixtral_cpu = true;  // part 2 also on this host's CPU (ExpertFfnCpu), for the ratio
 };
 
 // Returns a JSON document. UNAVAILABLE without a CUDA device, RESOURCE_EXHAUSTED when the
