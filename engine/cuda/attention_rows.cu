@@ -25,10 +25,15 @@ absl::Status LaunchRopeRows(float* x, int64_t row_stride, int64_t n, int64_t n_h
   const float theta_scale = std::pow(base, -2.0f / static_cast<float>(n_rot));
   const int64_t per_row = n_heads * (n_rot / 2);
   if (n <= 0 || per_row == 0) return absl::OkStatus();
-  const dim3 grid(static_cast<unsigned>((per_row + 127) / 128), static_cast<unsigned>(n));
-  RopeRowsKernel<<<grid, 128, 0, AsStream(stream)>>>(x, row_stride, n_heads, head_dim, n_rot / 2,
-                                                     pos, theta_scale);
-  return LaunchStatus("RopeRowsKernel");
+  // gridDim.y is limited to 65535 rows per launch.
+  for (int64_t r0 = 0; r0 < n; r0 += 65535) {
+    const int64_t m = std::min<int64_t>(65535, n - r0);
+    const dim3 grid(static_cast<unsigned>((per_row + 127) / 128), static_cast<unsigned>(m));
+    RopeRowsKernel<<<grid, 128, 0, AsStream(stream)>>>(x + r0 * row_stride, row_stride, n_heads,
+                                                       head_dim, n_rot / 2, pos + r0, theta_scale);
+    if (absl::Status s = LaunchStatus("RopeRowsKernel"); !s.ok()) return s;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status LaunchStoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, int64_t kv_dim,

@@ -138,6 +138,8 @@ class DeviceAttentionBackend : public AttentionBackend {
     const int64_t d = c_.n_embd;
     const int64_t kvd = c_.kv_dim();
     const int k_used = static_cast<int>(c_.n_expert_used);
+    // Every call: an expert backend on another device may have made that one current.
+    RETURN_IF_ERROR(ops_->Activate());
     RETURN_IF_ERROR(EnsureRows(n));
     RETURN_IF_ERROR(UploadMeta(*pass));
     const auto* rows = meta_.as<const KvRowRef>();
