@@ -4,7 +4,8 @@
 #                                and libgcc linked statically)
 #   gpu-pack/moepool_expert_bench  the CUDA expert backend benchmark (bench/expert_bench.h)
 #   gpu-pack/lib/                any shared library it still needs besides glibc and the driver
-#   gpu-pack/testdata/           the reference files its suites read
+#   gpu-pack/testdata/           the reference files its suites read (quant vectors, and
+#                                tiny-Q4_K_M with its reference logits)
 #   gpu-pack/run_gpu_checks.sh   what to run on the GPU machine (writes everything to $OUT)
 # Needs the CUDA toolkit (no GPU). Build directory: ./build-gpu-pack (override: BUILD_DIR=...).
 set -euo pipefail
@@ -37,6 +38,16 @@ if [ -f "$testdata/conformance/quant-vectors.gguf" ]; then
 else
   echo "pack.sh: warning: no quant-vectors.gguf under $testdata (those tests will skip)" >&2
 fi
+# One reference model with its logits for the GPU engine's conformance suite (31 MB; the F16 and
+# Q8_0 models would pass the 64 MiB a device run can carry).
+for f in tiny-Q4_K_M.gguf tiny-Q4_K_M.p1.json tiny-Q4_K_M.p1.logits.f32 tiny-Q4_K_M.p2.json \
+         tiny-Q4_K_M.p2.logits.f32; do
+  if [ -f "$testdata/conformance/$f" ]; then
+    cp "$testdata/conformance/$f" "$pack/testdata/conformance/"
+  else
+    echo "pack.sh: warning: no $f under $testdata (the device conformance test will skip)" >&2
+  fi
+done
 # Shared libraries still needed, except glibc's and the CUDA driver's (the machine has its own).
 ldd "$pack/moepool_gpu_tests" | awk '/=> \// {print $1, $3}' | while read -r name path; do
   case "$name" in
