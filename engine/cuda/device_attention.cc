@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -41,6 +42,26 @@ struct DeviceKvMirror : KvPoolMirror {
   DeviceMemory k, v;            // [n_blocks x n_layer x block_size x kv_dim] halves
 };
 
+size_t AlignUp(size_t n) { return (n + 255) / 256 * 256; }
+
+// Where one layer call's transfers live in the device buffer io_ (and the host staging buffer):
+// [meta | x] go up in one copy, [x | h | expert | weight] come back in one. meta is the pass's
+// KvRowRef rows, then its positions (int64), then its block tables (int32).
+struct IoLayout {
+  IoLayout(size_t meta_bytes, int64_t n, int64_t n_embd, int64_t k) {
+    const size_t rows_bytes = sizeof(float) * static_cast<size_t>(n * n_embd);
+    const size_t pair_bytes = sizeof(float) * static_cast<size_t>(n * k);
+    x = AlignUp(meta_bytes);
+    h = x + AlignUp(rows_bytes);
+    expert = h + AlignUp(rows_bytes);
+    weight = expert + AlignUp(pair_bytes);
+    up_end = x + rows_bytes;
+    down_end = weight + pair_bytes;
+  }
+  size_t x, h, expert, weight;  // byte offsets (meta starts at 0)
+  size_t up_end, down_end;      // ends of the two copies
+};
+
 // A buffer that grows to the largest size asked for.
 struct Scratch {
   DeviceMemory mem;
@@ -55,13 +76,31 @@ class DevicePass : public AttentionBackend::Pass {
  public:
   int64_t n = 0;
   int64_t max_kv = 0;  // largest pos + 1
-  // Host image of the per-row metadata, uploaded before each layer: n KvRowRef, then n int64
-  // positions, then the block tables (int32). The KvRowRef block pointers are offsets into the
-  // tables until Layer rebases them onto the device copy.
+  // The per-row metadata, uploaded before each layer (WriteMeta): n KvRowRef, then n int64
+  // positions, then the block tables (int32), row r's at table_at[r]. The KvRowRef block
+  // pointers are set when the image is written, for where it lands on the device.
   std::vector<KvRowRef> rows;
   std::vector<int64_t> pos;
   std::vector<int32_t> tables;
   std::vector<size_t> table_at;  // per row, index into tables
+
+  size_t meta_bytes() const {
+    return sizeof(KvRowRef) * rows.size() + sizeof(int64_t) * pos.size() +
+           sizeof(int32_t) * tables.size();
+  }
+  // Writes the metadata image for a device copy at `device` into `host` (meta_bytes()).
+  void WriteMeta(const unsigned char* device, unsigned char* host) const {
+    const size_t rows_bytes = sizeof(KvRowRef) * rows.size();
+    const size_t pos_bytes = sizeof(int64_t) * pos.size();
+    const auto* device_tables = reinterpret_cast<const int32_t*>(device + rows_bytes + pos_bytes);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      KvRowRef row = rows[r];
+      row.blocks = device_tables + table_at[r];
+      std::memcpy(host + r * sizeof(KvRowRef), &row, sizeof(KvRowRef));
+    }
+    std::memcpy(host + rows_bytes, pos.data(), pos_bytes);
+    std::memcpy(host + rows_bytes + pos_bytes, tables.data(), sizeof(int32_t) * tables.size());
+  }
 };
 
 class DeviceAttentionBackend : public AttentionBackend {
@@ -141,17 +180,25 @@ class DeviceAttentionBackend : public AttentionBackend {
     // Every call: an expert backend on another device may have made that one current.
     RETURN_IF_ERROR(ops_->Activate());
     RETURN_IF_ERROR(EnsureRows(n));
-    RETURN_IF_ERROR(UploadMeta(*pass));
-    const auto* rows = meta_.as<const KvRowRef>();
-    const auto* pos = reinterpret_cast<const int64_t*>(meta_.as<const KvRowRef>() + n);
-    float* xd = x_.as<float>();
-    float* hd = h_.as<float>();
+    const IoLayout io(pass->meta_bytes(), n, d, k_used);
+    RETURN_IF_ERROR(Ensure(&io_, io.down_end));
+    unsigned char* dev = io_.as<unsigned char>();
+    const auto* rows = reinterpret_cast<const KvRowRef*>(dev);
+    const auto* pos = reinterpret_cast<const int64_t*>(rows + n);
+    auto* xd = reinterpret_cast<float*>(dev + io.x);
+    auto* hd = reinterpret_cast<float*>(dev + io.h);
+    auto* expert_d = reinterpret_cast<int32_t*>(dev + io.expert);
+    auto* weight_d = reinterpret_cast<float*>(dev + io.weight);
     float* q = q_.as<float>();
     float* kb = k_.as<float>();
     float* vb = v_.as<float>();
     float* attn = attn_.as<float>();
-    const size_t row_bytes = sizeof(float) * static_cast<size_t>(d);
-    RETURN_IF_ERROR(ops_->Upload(xd, x, row_bytes * static_cast<size_t>(n)));
+    const size_t x_bytes = sizeof(float) * static_cast<size_t>(n * d);
+    // One copy up: the pass's metadata (block pointers rebased onto io_) and x.
+    stage_.resize(std::max(stage_.size(), io.down_end));
+    pass->WriteMeta(dev, stage_.data());
+    std::memcpy(stage_.data() + io.x, x, x_bytes);
+    RETURN_IF_ERROR(ops_->Upload(dev, stage_.data(), io.up_end));
     // Attention: norm, projections, RoPE, K/V store, attention, output projection, residual.
     RETURN_IF_ERROR(
         ops_->RmsNorm(xd, static_cast<const float*>(L.attn_norm.ref.data), n, d, c_.rms_eps, hd));
@@ -179,18 +226,24 @@ class DeviceAttentionBackend : public AttentionBackend {
     RETURN_IF_ERROR(
         ops_->RmsNorm(xd, static_cast<const float*>(L.ffn_norm.ref.data), n, d, c_.rms_eps, hd));
     const size_t pairs = static_cast<size_t>(n * k_used);
-    if (L.router.ref.data != nullptr) {
+    const bool routed = L.router.ref.data != nullptr;
+    if (routed) {
       RETURN_IF_ERROR(ops_->MatMul(L.router.ref, hd, n, router_logits_.as<float>()));
       RETURN_IF_ERROR(ops_->RouteTopK(router_logits_.as<float>(), n, static_cast<int>(c_.n_expert),
-                                      k_used, expert_.as<int32_t>(), weight_.as<float>()));
-      RETURN_IF_ERROR(ops_->Download(expert, expert_.as<int32_t>(), sizeof(int32_t) * pairs));
-      RETURN_IF_ERROR(ops_->Download(weight, weight_.as<float>(), sizeof(float) * pairs));
+                                      k_used, expert_d, weight_d));
+    }
+    // One copy down (it waits for the queued work): x, h and the routing.
+    RETURN_IF_ERROR(ops_->Download(stage_.data() + io.x, dev + io.x, io.down_end - io.x));
+    std::memcpy(x, stage_.data() + io.x, x_bytes);
+    std::memcpy(h, stage_.data() + io.h, x_bytes);
+    if (routed) {
+      std::memcpy(expert, stage_.data() + io.expert, sizeof(int32_t) * pairs);
+      std::memcpy(weight, stage_.data() + io.weight, sizeof(float) * pairs);
     } else {
       std::fill(expert, expert + pairs, 0);
       std::fill(weight, weight + pairs, 1.0f);
     }
-    RETURN_IF_ERROR(ops_->Download(x, xd, row_bytes * static_cast<size_t>(n)));
-    return ops_->Download(h, hd, row_bytes * static_cast<size_t>(n));
+    return absl::OkStatus();
   }
 
   absl::Status Head(const float* x, int64_t n, float* logits) override {
@@ -200,10 +253,11 @@ class DeviceAttentionBackend : public AttentionBackend {
     const size_t out_bytes = sizeof(float) * static_cast<size_t>(n * c_.n_vocab);
     RETURN_IF_ERROR(Ensure(&logits_, out_bytes));
     const size_t in_bytes = sizeof(float) * static_cast<size_t>(n * c_.n_embd);
-    RETURN_IF_ERROR(ops_->Upload(x_.as<float>(), x, in_bytes));
-    RETURN_IF_ERROR(ops_->RmsNorm(x_.as<float>(), static_cast<const float*>(output_norm_.ref.data),
-                                  n, c_.n_embd, c_.rms_eps, h_.as<float>()));
-    RETURN_IF_ERROR(ops_->MatMul(output_.ref, h_.as<float>(), n, logits_.as<float>()));
+    RETURN_IF_ERROR(ops_->Upload(attn_.as<float>(), x, in_bytes));
+    RETURN_IF_ERROR(ops_->RmsNorm(attn_.as<float>(),
+                                  static_cast<const float*>(output_norm_.ref.data), n, c_.n_embd,
+                                  c_.rms_eps, q_.as<float>()));
+    RETURN_IF_ERROR(ops_->MatMul(output_.ref, q_.as<float>(), n, logits_.as<float>()));
     return ops_->Download(logits, logits_.as<float>(), out_bytes);
   }
 
@@ -253,33 +307,13 @@ class DeviceAttentionBackend : public AttentionBackend {
   absl::Status EnsureRows(int64_t n) {
     if (n <= rows_capacity_) return absl::OkStatus();
     const auto f = [n](int64_t width) { return sizeof(float) * static_cast<size_t>(n * width); };
-    RETURN_IF_ERROR(Ensure(&x_, f(c_.n_embd)));
-    RETURN_IF_ERROR(Ensure(&h_, f(c_.n_embd)));
     RETURN_IF_ERROR(Ensure(&q_, f(c_.n_embd)));
     RETURN_IF_ERROR(Ensure(&attn_, f(c_.n_embd)));
     RETURN_IF_ERROR(Ensure(&k_, f(c_.kv_dim())));
     RETURN_IF_ERROR(Ensure(&v_, f(c_.kv_dim())));
     RETURN_IF_ERROR(Ensure(&router_logits_, f(c_.n_expert)));
-    RETURN_IF_ERROR(Ensure(&expert_, f(c_.n_expert_used)));
-    RETURN_IF_ERROR(Ensure(&weight_, f(c_.n_expert_used)));
     rows_capacity_ = n;
     return absl::OkStatus();
-  }
-
-  // Uploads the pass's rows (block pointers rebased onto the device copy of the tables), the
-  // positions and the tables into meta_.
-  absl::Status UploadMeta(const DevicePass& pass) {
-    const size_t rows_bytes = sizeof(KvRowRef) * pass.rows.size();
-    const size_t pos_bytes = sizeof(int64_t) * pass.pos.size();
-    const size_t table_bytes = sizeof(int32_t) * pass.tables.size();
-    RETURN_IF_ERROR(Ensure(&meta_, rows_bytes + pos_bytes + table_bytes));
-    auto* base = static_cast<unsigned char*>(meta_.mem.get());
-    const auto* tables = reinterpret_cast<const int32_t*>(base + rows_bytes + pos_bytes);
-    host_rows_ = pass.rows;
-    for (size_t r = 0; r < host_rows_.size(); ++r) host_rows_[r].blocks = tables + pass.table_at[r];
-    RETURN_IF_ERROR(ops_->Upload(base, host_rows_.data(), rows_bytes));
-    RETURN_IF_ERROR(ops_->Upload(base + rows_bytes, pass.pos.data(), pos_bytes));
-    return ops_->Upload(base + rows_bytes + pos_bytes, pass.tables.data(), table_bytes);
   }
 
   // The device copy of `pool`, made on first use.
@@ -324,11 +358,11 @@ class DeviceAttentionBackend : public AttentionBackend {
   DeviceMatrix output_norm_, output_;
   uint64_t uploaded_ = 0;
   int64_t rows_capacity_ = 0;
-  Scratch x_, h_, q_, attn_, k_, v_, router_logits_, expert_, weight_;  // [rows x width]
-  Scratch scores_;                                                      // attention scores
-  Scratch logits_;                                                      // head output
-  Scratch meta_;                                                        // DevicePass image
-  std::vector<KvRowRef> host_rows_;
+  Scratch q_, attn_, k_, v_, router_logits_;  // [rows x width]
+  Scratch io_;                                // a layer call's transfers (IoLayout)
+  Scratch scores_;                            // attention scores
+  Scratch logits_;                            // head output
+  std::vector<unsigned char> stage_;          // host side of io_
 };
 
 }  // namespace
