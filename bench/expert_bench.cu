@@ -185,12 +185,15 @@ absl::StatusOr<std::string> MixtralMoe(const ExpertBenchOptions& o) {
   }
   CudaExpertOptions copts;
   copts.show_progress = false;
-  copts.max_rows = 64;
+  copts.max_rows = 256;
   auto backend = CreateCudaExpertBackendOnDeviceExperts(experts, copts);
   if (!backend.ok()) return backend.status();
   copts.batch_invariant = false;
   auto tiled = CreateCudaExpertBackendOnDeviceExperts(experts, copts);
   if (!tiled.ok()) return tiled.status();
+  copts.tensor_cores = true;
+  auto tensor = CreateCudaExpertBackendOnDeviceExperts(experts, copts);
+  if (!tensor.ok()) return tensor.status();
 
   std::mt19937 rng(4);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -199,10 +202,14 @@ absl::StatusOr<std::string> MixtralMoe(const ExpertBenchOptions& o) {
   struct Config {
     int64_t rows;
     bool invariant;
+    bool tensor_cores;
   };
-  for (const Config cfg : {Config{1, true}, Config{8, true}, Config{32, true}, Config{32, false}}) {
+  for (const Config cfg : {Config{1, true, false}, Config{8, true, false}, Config{32, true, false},
+                           Config{32, false, false}, Config{32, false, true},
+                           Config{256, false, false}, Config{256, false, true}}) {
     const int64_t n = cfg.rows;
-    ExpertBackend* b = cfg.invariant ? backend->get() : tiled->get();
+    ExpertBackend* b =
+        cfg.invariant ? backend->get() : (cfg.tensor_cores ? tensor->get() : tiled->get());
     std::vector<float> x(static_cast<size_t>(n * kEmbd)), out(x.size());
     for (float& v : x) v = normal(rng);
     std::vector<int32_t> ex(static_cast<size_t>(n * kTop));
@@ -228,8 +235,9 @@ absl::StatusOr<std::string> MixtralMoe(const ExpertBenchOptions& o) {
     if (n == 1) decode_ms = ms;
     absl::StrAppend(&batches, batches.empty() ? "" : ", ",
                     absl::StrFormat("{\"rows\": %d, \"batch_invariant\": %s, "
-                                    "\"ms_all_layers\": %.3f}",
-                                    n, cfg.invariant ? "true" : "false", ms));
+                                    "\"tensor_cores\": %s, \"ms_all_layers\": %.3f}",
+                                    n, cfg.invariant ? "true" : "false",
+                                    cfg.tensor_cores ? "true" : "false", ms));
   }
   // One decode token reads 2 experts x (gate + up + down) per layer.
   const double bytes = static_cast<double>(o.mixtral_layers) * kTop * (2 * up_bytes + down_bytes);

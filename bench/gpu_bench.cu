@@ -118,9 +118,21 @@ absl::StatusOr<std::string> RunGpuBench(const GpuBenchOptions& options) {
         return cuda::QuantMatMul(type, w->data(), rows, cols, x->floats(), y->floats(), n, nullptr);
       });
       if (!mat_ms.ok()) return mat_ms.status();
+      // The tensor-core tiles on the same product (n > 8; 8 rows take the mat-vec kernel).
+      std::string tc = "null";
+      if (n > 8) {
+        auto tc_ms = MedianMs(std::max(3, options.iterations / 4), [&] {
+          return cuda::QuantMatMulTensorCores(type, w->data(), rows, cols, x->floats(), cols,
+                                              y->floats(), rows, n, nullptr);
+        });
+        if (!tc_ms.ok()) return tc_ms.status();
+        tc = absl::StrFormat("{\"ms\": %.4f, \"gflops\": %.1f, \"speedup\": %.2f}", *tc_ms,
+                             2.0 * rows * cols * n / (*tc_ms * 1e6), *mat_ms / *tc_ms);
+      }
       absl::StrAppend(&batches, batches.empty() ? "" : ", ",
-                      absl::StrFormat("{\"n\": %d, \"ms\": %.4f, \"gflops\": %.1f}", n, *mat_ms,
-                                      2.0 * rows * cols * n / (*mat_ms * 1e6)));
+                      absl::StrFormat("{\"n\": %d, \"ms\": %.4f, \"gflops\": %.1f, "
+                                      "\"tensor_cores\": %s}",
+                                      n, *mat_ms, 2.0 * rows * cols * n / (*mat_ms * 1e6), tc));
     }
     absl::StrAppend(
         &kernels, kernels.empty() ? "" : ",\n",

@@ -57,6 +57,10 @@ struct CudaExpertOptions {
   // groups of 8 rows, like the CPU engine's batch invariance). false: experts with many rows use
   // the tiled mat-mul (faster prompts; a row's bits then depend on its expert's row count).
   bool batch_invariant = true;
+  // With batch_invariant = false: experts with many rows multiply on tensor cores
+  // (QuantMatMulTensorCores: f16 tiles, f32 sums; results within 2e-3 x sum |w x| of the f32
+  // tiles). Off by default until it has run on a GPU (docs/gpu-backend.md).
+  bool tensor_cores = false;
 };
 
 // Uploads every expert bound in `model` (once, by expert) to the devices and returns a backend

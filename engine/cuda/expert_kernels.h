@@ -40,13 +40,15 @@ struct MatrixRef {
 // [m x gate.rows] as scratch (h2 may be nullptr only in the fused case).
 // batch_invariant: each row's result is the same bits whatever the other rows of the launch
 // (only mat-vec style kernels; weights are re-read once per 8 rows). Otherwise many rows take
-// the tiled mat-mul (faster for prompts; a row's bits then depend on the batch size).
+// the tiled mat-mul (faster for prompts; a row's bits then depend on the batch size), on tensor
+// cores when tensor_cores (QuantMatMulTensorCores: f16 tiles).
 absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, const float* x,
-                                int64_t m, float* h, float* h2, bool batch_invariant, void* stream);
+                                int64_t m, float* h, float* h2, bool batch_invariant, void* stream,
+                                bool tensor_cores = false);
 // y [m x w.rows] = x [m x w.cols] w^T through QuantMatMul (cuda_ops.h); batch_invariant: in
-// groups of at most 8 rows (the mat-vec kernel), as above.
+// groups of at most 8 rows (the mat-vec kernel), as above; tensor_cores as above.
 absl::Status LaunchMatMulRows(const MatrixRef& w, const float* x, int64_t m, float* y,
-                              bool batch_invariant, void* stream);
+                              bool batch_invariant, void* stream, bool tensor_cores = false);
 
 // y [n x d] = x * rsqrt(mean(x^2) + eps) * w, per row.
 absl::Status LaunchRmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps,

@@ -12,10 +12,10 @@ absl::Status NoCuda() {
 }  // namespace
 
 absl::Status LaunchExpertGateUp(const MatrixRef&, const MatrixRef&, const float*, int64_t, float*,
-                                float*, bool, void*) {
+                                float*, bool, void*, bool) {
   return NoCuda();
 }
-absl::Status LaunchMatMulRows(const MatrixRef&, const float*, int64_t, float*, bool, void*) {
+absl::Status LaunchMatMulRows(const MatrixRef&, const float*, int64_t, float*, bool, void*, bool) {
   return NoCuda();
 }
 absl::Status LaunchRmsNorm(const float*, const float*, int64_t, int64_t, float, float*, void*) {

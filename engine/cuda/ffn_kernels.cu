@@ -35,8 +35,11 @@ absl::Status CheckMatrix(const MatrixRef& w) {
 }  // namespace
 
 absl::Status LaunchMatMulRows(const MatrixRef& w, const float* x, int64_t m, float* y,
-                              bool batch_invariant, void* stream) {
+                              bool batch_invariant, void* stream, bool tensor_cores) {
   if (absl::Status s = CheckMatrix(w); !s.ok()) return s;
+  if (!batch_invariant && tensor_cores) {
+    return QuantMatMulTensorCores(w.type, w.data, w.rows, w.cols, x, w.cols, y, w.rows, m, stream);
+  }
   if (!batch_invariant) return QuantMatMul(w.type, w.data, w.rows, w.cols, x, y, m, stream);
   // QuantMatMul runs groups of at most 8 rows with the mat-vec kernel, whose per-row result
   // does not depend on how many rows share the launch (moe_ffn_cuda_test checks it on a GPU).
@@ -53,8 +56,8 @@ absl::Status LaunchMatMulRows(const MatrixRef& w, const float* x, int64_t m, flo
 }
 
 absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, const float* x,
-                                int64_t m, float* h, float* h2, bool batch_invariant,
-                                void* stream) {
+                                int64_t m, float* h, float* h2, bool batch_invariant, void* stream,
+                                bool tensor_cores) {
   if (absl::Status s = CheckMatrix(gate); !s.ok()) return s;
   if (absl::Status s = CheckMatrix(up); !s.ok()) return s;
   if (gate.rows != up.rows || gate.cols != up.cols) {
@@ -92,10 +95,12 @@ absl::Status LaunchExpertGateUp(const MatrixRef& gate, const MatrixRef& up, cons
     return status;
   }
   if (h2 == nullptr) return absl::InvalidArgumentError("gate/up over many rows needs scratch h2");
-  if (absl::Status st = LaunchMatMulRows(gate, x, m, h, batch_invariant, stream); !st.ok()) {
+  if (absl::Status st = LaunchMatMulRows(gate, x, m, h, batch_invariant, stream, tensor_cores);
+      !st.ok()) {
     return st;
   }
-  if (absl::Status st = LaunchMatMulRows(up, x, m, h2, batch_invariant, stream); !st.ok()) {
+  if (absl::Status st = LaunchMatMulRows(up, x, m, h2, batch_invariant, stream, tensor_cores);
+      !st.ok()) {
     return st;
   }
   const int64_t n = m * gate.rows;

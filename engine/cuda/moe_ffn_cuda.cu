@@ -325,10 +325,11 @@ absl::Status CudaExpertBackend::ComputeChunk(const ExpertRoutes& routes, int64_t
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchStatus("GatherRowsKernel"));
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchExpertGateUp(
           expert.gate, expert.up, Ptr<float>(dev.xg), g.count, Ptr<float>(dev.h),
-          Ptr<float>(dev.h2), options_.batch_invariant, s));
+          Ptr<float>(dev.h2), options_.batch_invariant, s, options_.tensor_cores));
       const MatrixRef& down = expert.down;
-      MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchMatMulRows(
-          down, Ptr<float>(dev.h), g.count, Ptr<float>(dev.y), options_.batch_invariant, s));
+      MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchMatMulRows(down, Ptr<float>(dev.h), g.count,
+                                                      Ptr<float>(dev.y), options_.batch_invariant,
+                                                      s, options_.tensor_cores));
       ScaleToSlotsKernel<<<count, 256, 0, s>>>(Ptr<float>(dev.y), d_slots + g.begin,
                                                d_weights + g.begin, d, Ptr<float>(dev.prod));
       MOEPOOL_RETURN_IF_NOT_OK(cuda::LaunchStatus("ScaleToSlotsKernel"));

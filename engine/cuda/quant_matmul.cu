@@ -46,7 +46,7 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <class M>
 absl::Status QuantMatMulTyped(TensorType type, const void* weights, int64_t rows, int64_t cols,
                               const float* x, int64_t x_stride, float* y, int64_t y_stride,
-                              int64_t n, Stream stream) {
+                              int64_t n, Stream stream, bool tensor_cores) {
   int64_t blocks_per_row = 0;
   const absl::Status shape = CheckShape<M>(type, weights, rows, cols, &blocks_per_row);
   if (!shape.ok()) return shape;
@@ -68,6 +68,11 @@ absl::Status QuantMatMulTyped(TensorType type, const void* weights, int64_t rows
   }
   const dim3 grid(static_cast<unsigned>(CeilDiv(rows, kMatTileW)),
                   static_cast<unsigned>(CeilDiv(n, kMatTileX)));
+  if (tensor_cores) {
+    MatMulTensorCoreKernel<M><<<grid, kMatThreads, 0, AsCuda(stream)>>>(w, rows, blocks_per_row, x,
+                                                                        x_stride, y, y_stride, n);
+    return LaunchStatus("QuantMatMulTensorCores");
+  }
   MatMulKernel<M><<<grid, kMatThreads, 0, AsCuda(stream)>>>(w, rows, blocks_per_row, x, x_stride, y,
                                                             y_stride, n);
   return LaunchStatus("QuantMatMul");
@@ -104,8 +109,19 @@ absl::Status QuantMatMul(TensorType type, const void* weights, int64_t rows, int
                          Stream stream) {
   absl::Status status;
   const bool known = DispatchBlockMath(type, [&](auto tag) {
-    status.Update(QuantMatMulTyped<typename decltype(tag)::type>(type, weights, rows, cols, x,
-                                                                 x_stride, y, y_stride, n, stream));
+    status.Update(QuantMatMulTyped<typename decltype(tag)::type>(
+        type, weights, rows, cols, x, x_stride, y, y_stride, n, stream, /*tensor_cores=*/false));
+  });
+  return known ? status : Unsupported(type);
+}
+
+absl::Status QuantMatMulTensorCores(TensorType type, const void* weights, int64_t rows,
+                                    int64_t cols, const float* x, int64_t x_stride, float* y,
+                                    int64_t y_stride, int64_t n, Stream stream) {
+  absl::Status status;
+  const bool known = DispatchBlockMath(type, [&](auto tag) {
+    status.Update(QuantMatMulTyped<typename decltype(tag)::type>(
+        type, weights, rows, cols, x, x_stride, y, y_stride, n, stream, /*tensor_cores=*/true));
   });
   return known ? status : Unsupported(type);
 }

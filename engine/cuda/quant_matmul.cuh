@@ -12,6 +12,10 @@
 
 #include "engine/cuda/block_math.h"
 
+#ifdef __CUDACC__
+#include <mma.h>  // WMMA (tensor cores); the host emulation provides its own nvcuda::wmma
+#endif
+
 namespace moepool::cuda {
 
 // ---- Mat-vec (decode): one warp per weight row, up to kMaxVecRows activation rows at once ----
@@ -145,6 +149,91 @@ __global__ void __launch_bounds__(kMatThreads)
       const int64_t r = r0 + lane + 32 * i;
       if (r < rows) y[t * y_stride + r] = acc[i][j];
     }
+  }
+}
+
+// ---- Mat-mat on tensor cores (QuantMatMulTensorCores): MatMulKernel's tiles in f16 ----
+// Same CTA tile (64 weight rows x 32 activation rows) and K chunks; the weight tile is
+// dequantized and the activation tile converted to f16 (round to nearest) in shared memory, and
+// the 8 warps each own one 16 x 16 block of the output: warp w takes activation rows
+// 16 (w / 4) .. +15 and weight rows 16 (w % 4) .. +15, with eight 16x16x16 WMMA products per
+// chunk accumulated in f32. Shared memory: 17 KiB + 8.5 KiB (f16 tiles, rows padded by 8 halves
+// against bank conflicts, keeping WMMA's 32-byte alignment) + 8.5 KiB (the f32 result tile).
+inline constexpr int kTcLd = kMatChunk + 8;     // halves per tile row
+inline constexpr int kTcOutLd = kMatTileW + 4;  // floats per result row
+
+template <class M>
+__global__ void __launch_bounds__(kMatThreads)
+    MatMulTensorCoreKernel(const uint8_t* __restrict__ w, int64_t rows, int64_t blocks_per_row,
+                           const float* __restrict__ x, int64_t x_stride, float* __restrict__ y,
+                           int64_t y_stride, int64_t n) {
+  static_assert(kMatChunk % M::kPartElems == 0 && kMatThreads % kMatTileW == 0);
+  static_assert(M::kBlockElems <= kMatChunk || M::kBlockElems == 2 * kMatChunk);
+  static_assert(kMatThreads / 32 == (kMatTileX / 16) * (kMatTileW / 16), "a warp per block");
+  namespace wmma = nvcuda::wmma;
+  constexpr int kPartsPerChunk = kMatChunk / M::kPartElems;
+  constexpr int kSlotsPerPass = kMatThreads / kMatTileW;
+  __shared__ __align__(32) __half w_tile[kMatTileW * kTcLd];  // [weight row][k]
+  __shared__ __align__(32) __half x_tile[kMatTileX * kTcLd];  // [activation row][k]
+  __shared__ __align__(32) float out_tile[kMatTileX * kTcOutLd];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32;
+  const int xi = warp / (kMatTileW / 16), wi = warp % (kMatTileW / 16);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMatTileW;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kMatTileX;
+  const int64_t cols = blocks_per_row * M::kBlockElems;
+  const int64_t parts_per_row = blocks_per_row * M::kParts;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+
+  for (int64_t k0 = 0; k0 < cols; k0 += kMatChunk) {
+    const int wr = tid % kMatTileW;
+    const int64_t row = r0 + wr;
+    const uint8_t* wrow = w + row * blocks_per_row * M::kBlockBytes;
+    MOEPOOL_PRAGMA(unroll)
+    for (int s = tid / kMatTileW; s < kPartsPerChunk; s += kSlotsPerPass) {
+      const int64_t gp = k0 / M::kPartElems + s;
+      const int64_t b = gp / M::kParts;
+      const int part = static_cast<int>(gp % M::kParts);
+      float v[M::kPartElems];
+      if (row < rows && gp < parts_per_row) {
+        M::DequantPart(wrow + b * M::kBlockBytes, part, v);
+      } else {
+        MOEPOOL_PRAGMA(unroll)
+        for (int i = 0; i < M::kPartElems; ++i) v[i] = 0.0f;
+      }
+      const int64_t base = b * M::kBlockElems - k0;
+      MOEPOOL_PRAGMA(unroll)
+      for (int i = 0; i < M::kPartElems; ++i) {
+        w_tile[wr * kTcLd + base + M::Element(part, i)] = __float2half(v[i]);
+      }
+    }
+    MOEPOOL_PRAGMA(unroll 4)
+    for (int idx = tid; idx < kMatTileX * kMatChunk; idx += kMatThreads) {
+      const int xr = idx / kMatChunk, k = idx % kMatChunk;
+      const int64_t t = n0 + xr;
+      x_tile[xr * kTcLd + k] =
+          __float2half((t < n && k0 + k < cols) ? __ldg(x + t * x_stride + k0 + k) : 0.0f);
+    }
+    __syncthreads();
+    MOEPOOL_PRAGMA(unroll)
+    for (int kk = 0; kk < kMatChunk; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> bt;
+      wmma::load_matrix_sync(a, x_tile + xi * 16 * kTcLd + kk, kTcLd);
+      wmma::load_matrix_sync(bt, w_tile + wi * 16 * kTcLd + kk, kTcLd);
+      wmma::mma_sync(acc, a, bt, acc);
+    }
+    __syncthreads();
+  }
+  wmma::store_matrix_sync(out_tile + xi * 16 * kTcOutLd + wi * 16, acc, kTcOutLd,
+                          wmma::mem_row_major);
+  __syncthreads();
+  for (int idx = tid; idx < kMatTileX * kMatTileW; idx += kMatThreads) {
+    const int xr = idx / kMatTileW, wr = idx % kMatTileW;
+    const int64_t t = n0 + xr, r = r0 + wr;
+    if (t < n && r < rows) y[t * y_stride + r] = out_tile[xr * kTcOutLd + wr];
   }
 }
 

@@ -13,13 +13,17 @@
 
 #include <barrier>
 #include <cmath>
+#include <cstdint>
 #include <memory>
 #include <thread>
 #include <vector>
 
+#include "engine/quant/fp16.h"
+
 #define __global__
 #define __launch_bounds__(x)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 namespace moepool::cuda::emulation {
 
@@ -58,6 +62,75 @@ template <class T>
 T __ldg(const T* p) {
   return *p;
 }
+
+// IEEE half as the device stores it; conversions round to nearest even like the device's.
+struct __half {
+  uint16_t bits;
+};
+inline __half __float2half(float f) { return __half{moepool::Fp32ToFp16(f)}; }
+inline float __half2float(__half h) { return moepool::Fp16ToFp32(h.bits); }
+
+// WMMA 16x16x16 as the kernels use it. Every thread of a warp holds the whole tile (a warp's
+// lanes make the same collective calls with the same arguments, so their copies agree); lane 0
+// alone stores. Products of halves are exact in f32 and summed in k order.
+namespace nvcuda::wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int kM, int kN, int kK, class T, class Layout = void>
+struct fragment {
+  float v[256];  // a: [m][k]; b: [k][n]; accumulator: [m][n] (16 x 16 each)
+};
+
+template <class Use, class T, class Layout>
+void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
+  for (float& e : f.v) e = value;
+}
+inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, __half, row_major>& f, const __half* p,
+                             unsigned ldm) {
+  for (int i = 0; i < 16; ++i) {
+    for (int k = 0; k < 16; ++k) f.v[i * 16 + k] = __half2float(p[i * ldm + k]);
+  }
+}
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, __half, col_major>& f, const __half* p,
+                             unsigned ldm) {
+  for (int j = 0; j < 16; ++j) {
+    for (int k = 0; k < 16; ++k) f.v[k * 16 + j] = __half2float(p[j * ldm + k]);
+  }
+}
+template <class LA, class LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+              const fragment<matrix_a, 16, 16, 16, __half, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, __half, LB>& b,
+              const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[256];
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 16; ++j) {
+      float s = c.v[i * 16 + j];
+      for (int k = 0; k < 16; ++k) s += a.v[i * 16 + k] * b.v[k * 16 + j];
+      out[i * 16 + j] = s;
+    }
+  }
+  for (int e = 0; e < 256; ++e) d.v[e] = out[e];
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t layout) {
+  if (threadIdx.x % 32 != 0) return;
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 16; ++j) {
+      if (layout == mem_row_major) {
+        p[i * ldm + j] = f.v[i * 16 + j];
+      } else {
+        p[j * ldm + i] = f.v[i * 16 + j];
+      }
+    }
+  }
+}
+}  // namespace nvcuda::wmma
 
 namespace moepool::cuda::emulation {
 

@@ -29,9 +29,10 @@ unsigned CeilDiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1
 
 class KernelEmulationTest : public ::testing::TestWithParam<TensorType> {
  protected:
-  // Runs the mat-vec (n <= kMaxVecRows) or tiled kernel on strided X / Y and checks every
-  // result against the exact dot of the engine's dequantized weights, and the padding of Y.
-  void CheckProduct(int64_t rows, int64_t cols, int64_t n) {
+  // Runs the mat-vec (n <= kMaxVecRows) or tiled kernel (f32 tiles, or the tensor-core one) on
+  // strided X / Y and checks every result against the exact dot of the engine's dequantized
+  // weights, and the padding of Y. The tensor-core kernel's f16 tiles round both factors.
+  void CheckProduct(int64_t rows, int64_t cols, int64_t n, bool tensor_cores = false) {
     const TensorType type = GetParam();
     SCOPED_TRACE(std::string(GetTypeTraits(type).name) + " rows " + std::to_string(rows) +
                  " cols " + std::to_string(cols) + " n " + std::to_string(n));
@@ -46,6 +47,10 @@ class KernelEmulationTest : public ::testing::TestWithParam<TensorType> {
       if (n <= kMaxVecRows) {
         Launch(Dim3{CeilDiv(rows, kVecWarpsPerCta)}, Dim3{32 * kVecWarpsPerCta}, MatVecKernel<M>,
                w.data(), rows, bpr, x.data(), x_stride, y.data(), y_stride, static_cast<int>(n));
+      } else if (tensor_cores) {
+        Launch(Dim3{CeilDiv(rows, kMatTileW), CeilDiv(n, kMatTileX)}, Dim3{kMatThreads},
+               MatMulTensorCoreKernel<M>, w.data(), rows, bpr, x.data(), x_stride, y.data(),
+               y_stride, n);
       } else {
         Launch(Dim3{CeilDiv(rows, kMatTileW), CeilDiv(n, kMatTileX)}, Dim3{kMatThreads},
                MatMulKernel<M>, w.data(), rows, bpr, x.data(), x_stride, y.data(), y_stride, n);
@@ -62,7 +67,8 @@ class KernelEmulationTest : public ::testing::TestWithParam<TensorType> {
           continue;
         }
         const ExactDot want = DotF64(dense.data() + r * cols, x.data() + t * x_stride, cols);
-        if (!(std::fabs(got - want.value) <= kF32AccumulationTolerance * want.abs_sum)) {
+        const double tolerance = tensor_cores ? kF16TileTolerance : kF32AccumulationTolerance;
+        if (!(std::fabs(got - want.value) <= tolerance * want.abs_sum)) {
           if (bad == 0)
             ADD_FAILURE() << "t " << t << " row " << r << ": " << got << " vs " << want.value;
           ++bad;
@@ -82,6 +88,12 @@ TEST_P(KernelEmulationTest, MatVecKernel) {
 TEST_P(KernelEmulationTest, TiledMatMulKernel) {
   const bool small_blocks = GetTypeTraits(GetParam()).block_size < 256;
   CheckProduct(70, small_blocks ? 160 : 512, 35);
+}
+
+// The same shapes on the tensor-core kernel (WMMA emulated in cuda_emulation.h).
+TEST_P(KernelEmulationTest, TensorCoreMatMulKernel) {
+  const bool small_blocks = GetTypeTraits(GetParam()).block_size < 256;
+  CheckProduct(70, small_blocks ? 160 : 512, 35, /*tensor_cores=*/true);
 }
 
 TEST_P(KernelEmulationTest, DequantizeKernelBitIdenticalToEngine) {

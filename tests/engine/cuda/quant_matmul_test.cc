@@ -52,6 +52,22 @@ class CpuReferenceDevice {
     }
     return absl::OkStatus();
   }
+  // QuantMatMulTensorCores' contract: both factors rounded to f16, products summed in f32.
+  absl::Status MatMulTensorCores(const MatMulArgs& a, std::vector<float>* y) {
+    std::vector<float> w(static_cast<size_t>(a.rows * a.cols));
+    DequantizeRowsReference(a.type, a.weights->data(), a.rows, a.cols, w.data());
+    const auto f16 = [](float v) { return Fp16ToFp32(Fp32ToFp16(v)); };
+    for (int64_t t = 0; t < a.n; ++t) {
+      for (int64_t r = 0; r < a.rows; ++r) {
+        float sum = 0.0f;
+        for (int64_t c = 0; c < a.cols; ++c) {
+          sum += f16(w[r * a.cols + c]) * f16((*a.x)[t * a.x_stride + c]);
+        }
+        (*y)[t * a.y_stride + r] = sum;
+      }
+    }
+    return absl::OkStatus();
+  }
   absl::Status Dequantize(TensorType type, const std::vector<uint8_t>& w, int64_t rows,
                           int64_t cols, std::vector<float>* out) {
     out->resize(static_cast<size_t>(rows * cols));
@@ -68,7 +84,11 @@ class CudaDevice {
     if (!devices.ok()) return devices.status();
     return UseDevice((*devices)[0].ordinal);
   }
-  absl::Status MatMul(const MatMulArgs& a, std::vector<float>* y) {
+  absl::Status MatMul(const MatMulArgs& a, std::vector<float>* y) { return Run(a, y, false); }
+  absl::Status MatMulTensorCores(const MatMulArgs& a, std::vector<float>* y) {
+    return Run(a, y, true);
+  }
+  absl::Status Run(const MatMulArgs& a, std::vector<float>* y, bool tensor_cores) {
     auto w = DeviceBuffer::Allocate(a.weights->size());
     auto x = DeviceBuffer::Allocate(a.x->size() * sizeof(float));
     auto yd = DeviceBuffer::Allocate(y->size() * sizeof(float));
@@ -78,11 +98,12 @@ class CudaDevice {
     if (auto s = w->Upload(a.weights->data(), a.weights->size()); !s.ok()) return s;
     if (auto s = x->Upload(a.x->data(), a.x->size() * sizeof(float)); !s.ok()) return s;
     if (auto s = yd->Upload(y->data(), y->size() * sizeof(float)); !s.ok()) return s;
-    if (auto s = QuantMatMul(a.type, w->data(), a.rows, a.cols, x->floats(), a.x_stride,
-                             yd->floats(), a.y_stride, a.n, nullptr);
-        !s.ok()) {
-      return s;
-    }
+    const absl::Status launched =
+        tensor_cores ? QuantMatMulTensorCores(a.type, w->data(), a.rows, a.cols, x->floats(),
+                                              a.x_stride, yd->floats(), a.y_stride, a.n, nullptr)
+                     : QuantMatMul(a.type, w->data(), a.rows, a.cols, x->floats(), a.x_stride,
+                                   yd->floats(), a.y_stride, a.n, nullptr);
+    if (!launched.ok()) return launched;
     if (auto s = SyncStream(nullptr); !s.ok()) return s;
     return yd->Download(y->data(), y->size() * sizeof(float));
   }
@@ -201,6 +222,39 @@ TYPED_TEST(QuantMatMulDeviceTest, EveryTypeAndShapeMatchesExactDotAndCpuEngine) 
       }
       EXPECT_EQ(bad_exact, 0);
       EXPECT_EQ(bad_engine, 0);
+    }
+  }
+}
+
+// The tensor-core tiles: every type, tiled shapes (n > 8) and a mat-vec one, against the exact
+// dot within the f16 rounding of both factors (kF16TileTolerance).
+TYPED_TEST(QuantMatMulDeviceTest, TensorCoreTilesMatchExactDotWithinF16Rounding) {
+  uint32_t seed = 300;
+  for (TensorType type : KernelTypes()) {
+    for (const Shape& s : std::vector<Shape>{{130, 256, 9}, {70, 1024, 33}, {129, 512, 70}}) {
+      SCOPED_TRACE(std::string(GetTypeTraits(type).name) + " rows " + std::to_string(s.rows) +
+                   " cols " + std::to_string(s.cols) + " n " + std::to_string(s.n));
+      const std::vector<uint8_t> w = RandomWeights(type, s.rows, s.cols, ++seed);
+      const std::vector<float> x = RandomActivations(s.n, s.cols, ++seed);
+      std::vector<float> y(static_cast<size_t>(s.n * s.rows),
+                           std::numeric_limits<float>::quiet_NaN());
+      const MatMulArgs args{type, s.rows, s.cols, s.n, s.cols, s.rows, &w, &x};
+      ASSERT_TRUE(this->device_.MatMulTensorCores(args, &y).ok());
+      const std::vector<float> dense = DequantizeOnCpu(type, w, s.rows, s.cols);
+      int64_t bad = 0;
+      for (int64_t t = 0; t < s.n; ++t) {
+        for (int64_t r = 0; r < s.rows; ++r) {
+          const ExactDot exact = DotF64(dense.data() + r * s.cols, x.data() + t * s.cols, s.cols);
+          const float got = y[t * s.rows + r];
+          if (!(std::fabs(got - exact.value) <= kF16TileTolerance * exact.abs_sum)) {
+            if (bad++ == 0) {
+              ADD_FAILURE() << "row " << r << " t " << t << ": got " << got << " exact "
+                            << exact.value;
+            }
+          }
+        }
+      }
+      EXPECT_EQ(bad, 0);
     }
   }
 }

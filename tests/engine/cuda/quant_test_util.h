@@ -22,6 +22,8 @@ std::vector<float> RandomActivations(int64_t n, int64_t cols, uint32_t seed);
 // Relative tolerance (to sum |w_i x_i|) of an f32-accumulated dot product against the exact one;
 // covers any summation order for the row lengths tested (<= 16384).
 inline constexpr double kF32AccumulationTolerance = 2e-5;
+// The tensor-core kernel: both factors rounded to f16 (2^-11 relative each) before f32 sums.
+inline constexpr double kF16TileTolerance = 2e-3;
 
 struct ExactDot {
   double value = 0;    // sum w_i x_i in double
