@@ -72,6 +72,60 @@ inline constexpr int kMatTileX = 32;   // activation rows per CTA
 inline constexpr int kMatChunk = 128;  // K elements per step (half a k-quant super-block)
 inline constexpr int kMatThreads = 256;
 
+#ifdef __CUDACC__
+#define MOEPOOL_TILE_FN __device__ __forceinline__
+#else
+#define MOEPOOL_TILE_FN inline
+#endif
+
+// Hands every weight of the CTA's tile for K chunk k0 (rows r0 .. r0 + kMatTileW - 1, zeros
+// outside the matrix) to store(tile row, k within the chunk, value): thread tid dequantizes parts
+// of row r0 + tid % kMatTileW. Shared by the f32 and the tensor-core tile kernels.
+template <class M, class Store>
+MOEPOOL_TILE_FN void DequantizeWeightTile(const uint8_t* __restrict__ w, int64_t rows,
+                                          int64_t blocks_per_row, int64_t r0, int64_t k0, int tid,
+                                          Store store) {
+  static_assert(kMatChunk % M::kPartElems == 0 && kMatThreads % kMatTileW == 0);
+  static_assert(M::kBlockElems <= kMatChunk || M::kBlockElems == 2 * kMatChunk);
+  constexpr int kPartsPerChunk = kMatChunk / M::kPartElems;
+  constexpr int kSlotsPerPass = kMatThreads / kMatTileW;
+  const int64_t parts_per_row = blocks_per_row * M::kParts;
+  const int wr = tid % kMatTileW;
+  const int64_t row = r0 + wr;
+  const uint8_t* wrow = w + row * blocks_per_row * M::kBlockBytes;
+  MOEPOOL_PRAGMA(unroll)
+  for (int s = tid / kMatTileW; s < kPartsPerChunk; s += kSlotsPerPass) {
+    const int64_t gp = k0 / M::kPartElems + s;  // part index within the row
+    const int64_t b = gp / M::kParts;
+    const int part = static_cast<int>(gp % M::kParts);
+    float v[M::kPartElems];
+    if (row < rows && gp < parts_per_row) {
+      M::DequantPart(wrow + b * M::kBlockBytes, part, v);
+    } else {
+      MOEPOOL_PRAGMA(unroll)
+      for (int i = 0; i < M::kPartElems; ++i) v[i] = 0.0f;
+    }
+    const int64_t base = b * M::kBlockElems - k0;  // chunk offset of the block's element 0
+    MOEPOOL_PRAGMA(unroll)
+    for (int i = 0; i < M::kPartElems; ++i)
+      store(wr, static_cast<int>(base + M::Element(part, i)), v[i]);
+  }
+}
+
+// Hands every activation of the CTA's tile for K chunk k0 (rows n0 .. n0 + kMatTileX - 1, zeros
+// past n or cols) to store(tile row, k within the chunk, value).
+template <class Store>
+MOEPOOL_TILE_FN void LoadActivationTile(const float* __restrict__ x, int64_t x_stride, int64_t n,
+                                        int64_t cols, int64_t n0, int64_t k0, int tid,
+                                        Store store) {
+  MOEPOOL_PRAGMA(unroll 4)
+  for (int idx = tid; idx < kMatTileX * kMatChunk; idx += kMatThreads) {
+    const int xr = idx / kMatChunk, k = idx % kMatChunk;
+    const int64_t t = n0 + xr;
+    store(xr, k, (t < n && k0 + k < cols) ? __ldg(x + t * x_stride + k0 + k) : 0.0f);
+  }
+}
+
 // Per K chunk: the weight tile is dequantized once into shared memory (k-major, so the compute
 // loop reads consecutive rows per lane) and the activation tile copied in; then thread (warp w,
 // lane l) accumulates weight rows {l, l + 32} x activation rows {w, w + 8, w + 16, w + 24}.
@@ -81,10 +135,6 @@ __global__ void __launch_bounds__(kMatThreads)
     MatMulKernel(const uint8_t* __restrict__ w, int64_t rows, int64_t blocks_per_row,
                  const float* __restrict__ x, int64_t x_stride, float* __restrict__ y,
                  int64_t y_stride, int64_t n) {
-  static_assert(kMatChunk % M::kPartElems == 0 && kMatThreads % kMatTileW == 0);
-  static_assert(M::kBlockElems <= kMatChunk || M::kBlockElems == 2 * kMatChunk);
-  constexpr int kPartsPerChunk = kMatChunk / M::kPartElems;
-  constexpr int kSlotsPerPass = kMatThreads / kMatTileW;
   __shared__ float w_tile[kMatChunk][kMatTileW];
   __shared__ float x_tile[kMatTileX][kMatChunk];
 
@@ -93,39 +143,13 @@ __global__ void __launch_bounds__(kMatThreads)
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMatTileW;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kMatTileX;
   const int64_t cols = blocks_per_row * M::kBlockElems;
-  const int64_t parts_per_row = blocks_per_row * M::kParts;
   float acc[2][4] = {};
 
   for (int64_t k0 = 0; k0 < cols; k0 += kMatChunk) {
-    // Weight tile: slot s of row wr is part (k0 / kPartElems + s) of that row.
-    const int wr = tid % kMatTileW;
-    const int64_t row = r0 + wr;
-    const uint8_t* wrow = w + row * blocks_per_row * M::kBlockBytes;
-    MOEPOOL_PRAGMA(unroll)
-    for (int s = tid / kMatTileW; s < kPartsPerChunk; s += kSlotsPerPass) {
-      const int64_t gp = k0 / M::kPartElems + s;  // part index within the row
-      const int64_t b = gp / M::kParts;
-      const int part = static_cast<int>(gp % M::kParts);
-      float v[M::kPartElems];
-      if (row < rows && gp < parts_per_row) {
-        M::DequantPart(wrow + b * M::kBlockBytes, part, v);
-      } else {
-        MOEPOOL_PRAGMA(unroll)
-        for (int i = 0; i < M::kPartElems; ++i) v[i] = 0.0f;
-      }
-      const int64_t base = b * M::kBlockElems - k0;  // chunk offset of the block's element 0
-      MOEPOOL_PRAGMA(unroll)
-      for (int i = 0; i < M::kPartElems; ++i) {
-        w_tile[base + M::Element(part, i)][wr] = v[i];
-      }
-    }
-    // Activation tile.
-    MOEPOOL_PRAGMA(unroll 4)
-    for (int idx = tid; idx < kMatTileX * kMatChunk; idx += kMatThreads) {
-      const int xr = idx / kMatChunk, k = idx % kMatChunk;
-      const int64_t t = n0 + xr;
-      x_tile[xr][k] = (t < n && k0 + k < cols) ? __ldg(x + t * x_stride + k0 + k) : 0.0f;
-    }
+    DequantizeWeightTile<M>(w, rows, blocks_per_row, r0, k0, tid,
+                            [&](int wr, int k, float v) { w_tile[k][wr] = v; });
+    LoadActivationTile(x, x_stride, n, cols, n0, k0, tid,
+                       [&](int xr, int k, float v) { x_tile[xr][k] = v; });
     __syncthreads();
     MOEPOOL_PRAGMA(unroll 8)
     for (int k = 0; k < kMatChunk; ++k) {
@@ -167,12 +191,8 @@ __global__ void __launch_bounds__(kMatThreads)
     MatMulTensorCoreKernel(const uint8_t* __restrict__ w, int64_t rows, int64_t blocks_per_row,
                            const float* __restrict__ x, int64_t x_stride, float* __restrict__ y,
                            int64_t y_stride, int64_t n) {
-  static_assert(kMatChunk % M::kPartElems == 0 && kMatThreads % kMatTileW == 0);
-  static_assert(M::kBlockElems <= kMatChunk || M::kBlockElems == 2 * kMatChunk);
   static_assert(kMatThreads / 32 == (kMatTileX / 16) * (kMatTileW / 16), "a warp per block");
   namespace wmma = nvcuda::wmma;
-  constexpr int kPartsPerChunk = kMatChunk / M::kPartElems;
-  constexpr int kSlotsPerPass = kMatThreads / kMatTileW;
   __shared__ __align__(32) __half w_tile[kMatTileW * kTcLd];  // [weight row][k]
   __shared__ __align__(32) __half x_tile[kMatTileX * kTcLd];  // [activation row][k]
   __shared__ __align__(32) float out_tile[kMatTileX * kTcOutLd];
@@ -183,39 +203,15 @@ __global__ void __launch_bounds__(kMatThreads)
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMatTileW;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kMatTileX;
   const int64_t cols = blocks_per_row * M::kBlockElems;
-  const int64_t parts_per_row = blocks_per_row * M::kParts;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
   wmma::fill_fragment(acc, 0.0f);
 
   for (int64_t k0 = 0; k0 < cols; k0 += kMatChunk) {
-    const int wr = tid % kMatTileW;
-    const int64_t row = r0 + wr;
-    const uint8_t* wrow = w + row * blocks_per_row * M::kBlockBytes;
-    MOEPOOL_PRAGMA(unroll)
-    for (int s = tid / kMatTileW; s < kPartsPerChunk; s += kSlotsPerPass) {
-      const int64_t gp = k0 / M::kPartElems + s;
-      const int64_t b = gp / M::kParts;
-      const int part = static_cast<int>(gp % M::kParts);
-      float v[M::kPartElems];
-      if (row < rows && gp < parts_per_row) {
-        M::DequantPart(wrow + b * M::kBlockBytes, part, v);
-      } else {
-        MOEPOOL_PRAGMA(unroll)
-        for (int i = 0; i < M::kPartElems; ++i) v[i] = 0.0f;
-      }
-      const int64_t base = b * M::kBlockElems - k0;
-      MOEPOOL_PRAGMA(unroll)
-      for (int i = 0; i < M::kPartElems; ++i) {
-        w_tile[wr * kTcLd + base + M::Element(part, i)] = __float2half(v[i]);
-      }
-    }
-    MOEPOOL_PRAGMA(unroll 4)
-    for (int idx = tid; idx < kMatTileX * kMatChunk; idx += kMatThreads) {
-      const int xr = idx / kMatChunk, k = idx % kMatChunk;
-      const int64_t t = n0 + xr;
-      x_tile[xr * kTcLd + k] =
-          __float2half((t < n && k0 + k < cols) ? __ldg(x + t * x_stride + k0 + k) : 0.0f);
-    }
+    DequantizeWeightTile<M>(w, rows, blocks_per_row, r0, k0, tid, [&](int wr, int k, float v) {
+      w_tile[wr * kTcLd + k] = __float2half(v);
+    });
+    LoadActivationTile(x, x_stride, n, cols, n0, k0, tid,
+                       [&](int xr, int k, float v) { x_tile[xr * kTcLd + k] = __float2half(v); });
     __syncthreads();
     MOEPOOL_PRAGMA(unroll)
     for (int kk = 0; kk < kMatChunk; kk += 16) {
