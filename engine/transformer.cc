@@ -106,7 +106,8 @@ struct Transformer::Pass {
   std::vector<float> router_logits;  // [n x n_expert]
   std::vector<int32_t> expert;       // [n x k]
   std::vector<float> weight;         // [n x k]
-  ConvertedRows converted;
+  ConvertedRows converted;           // the attention input for wq (and whatever shares its type)
+  ConvertedRows converted_k, converted_v;  // for wk / wv when they need other activation types
   ExpertRoutes routes;  // of the current layer, pointing into h / expert / weight
   std::unique_ptr<AttentionBackend::Pass> device;  // with an AttentionBackend
 };
@@ -162,12 +163,24 @@ void Transformer::AttentionAndRouteOnCpu(int64_t il, Pass* p) {
   const int64_t kvd = c.kv_dim();
   ConvertedRows& ch = p->converted;
   RmsNorm(p->x.data(), L.attn_norm.data(), n, d, c.rms_eps, p->h.data());
+  // Q, K and V in one parallel loop; the rows are converted once per activation type the three
+  // weight types need (Q4_K and Q6_K both take Q8_K rows).
+  const auto act_type = [](const WeightMatrix& w) { return GetTypeTraits(w.type).vec_dot_type; };
   ConvertRows(L.wq.type, p->h.data(), n, d, &ch, pool_);
-  MatMulConverted(L.wq, ch, p->q.data(), pool_);
-  if (L.wk.type != L.wq.type) ConvertRows(L.wk.type, p->h.data(), n, d, &ch, pool_);
-  MatMulConverted(L.wk, ch, p->kbuf.data(), pool_);
-  if (L.wv.type != L.wk.type) ConvertRows(L.wv.type, p->h.data(), n, d, &ch, pool_);
-  MatMulConverted(L.wv, ch, p->vbuf.data(), pool_);
+  const ConvertedRows* ck = &ch;
+  if (act_type(L.wk) != ch.type) {
+    ConvertRows(L.wk.type, p->h.data(), n, d, &p->converted_k, pool_);
+    ck = &p->converted_k;
+  }
+  const ConvertedRows* cv = act_type(L.wv) == ch.type ? &ch : ck;
+  if (act_type(L.wv) != cv->type) {
+    ConvertRows(L.wv.type, p->h.data(), n, d, &p->converted_v, pool_);
+    cv = &p->converted_v;
+  }
+  MatMulMany({{&L.wq, ch.Slice(0, n), p->q.data()},
+              {&L.wk, ck->Slice(0, n), p->kbuf.data()},
+              {&L.wv, cv->Slice(0, n), p->vbuf.data()}},
+             pool_);
   for (int64_t r = 0; r < n; ++r) {
     const BatchRow& row = p->rows[r];
     ApplyRope(&p->q[r * d], c.n_head, c.head_dim, c.n_rot, row.pos, c.rope_base);
