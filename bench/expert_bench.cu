@@ -82,15 +82,21 @@ absl::StatusOr<DecodeRun> Decode(const Model& model, ExpertBackend* experts, Thr
   return run;
 }
 
-absl::StatusOr<std::string> MiniDecode(const ExpertBenchOptions& o) {
-  std::string path = o.mini_model_path;
+// Greedy decode of a whole model (`path`; empty: a Q4_K_M model of `shape_name` with `n_layer`
+// layers (0: the shape's) synthesized into $TMPDIR) three ways: CPU engine, experts on the GPU,
+// experts and attention/router/head on the GPU. `key` names the JSON object.
+absl::StatusOr<std::string> ModelDecode(const ExpertBenchOptions& o, const std::string& key,
+                                        std::string path, const std::string& shape_name,
+                                        int64_t n_layer) {
   if (path.empty()) {
     const char* tmp = std::getenv("TMPDIR");
-    path = std::string(tmp != nullptr ? tmp : "/tmp") + "/moepool-expert-bench-mini.gguf";
+    path = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/moepool-expert-bench-", shape_name,
+                        n_layer > 0 ? absl::StrCat("-", n_layer, "l") : "", ".gguf");
     SynthOptions synth;
-    auto shape = SynthShapeByName("mini");
+    auto shape = SynthShapeByName(shape_name);
     if (!shape.ok()) return shape.status();
     synth.shape = *shape;
+    if (n_layer > 0) synth.shape.n_layer = n_layer;
     synth.type = "Q4_K_M";
     synth.out_path = path;
     BENCH_RETURN_IF_ERROR(SynthesizeModel(synth));
@@ -129,7 +135,7 @@ absl::StatusOr<std::string> MiniDecode(const ExpertBenchOptions& o) {
   const double gpu_tps = o.decode_tokens / gpu_run->decode_s;
   const double all_tps = o.decode_tokens / all_run->decode_s;
   return absl::StrFormat(
-      "  \"mini_decode\": {\"model\": \"%s\", \"expert_bytes\": %d, \"cpu_threads\": %d, "
+      "  \"%s\": {\"model\": \"%s\", \"expert_bytes\": %d, \"cpu_threads\": %d, "
       "\"prompt_tokens\": %d, \"decode_tokens\": %d,\n"
       "    \"cpu_experts_tokens_per_s\": %.2f, \"cuda_experts_tokens_per_s\": %.2f, "
       "\"speedup\": %.2f,\n"
@@ -137,7 +143,7 @@ absl::StatusOr<std::string> MiniDecode(const ExpertBenchOptions& o) {
       "    \"cpu_prefill_s\": %.3f, \"cuda_prefill_s\": %.3f, \"cuda_all_prefill_s\": %.3f, "
       "\"upload_s\": %.2f,\n"
       "    \"greedy_tokens_identical_prefix\": %d, \"all_on_gpu_identical_prefix\": %d}",
-      path, (*model)->ExpertBytes(), pool.size(), o.prompt_tokens, o.decode_tokens, cpu_tps,
+      key, path, (*model)->ExpertBytes(), pool.size(), o.prompt_tokens, o.decode_tokens, cpu_tps,
       gpu_tps, gpu_tps / cpu_tps, all_tps, all_tps / cpu_tps, cpu_run->prefill_s,
       gpu_run->prefill_s, all_run->prefill_s, upload_s, same_prefix(*gpu_run),
       same_prefix(*all_run));
@@ -278,9 +284,15 @@ absl::StatusOr<std::string> RunExpertBench(const ExpertBenchOptions& options) {
   if (!moe.ok()) return moe.status();
   absl::StrAppend(&parts, ",\n", *moe);
   if (options.mini_model_path != "-") {
-    auto mini = MiniDecode(options);
+    auto mini = ModelDecode(options, "mini_decode", options.mini_model_path, "mini", 0);
     if (!mini.ok()) return mini.status();
     absl::StrAppend(&parts, ",\n", *mini);
+  }
+  if (options.mixtral_decode_layers > 0) {
+    auto mixtral = ModelDecode(options, "mixtral_layers_decode", "", "mixtral-8x7b",
+                               options.mixtral_decode_layers);
+    if (!mixtral.ok()) return mixtral.status();
+    absl::StrAppend(&parts, ",\n", *mixtral);
   }
   absl::StrAppend(&parts, "\n}\n");
   return parts;

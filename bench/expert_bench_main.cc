@@ -1,5 +1,5 @@
 // moepool_expert_bench [--model MINI.gguf | --model -] [--device N] [--tokens N] [--layers N]
-//                      [--mixtral-cpu on|off]
+//                      [--mixtral-cpu on|off] [--mixtral-decode-layers N (0: skip)]
 // Prints the JSON of RunExpertBench (bench/expert_bench.h); progress and errors on stderr.
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +22,8 @@ int main(int argc, char** argv) {
       options.decode_tokens = std::atoi(value);
     } else if (flag == "--layers") {
       options.mixtral_layers = std::atoi(value);
+    } else if (flag == "--mixtral-decode-layers") {
+      options.mixtral_decode_layers = std::atoi(value);
     } else if (flag == "--mixtral-cpu") {
       options.mixtral_cpu = std::strcmp(value, "off") != 0;
     } else {

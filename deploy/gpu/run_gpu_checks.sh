@@ -3,7 +3,8 @@
 # listing, every CUDA suite with MOEPOOL_REQUIRE_GPU=1 (no device = failure, not a skip) and the
 # kernel benchmark and the expert backend benchmark. Everything goes to $OUT (default ./gpu-out):
 # nvidia-smi.txt, system.txt, tests.txt, tests.xml, bench.json, bench.txt, expert_bench.json,
-# expert_bench.txt, summary.txt. Exit status: 0 only if the tests
+# expert_bench.txt, summary.txt (the expert benchmark synthesizes a mini and a 4-layer
+# Mixtral-shaped model into $TMPDIR: about 5 GB of disk). Exit status: 0 only if the tests
 # passed.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
