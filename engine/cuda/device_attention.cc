@@ -80,25 +80,25 @@ class DevicePass : public AttentionBackend::Pass {
   // positions, then the block tables (int32), row r's at table_at[r]. The KvRowRef block
   // pointers are set when the image is written, for where it lands on the device.
   std::vector<KvRowRef> rows;
-  std::vector<int64_t> pos;
   std::vector<int32_t> tables;
   std::vector<size_t> table_at;  // per row, index into tables
 
   size_t meta_bytes() const {
-    return sizeof(KvRowRef) * rows.size() + sizeof(int64_t) * pos.size() +
-           sizeof(int32_t) * tables.size();
+    return (sizeof(KvRowRef) + sizeof(int64_t)) * rows.size() + sizeof(int32_t) * tables.size();
   }
   // Writes the metadata image for a device copy at `device` into `host` (meta_bytes()).
   void WriteMeta(const unsigned char* device, unsigned char* host) const {
     const size_t rows_bytes = sizeof(KvRowRef) * rows.size();
-    const size_t pos_bytes = sizeof(int64_t) * pos.size();
+    const size_t pos_bytes = sizeof(int64_t) * rows.size();
     const auto* device_tables = reinterpret_cast<const int32_t*>(device + rows_bytes + pos_bytes);
     for (size_t r = 0; r < rows.size(); ++r) {
       KvRowRef row = rows[r];
       row.blocks = device_tables + table_at[r];
       std::memcpy(host + r * sizeof(KvRowRef), &row, sizeof(KvRowRef));
     }
-    std::memcpy(host + rows_bytes, pos.data(), pos_bytes);
+    for (size_t r = 0; r < rows.size(); ++r) {  // the positions again, as RoPE's array
+      std::memcpy(host + rows_bytes + r * sizeof(int64_t), &rows[r].pos, sizeof(int64_t));
+    }
     std::memcpy(host + rows_bytes + pos_bytes, tables.data(), sizeof(int32_t) * tables.size());
   }
 };
@@ -161,7 +161,6 @@ class DeviceAttentionBackend : public AttentionBackend {
       ref.layer_stride = static_cast<size_t>(pool.block_size() * pool.kv_dim());
       ref.pos = row.pos;
       pass->rows.push_back(ref);
-      pass->pos.push_back(row.pos);
       pass->table_at.push_back(it->second);
       pass->max_kv = std::max(pass->max_kv, row.pos + 1);
     }
