@@ -3,11 +3,14 @@
 #ifndef MOEPOOL_TESTS_ENGINE_CUDA_FFN_TEST_UTIL_H_
 #define MOEPOOL_TESTS_ENGINE_CUDA_FFN_TEST_UTIL_H_
 
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/expert_backend.h"
+#include "engine/model.h"
 
 namespace moepool::cuda {
 
@@ -20,6 +23,11 @@ bool GpuRequired();
 // source tree, else from <shared testdata>/vocab/mistral-vocab.gguf.
 absl::StatusOr<std::string> SynthModelForCudaTests(const std::string& shape,
                                                    const std::string& type);
+
+// The ExpertBackend contract evaluated with the kernels' host references (RefExpertFfn: f32
+// activations, like the CUDA kernels, where the CPU engine rounds them to q8): what the CUDA
+// expert backend computes, on the host. `model` is borrowed. Slow; for tiny models.
+std::unique_ptr<ExpertBackend> CreateReferenceExpertBackend(const Model* model);
 
 // max |a - b| / max |b| over equal-length vectors (|a - b| alone when b is all zeros).
 double RelMaxError(const std::vector<float>& a, const std::vector<float>& b);

@@ -28,52 +28,11 @@
 namespace moepool::cuda {
 namespace {
 
-MatrixRef Ref(const WeightMatrix& w) {
-  return MatrixRef{w.type, w.data, w.row_bytes, w.rows, w.cols};
-}
-
-// The ExpertBackend contract evaluated with RefExpertFfn (f32 activations, like the kernels).
-class ReferenceExpertBackend : public ExpertBackend {
- public:
-  explicit ReferenceExpertBackend(const Model* model) : model_(model) {}
-  absl::Status Compute(const ExpertRoutes& routes, float* out) override {
-    const ModelConfig& c = model_->config();
-    if (routes.layer < 0 || routes.layer >= c.n_layer || routes.n_embd != c.n_embd) {
-      return absl::InvalidArgumentError("bad layer or row width");
-    }
-    const LayerWeights& L = model_->layer(routes.layer);
-    const int64_t d = routes.n_embd;
-    std::fill(out, out + routes.n_rows * d, 0.0f);
-    std::vector<float> y(static_cast<size_t>(d));
-    for (int32_t e = 0; e < c.n_expert; ++e) {
-      for (int64_t r = 0; r < routes.n_rows; ++r) {
-        for (int j = 0; j < routes.k; ++j) {
-          if (routes.expert[r * routes.k + j] != e) continue;
-          const ExpertWeights& w = L.experts[static_cast<size_t>(e)];
-          if (!w.present()) return absl::InvalidArgumentError("expert not held");
-          absl::Status s =
-              RefExpertFfn(Ref(w.gate), Ref(w.up), Ref(w.down), routes.x + r * d, 1, y.data());
-          if (!s.ok()) return s;
-          const float wt = routes.weight[r * routes.k + j];
-          for (int64_t i = 0; i < d; ++i) {
-            const float p = wt * y[static_cast<size_t>(i)];
-            out[r * d + i] += p;
-          }
-        }
-      }
-    }
-    return absl::OkStatus();
-  }
-
- private:
-  const Model* model_;
-};
-
 struct ReferenceBackendDevice {
   static absl::Status Available() { return absl::OkStatus(); }
   static absl::StatusOr<std::unique_ptr<ExpertBackend>> Create(const Model* model,
                                                                const CudaExpertOptions&) {
-    return std::unique_ptr<ExpertBackend>(new ReferenceExpertBackend(model));
+    return CreateReferenceExpertBackend(model);
   }
 };
 
@@ -173,7 +132,7 @@ TYPED_TEST_SUITE(MoeFfnCudaTest, BackendDevices, ReferenceOrCudaNames<ReferenceB
 TYPED_TEST(MoeFfnCudaTest, MatchesLocalBackendOnEveryLayer) {
   ThreadPool pool(2);
   LocalExpertBackend local(this->model_.get(), &pool);
-  ReferenceExpertBackend reference(this->model_.get());
+  std::unique_ptr<ExpertBackend> reference = CreateReferenceExpertBackend(this->model_.get());
   std::unique_ptr<ExpertBackend> invariant = this->Backend(64, /*batch_invariant=*/true);
   std::unique_ptr<ExpertBackend> tiled = this->Backend(64, /*batch_invariant=*/false);
   std::unique_ptr<ExpertBackend> tensor =
@@ -192,7 +151,7 @@ TYPED_TEST(MoeFfnCudaTest, MatchesLocalBackendOnEveryLayer) {
       const ExpertRoutes routes = this->Routes(layer, n, k);
       std::vector<float> cpu(this->x_.size()), ref(cpu.size());
       ASSERT_TRUE(local.Compute(routes, cpu.data()).ok());
-      ASSERT_TRUE(reference.Compute(routes, ref.data()).ok());
+      ASSERT_TRUE(reference->Compute(routes, ref.data()).ok());
       for (ExpertBackend* backend : {invariant.get(), tiled.get(), tensor.get()}) {
         std::vector<float> got(cpu.size());
         const absl::Status s = backend->Compute(routes, got.data());
