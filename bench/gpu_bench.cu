@@ -1,9 +1,11 @@
 // `moepool_gpu_tests --bench`: QuantMatVec bandwidth as a share of the same device's
-// device-to-device copy bandwidth (see bench/gpu_bench.h).
+// device-to-device copy bandwidth, QuantMatMul throughput and the attention cases of
+// gpu_attention_bench.cu (see bench/gpu_bench.h).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -142,10 +144,18 @@ absl::StatusOr<std::string> RunGpuBench(const GpuBenchOptions& options) {
                         GetTypeTraits(type).name, rows, cols, rows * row_bytes, *vec_ms, vec_gbs,
                         vec_gbs / copy_gbs, batches));
   }
+  *src = DeviceBuffer();
+  auto attention =
+      RunAttentionBench(copy_gbs, options.iterations,
+                        [](int iterations, const std::function<absl::Status()>& launch) {
+                          return MedianMs(iterations, launch);
+                        });
+  if (!attention.ok()) return attention.status();
   return absl::StrFormat(
       "{\n  \"device\": \"%s\", \"sm_count\": %d, \"l2_bytes\": %d, \"working_set_bytes\": %d,\n"
-      "  \"copy_ms\": %.4f, \"copy_gbs\": %.1f,\n  \"kernels\": [\n%s\n  ]\n}\n",
-      name, props->sm_count, props->l2_bytes, working_set, *copy_ms, copy_gbs, kernels);
+      "  \"copy_ms\": %.4f, \"copy_gbs\": %.1f,\n  \"kernels\": [\n%s\n  ],\n"
+      "  \"attention\": [\n%s\n  ]\n}\n",
+      name, props->sm_count, props->l2_bytes, working_set, *copy_ms, copy_gbs, kernels, *attention);
 }
 
 }  // namespace moepool

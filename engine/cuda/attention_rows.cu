@@ -1,6 +1,6 @@
 // Launchers of the batched attention kernels of the device forward pass (expert_kernels.h):
-// RoPE, K/V store and causal attention over a batch whose rows each have their own position and
-// cache, and the residual add.
+// RoPE, K/V store and causal attention (tiled, split positions, merged) over a batch whose rows
+// each have their own position and cache, and the residual add.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -44,23 +44,32 @@ absl::Status LaunchStoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, i
   return LaunchStatus("StoreKvRowsKernel");
 }
 
-absl::Status LaunchAttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
-                                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
-                                 float* out, float* scratch, int64_t max_kv, void* stream) {
-  if (n_head_kv <= 0 || n_head % n_head_kv != 0 || head_dim > kMaxHeadDim || max_kv <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("attention of ", n_head, " heads over ",
-                                                   n_head_kv, " KV heads of size ", head_dim,
-                                                   " and up to ", max_kv, " positions"));
+absl::Status LaunchAttentionTiles(const float* q, const KvRowRef* rows, const AttnTile* tiles,
+                                  int64_t n_tiles, int64_t r0, int64_t n_rows, int64_t layer,
+                                  int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
+                                  int64_t n_splits, float* partial, float* out, void* stream) {
+  if (absl::Status s = CheckAttentionShape(n_head, n_head_kv, head_dim); !s.ok()) return s;
+  if (n_tiles <= 0 || n_rows <= 0) return absl::OkStatus();
+  if (n_splits <= 0 || n_splits > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("attention over ", n_splits, " splits"));
   }
-  // gridDim.y is limited to 65535 rows per launch.
-  for (int64_t r0 = 0; r0 < n; r0 += 65535) {
-    const int64_t m = std::min<int64_t>(65535, n - r0);
-    const int64_t width = n_head * head_dim;
+  const int64_t group = n_head / n_head_kv;
+  // gridDim.z and gridDim.y are limited to 65535 per launch.
+  for (int64_t t0 = 0; t0 < n_tiles; t0 += 65535) {
+    const int64_t m = std::min<int64_t>(65535, n_tiles - t0);
+    const dim3 grid(static_cast<unsigned>(n_head_kv), static_cast<unsigned>(n_splits),
+                    static_cast<unsigned>(m));
+    AttentionTileKernel<<<grid, kAttnTileThreads, 0, AsStream(stream)>>>(
+        q, rows, tiles + t0, r0, layer, n_head, group, head_dim, scale, n_splits, partial);
+    if (absl::Status s = LaunchStatus("AttentionTileKernel"); !s.ok()) return s;
+  }
+  for (int64_t b0 = 0; b0 < n_rows; b0 += 65535) {
+    const int64_t m = std::min<int64_t>(65535, n_rows - b0);
     const dim3 grid(static_cast<unsigned>(n_head), static_cast<unsigned>(m));
-    AttentionRowsKernel<<<grid, kAttnThreads, 0, AsStream(stream)>>>(
-        q + r0 * width, rows + r0, layer, n_head, n_head / n_head_kv, head_dim, scale,
-        out + r0 * width, scratch + r0 * n_head * max_kv, max_kv);
-    if (absl::Status s = LaunchStatus("AttentionRowsKernel"); !s.ok()) return s;
+    AttentionMergeKernel<<<grid, 128, 0, AsStream(stream)>>>(
+        partial + b0 * n_head * n_splits * (head_dim + 2), rows, r0 + b0, n_head, head_dim,
+        n_splits, out);
+    if (absl::Status s = LaunchStatus("AttentionMergeKernel"); !s.ok()) return s;
   }
   return absl::OkStatus();
 }

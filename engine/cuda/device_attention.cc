@@ -19,6 +19,7 @@
 namespace moepool {
 namespace {
 
+using cuda::AttnTile;
 using cuda::DeviceMemory;
 using cuda::DeviceOps;
 using cuda::KvRowRef;
@@ -46,7 +47,7 @@ size_t AlignUp(size_t n) { return (n + 255) / 256 * 256; }
 
 // Where one layer call's transfers live in the device buffer io_ (and the host staging buffer):
 // [meta | x] go up in one copy, [x | h | expert | weight] come back in one. meta is the pass's
-// KvRowRef rows, then its positions (int64), then its block tables (int32).
+// KvRowRef rows, then its positions (int64), its block tables (int32) and its attention tiles.
 struct IoLayout {
   IoLayout(size_t meta_bytes, int64_t n, int64_t n_embd, int64_t k) {
     const size_t rows_bytes = sizeof(float) * static_cast<size_t>(n * n_embd);
@@ -75,17 +76,23 @@ struct Scratch {
 class DevicePass : public AttentionBackend::Pass {
  public:
   int64_t n = 0;
-  int64_t max_kv = 0;  // largest pos + 1
   // The per-row metadata, uploaded before each layer (WriteMeta): n KvRowRef, then n int64
-  // positions, then the block tables (int32), row r's at table_at[r]. The KvRowRef block
-  // pointers are set when the image is written, for where it lands on the device.
+  // positions, then the block tables (int32), row r's at table_at[r], then the attention tiles.
+  // The KvRowRef block pointers are set when the image is written, for where it lands on the
+  // device.
   std::vector<KvRowRef> rows;
   std::vector<int32_t> tables;
   std::vector<size_t> table_at;  // per row, index into tables
+  // Attention runs in chunks of `chunk` rows (so that its scratch fits); chunk c's tiles are
+  // tiles[chunk_tiles[c] .. chunk_tiles[c + 1]) and its rows need chunk_splits[c] splits.
+  std::vector<AttnTile> tiles;
+  int64_t chunk = 1;
+  std::vector<size_t> chunk_tiles;
+  std::vector<int64_t> chunk_splits;
 
-  size_t meta_bytes() const {
-    return (sizeof(KvRowRef) + sizeof(int64_t)) * rows.size() + sizeof(int32_t) * tables.size();
-  }
+  size_t tables_offset() const { return (sizeof(KvRowRef) + sizeof(int64_t)) * rows.size(); }
+  size_t tiles_offset() const { return tables_offset() + sizeof(int32_t) * tables.size(); }
+  size_t meta_bytes() const { return tiles_offset() + sizeof(AttnTile) * tiles.size(); }
   // Writes the metadata image for a device copy at `device` into `host` (meta_bytes()).
   void WriteMeta(const unsigned char* device, unsigned char* host) const {
     const size_t rows_bytes = sizeof(KvRowRef) * rows.size();
@@ -100,6 +107,7 @@ class DevicePass : public AttentionBackend::Pass {
       std::memcpy(host + rows_bytes + r * sizeof(int64_t), &rows[r].pos, sizeof(int64_t));
     }
     std::memcpy(host + rows_bytes + pos_bytes, tables.data(), sizeof(int32_t) * tables.size());
+    std::memcpy(host + tiles_offset(), tiles.data(), sizeof(AttnTile) * tiles.size());
   }
 };
 
@@ -111,10 +119,7 @@ class DeviceAttentionBackend : public AttentionBackend {
 
   absl::Status Upload() {
     RETURN_IF_ERROR(ops_->Activate());
-    if (c_.head_dim > 512) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("head size ", c_.head_dim, " exceeds the attention kernel's 512"));
-    }
+    RETURN_IF_ERROR(cuda::CheckAttentionShape(c_.n_head, c_.n_head_kv, c_.head_dim));
     if (c_.n_expert > cuda::kMaxRouted) {
       return absl::InvalidArgumentError(
           absl::StrCat(c_.n_expert, " experts exceed the router kernel's ", cuda::kMaxRouted));
@@ -162,8 +167,8 @@ class DeviceAttentionBackend : public AttentionBackend {
       ref.pos = row.pos;
       pass->rows.push_back(ref);
       pass->table_at.push_back(it->second);
-      pass->max_kv = std::max(pass->max_kv, row.pos + 1);
     }
+    PlanTiles(rows, pass.get());
     return pass;
   }
 
@@ -209,15 +214,17 @@ class DeviceAttentionBackend : public AttentionBackend {
         ops_->RopeRows(kb, kvd, n, c_.n_head_kv, c_.head_dim, c_.n_rot, c_.rope_base, pos));
     RETURN_IF_ERROR(ops_->StoreKvRows(rows, n, il, kvd, kb, vb));
     const float scale = 1.0f / std::sqrt(static_cast<float>(c_.head_dim));
-    const int64_t per_row = c_.n_head * pass->max_kv;
-    const int64_t chunk =
-        std::clamp<int64_t>(options_.max_scratch_floats / std::max<int64_t>(per_row, 1), 1, n);
-    RETURN_IF_ERROR(Ensure(&scores_, sizeof(float) * static_cast<size_t>(chunk * per_row)));
-    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-      const int64_t m = std::min(chunk, n - r0);
-      RETURN_IF_ERROR(ops_->AttentionRows(q + r0 * d, rows + r0, m, il, c_.n_head, c_.n_head_kv,
-                                          c_.head_dim, scale, attn + r0 * d, scores_.as<float>(),
-                                          pass->max_kv));
+    const auto* tiles = reinterpret_cast<const AttnTile*>(dev + pass->tiles_offset());
+    for (size_t ci = 0; ci + 1 < pass->chunk_tiles.size(); ++ci) {
+      const int64_t r0 = static_cast<int64_t>(ci) * pass->chunk;
+      const int64_t m = std::min(pass->chunk, n - r0);
+      const int64_t splits = pass->chunk_splits[ci];
+      RETURN_IF_ERROR(
+          Ensure(&partial_, sizeof(float) * static_cast<size_t>(m * PartialFloatsPerRow(splits))));
+      const size_t t0 = pass->chunk_tiles[ci];
+      RETURN_IF_ERROR(ops_->AttentionTiles(
+          q, rows, tiles + t0, static_cast<int64_t>(pass->chunk_tiles[ci + 1] - t0), r0, m, il,
+          c_.n_head, c_.n_head_kv, c_.head_dim, scale, splits, partial_.as<float>(), attn));
     }
     RETURN_IF_ERROR(ops_->MatMul(L.wo.ref, attn, n, q));  // q is free again
     RETURN_IF_ERROR(ops_->AddInPlace(xd, q, n * d));
@@ -266,6 +273,44 @@ class DeviceAttentionBackend : public AttentionBackend {
   }
 
  private:
+  int64_t PartialFloatsPerRow(int64_t splits) const {
+    return c_.n_head * splits * (c_.head_dim + 2);
+  }
+
+  // Cuts the pass into attention chunks whose partials fit max_scratch_floats, and each chunk
+  // into tiles: runs of consecutive rows of one cache at consecutive positions, at most
+  // AttnTileRows rows. Neither depends on how a row's result is computed: a row's bits are the
+  // same in any tile (expert_kernels.h).
+  void PlanTiles(absl::Span<const BatchRow> rows, DevicePass* pass) const {
+    const int64_t n = pass->n;
+    int64_t max_splits = 1;
+    for (const BatchRow& row : rows)
+      max_splits = std::max(max_splits, row.pos / cuda::kAttnSplit + 1);
+    pass->chunk = std::clamp<int64_t>(options_.max_scratch_floats / PartialFloatsPerRow(max_splits),
+                                      1, std::max<int64_t>(n, 1));
+    const int64_t tile_rows = cuda::AttnTileRows(c_.n_head / c_.n_head_kv, c_.head_dim);
+    for (int64_t r = 0; r < n; ++r) {
+      const BatchRow& row = rows[static_cast<size_t>(r)];
+      if (r % pass->chunk == 0) {
+        pass->chunk_tiles.push_back(pass->tiles.size());
+        pass->chunk_splits.push_back(1);
+      }
+      AttnTile* last =
+          pass->tiles.size() > pass->chunk_tiles.back() ? &pass->tiles.back() : nullptr;
+      const bool extends = last != nullptr && last->count < tile_rows &&
+                           rows[static_cast<size_t>(r - 1)].cache == row.cache &&
+                           rows[static_cast<size_t>(r - 1)].pos + 1 == row.pos;
+      if (extends) {
+        ++last->count;
+      } else {
+        pass->tiles.push_back(AttnTile{static_cast<int32_t>(r), 1});
+      }
+      int64_t& splits = pass->chunk_splits.back();
+      splits = std::max(splits, row.pos / cuda::kAttnSplit + 1);
+    }
+    pass->chunk_tiles.push_back(pass->tiles.size());
+  }
+
   absl::Status UploadBytes(const void* host, size_t bytes, DeviceMemory* out) {
     ASSIGN_OR_RETURN(*out, ops_->Allocate(bytes));
     uploaded_ += bytes;
@@ -359,7 +404,7 @@ class DeviceAttentionBackend : public AttentionBackend {
   int64_t rows_capacity_ = 0;
   Scratch q_, attn_, k_, v_, router_logits_;  // [rows x width]
   Scratch io_;                                // a layer call's transfers (IoLayout)
-  Scratch scores_;                            // attention scores
+  Scratch partial_;                           // attention partials (per split)
   Scratch logits_;                            // head output
   std::vector<unsigned char> stage_;          // host side of io_
 };

@@ -28,15 +28,17 @@
 namespace moepool {
 
 struct DeviceAttentionOptions {
-  // Upper bound of the attention score scratch (floats); rows are attended in chunks that fit.
+  // Upper bound of the attention scratch (floats: per row, head and split of kAttnSplit
+  // positions, head_dim + 2); rows are attended in chunks that fit.
   int64_t max_scratch_floats = int64_t{64} << 20;
   bool show_progress = false;  // one line on stderr with the uploaded bytes
 };
 
 // `model` is borrowed (must outlive the backend) and must bind the non-expert weights; `ops` is
 // owned. Errors: RESOURCE_EXHAUSTED when the weights do not fit, UNIMPLEMENTED for a weight type
-// without a kernel, INVALID_ARGUMENT for a model the kernels cannot run (head size over 512, more
-// than 64 experts), the ops' errors otherwise.
+// without a kernel, INVALID_ARGUMENT for a model the kernels cannot run (head size over 256, more
+// query heads per KV head than the attention kernel holds, more than 64 experts), the ops' errors
+// otherwise.
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateDeviceAttentionBackend(
     const Model* model, std::unique_ptr<cuda::DeviceOps> ops,
     const DeviceAttentionOptions& options = {});

@@ -48,9 +48,13 @@ class DeviceOps {
                                 const int64_t* pos) = 0;
   virtual absl::Status StoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, int64_t kv_dim,
                                    const float* k, const float* v) = 0;
-  virtual absl::Status AttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
-                                     int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                                     float scale, float* out, float* scratch, int64_t max_kv) = 0;
+  // LaunchAttentionTiles: the rows of tiles (batch rows r0 .. r0 + n_rows - 1), partial as
+  // scratch of n_rows * n_head * n_splits * (head_dim + 2) floats.
+  virtual absl::Status AttentionTiles(const float* q, const KvRowRef* rows, const AttnTile* tiles,
+                                      int64_t n_tiles, int64_t r0, int64_t n_rows, int64_t layer,
+                                      int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                                      float scale, int64_t n_splits, float* partial,
+                                      float* out) = 0;
   virtual absl::Status AddInPlace(float* x, const float* y, int64_t n) = 0;
   virtual absl::Status RouteTopK(const float* logits, int64_t n_rows, int n_expert, int k,
                                  int32_t* expert, float* weight) = 0;

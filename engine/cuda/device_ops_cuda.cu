@@ -58,11 +58,12 @@ class CudaDeviceOps : public DeviceOps {
                            const float* k, const float* v) override {
     return LaunchStoreKvRows(rows, n, layer, kv_dim, k, v, stream_.get());
   }
-  absl::Status AttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
-                             int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
-                             float* out, float* scratch, int64_t max_kv) override {
-    return LaunchAttentionRows(q, rows, n, layer, n_head, n_head_kv, head_dim, scale, out, scratch,
-                               max_kv, stream_.get());
+  absl::Status AttentionTiles(const float* q, const KvRowRef* rows, const AttnTile* tiles,
+                              int64_t n_tiles, int64_t r0, int64_t n_rows, int64_t layer,
+                              int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
+                              int64_t n_splits, float* partial, float* out) override {
+    return LaunchAttentionTiles(q, rows, tiles, n_tiles, r0, n_rows, layer, n_head, n_head_kv,
+                                head_dim, scale, n_splits, partial, out, stream_.get());
   }
   absl::Status AddInPlace(float* x, const float* y, int64_t n) override {
     return LaunchAddInPlace(x, y, n, stream_.get());

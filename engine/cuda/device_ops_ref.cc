@@ -74,14 +74,13 @@ class ReferenceDeviceOps : public DeviceOps {
     RefStoreKvRows(rows, n, layer, kv_dim, k, v);
     return absl::OkStatus();
   }
-  absl::Status AttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
-                             int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
-                             float* out, float* /*scratch*/, int64_t /*max_kv*/) override {
-    if (n_head_kv <= 0 || n_head % n_head_kv != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(n_head, " query heads do not group over ", n_head_kv, " KV heads"));
-    }
-    RefAttentionRows(q, rows, n, layer, n_head, n_head_kv, head_dim, scale, out);
+  absl::Status AttentionTiles(const float* q, const KvRowRef* rows, const AttnTile* tiles,
+                              int64_t n_tiles, int64_t r0, int64_t n_rows, int64_t layer,
+                              int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
+                              int64_t n_splits, float* partial, float* out) override {
+    if (absl::Status s = CheckAttentionShape(n_head, n_head_kv, head_dim); !s.ok()) return s;
+    RefAttentionTiles(q, rows, tiles, n_tiles, r0, n_rows, layer, n_head, n_head_kv, head_dim,
+                      scale, n_splits, partial, out);
     return absl::OkStatus();
   }
   absl::Status AddInPlace(float* x, const float* y, int64_t n) override {

@@ -10,8 +10,9 @@
 //   RmsNormKernel         one block per row, f64 sum of squares
 //   RopeKernel            one thread per (head, pair)
 //   RouteKernel           one thread per row (RouteRow)
-//   AttentionDecodeKernel one block per query head over a paged f16 cache (AttendHeadBlock)
-//   AttentionRowsKernel   the same for (head, row) pairs of a batch, each row over its own cache
+//   AttentionTileKernel   causal attention of a batch, tiles of one sequence's rows per KV head,
+//                         positions in fixed splits (online softmax); AttentionMergeKernel
+//                         merges each query's splits
 //   RopeRowsKernel        RoPE of a batch, each row at its own position
 //   StoreKvRowsKernel     a batch's K/V rounded to half into its pool slots
 //   AddInPlaceKernel      the residual add
@@ -147,84 +148,110 @@ __global__ void RouteKernel(const float* __restrict__ logits, int64_t n_rows, in
   RouteRow(logits + r * n_expert, n_expert, k, expert + r * k, weight + r * k);
 }
 
-inline constexpr int kAttnThreads = 128;
-inline constexpr int kMaxHeadDim = 512;
+inline constexpr int kAttnTileThreads = 128;
+inline constexpr int kAttnQueryElems = 4096;  // AttnMaxQueries(hd) * hd <= this
+inline constexpr int kAttnKStride = 2;        // K rows padded by 2 halves: no bank conflicts
+inline constexpr int kAttnKElems = kAttnQueryElems + 32 * kAttnKStride;
+inline constexpr int kAttnMaxStep = 32;
+inline constexpr int kAttnAccPerThread = kAttnQueryElems / kAttnTileThreads;
 
-MOEPOOL_HD const uint16_t* KvRow(const uint16_t* base, const KvDeviceView& kv, int64_t p) {
-  return base + static_cast<size_t>(kv.blocks[p / kv.block_size]) * kv.block_stride +
-         static_cast<size_t>(p % kv.block_size) * kv.stride;
-}
-
-template <bool kMax>
-MOEPOOL_DEVICE float BlockReduce(float v, float* shared) {
-  for (int off = 16; off > 0; off /= 2) {
-    const float o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = kMax ? fmaxf(v, o) : v + o;
+// Grid (n_head_kv, splits, tiles): block (g, s, t) attends the query heads of KV head g of the
+// rows of tiles[t] over positions [s * kAttnSplit, (s + 1) * kAttnSplit) (each query only up to
+// its own position) and writes each query's partial [head_dim accumulators, max, sum] for split
+// s. Query qi of the tile is row first + qi / group, head g * group + qi % group. Per step the
+// block loads AttnStepPositions(hd) positions of K and V once into shared memory; every thread
+// then scores (query, position) pairs, one thread per query runs its softmax step and every
+// thread advances the accumulators of the (query, dimension) elements it owns.
+__global__ void __launch_bounds__(kAttnTileThreads)
+    AttentionTileKernel(const float* __restrict__ q, const KvRowRef* __restrict__ rows,
+                        const AttnTile* __restrict__ tiles, int64_t r0, int64_t layer,
+                        int64_t n_head, int64_t group, int64_t hd, float scale, int64_t n_splits,
+                        float* __restrict__ partial) {
+  __shared__ float qs[kAttnQueryElems];
+  __shared__ uint16_t ks[kAttnKElems];
+  __shared__ uint16_t vs[kAttnQueryElems];
+  __shared__ float ps[kAttnMaxStep * kAttnMaxStep];
+  __shared__ float ms[kAttnMaxStep], ls[kAttnMaxStep], fs[kAttnMaxStep];
+  const AttnTile tile = tiles[blockIdx.z];
+  const int64_t g = blockIdx.x;
+  const int64_t split = blockIdx.y;
+  const int64_t last_pos = rows[tile.first + tile.count - 1].pos;
+  const int64_t s0 = split * kAttnSplit;
+  if (s0 > last_pos) return;  // the whole block leaves
+  const int64_t s1 = last_pos + 1 < s0 + kAttnSplit ? last_pos + 1 : s0 + kAttnSplit;
+  const int nq = static_cast<int>(tile.count * group);
+  const int64_t step = AttnStepPositions(hd);
+  const int64_t ks_stride = hd + kAttnKStride;
+  const int64_t width = n_head * hd;
+  const KvDeviceView kv = RowKvView(rows[tile.first], layer, (n_head / group) * hd);
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int64_t e = tid; e < nq * hd; e += kAttnTileThreads) {
+    const int64_t qi = e / hd;
+    qs[e] = q[(tile.first + qi / group) * width + (g * group + qi % group) * hd + e % hd];
   }
-  const int warp = static_cast<int>(threadIdx.x) / 32;
-  if ((threadIdx.x & 31) == 0) shared[warp] = v;
-  __syncthreads();
-  float r = shared[0];
-  for (int i = 1; i < kAttnThreads / 32; ++i) r = kMax ? fmaxf(r, shared[i]) : r + shared[i];
-  __syncthreads();
-  return r;
-}
-
-// One query head h of one token over kv, as a whole block: the threads score positions in
-// parallel (into score [kv.n_kv]), the block reduces max and sum, then each thread owns output
-// dimensions and visits positions in ascending order (as the CPU reference does).
-MOEPOOL_DEVICE void AttendHeadBlock(const float* __restrict__ q, int64_t h, int64_t group,
-                                    int64_t hd, const KvDeviceView& kv, float scale,
-                                    float* __restrict__ out, float* __restrict__ score) {
-  __shared__ float qs[kMaxHeadDim];
-  __shared__ float red[kAttnThreads / 32];
-  const int64_t kv_off = (h / group) * hd;
-  for (int64_t i = threadIdx.x; i < hd; i += kAttnThreads) qs[i] = q[h * hd + i];
-  __syncthreads();
-  float mx = -INFINITY;
-  for (int64_t p = threadIdx.x; p < kv.n_kv; p += kAttnThreads) {
-    const uint16_t* k = KvRow(kv.k, kv, p) + kv_off;
-    float dot = 0.0f;
-    for (int64_t i = 0; i < hd; ++i) dot += qs[i] * HalfToFloat(k[i]);
-    score[p] = dot * scale;
-    mx = fmaxf(mx, score[p]);
+  if (tid < nq) {
+    ms[tid] = -INFINITY;
+    ls[tid] = 0.0f;
   }
-  mx = BlockReduce<true>(mx, red);
-  float sum = 0.0f;
-  for (int64_t p = threadIdx.x; p < kv.n_kv; p += kAttnThreads) {
-    score[p] = expf(score[p] - mx);
-    sum += score[p];
-  }
-  sum = BlockReduce<false>(sum, red);  // also orders the score writes before the reads below
-  const float inv = 1.0f / sum;
-  for (int64_t i = threadIdx.x; i < hd; i += kAttnThreads) {
-    float o = 0.0f;
-    for (int64_t p = 0; p < kv.n_kv; ++p) {
-      o += score[p] * inv * HalfToFloat(KvRow(kv.v, kv, p)[kv_off + i]);
+  float acc[kAttnAccPerThread];
+  MOEPOOL_PRAGMA(unroll)
+  for (int k = 0; k < kAttnAccPerThread; ++k) acc[k] = 0.0f;
+  __syncthreads();
+  for (int64_t p0 = s0; p0 < s1; p0 += step) {
+    const int np = static_cast<int>(s1 - p0 < step ? s1 - p0 : step);
+    for (int64_t e = tid; e < np * hd; e += kAttnTileThreads) {
+      const int64_t i = e / hd, d = e % hd;
+      ks[i * ks_stride + d] = KvRowAt(kv.k, kv, p0 + i)[g * hd + d];
+      vs[e] = KvRowAt(kv.v, kv, p0 + i)[g * hd + d];
     }
-    out[h * hd + i] = o;
+    __syncthreads();
+    for (int e = tid; e < nq * np; e += kAttnTileThreads) {
+      const int qi = e / np, i = e % np;
+      const int64_t qpos = rows[tile.first + qi / group].pos;
+      ps[qi * kAttnMaxStep + i] =
+          p0 + i <= qpos ? AttnScore(qs + qi * hd, ks + i * ks_stride, hd, scale) : -INFINITY;
+    }
+    __syncthreads();
+    if (tid < nq) fs[tid] = AttnSoftmaxStep(ps + tid * kAttnMaxStep, np, &ms[tid], &ls[tid]);
+    __syncthreads();
+    MOEPOOL_PRAGMA(unroll)
+    for (int k = 0; k < kAttnAccPerThread; ++k) {
+      const int64_t e = tid + k * kAttnTileThreads;
+      if (e < nq * hd) {
+        const int64_t qi = e / hd;
+        acc[k] = AttnAccumulate(acc[k], fs[qi], ps + qi * kAttnMaxStep, vs + e % hd, hd, np);
+      }
+    }
+    __syncthreads();  // the next step overwrites ks, vs and ps
+  }
+  MOEPOOL_PRAGMA(unroll)
+  for (int k = 0; k < kAttnAccPerThread; ++k) {
+    const int64_t e = tid + k * kAttnTileThreads;
+    if (e >= nq * hd) continue;
+    const int64_t qi = e / hd, d = e % hd;
+    const int64_t row = tile.first + qi / group;
+    if (rows[row].pos < s0) continue;  // this split is beyond the query: not merged
+    float* out =
+        partial + (((row - r0) * n_head + g * group + qi % group) * n_splits + split) * (hd + 2);
+    out[d] = acc[k];
+    if (d == 0) {
+      out[hd] = ms[qi];
+      out[hd + 1] = ls[qi];
+    }
   }
 }
 
-// One block per query head of one token.
-__global__ void AttentionDecodeKernel(const float* __restrict__ q, int64_t group, int64_t hd,
-                                      KvDeviceView kv, float scale, float* __restrict__ out,
-                                      float* __restrict__ scratch) {
-  const int64_t h = blockIdx.x;
-  AttendHeadBlock(q, h, group, hd, kv, scale, out, scratch + h * kv.n_kv);
-}
-
-// Grid (n_head, n rows): block (h, r) attends query head h of row r over the row's positions.
-__global__ void AttentionRowsKernel(const float* __restrict__ q, const KvRowRef* __restrict__ rows,
-                                    int64_t layer, int64_t n_head, int64_t group, int64_t hd,
-                                    float scale, float* __restrict__ out,
-                                    float* __restrict__ scratch, int64_t max_kv) {
+// Grid (n_head, rows): block (h, r) merges the splits of query head h of row r0 + r into out.
+__global__ void AttentionMergeKernel(const float* __restrict__ partial,
+                                     const KvRowRef* __restrict__ rows, int64_t r0, int64_t n_head,
+                                     int64_t hd, int64_t n_splits, float* __restrict__ out) {
   const int64_t h = blockIdx.x;
   const int64_t r = blockIdx.y;
-  const int64_t width = n_head * hd;
-  const KvDeviceView kv = RowKvView(rows[r], layer, (n_head / group) * hd);
-  AttendHeadBlock(q + r * width, h, group, hd, kv, scale, out + r * width,
-                  scratch + (r * n_head + h) * max_kv);
+  const int64_t splits = rows[r0 + r].pos / kAttnSplit + 1;
+  const float* base = partial + (r * n_head + h) * n_splits * (hd + 2);
+  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
+    out[(r0 + r) * n_head * hd + h * hd + d] = AttnMerge(base, splits, hd, d);
+  }
 }
 
 // Grid (pair tiles, n rows): one thread per (head, pair) of row blockIdx.y.

@@ -62,7 +62,7 @@ absl::Status LaunchRope(float* x, int64_t n_heads, int64_t head_dim, int64_t n_r
 absl::Status LaunchRouteTopK(const float* logits, int64_t n_rows, int n_expert, int k,
                              int32_t* expert, float* weight, void* stream);
 
-// One layer's f16 KV cache for decode attention, paged like KvHeadView: position p of KV head
+// One layer's f16 KV cache of one sequence, paged like KvHeadView: position p of KV head
 // h has its K row (head_dim halves) at k + blocks[p / block_size] * block_stride +
 // (p % block_size) * stride + h * head_dim, likewise V.
 struct KvDeviceView {
@@ -74,12 +74,6 @@ struct KvDeviceView {
   size_t stride = 0;
   int64_t n_kv = 0;
 };
-// out [n_head x head_dim] = softmax(q K^T * scale) V for one token's q [n_head x head_dim];
-// query head h reads KV head h / (n_head / n_head_kv). scratch: n_head * n_kv floats.
-absl::Status LaunchAttentionDecode(const float* q, int64_t n_head, int64_t n_head_kv,
-                                   int64_t head_dim, const KvDeviceView& kv, float scale,
-                                   float* out, float* scratch, void* stream);
-
 // One batch row's place in a paged f16 KV pool with the layout of KvBlockPool (device pointers):
 // position p of layer l is the kv_dim-wide row at
 // k + blocks[p / block_size] * block_stride + l * layer_stride + (p % block_size) * kv_dim.
@@ -101,12 +95,40 @@ absl::Status LaunchRopeRows(float* x, int64_t row_stride, int64_t n, int64_t n_h
 // Stores row r of k and v [n x kv_dim] (f32, rounded to half) at rows[r].pos of layer `layer`.
 absl::Status LaunchStoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, int64_t kv_dim,
                                const float* k, const float* v, void* stream);
-// Causal attention of n rows: out row r [n_head x head_dim] (at out + r * n_head * head_dim)
-// attends row r of q (same layout) over positions 0 .. rows[r].pos of `layer`. scratch holds
-// n * n_head * max_kv floats, max_kv >= every rows[r].pos + 1.
-absl::Status LaunchAttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
-                                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
-                                 float* out, float* scratch, int64_t max_kv, void* stream);
+// Causal attention of a batch's rows, tiled (the coordinator's prompt and decode attention).
+// A tile is a run of consecutive batch rows of one sequence (same cache and block table,
+// consecutive positions) whose query heads of one KV head are attended together, reading each
+// K/V position once for all of them: rows first .. first + count - 1.
+struct AttnTile {
+  int32_t first = 0;
+  int32_t count = 0;
+};
+// Positions per split: each (tile, KV head, split) is one block, and each query's splits are
+// merged in order afterwards. A constant, so that a row's bits never depend on its batch.
+inline constexpr int64_t kAttnSplit = 256;
+// Queries one block holds and positions it reads per step: a tile's count * group <= this.
+inline constexpr int64_t AttnMaxQueries(int64_t head_dim) {
+  return head_dim <= 128 ? 32 : 4096 / head_dim;
+}
+inline constexpr int64_t AttnStepPositions(int64_t head_dim) { return AttnMaxQueries(head_dim); }
+inline constexpr int64_t kAttnMaxTileRows = 8;
+// Rows per tile for `group` query heads per KV head (0 when a head does not fit).
+inline constexpr int64_t AttnTileRows(int64_t group, int64_t head_dim) {
+  const int64_t rows = group > 0 ? AttnMaxQueries(head_dim) / group : 0;
+  return rows < kAttnMaxTileRows ? rows : kAttnMaxTileRows;
+}
+// OK when the tiled kernel handles the shape: head_dim <= 256, n_head a multiple of n_head_kv
+// and a KV head's query heads fitting one block; INVALID_ARGUMENT naming the shape otherwise.
+absl::Status CheckAttentionShape(int64_t n_head, int64_t n_head_kv, int64_t head_dim);
+// Attends the rows of tiles[0 .. n_tiles), which cover batch rows r0 .. r0 + n_rows - 1: out row
+// r [n_head x head_dim] (at out + r * n_head * head_dim, r counted from the batch's first row)
+// attends q row r (same layout) over positions 0 .. rows[r].pos of `layer`. n_splits >= every
+// row's rows[r].pos / kAttnSplit + 1; partial holds n_rows * n_head * n_splits * (head_dim + 2)
+// floats of scratch.
+absl::Status LaunchAttentionTiles(const float* q, const KvRowRef* rows, const AttnTile* tiles,
+                                  int64_t n_tiles, int64_t r0, int64_t n_rows, int64_t layer,
+                                  int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
+                                  int64_t n_splits, float* partial, float* out, void* stream);
 // x[i] += y[i] for i < n.
 absl::Status LaunchAddInPlace(float* x, const float* y, int64_t n, void* stream);
 
@@ -119,7 +141,10 @@ absl::Status RunRopeOnDevice(int device, float* x, int64_t n_heads, int64_t head
                              int64_t pos, float base);
 absl::Status RunRouteTopKOnDevice(int device, const float* logits, int64_t n_rows, int n_expert,
                                   int k, int32_t* expert, float* weight);
-// kv.k / kv.v / kv.blocks are host pointers; the cache spans n_phys_blocks physical blocks.
+// out [n_head x head_dim] = softmax(q K^T * scale) V for one token's q [n_head x head_dim] over
+// kv (query head h reads KV head h / (n_head / n_head_kv)), through LaunchAttentionTiles.
+// kv.k / kv.v / kv.blocks are host pointers; the cache spans n_phys_blocks physical blocks and
+// kv.stride must be n_head_kv * head_dim.
 absl::Status RunAttentionDecodeOnDevice(int device, const float* q, int64_t n_head,
                                         int64_t n_head_kv, int64_t head_dim, const KvDeviceView& kv,
                                         int64_t n_phys_blocks, float scale, float* out);
@@ -140,8 +165,10 @@ void RefRopeRows(float* x, int64_t row_stride, int64_t n, int64_t n_heads, int64
                  int64_t n_rot, float base, const int64_t* pos);
 void RefStoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, int64_t kv_dim, const float* k,
                     const float* v);
-void RefAttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
-                      int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale, float* out);
+// The tiled attention's arithmetic in the same order (host tiles, rows and partial).
+void RefAttentionTiles(const float* q, const KvRowRef* rows, const AttnTile* tiles, int64_t n_tiles,
+                       int64_t r0, int64_t n_rows, int64_t layer, int64_t n_head, int64_t n_head_kv,
+                       int64_t head_dim, float scale, int64_t n_splits, float* partial, float* out);
 
 }  // namespace moepool::cuda
 

@@ -27,10 +27,6 @@ absl::Status LaunchRope(float*, int64_t, int64_t, int64_t, int64_t, float, void*
 absl::Status LaunchRouteTopK(const float*, int64_t, int, int, int32_t*, float*, void*) {
   return NoCuda();
 }
-absl::Status LaunchAttentionDecode(const float*, int64_t, int64_t, int64_t, const KvDeviceView&,
-                                   float, float*, float*, void*) {
-  return NoCuda();
-}
 absl::Status LaunchRopeRows(float*, int64_t, int64_t, int64_t, int64_t, int64_t, float,
                             const int64_t*, void*) {
   return NoCuda();
@@ -39,8 +35,9 @@ absl::Status LaunchStoreKvRows(const KvRowRef*, int64_t, int64_t, int64_t, const
                                const float*, void*) {
   return NoCuda();
 }
-absl::Status LaunchAttentionRows(const float*, const KvRowRef*, int64_t, int64_t, int64_t, int64_t,
-                                 int64_t, float, float*, float*, int64_t, void*) {
+absl::Status LaunchAttentionTiles(const float*, const KvRowRef*, const AttnTile*, int64_t, int64_t,
+                                  int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t,
+                                  float*, float*, void*) {
   return NoCuda();
 }
 absl::Status LaunchAddInPlace(float*, const float*, int64_t, void*) { return NoCuda(); }

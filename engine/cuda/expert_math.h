@@ -76,6 +76,12 @@ MOEPOOL_HD void RouteRow(const float* logits, int n_expert, int k, int32_t* expe
   }
 }
 
+// Position p's kv_dim-wide row in a paged view; base is kv.k or kv.v.
+MOEPOOL_HD const uint16_t* KvRowAt(const uint16_t* base, const KvDeviceView& kv, int64_t p) {
+  return base + static_cast<size_t>(kv.blocks[p / kv.block_size]) * kv.block_stride +
+         static_cast<size_t>(p % kv.block_size) * kv.stride;
+}
+
 // The view of one batch row's K/V in `layer` over its positions 0 .. row.pos.
 MOEPOOL_HD KvDeviceView RowKvView(const KvRowRef& row, int64_t layer, int64_t kv_dim) {
   KvDeviceView view;
@@ -94,6 +100,67 @@ MOEPOOL_HD size_t RowKvOffset(const KvRowRef& row, int64_t layer, int64_t kv_dim
   return static_cast<size_t>(row.blocks[row.pos / row.block_size]) * row.block_stride +
          static_cast<size_t>(layer) * row.layer_stride +
          static_cast<size_t>(row.pos % row.block_size) * static_cast<size_t>(kv_dim);
+}
+
+// ---- Tiled attention (AttentionTileKernel / RefAttentionTiles): each query's online softmax
+// over its positions in fixed splits of kAttnSplit positions, visited in steps of
+// AttnStepPositions(head_dim), then the splits merged in ascending order. Every step below is a
+// function of one query's own data, so a row's bits never depend on the rows it is batched with.
+
+// q . k over head_dim (k in half), fused multiply-adds in ascending order, times scale.
+MOEPOOL_HD float AttnScore(const float* q, const uint16_t* k, int64_t head_dim, float scale) {
+  float dot = 0.0f;
+  for (int64_t i = 0; i < head_dim; ++i) dot = fmaf(q[i], HalfToFloat(k[i]), dot);
+  return MulRn(dot, scale);
+}
+
+// One step of a query's online softmax: p[0 .. n) holds scores (-inf where masked) and becomes
+// exp(score - m') with m' the new running max; *m and *l (running max and sum) are updated.
+// Returns the factor by which the query's accumulated output must be scaled (exp(m - m'); 1 when
+// nothing is unmasked yet, so that a fully masked step changes nothing).
+MOEPOOL_HD float AttnSoftmaxStep(float* p, int n, float* m, float* l) {
+  float mx = *m;
+  for (int i = 0; i < n; ++i) mx = p[i] > mx ? p[i] : mx;
+  if (mx == -INFINITY) {
+    for (int i = 0; i < n; ++i) p[i] = 0.0f;
+    return 1.0f;
+  }
+  const float factor = *m == -INFINITY ? 0.0f : expf(*m - mx);
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    p[i] = p[i] == -INFINITY ? 0.0f : expf(p[i] - mx);
+    sum = AddRn(sum, p[i]);
+  }
+  *l = fmaf(*l, factor, sum);
+  *m = mx;
+  return factor;
+}
+
+// acc * factor + sum_i p[i] v[i * v_stride] in ascending i (fused multiply-adds).
+MOEPOOL_HD float AttnAccumulate(float acc, float factor, const float* p, const uint16_t* v,
+                                int64_t v_stride, int n) {
+  acc = MulRn(acc, factor);
+  for (int i = 0; i < n; ++i) acc = fmaf(p[i], HalfToFloat(v[i * v_stride]), acc);
+  return acc;
+}
+
+// Output element d of a query from its n_splits partials (each [head_dim accumulators, m, l] at
+// partial + s * (head_dim + 2)), merged in ascending split order.
+MOEPOOL_HD float AttnMerge(const float* partial, int64_t n_splits, int64_t head_dim, int64_t d) {
+  const int64_t stride = head_dim + 2;
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < n_splits; ++s) {
+    const float m = partial[s * stride + head_dim];
+    mx = m > mx ? m : mx;
+  }
+  float l = 0.0f, o = 0.0f;
+  for (int64_t s = 0; s < n_splits; ++s) {
+    const float* ps = partial + s * stride;
+    const float w = expf(ps[head_dim] - mx);
+    l = fmaf(ps[head_dim + 1], w, l);
+    o = fmaf(ps[d], w, o);
+  }
+  return o / l;
 }
 
 }  // namespace moepool::cuda

@@ -100,7 +100,10 @@ absl::Status RunAttentionDecodeOnDevice(int device, const float* q, int64_t n_he
   if (kv.block_size <= 0 || kv.n_kv <= 0) {
     return absl::InvalidArgumentError("empty KV cache");
   }
-  DeviceBuffer dq, dk, dv, db, dout, dscratch;
+  if (kv.stride != static_cast<size_t>(n_head_kv * head_dim)) {
+    return absl::InvalidArgumentError("the KV rows must be n_head_kv * head_dim wide");
+  }
+  DeviceBuffer dq, dk, dv, db, dout, drow, dtile, dpartial;
   const size_t cache = kv.block_stride * static_cast<size_t>(n_phys_blocks) * sizeof(uint16_t);
   const int64_t n_logical = (kv.n_kv + kv.block_size - 1) / kv.block_size;
   const size_t qbytes = sizeof(float) * static_cast<size_t>(n_head * head_dim);
@@ -110,15 +113,23 @@ absl::Status RunAttentionDecodeOnDevice(int device, const float* q, int64_t n_he
   MOEPOOL_RETURN_IF_NOT_OK(
       UploadInto(kv.blocks, sizeof(int32_t) * static_cast<size_t>(n_logical), &db));
   MOEPOOL_RETURN_IF_NOT_OK(AllocateInto(qbytes, &dout));
-  MOEPOOL_RETURN_IF_NOT_OK(
-      AllocateInto(sizeof(float) * static_cast<size_t>(n_head * kv.n_kv), &dscratch));
-  KvDeviceView dkv = kv;
-  dkv.k = Ptr<uint16_t>(dk);
-  dkv.v = Ptr<uint16_t>(dv);
-  dkv.blocks = Ptr<int32_t>(db);
-  MOEPOOL_RETURN_IF_NOT_OK(LaunchAttentionDecode(Ptr<float>(dq), n_head, n_head_kv, head_dim, dkv,
-                                                 scale, Ptr<float>(dout), Ptr<float>(dscratch),
-                                                 nullptr));
+  // One row at position n_kv - 1 (layer 0) in one tile, through the batched tiled kernel.
+  KvRowRef row;
+  row.k = Ptr<uint16_t>(dk);
+  row.v = Ptr<uint16_t>(dv);
+  row.blocks = Ptr<int32_t>(db);
+  row.block_size = kv.block_size;
+  row.block_stride = kv.block_stride;
+  row.pos = kv.n_kv - 1;
+  const AttnTile tile{0, 1};
+  const int64_t splits = (kv.n_kv - 1) / kAttnSplit + 1;
+  MOEPOOL_RETURN_IF_NOT_OK(UploadInto(&row, sizeof(row), &drow));
+  MOEPOOL_RETURN_IF_NOT_OK(UploadInto(&tile, sizeof(tile), &dtile));
+  MOEPOOL_RETURN_IF_NOT_OK(AllocateInto(
+      sizeof(float) * static_cast<size_t>(n_head * splits * (head_dim + 2)), &dpartial));
+  MOEPOOL_RETURN_IF_NOT_OK(LaunchAttentionTiles(
+      Ptr<float>(dq), Ptr<KvRowRef>(drow), Ptr<AttnTile>(dtile), 1, 0, 1, 0, n_head, n_head_kv,
+      head_dim, scale, splits, Ptr<float>(dpartial), Ptr<float>(dout), nullptr));
   return Download(dout, out, qbytes);
 }
 

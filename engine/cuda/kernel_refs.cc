@@ -1,4 +1,5 @@
 // Scalar host references of the CUDA kernels (expert_kernels.h), built with and without CUDA.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -64,16 +65,12 @@ void RefAttentionDecode(const float* q, int64_t n_head, int64_t n_head_kv, int64
                         const KvDeviceView& kv, float scale, float* out) {
   const int64_t group = n_head / n_head_kv;
   std::vector<float> score(static_cast<size_t>(kv.n_kv));
-  auto row = [&](const uint16_t* base, int64_t p) {
-    return base + static_cast<size_t>(kv.blocks[p / kv.block_size]) * kv.block_stride +
-           static_cast<size_t>(p % kv.block_size) * kv.stride;
-  };
   for (int64_t h = 0; h < n_head; ++h) {
     const float* qh = q + h * head_dim;
     const int64_t off = (h / group) * head_dim;
     float mx = -INFINITY;
     for (int64_t p = 0; p < kv.n_kv; ++p) {
-      const uint16_t* k = row(kv.k, p) + off;
+      const uint16_t* k = KvRowAt(kv.k, kv, p) + off;
       float dot = 0.0f;
       for (int64_t i = 0; i < head_dim; ++i) dot += qh[i] * HalfToFloat(k[i]);
       score[static_cast<size_t>(p)] = dot * scale;
@@ -88,7 +85,7 @@ void RefAttentionDecode(const float* q, int64_t n_head, int64_t n_head_kv, int64
     float* o = out + h * head_dim;
     for (int64_t i = 0; i < head_dim; ++i) o[i] = 0.0f;
     for (int64_t p = 0; p < kv.n_kv; ++p) {
-      const uint16_t* v = row(kv.v, p) + off;
+      const uint16_t* v = KvRowAt(kv.v, kv, p) + off;
       const float w = score[static_cast<size_t>(p)] * inv;
       for (int64_t i = 0; i < head_dim; ++i) o[i] += w * HalfToFloat(v[i]);
     }
@@ -112,13 +109,73 @@ void RefStoreKvRows(const KvRowRef* rows, int64_t n, int64_t layer, int64_t kv_d
   }
 }
 
-void RefAttentionRows(const float* q, const KvRowRef* rows, int64_t n, int64_t layer,
-                      int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
-                      float* out) {
-  const int64_t width = n_head * head_dim;
-  for (int64_t r = 0; r < n; ++r) {
-    RefAttentionDecode(q + r * width, n_head, n_head_kv, head_dim,
-                       RowKvView(rows[r], layer, n_head_kv * head_dim), scale, out + r * width);
+absl::Status CheckAttentionShape(int64_t n_head, int64_t n_head_kv, int64_t head_dim) {
+  if (n_head_kv <= 0 || n_head % n_head_kv != 0 || head_dim <= 0 || head_dim > 256 ||
+      AttnTileRows(n_head / n_head_kv, head_dim) < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the attention kernel takes head sizes up to 256 and up to ",
+        AttnMaxQueries(std::max<int64_t>(head_dim, 1)), " query heads per KV head; this model has ",
+        n_head, " query heads over ", n_head_kv, " KV heads of size ", head_dim));
+  }
+  return absl::OkStatus();
+}
+
+// The kernel's blocks one after another, each with its (query, dimension) elements in order.
+void RefAttentionTiles(const float* q, const KvRowRef* rows, const AttnTile* tiles, int64_t n_tiles,
+                       int64_t r0, int64_t n_rows, int64_t layer, int64_t n_head, int64_t n_head_kv,
+                       int64_t head_dim, float scale, int64_t n_splits, float* partial,
+                       float* out) {
+  const int64_t hd = head_dim, group = n_head / n_head_kv, width = n_head * hd;
+  const int64_t step = AttnStepPositions(hd);
+  std::vector<float> p(static_cast<size_t>(step)), acc(static_cast<size_t>(hd));
+  std::vector<uint16_t> v(static_cast<size_t>(step * hd));
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const AttnTile tile = tiles[t];
+    const int64_t last_pos = rows[tile.first + tile.count - 1].pos;
+    const KvDeviceView kv = RowKvView(rows[tile.first], layer, n_head_kv * hd);
+    for (int64_t g = 0; g < n_head_kv; ++g) {
+      for (int64_t s0 = 0; s0 <= last_pos; s0 += kAttnSplit) {
+        const int64_t s1 = std::min(s0 + kAttnSplit, last_pos + 1);
+        const int64_t split = s0 / kAttnSplit;
+        for (int64_t qi = 0; qi < tile.count * group; ++qi) {
+          const int64_t row = tile.first + qi / group, head = g * group + qi % group;
+          if (rows[row].pos < s0) continue;  // the split is beyond the query: not merged
+          const float* qv = q + row * width + head * hd;
+          float m = -INFINITY, l = 0.0f;
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          for (int64_t p0 = s0; p0 < s1; p0 += step) {
+            const int np = static_cast<int>(std::min(step, s1 - p0));
+            for (int i = 0; i < np; ++i) {
+              const uint16_t* k = KvRowAt(kv.k, kv, p0 + i) + g * hd;
+              p[static_cast<size_t>(i)] =
+                  p0 + i <= rows[row].pos ? AttnScore(qv, k, hd, scale) : -INFINITY;
+            }
+            const float factor = AttnSoftmaxStep(p.data(), np, &m, &l);
+            for (int i = 0; i < np; ++i) {  // the step's V [np x hd], as the kernel stages it
+              const uint16_t* src = KvRowAt(kv.v, kv, p0 + i) + g * hd;
+              std::copy(src, src + hd, v.begin() + i * hd);
+            }
+            for (int64_t d = 0; d < hd; ++d) {
+              acc[static_cast<size_t>(d)] =
+                  AttnAccumulate(acc[static_cast<size_t>(d)], factor, p.data(), &v[d], hd, np);
+            }
+          }
+          float* dst = partial + (((row - r0) * n_head + head) * n_splits + split) * (hd + 2);
+          std::copy(acc.begin(), acc.end(), dst);
+          dst[hd] = m;
+          dst[hd + 1] = l;
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const int64_t splits = rows[r0 + r].pos / kAttnSplit + 1;
+    for (int64_t h = 0; h < n_head; ++h) {
+      const float* base = partial + (r * n_head + h) * n_splits * (hd + 2);
+      for (int64_t d = 0; d < hd; ++d) {
+        out[(r0 + r) * width + h * hd + d] = AttnMerge(base, splits, hd, d);
+      }
+    }
   }
 }
 

@@ -139,26 +139,28 @@ namespace moepool::cuda::emulation {
 template <class Kernel, class... Args>
 void Launch(Dim3 grid, Dim3 block, Kernel kernel, Args... args) {
   blockDim = block;
-  for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      BlockState state;
-      state.block_barrier = std::make_unique<std::barrier<>>(block.x);
-      for (unsigned w = 0; w < block.x / 32; ++w) {
-        state.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        BlockState state;
+        state.block_barrier = std::make_unique<std::barrier<>>(block.x);
+        for (unsigned w = 0; w < block.x / 32; ++w) {
+          state.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+        }
+        state.slots.assign(block.x, 0.0f);
+        g_block = &state;
+        std::vector<std::thread> threads;
+        threads.reserve(block.x);
+        for (unsigned t = 0; t < block.x; ++t) {
+          threads.emplace_back([&, t] {
+            threadIdx = Dim3{t, 0, 0};
+            blockIdx = Dim3{bx, by, bz};
+            kernel(args...);
+          });
+        }
+        for (std::thread& th : threads) th.join();
+        g_block = nullptr;
       }
-      state.slots.assign(block.x, 0.0f);
-      g_block = &state;
-      std::vector<std::thread> threads;
-      threads.reserve(block.x);
-      for (unsigned t = 0; t < block.x; ++t) {
-        threads.emplace_back([&, t] {
-          threadIdx = Dim3{t, 0, 0};
-          blockIdx = Dim3{bx, by, 0};
-          kernel(args...);
-        });
-      }
-      for (std::thread& th : threads) th.join();
-      g_block = nullptr;
     }
   }
 }

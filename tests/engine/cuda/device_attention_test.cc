@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/device_ops.h"
+#include "engine/cuda/expert_kernels.h"
 #include "engine/engine.h"
 #include "engine/kv_cache.h"
 #include "engine/model.h"
@@ -154,6 +155,31 @@ TYPED_TEST(DeviceAttentionTest, F32WeightsAgreeWithTheCpuForwardPass) {
   const double gap = PromptAndDecodeGap(this);
   EXPECT_LE(gap, 1e-4);
   std::printf("f32 weights: largest relative logit gap to the CPU %.2e\n", gap);
+}
+
+// A 300-token prompt: positions cross the attention's first split (kAttnSplit = 256), so rows
+// merge two splits. Its last row's logits agree with the CPU's, and are the same bits whether
+// the prompt goes in one pass of 300 rows or in chunks of 100 (other tiles, other chunks).
+TYPED_TEST(DeviceAttentionTest, LongPromptsMergeSplitsAndAreChunkInvariant) {
+  this->Load("F32");
+  const ModelConfig& c = this->model_->config();
+  constexpr int64_t kPrompt = 300, kChunk = 100;
+  static_assert(kPrompt > kAttnSplit);
+  const std::vector<int32_t> tokens = this->Tokens(kPrompt, 9);
+  KvCache cpu_cache(c, 320), whole_cache(c, 320), chunked_cache(c, 320);
+  std::vector<float> want, whole, chunked;
+  ASSERT_TRUE(this->cpu_->Forward(this->Rows(tokens, 0, kPrompt, &cpu_cache), &want).ok());
+  ASSERT_TRUE(this->device_->Forward(this->Rows(tokens, 0, kPrompt, &whole_cache), &whole).ok());
+  for (int64_t from = 0; from < kPrompt; from += kChunk) {
+    chunked.clear();  // Forward appends; keep the last chunk's (its last row's) logits
+    ASSERT_TRUE(
+        this->device_->Forward(this->Rows(tokens, from, from + kChunk, &chunked_cache), &chunked)
+            .ok());
+  }
+  EXPECT_LE(RelMaxError(whole, want), 1e-4);
+  EXPECT_EQ(Bits(chunked), Bits(whole));
+  std::printf("300-token prompt, f32 weights: relative logit gap to the CPU %.2e\n",
+              RelMaxError(whole, want));
 }
 
 // Quantized weights: the CPU rounds activations to q8 for them, the kernels keep f32.

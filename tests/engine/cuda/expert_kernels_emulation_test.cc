@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/cuda/block_math.h"
@@ -114,33 +116,6 @@ TEST(ExpertKernelsEmulationTest, RouteKernel) {
          ex.data(), w.data());
   EXPECT_EQ(ex, ex_want);
   EXPECT_EQ(w, w_want);
-}
-
-TEST(ExpertKernelsEmulationTest, AttentionDecodeKernel) {
-  const int64_t n_head = 4, n_head_kv = 2, hd = 32, kv_dim = n_head_kv * hd;
-  const int64_t block_size = 8, n_phys = 6, n_kv = 45;  // positions span ragged paged blocks
-  const std::vector<float> kf = RandomActivations(n_phys * block_size, kv_dim, 28);
-  const std::vector<float> vf = RandomActivations(n_phys * block_size, kv_dim, 29);
-  std::vector<uint16_t> k(kf.size()), v(vf.size());
-  for (size_t i = 0; i < k.size(); ++i) {
-    k[i] = Fp32ToFp16(kf[i]);
-    v[i] = Fp32ToFp16(vf[i]);
-  }
-  const std::vector<int32_t> blocks = {5, 1, 0, 3, 2, 4};
-  const std::vector<float> q = RandomActivations(n_head, hd, 30);
-  KvDeviceView view{k.data(),
-                    v.data(),
-                    blocks.data(),
-                    block_size,
-                    static_cast<size_t>(block_size * kv_dim),
-                    static_cast<size_t>(kv_dim),
-                    n_kv};
-  std::vector<float> want(q.size()), got(q.size());
-  std::vector<float> scratch(static_cast<size_t>(n_head * n_kv));
-  RefAttentionDecode(q.data(), n_head, n_head_kv, hd, view, 0.125f, want.data());
-  Launch(Dim3{static_cast<unsigned>(n_head)}, Dim3{kAttnThreads}, AttentionDecodeKernel, q.data(),
-         n_head / n_head_kv, hd, view, 0.125f, got.data(), scratch.data());
-  EXPECT_LE(RelMaxError(got, want), 1e-6);
 }
 
 // Gather, scale into slots, combine: rows 0..2 with k = 2; expert "A" has rows {2, 0} (slot
@@ -248,33 +223,167 @@ TEST(AttentionRowsEmulationTest, StoreKvRowsWritesEachRowIntoItsBlockAndLayer) {
   EXPECT_EQ(pool.v[at + 7], Fp32ToFp16(v[kKvDim + 7]));
 }
 
-// Three rows in two pools: two of one sequence (positions 20 and 21) and one of another whose
-// blocks are ordered differently; each row attends over its own positions only.
-TEST(AttentionRowsEmulationTest, AttentionRowsMatchesTheReferencePerRow) {
-  HostPool a(4, 44), b(3, 45);
-  const std::vector<int32_t> ta = {2, 0, 3}, tb = {1, 2};
-  const std::vector<KvRowRef> rows = {a.Row(ta, 20), a.Row(ta, 21), b.Row(tb, 12)};
-  const int64_t n = 3, max_kv = 22, width = kHeads * kHeadDim;
-  const std::vector<float> q = RandomActivations(n, width, 46);
-  std::vector<float> want(q.size()), got(q.size(), -9.0f);
-  RefAttentionRows(q.data(), rows.data(), n, /*layer=*/1, kHeads, kHeadsKv, kHeadDim, 0.2f,
-                   want.data());
-  for (int64_t r = 0; r < n; ++r) {  // the reference agrees with the one-token reference
-    std::vector<float> one(static_cast<size_t>(width));
-    RefAttentionDecode(q.data() + r * width, kHeads, kHeadsKv, kHeadDim,
-                       RowKvView(rows[static_cast<size_t>(r)], 1, kKvDim), 0.2f, one.data());
-    for (int64_t i = 0; i < width; ++i) ASSERT_EQ(one[i], want[r * width + i]);
+// A shuffled block table over blocks 0 .. n - 1.
+std::vector<int32_t> ShuffledTable(int32_t n, uint32_t seed) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (int32_t i = 0; i < n; ++i) t[static_cast<size_t>(i)] = i;
+  std::mt19937 rng(seed);
+  std::shuffle(t.begin(), t.end(), rng);
+  return t;
+}
+
+// Rows of two sequences in two pools: a tile of three rows of sequence A whose positions cross
+// the first split boundary (kAttnSplit), a lone row of A far past it, and a tile of two rows of
+// B. Attention runs as two chunks (rows 0..2 and 3..5) the way the device pass cuts them.
+struct TiledBatch {
+  TiledBatch() : a(36, 44), b(3, 45), ta(ShuffledTable(36, 1)), tb({1, 2, 0}) {
+    rows = {a.Row(ta, kAttnSplit - 2),
+            a.Row(ta, kAttnSplit - 1),
+            a.Row(ta, kAttnSplit),
+            a.Row(ta, 279),
+            b.Row(tb, 11),
+            b.Row(tb, 12)};
+    q = RandomActivations(n, width, 46);
   }
-  std::vector<float> scratch(static_cast<size_t>(n * kHeads * max_kv));
-  Launch(Dim3{static_cast<unsigned>(kHeads), static_cast<unsigned>(n)}, Dim3{kAttnThreads},
-         AttentionRowsKernel, q.data(), rows.data(), int64_t{1}, kHeads, kHeads / kHeadsKv,
-         kHeadDim, 0.2f, got.data(), scratch.data(), max_kv);
-  EXPECT_LE(RelMaxError(got, want), 1e-6);
-  // Row 2 must not see pool a: recompute it alone.
-  std::vector<float> alone(static_cast<size_t>(width));
-  RefAttentionRows(q.data() + 2 * width, rows.data() + 2, 1, 1, kHeads, kHeadsKv, kHeadDim, 0.2f,
-                   alone.data());
-  for (int64_t i = 0; i < width; ++i) EXPECT_EQ(alone[i], want[2 * width + i]);
+  // Runs chunk [r0, r0 + 3) of the batch's tiles through `attend` (the reference or the kernel).
+  template <class Attend>
+  std::vector<float> Run(Attend attend) const {
+    std::vector<float> out(q.size(), -9.0f);
+    for (const auto& [r0, tiles] : chunks) {
+      const int64_t splits = 2;  // position 279 is in split 1
+      std::vector<float> partial(static_cast<size_t>(3 * kHeads * splits * (kHeadDim + 2)), -7.0f);
+      attend(tiles, r0, splits, partial.data(), out.data());
+    }
+    return out;
+  }
+  static constexpr int64_t n = 6, width = kHeads * kHeadDim;
+  HostPool a, b;
+  std::vector<int32_t> ta, tb;
+  std::vector<KvRowRef> rows;
+  std::vector<float> q;
+  const std::vector<std::pair<int64_t, std::vector<AttnTile>>> chunks = {{0, {{0, 3}}},
+                                                                         {3, {{3, 1}, {4, 2}}}};
+};
+
+// The tiled reference (online softmax over splits) against the two-pass one-token reference,
+// row by row, and each row alone in a tile of its own against the batch: the same bits.
+TEST(AttentionRowsEmulationTest, TiledReferenceMatchesTheTwoPassReferenceAndIsBatchInvariant) {
+  const TiledBatch t;
+  const std::vector<float> got = t.Run([&](const std::vector<AttnTile>& tiles, int64_t r0,
+                                           int64_t splits, float* partial, float* out) {
+    RefAttentionTiles(t.q.data(), t.rows.data(), tiles.data(), static_cast<int64_t>(tiles.size()),
+                      r0, 3, /*layer=*/1, kHeads, kHeadsKv, kHeadDim, 0.2f, splits, partial, out);
+  });
+  for (int64_t r = 0; r < t.n; ++r) {
+    std::vector<float> want(static_cast<size_t>(t.width)), alone(want.size());
+    RefAttentionDecode(t.q.data() + r * t.width, kHeads, kHeadsKv, kHeadDim,
+                       RowKvView(t.rows[static_cast<size_t>(r)], 1, kKvDim), 0.2f, want.data());
+    const std::vector<float> row(got.begin() + r * t.width, got.begin() + (r + 1) * t.width);
+    EXPECT_LE(RelMaxError(row, want), 1e-6) << "row " << r;
+    // Alone: a one-row tile in a one-row chunk, with more splits than it needs.
+    const AttnTile tile{static_cast<int32_t>(r), 1};
+    std::vector<float> partial(static_cast<size_t>(kHeads * 3 * (kHeadDim + 2)));
+    std::vector<float> out(t.q.size());
+    RefAttentionTiles(t.q.data(), t.rows.data(), &tile, 1, r, 1, 1, kHeads, kHeadsKv, kHeadDim,
+                      0.2f, 3, partial.data(), out.data());
+    for (int64_t i = 0; i < t.width; ++i) {
+      ASSERT_EQ(Fp32ToBits(out[r * t.width + i]), Fp32ToBits(row[i])) << "row " << r << " " << i;
+    }
+  }
+}
+
+// The kernel under the emulation computes the reference's bits (the same per-query functions in
+// the same order; the host's expf on both sides).
+TEST(AttentionRowsEmulationTest, AttentionTileKernelMatchesTheReference) {
+  const TiledBatch t;
+  const auto reference = [&](const std::vector<AttnTile>& tiles, int64_t r0, int64_t splits,
+                             float* partial, float* out) {
+    RefAttentionTiles(t.q.data(), t.rows.data(), tiles.data(), static_cast<int64_t>(tiles.size()),
+                      r0, 3, 1, kHeads, kHeadsKv, kHeadDim, 0.2f, splits, partial, out);
+  };
+  const auto kernel = [&](const std::vector<AttnTile>& tiles, int64_t r0, int64_t splits,
+                          float* partial, float* out) {
+    Launch(Dim3{static_cast<unsigned>(kHeadsKv), static_cast<unsigned>(splits),
+                static_cast<unsigned>(tiles.size())},
+           Dim3{kAttnTileThreads}, AttentionTileKernel, t.q.data(), t.rows.data(), tiles.data(), r0,
+           int64_t{1}, kHeads, kHeads / kHeadsKv, kHeadDim, 0.2f, splits, partial);
+    Launch(Dim3{static_cast<unsigned>(kHeads), 3}, Dim3{32}, AttentionMergeKernel, partial,
+           t.rows.data(), r0, kHeads, kHeadDim, splits, out);
+  };
+  const std::vector<float> want = t.Run(reference);
+  const std::vector<float> got = t.Run(kernel);
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(Fp32ToBits(got[i]), Fp32ToBits(want[i])) << i;
+}
+
+// Head sizes that fill the block's buffers: a full tile (AttnTileRows rows, AttnMaxQueries
+// queries) across the split boundary and a one-row tile, kernel vs reference, bit for bit.
+struct TileShape {
+  int64_t head_dim, n_head, n_head_kv;
+};
+class AttentionTileShapeTest : public ::testing::TestWithParam<TileShape> {};
+
+TEST_P(AttentionTileShapeTest, FullTilesMatchTheReference) {
+  const TileShape shape = GetParam();
+  const int64_t hd = shape.head_dim, kv_dim = shape.n_head_kv * hd, width = shape.n_head * hd;
+  const int64_t group = shape.n_head / shape.n_head_kv;
+  const int64_t tile_rows = AttnTileRows(group, hd);
+  ASSERT_EQ(tile_rows * group, AttnMaxQueries(hd));  // the block's buffers are full
+  const int64_t block = 16, n_blocks = 20;           // one layer, 320 positions
+  const std::vector<float> kf = RandomActivations(n_blocks * block, kv_dim, 50);
+  const std::vector<float> vf = RandomActivations(n_blocks * block, kv_dim, 51);
+  std::vector<uint16_t> k(kf.size()), v(vf.size());
+  for (size_t i = 0; i < k.size(); ++i) {
+    k[i] = Fp32ToFp16(kf[i]);
+    v[i] = Fp32ToFp16(vf[i]);
+  }
+  const std::vector<int32_t> table = ShuffledTable(n_blocks, 2);
+  const auto row = [&](int64_t pos) {
+    KvRowRef r;
+    r.k = k.data();
+    r.v = v.data();
+    r.blocks = table.data();
+    r.block_size = block;
+    r.block_stride = static_cast<size_t>(block * kv_dim);
+    r.layer_stride = r.block_stride;
+    r.pos = pos;
+    return r;
+  };
+  std::vector<KvRowRef> rows;
+  for (int64_t i = 0; i < tile_rows; ++i) rows.push_back(row(kAttnSplit - tile_rows / 2 + i));
+  rows.push_back(row(300));
+  const std::vector<AttnTile> tiles = {{0, static_cast<int32_t>(tile_rows)},
+                                       {static_cast<int32_t>(tile_rows), 1}};
+  const int64_t n = tile_rows + 1, splits = 2;
+  const std::vector<float> q = RandomActivations(n, width, 52);
+  std::vector<float> partial(static_cast<size_t>(n * shape.n_head * splits * (hd + 2)));
+  std::vector<float> want(q.size()), got(q.size(), -9.0f);
+  RefAttentionTiles(q.data(), rows.data(), tiles.data(), 2, 0, n, 0, shape.n_head, shape.n_head_kv,
+                    hd, 0.1f, splits, partial.data(), want.data());
+  std::fill(partial.begin(), partial.end(), -7.0f);
+  Launch(Dim3{static_cast<unsigned>(shape.n_head_kv), static_cast<unsigned>(splits), 2},
+         Dim3{kAttnTileThreads}, AttentionTileKernel, q.data(), rows.data(), tiles.data(),
+         int64_t{0}, int64_t{0}, shape.n_head, group, hd, 0.1f, splits, partial.data());
+  Launch(Dim3{static_cast<unsigned>(shape.n_head), static_cast<unsigned>(n)}, Dim3{64},
+         AttentionMergeKernel, partial.data(), rows.data(), int64_t{0}, shape.n_head, hd, splits,
+         got.data());
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(Fp32ToBits(got[i]), Fp32ToBits(want[i])) << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(HeadSizes, AttentionTileShapeTest,
+                         ::testing::Values(TileShape{128, 8, 2}, TileShape{256, 4, 2},
+                                           TileShape{64, 16, 2}),
+                         [](const ::testing::TestParamInfo<TileShape>& info) {
+                           return "HeadDim" + std::to_string(info.param.head_dim);
+                         });
+
+TEST(AttentionRowsEmulationTest, ShapesTheKernelCannotHoldAreRefused) {
+  EXPECT_TRUE(CheckAttentionShape(32, 8, 128).ok());  // Mixtral
+  EXPECT_TRUE(CheckAttentionShape(16, 1, 256).ok());
+  EXPECT_EQ(CheckAttentionShape(32, 8, 512).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CheckAttentionShape(64, 1, 128).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CheckAttentionShape(32, 5, 128).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(AttnTileRows(4, 128), 8);  // Mixtral: 8 rows x 4 query heads per block
+  EXPECT_EQ(AttnTileRows(32, 128), 1);
 }
 
 TEST(AttentionRowsEmulationTest, AddInPlaceKernel) {

@@ -219,9 +219,11 @@ TYPED_TEST(FfnKernelsTest, RouterPicksTheEngineExperts) {
   for (size_t i = 0; i < w.size(); ++i) EXPECT_NEAR(w[i], w_engine[i], 1e-6) << i;
 }
 
+// The tiled attention kernel (one row, one tile) against the CPU engine's attention.
 TYPED_TEST(FfnKernelsTest, DecodeAttentionMatchesEngine) {
   const int64_t n_head = 8, n_head_kv = 2, hd = 128, kv_dim = n_head_kv * hd;
-  const int64_t block_size = 32, n_phys = 4, n_kv = 100;
+  // Two splits of positions (kAttnSplit = 256) over a shuffled paged table.
+  const int64_t block_size = 32, n_phys = 12, n_kv = 300;
   const std::vector<float> kf = RandomActivations(n_phys * block_size, kv_dim, 13);
   const std::vector<float> vf = RandomActivations(n_phys * block_size, kv_dim, 14);
   std::vector<uint16_t> k(kf.size()), v(vf.size());
@@ -229,7 +231,7 @@ TYPED_TEST(FfnKernelsTest, DecodeAttentionMatchesEngine) {
     k[i] = Fp32ToFp16(kf[i]);
     v[i] = Fp32ToFp16(vf[i]);
   }
-  const std::vector<int32_t> blocks = {2, 0, 3, 1};
+  const std::vector<int32_t> blocks = {2, 0, 11, 3, 1, 9, 4, 10, 5, 7};
   const std::vector<float> q = RandomActivations(n_head, hd, 15);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   KvDeviceView view{k.data(),
