@@ -7,6 +7,9 @@
 #   gpu-pack/testdata/           the reference files its suites read (quant vectors, and
 #                                tiny-Q4_K_M with its reference logits)
 #   gpu-pack/run_gpu_checks.sh   what to run on the GPU machine (writes everything to $OUT)
+# and gpu-pack.tar.gz, the same folder compressed (gitignored): what a device run carries. The
+# carry limit is 64 MiB for the carried paths and the checkout together; the script fails when
+# the archive and the tracked files would not fit.
 # Needs the CUDA toolkit (no GPU). Build directory: ./build-gpu-pack (override: BUILD_DIR=...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -56,3 +59,12 @@ ldd "$pack/moepool_gpu_tests" | awk '/=> \// {print $1, $3}' | while read -r nam
   esac
 done
 du -sh "$pack"
+rm -f "$root/gpu-pack.tar.gz"
+tar -czf "$root/gpu-pack.tar.gz" -C "$root" gpu-pack
+archive=$(stat -c %s "$root/gpu-pack.tar.gz")
+tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+echo "gpu-pack.tar.gz: $((archive >> 20)) MiB; with the checkout: $(((archive + tree) >> 20)) MiB of 64"
+if [ $((archive + tree)) -gt $((64 << 20)) ]; then
+  echo "pack.sh: the archive and the checkout exceed the 64 MiB a device run can carry" >&2
+  exit 1
+fi
