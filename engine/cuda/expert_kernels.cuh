@@ -155,6 +155,36 @@ inline constexpr int kAttnKElems = kAttnQueryElems + 32 * kAttnKStride;
 inline constexpr int kAttnMaxStep = 32;
 inline constexpr int kAttnAccPerThread = kAttnQueryElems / kAttnTileThreads;
 
+// Eight halves, for 16-byte loads of K/V rows.
+struct alignas(16) Half8 {
+  uint32_t w[4];
+};
+
+// Stages positions p0 .. p0 + np - 1 of KV head g: K rows at ks + i * ks_stride (padded), V rows
+// at vs + i * hd. 16-byte loads when every row is 16-byte aligned (wide), else one half each;
+// the same values either way.
+MOEPOOL_DEVICE void StageKvStep(const KvDeviceView& kv, int64_t g, int64_t hd, int64_t p0, int np,
+                                bool wide, uint16_t* ks, int64_t ks_stride, uint16_t* vs) {
+  const int tid = static_cast<int>(threadIdx.x);
+  if (wide) {
+    const int64_t per_row = hd / 8;
+    for (int64_t e = tid; e < np * per_row; e += kAttnTileThreads) {
+      const int64_t i = e / per_row, c = (e % per_row) * 8;
+      const Half8 k8 = *reinterpret_cast<const Half8*>(KvRowAt(kv.k, kv, p0 + i) + g * hd + c);
+      const Half8 v8 = *reinterpret_cast<const Half8*>(KvRowAt(kv.v, kv, p0 + i) + g * hd + c);
+      auto* kd = reinterpret_cast<uint32_t*>(ks + i * ks_stride + c);  // 4-byte aligned (padded)
+      for (int j = 0; j < 4; ++j) kd[j] = k8.w[j];
+      *reinterpret_cast<Half8*>(vs + i * hd + c) = v8;
+    }
+    return;
+  }
+  for (int64_t e = tid; e < np * hd; e += kAttnTileThreads) {
+    const int64_t i = e / hd, d = e % hd;
+    ks[i * ks_stride + d] = KvRowAt(kv.k, kv, p0 + i)[g * hd + d];
+    vs[e] = KvRowAt(kv.v, kv, p0 + i)[g * hd + d];
+  }
+}
+
 // Grid (n_head_kv, splits, tiles): block (g, s, t) attends the query heads of KV head g of the
 // rows of tiles[t] over positions [s * kAttnSplit, (s + 1) * kAttnSplit) (each query only up to
 // its own position) and writes each query's partial [head_dim accumulators, max, sum] for split
@@ -168,8 +198,8 @@ __global__ void __launch_bounds__(kAttnTileThreads)
                         int64_t n_head, int64_t group, int64_t hd, float scale, int64_t n_splits,
                         float* __restrict__ partial) {
   __shared__ float qs[kAttnQueryElems];
-  __shared__ uint16_t ks[kAttnKElems];
-  __shared__ uint16_t vs[kAttnQueryElems];
+  __shared__ __align__(16) uint16_t ks[kAttnKElems];
+  __shared__ __align__(16) uint16_t vs[kAttnQueryElems];
   __shared__ float ps[kAttnMaxStep * kAttnMaxStep];
   __shared__ float ms[kAttnMaxStep], ls[kAttnMaxStep], fs[kAttnMaxStep];
   const AttnTile tile = tiles[blockIdx.z];
@@ -184,6 +214,8 @@ __global__ void __launch_bounds__(kAttnTileThreads)
   const int64_t ks_stride = hd + kAttnKStride;
   const int64_t width = n_head * hd;
   const KvDeviceView kv = RowKvView(rows[tile.first], layer, (n_head / group) * hd);
+  const bool wide = ((reinterpret_cast<uintptr_t>(kv.k) | reinterpret_cast<uintptr_t>(kv.v)) % 16 |
+                     (kv.block_stride | kv.stride | static_cast<size_t>(hd)) % 8) == 0;
   const int tid = static_cast<int>(threadIdx.x);
   for (int64_t e = tid; e < nq * hd; e += kAttnTileThreads) {
     const int64_t qi = e / hd;
@@ -199,11 +231,7 @@ __global__ void __launch_bounds__(kAttnTileThreads)
   __syncthreads();
   for (int64_t p0 = s0; p0 < s1; p0 += step) {
     const int np = static_cast<int>(s1 - p0 < step ? s1 - p0 : step);
-    for (int64_t e = tid; e < np * hd; e += kAttnTileThreads) {
-      const int64_t i = e / hd, d = e % hd;
-      ks[i * ks_stride + d] = KvRowAt(kv.k, kv, p0 + i)[g * hd + d];
-      vs[e] = KvRowAt(kv.v, kv, p0 + i)[g * hd + d];
-    }
+    StageKvStep(kv, g, hd, p0, np, wide, ks, ks_stride, vs);
     __syncthreads();
     for (int e = tid; e < nq * np; e += kAttnTileThreads) {
       const int qi = e / np, i = e % np;

@@ -316,9 +316,11 @@ TEST(AttentionRowsEmulationTest, AttentionTileKernelMatchesTheReference) {
 }
 
 // Head sizes that fill the block's buffers: a full tile (AttnTileRows rows, AttnMaxQueries
-// queries) across the split boundary and a one-row tile, kernel vs reference, bit for bit.
+// queries) across the split boundary and a one-row tile, kernel vs reference, bit for bit. With
+// misaligned, the pool starts one half past a 16-byte boundary: the kernel's one-half loads.
 struct TileShape {
   int64_t head_dim, n_head, n_head_kv;
+  bool misaligned = false;
 };
 class AttentionTileShapeTest : public ::testing::TestWithParam<TileShape> {};
 
@@ -331,16 +333,17 @@ TEST_P(AttentionTileShapeTest, FullTilesMatchTheReference) {
   const int64_t block = 16, n_blocks = 20;           // one layer, 320 positions
   const std::vector<float> kf = RandomActivations(n_blocks * block, kv_dim, 50);
   const std::vector<float> vf = RandomActivations(n_blocks * block, kv_dim, 51);
-  std::vector<uint16_t> k(kf.size()), v(vf.size());
-  for (size_t i = 0; i < k.size(); ++i) {
-    k[i] = Fp32ToFp16(kf[i]);
-    v[i] = Fp32ToFp16(vf[i]);
+  const size_t skip = shape.misaligned ? 1 : 0;
+  std::vector<uint16_t> k(kf.size() + skip), v(vf.size() + skip);
+  for (size_t i = 0; i < kf.size(); ++i) {
+    k[skip + i] = Fp32ToFp16(kf[i]);
+    v[skip + i] = Fp32ToFp16(vf[i]);
   }
   const std::vector<int32_t> table = ShuffledTable(n_blocks, 2);
   const auto row = [&](int64_t pos) {
     KvRowRef r;
-    r.k = k.data();
-    r.v = v.data();
+    r.k = k.data() + skip;
+    r.v = v.data() + skip;
     r.blocks = table.data();
     r.block_size = block;
     r.block_stride = static_cast<size_t>(block * kv_dim);
@@ -371,9 +374,10 @@ TEST_P(AttentionTileShapeTest, FullTilesMatchTheReference) {
 
 INSTANTIATE_TEST_SUITE_P(HeadSizes, AttentionTileShapeTest,
                          ::testing::Values(TileShape{128, 8, 2}, TileShape{256, 4, 2},
-                                           TileShape{64, 16, 2}),
+                                           TileShape{64, 16, 2}, TileShape{128, 8, 2, true}),
                          [](const ::testing::TestParamInfo<TileShape>& info) {
-                           return "HeadDim" + std::to_string(info.param.head_dim);
+                           return "HeadDim" + std::to_string(info.param.head_dim) +
+                                  (info.param.misaligned ? "Misaligned" : "");
                          });
 
 TEST(AttentionRowsEmulationTest, ShapesTheKernelCannotHoldAreRefused) {
