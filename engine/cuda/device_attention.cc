@@ -215,12 +215,19 @@ class DeviceAttentionBackend : public AttentionBackend {
     RETURN_IF_ERROR(ops_->StoreKvRows(rows, n, il, kvd, kb, vb));
     const float scale = 1.0f / std::sqrt(static_cast<float>(c_.head_dim));
     const auto* tiles = reinterpret_cast<const AttnTile*>(dev + pass->tiles_offset());
-    for (size_t ci = 0; ci + 1 < pass->chunk_tiles.size(); ++ci) {
+    // The scratch for the largest chunk first: re-allocating between queued launches would
+    // free memory they still use.
+    const size_t n_chunks = pass->chunk_tiles.size() - 1;
+    int64_t partial_floats = 0;
+    for (size_t ci = 0; ci < n_chunks; ++ci) {
+      const int64_t m = std::min(pass->chunk, n - static_cast<int64_t>(ci) * pass->chunk);
+      partial_floats = std::max(partial_floats, m * PartialFloatsPerRow(pass->chunk_splits[ci]));
+    }
+    RETURN_IF_ERROR(Ensure(&partial_, sizeof(float) * static_cast<size_t>(partial_floats)));
+    for (size_t ci = 0; ci < n_chunks; ++ci) {
       const int64_t r0 = static_cast<int64_t>(ci) * pass->chunk;
       const int64_t m = std::min(pass->chunk, n - r0);
       const int64_t splits = pass->chunk_splits[ci];
-      RETURN_IF_ERROR(
-          Ensure(&partial_, sizeof(float) * static_cast<size_t>(m * PartialFloatsPerRow(splits))));
       const size_t t0 = pass->chunk_tiles[ci];
       RETURN_IF_ERROR(ops_->AttentionTiles(
           q, rows, tiles + t0, static_cast<int64_t>(pass->chunk_tiles[ci + 1] - t0), r0, m, il,
