@@ -1,7 +1,7 @@
 // The kernels behind expert_kernels.h and the CUDA expert backend, in a header so that the host
 // compiler can also run them under tests/engine/cuda/cuda_emulation.h (indexing and reduction
 // checks on machines without a GPU). Included by the engine's .cu files; their launchers live
-// there (ffn_kernels.cu, norm_rope.cu, attention_cuda.cu, moe_ffn_cuda.cu).
+// there (ffn_kernels.cu, norm_rope.cu, attention_rows.cu, moe_ffn_cuda.cu).
 //
 // Kernel by kernel:
 //   GateUpKernel<M, R>    silu(gate x) * up x, one warp per feature, R (1 or 8) activation rows,

@@ -190,7 +190,8 @@ TYPED_TEST(DeviceAttentionTest, QuantizedWeightsAgreeWithinTheActivationRounding
 }
 
 // Rows of three sequences in one paged pool, mixed prompt chunks and decode rows: each row's
-// logits are the bits it gets alone (batch invariance), with scores chunked to one row at a time.
+// logits are the bits it gets alone (batch invariance), with attention chunked to one row at a
+// time.
 TYPED_TEST(DeviceAttentionTest, PagedRowsAreBatchInvariant) {
   const ModelConfig& c = this->model_->config();
   DeviceAttentionOptions tight;
