@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace moepool::cli {
 
@@ -27,6 +28,11 @@ absl::StatusOr<Args> Args::Parse(int argc, char** argv, const FlagSpec& spec) {
         value = name.substr(eq + 1);
         name = name.substr(0, eq);
         has_value = true;
+      }
+      if ((name == "help" || name == "h") && !has_value && spec.boolean.count(name) == 0 &&
+          spec.valued.count(name) == 0) {
+        std::fputs(HelpText(spec).c_str(), stdout);
+        return HelpRequest();
       }
       if (spec.boolean.count(name)) {
         if (has_value)
@@ -83,7 +89,51 @@ absl::StatusOr<double> Args::GetDouble(const std::string& name, double def) cons
   return x;
 }
 
+std::string HelpText(const FlagSpec& spec) {
+  std::string out = absl::StrCat("usage: ", spec.usage, "\n", spec.summary, "\n\nflags:\n");
+  std::set<std::string> names = spec.valued;
+  names.insert(spec.boolean.begin(), spec.boolean.end());
+  constexpr size_t kColumn = 30, kWidth = 100;
+  for (const std::string& name : names) {
+    auto it = spec.help.find(name);
+    std::string text = it == spec.help.end() ? "(no description)" : it->second;
+    std::string head = absl::StrCat("  --", name);
+    if (spec.valued.count(name) != 0) {
+      // The placeholder goes beside the flag: "--parallel N".
+      const size_t gap = text.find("  ");
+      const std::string value = gap == std::string::npos ? "VALUE" : text.substr(0, gap);
+      if (gap != std::string::npos) text = text.substr(gap + 2);
+      absl::StrAppend(&head, " ", value);
+    }
+    std::string line = head.size() + 2 <= kColumn ? head + std::string(kColumn - head.size(), ' ')
+                                                  : head + "\n" + std::string(kColumn, ' ');
+    // Words of the description, wrapped under the description column.
+    size_t col = line.size() - line.rfind('\n') - 1;
+    if (line.find('\n') == std::string::npos) col = line.size();
+    for (absl::string_view word : absl::StrSplit(text, ' ', absl::SkipEmpty())) {
+      if (col > kColumn && col + 1 + word.size() > kWidth) {
+        absl::StrAppend(&line, "\n", std::string(kColumn, ' '));
+        col = kColumn;
+      } else if (col > kColumn) {
+        line += ' ';
+        ++col;
+      }
+      absl::StrAppend(&line, word);
+      col += word.size();
+    }
+    absl::StrAppend(&out, line, "\n");
+  }
+  return out;
+}
+
+absl::Status HelpRequest() { return absl::CancelledError("--help"); }
+
+bool IsHelpRequest(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kCancelled && status.message() == "--help";
+}
+
 int PrintError(const absl::Status& status, const char* prefix) {
+  if (IsHelpRequest(status)) return 0;
   std::fprintf(stderr, "%s: %s\n", prefix, std::string(status.message()).c_str());
   return 1;
 }

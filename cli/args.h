@@ -17,10 +17,19 @@ namespace moepool::cli {
 struct FlagSpec {
   std::set<std::string> valued;   // flags that take a value
   std::set<std::string> boolean;  // flags without a value
+  // What --help prints: the synopsis ("moepool serve --model M.gguf [flags]"), one sentence on
+  // what the command does, and one line per flag. A valued flag's line starts with its value's
+  // placeholder and two spaces ("N  sequences generated at once (default 4)"); a boolean flag's
+  // is just the meaning. Every flag in valued and boolean should have one.
+  std::string usage;
+  std::string summary;
+  std::map<std::string, std::string> help;
 };
 
 class Args {
  public:
+  // --help or -h as a flag (not as another flag's value): prints HelpText(spec) to stdout and
+  // returns HelpRequest().
   static absl::StatusOr<Args> Parse(int argc, char** argv, const FlagSpec& spec);
 
   bool Has(const std::string& name) const { return values_.count(name) > 0; }
@@ -37,7 +46,15 @@ class Args {
 
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
-// Prints "PREFIX: message" to stderr and returns the exit code 1.
+// The --help text of a command: usage, summary, then its flags in name order, each with its help
+// line wrapped to 100 columns ("(no description)" where the spec has none).
+std::string HelpText(const FlagSpec& spec);
+// The status Parse returns after printing the help (the command then exits 0), and its test.
+absl::Status HelpRequest();
+bool IsHelpRequest(const absl::Status& status);
+
+// Prints "PREFIX: message" to stderr and returns the exit code 1; for a HelpRequest() prints
+// nothing and returns 0.
 int PrintError(const absl::Status& status, const char* prefix = "moepool");
 
 }  // namespace moepool::cli

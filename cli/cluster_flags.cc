@@ -1,6 +1,7 @@
 #include "cli/cluster_flags.h"
 
 #include <cstdlib>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,34 @@ const char* const kClusterValued[] = {"workers",         "local-experts",     "w
 
 void AddClusterFlags(FlagSpec* spec) {
   for (const char* f : kClusterValued) spec->valued.insert(f);
+  std::map<std::string, std::string>& help = spec->help;
+  help["workers"] =
+      "LIST  comma-separated HOST:PORT of the workers that compute the experts, each checked at "
+      "startup (default: every expert in this process); --local-experts, --wire-dtype, the "
+      "timeouts, --cluster-token, --tls-*, --max-message-bytes and --transport need it";
+  help["local-experts"] =
+      "LIST  experts computed in this process on every layer, e.g. 0,2,5-7 (default none)";
+  help["wire-dtype"] =
+      "f32|f16|bf16  row values on the wire; f32 gives a local run's results bit for bit with "
+      "top-2 routing (default f32)";
+  help["step-timeout"] = "X  seconds a worker may take to answer one layer (default 30)";
+  help["connect-timeout"] = "X  seconds to wait for each worker at startup (default 10)";
+  help["cluster-token"] =
+      "TOKEN  bearer token sent to the workers on every RPC (default $MOEPOOL_CLUSTER_TOKEN, "
+      "else none)";
+  help["tls-ca"] =
+      "PATH  CA certificate (PEM) the workers' certificates are checked against (default the "
+      "system roots); this, --tls-cert or --tls-key turns TLS on";
+  help["tls-cert"] = "PATH  client certificate (PEM) for mutual TLS, with --tls-key";
+  help["tls-key"] = "PATH  private key (PEM) of --tls-cert";
+  help["tls-server-name"] =
+      "NAME  name expected in the workers' certificates when it differs from the host";
+  help["max-message-bytes"] =
+      "N  largest message sent to a worker; larger batches go in chunks (default 4194304, "
+      "4 MiB)";
+  help["transport"] =
+      "grpc|nccl  how token rows travel to the workers: nccl sends them GPU to GPU to workers "
+      "that offer it and falls back to gRPC elsewhere, with a line on stderr (default grpc)";
   AddDeviceFlag(spec);
 }
 

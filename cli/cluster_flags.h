@@ -27,7 +27,7 @@
 
 namespace moepool::cli {
 
-// Adds the flags above to `spec`.
+// Adds the flags above to `spec`, with their help lines.
 void AddClusterFlags(FlagSpec* spec);
 
 // The cluster options, or nullopt without --workers. INVALID_ARGUMENT for bad values or

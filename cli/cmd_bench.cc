@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -314,6 +315,27 @@ int RunBench(int argc, char** argv) {
                     "echo-port", "pings", "sequences", "micro-batches"},
                    {"json"}};
   AddClusterFlags(&spec);
+  spec.usage = "moepool bench --model M.gguf [flags]";
+  spec.summary =
+      "measure prompt and decode speed and peak memory; with --workers also the cluster's costs";
+  std::map<std::string, std::string>& help = spec.help;
+  help["model"] = "PATH  the GGUF model file (required)";
+  help["threads"] = "N  compute threads (default all cores)";
+  help["prompt-tokens"] = "N  tokens in the prompt pass (default 512)";
+  help["decode-tokens"] = "N  decode steps of each run (default 128)";
+  help["repeat"] = "N  runs; the best speed of them is reported (default 1)";
+  help["moe-residual"] =
+      "reference|standard  the MoE residual convention, see docs/engine.md (default reference)";
+  help["echo-port"] =
+      "N  with --workers: port of a TCP echo server on the first worker's host for the raw "
+      "ping-pong comparison (default: an echo server started on this machine's loopback)";
+  help["pings"] = "N  with --workers: round trips of the raw TCP ping-pong (default 2000)";
+  help["sequences"] =
+      "N  sequences decoded at once, one row each per step, 1..1024; above 1 one sequence alone "
+      "is measured as well (default 1)";
+  help["micro-batches"] =
+      "N  1 or 2; with 2 the --sequences are decoded as two pipelined halves (default 1)";
+  help["json"] = "print one JSON object instead of text";
   auto args = Args::Parse(argc, argv, spec);
   if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Bench(*args);

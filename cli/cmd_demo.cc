@@ -206,7 +206,19 @@ absl::Status Demo(const Args& args) {
 }  // namespace
 
 int RunDemo(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv, {{"model", "listen", "threads", "shape"}, {}});
+  FlagSpec spec = {{"model", "listen", "threads", "shape"}, {}};
+  spec.usage = "moepool demo [flags]";
+  spec.summary =
+      "synthesize a demo model on first use, start two workers (experts 0-3, 4-7) and serve it";
+  spec.help = {
+      {"model", "PATH  serve this GGUF file instead of the synthetic demo model"},
+      {"shape",
+       "NAME  shape of the synthetic model: tiny, mini or mixtral-8x7b, made once and kept in "
+       "$XDG_CACHE_HOME/moepool or ~/.cache/moepool (default tiny; not used with --model)"},
+      {"listen", "HOST:PORT  where the coordinator's HTTP API listens (default 127.0.0.1:8080)"},
+      {"threads", "N  compute threads of each worker and of the coordinator (default 1)"},
+  };
+  auto args = Args::Parse(argc, argv, spec);
   if (!args.ok()) return Fail(args.status());
   const absl::Status s = Demo(*args);
   return s.ok() ? 0 : Fail(s);

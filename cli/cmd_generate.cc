@@ -2,8 +2,10 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cli/args.h"
@@ -127,32 +129,84 @@ absl::Status Tokenize(const Args& args) {
   return absl::OkStatus();
 }
 
-FlagSpec EngineFlags() {
+// The flags of run and eval (they accept the same ones), described for `command`: the flags
+// only the other command reads say so.
+FlagSpec EngineFlags(const std::string& command, std::string usage, std::string summary) {
   FlagSpec spec = {{"model", "prompt-file", "prompt", "threads", "ctx", "logits-out", "n",
                     "temperature", "top-k", "top-p", "min-p", "seed", "moe-residual"},
                    {"ignore-eos", "json"}};
   AddClusterFlags(&spec);
+  spec.usage = std::move(usage);
+  spec.summary = std::move(summary);
+  std::map<std::string, std::string>& help = spec.help;
+  help["model"] = "PATH  the GGUF model file (required)";
+  help["prompt-file"] = "PATH  file whose text is the prompt (required unless --prompt)";
+  help["prompt"] = "TEXT  the prompt text itself (--prompt-file wins when both are given)";
+  help["threads"] = "N  compute threads (default all cores)";
+  help["ctx"] =
+      "N  context positions, prompt and generated tokens (default min(model context, 4096))";
+  help["moe-residual"] =
+      "reference|standard  what the MoE output is added to: reference matches the reference "
+      "implementation's logits, standard is the textbook Mixtral residual (default reference)";
+  // "eval only: ..." on run's --help and the other way round.
+  const std::string eval_only = command == "eval" ? "" : "eval only: ";
+  const std::string run_only = command == "run" ? "" : "run only: ";
+  help["logits-out"] =
+      "PATH  " + eval_only +
+      "file to write every position's logits to, n_tokens x n_vocab f32 (required)";
+  help["n"] = "N  " + run_only + "most tokens to generate (default 128)";
+  help["temperature"] = "X  " + run_only + "sampling temperature; 0 is greedy (default 0.8)";
+  help["top-k"] =
+      "N  " + run_only + "sample among the N most likely tokens; 0 turns it off (default 40)";
+  help["top-p"] = "X  " + run_only +
+                  "sample among the most likely tokens whose probabilities add up to X; 1 turns "
+                  "it off (default 0.95)";
+  help["min-p"] = "X  " + run_only +
+                  "drop tokens less likely than X times the most likely one; 0 turns it off "
+                  "(default 0.05)";
+  help["seed"] = "N  " + run_only +
+                 "sampling seed; a negative one picks a random seed, printed on stderr when "
+                 "sampling (default -1)";
+  help["ignore-eos"] = run_only + "keep generating after the end-of-sequence token, up to --n";
+  help["json"] =
+      run_only + "print {\"tokens\": [...], \"text\": \"...\"} instead of streaming the text";
   return spec;
 }
 
 }  // namespace
 
 int RunEval(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv, EngineFlags());
+  auto args = Args::Parse(
+      argc, argv,
+      EngineFlags(
+          "eval", "moepool eval --model M.gguf --prompt-file P.txt --logits-out L.f32 [flags]",
+          "evaluate a prompt in one batch and write every position's logits to --logits-out"));
   if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Eval(*args);
   return s.ok() ? 0 : PrintError(s);
 }
 
 int RunRun(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv, EngineFlags());
+  auto args =
+      Args::Parse(argc, argv,
+                  EngineFlags("run", "moepool run --model M.gguf --prompt-file P.txt [flags]",
+                              "generate text after a prompt and stream it to stdout"));
   if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Run(*args);
   return s.ok() ? 0 : PrintError(s);
 }
 
 int RunTokenize(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv, {{"model", "file", "text"}, {"no-bos"}});
+  FlagSpec spec = {{"model", "file", "text"}, {"no-bos"}};
+  spec.usage = "moepool tokenize --model M.gguf --file P.txt [flags]";
+  spec.summary = "print the token ids of a text, separated by spaces, with the model's tokenizer";
+  spec.help = {
+      {"model", "PATH  the GGUF file whose tokenizer is used (required)"},
+      {"file", "PATH  file holding the text (required unless --text)"},
+      {"text", "TEXT  the text itself (--file wins when both are given)"},
+      {"no-bos", "do not add the beginning-of-sequence token the model asks for"},
+  };
+  auto args = Args::Parse(argc, argv, spec);
   if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Tokenize(*args);
   return s.ok() ? 0 : PrintError(s);

@@ -139,15 +139,40 @@ std::string FindDefaultVocab() {
 }
 
 int RunInspect(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv, {{"ctx"}, {"json"}});
+  FlagSpec spec = {{"ctx"}, {"json"}};
+  spec.usage = "moepool inspect MODEL.gguf [flags]";
+  spec.summary = "print a model's hyperparameters, tensor types and the memory it needs";
+  spec.help = {
+      {"ctx",
+       "N  context positions the KV cache estimate is for (default min(model context, 4096))"},
+      {"json", "print one JSON object instead of text"},
+  };
+  auto args = Args::Parse(argc, argv, spec);
   if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Inspect(*args);
   return s.ok() ? 0 : PrintError(s);
 }
 
 int RunSynth(int argc, char** argv) {
-  auto args =
-      Args::Parse(argc, argv, {{"out", "shape", "type", "seed", "vocab", "expert-layout"}, {}});
+  FlagSpec spec = {{"out", "shape", "type", "seed", "vocab", "expert-layout"}, {}};
+  spec.usage = "moepool synth --out F.gguf [flags]";
+  spec.summary = "write a Mixtral-architecture GGUF with random weights and a real vocabulary";
+  spec.help = {
+      {"out", "PATH  the GGUF file to write (required)"},
+      {"shape", "NAME  tiny, mini or mixtral-8x7b (the real model's shape) (default tiny)"},
+      {"type",
+       "NAME  a tensor type for every matrix (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, "
+       "Q3_K, Q4_K, Q5_K, Q6_K) or a llama.cpp-style mix (Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_S, "
+       "Q5_K_M) (default Q4_K_M)"},
+      {"seed", "N  seed of the random weights (default 1)"},
+      {"vocab",
+       "PATH  GGUF file whose tokenizer is copied (default the bundled Mistral vocabulary, "
+       "deploy/vocab/mistral-vocab.gguf)"},
+      {"expert-layout",
+       "merged|per-expert  experts in one tensor per layer and matrix, or one tensor each "
+       "(default merged)"},
+  };
+  auto args = Args::Parse(argc, argv, spec);
   if (!args.ok()) return PrintError(args.status());
   const absl::Status s = Synth(*args);
   return s.ok() ? 0 : PrintError(s);

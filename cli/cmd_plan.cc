@@ -174,10 +174,32 @@ nlohmann::json PlanJson(const PlanRequest& r, const Plan& plan) {
 }  // namespace
 
 int RunPlan(int argc, char** argv) {
-  auto args =
-      Args::Parse(argc, argv,
-                  {{"model", "shape", "type", "machine", "coordinator", "ctx", "reserve", "host"},
-                   {"replicas", "json"}});
+  FlagSpec spec = {{"model", "shape", "type", "machine", "coordinator", "ctx", "reserve", "host"},
+                   {"replicas", "json"}};
+  spec.usage =
+      "moepool plan (--model M.gguf | --shape NAME) --machine SIZE [--machine SIZE ...] [flags]";
+  spec.summary =
+      "place the coordinator and the experts on machines and print their commands (exit 1: no fit)";
+  spec.help = {
+      {"model", "PATH  the GGUF file to place, with its exact sizes (this or --shape is required)"},
+      {"shape",
+       "NAME  plan the model moepool synth would write: tiny, mini or mixtral-8x7b, of --type"},
+      {"type", "NAME  type or mix of the --shape, as moepool synth --type takes (default Q4_K_M)"},
+      {"machine",
+       "SIZE  memory of one machine, e.g. 12GiB; cuda:SIZE is a GPU worker with a card of SIZE, "
+       "cuda this machine's cuda:0; repeatable, at least one"},
+      {"coordinator",
+       "SIZE  a machine of its own for the coordinator, holding no experts (default: the first "
+       "--machine runs it)"},
+      {"ctx",
+       "N  KV cache positions the coordinator reserves, all sequences together (default 4096)"},
+      {"reserve", "SIZE  memory kept free on every machine (default 512MiB)"},
+      {"host", "NAME  name of the next --machine, in order; repeatable (default machine-N)"},
+      {"replicas", "use the room left over for extra copies of whole experts"},
+      {"json", "print one JSON object instead of text"},
+  };
+  auto args = Args::Parse(argc, argv, spec);
+  if (!args.ok() && IsHelpRequest(args.status())) return 0;
   absl::StatusOr<PlanRequest> request =
       args.ok() ? ReadRequest(*args) : absl::StatusOr<PlanRequest>(args.status());
   absl::StatusOr<Plan> plan =

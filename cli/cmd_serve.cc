@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -210,6 +211,41 @@ FlagSpec ServeFlags() {
        "http-threads", "max-body-bytes", "model-name", "micro-batches", "prefix-cache"},
       {}};
   AddClusterFlags(&spec);
+  spec.usage = "moepool serve --model M.gguf [flags]";
+  spec.summary = "serve the OpenAI-compatible HTTP API (docs/api.md) with continuous batching";
+  std::map<std::string, std::string>& help = spec.help;
+  help["model"] = "PATH  the GGUF model file (required)";
+  help["listen"] = "HOST:PORT  where to listen; port 0 picks a free one (default 127.0.0.1:8080)";
+  help["api-key"] =
+      "KEY  require Authorization: Bearer KEY on /v1/...; repeatable (default: no "
+      "authentication)";
+  help["api-key-file"] =
+      "PATH  file of API keys, one per line, # starts a comment line; repeatable";
+  help["parallel"] =
+      "N  sequences generated at once; more requests wait in the queue, 1..1024 (default 4)";
+  help["ctx"] = "N  positions per sequence, prompt and reply (default min(model context, 4096))";
+  help["max-queue"] = "N  requests waiting beyond --parallel; more get 429, 0..100000 (default 64)";
+  help["threads"] = "N  compute threads (default all cores)";
+  help["chat-template"] =
+      "NAME  mistral or chatml instead of the model's own (default: recognised from the model "
+      "file, else mistral)";
+  help["moe-residual"] =
+      "reference|standard  the MoE residual convention, see docs/engine.md (default reference)";
+  help["step-tokens"] =
+      "N  rows per forward pass; decode rows come first, prompt chunks fill the rest "
+      "(default 512)";
+  help["kv-block-size"] = "N  positions per KV cache block, 1..4096 (default 16)";
+  help["kv-cache-tokens"] =
+      "N  positions in the shared KV cache pool, at least one --ctx (default parallel x ctx)";
+  help["http-threads"] = "N  HTTP threads (default parallel + max-queue + 8)";
+  help["max-body-bytes"] = "N  largest request body; larger get 413 (default 8388608, 8 MiB)";
+  help["model-name"] =
+      "NAME  model id in /v1/models and in responses (default the file name without .gguf)";
+  help["micro-batches"] =
+      "N  1 or 2; with 2 and --workers, a step with rows of two or more sequences runs as two "
+      "pipelined halves (default 2)";
+  help["prefix-cache"] =
+      "on|off  reuse the KV cache of prompt prefixes already computed (default on)";
   return spec;
 }
 

@@ -17,6 +17,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -151,15 +152,48 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   return absl::OkStatus();
 }
 
-const FlagSpec kWorkerFlags = {
-    {"model", "experts", "layers", "placement", "listen", "threads", "cluster-token", "tls-cert",
-     "tls-key", "tls-ca", "max-message-mib", "name", "device", "transport"},
-    {}};
+FlagSpec WorkerFlags() {
+  FlagSpec spec = {{"model", "experts", "layers", "placement", "listen", "threads", "cluster-token",
+                    "tls-cert", "tls-key", "tls-ca", "max-message-mib", "name", "transport"},
+                   {}};
+  AddDeviceFlag(&spec);
+  spec.usage = "moepool worker --model M.gguf --experts LIST --listen HOST:PORT [flags]";
+  spec.summary = "serve some experts of a model to a coordinator over gRPC";
+  std::map<std::string, std::string>& help = spec.help;
+  help["model"] = "PATH  the GGUF model file (required)";
+  help["experts"] =
+      "LIST  experts to serve, e.g. 0-3 or 0,2,5-7, on every layer or on the --layers "
+      "(this or --placement is required)";
+  help["layers"] = "LIST  the layers whose --experts this worker serves (default all layers)";
+  help["placement"] =
+      "PATH  file of the (layer, expert) pairs to serve, as moepool plan writes it; instead of "
+      "--experts";
+  help["listen"] = "HOST:PORT  where to serve (required); port 0 picks a free one";
+  help["threads"] = "N  compute threads (default all cores)";
+  help["cluster-token"] =
+      "TOKEN  bearer token every RPC must carry (default $MOEPOOL_CLUSTER_TOKEN; without one any "
+      "client that reaches the worker can use it)";
+  help["tls-cert"] = "PATH  server certificate (PEM); with --tls-key the worker speaks TLS only";
+  help["tls-key"] = "PATH  private key (PEM) of --tls-cert";
+  help["tls-ca"] =
+      "PATH  CA certificate (PEM) that must have signed every client's certificate (mutual TLS)";
+  help["max-message-mib"] =
+      "N  largest gRPC message received or sent, in MiB, 1..2047 (default 64)";
+  help["name"] = "NAME  worker id reported to the coordinator (default the --listen address)";
+  help["device"] =
+      "cpu|cuda:N|cuda:all  where the experts live: cuda:N on CUDA device N, cuda:all spread "
+      "over every device, balanced by bytes (default cpu)";
+  help["transport"] =
+      "grpc|nccl  nccl offers the coordinator NCCL pipes for the rows, on the first --device GPU "
+      "(else cuda:0); where NCCL cannot be used the worker says so and serves over gRPC only "
+      "(default grpc)";
+  return spec;
+}
 
 }  // namespace
 
 int RunWorker(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv, kWorkerFlags);
+  auto args = Args::Parse(argc, argv, WorkerFlags());
   if (!args.ok()) return Fail(args.status());
   // Block the stop signals before any thread starts (the pool, gRPC), so every thread inherits
   // the mask and the signals wait for sigwait in Serve.

@@ -28,7 +28,14 @@ class OwningDeviceExperts : public ExpertBackend {
 
 }  // namespace
 
-void AddDeviceFlag(FlagSpec* spec) { spec->valued.insert("device"); }
+void AddDeviceFlag(FlagSpec* spec) {
+  spec->valued.insert("device");
+  spec->help["device"] =
+      "cpu|cuda:N|cuda:all  where this process computes: cuda:N puts its experts (all of them, or "
+      "the --local-experts with --workers) and the attention, KV cache, router and output head on "
+      "CUDA device N; cuda:all spreads the experts over every device, attention on the first "
+      "(default cpu)";
+}
 
 absl::StatusOr<DeviceSpec> DeviceFromArgs(const Args& args) {
   ASSIGN_OR_RETURN(DeviceSpec spec, ParseDeviceSpec(args.Get("device", "cpu")));

@@ -26,7 +26,7 @@
 
 namespace moepool::cli {
 
-// Adds "device" to the valued flags of `spec`.
+// Adds "device" to the valued flags of `spec`, with its help line.
 void AddDeviceFlag(FlagSpec* spec);
 
 // Parses and resolves --device (default "cpu"): cuda:all becomes the present ordinals.
