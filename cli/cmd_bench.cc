@@ -17,6 +17,7 @@
 #include "cli/args.h"
 #include "cli/cluster_flags.h"
 #include "cli/commands.h"
+#include "cli/engine_flags.h"
 #include "coordinator/tcp_echo.h"
 #include "coordinator/wire_format.h"
 #include "engine/engine.h"
@@ -311,21 +312,18 @@ absl::Status Bench(const Args& args) {
 }  // namespace
 
 int RunBench(int argc, char** argv) {
-  FlagSpec spec = {{"model", "threads", "prompt-tokens", "decode-tokens", "repeat", "moe-residual",
-                    "echo-port", "pings", "sequences", "micro-batches"},
+  FlagSpec spec = {{"prompt-tokens", "decode-tokens", "repeat", "echo-port", "pings", "sequences",
+                    "micro-batches"},
                    {"json"}};
+  AddEngineFlags(&spec);
   AddClusterFlags(&spec);
   spec.usage = "moepool bench --model M.gguf [flags]";
   spec.summary =
       "measure prompt and decode speed and peak memory; with --workers also the cluster's costs";
   std::map<std::string, std::string>& help = spec.help;
-  help["model"] = "PATH  the GGUF model file (required)";
-  help["threads"] = "N  compute threads (default all cores)";
   help["prompt-tokens"] = "N  tokens in the prompt pass (default 512)";
   help["decode-tokens"] = "N  decode steps of each run (default 128)";
   help["repeat"] = "N  runs; the best speed of them is reported (default 1)";
-  help["moe-residual"] =
-      "reference|standard  the MoE residual convention, see docs/engine.md (default reference)";
   help["echo-port"] =
       "N  with --workers: port of a TCP echo server on the first worker's host for the raw "
       "ping-pong comparison (default: an echo server started on this machine's loopback)";

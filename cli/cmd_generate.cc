@@ -11,6 +11,7 @@
 #include "cli/args.h"
 #include "cli/cluster_flags.h"
 #include "cli/commands.h"
+#include "cli/engine_flags.h"
 #include "engine/engine.h"
 #include "engine/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -132,22 +133,18 @@ absl::Status Tokenize(const Args& args) {
 // The flags of run and eval (they accept the same ones), described for `command`: the flags
 // only the other command reads say so.
 FlagSpec EngineFlags(const std::string& command, std::string usage, std::string summary) {
-  FlagSpec spec = {{"model", "prompt-file", "prompt", "threads", "ctx", "logits-out", "n",
-                    "temperature", "top-k", "top-p", "min-p", "seed", "moe-residual"},
+  FlagSpec spec = {{"prompt-file", "prompt", "ctx", "logits-out", "n", "temperature", "top-k",
+                    "top-p", "min-p", "seed"},
                    {"ignore-eos", "json"}};
+  AddEngineFlags(&spec);
   AddClusterFlags(&spec);
   spec.usage = std::move(usage);
   spec.summary = std::move(summary);
   std::map<std::string, std::string>& help = spec.help;
-  help["model"] = "PATH  the GGUF model file (required)";
   help["prompt-file"] = "PATH  file whose text is the prompt (required unless --prompt)";
   help["prompt"] = "TEXT  the prompt text itself (--prompt-file wins when both are given)";
-  help["threads"] = "N  compute threads (default all cores)";
   help["ctx"] =
       "N  context positions, prompt and generated tokens (default min(model context, 4096))";
-  help["moe-residual"] =
-      "reference|standard  what the MoE output is added to: reference matches the reference "
-      "implementation's logits, standard is the textbook Mixtral residual (default reference)";
   // "eval only: ..." on run's --help and the other way round.
   const std::string eval_only = command == "eval" ? "" : "eval only: ";
   const std::string run_only = command == "run" ? "" : "run only: ";

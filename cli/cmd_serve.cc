@@ -14,6 +14,7 @@
 #include "cli/cluster_flags.h"
 #include "cli/commands.h"
 #include "cli/device_flags.h"
+#include "cli/engine_flags.h"
 #include "coordinator/expert_placement.h"
 #include "coordinator/remote_expert_backend.h"
 #include "coordinator/serve.h"
@@ -206,15 +207,15 @@ absl::Status Serve(const Args& args) {
 
 FlagSpec ServeFlags() {
   FlagSpec spec = {
-      {"model", "listen", "api-key", "api-key-file", "parallel", "ctx", "max-queue", "threads",
-       "chat-template", "moe-residual", "step-tokens", "kv-block-size", "kv-cache-tokens",
-       "http-threads", "max-body-bytes", "model-name", "micro-batches", "prefix-cache"},
+      {"listen", "api-key", "api-key-file", "parallel", "ctx", "max-queue", "chat-template",
+       "step-tokens", "kv-block-size", "kv-cache-tokens", "http-threads", "max-body-bytes",
+       "model-name", "micro-batches", "prefix-cache"},
       {}};
+  AddEngineFlags(&spec);
   AddClusterFlags(&spec);
   spec.usage = "moepool serve --model M.gguf [flags]";
   spec.summary = "serve the OpenAI-compatible HTTP API (docs/api.md) with continuous batching";
   std::map<std::string, std::string>& help = spec.help;
-  help["model"] = "PATH  the GGUF model file (required)";
   help["listen"] = "HOST:PORT  where to listen; port 0 picks a free one (default 127.0.0.1:8080)";
   help["api-key"] =
       "KEY  require Authorization: Bearer KEY on /v1/...; repeatable (default: no "
@@ -225,12 +226,9 @@ FlagSpec ServeFlags() {
       "N  sequences generated at once; more requests wait in the queue, 1..1024 (default 4)";
   help["ctx"] = "N  positions per sequence, prompt and reply (default min(model context, 4096))";
   help["max-queue"] = "N  requests waiting beyond --parallel; more get 429, 0..100000 (default 64)";
-  help["threads"] = "N  compute threads (default all cores)";
   help["chat-template"] =
       "NAME  mistral or chatml instead of the model's own (default: recognised from the model "
       "file, else mistral)";
-  help["moe-residual"] =
-      "reference|standard  the MoE residual convention, see docs/engine.md (default reference)";
   help["step-tokens"] =
       "N  rows per forward pass; decode rows come first, prompt chunks fill the rest "
       "(default 512)";
