@@ -158,9 +158,6 @@ absl::Status Bench(const Args& args) {
     return absl::InvalidArgumentError("--micro-batches must be 1 or 2");
   }
   opts.threads = static_cast<int>(threads);
-  if (!ParseMoeResidual(args.Get("moe-residual", "reference"), &opts.transformer.moe_residual)) {
-    return absl::InvalidArgumentError("--moe-residual must be reference or standard");
-  }
   opts.n_ctx = std::max<int64_t>(n_prompt, n_decode);
   ASSIGN_OR_RETURN(LoadedEngine loaded, LoadEngineForArgs(args, opts));
   Engine* engine = loaded.engine.get();

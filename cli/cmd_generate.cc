@@ -26,9 +26,6 @@ absl::StatusOr<LoadedEngine> LoadEngine(const Args& args) {
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
   ASSIGN_OR_RETURN(opts.n_ctx, args.GetInt("ctx", 0));
   opts.threads = static_cast<int>(threads);
-  if (!ParseMoeResidual(args.Get("moe-residual", "reference"), &opts.transformer.moe_residual)) {
-    return absl::InvalidArgumentError("--moe-residual must be reference or standard");
-  }
   return LoadEngineForArgs(args, opts);
 }
 

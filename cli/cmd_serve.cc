@@ -72,10 +72,6 @@ absl::StatusOr<ServeConfig> ParseConfig(const Args& args) {
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
   c.engine.threads = static_cast<int>(threads);
   ASSIGN_OR_RETURN(c.engine.n_ctx, args.GetInt("ctx", 0));
-  if (!ParseMoeResidual(args.Get("moe-residual", "reference"),
-                        &c.engine.transformer.moe_residual)) {
-    return absl::InvalidArgumentError("--moe-residual must be reference or standard");
-  }
   ASSIGN_OR_RETURN(int64_t parallel, args.GetInt("parallel", 4));
   ASSIGN_OR_RETURN(int64_t max_queue, args.GetInt("max-queue", 64));
   ASSIGN_OR_RETURN(c.scheduler.step_tokens, args.GetInt("step-tokens", 512));

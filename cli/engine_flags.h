@@ -1,5 +1,5 @@
 // The flags every command that loads and runs the whole model shares (`serve`, `run`, `eval`,
-// `bench`): --model, --threads and --moe-residual, with their --help lines.
+// `bench`): --model and --threads, with their --help lines.
 #ifndef MOEPOOL_CLI_ENGINE_FLAGS_H_
 #define MOEPOOL_CLI_ENGINE_FLAGS_H_
 
@@ -7,7 +7,7 @@
 
 namespace moepool::cli {
 
-// Adds the three to the valued flags of `spec`, with their help lines.
+// Adds the two to the valued flags of `spec`, with their help lines.
 void AddEngineFlags(FlagSpec* spec);
 
 }  // namespace moepool::cli

@@ -18,20 +18,30 @@
 namespace moepool {
 namespace {
 
-// Caps that keep a malformed header from making us allocate absurd amounts of memory.
+// Caps that keep a malformed header from making us allocate absurd amounts of memory. Beyond
+// them, every count is checked against the bytes left in the file before anything is allocated
+// for it: each item takes at least its smallest encoding, so what a header makes us allocate is
+// a small multiple of its own size (docs/engine.md, "Robustness").
 constexpr uint64_t kMaxStringBytes = 1u << 26;  // 64 MiB per string
 constexpr uint64_t kMaxArrayElems = 1u << 26;   // 64M elements per array
-constexpr uint64_t kMaxNestingDepth = 4;
 constexpr uint64_t kMaxTensorCount = 1u << 20;
 constexpr uint64_t kMaxKvCount = 1u << 20;
+// Smallest encodings: a string (its length), a metadata entry (a one-byte key, its type, a
+// one-byte value), a tensor entry (a one-byte name, one dimension, its type and offset).
+constexpr uint64_t kMinStringBytes = 8;
+constexpr uint64_t kMinKvBytes = 8 + 1 + 4 + 1;
+constexpr uint64_t kMinTensorBytes = 8 + 1 + 4 + 8 + 4 + 8;
+
+}  // namespace
 
 // Bounds-checked little-endian cursor over the header bytes.
-class Cursor {
+class GgufCursor {
  public:
-  Cursor(const uint8_t* data, uint64_t size, const std::string& path)
+  GgufCursor(const uint8_t* data, uint64_t size, const std::string& path)
       : data_(data), size_(size), path_(path) {}
 
   uint64_t pos() const { return pos_; }
+  uint64_t remaining() const { return size_ - pos_; }
 
   absl::Status Error(absl::string_view what) const {
     return absl::InvalidArgumentError(
@@ -58,6 +68,8 @@ class Cursor {
     return absl::OkStatus();
   }
 
+  const uint8_t* here() const { return data_ + pos_; }
+
   absl::Status Skip(uint64_t n, absl::string_view what) {
     if (size_ - pos_ < n) return Error(absl::StrCat("file truncated while reading ", what));
     pos_ += n;
@@ -71,125 +83,65 @@ class Cursor {
   uint64_t pos_ = 0;
 };
 
+namespace {
+
 bool ValidValueType(uint32_t t) { return t <= static_cast<uint32_t>(GgufValueType::kFloat64); }
 
-uint64_t ScalarSize(GgufValueType t) {
-  switch (t) {
-    case GgufValueType::kUint8:
-    case GgufValueType::kInt8:
-    case GgufValueType::kBool:
-      return 1;
-    case GgufValueType::kUint16:
-    case GgufValueType::kInt16:
-      return 2;
-    case GgufValueType::kUint32:
-    case GgufValueType::kInt32:
-    case GgufValueType::kFloat32:
-      return 4;
-    case GgufValueType::kUint64:
-    case GgufValueType::kInt64:
-    case GgufValueType::kFloat64:
-      return 8;
-    default:
-      return 0;
+// Fails unless `count` items of at least `min_bytes` each fit in what is left of the file.
+absl::Status CheckCountFits(const GgufCursor& c, uint64_t count, uint64_t min_bytes,
+                            absl::string_view what) {
+  if (count > c.remaining() / min_bytes) {
+    return c.Error(absl::StrCat(what, " claims ", count, " entries, more than the ", c.remaining(),
+                                " bytes left in the file can hold"));
   }
+  return absl::OkStatus();
 }
 
-absl::Status ReadValue(Cursor& c, GgufValueType type, GgufValue* v, const std::string& key,
-                       int depth) {
-  v->type = type;
-  switch (type) {
-    case GgufValueType::kUint8: {
-      uint8_t x = 0;
-      RETURN_IF_ERROR(c.Read(&x, key));
-      v->uint_value = x;
-      return absl::OkStatus();
-    }
-    case GgufValueType::kInt8: {
-      int8_t x = 0;
-      RETURN_IF_ERROR(c.Read(&x, key));
-      v->int_value = x;
-      return absl::OkStatus();
-    }
-    case GgufValueType::kUint16: {
-      uint16_t x = 0;
-      RETURN_IF_ERROR(c.Read(&x, key));
-      v->uint_value = x;
-      return absl::OkStatus();
-    }
-    case GgufValueType::kInt16: {
-      int16_t x = 0;
-      RETURN_IF_ERROR(c.Read(&x, key));
-      v->int_value = x;
-      return absl::OkStatus();
-    }
-    case GgufValueType::kUint32: {
-      uint32_t x = 0;
-      RETURN_IF_ERROR(c.Read(&x, key));
-      v->uint_value = x;
-      return absl::OkStatus();
-    }
-    case GgufValueType::kInt32: {
-      int32_t x = 0;
-      RETURN_IF_ERROR(c.Read(&x, key));
-      v->int_value = x;
-      return absl::OkStatus();
-    }
-    case GgufValueType::kUint64: {
-      RETURN_IF_ERROR(c.Read(&v->uint_value, key));
-      return absl::OkStatus();
-    }
-    case GgufValueType::kInt64: {
-      RETURN_IF_ERROR(c.Read(&v->int_value, key));
-      return absl::OkStatus();
-    }
-    case GgufValueType::kFloat32: {
-      float x = 0;
-      RETURN_IF_ERROR(c.Read(&x, key));
-      v->float_value = x;
-      return absl::OkStatus();
-    }
-    case GgufValueType::kFloat64: {
-      RETURN_IF_ERROR(c.Read(&v->float_value, key));
-      return absl::OkStatus();
-    }
-    case GgufValueType::kBool: {
-      uint8_t x = 0;
-      RETURN_IF_ERROR(c.Read(&x, key));
-      if (x > 1) return c.Error(absl::StrCat("invalid bool value for key '", key, "'"));
-      v->uint_value = x;
-      return absl::OkStatus();
-    }
-    case GgufValueType::kString:
-      return c.ReadString(&v->string_value, absl::StrCat("value of key '", key, "'"));
-    case GgufValueType::kArray: {
-      if (depth >= static_cast<int>(kMaxNestingDepth)) {
-        return c.Error(absl::StrCat("arrays nested too deeply in key '", key, "'"));
-      }
-      uint32_t et = 0;
-      uint64_t n = 0;
-      RETURN_IF_ERROR(c.Read(&et, key));
-      if (!ValidValueType(et)) {
-        return c.Error(absl::StrCat("unknown array element type ", et, " in key '", key, "'"));
-      }
-      RETURN_IF_ERROR(c.Read(&n, key));
-      if (n > kMaxArrayElems) return c.Error(absl::StrCat("array too long in key '", key, "'"));
-      v->array_type = static_cast<GgufValueType>(et);
-      // Cheap plausibility check before allocating: fixed-size elements must fit in the file.
-      const uint64_t elem = ScalarSize(v->array_type);
-      if (elem != 0) {
-        Cursor probe = c;
-        RETURN_IF_ERROR(probe.Skip(n * elem, absl::StrCat("array of key '", key, "'")));
-      }
-      v->array.resize(n);
-      for (uint64_t i = 0; i < n; ++i) {
-        RETURN_IF_ERROR(ReadValue(c, v->array_type, &v->array[i], key, depth + 1));
-      }
-      return absl::OkStatus();
-    }
+absl::Status ReadArray(GgufCursor& c, GgufValue* v, const std::string& key) {
+  uint32_t et = 0;
+  uint64_t n = 0;
+  RETURN_IF_ERROR(c.Read(&et, key));
+  if (!ValidValueType(et)) {
+    return c.Error(absl::StrCat("unknown array element type ", et, " in key '", key, "'"));
   }
-  return c.Error(
-      absl::StrCat("unknown value type ", static_cast<uint32_t>(type), " for key '", key, "'"));
+  if (et == static_cast<uint32_t>(GgufValueType::kArray)) {
+    return c.Error(absl::StrCat("key '", key, "' is an array of arrays (not supported)"));
+  }
+  RETURN_IF_ERROR(c.Read(&n, key));
+  if (n > kMaxArrayElems) return c.Error(absl::StrCat("array too long in key '", key, "'"));
+  v->array_type = static_cast<GgufValueType>(et);
+  const std::string what = absl::StrCat("array of key '", key, "'");
+  if (v->array_type == GgufValueType::kString) {
+    RETURN_IF_ERROR(CheckCountFits(c, n, kMinStringBytes, what));
+    v->strings.resize(n);
+    for (uint64_t i = 0; i < n; ++i) RETURN_IF_ERROR(c.ReadString(&v->strings[i], what));
+    return absl::OkStatus();
+  }
+  const uint64_t elem = GgufScalarSize(v->array_type);
+  RETURN_IF_ERROR(CheckCountFits(c, n, elem, what));
+  v->packed.assign(reinterpret_cast<const char*>(c.here()), n * elem);
+  if (v->array_type == GgufValueType::kBool) {
+    for (char& b : v->packed) b = b != 0 ? 1 : 0;
+  }
+  return c.Skip(n * elem, what);
+}
+
+absl::Status ReadValue(GgufCursor& c, GgufValueType type, GgufValue* v, const std::string& key) {
+  v->type = type;
+  if (type == GgufValueType::kString) {
+    return c.ReadString(&v->string_value, absl::StrCat("value of key '", key, "'"));
+  }
+  if (type == GgufValueType::kArray) return ReadArray(c, v, key);
+  const uint64_t size = GgufScalarSize(type);
+  if (size == 0) {
+    return c.Error(
+        absl::StrCat("unknown value type ", static_cast<uint32_t>(type), " for key '", key, "'"));
+  }
+  if (c.remaining() < size) {
+    return c.Error(absl::StrCat("file truncated while reading value of key '", key, "'"));
+  }
+  *v = GgufValue::DecodeScalar(type, c.here());
+  return c.Skip(size, key);
 }
 
 }  // namespace
@@ -248,7 +200,7 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::FromBuffer(std::string_view 
 }
 
 absl::Status GgufFile::Parse() {
-  Cursor c(base_, size_, path_);
+  GgufCursor c(base_, size_, path_);
   uint32_t magic = 0;
   RETURN_IF_ERROR(c.Read(&magic, "magic"));
   if (magic != kGgufMagic) {
@@ -266,7 +218,44 @@ absl::Status GgufFile::Parse() {
   if (n_tensors > kMaxTensorCount)
     return c.Error(absl::StrCat("implausible tensor count ", n_tensors));
   if (n_kv > kMaxKvCount) return c.Error(absl::StrCat("implausible metadata count ", n_kv));
+  RETURN_IF_ERROR(CheckCountFits(c, n_kv, kMinKvBytes, "the metadata count"));
+  RETURN_IF_ERROR(ParseMetadata(c, n_kv));
+  RETURN_IF_ERROR(ParseTensorIndex(c, n_tensors));
+  return PlaceTensors(c.pos());
+}
 
+namespace {
+
+// Sorts `order` (positions into `items`) by name; returns a position whose name repeats, or -1.
+template <typename T, typename NameOf>
+int64_t SortByName(const std::vector<T>& items, NameOf name_of, std::vector<uint32_t>* order) {
+  order->resize(items.size());
+  for (size_t i = 0; i < items.size(); ++i) (*order)[i] = static_cast<uint32_t>(i);
+  std::sort(order->begin(), order->end(),
+            [&](uint32_t a, uint32_t b) { return name_of(items[a]) < name_of(items[b]); });
+  for (size_t i = 1; i < order->size(); ++i) {
+    if (name_of(items[(*order)[i - 1]]) == name_of(items[(*order)[i]])) return (*order)[i];
+  }
+  return -1;
+}
+
+// The position in `items` of the entry named `name` (binary search of `order`), or -1.
+template <typename T, typename NameOf>
+int64_t FindByName(const std::vector<T>& items, NameOf name_of, const std::vector<uint32_t>& order,
+                   std::string_view name) {
+  auto it = std::lower_bound(order.begin(), order.end(), name, [&](uint32_t i, std::string_view n) {
+    return std::string_view(name_of(items[i])) < n;
+  });
+  if (it == order.end() || std::string_view(name_of(items[*it])) != name) return -1;
+  return *it;
+}
+
+const std::string& KeyOf(const std::pair<std::string, GgufValue>& kv) { return kv.first; }
+const std::string& NameOf(const GgufTensorInfo& t) { return t.name; }
+
+}  // namespace
+
+absl::Status GgufFile::ParseMetadata(GgufCursor& c, uint64_t n_kv) {
   kv_.reserve(n_kv);
   for (uint64_t i = 0; i < n_kv; ++i) {
     std::string key;
@@ -278,12 +267,13 @@ absl::Status GgufFile::Parse() {
       return c.Error(absl::StrCat("unknown value type ", t, " for key '", key, "'"));
     }
     GgufValue v;
-    RETURN_IF_ERROR(ReadValue(c, static_cast<GgufValueType>(t), &v, key, 0));
-    if (kv_index_.count(key)) return c.Error(absl::StrCat("duplicate metadata key '", key, "'"));
-    kv_index_.emplace(key, kv_.size());
+    RETURN_IF_ERROR(ReadValue(c, static_cast<GgufValueType>(t), &v, key));
     kv_.emplace_back(std::move(key), std::move(v));
   }
-
+  if (const int64_t dup = SortByName(kv_, KeyOf, &kv_order_); dup >= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": duplicate metadata key '", kv_[dup].first, "'"));
+  }
   if (const GgufValue* a = Find("general.alignment")) {
     if (!a->IsInteger() || a->uint_value == 0 || a->uint_value > (1u << 20) ||
         (a->uint_value & (a->uint_value - 1)) != 0) {
@@ -292,60 +282,72 @@ absl::Status GgufFile::Parse() {
     }
     alignment_ = static_cast<uint32_t>(a->uint_value);
   }
+  return absl::OkStatus();
+}
 
+absl::Status GgufFile::ParseTensorIndex(GgufCursor& c, uint64_t n_tensors) {
+  RETURN_IF_ERROR(CheckCountFits(c, n_tensors, kMinTensorBytes, "the tensor count"));
   tensors_.reserve(n_tensors);
   for (uint64_t i = 0; i < n_tensors; ++i) {
     GgufTensorInfo t;
     RETURN_IF_ERROR(c.ReadString(&t.name, absl::StrCat("name of tensor #", i)));
-    uint32_t n_dims = 0;
-    RETURN_IF_ERROR(c.Read(&n_dims, t.name));
-    if (n_dims == 0 || n_dims > kGgufMaxDims) {
-      return c.Error(absl::StrCat("tensor '", t.name, "' has ", n_dims, " dimensions (1..4)"));
-    }
-    t.n_dims = static_cast<int>(n_dims);
-    for (uint32_t d = 0; d < n_dims; ++d) {
-      uint64_t dim = 0;
-      RETURN_IF_ERROR(c.Read(&dim, t.name));
-      if (dim == 0 || dim > (uint64_t{1} << 40)) {
-        return c.Error(absl::StrCat("tensor '", t.name, "' has invalid dimension ", dim));
-      }
-      t.dims[d] = static_cast<int64_t>(dim);
-    }
-    uint32_t raw_type = 0;
-    RETURN_IF_ERROR(c.Read(&raw_type, t.name));
-    const TypeTraits* tr = FindTypeTraits(raw_type);
-    if (tr == nullptr || raw_type == static_cast<uint32_t>(TensorType::kQ8_1) ||
-        raw_type == static_cast<uint32_t>(TensorType::kQ8_K)) {
-      return c.Error(absl::StrCat("tensor '", t.name, "' has unsupported type id ", raw_type));
-    }
-    t.type = tr->type;
-    RETURN_IF_ERROR(c.Read(&t.offset, t.name));
-    if (t.dims[0] % tr->block_size != 0) {
-      return c.Error(absl::StrCat("tensor '", t.name, "' row length ", t.dims[0],
-                                  " is not a multiple of the ", tr->name, " block size ",
-                                  tr->block_size));
-    }
-    // Overflow-safe size: elements <= 2^40 per dim product checked stepwise.
-    uint64_t rows = 1;
-    for (int d = 1; d < kGgufMaxDims; ++d) {
-      if (rows > (uint64_t{1} << 42) / static_cast<uint64_t>(t.dims[d])) {
-        return c.Error(absl::StrCat("tensor '", t.name, "' is implausibly large"));
-      }
-      rows *= static_cast<uint64_t>(t.dims[d]);
-    }
-    const uint64_t row_bytes = static_cast<uint64_t>(t.dims[0] / tr->block_size) * tr->block_bytes;
-    if (rows != 0 && row_bytes > std::numeric_limits<uint64_t>::max() / 4 / rows) {
-      return c.Error(absl::StrCat("tensor '", t.name, "' is implausibly large"));
-    }
-    t.size_bytes = row_bytes * rows;
-    if (tensor_index_.count(t.name)) {
-      return c.Error(absl::StrCat("duplicate tensor name '", t.name, "'"));
-    }
-    tensor_index_.emplace(t.name, tensors_.size());
+    RETURN_IF_ERROR(ReadTensorInfo(c, &t));
     tensors_.push_back(std::move(t));
   }
+  if (const int64_t dup = SortByName(tensors_, NameOf, &tensor_order_); dup >= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": duplicate tensor name '", tensors_[dup].name, "'"));
+  }
+  return absl::OkStatus();
+}
 
-  data_offset_ = (c.pos() + alignment_ - 1) / alignment_ * alignment_;
+absl::Status GgufFile::ReadTensorInfo(GgufCursor& c, GgufTensorInfo* t) {
+  uint32_t n_dims = 0;
+  RETURN_IF_ERROR(c.Read(&n_dims, t->name));
+  if (n_dims == 0 || n_dims > kGgufMaxDims) {
+    return c.Error(absl::StrCat("tensor '", t->name, "' has ", n_dims, " dimensions (1..4)"));
+  }
+  t->n_dims = static_cast<int>(n_dims);
+  for (uint32_t d = 0; d < n_dims; ++d) {
+    uint64_t dim = 0;
+    RETURN_IF_ERROR(c.Read(&dim, t->name));
+    if (dim == 0 || dim > (uint64_t{1} << 40)) {
+      return c.Error(absl::StrCat("tensor '", t->name, "' has invalid dimension ", dim));
+    }
+    t->dims[d] = static_cast<int64_t>(dim);
+  }
+  uint32_t raw_type = 0;
+  RETURN_IF_ERROR(c.Read(&raw_type, t->name));
+  const TypeTraits* tr = FindTypeTraits(raw_type);
+  if (tr == nullptr || raw_type == static_cast<uint32_t>(TensorType::kQ8_1) ||
+      raw_type == static_cast<uint32_t>(TensorType::kQ8_K)) {
+    return c.Error(absl::StrCat("tensor '", t->name, "' has unsupported type id ", raw_type));
+  }
+  t->type = tr->type;
+  RETURN_IF_ERROR(c.Read(&t->offset, t->name));
+  if (t->dims[0] % tr->block_size != 0) {
+    return c.Error(absl::StrCat("tensor '", t->name, "' row length ", t->dims[0],
+                                " is not a multiple of the ", tr->name, " block size ",
+                                tr->block_size));
+  }
+  // Overflow-safe size: elements <= 2^40 per dim product checked stepwise.
+  uint64_t rows = 1;
+  for (int d = 1; d < kGgufMaxDims; ++d) {
+    if (rows > (uint64_t{1} << 42) / static_cast<uint64_t>(t->dims[d])) {
+      return c.Error(absl::StrCat("tensor '", t->name, "' is implausibly large"));
+    }
+    rows *= static_cast<uint64_t>(t->dims[d]);
+  }
+  const uint64_t row_bytes = static_cast<uint64_t>(t->dims[0] / tr->block_size) * tr->block_bytes;
+  if (rows != 0 && row_bytes > std::numeric_limits<uint64_t>::max() / 4 / rows) {
+    return c.Error(absl::StrCat("tensor '", t->name, "' is implausibly large"));
+  }
+  t->size_bytes = row_bytes * rows;
+  return absl::OkStatus();
+}
+
+absl::Status GgufFile::PlaceTensors(uint64_t header_end) {
+  data_offset_ = (header_end + alignment_ - 1) / alignment_ * alignment_;
   if (data_offset_ > size_) {
     if (!tensors_.empty()) {
       return absl::InvalidArgumentError(
@@ -384,13 +386,13 @@ absl::Status GgufFile::Parse() {
 }
 
 const GgufValue* GgufFile::Find(std::string_view key) const {
-  auto it = kv_index_.find(key);
-  return it == kv_index_.end() ? nullptr : &kv_[it->second].second;
+  const int64_t i = FindByName(kv_, KeyOf, kv_order_, key);
+  return i < 0 ? nullptr : &kv_[i].second;
 }
 
 const GgufTensorInfo* GgufFile::FindTensor(std::string_view name) const {
-  auto it = tensor_index_.find(name);
-  return it == tensor_index_.end() ? nullptr : &tensors_[it->second];
+  const int64_t i = FindByName(tensors_, NameOf, tensor_order_, name);
+  return i < 0 ? nullptr : &tensors_[i];
 }
 
 namespace {
@@ -451,10 +453,7 @@ absl::StatusOr<std::vector<std::string>> GgufFile::GetStringArray(std::string_vi
   if (v->type != GgufValueType::kArray || v->array_type != GgufValueType::kString) {
     return WrongType(path_, AbslView(key), "an array of strings", *v);
   }
-  std::vector<std::string> out;
-  out.reserve(v->array.size());
-  for (const auto& e : v->array) out.push_back(e.string_value);
-  return out;
+  return v->strings;
 }
 
 absl::StatusOr<std::vector<float>> GgufFile::GetFloatArray(std::string_view key) const {
@@ -464,9 +463,10 @@ absl::StatusOr<std::vector<float>> GgufFile::GetFloatArray(std::string_view key)
       (v->array_type != GgufValueType::kFloat32 && v->array_type != GgufValueType::kFloat64)) {
     return WrongType(path_, AbslView(key), "an array of floats", *v);
   }
-  std::vector<float> out;
-  out.reserve(v->array.size());
-  for (const auto& e : v->array) out.push_back(static_cast<float>(e.float_value));
+  std::vector<float> out(v->ArraySize());
+  for (uint64_t i = 0; i < out.size(); ++i) {
+    out[i] = static_cast<float>(v->ArrayElement(i).float_value);
+  }
   return out;
 }
 
@@ -475,11 +475,12 @@ absl::StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(std::string_view key)
   if (v == nullptr) return MissingKey(path_, AbslView(key));
   if (v->type != GgufValueType::kArray)
     return WrongType(path_, AbslView(key), "an array of integers", *v);
-  std::vector<int64_t> out;
-  out.reserve(v->array.size());
-  for (const auto& e : v->array) {
-    if (!e.IsInteger()) return WrongType(path_, AbslView(key), "an array of integers", *v);
-    out.push_back(e.int_value != 0 ? e.int_value : static_cast<int64_t>(e.uint_value));
+  if (!GgufIsIntegerType(v->array_type))
+    return WrongType(path_, AbslView(key), "an array of integers", *v);
+  std::vector<int64_t> out(v->ArraySize());
+  for (uint64_t i = 0; i < out.size(); ++i) {
+    const GgufValue e = v->ArrayElement(i);
+    out[i] = e.int_value != 0 ? e.int_value : static_cast<int64_t>(e.uint_value);
   }
   return out;
 }
@@ -498,75 +499,6 @@ void GgufFile::DontNeed(const GgufTensorInfo& t) const {
   uintptr_t start = reinterpret_cast<uintptr_t>(t.data) & ~(page - 1);
   madvise(reinterpret_cast<void*>(start),
           reinterpret_cast<uintptr_t>(t.data) - start + t.size_bytes, MADV_DONTNEED);
-}
-
-}  // namespace moepool
-
-namespace moepool {
-
-const char* GgufValueTypeName(GgufValueType type) {
-  switch (type) {
-    case GgufValueType::kUint8:
-      return "uint8";
-    case GgufValueType::kInt8:
-      return "int8";
-    case GgufValueType::kUint16:
-      return "uint16";
-    case GgufValueType::kInt16:
-      return "int16";
-    case GgufValueType::kUint32:
-      return "uint32";
-    case GgufValueType::kInt32:
-      return "int32";
-    case GgufValueType::kFloat32:
-      return "float32";
-    case GgufValueType::kBool:
-      return "bool";
-    case GgufValueType::kString:
-      return "string";
-    case GgufValueType::kArray:
-      return "array";
-    case GgufValueType::kUint64:
-      return "uint64";
-    case GgufValueType::kInt64:
-      return "int64";
-    case GgufValueType::kFloat64:
-      return "float64";
-  }
-  return "unknown";
-}
-
-bool GgufValue::IsInteger() const {
-  switch (type) {
-    case GgufValueType::kUint8:
-    case GgufValueType::kInt8:
-    case GgufValueType::kUint16:
-    case GgufValueType::kInt16:
-    case GgufValueType::kUint32:
-    case GgufValueType::kInt32:
-    case GgufValueType::kUint64:
-    case GgufValueType::kInt64:
-      return true;
-    default:
-      return false;
-  }
-}
-
-bool GgufValue::IsFloat() const {
-  return type == GgufValueType::kFloat32 || type == GgufValueType::kFloat64;
-}
-
-double GgufValue::AsDouble() const {
-  if (IsFloat()) return float_value;
-  switch (type) {
-    case GgufValueType::kInt8:
-    case GgufValueType::kInt16:
-    case GgufValueType::kInt32:
-    case GgufValueType::kInt64:
-      return static_cast<double>(int_value);
-    default:
-      return static_cast<double>(uint_value);
-  }
 }
 
 std::string GgufTensorInfo::ShapeString() const {

@@ -12,7 +12,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -44,8 +43,19 @@ enum class GgufValueType : uint32_t {
 
 const char* GgufValueTypeName(GgufValueType type);
 
+// True for the eight integer types.
+bool GgufIsIntegerType(GgufValueType type);
+
+// Bytes of one value of a fixed-size type (numbers, bool); 0 for kString and kArray.
+uint64_t GgufScalarSize(GgufValueType type);
+
 // One metadata value. Integers are widened to int64/uint64, floats to double, keeping `type`
 // so a writer can reproduce the original encoding.
+//
+// An array holds elements of one type other than kArray (arrays of arrays are rejected, as the
+// reference reader does): strings in `strings`, numbers and bools packed in their little-endian
+// file encoding in `packed`. So an array costs about its size in the file, not a full GgufValue
+// per element.
 struct GgufValue {
   GgufValueType type = GgufValueType::kUint32;
   uint64_t uint_value = 0;                            // kUint8/16/32/64, kBool (0/1)
@@ -53,12 +63,22 @@ struct GgufValue {
   double float_value = 0;                             // kFloat32/64
   std::string string_value;                           // kString
   GgufValueType array_type = GgufValueType::kUint32;  // element type when type == kArray
-  std::vector<GgufValue> array;                       // elements when type == kArray
+  std::vector<std::string> strings;                   // elements of an array of kString
+  std::string packed;  // elements of any other array, GgufScalarSize(array_type) bytes each
 
   bool IsInteger() const;
   bool IsFloat() const;
   // Numeric view of an integer, bool or float value.
   double AsDouble() const;
+
+  // Number of elements of an array (0 for other values).
+  uint64_t ArraySize() const;
+  // Element `i` (< ArraySize()) of an array, as a value of type array_type.
+  GgufValue ArrayElement(uint64_t i) const;
+  // Appends the little-endian encoding of a fixed-size value (GgufScalarSize(type) bytes).
+  void AppendScalar(std::string* out) const;
+  // The fixed-size value of `type` encoded at `bytes` (GgufScalarSize(type) of them).
+  static GgufValue DecodeScalar(GgufValueType type, const uint8_t* bytes);
 
   static GgufValue Uint32(uint32_t v);
   static GgufValue Int32(int32_t v);
@@ -69,6 +89,9 @@ struct GgufValue {
   static GgufValue StringArray(const std::vector<std::string>& v);
   static GgufValue Float32Array(const std::vector<float>& v);
   static GgufValue Int32Array(const std::vector<int32_t>& v);
+  // An array of `element_type` (not kArray) holding, for each element, its field for that type
+  // (uint_value, int_value, float_value or string_value), whatever the element's own type.
+  static GgufValue Array(GgufValueType element_type, const std::vector<GgufValue>& elements);
 };
 
 inline constexpr int kGgufMaxDims = 4;
@@ -87,6 +110,8 @@ struct GgufTensorInfo {
   int64_t NumRows() const { return dims[1] * dims[2] * dims[3]; }
   std::string ShapeString() const;  // "[256, 768, 8]"
 };
+
+class GgufCursor;  // gguf.cc
 
 class GgufFile {
  public:
@@ -134,6 +159,12 @@ class GgufFile {
  private:
   GgufFile() = default;
   absl::Status Parse();
+  absl::Status ParseMetadata(GgufCursor& c, uint64_t n_kv);
+  absl::Status ParseTensorIndex(GgufCursor& c, uint64_t n_tensors);
+  // One tensor's index entry after its name: dimensions, type, offset; sets size_bytes.
+  absl::Status ReadTensorInfo(GgufCursor& c, GgufTensorInfo* t);
+  // Data offset, and each tensor's data inside the file, aligned, not overlapping.
+  absl::Status PlaceTensors(uint64_t header_end);
 
   std::string path_;
   const uint8_t* base_ = nullptr;
@@ -144,9 +175,9 @@ class GgufFile {
   uint32_t alignment_ = kGgufDefaultAlignment;
   uint64_t data_offset_ = 0;
   std::vector<std::pair<std::string, GgufValue>> kv_;
-  std::map<std::string, size_t, std::less<>> kv_index_;
+  std::vector<uint32_t> kv_order_;  // positions in kv_ sorted by key (Find)
   std::vector<GgufTensorInfo> tensors_;
-  std::map<std::string, size_t, std::less<>> tensor_index_;
+  std::vector<uint32_t> tensor_order_;  // positions in tensors_ sorted by name (FindTensor)
 };
 
 }  // namespace moepool

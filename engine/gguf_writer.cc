@@ -30,66 +30,46 @@ void PutString(std::string& out, std::string_view s) {
   out.append(s.data(), s.size());
 }
 
-// Appends the encoding of `v` as a value of type `type` (no type tag).
-void PutValue(std::string& out, GgufValueType type, const GgufValue& v) {
-  switch (type) {
-    case GgufValueType::kUint8:
-      Put<uint8_t>(out, static_cast<uint8_t>(v.uint_value));
-      return;
-    case GgufValueType::kInt8:
-      Put<int8_t>(out, static_cast<int8_t>(v.int_value));
-      return;
-    case GgufValueType::kUint16:
-      Put<uint16_t>(out, static_cast<uint16_t>(v.uint_value));
-      return;
-    case GgufValueType::kInt16:
-      Put<int16_t>(out, static_cast<int16_t>(v.int_value));
-      return;
-    case GgufValueType::kUint32:
-      Put<uint32_t>(out, static_cast<uint32_t>(v.uint_value));
-      return;
-    case GgufValueType::kInt32:
-      Put<int32_t>(out, static_cast<int32_t>(v.int_value));
-      return;
-    case GgufValueType::kFloat32:
-      Put<float>(out, static_cast<float>(v.float_value));
-      return;
-    case GgufValueType::kBool:
-      Put<uint8_t>(out, v.uint_value != 0 ? 1 : 0);
-      return;
+// Appends the encoding of `v` (no type tag).
+void PutValue(std::string& out, const GgufValue& v) {
+  switch (v.type) {
     case GgufValueType::kString:
       PutString(out, v.string_value);
       return;
     case GgufValueType::kArray:
       Put<uint32_t>(out, static_cast<uint32_t>(v.array_type));
-      Put<uint64_t>(out, v.array.size());
-      for (const GgufValue& e : v.array) PutValue(out, v.array_type, e);
+      Put<uint64_t>(out, v.ArraySize());
+      if (v.array_type == GgufValueType::kString) {
+        for (const std::string& e : v.strings) PutString(out, e);
+      } else {
+        out += v.packed;
+      }
       return;
-    case GgufValueType::kUint64:
-      Put<uint64_t>(out, v.uint_value);
-      return;
-    case GgufValueType::kInt64:
-      Put<int64_t>(out, v.int_value);
-      return;
-    case GgufValueType::kFloat64:
-      Put<double>(out, v.float_value);
+    default:
+      v.AppendScalar(&out);
       return;
   }
 }
 
-// Checks that arrays hold elements of their declared type (nested arrays included).
+// Checks the types of a value and that an array's elements are whole values of its type.
 absl::Status CheckValue(const std::string& key, const GgufValue& v) {
   if (static_cast<uint32_t>(v.type) > static_cast<uint32_t>(GgufValueType::kFloat64)) {
     return absl::InvalidArgumentError(absl::StrCat("metadata key '", key, "' has unknown type"));
   }
   if (v.type != GgufValueType::kArray) return absl::OkStatus();
-  for (const GgufValue& e : v.array) {
-    if (e.type != v.array_type) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("metadata key '", key, "': array of ", GgufValueTypeName(v.array_type),
-                       " holds an element of type ", GgufValueTypeName(e.type)));
-    }
-    RETURN_IF_ERROR(CheckValue(key, e));
+  if (static_cast<uint32_t>(v.array_type) > static_cast<uint32_t>(GgufValueType::kFloat64) ||
+      v.array_type == GgufValueType::kArray) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metadata key '", key, "': arrays of ", GgufValueTypeName(v.array_type),
+                     " cannot be written (arrays of arrays are not supported)"));
+  }
+  const bool strings = v.array_type == GgufValueType::kString;
+  const uint64_t elem = GgufScalarSize(v.array_type);
+  if ((strings && !v.packed.empty()) || (!strings && !v.strings.empty()) ||
+      (!strings && v.packed.size() % elem != 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("metadata key '", key,
+                                                   "': the elements are not whole values of type ",
+                                                   GgufValueTypeName(v.array_type)));
   }
   return absl::OkStatus();
 }
@@ -179,7 +159,7 @@ std::string GgufWriter::HeaderBytes() const {
   for (const auto& [k, v] : kv_) {
     PutString(out, k);
     Put<uint32_t>(out, static_cast<uint32_t>(v.type));
-    PutValue(out, v.type, v);
+    PutValue(out, v);
   }
   if (add_alignment) {
     PutString(out, kAlignmentKey);

@@ -165,9 +165,10 @@ absl::Status Model::Bind(const ExpertFilter& filter) {
     }
   }
   per_expert_layout_ = f.FindTensor("blk.0.ffn_gate_exps.weight") == nullptr && !dense;
-  layers_.resize(static_cast<size_t>(c.n_layer));
+  // Layers are added as they bind, so a block_count the file does not back costs nothing.
+  layers_.clear();
   for (int64_t il = 0; il < c.n_layer; ++il) {
-    LayerWeights& L = layers_[static_cast<size_t>(il)];
+    LayerWeights& L = layers_.emplace_back();
     const std::string p = absl::StrCat("blk.", il, ".");
     if (filter.non_expert) {
       ASSIGN_OR_RETURN(L.attn_norm, BindVector(f, p + "attn_norm.weight", c.n_embd));

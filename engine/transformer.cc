@@ -42,17 +42,6 @@ void ApplyRope(float* x, int64_t n_heads, int64_t head_dim, int64_t n_rot, int64
   }
 }
 
-bool ParseMoeResidual(std::string_view name, MoeResidual* out) {
-  if (name == "reference") {
-    *out = MoeResidual::kReference;
-  } else if (name == "standard") {
-    *out = MoeResidual::kStandard;
-  } else {
-    return false;
-  }
-  return true;
-}
-
 Transformer::Transformer(const Model* model, ExpertBackend* experts, ThreadPool* pool,
                          const TransformerOptions& options)
     : model_(model), experts_(experts), pool_(pool), options_(options) {}
@@ -206,9 +195,7 @@ void Transformer::AttentionAndRouteOnCpu(int64_t il, Pass* p) {
 }
 
 void Transformer::AddExperts(Pass* p) const {
-  // See MoeResidual for the two conventions.
-  const std::vector<float>& base = options_.moe_residual == MoeResidual::kReference ? p->h : p->x;
-  for (size_t i = 0; i < p->x.size(); ++i) p->x[i] = base[i] + p->moe[i];
+  for (size_t i = 0; i < p->x.size(); ++i) p->x[i] += p->moe[i];
 }
 
 absl::Status Transformer::Head(const Pass& p, std::vector<float>* logits) const {

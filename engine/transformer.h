@@ -11,7 +11,6 @@
 #define MOEPOOL_ENGINE_TRANSFORMER_H_
 
 #include <cstdint>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -31,22 +30,7 @@ class RoutingObserver {
   virtual void OnRoutes(int layer, const ExpertRoutes& routes) = 0;
 };
 
-// What the MoE block's output is added to.
-enum class MoeResidual {
-  // x = ffn_norm(x) + MoE(ffn_norm(x)): what the reference implementation (ik_llama.cpp
-  // 8337e4c, which produced ../shared/testdata) computes for llama-architecture MoE models; its
-  // llm_build_moe_ffn adds back the *normalised* input. The default, so `moepool eval` matches
-  // the reference logits.
-  kReference,
-  // x = x + MoE(ffn_norm(x)): the textbook Mixtral residual (Hugging Face, upstream llama.cpp).
-  kStandard,
-};
-
-// Parses "reference" | "standard".
-bool ParseMoeResidual(std::string_view name, MoeResidual* out);
-
 struct TransformerOptions {
-  MoeResidual moe_residual = MoeResidual::kReference;
   // Where attention, router and output head run (borrowed; must outlive the Transformer).
   // nullptr: on the CPU, here. A backend keeps its own K/V: every pass over one cache must use
   // the same backend.
@@ -110,7 +94,8 @@ class Transformer {
   // AttentionBackend when there is one (its errors), else on the CPU (never fails).
   absl::Status AttentionAndRoute(int64_t il, Pass* p);
   void AttentionAndRouteOnCpu(int64_t il, Pass* p);
-  // Adds the experts' output (p->moe) to the residual stream.
+  // The MoE residual, x = x + MoE(ffn_norm(x)): adds the experts' output (p->moe) to the
+  // un-normalised residual stream, as Mixtral was trained (docs/engine.md).
   void AddExperts(Pass* p) const;
   // Output norm and head for the rows that want logits (appended to `logits`).
   absl::Status Head(const Pass& p, std::vector<float>* logits) const;

@@ -1,5 +1,5 @@
-// The moepool binary end to end: eval / run / tokenize / inspect / bench on the shared tiny-F16
-// reference model, and bad inputs (exit code, a message on stderr, nothing on stdout).
+// The moepool binary end to end: eval on the shared reference models, run / tokenize / inspect /
+// bench on tiny-F16, and bad inputs (exit code, a message on stderr, nothing on stdout).
 #include <sys/wait.h>
 
 #include <cstdio>
@@ -54,23 +54,42 @@ void ExpectFailure(const Result& r, const std::string& needle) {
   EXPECT_NE(r.err.find(needle), std::string::npos) << "stderr: " << r.err;
 }
 
+// `moepool eval` with default flags meets the bars of ../shared/testdata/README.md on each
+// shared model, both prompts pooled: median NMSE <= 1e-4 / 5e-3, top-1 >= 95% / 80% (F16 /
+// quantized).
 TEST(CliTest, EvalWritesReferenceTokensAndLogits) {
-  REQUIRE_TESTDATA(TinyF16());
-  const ReferenceCase rc = ReadReferenceCase("tiny-F16", "p1");
-  const std::string logits_path = TempDir() + "/eval.f32";
-  const Result r =
-      Moepool("eval --model " + Quote(TinyF16()) + " --prompt-file " + Quote(PromptFile()) +
-              " --logits-out " + Quote(logits_path) + " --threads 2");
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  const auto j = nlohmann::json::parse(r.out);
-  EXPECT_EQ(j.at("prompt_tokens").get<std::vector<int32_t>>(), rc.prompt_tokens);
-  const std::vector<float> logits = ReadFloats(logits_path);
-  ASSERT_EQ(logits.size(), rc.prompt_tokens.size() * rc.n_vocab);
-  // The F16 bar of the shared reference files.
-  EXPECT_LE(testing::Median(testing::RowNmse(logits, rc.logits, rc.n_vocab)), 1e-4);
-  EXPECT_GE(testing::Top1Agreement(logits, rc.logits, rc.n_vocab),
-            0.95 * static_cast<double>(rc.prompt_tokens.size()));
-  std::remove(logits_path.c_str());
+  struct Bar {
+    const char* model;
+    double max_median_nmse, min_top1;
+  };
+  for (const Bar& bar : {Bar{"tiny-F16", 1e-4, 0.95}, Bar{"tiny-Q8_0", 5e-3, 0.80},
+                         Bar{"tiny-Q4_K_M", 5e-3, 0.80}}) {
+    SCOPED_TRACE(bar.model);
+    const std::string model = SharedTestdataPath(std::string("conformance/") + bar.model + ".gguf");
+    REQUIRE_TESTDATA(model);
+    std::vector<double> nmse;
+    int agree = 0, rows = 0;
+    for (const char* prompt : {"p1", "p2"}) {
+      const ReferenceCase rc = ReadReferenceCase(bar.model, prompt);
+      const std::string logits_path = TempDir() + "/eval.f32";
+      const Result r =
+          Moepool("eval --model " + Quote(model) + " --prompt-file " +
+                  Quote(SharedTestdataPath(std::string("conformance/") + prompt + ".txt")) +
+                  " --logits-out " + Quote(logits_path));
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+      const auto j = nlohmann::json::parse(r.out);
+      EXPECT_EQ(j.at("prompt_tokens").get<std::vector<int32_t>>(), rc.prompt_tokens);
+      const std::vector<float> logits = ReadFloats(logits_path);
+      ASSERT_EQ(logits.size(), rc.prompt_tokens.size() * rc.n_vocab);
+      const std::vector<double> row_nmse = testing::RowNmse(logits, rc.logits, rc.n_vocab);
+      nmse.insert(nmse.end(), row_nmse.begin(), row_nmse.end());
+      agree += testing::Top1Agreement(logits, rc.logits, rc.n_vocab);
+      rows += static_cast<int>(rc.prompt_tokens.size());
+      std::remove(logits_path.c_str());
+    }
+    EXPECT_LE(testing::Median(nmse), bar.max_median_nmse);
+    EXPECT_GE(agree, bar.min_top1 * rows);
+  }
 }
 
 TEST(CliTest, RunGreedyJsonGivesReferenceTokens) {
@@ -205,6 +224,11 @@ TEST(CliTest, UnknownFlagOrCommandFails) {
   ExpectFailure(Moepool("inspect --temperature 0 x.gguf"), "unknown flag --temperature");
   ExpectFailure(Moepool("run --model"), "--model needs a value");
   ExpectFailure(Moepool("frobnicate"), "unknown command 'frobnicate'");
+  // The MoE residual is Mixtral's and only that: the old switch is gone from every command.
+  for (const char* command : {"eval", "run", "serve", "bench"}) {
+    ExpectFailure(Moepool(std::string(command) + " --model m.gguf --moe-residual standard"),
+                  "unknown flag --moe-residual");
+  }
   const Result none = Moepool("");
   EXPECT_NE(none.exit_code, 0);
   EXPECT_NE(none.err.find("usage"), std::string::npos);

@@ -42,14 +42,14 @@ Vocab ExtendedVocab(const std::string& template_text) {
   for (const auto& [key, value] : base.file->metadata()) {
     GgufValue v = value;
     if (key == "tokenizer.ggml.tokens") {
-      v.array.push_back(GgufValue::String("<|im_start|>"));
-      v.array.push_back(GgufValue::String("<|im_end|>"));
+      v.strings.push_back("<|im_start|>");
+      v.strings.push_back("<|im_end|>");
     } else if (key == "tokenizer.ggml.scores") {
-      v.array.push_back(GgufValue::Float32(0));
-      v.array.push_back(GgufValue::Float32(0));
+      GgufValue::Float32(0).AppendScalar(&v.packed);
+      GgufValue::Float32(0).AppendScalar(&v.packed);
     } else if (key == "tokenizer.ggml.token_type") {
-      v.array.push_back(GgufValue::Int32(3));
-      v.array.push_back(GgufValue::Int32(3));
+      GgufValue::Int32(3).AppendScalar(&v.packed);
+      GgufValue::Int32(3).AppendScalar(&v.packed);
     }
     w.AddMetadata(key, v);
   }

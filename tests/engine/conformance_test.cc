@@ -1,4 +1,6 @@
-// Conformance against the reference implementation's logits (../shared/testdata/conformance).
+// Conformance against the reference logits (../shared/testdata/conformance, regenerated
+// 2026-12-06 from the reference implementation with Mixtral's MoE residual corrected), with the
+// bars of its README: median NMSE <= 1e-4 / 5e-3 and top-1 >= 95% / 80% for F16 / quantized.
 #include <string>
 #include <vector>
 
@@ -97,8 +99,8 @@ TEST_P(ConformanceTest, MatchesReferenceLogits) {
 
 INSTANTIATE_TEST_SUITE_P(SharedModels, ConformanceTest,
                          ::testing::Values(Bars{"tiny-F16", 1e-4, 0.95, 8},
-                                           Bars{"tiny-Q8_0", 5e-3, 0.85, 0},
-                                           Bars{"tiny-Q4_K_M", 5e-3, 0.85, 0}),
+                                           Bars{"tiny-Q8_0", 5e-3, 0.80, 0},
+                                           Bars{"tiny-Q4_K_M", 5e-3, 0.80, 0}),
                          [](const auto& info) {
                            std::string s = info.param.model;
                            for (char& ch : s) ch = (ch == '-' ? '_' : ch);

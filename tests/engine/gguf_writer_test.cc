@@ -48,11 +48,9 @@ TEST(GgufWriterTest, RoundTripsEveryValueType) {
   w.AddMetadata("floats", GgufValue::Float32Array({0.f, -1e9f, 3.5f}));
   w.AddMetadata("ints", GgufValue::Int32Array({2, 3, -6}));
   w.AddMetadata("empty", GgufValue::Int32Array({}));
-  GgufValue nested;
-  nested.type = GgufValueType::kArray;
-  nested.array_type = GgufValueType::kArray;
-  nested.array = {GgufValue::Int32Array({1}), GgufValue::Int32Array({2, 3})};
-  w.AddMetadata("nested", nested);
+  w.AddMetadata("bools", GgufValue::Array(GgufValueType::kBool,
+                                          {GgufValue::Bool(true), GgufValue::Bool(false)}));
+  w.AddMetadata("u16s", GgufValue::Array(GgufValueType::kUint16, {GgufValue::Uint32(65535)}));
   w.AddMetadata("u32", GgufValue::Uint32(7));  // replaces, keeps position
 
   auto image = GgufWriter::BuildImage(w, {});
@@ -61,7 +59,7 @@ TEST(GgufWriterTest, RoundTripsEveryValueType) {
   ASSERT_TRUE(file.ok()) << file.status();
   const GgufFile& f = **file;
   EXPECT_EQ(f.version(), 3u);
-  ASSERT_EQ(f.metadata().size(), 17u);
+  ASSERT_EQ(f.metadata().size(), 18u);
   EXPECT_EQ(f.metadata()[4].first, "u32");
   EXPECT_EQ(f.Find("u8")->type, GgufValueType::kUint8);
   EXPECT_EQ(*f.GetUint("u8"), 250u);
@@ -84,11 +82,14 @@ TEST(GgufWriterTest, RoundTripsEveryValueType) {
   EXPECT_EQ(f.Find("ints")->array_type, GgufValueType::kInt32);
   EXPECT_EQ(*f.GetIntArray("ints"), (std::vector<int64_t>{2, 3, -6}));
   EXPECT_TRUE(f.GetIntArray("empty")->empty());
-  const GgufValue* n = f.Find("nested");
-  ASSERT_NE(n, nullptr);
-  ASSERT_EQ(n->array.size(), 2u);
-  EXPECT_EQ(n->array[1].array.size(), 2u);
-  EXPECT_EQ(n->array[1].array[1].int_value, 3);
+  const GgufValue* bools = f.Find("bools");
+  ASSERT_NE(bools, nullptr);
+  ASSERT_EQ(bools->ArraySize(), 2u);
+  EXPECT_EQ(bools->ArrayElement(0).type, GgufValueType::kBool);
+  EXPECT_EQ(bools->ArrayElement(0).uint_value, 1u);
+  EXPECT_EQ(bools->ArrayElement(1).uint_value, 0u);
+  EXPECT_EQ(*f.GetIntArray("u16s"), (std::vector<int64_t>{65535}));
+  EXPECT_FALSE(f.GetIntArray("floats").ok());
   EXPECT_FALSE(f.Has("general.alignment"));
 }
 
@@ -231,11 +232,17 @@ TEST(GgufWriterTest, InconsistentMetadataIsRejected) {
   GgufWriter w(64);
   w.AddMetadata("general.alignment", GgufValue::Uint32(32));
   EXPECT_FALSE(w.Begin(TempDir() + "/inconsistent.gguf").ok());
-  GgufWriter arrays;
+  GgufWriter torn;
   GgufValue bad = GgufValue::Int32Array({1, 2});
-  bad.array[1] = GgufValue::String("two");
-  arrays.AddMetadata("bad", bad);
-  EXPECT_FALSE(GgufWriter::BuildImage(arrays, {}).ok());
+  bad.packed.pop_back();  // 7 bytes: not whole int32 values
+  torn.AddMetadata("bad", bad);
+  EXPECT_FALSE(GgufWriter::BuildImage(torn, {}).ok());
+  GgufWriter nested;
+  GgufValue arrays = GgufValue::Array(GgufValueType::kInt32, {});
+  arrays.array_type = GgufValueType::kArray;
+  nested.AddMetadata("nested", arrays);
+  const auto status = GgufWriter::BuildImage(nested, {}).status();
+  EXPECT_NE(std::string(status.message()).find("arrays of arrays"), std::string::npos) << status;
 }
 
 }  // namespace

@@ -52,35 +52,36 @@ struct TypeBars {
   double min_f32_top1;     //    and top-1 agreement
 };
 
-// Measured on seeds 7, 8, 9, 10, 11 (two 24-token prompts pooled):
+// Measured on seeds 7, 8, 9, 10, 11 (two 24-token prompts pooled), 2026-12-06, with Mixtral's
+// MoE residual (h + MoE(ffn_norm(h)); the earlier table was measured with the reference
+// implementation's normalised-input residual, which made these models far more chaotic):
 //   weights: the same to 3 digits on every seed; bound = 1.3x.
 //   logits vs F32: median NMSE max over the seeds / top-1 min over the seeds in the comment;
 //   bound about 2x the NMSE and 10-20 points below the top-1.
 constexpr TypeBars kBars[] = {
-    {"F16", false, 6e-8, 1e-4, 0.95},       // 4.3e-8 | 1.0e-6 98%
-    {"BF16", false, 3.6e-6, 5e-4, 0.75},    // 2.8e-6 | 6.3e-5 88%
-    {"Q8_0", false, 3.7e-5, 3e-2, 0.50},    // 2.9e-5 | 1.3e-2 65%
-    {"Q6_K", false, 4.1e-4, 4e-2, 0.45},    // 3.1e-4 | 1.3e-2 60%
-    {"Q5_K", false, 1.7e-3, 0.1, 0.35},     // 1.3e-3 | 0.040 52%
-    {"Q5_0", false, 2.4e-3, 0.12, 0.30},    // 1.8e-3 | 0.052 44%
-    {"Q5_1", false, 1.9e-3, 0.12, 0.30},    // 1.4e-3 | 0.050 46%
-    {"Q4_K", false, 6.7e-3, 0.35, 0.15},    // 5.1e-3 | 0.18 31%
-    {"Q4_0", false, 9.6e-3, 0.4, 0.05},     // 7.4e-3 | 0.21 12%
-    {"Q4_1", false, 8e-3, 0.35, 0.10},      // 6.1e-3 | 0.16 25%
-    {"Q4_K_M", false, 6.3e-3, 0.25, 0.15},  // 4.9e-3 | 0.10 31%
-    {"Q4_K_M", true, 6.3e-3, 0.25, 0.15},   // identical to the merged layout
-    {"Q3_K", false, 3e-2, 0.8, 0.0},        // 2.3e-2 | 0.47 10%
-    {"Q2_K", false, 0.107, 2.0, 0.0},       // 8.2e-2 | 0.97 0%
+    {"F16", false, 6e-8, 1.2e-6, 0.95},     // 5.8e-7 | 100%
+    {"BF16", false, 3.6e-6, 6e-5, 0.85},    // 2.6e-5 | 96%
+    {"Q8_0", false, 3.7e-5, 1.5e-3, 0.80},  // 6.2e-4 | 92%
+    {"Q6_K", false, 4.1e-4, 2e-2, 0.50},    // 9.3e-3 | 67%
+    {"Q5_K", false, 1.7e-3, 4e-2, 0.50},    // 2.0e-2 | 67%
+    {"Q5_0", false, 2.4e-3, 5e-2, 0.45},    // 2.3e-2 | 60%
+    {"Q5_1", false, 1.9e-3, 5e-2, 0.45},    // 2.1e-2 | 62%
+    {"Q4_K", false, 6.7e-3, 0.15, 0.10},    // 0.075 | 23%
+    {"Q4_0", false, 9.6e-3, 0.2, 0.10},     // 0.099 | 27%
+    {"Q4_1", false, 8e-3, 0.2, 0.15},       // 0.093 | 31%
+    {"Q4_K_M", false, 6.3e-3, 0.1, 0.25},   // 0.048 | 40%
+    {"Q4_K_M", true, 6.3e-3, 0.1, 0.25},    // identical to the merged layout
+    {"Q3_K", false, 3e-2, 0.55, 0.0},       // 0.27 | 6%
+    {"Q2_K", false, 0.107, 1.4, 0.0},       // 0.67 | 2%
 };
 
-// 1. Same weights, two valid computations. On seed 7 every type meets the shared reference bars
-// (median NMSE <= 5e-3, top-1 >= 85%; worst: Q6_K 1.9e-3, Q3_K 85%), but over seeds 7-11 one
-// in 70 runs had a router near-tie at the BOS position that flipped an expert there and spread
-// to every later position through attention (Q8_0 seed 10: 1.2e-2, 69%; next worst Q4_K seed 8
-// 4.5e-3 and Q4_K_M seed 11 75%). A legitimate change of summation order re-rolls these
+// 1. Same weights, two valid computations. On seeds 7 to 11 every type meets the shared
+// reference bars but one (median NMSE <= 5e-3, top-1 >= 80%; worst: Q6_K seed 10, 3.6e-3 and
+// 77%: a router near-tie at an early position flipped an expert there and spread to later
+// positions through attention). A legitimate change of summation order re-rolls these
 // near-ties, so the bounds allow such a run; a broken kernel gives NMSE ~1 and top-1 ~0%.
-constexpr double kKernelMaxNmse = 3e-2;
-constexpr double kKernelMinTop1 = 0.50;
+constexpr double kKernelMaxNmse = 1.5e-2;
+constexpr double kKernelMinTop1 = 0.60;
 
 // The logits of every position of each prompt, evaluated separately, concatenated.
 std::vector<float> PromptLogits(const std::string& path,

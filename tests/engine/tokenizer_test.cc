@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/gguf_writer.h"
 #include "gtest/gtest.h"
 #include "tests/testdata.h"
 
@@ -261,108 +262,13 @@ TEST_F(MistralTokenizerTest, StreamingMatchesDecodeOnValidText) {
 // ---------------------------------------------------------------------------------------------
 // Small in-memory vocabularies: merge order and metadata validation.
 
-// GgufValue builders (local: the engine's factories live with the writer).
-GgufValue StringValue(std::string s) {
-  GgufValue v;
-  v.type = GgufValueType::kString;
-  v.string_value = std::move(s);
-  return v;
-}
-GgufValue Uint32Value(uint32_t x) {
-  GgufValue v;
-  v.type = GgufValueType::kUint32;
-  v.uint_value = x;
-  return v;
-}
-GgufValue BoolValue(bool b) {
-  GgufValue v;
-  v.type = GgufValueType::kBool;
-  v.uint_value = b ? 1 : 0;
-  return v;
-}
-GgufValue ArrayValue(GgufValueType element_type, std::vector<GgufValue> elements) {
-  GgufValue v;
-  v.type = GgufValueType::kArray;
-  v.array_type = element_type;
-  v.array = std::move(elements);
-  return v;
-}
-GgufValue StringArrayValue(const std::vector<std::string>& xs) {
-  std::vector<GgufValue> elements;
-  for (const std::string& x : xs) elements.push_back(StringValue(x));
-  return ArrayValue(GgufValueType::kString, std::move(elements));
-}
-GgufValue Float32ArrayValue(const std::vector<float>& xs) {
-  std::vector<GgufValue> elements;
-  for (float x : xs) {
-    GgufValue e;
-    e.type = GgufValueType::kFloat32;
-    e.float_value = x;
-    elements.push_back(e);
-  }
-  return ArrayValue(GgufValueType::kFloat32, std::move(elements));
-}
-GgufValue Int32ArrayValue(const std::vector<int32_t>& xs) {
-  std::vector<GgufValue> elements;
-  for (int32_t x : xs) {
-    GgufValue e;
-    e.type = GgufValueType::kInt32;
-    e.int_value = x;
-    elements.push_back(e);
-  }
-  return ArrayValue(GgufValueType::kInt32, std::move(elements));
-}
-
-void PutU32(std::string* out, uint32_t v) { out->append(reinterpret_cast<const char*>(&v), 4); }
-void PutU64(std::string* out, uint64_t v) { out->append(reinterpret_cast<const char*>(&v), 8); }
-void PutString(std::string* out, const std::string& s) {
-  PutU64(out, s.size());
-  out->append(s);
-}
-
-// Serialises metadata-only GGUF v3 (little-endian host assumed, as the engine does).
-void PutValue(std::string* out, const GgufValue& v) {
-  switch (v.type) {
-    case GgufValueType::kUint32:
-      PutU32(out, static_cast<uint32_t>(v.uint_value));
-      break;
-    case GgufValueType::kInt32:
-      PutU32(out, static_cast<uint32_t>(static_cast<int32_t>(v.int_value)));
-      break;
-    case GgufValueType::kFloat32: {
-      const float f = static_cast<float>(v.float_value);
-      out->append(reinterpret_cast<const char*>(&f), 4);
-      break;
-    }
-    case GgufValueType::kBool:
-      out->push_back(v.uint_value ? 1 : 0);
-      break;
-    case GgufValueType::kString:
-      PutString(out, v.string_value);
-      break;
-    case GgufValueType::kArray:
-      PutU32(out, static_cast<uint32_t>(v.array_type));
-      PutU64(out, v.array.size());
-      for (const GgufValue& e : v.array) PutValue(out, e);
-      break;
-    default:
-      ADD_FAILURE() << "unsupported type in test writer";
-  }
-}
-
+// A metadata-only GGUF image of `kv`.
 std::string BuildMetadataGguf(const std::vector<std::pair<std::string, GgufValue>>& kv) {
-  std::string out;
-  PutU32(&out, kGgufMagic);
-  PutU32(&out, 3);
-  PutU64(&out, 0);  // tensors
-  PutU64(&out, kv.size());
-  for (const auto& [key, value] : kv) {
-    PutString(&out, key);
-    PutU32(&out, static_cast<uint32_t>(value.type));
-    PutValue(&out, value);
-  }
-  while (out.size() % kGgufDefaultAlignment != 0) out.push_back('\0');
-  return out;
+  GgufWriter w;
+  for (const auto& [key, value] : kv) w.AddMetadata(key, value);
+  absl::StatusOr<std::string> image = GgufWriter::BuildImage(w, {});
+  EXPECT_TRUE(image.ok()) << image.status();
+  return image.ok() ? *image : std::string();
 }
 
 // A toy vocabulary: "<unk>", "<s>", "</s>", then pieces with the given scores.
@@ -378,13 +284,13 @@ struct ToyVocab {
       all_scores.push_back(scores[i]);
       types.push_back(pieces[i].rfind("<0x", 0) == 0 ? 6 : 1);
     }
-    kv = {{"tokenizer.ggml.model", StringValue("llama")},
-          {"tokenizer.ggml.tokens", StringArrayValue(tokens)},
-          {"tokenizer.ggml.scores", Float32ArrayValue(all_scores)},
-          {"tokenizer.ggml.token_type", Int32ArrayValue(types)},
-          {"tokenizer.ggml.bos_token_id", Uint32Value(1)},
-          {"tokenizer.ggml.eos_token_id", Uint32Value(2)},
-          {"tokenizer.ggml.add_space_prefix", BoolValue(false)}};
+    kv = {{"tokenizer.ggml.model", GgufValue::String("llama")},
+          {"tokenizer.ggml.tokens", GgufValue::StringArray(tokens)},
+          {"tokenizer.ggml.scores", GgufValue::Float32Array(all_scores)},
+          {"tokenizer.ggml.token_type", GgufValue::Int32Array(types)},
+          {"tokenizer.ggml.bos_token_id", GgufValue::Uint32(1)},
+          {"tokenizer.ggml.eos_token_id", GgufValue::Uint32(2)},
+          {"tokenizer.ggml.add_space_prefix", GgufValue::Bool(false)}};
   }
   void Set(const std::string& key, GgufValue value) {
     for (auto& [k, v] : kv) {
@@ -439,7 +345,7 @@ TEST(ToyTokenizerTest, RejectsInconsistentMetadata) {
   ASSERT_TRUE(good.Load().ok());
 
   ToyVocab gpt2 = good;
-  gpt2.Set("tokenizer.ggml.model", StringValue("gpt2"));
+  gpt2.Set("tokenizer.ggml.model", GgufValue::String("gpt2"));
   ExpectInvalid(gpt2, "tokenizer.ggml.model");
 
   ToyVocab no_model = good;
@@ -447,35 +353,35 @@ TEST(ToyTokenizerTest, RejectsInconsistentMetadata) {
   ExpectInvalid(no_model, "tokenizer.ggml.model");
 
   ToyVocab short_scores = good;
-  short_scores.Set("tokenizer.ggml.scores", Float32ArrayValue({0, 0, 0, -1}));
+  short_scores.Set("tokenizer.ggml.scores", GgufValue::Float32Array({0, 0, 0, -1}));
   ExpectInvalid(short_scores, "tokenizer.ggml.scores");
 
   ToyVocab short_types = good;
-  short_types.Set("tokenizer.ggml.token_type", Int32ArrayValue({2, 3, 3, 1}));
+  short_types.Set("tokenizer.ggml.token_type", GgufValue::Int32Array({2, 3, 3, 1}));
   ExpectInvalid(short_types, "tokenizer.ggml.token_type");
 
   ToyVocab bad_type = good;
-  bad_type.Set("tokenizer.ggml.token_type", Int32ArrayValue({2, 3, 3, 1, 9}));
+  bad_type.Set("tokenizer.ggml.token_type", GgufValue::Int32Array({2, 3, 3, 1, 9}));
   ExpectInvalid(bad_type, "tokenizer.ggml.token_type");
 
   ToyVocab bad_byte_text = good;
-  bad_byte_text.Set("tokenizer.ggml.token_type", Int32ArrayValue({2, 3, 3, 1, 6}));
+  bad_byte_text.Set("tokenizer.ggml.token_type", GgufValue::Int32Array({2, 3, 3, 1, 6}));
   ExpectInvalid(bad_byte_text, "tokenizer.ggml.token_type");
 
   ToyVocab bos_out_of_range = good;
-  bos_out_of_range.Set("tokenizer.ggml.bos_token_id", Uint32Value(5));
+  bos_out_of_range.Set("tokenizer.ggml.bos_token_id", GgufValue::Uint32(5));
   ExpectInvalid(bos_out_of_range, "tokenizer.ggml.bos_token_id");
 
   ToyVocab eos_out_of_range = good;
-  eos_out_of_range.Set("tokenizer.ggml.eos_token_id", Uint32Value(1000));
+  eos_out_of_range.Set("tokenizer.ggml.eos_token_id", GgufValue::Uint32(1000));
   ExpectInvalid(eos_out_of_range, "tokenizer.ggml.eos_token_id");
 
   ToyVocab empty = good;
-  empty.Set("tokenizer.ggml.tokens", StringArrayValue({}));
+  empty.Set("tokenizer.ggml.tokens", GgufValue::StringArray({}));
   ExpectInvalid(empty, "tokenizer.ggml.tokens");
 
   ToyVocab wrong_kind = good;
-  wrong_kind.Set("tokenizer.ggml.tokens", Uint32Value(3));
+  wrong_kind.Set("tokenizer.ggml.tokens", GgufValue::Uint32(3));
   ExpectInvalid(wrong_kind, "tokenizer.ggml.tokens");
 }
 

@@ -1,6 +1,6 @@
 // The forward pass: batch invariance (bit-identical logits whatever the batch composition, the
-// row's place in it and the thread count), argument errors, RmsNorm / RoPE values, and the two
-// MoE residual conventions against a direct one-layer computation.
+// row's place in it and the thread count), argument errors, RmsNorm / RoPE values, and Mixtral's
+// MoE residual against a direct one-layer computation.
 #include "engine/transformer.h"
 
 #include <cmath>
@@ -266,20 +266,14 @@ TEST(TransformerTest, RopeRotatesAdjacentPairsByPositionTimesFrequency) {
   EXPECT_NEAR(x[3], std::cos(0.03), 1e-6);
 }
 
-TEST(TransformerTest, ParseMoeResidual) {
-  MoeResidual r = MoeResidual::kStandard;
-  EXPECT_TRUE(ParseMoeResidual("reference", &r));
-  EXPECT_EQ(r, MoeResidual::kReference);
-  EXPECT_TRUE(ParseMoeResidual("standard", &r));
-  EXPECT_EQ(r, MoeResidual::kStandard);
-  EXPECT_FALSE(ParseMoeResidual("Standard", &r));
-  EXPECT_FALSE(ParseMoeResidual("", &r));
-  EXPECT_EQ(r, MoeResidual::kStandard);
-}
+// Which stream the MoE output is added to in DirectOneLayerLogits: Mixtral's un-normalised
+// residual, or the normalised FFN input (the reference implementation's old bug, kept here only
+// to show the test tells the two apart).
+enum class ResidualBase { kStream, kNormalisedInput };
 
 // One layer, one token at position 0 (attention over a single position returns its V row, as
 // stored in the half-precision cache), computed step by step from the model's weights.
-std::vector<float> DirectOneLayerLogits(const Model& m, int32_t token, MoeResidual residual,
+std::vector<float> DirectOneLayerLogits(const Model& m, int32_t token, ResidualBase base,
                                         ThreadPool* pool) {
   const ModelConfig& c = m.config();
   const int64_t d = c.n_embd;
@@ -307,15 +301,25 @@ std::vector<float> DirectOneLayerLogits(const Model& m, int32_t token, MoeResidu
     ExpertFfnCpu(L.experts[experts[j]], h2.data(), 1, y.data(), pool);
     for (int64_t i = 0; i < d; ++i) moe[i] += weights[j] * y[i];
   }
-  const std::vector<float>& base = residual == MoeResidual::kReference ? h2 : x;
-  for (int64_t i = 0; i < d; ++i) x[i] = base[i] + moe[i];
+  // h = h + MoE(ffn_norm(h)) (or, for kNormalisedInput, ffn_norm(h) + MoE(ffn_norm(h))).
+  const std::vector<float>& residual = base == ResidualBase::kStream ? x : h2;
+  for (int64_t i = 0; i < d; ++i) x[i] = residual[i] + moe[i];
   RmsNorm(x.data(), m.output_norm().data(), 1, d, c.rms_eps, h.data());
   std::vector<float> logits(c.n_vocab);
   MatMul(m.output(), h.data(), 1, logits.data(), pool);
   return logits;
 }
 
-TEST(TransformerTest, MoeResidualConventionsMatchDirectComputation) {
+double RelativeSquaredError(const std::vector<float>& got, const std::vector<float>& want) {
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err += (got[i] - want[i]) * (got[i] - want[i]);
+    norm += want[i] * want[i];
+  }
+  return err / norm;
+}
+
+TEST(TransformerTest, MoeOutputIsAddedToTheUnnormalisedResidualStream) {
   SynthOptions o = testing::TinySynthOptions("F32", 9, false, "one-layer-F32.gguf");
   o.shape.n_layer = 1;
   ASSERT_TRUE(SynthesizeModel(o).ok());
@@ -323,30 +327,21 @@ TEST(TransformerTest, MoeResidualConventionsMatchDirectComputation) {
   ASSERT_TRUE(model.ok()) << model.status();
   ThreadPool pool(2);
   LocalExpertBackend experts(model->get(), &pool);
-  std::vector<float> got[2];
-  const MoeResidual kinds[2] = {MoeResidual::kReference, MoeResidual::kStandard};
-  for (int k = 0; k < 2; ++k) {
-    Transformer tf(model->get(), &experts, &pool, {kinds[k]});
-    KvCache cache((*model)->config(), 4);
-    const BatchRow row{1234, 0, &cache, true};
-    ASSERT_TRUE(tf.Forward({&row, 1}, &got[k]).ok());
-    const std::vector<float> want = DirectOneLayerLogits(**model, 1234, kinds[k], &pool);
-    ASSERT_EQ(got[k].size(), want.size());
-    double err = 0, norm = 0;
-    for (size_t i = 0; i < want.size(); ++i) {
-      err += (got[k][i] - want[i]) * (got[k][i] - want[i]);
-      norm += want[i] * want[i];
-    }
-    // Same operations in the same order: equal up to float reassociation, far below the
-    // difference between the two conventions.
-    EXPECT_LT(err / norm, 1e-10) << (k == 0 ? "reference" : "standard");
-  }
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < got[0].size(); ++i) {
-    diff += (got[0][i] - got[1][i]) * (got[0][i] - got[1][i]);
-    norm += got[1][i] * got[1][i];
-  }
-  EXPECT_GT(diff / norm, 1e-3) << "the two residual conventions should give different logits";
+  Transformer tf(model->get(), &experts, &pool);
+  KvCache cache((*model)->config(), 4);
+  const BatchRow row{1234, 0, &cache, true};
+  std::vector<float> got;
+  ASSERT_TRUE(tf.Forward({&row, 1}, &got).ok());
+  const std::vector<float> mixtral =
+      DirectOneLayerLogits(**model, 1234, ResidualBase::kStream, &pool);
+  const std::vector<float> normalised =
+      DirectOneLayerLogits(**model, 1234, ResidualBase::kNormalisedInput, &pool);
+  ASSERT_EQ(got.size(), mixtral.size());
+  // Same operations in the same order: equal up to float reassociation, far below the
+  // difference between the two residuals.
+  EXPECT_LT(RelativeSquaredError(got, mixtral), 1e-10);
+  EXPECT_GT(RelativeSquaredError(got, normalised), 1e-3)
+      << "the residual must be the un-normalised stream, not ffn_norm's output";
 }
 
 }  // namespace

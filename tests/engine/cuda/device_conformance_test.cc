@@ -231,8 +231,8 @@ TYPED_TEST_SUITE(DeviceConformanceTest, Engines, ReferenceOrCudaNames<ReferenceE
 
 // The CPU engine's bars (conformance_test.cc).
 TYPED_TEST(DeviceConformanceTest, TinyF16) { this->Check({"tiny-F16", 1e-4, 0.95, 8}); }
-TYPED_TEST(DeviceConformanceTest, TinyQ8_0) { this->Check({"tiny-Q8_0", 5e-3, 0.85, 0}); }
-TYPED_TEST(DeviceConformanceTest, TinyQ4_K_M) { this->Check({"tiny-Q4_K_M", 5e-3, 0.85, 0}); }
+TYPED_TEST(DeviceConformanceTest, TinyQ8_0) { this->Check({"tiny-Q8_0", 5e-3, 0.80, 0}); }
+TYPED_TEST(DeviceConformanceTest, TinyQ4_K_M) { this->Check({"tiny-Q4_K_M", 5e-3, 0.80, 0}); }
 
 // Every weight mix the synthesizer writes, against the CPU engine on the same file. With F16 and
 // BF16 weights both engines keep f32 activations: tight bars (measured 1.3e-9 and 7.8e-10). With

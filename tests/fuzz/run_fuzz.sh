@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Fuzzes the GGUF reader, model binder and tokenizer with libFuzzer over an instrumented engine
+# (clang; the whole engine library built with -fsanitize=fuzzer-no-link,address, MOEPOOL_FUZZ=ON)
+# starting from the committed seed corpus. Not in CI (it runs for minutes); ctest replays the
+# corpus with the gcc build instead (GgufReaderFuzzerReplay).
+#
+#   tests/fuzz/run_fuzz.sh [SECONDS=300] [WORKERS=2]
+#
+# New inputs go to build-fuzz/corpus (the committed seeds are never modified); crashes, leaks,
+# out-of-memory and slow inputs to build-fuzz/artifacts. -malloc_limit_mb is far below what the
+# 684-byte file of issue 16 made the reader allocate (316 MB), and -rss_limit_mb bounds the
+# process: a small input that allocates out of proportion is reported as a finding.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+seconds=${1:-300}
+workers=${2:-2}
+CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DMOEPOOL_FUZZ=ON -DMOEPOOL_BUILD_TESTS=OFF -DMOEPOOL_BUILD_BENCHMARKS=OFF >/dev/null
+ninja -C build-fuzz gguf_reader_fuzzer
+mkdir -p build-fuzz/corpus build-fuzz/artifacts
+cp -n tests/fuzz/corpus/gguf/*.gguf build-fuzz/corpus/ 2>/dev/null || true
+cd build-fuzz  # libFuzzer writes one fuzz-N.log per job here
+exec tests/fuzz/gguf_reader_fuzzer corpus \
+  -max_total_time="$seconds" -jobs="$workers" -workers="$workers" \
+  -max_len=65536 -malloc_limit_mb=64 -rss_limit_mb=1024 -timeout=10 \
+  -artifact_prefix=artifacts/ -print_final_stats=1
