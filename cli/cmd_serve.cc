@@ -15,6 +15,7 @@
 #include "cli/commands.h"
 #include "cli/device_flags.h"
 #include "cli/engine_flags.h"
+#include "cli/weights_in_memory.h"
 #include "coordinator/expert_placement.h"
 #include "coordinator/remote_expert_backend.h"
 #include "coordinator/serve.h"
@@ -175,6 +176,10 @@ absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFacto
 
 absl::Status Serve(const Args& args) {
   ASSIGN_OR_RETURN(ServeConfig config, ParseConfig(args));
+  ASSIGN_OR_RETURN(const bool preload, PreloadFromArgs(args));
+  ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
+  // With --device cuda:* the weights this process computes with were copied to the GPU.
+  const bool host_weights = !device.cuda;
   EngineFactory factory;
   RETURN_IF_ERROR(ConfigureExperts(args, &config, &factory));
   // Block the stop signals in every thread (threads inherit the mask), then wait for them here.
@@ -189,11 +194,17 @@ absl::Status Serve(const Args& args) {
   if (!session->notice().empty()) {
     std::fprintf(stderr, "moepool: %s\n", session->notice().c_str());
   }
+  if (preload && host_weights) {
+    RETURN_IF_ERROR(PreloadWeights(session->engine().model(), "moepool"));
+  }
   RETURN_IF_ERROR(session->Start());
   const std::string& host = config.http.host;
   const std::string shown = host.find(':') != std::string::npos ? "[" + host + "]" : host;
   std::printf("moepool: serving on http://%s:%d\n", shown.c_str(), session->port());
   std::fflush(stdout);
+  std::unique_ptr<ResidencyWatch> watch;
+  if (preload && host_weights)
+    watch = std::make_unique<ResidencyWatch>(&session->engine().model(), "moepool");
   int sig = 0;
   sigwait(&stop_signals, &sig);
   std::fprintf(stderr, "moepool: %s received, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
@@ -209,6 +220,7 @@ FlagSpec ServeFlags() {
       {}};
   AddEngineFlags(&spec);
   AddClusterFlags(&spec);
+  AddPreloadFlag(&spec);
   spec.usage = "moepool serve --model M.gguf [flags]";
   spec.summary = "serve the OpenAI-compatible HTTP API (docs/api.md) with continuous batching";
   std::map<std::string, std::string>& help = spec.help;

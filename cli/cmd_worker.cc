@@ -3,8 +3,10 @@
 //   moepool worker --model M.gguf (--experts 0-3 [--layers 0-31] | --placement FILE)
 //                  --listen HOST:PORT [--threads N] [--cluster-token T] [--name NAME]
 //                  [--tls-cert F --tls-key F [--tls-ca F]] [--max-message-mib N]
-//                  [--device cpu|cuda:N|cuda:all] [--transport grpc|nccl]
+//                  [--device cpu|cuda:N|cuda:all] [--transport grpc|nccl] [--preload on|off]
 //
+// The experts are read into memory (--preload on, the default) before the worker listens, and a
+// watch warns when the host evicts them (cli/weights_in_memory.h).
 // --device cuda:* puts the experts on the GPU(s) (cuda:all spreads them over every device);
 // a build without CUDA refuses it before the model is opened. --transport nccl offers the
 // coordinator NCCL pipes for the rows (coordinator/transport.h); where NCCL cannot be used the
@@ -25,6 +27,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/device_flags.h"
+#include "cli/weights_in_memory.h"
 #include "coordinator/transport.h"
 #include "engine/gguf.h"
 #include "engine/model.h"
@@ -84,6 +87,7 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   ASSIGN_OR_RETURN(const TransportKind transport, ParseTransport(args.Get("transport", "grpc")));
   ASSIGN_OR_RETURN(worker::ExpertSet experts, ExpertsFromArgs(args, model));
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
+  ASSIGN_OR_RETURN(const bool preload, PreloadFromArgs(args));
   ASSIGN_OR_RETURN(int64_t max_message_mib, args.GetInt("max-message-mib", 64));
   if (max_message_mib < 1 || max_message_mib > 2047) {
     return absl::InvalidArgumentError("--max-message-mib must be in [1, 2047]");
@@ -127,6 +131,9 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   core_options.cuda_devices = device.ordinals;
   ASSIGN_OR_RETURN(std::unique_ptr<worker::WorkerCore> core,
                    worker::WorkerCore::Create(core_options));
+  // Experts on a GPU were copied there: their host pages are not read again.
+  const bool host_weights = !device.cuda;
+  if (preload && host_weights) RETURN_IF_ERROR(PreloadWeights(core->model(), "moepool worker"));
   ASSIGN_OR_RETURN(std::unique_ptr<worker::WorkerServer> server,
                    worker::WorkerServer::Start(core.get(), server_options));
 
@@ -143,6 +150,9 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
               device.cuda ? absl::StrCat(" on ", device.ToString()).c_str() : "");
   std::fflush(stdout);
 
+  std::unique_ptr<ResidencyWatch> watch;
+  if (preload && host_weights)
+    watch = std::make_unique<ResidencyWatch>(&core->model(), "moepool worker");
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
   std::fprintf(stderr, "moepool worker: %s, shutting down\n",
@@ -157,6 +167,7 @@ FlagSpec WorkerFlags() {
                     "tls-cert", "tls-key", "tls-ca", "max-message-mib", "name", "transport"},
                    {}};
   AddDeviceFlag(&spec);
+  AddPreloadFlag(&spec);
   spec.usage = "moepool worker --model M.gguf --experts LIST --listen HOST:PORT [flags]";
   spec.summary = "serve some experts of a model to a coordinator over gRPC";
   std::map<std::string, std::string>& help = spec.help;

@@ -485,20 +485,48 @@ absl::StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(std::string_view key)
   return out;
 }
 
-void GgufFile::WillNeed(const GgufTensorInfo& t) const {
-  if (!mapped_) return;
-  const uintptr_t page = 4096;
-  uintptr_t start = reinterpret_cast<uintptr_t>(t.data) & ~(page - 1);
-  madvise(reinterpret_cast<void*>(start),
-          reinterpret_cast<uintptr_t>(t.data) - start + t.size_bytes, MADV_WILLNEED);
+namespace {
+
+// The page-aligned span [start, end) around `bytes` bytes from `p`.
+struct PageSpan {
+  uintptr_t start, end, page;
+};
+PageSpan PagesOf(const uint8_t* p, uint64_t bytes) {
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p);
+  return {begin & ~(page - 1), begin + bytes, page};
 }
 
-void GgufFile::DontNeed(const GgufTensorInfo& t) const {
-  if (!mapped_) return;
-  const uintptr_t page = 4096;
-  uintptr_t start = reinterpret_cast<uintptr_t>(t.data) & ~(page - 1);
-  madvise(reinterpret_cast<void*>(start),
-          reinterpret_cast<uintptr_t>(t.data) - start + t.size_bytes, MADV_DONTNEED);
+}  // namespace
+
+absl::Status GgufFile::Populate(const uint8_t* p, uint64_t bytes) const {
+  if (!mapped_ || bytes == 0) return absl::OkStatus();
+  const PageSpan span = PagesOf(p, bytes);
+  if (madvise(reinterpret_cast<void*>(span.start), span.end - span.start, MADV_POPULATE_READ) ==
+      0) {
+    return absl::OkStatus();
+  }
+  if (errno != EINVAL) {
+    return absl::InternalError(absl::StrCat(path_, ": cannot read the weights at byte ", p - base_,
+                                            ": ", std::strerror(errno)));
+  }
+  // Kernels before 5.14: one read per page faults the range in.
+  for (uintptr_t a = span.start; a < span.end; a += span.page) {
+    (void)*reinterpret_cast<const volatile uint8_t*>(a);
+  }
+  return absl::OkStatus();
+}
+
+uint64_t GgufFile::ResidentBytes(const uint8_t* p, uint64_t bytes) const {
+  if (!mapped_ || bytes == 0) return bytes;
+  const PageSpan span = PagesOf(p, bytes);
+  std::vector<unsigned char> resident((span.end - span.start + span.page - 1) / span.page);
+  if (mincore(reinterpret_cast<void*>(span.start), span.end - span.start, resident.data()) != 0) {
+    return 0;
+  }
+  uint64_t pages = 0;
+  for (unsigned char r : resident) pages += r & 1;
+  return std::min<uint64_t>(bytes, pages * span.page);
 }
 
 std::string GgufTensorInfo::ShapeString() const {

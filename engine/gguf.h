@@ -152,9 +152,15 @@ class GgufFile {
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
   const GgufTensorInfo* FindTensor(std::string_view name) const;
 
-  // Advises the kernel that the byte range of `t` will be read soon / is not needed.
-  void WillNeed(const GgufTensorInfo& t) const;
-  void DontNeed(const GgufTensorInfo& t) const;
+  // Makes `bytes` bytes of the image from `p` resident now: read into the page cache and mapped
+  // into this process (MADV_POPULATE_READ; one read per page on kernels before 5.14), so that
+  // later reads neither wait for the disk nor fault. OK at once for FromBuffer images.
+  // INTERNAL naming the file if the kernel cannot read it (an I/O error, a file truncated under
+  // the mapping).
+  absl::Status Populate(const uint8_t* p, uint64_t bytes) const;
+  // How many of the `bytes` bytes from `p` are resident now (mincore; whole pages), for
+  // watching whether the weights stay in memory. `bytes` for FromBuffer images.
+  uint64_t ResidentBytes(const uint8_t* p, uint64_t bytes) const;
 
  private:
   GgufFile() = default;

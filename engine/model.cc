@@ -227,4 +227,38 @@ uint64_t Model::NonExpertBytes() const {
   return n;
 }
 
+std::vector<const WeightMatrix*> Model::BoundMatrices() const {
+  std::vector<const WeightMatrix*> out;
+  const auto add = [&](const WeightMatrix& m) {
+    if (m.data != nullptr) out.push_back(&m);
+  };
+  add(token_embd_);
+  if (output_.data != token_embd_.data) add(output_);
+  for (const LayerWeights& L : layers_) {
+    for (const WeightMatrix* m : {&L.wq, &L.wk, &L.wv, &L.wo, &L.router}) add(*m);
+    for (const ExpertWeights& E : L.experts) {
+      for (const WeightMatrix* m : {&E.gate, &E.up, &E.down}) add(*m);
+    }
+  }
+  return out;
+}
+
+absl::Status Model::Preload(const std::function<void(uint64_t, uint64_t)>& progress) const {
+  const std::vector<const WeightMatrix*> matrices = BoundMatrices();
+  uint64_t total = 0, done = 0;
+  for (const WeightMatrix* m : matrices) total += m->SizeBytes();
+  for (const WeightMatrix* m : matrices) {
+    RETURN_IF_ERROR(file_->Populate(m->data, m->SizeBytes()));
+    done += m->SizeBytes();
+    if (progress) progress(done, total);
+  }
+  return absl::OkStatus();
+}
+
+uint64_t Model::ResidentWeightBytes() const {
+  uint64_t n = 0;
+  for (const WeightMatrix* m : BoundMatrices()) n += file_->ResidentBytes(m->data, m->SizeBytes());
+  return n;
+}
+
 }  // namespace moepool

@@ -107,9 +107,21 @@ class Model {
   uint64_t ExpertBytes() const;
   uint64_t NonExpertBytes() const;
 
+  // Reads every bound weight matrix into memory now (GgufFile::Populate), so that the first
+  // request neither waits for the disk nor faults page by page; `progress(done, total)` (bytes)
+  // is called after each matrix on the calling thread. The file's error if it cannot be read.
+  absl::Status Preload(
+      const std::function<void(uint64_t done, uint64_t total)>& progress = {}) const;
+  // Bytes of the bound weights that are resident now (GgufFile::ResidentBytes): below
+  // ExpertBytes() + NonExpertBytes() when the host has evicted some (too little memory for
+  // what runs on it). Takes a few milliseconds per 10 GB.
+  uint64_t ResidentWeightBytes() const;
+
  private:
   Model() = default;
   absl::Status Bind(const ExpertFilter& filter);
+  // Every bound weight matrix (token embedding, head, attention, routers, present experts).
+  std::vector<const WeightMatrix*> BoundMatrices() const;
 
   std::shared_ptr<GgufFile> file_;
   ModelConfig config_;

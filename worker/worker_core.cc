@@ -14,6 +14,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "engine/fingerprint.h"
 #include "engine/gguf.h"
+#include "engine/host_memory.h"
 #include "engine/quant/fp16.h"
 #include "engine/status_macros.h"
 
@@ -44,26 +45,6 @@ const char* RowDTypeName(RowDType dtype) {
       return "unspecified";
   }
   return "unknown";
-}
-
-uint64_t ProcessResidentBytes() {
-  std::ifstream statm("/proc/self/statm");
-  uint64_t size_pages = 0, resident_pages = 0;
-  if (!(statm >> size_pages >> resident_pages)) return 0;
-  const long page = sysconf(_SC_PAGESIZE);
-  return resident_pages * static_cast<uint64_t>(page > 0 ? page : 4096);
-}
-
-uint64_t MachineAvailableBytes() {
-  std::ifstream meminfo("/proc/meminfo");
-  std::string line;
-  while (std::getline(meminfo, line)) {
-    if (line.rfind("MemAvailable:", 0) != 0) continue;
-    std::istringstream fields(line.substr(13));
-    uint64_t kib = 0;
-    if (fields >> kib) return kib * 1024;
-  }
-  return 0;
 }
 
 absl::StatusOr<std::unique_ptr<WorkerCore>> WorkerCore::Create(const WorkerCoreOptions& options) {
@@ -123,7 +104,7 @@ absl::StatusOr<WorkerDescription> WorkerCore::Describe() const {
   d.expert_bytes = model_->ExpertBytes();
   if (cuda_devices_.empty()) {
     d.memory_used_bytes = ProcessResidentBytes();
-    d.memory_free_bytes = MachineAvailableBytes();
+    d.memory_free_bytes = ReadHostMemory().available;
   } else {
     ASSIGN_OR_RETURN(const std::vector<CudaDeviceInfo> devices, ListCudaDevices());
     for (const CudaDeviceInfo& info : devices) {

@@ -102,6 +102,8 @@ class WorkerCore {
   WorkerCore& operator=(const WorkerCore&) = delete;
 
   const ModelConfig& config() const { return model_->config(); }
+  // The model with this worker's experts bound (for preloading and residency checks).
+  const Model& model() const { return *model_; }
   const ExpertSet& experts() const { return experts_; }
   int64_t max_rows() const { return max_rows_; }
   uint64_t expert_bytes() const { return model_->ExpertBytes(); }
@@ -134,11 +136,6 @@ class WorkerCore {
   std::vector<float> x_ ABSL_GUARDED_BY(compute_mu_);  // rows widened to f32
   std::vector<float> y_ ABSL_GUARDED_BY(compute_mu_);  // f32 result
 };
-
-// Resident set size of this process (bytes), from /proc/self/statm; 0 if unavailable.
-uint64_t ProcessResidentBytes();
-// MemAvailable of the machine (bytes), from /proc/meminfo; 0 if unavailable.
-uint64_t MachineAvailableBytes();
 
 }  // namespace moepool::worker
 

@@ -240,6 +240,7 @@ TEST(CliTest, ServeRejectsBadOptionValuesBeforeLoading) {
   ExpectFailure(Moepool(serve + " --prefix-cache maybe"), "--prefix-cache must be on or off");
   ExpectFailure(Moepool(serve + " --micro-batches 3"), "--micro-batches must be 1 or 2");
   ExpectFailure(Moepool(serve + " --kv-block-size 0"), "--kv-block-size: 1..4096");
+  ExpectFailure(Moepool(serve + " --preload maybe"), "--preload must be on or off");
 }
 
 TEST(CliTest, PromptLongerThanContextFails) {

@@ -1,5 +1,5 @@
-// `moepool worker` end to end: it starts, prints its ready line, answers Describe with the
-// token, and exits cleanly on SIGTERM; bad flags fail with a message.
+// `moepool worker` end to end: it reads its weights into memory, prints its ready line, answers
+// Describe with the token, and exits cleanly on SIGTERM; bad flags fail with a message.
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
@@ -83,6 +83,11 @@ TEST(WorkerCommandTest, ServesUntilSigtermAndAnswersDescribeWithTheToken) {
   }
   EXPECT_EQ(m[2].str(), model);
   const int port = std::stoi(m[3].str());
+  // --preload on (the default): the weights were read before the ready line.
+  const std::string log = ReadFileOrDie(err);
+  EXPECT_NE(log.find("moepool worker: reading 0.0 GiB of weights into memory"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("moepool worker: weights in memory after"), std::string::npos) << log;
 
   auto stub = moepool::v1::ExpertService::NewStub(
       grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
@@ -121,6 +126,9 @@ TEST(WorkerCommandTest, BadFlagsFailWithAMessage) {
        ".absent"},
       {{"worker", "--model", model, "--experts", "0", "--listen", "127.0.0.1:0", "--bogus", "1"},
        "unknown flag --bogus"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "127.0.0.1:0", "--preload",
+        "maybe"},
+       "--preload must be on or off"},
   };
   for (const Case& c : cases) {
     const std::string out = TempDir() + "/bad.stdout", err = TempDir() + "/bad.stderr";

@@ -4,6 +4,7 @@
 // `moepool bench` runs with the same pseudo-random tokens), then each one's resident memory
 // (VmRSS) is read.
 //
+//  - A worker holds its experts as soon as it is ready (--preload on, the default).
 //  - RSS(4 of 8) <= 0.55 * RSS(8 of 8) + kWorkerFixedBytes, where kWorkerFixedBytes bounds a
 //    worker's fixed overhead (binary, libraries, gRPC, buffers: measured ~27 MiB here); the test
 //    checks that bound too, on a worker holding one expert of one layer, so the constant cannot
@@ -114,6 +115,16 @@ TEST(WorkerMemoryTest, WorkersHoldTheirShareAndTheCoordinatorNoExperts) {
   ASSERT_TRUE(high.Start(model, {"--experts", "4-7"}));
   ASSERT_TRUE(all.Start(model, {"--experts", "0-7"}));
   ASSERT_TRUE(one.Start(model, {"--experts", "0", "--layers", "0"}));
+  // --preload on (the default): a worker holds its share as soon as it says it is ready, before
+  // any request. Lazily mapped, the first request read every weight it touched from the disk
+  // page by page (34 s to the first token of a full-size Mixtral from a cold page cache).
+  absl::StatusOr<std::unique_ptr<Model>> m = Model::Load(model, ExpertFilter{});
+  ASSERT_TRUE(m.ok()) << m.status();
+  const uint64_t share = (*m)->ExpertBytes() / 2;
+  const uint64_t ready_low = low.rss();
+  std::printf("RSS MiB of worker 0-3 when ready: %.1f; its experts %.1f\n",
+              static_cast<double>(ready_low) / kMiB, static_cast<double>(share) / kMiB);
+  EXPECT_GE(ready_low, share);
 
   // The same requests: every token's rows go to experts 0-3 (low) and 4-7 (high), or all to
   // `all`.
@@ -137,8 +148,6 @@ TEST(WorkerMemoryTest, WorkersHoldTheirShareAndTheCoordinatorNoExperts) {
   EXPECT_LE(static_cast<double>(rss_high), bound);
 
   // The coordinator: non-expert weights + KV cache of the bench's context + the fixed part.
-  absl::StatusOr<std::unique_ptr<Model>> m = Model::Load(model, ExpertFilter{});
-  ASSERT_TRUE(m.ok()) << m.status();
   const uint64_t non_expert = (*m)->NonExpertBytes();
   const uint64_t kv = KvCache((*m)->config(), kPromptTokens).ReservedBytes();
   std::printf(

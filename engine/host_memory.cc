@@ -1,0 +1,75 @@
+#include "engine/host_memory.h"
+
+#include <unistd.h>
+
+#include <fstream>
+#include <string>
+
+#include "absl/strings/numbers.h"
+
+namespace moepool {
+namespace {
+
+// A number from the first line of `path` ("max" and errors give 0).
+uint64_t ReadNumber(const std::string& path) {
+  std::ifstream in(path);
+  std::string word;
+  uint64_t v = 0;
+  if (!(in >> word) || !absl::SimpleAtoi(word, &v)) return 0;
+  return v;
+}
+
+// The memory limit of this process's cgroup (v2, else v1), 0 when none.
+uint64_t CgroupLimit(const std::string& root) {
+  std::ifstream in(root + "/proc/self/cgroup");
+  std::string line;
+  while (std::getline(in, line)) {
+    // v2: "0::/path"; v1: "N:memory:/path" (or a list of controllers holding "memory").
+    const size_t a = line.find(':');
+    const size_t b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1);
+    const std::string path = line.substr(b + 1);
+    uint64_t limit = 0;
+    if (controllers.empty()) {
+      limit = ReadNumber(root + "/sys/fs/cgroup" + path + "/memory.max");
+    } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
+      limit = ReadNumber(root + "/sys/fs/cgroup/memory" + path + "/memory.limit_in_bytes");
+    }
+    // v1 reports "no limit" as a huge page-rounded number.
+    if (limit != 0 && limit < (uint64_t{1} << 60)) return limit;
+  }
+  return 0;
+}
+
+}  // namespace
+
+uint64_t HostMemory::Capacity() const {
+  if (cgroup_limit != 0 && (total == 0 || cgroup_limit < total)) return cgroup_limit;
+  return total;
+}
+
+HostMemory ReadHostMemory(const std::string& root) {
+  HostMemory m;
+  std::ifstream in(root + "/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  std::string unit;
+  while (in >> key >> kib) {
+    std::getline(in, unit);
+    if (key == "MemTotal:") m.total = kib * 1024;
+    if (key == "MemAvailable:") m.available = kib * 1024;
+  }
+  m.cgroup_limit = CgroupLimit(root);
+  return m;
+}
+
+uint64_t ProcessResidentBytes() {
+  std::ifstream statm("/proc/self/statm");
+  uint64_t size_pages = 0, resident_pages = 0;
+  if (!(statm >> size_pages >> resident_pages)) return 0;
+  const long page = sysconf(_SC_PAGESIZE);
+  return resident_pages * static_cast<uint64_t>(page > 0 ? page : 4096);
+}
+
+}  // namespace moepool
