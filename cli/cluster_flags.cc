@@ -8,8 +8,8 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "coordinator/expert_placement.h"
-#include "coordinator/wire_format.h"
 #include "engine/status_macros.h"
+#include "wire/row_codec.h"
 
 namespace moepool::cli {
 namespace {
@@ -80,14 +80,14 @@ absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args&
   if (o.workers.empty()) return absl::InvalidArgumentError("--workers lists no worker");
   // The model's expert count is checked when the backend opens the model.
   ASSIGN_OR_RETURN(o.local_experts, ParseExpertList(args.Get("local-experts"), 65536));
-  ASSIGN_OR_RETURN(o.wire_dtype, ParseWireDType(args.Get("wire-dtype", "f32")));
+  ASSIGN_OR_RETURN(o.wire_dtype, wire::ParseDType(args.Get("wire-dtype", "f32")));
   ASSIGN_OR_RETURN(o.step_timeout_s, args.GetDouble("step-timeout", o.step_timeout_s));
   ASSIGN_OR_RETURN(o.connect_timeout_s, args.GetDouble("connect-timeout", o.connect_timeout_s));
   if (o.step_timeout_s <= 0 || o.connect_timeout_s <= 0) {
     return absl::InvalidArgumentError("--step-timeout and --connect-timeout must be > 0");
   }
   ASSIGN_OR_RETURN(o.max_message_bytes, args.GetInt("max-message-bytes", o.max_message_bytes));
-  ASSIGN_OR_RETURN(o.transport, ParseTransport(args.Get("transport", "grpc")));
+  ASSIGN_OR_RETURN(o.transport, wire::ParseTransport(args.Get("transport", "grpc")));
   o.nccl.nccl.timeout_s = o.step_timeout_s;
   if (args.Has("cluster-token")) {
     o.cluster_token = args.Get("cluster-token");

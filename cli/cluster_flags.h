@@ -11,7 +11,7 @@
 // not need --workers):
 //   --device cpu|cuda:N|cuda:all  where this process's experts run (cli/device_flags.h): every
 //                             expert without --workers, the --local-experts with them
-//   --transport grpc|nccl     how token rows travel to workers (coordinator/transport.h); this
+//   --transport grpc|nccl     how token rows travel to workers (wire/transport.h); this
 //                             one needs --workers
 #ifndef MOEPOOL_CLI_CLUSTER_FLAGS_H_
 #define MOEPOOL_CLI_CLUSTER_FLAGS_H_

@@ -19,11 +19,11 @@
 #include "cli/commands.h"
 #include "cli/engine_flags.h"
 #include "coordinator/tcp_echo.h"
-#include "coordinator/wire_format.h"
 #include "engine/engine.h"
 #include "engine/quant/types.h"
 #include "engine/status_macros.h"
 #include "nlohmann/json.hpp"
+#include "wire/row_codec.h"
 
 namespace moepool::cli {
 namespace {
@@ -71,7 +71,7 @@ absl::StatusOr<nlohmann::json> ClusterReport(const Args& args, const ClusterExpe
                                              uint64_t prompt_wire_bytes, int64_t prompt_tokens) {
   nlohmann::json j;
   const ClusterOptions& o = cluster.options();
-  j["wire_dtype"] = WireDTypeName(o.wire_dtype);
+  j["wire_dtype"] = wire::DTypeName(o.wire_dtype);
   j["local_experts"] = o.local_experts;
   std::vector<double> all_rtt, all_overhead, all_compute, req_bytes;
   nlohmann::json workers = nlohmann::json::array();

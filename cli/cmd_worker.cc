@@ -9,7 +9,7 @@
 // watch warns when the host evicts them (cli/weights_in_memory.h).
 // --device cuda:* puts the experts on the GPU(s) (cuda:all spreads them over every device);
 // a build without CUDA refuses it before the model is opened. --transport nccl offers the
-// coordinator NCCL pipes for the rows (coordinator/transport.h); where NCCL cannot be used the
+// coordinator NCCL pipes for the rows (wire/transport.h); where NCCL cannot be used the
 // worker says so in one line and serves over gRPC only.
 // The cluster token may also come from the environment (MOEPOOL_CLUSTER_TOKEN), which keeps it
 // out of the process list. SIGINT / SIGTERM stop the server (open streams get 5 s to finish).
@@ -28,11 +28,11 @@
 #include "cli/commands.h"
 #include "cli/device_flags.h"
 #include "cli/weights_in_memory.h"
-#include "coordinator/transport.h"
 #include "engine/gguf.h"
 #include "engine/model.h"
-#include "engine/nccl_peer.h"
 #include "engine/status_macros.h"
+#include "wire/nccl_peer.h"
+#include "wire/transport.h"
 #include "worker/expert_service.h"
 #include "worker/expert_set.h"
 #include "worker/worker_core.h"
@@ -84,7 +84,8 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   const std::string listen = args.Get("listen");
   if (listen.empty()) return absl::InvalidArgumentError("--listen HOST:PORT is required");
   ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
-  ASSIGN_OR_RETURN(const TransportKind transport, ParseTransport(args.Get("transport", "grpc")));
+  ASSIGN_OR_RETURN(const wire::TransportKind transport,
+                   wire::ParseTransport(args.Get("transport", "grpc")));
   ASSIGN_OR_RETURN(worker::ExpertSet experts, ExpertsFromArgs(args, model));
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
   ASSIGN_OR_RETURN(const bool preload, PreloadFromArgs(args));
@@ -108,11 +109,11 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   ASSIGN_OR_RETURN(server_options.tls_key_pem, ReadPem(args, "tls-key"));
   ASSIGN_OR_RETURN(server_options.tls_client_ca_pem, ReadPem(args, "tls-ca"));
 
-  if (transport == TransportKind::kNccl) {
+  if (transport == wire::TransportKind::kNccl) {
     // The pipes use the worker's first GPU (cuda:0 for a CPU worker on a GPU machine).
     const int nccl_device = device.cuda ? device.ordinals.front() : 0;
-    NcclOptions nccl;
-    const absl::Status usable = NcclUsable(nccl, nccl_device);
+    wire::NcclOptions nccl;
+    const absl::Status usable = wire::NcclUsable(nccl, nccl_device);
     if (usable.ok()) {
       server_options.service.nccl = std::make_shared<worker::NcclSessions>(nccl_device, nccl);
     } else {

@@ -165,17 +165,17 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   const double tick_s = std::clamp(options.step_timeout_s / 10, 0.001, 0.05);
   b->watchdog_ =
       std::make_unique<StepWatchdog>(std::chrono::microseconds(static_cast<int64_t>(tick_s * 1e6)));
-  if (options.transport == TransportKind::kNccl) {
-    std::vector<TransportEndpoint> endpoints(n_workers);
+  if (options.transport == wire::TransportKind::kNccl) {
+    std::vector<wire::TransportEndpoint> endpoints(n_workers);
     for (size_t i = 0; i < n_workers; ++i) {
       endpoints[i] = {options.workers[i], *answers[i], creds, args, options.cluster_token};
     }
-    const auto transports = ConnectNcclTransports(endpoints, options.nccl);
+    const auto transports = wire::ConnectNcclSessions(endpoints, options.nccl);
     // Lane 0 of each worker carries its rows over NCCL; further lanes stay on gRPC. A reconnected
     // worker gets a new session (a restarted one has lost the old).
     for (size_t i = 0; i < n_workers; ++i) {
-      b->links_[i][0]->SetRowTransport(transports[i],
-                                       NcclTransportFactory(endpoints[i], options.nccl));
+      b->links_[i][0]->SetRowSession(transports[i],
+                                     wire::NcclSessionFactory(endpoints[i], options.nccl));
     }
   }
   // A reconnected worker is used again only if it still serves the same model and experts.

@@ -59,13 +59,13 @@
 #include "absl/status/statusor.h"
 #include "coordinator/expert_placement.h"
 #include "coordinator/step_watchdog.h"
-#include "coordinator/transport.h"
 #include "coordinator/worker_link.h"
 #include "engine/expert_backend.h"
 #include "engine/model.h"
 #include "engine/moe_ffn.h"
 #include "engine/thread_pool.h"
 #include "moepool/v1/expert_service.pb.h"
+#include "wire/transport.h"
 
 namespace moepool {
 
@@ -89,10 +89,10 @@ struct ClusterOptions {
   // When set and local_experts is not empty, Create calls it once for the backend of the local
   // experts (e.g. on a GPU, --device) instead of a LocalExpertBackend on a pool of its own.
   std::function<absl::StatusOr<std::unique_ptr<ExpertBackend>>()> local_backend_factory;
-  // kNccl: rows to workers that offer it travel over NCCL (coordinator/transport.h); falls
+  // kNccl: rows to workers that offer it travel over NCCL (wire/transport.h); falls
   // back to gRPC per worker, with a line on stderr, wherever NCCL cannot be set up.
-  TransportKind transport = TransportKind::kGrpc;
-  NcclTransportOptions nccl;
+  wire::TransportKind transport = wire::TransportKind::kGrpc;
+  wire::NcclSessionOptions nccl;
   double reconnect_initial_s = 0.1;
   double reconnect_max_s = 5;
   size_t max_samples = 16384;  // round-trip samples kept per worker

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/remote_expert_backend.h"
+#include "engine/moe_dispatch.h"
 #include "engine/status_macros.h"
 
 namespace moepool {
@@ -27,22 +28,25 @@ struct ClusterExpertBackend::Bucket {
   std::vector<int64_t> rows;             // ascending rows of the step
   std::vector<int32_t> expert;           // [rows x k], -1 for experts computed elsewhere
   std::vector<float> weight;             // [rows x k]
-  std::vector<int32_t> first_expert;     // smallest expert of each row in this bucket
+  std::vector<int32_t> slot;             // [rows x k], the pairs' slots (engine/moe_dispatch.h)
+  std::vector<int32_t> first_slot;       // smallest slot of each row in this bucket
   LinkJob job;                           // job.partial [rows x n_embd]: the result (local too)
   bool replaced = false;                 // failed; its rows were re-sent to replicas
 
-  // Adds expert slot `j` of row `r` (rows arrive in ascending order).
-  void Add(int64_t r, int j, int k, int32_t e, float w) {
-    if (rows.empty() || rows.back() != r) {
-      rows.push_back(r);
+  // Adds pair `p` (pairs arrive in row order).
+  void Add(const DispatchPair& p, int k) {
+    if (rows.empty() || rows.back() != p.row) {
+      rows.push_back(p.row);
       expert.resize(expert.size() + static_cast<size_t>(k), -1);
       weight.resize(weight.size() + static_cast<size_t>(k), 0.0f);
-      first_expert.push_back(e);
+      slot.resize(slot.size() + static_cast<size_t>(k), -1);
+      first_slot.push_back(p.slot);
     }
-    const size_t slot = (rows.size() - 1) * static_cast<size_t>(k) + static_cast<size_t>(j);
-    expert[slot] = e;
-    weight[slot] = w;
-    first_expert.back() = std::min(first_expert.back(), e);
+    const size_t i = (rows.size() - 1) * static_cast<size_t>(k) + static_cast<size_t>(p.position);
+    expert[i] = p.expert;
+    weight[i] = p.weight;
+    slot[i] = p.slot;
+    first_slot.back() = std::min(first_slot.back(), p.slot);
   }
 };
 
@@ -120,23 +124,24 @@ absl::Status ClusterExpertBackend::Dispatch(Step* s) {
   RETURN_IF_ERROR(placement_.ChooseHolders(
       routes.layer, rows_per_expert, [&](int w) { return WorkerUsable(static_cast<size_t>(w)); },
       s->round, &holder_of));
-  // Bucket 0: local; 1 + w: worker w.
+  // Destination 0: local; 1 + w: worker w. One bucket per destination.
   const size_t n_links = links_.size();
+  std::vector<int> destination_of(holder_of.size());
+  for (size_t e = 0; e < holder_of.size(); ++e) {
+    const int h = holder_of[e];
+    destination_of[e] = h == ExpertPlacement::kLocal ? 0 : h >= 0 ? 1 + h : -1;  // -1: not routed
+  }
+  DispatchPlan plan;
+  PlanDispatch(routes.expert, routes.weight, n, k, destination_of, static_cast<int>(1 + n_links),
+               &plan);
   s->buckets.resize(1 + n_links);
   for (size_t b = 0; b < s->buckets.size(); ++b) {
     s->buckets[b] = std::make_unique<Bucket>();
     s->buckets[b]->holder = b == 0 ? ExpertPlacement::kLocal : static_cast<int>(b - 1);
     s->buckets[b]->lane = s->lane;
   }
-  for (int64_t r = 0; r < n; ++r) {
-    for (int j = 0; j < k; ++j) {
-      const int32_t e = routes.expert[r * k + j];
-      if (e < 0) continue;
-      const int h = holder_of[static_cast<size_t>(e)];
-      s->buckets[h == ExpertPlacement::kLocal ? 0 : 1 + static_cast<size_t>(h)]->Add(
-          r, j, k, e, routes.weight[r * k + j]);
-    }
-  }
+  for (const DispatchPair& p : plan.pairs)
+    s->buckets[static_cast<size_t>(p.destination)]->Add(p, k);
   return absl::OkStatus();
 }
 
@@ -277,14 +282,8 @@ absl::Status ClusterExpertBackend::Resend(Step* s, const std::vector<size_t>& fa
   std::vector<bool> excluded(n_workers, false), unavailable(n_workers, false);
   std::vector<int> failed_lane(n_workers, -1);
   std::vector<int64_t> rows_per_expert(static_cast<size_t>(model_->config().n_expert), 0);
-  // (row, slot, expert, weight) of every failed request, in row then slot order.
-  struct Entry {
-    int64_t row;
-    int slot;
-    int32_t expert;
-    float weight;
-  };
-  std::vector<Entry> entries;
+  // The pairs of every failed request, in row then position order.
+  std::vector<DispatchPair> entries;
   for (const size_t b : failed) {
     const Bucket& bucket = *s->buckets[b];
     const size_t w = static_cast<size_t>(bucket.holder);
@@ -293,17 +292,18 @@ absl::Status ClusterExpertBackend::Resend(Step* s, const std::vector<size_t>& fa
     failed_lane[w] = bucket.lane;
     for (size_t i = 0; i < bucket.rows.size(); ++i) {
       for (int j = 0; j < k; ++j) {
-        const size_t slot = i * static_cast<size_t>(k) + static_cast<size_t>(j);
-        const int32_t e = bucket.expert[slot];
+        const size_t at = i * static_cast<size_t>(k) + static_cast<size_t>(j);
+        const int32_t e = bucket.expert[at];
         if (e < 0) continue;
         ++rows_per_expert[static_cast<size_t>(e)];
-        entries.push_back({bucket.rows[i], j, e, bucket.weight[slot]});
+        entries.push_back({bucket.rows[i], j, bucket.slot[at], e, bucket.weight[at], 0});
       }
     }
   }
-  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
-    return a.row != b.row ? a.row < b.row : a.slot < b.slot;
-  });
+  std::stable_sort(entries.begin(), entries.end(),
+                   [](const DispatchPair& a, const DispatchPair& b) {
+                     return a.row != b.row ? a.row < b.row : a.position < b.position;
+                   });
   // Another lane of worker w that is up, or -1.
   auto other_lane = [&](size_t w) {
     for (size_t lane = 0; lane < links_[w].size(); ++lane) {
@@ -336,7 +336,7 @@ absl::Status ClusterExpertBackend::Resend(Step* s, const std::vector<size_t>& fa
   WaitForOthers(s, -1);
   const size_t first = s->buckets.size();
   std::vector<size_t> bucket_of(n_workers, 0);  // 0: none yet
-  for (const Entry& en : entries) {
+  for (const DispatchPair& en : entries) {
     const size_t h = static_cast<size_t>(holder_of[static_cast<size_t>(en.expert)]);
     size_t& b = bucket_of[h];
     if (b == 0) {
@@ -347,7 +347,7 @@ absl::Status ClusterExpertBackend::Resend(Step* s, const std::vector<size_t>& fa
       const int lane = excluded[h] ? other_lane(h) : s->lane;
       s->buckets.back()->lane = lane >= 0 ? lane : std::max(failed_lane[h], 0);
     }
-    s->buckets[b]->Add(en.row, en.slot, k, en.expert, en.weight);
+    s->buckets[b]->Add(en, k);
   }
   uint64_t rows = 0;
   for (const size_t b : failed) {
@@ -422,28 +422,16 @@ absl::Status ClusterExpertBackend::FinishStep(Step* s) {
     }
   }
 
-  // Combine: per row, partials in ascending order of their smallest expert, from 0.0f.
-  const int64_t n = s->routes.n_rows;
-  const int64_t d = s->routes.n_embd;
-  std::vector<size_t> cursor(s->buckets.size(), 0);
-  std::vector<std::pair<int32_t, const float*>> parts;
-  for (int64_t r = 0; r < n; ++r) {
-    parts.clear();
-    for (size_t h = 0; h < s->buckets.size(); ++h) {
-      const Bucket& b = *s->buckets[h];
-      const size_t i = cursor[h];
-      if (b.replaced || i >= b.rows.size() || b.rows[i] != r) continue;
-      parts.emplace_back(b.first_expert[i], b.job.partial.data() + static_cast<int64_t>(i) * d);
-      ++cursor[h];
-    }
-    std::sort(parts.begin(), parts.end(),
-              [](const auto& a, const auto& b) { return a.first < b.first; });
-    float* o = s->out + r * d;
-    std::fill(o, o + d, 0.0f);
-    for (const auto& [first, p] : parts) {
-      for (int64_t j = 0; j < d; ++j) o[j] += p[j];
+  // Combine: per row, the partial sums in ascending order of their smallest slot, from 0.0f.
+  std::vector<DispatchPartial> partials;
+  for (const auto& bucket : s->buckets) {
+    if (bucket->replaced) continue;
+    for (size_t i = 0; i < bucket->rows.size(); ++i) {
+      partials.push_back({bucket->rows[i], bucket->first_slot[i], 1.0f,
+                          bucket->job.partial.data() + static_cast<int64_t>(i) * s->routes.n_embd});
     }
   }
+  Combine(&partials, s->routes.n_rows, s->routes.n_embd, s->out);
   return absl::OkStatus();
 }
 

@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "coordinator/wire_format.h"
+#include "wire/row_codec.h"
 
 namespace moepool {
 namespace {
@@ -132,9 +132,9 @@ void WorkerLink::Post(LinkJob* job, StepLatch* latch) {
     // that fits one message is written right here, so it leaves without waiting for the link
     // thread to wake up; the link thread then only reads the answer.
     // Rows on an NCCL pipe go through Exchange on the link thread (ExchangeOutOfBand).
-    const bool rows_out_of_band = row_transport_ != nullptr && !row_transport_->broken();
+    const bool rows_out_of_band = row_session_ != nullptr && !row_session_->broken();
     if (up_ && stream_ != nullptr && !rows_out_of_band &&
-        RowsPerChunk(config_.max_message_bytes, job->n_embd, job->dtype, job->k) >=
+        wire::RowsPerChunk(config_.max_message_bytes, job->n_embd, job->dtype, job->k) >=
             static_cast<int64_t>(job->rows->size())) {
       write_here = true;
       inline_ = true;  // this thread owns the stream while it writes
@@ -373,35 +373,30 @@ absl::Status WorkerLink::Broken(const LinkJob& job, const std::string& what, boo
   return s;
 }
 
+wire::RoundHeader WorkerLink::RoundOf(const LinkJob& job) {
+  wire::RoundHeader h;
+  h.round = job.step_id;
+  h.layer = job.layer;
+  h.dtype = job.dtype;
+  h.n_embd = job.n_embd;
+  h.total_rows = static_cast<int64_t>(job.rows->size());
+  h.k = job.k;
+  return h;
+}
+
+wire::RequestRows WorkerLink::RowsOf(const LinkJob& job) {
+  return wire::RequestRows{job.x, *job.rows, *job.expert, *job.weight};
+}
+
 absl::Status WorkerLink::WriteRequest(LinkJob* job, uint64_t* request_bytes) {
-  const int64_t n = static_cast<int64_t>(job->rows->size());
-  const int64_t d = job->n_embd;
-  const int k = job->k;
-  const int64_t chunk = RowsPerChunk(config_.max_message_bytes, d, job->dtype, k);
   *request_bytes = 0;
-  moepool::v1::ForwardRequest& req = request_;
-  for (int64_t off = 0; off < n; off += chunk) {
-    const int64_t m = std::min(chunk, n - off);
-    req.Clear();
-    req.set_step_id(job->step_id);
-    req.set_layer(job->layer);
-    req.set_dtype(job->dtype);
-    req.set_n_embd(static_cast<int32_t>(d));
-    req.set_total_rows(static_cast<int32_t>(n));
-    req.set_row_offset(static_cast<int32_t>(off));
-    req.set_n_rows(static_cast<int32_t>(m));
-    req.set_k(k);
-    std::string* bytes = req.mutable_rows();
-    bytes->reserve(static_cast<size_t>(m * d * WireDTypeBytes(job->dtype)));
-    for (int64_t i = off; i < off + m; ++i) {
-      EncodeRows(job->dtype, job->x + (*job->rows)[static_cast<size_t>(i)] * d, d, bytes);
-    }
-    req.mutable_expert()->Add(job->expert->begin() + off * k, job->expert->begin() + (off + m) * k);
-    req.mutable_weight()->Add(job->weight->begin() + off * k, job->weight->begin() + (off + m) * k);
-    *request_bytes += req.ByteSizeLong();
-    if (!stream_->Write(req)) {
-      return Broken(*job, absl::StrCat("connection lost while sending layer ", job->layer), false);
-    }
+  const bool written = wire::WriteRequestChunks(
+      RoundOf(*job), RowsOf(*job),
+      wire::RowsPerChunk(config_.max_message_bytes, job->n_embd, job->dtype, job->k),
+      [&](const moepool::v1::ForwardRequest& chunk) { return stream_->Write(chunk); }, &request_,
+      request_bytes);
+  if (!written) {
+    return Broken(*job, absl::StrCat("connection lost while sending layer ", job->layer), false);
   }
   return absl::OkStatus();
 }
@@ -418,16 +413,14 @@ absl::Status WorkerLink::Exchange(LinkJob* job, const Written* written) {
         return s;
       }
     }
-    if (row_transport_ != nullptr && !row_transport_->broken()) return ExchangeOutOfBand(job);
+    if (row_session_ != nullptr && !row_session_->broken()) return ExchangeOutOfBand(job);
     w.t0 = Clock::now();
     const absl::Status s = WriteRequest(job, &w.request_bytes);
     if (!s.ok()) return s;
   }
   const auto t0 = w.t0;
   const uint64_t request_bytes = w.request_bytes;
-  const int64_t n = static_cast<int64_t>(job->rows->size());
-  const int64_t d = job->n_embd;
-  RowAssembler rows(n, d);
+  wire::ResponseAssembler rows(RoundOf(*job));
   moepool::v1::ForwardResponse& resp = response_;
   uint64_t response_bytes = 0;
   uint64_t compute_micros = 0;
@@ -439,15 +432,7 @@ absl::Status WorkerLink::Exchange(LinkJob* job, const Written* written) {
     response_bytes += resp.ByteSizeLong();
     if (resp.step_id() < job->step_id) continue;  // the rest of an answer to an abandoned step
     if (absl::Status s = CheckAnswer(*job, resp); !s.ok()) return s;
-    absl::Status s = resp.dtype() != job->dtype
-                         ? absl::InvalidArgumentError(
-                               absl::StrCat("answer in ", WireDTypeName(resp.dtype()),
-                                            " to a request in ", WireDTypeName(job->dtype)))
-                     : resp.total_rows() != n
-                         ? absl::InvalidArgumentError(absl::StrCat("answer of ", resp.total_rows(),
-                                                                   " rows to a request of ", n))
-                         : rows.Add(resp.dtype(), resp.row_offset(), resp.n_rows(), resp.rows());
-    if (!s.ok()) {
+    if (absl::Status s = rows.Add(resp); !s.ok()) {
       return Broken(
           *job, absl::StrCat("malformed answer for layer ", job->layer, ": ", s.message()), true);
     }
@@ -456,7 +441,7 @@ absl::Status WorkerLink::Exchange(LinkJob* job, const Written* written) {
   const auto t1 = Clock::now();
   job->partial = std::move(rows.values());
   job->sample.layer = job->layer;
-  job->sample.rows = n;
+  job->sample.rows = static_cast<int64_t>(job->rows->size());
   job->sample.round_trip_micros = MicrosBetween(t0, t1);
   job->sample.compute_micros = compute_micros;
   job->sample.request_bytes = request_bytes;
@@ -479,17 +464,17 @@ void WorkerLink::TryReconnect() {
       Describe(config_.describe_timeout_s, /*wait_for_ready=*/false);
   absl::Status s = d.ok() ? (accept_ ? accept_(*d) : absl::OkStatus()) : d.status();
   // A new row session before the link is up again (this may block while both ends join).
-  std::shared_ptr<RowTransport> renewed;
-  if (s.ok() && renew_transport_) {
-    renewed = renew_transport_(*d, row_session_);
-    row_session_ = renewed != nullptr ? renewed->session() : 0;
+  std::shared_ptr<wire::RowSession> renewed;
+  if (s.ok() && renew_session_) {
+    renewed = renew_session_(*d, previous_session_);
+    previous_session_ = renewed != nullptr ? renewed->session() : 0;
   }
-  std::shared_ptr<RowTransport> old;  // released after the lock (an NCCL pipe aborts its comm)
+  std::shared_ptr<wire::RowSession> old;  // released after the lock (an NCCL pipe aborts its comm)
   std::lock_guard<std::mutex> lock(mu_);
   if (s.ok()) {
-    if (renew_transport_) {
-      old = std::move(row_transport_);
-      row_transport_ = std::move(renewed);
+    if (renew_session_) {
+      old = std::move(row_session_);
+      row_session_ = std::move(renewed);
     }
     up_ = true;
     stats_.up = true;

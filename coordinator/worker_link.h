@@ -30,8 +30,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "coordinator/transport.h"
 #include "moepool/v1/expert_service.grpc.pb.h"
+#include "wire/forward_chunks.h"
+#include "wire/transport.h"
 
 namespace moepool {
 
@@ -130,11 +131,11 @@ class WorkerLink {
   // With `renew`, every reconnect (a restarted worker has lost its sessions; after a lost stream
   // the old pipe's state is unknown) asks it for a fresh transport for the accepted worker, on the
   // link's thread before the link is up again; null from it means gRPC. Call before Start.
-  void SetRowTransport(std::shared_ptr<RowTransport> transport,
-                       RowTransportFactory renew = nullptr) {
-    row_session_ = transport != nullptr ? transport->session() : 0;
-    row_transport_ = std::move(transport);
-    renew_transport_ = std::move(renew);
+  void SetRowSession(std::shared_ptr<wire::RowSession> transport,
+                     wire::RowSessionFactory renew = nullptr) {
+    previous_session_ = transport != nullptr ? transport->session() : 0;
+    row_session_ = std::move(transport);
+    renew_session_ = std::move(renew);
   }
 
   // Hands a job to the I/O thread; latch->CountDown() when it is finished (ok or not). A request
@@ -164,10 +165,13 @@ class WorkerLink {
   void RunJob(LinkJob* job, const Written* written);
   absl::Status DownError() const;  // mu_ held
   // Writes the job's request (in chunks); on failure the stream is closed and the link down.
+  // The round a job sends, and its rows as the wire reads them.
+  static wire::RoundHeader RoundOf(const LinkJob& job);
+  static wire::RequestRows RowsOf(const LinkJob& job);
   absl::Status WriteRequest(LinkJob* job, uint64_t* request_bytes);
   // Writes the request unless `written`, then reads and reassembles the answer.
   absl::Status Exchange(LinkJob* job, const Written* written);
-  // Exchange with the rows on row_transport_ (worker_link_rows.cc).
+  // Exchange with the rows on row_session_ (worker_link_rows.cc).
   absl::Status ExchangeOutOfBand(LinkJob* job);
   absl::Status OpenStream();
   // Finishes the stream (cancelling it first if `cancel`); returns its final status.
@@ -183,12 +187,12 @@ class WorkerLink {
   void NewChannel();
 
   const WorkerLinkConfig config_;
-  AcceptWorker accept_;                          // set by Start
-  std::shared_ptr<RowTransport> row_transport_;  // null: gRPC; used by the I/O owner only
-  RowTransportFactory renew_transport_;          // may be null; set before Start
+  AcceptWorker accept_;                            // set by Start
+  std::shared_ptr<wire::RowSession> row_session_;  // null: gRPC; used by the I/O owner only
+  wire::RowSessionFactory renew_session_;          // may be null; set before Start
   // The session of the last row transport set up (kept after the pipe broke), so a renewal can
   // ask the worker to close it. Written by the link's thread only (and before Start).
-  uint64_t row_session_ = 0;
+  uint64_t previous_session_ = 0;
 
   // Channel and stream: used by the I/O thread (and Describe before Start).
   std::shared_ptr<grpc::Channel> channel_;

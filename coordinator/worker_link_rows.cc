@@ -1,5 +1,5 @@
 // WorkerLink's exchange with the rows outside the gRPC messages (--transport nccl, see
-// coordinator/transport.h): one request message without rows naming the NCCL session, the rows
+// wire/transport.h): one request message without rows naming the NCCL session, the rows
 // sent on the pipe, one response message without rows, the result received on the pipe. Kept
 // apart from worker_link.cc so the gRPC path reads as before.
 #include <chrono>
@@ -7,8 +7,8 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "coordinator/wire_format.h"
 #include "coordinator/worker_link.h"
+#include "wire/forward_chunks.h"
 
 namespace moepool {
 namespace {
@@ -25,38 +25,23 @@ absl::Status WorkerLink::ExchangeOutOfBand(LinkJob* job) {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t n = static_cast<int64_t>(job->rows->size());
   const int64_t d = job->n_embd;
-  const int k = job->k;
   // After a pipe failure the two ends may disagree on what is in flight: gRPC from now on.
   auto pipe_failed = [&](const absl::Status& why) {
     std::fprintf(stderr, "moepool: worker %s: NCCL rows failed (%s); using gRPC %s\n",
                  config_.address.c_str(), std::string(why.message()).c_str(),
-                 renew_transport_ ? "until a new session is set up on reconnect" : "from now on");
-    row_transport_.reset();
+                 renew_session_ ? "until a new session is set up on reconnect" : "from now on");
+    row_session_.reset();
     return Broken(*job, absl::StrCat("NCCL rows of layer ", job->layer, " failed"), true);
   };
 
   moepool::v1::ForwardRequest req;
-  req.set_step_id(job->step_id);
-  req.set_layer(job->layer);
-  req.set_dtype(job->dtype);
-  req.set_n_embd(static_cast<int32_t>(d));
-  req.set_total_rows(static_cast<int32_t>(n));
-  req.set_row_offset(0);
-  req.set_n_rows(static_cast<int32_t>(n));
-  req.set_k(k);
-  req.set_nccl_session(row_transport_->session());
-  req.mutable_expert()->Add(job->expert->begin(), job->expert->end());
-  req.mutable_weight()->Add(job->weight->begin(), job->weight->end());
   std::string rows;
-  rows.reserve(static_cast<size_t>(n * d * WireDTypeBytes(job->dtype)));
-  for (int64_t i = 0; i < n; ++i) {
-    EncodeRows(job->dtype, job->x + (*job->rows)[static_cast<size_t>(i)] * d, d, &rows);
-  }
+  wire::BuildPipeRequest(RoundOf(*job), RowsOf(*job), row_session_->session(), &req, &rows);
   const uint64_t request_bytes = req.ByteSizeLong();
   if (!stream_->Write(req)) {
     return Broken(*job, absl::StrCat("connection lost while sending layer ", job->layer), false);
   }
-  if (absl::Status s = row_transport_->Send(rows.data(), rows.size()); !s.ok()) {
+  if (absl::Status s = row_session_->Send(rows.data(), rows.size()); !s.ok()) {
     return pipe_failed(s);
   }
 
@@ -76,12 +61,12 @@ absl::Status WorkerLink::ExchangeOutOfBand(LinkJob* job) {
         absl::InternalError(absl::StrCat("the answer to layer ", job->layer, " does not announce ",
                                          n, " rows on the NCCL session")));
   }
-  rows.resize(static_cast<size_t>(n * d * WireDTypeBytes(job->dtype)));
-  if (absl::Status s = row_transport_->Recv(rows.data(), rows.size()); !s.ok()) {
+  rows.resize(static_cast<size_t>(n * d * wire::DTypeBytes(job->dtype)));
+  if (absl::Status s = row_session_->Recv(rows.data(), rows.size()); !s.ok()) {
     return pipe_failed(s);
   }
   job->partial.resize(static_cast<size_t>(n * d));
-  if (absl::Status s = DecodeRows(job->dtype, rows, n * d, job->partial.data()); !s.ok()) {
+  if (absl::Status s = wire::DecodeRows(job->dtype, rows, n * d, job->partial.data()); !s.ok()) {
     return Broken(*job, absl::StrCat("malformed answer for layer ", job->layer, ": ", s.message()),
                   true);
   }

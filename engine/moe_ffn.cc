@@ -82,31 +82,26 @@ absl::Status LocalExpertBackend::Compute(const ExpertRoutes& routes, float* out)
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
-  std::fill(out, out + n * d, 0.0f);
 
-  // Dispatch: group the (row, weight) pairs by expert in ascending id; each group's rows are
-  // gathered into one run of `xg` (slot order = combine order).
+  // Dispatch: one destination (here); its pairs come grouped by expert in ascending id, and
+  // each group's rows are gathered into one run of `xg`.
   Scratch& s = scratch_;
-  s.groups.clear();
-  s.slot_row.clear();
-  s.slot_weight.clear();
-  for (int32_t e = 0; e < c.n_expert; ++e) {
-    const int64_t first = static_cast<int64_t>(s.slot_row.size());
-    for (int64_t r = 0; r < n; ++r) {
-      for (int j = 0; j < k; ++j) {
-        if (routes.expert[r * k + j] != e) continue;
-        s.slot_row.push_back(r);
-        s.slot_weight.push_back(routes.weight[r * k + j]);
-      }
-    }
-    const int64_t m = static_cast<int64_t>(s.slot_row.size()) - first;
-    if (m > 0) s.groups.push_back({&L.experts[static_cast<size_t>(e)], first, m});
+  s.destination_of.assign(static_cast<size_t>(c.n_expert), 0);
+  PlanDispatch(routes.expert, routes.weight, n, k, s.destination_of, 1, &s.plan);
+  const std::vector<int32_t>& order = s.plan.by_destination[0];
+  const int64_t slots = static_cast<int64_t>(order.size());
+  if (slots == 0) {
+    std::fill(out, out + n * d, 0.0f);
+    return absl::OkStatus();
   }
-  const int64_t slots = static_cast<int64_t>(s.slot_row.size());
-  if (slots == 0) return absl::OkStatus();
+  s.groups.clear();
+  for (const DispatchRun& run : s.plan.runs[0]) {
+    s.groups.push_back({&L.experts[static_cast<size_t>(run.expert)], run.begin, run.count});
+  }
   s.xg.resize(static_cast<size_t>(slots * d));
   for (int64_t i = 0; i < slots; ++i) {
-    std::copy_n(routes.x + s.slot_row[i] * d, d, s.xg.data() + i * d);
+    const DispatchPair& p = s.plan.pairs[static_cast<size_t>(order[static_cast<size_t>(i)])];
+    std::copy_n(routes.x + p.row * d, d, s.xg.data() + i * d);
   }
 
   // ExpertCompute: all experts of the layer together, in two parallel passes (SwiGLU, down).
@@ -117,16 +112,13 @@ absl::Status LocalExpertBackend::Compute(const ExpertRoutes& routes, float* out)
   SwiGluPass(s.xg.data(), slots);
   DownPass(slots);
 
-  // Combine: each row's weighted expert outputs in ascending expert id.
+  // Combine: each row's weighted expert outputs in ascending expert id (moe_dispatch.h).
+  s.partials.clear();
   for (int64_t i = 0; i < slots; ++i) {
-    float* o = out + s.slot_row[i] * d;
-    const float* y = s.y.data() + i * d;
-    const float wi = s.slot_weight[i];
-    for (int64_t j = 0; j < d; ++j) {
-      const float p = wi * y[j];
-      o[j] += p;
-    }
+    const DispatchPair& p = s.plan.pairs[static_cast<size_t>(order[static_cast<size_t>(i)])];
+    s.partials.push_back({p.row, p.slot, p.weight, s.y.data() + i * d});
   }
+  Combine(&s.partials, n, d, out);
   return absl::OkStatus();
 }
 

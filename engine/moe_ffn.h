@@ -15,6 +15,7 @@
 #include "engine/expert_backend.h"
 #include "engine/matmul.h"
 #include "engine/model.h"
+#include "engine/moe_dispatch.h"
 #include "engine/thread_pool.h"
 
 namespace moepool {
@@ -55,9 +56,10 @@ class LocalExpertBackend : public ExpertBackend {
     RowsView a, b;  // converted activations of the group (gate and up; down uses a)
   };
   struct Scratch {
-    std::vector<Group> groups;
-    std::vector<int64_t> slot_row;           // [slots] routed row of each slot
-    std::vector<float> slot_weight;          // [slots]
+    std::vector<int> destination_of;         // [n_expert], all 0: every expert is computed here
+    DispatchPlan plan;                       // the layer's pairs, grouped by expert
+    std::vector<DispatchPartial> partials;   // one per pair, for Combine
+    std::vector<Group> groups;               // plan.runs[0] with the experts' weights
     std::vector<float> xg;                   // [slots x n_embd] gathered input rows
     std::vector<float> h, u;                 // [slots x n_ff] SwiGLU output, up projection
     std::vector<float> y;                    // [slots x n_embd] expert outputs

@@ -24,6 +24,7 @@
 #include "absl/status/status.h"
 #include "grpcpp/grpcpp.h"
 #include "moepool/v1/expert_service.grpc.pb.h"
+#include "wire/forward_chunks.h"
 #include "worker/nccl_sessions.h"
 #include "worker/server_call.h"
 #include "worker/worker_core.h"
@@ -49,16 +50,6 @@ class ForwardCall final : public ServerCall {
   void OnEvent(int event, bool ok) override;
 
  private:
-  // A request being reassembled from its chunks.
-  struct Assembly {
-    bool active = false;
-    moepool::v1::ForwardRequest header;  // first chunk's fields, without its payload
-    int64_t next_row = 0;
-    std::string rows;
-    std::vector<int32_t> expert;
-    std::vector<float> weight;
-  };
-
   enum Event { kAccepted, kRead, kWritten, kFinished, kEventCount };
 
   explicit ForwardCall(const ForwardCallEnv* env);
@@ -79,7 +70,7 @@ class ForwardCall final : public ServerCall {
   // is written (the coordinator reads the header, then receives).
   void AnswerOverNccl(const moepool::v1::ForwardRequest& request);
   // Computes a complete request and queues its result in chunks.
-  void Answer(const ComputeRequest& compute, const moepool::v1::ForwardRequest& header);
+  void Answer(const ComputeRequest& compute, const moepool::v1::ForwardRequest& round);
   // A cleared response at the end of the queue (reused across requests).
   moepool::v1::ForwardResponse* NextResponse();
   // Writes the next queued response, else reads the next chunk, else finishes with OK.
@@ -90,16 +81,15 @@ class ForwardCall final : public ServerCall {
   grpc::ServerContext context_;
   grpc::ServerAsyncReaderWriter<moepool::v1::ForwardResponse, moepool::v1::ForwardRequest> stream_;
   moepool::v1::ForwardRequest chunk_;  // the chunk being read (reused)
-  Assembly pending_;
-  bool discarding_ = false;  // dropping the rest of a refused chunked request
-  uint64_t discarded_step_ = 0;
+  wire::RequestAssembler assembler_;
   bool reads_done_ = false;                        // the client half-closed (or the call ended)
-  std::string result_;                             // WorkerCore's output buffer (reused)
+  std::vector<float> result_;                      // WorkerCore's output (reused)
   std::vector<moepool::v1::ForwardResponse> out_;  // queue slots [0, out_count_), reused
   size_t out_count_ = 0;
   size_t out_next_ = 0;             // the slot being written
-  uint64_t nccl_send_session_ = 0;  // > 0: result_ goes out on this session after the writes
-  std::string nccl_rows_;           // rows received over NCCL (reused)
+  uint64_t nccl_send_session_ = 0;  // > 0: nccl_bytes_ go out on this session after the writes
+  std::string nccl_bytes_;          // rows received, then the result sent, over NCCL (reused)
+  std::vector<float> nccl_x_;       // the received rows decoded (reused)
 };
 
 }  // namespace moepool::worker

@@ -5,7 +5,7 @@
 
 namespace moepool::worker {
 
-NcclSessions::NcclSessions(int device, NcclOptions options)
+NcclSessions::NcclSessions(int device, wire::NcclOptions options)
     : device_(device), options_(std::move(options)) {
   std::random_device entropy;
   const uint64_t start = (uint64_t{entropy()} << 32) | entropy();
@@ -14,15 +14,15 @@ NcclSessions::NcclSessions(int device, NcclOptions options)
 }
 
 absl::StatusOr<uint64_t> NcclSessions::Join(const std::string& unique_id, double timeout_s) {
-  NcclOptions options = options_;
+  wire::NcclOptions options = options_;
   if (timeout_s > 0) options.timeout_s = timeout_s;
-  absl::StatusOr<std::unique_ptr<NcclPeer>> peer =
-      NcclPeer::Connect(unique_id, /*rank=*/1, device_, options);
+  absl::StatusOr<std::unique_ptr<wire::NcclPeer>> peer =
+      wire::NcclPeer::Connect(unique_id, /*rank=*/1, device_, options);
   if (!peer.ok()) return peer.status();
   return Add(*std::move(peer));
 }
 
-uint64_t NcclSessions::Add(std::unique_ptr<RowPipe> pipe) {
+uint64_t NcclSessions::Add(std::unique_ptr<wire::RowPipe> pipe) {
   auto session = std::make_shared<Session>();
   session->peer = std::move(pipe);
   absl::MutexLock lock(&mu_);

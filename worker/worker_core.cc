@@ -15,37 +15,9 @@
 #include "engine/fingerprint.h"
 #include "engine/gguf.h"
 #include "engine/host_memory.h"
-#include "engine/quant/fp16.h"
 #include "engine/status_macros.h"
 
 namespace moepool::worker {
-
-size_t RowDTypeSize(RowDType dtype) {
-  switch (dtype) {
-    case RowDType::kF32:
-      return 4;
-    case RowDType::kF16:
-    case RowDType::kBf16:
-      return 2;
-    case RowDType::kUnspecified:
-      break;
-  }
-  return 0;
-}
-
-const char* RowDTypeName(RowDType dtype) {
-  switch (dtype) {
-    case RowDType::kF32:
-      return "f32";
-    case RowDType::kF16:
-      return "f16";
-    case RowDType::kBf16:
-      return "bf16";
-    case RowDType::kUnspecified:
-      return "unspecified";
-  }
-  return "unknown";
-}
 
 absl::StatusOr<std::unique_ptr<WorkerCore>> WorkerCore::Create(const WorkerCoreOptions& options) {
   if (options.experts.empty()) {
@@ -123,11 +95,6 @@ absl::StatusOr<WorkerDescription> WorkerCore::Describe() const {
 
 absl::Status WorkerCore::Validate(const ComputeRequest& r) const {
   const ModelConfig& c = model_->config();
-  const size_t elem = RowDTypeSize(r.dtype);
-  if (elem == 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown row dtype ", static_cast<int>(r.dtype), " (want f32, f16 or bf16)"));
-  }
   if (r.layer < 0 || r.layer >= c.n_layer) {
     return absl::InvalidArgumentError(
         absl::StrCat("layer ", r.layer, " is out of range (the model has ", c.n_layer, ")"));
@@ -143,12 +110,7 @@ absl::Status WorkerCore::Validate(const ComputeRequest& r) const {
   if (r.k < 1 || r.k > c.n_expert) {
     return absl::InvalidArgumentError(absl::StrCat("k ", r.k, " is outside [1, ", c.n_expert, "]"));
   }
-  const uint64_t want_bytes = static_cast<uint64_t>(r.n_rows) * c.n_embd * elem;
-  if (r.rows_bytes != want_bytes || (want_bytes > 0 && r.rows == nullptr)) {
-    return absl::InvalidArgumentError(absl::StrCat("rows hold ", r.rows_bytes, " bytes, expected ",
-                                                   r.n_rows, " x ", c.n_embd, " ",
-                                                   RowDTypeName(r.dtype), " = ", want_bytes));
-  }
+  if (r.n_rows > 0 && r.x == nullptr) return absl::InvalidArgumentError("rows are missing");
   const uint64_t pairs = static_cast<uint64_t>(r.n_rows) * static_cast<uint64_t>(r.k);
   if (r.expert_count != pairs || r.weight_count != pairs ||
       (pairs > 0 && (r.expert == nullptr || r.weight == nullptr))) {
@@ -187,47 +149,23 @@ absl::Status WorkerCore::Validate(const ComputeRequest& r) const {
   return absl::OkStatus();
 }
 
-absl::Status WorkerCore::Compute(const ComputeRequest& r, std::string* out) {
+absl::Status WorkerCore::Compute(const ComputeRequest& r, std::vector<float>* out) {
   out->clear();
   RETURN_IF_ERROR(Validate(r));
   absl::MutexLock lock(&compute_mu_);
-  const size_t n = static_cast<size_t>(r.n_rows * r.n_embd);
-  x_.resize(n);
-  y_.resize(n);
-  const auto* bytes = static_cast<const uint8_t*>(r.rows);
-  switch (r.dtype) {
-    case RowDType::kF32:
-      if (n > 0) std::memcpy(x_.data(), bytes, n * sizeof(float));
-      break;
-    case RowDType::kF16:
-    case RowDType::kBf16:
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, bytes + 2 * i, 2);
-        x_[i] = r.dtype == RowDType::kF16 ? Fp16ToFp32(h) : Bf16ToFp32(h);
-      }
-      break;
-    case RowDType::kUnspecified:
-      return absl::InternalError("unreachable: dtype checked above");
-  }
+  out->resize(static_cast<size_t>(r.n_rows * r.n_embd));
+  if (r.n_rows == 0) return absl::OkStatus();
   ExpertRoutes routes;
   routes.layer = r.layer;
   routes.n_rows = r.n_rows;
   routes.n_embd = r.n_embd;
   routes.k = r.k;
-  routes.x = x_.data();
+  routes.x = r.x;
   routes.expert = r.expert;
   routes.weight = r.weight;
-  if (r.n_rows > 0) RETURN_IF_ERROR(backend_->Compute(routes, y_.data()));
-  const size_t elem = RowDTypeSize(r.dtype);
-  out->resize(n * elem);
-  if (r.dtype == RowDType::kF32) {
-    if (n > 0) std::memcpy(out->data(), y_.data(), n * sizeof(float));
-  } else {
-    for (size_t i = 0; i < n; ++i) {
-      const uint16_t h = r.dtype == RowDType::kF16 ? Fp32ToFp16(y_[i]) : Fp32ToBf16(y_[i]);
-      std::memcpy(out->data() + 2 * i, &h, 2);
-    }
+  if (absl::Status s = backend_->Compute(routes, out->data()); !s.ok()) {
+    out->clear();
+    return s;
   }
   return absl::OkStatus();
 }

@@ -8,7 +8,7 @@
 // ComputeRequest.
 //
 // Contract of Compute: every field of the request is checked before anything is computed; a bad
-// request returns INVALID_ARGUMENT (malformed: sizes, dtype, ids outside the model, non-finite
+// request returns INVALID_ARGUMENT (malformed: sizes, ids outside the model, non-finite
 // weights, too many rows) or FAILED_PRECONDITION (a well-formed request for an expert this worker
 // does not hold) with a message, and leaves `out` empty. Input activations are not checked for
 // finiteness (a NaN input yields NaN output for that row, as in single-process execution).
@@ -35,18 +35,6 @@
 #include "worker/expert_set.h"
 
 namespace moepool::worker {
-
-// Element type of the activation rows on the wire. The numbering matches moepool.v1.DType.
-enum class RowDType : int {
-  kUnspecified = 0,
-  kF32 = 1,
-  kF16 = 2,
-  kBf16 = 3,
-};
-
-// Bytes per element; 0 for kUnspecified or an unknown value.
-size_t RowDTypeSize(RowDType dtype);
-const char* RowDTypeName(RowDType dtype);
 
 struct WorkerCoreOptions {
   std::string model_path;
@@ -76,12 +64,11 @@ struct WorkerDescription {
   int threads = 0;
 };
 
-// One layer's rows routed to this worker. Borrowed pointers, valid for the call.
+// One layer's rows routed to this worker, in f32 (the wire's rows are decoded by
+// wire::RequestAssembler before they get here). Borrowed pointers, valid for the call.
 struct ComputeRequest {
   int layer = 0;
-  RowDType dtype = RowDType::kUnspecified;
-  const void* rows = nullptr;  // n_rows x n_embd values of dtype, little-endian, any alignment
-  size_t rows_bytes = 0;
+  const float* x = nullptr;  // n_rows x n_embd
   int64_t n_rows = 0;
   int64_t n_embd = 0;
   int k = 0;                        // (expert, weight) pairs per row
@@ -111,12 +98,10 @@ class WorkerCore {
   // Identity, hyperparameters, the pairs held and current memory figures.
   absl::StatusOr<WorkerDescription> Describe() const;
 
-  // Checks `request` (see the contract above) and sets `out` to n_rows x n_embd values of
-  // request.dtype: per row, the sum over its (expert, weight) pairs in ascending expert id,
-  // starting from 0, of weight * FFN_expert(row), computed in f32 (f16/bf16 rows are widened
-  // exactly and the f32 result rounded to nearest even). For f32 the bits equal
-  // LocalExpertBackend on the same rows.
-  absl::Status Compute(const ComputeRequest& request, std::string* out);
+  // Checks `request` (see the contract above) and sets `out` to n_rows x n_embd values: per
+  // row, the sum over its (expert, weight) pairs in ascending expert id, starting from 0, of
+  // weight * FFN_expert(row), computed in f32. The bits equal LocalExpertBackend on the same rows.
+  absl::Status Compute(const ComputeRequest& request, std::vector<float>* out);
 
  private:
   WorkerCore() = default;
@@ -132,9 +117,7 @@ class WorkerCore {
   std::unique_ptr<ThreadPool> pool_;
   std::unique_ptr<ExpertBackend> backend_;  // LocalExpertBackend or the CUDA backend
 
-  absl::Mutex compute_mu_;
-  std::vector<float> x_ ABSL_GUARDED_BY(compute_mu_);  // rows widened to f32
-  std::vector<float> y_ ABSL_GUARDED_BY(compute_mu_);  // f32 result
+  absl::Mutex compute_mu_;  // one Compute at a time (the pool parallelises inside it)
 };
 
 }  // namespace moepool::worker

@@ -1,6 +1,7 @@
-// The host side of the CUDA expert backend's dispatch: which rows each device computes for which
-// expert, and where each weighted product goes so that the combine adds a row's products in
-// ascending expert id. Plain C++ (no CUDA), built and tested in every build.
+// The host side of the CUDA expert backend's dispatch: engine/moe_dispatch.h's plan with a
+// destination per device, packed for one upload per device. The device combine kernel adds a
+// row's slots r * k .. r * k + k - 1 in order: moe_dispatch.h's Combine rule on the device.
+// Plain C++ (no CUDA), built and tested in every build.
 #ifndef MOEPOOL_ENGINE_CUDA_EXPERT_DISPATCH_H_
 #define MOEPOOL_ENGINE_CUDA_EXPERT_DISPATCH_H_
 

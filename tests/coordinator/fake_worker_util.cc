@@ -7,11 +7,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/expert_placement.h"
-#include "coordinator/wire_format.h"
 #include "engine/fingerprint.h"
 #include "engine/synth.h"
 #include "gtest/gtest.h"
 #include "tests/testdata.h"
+#include "wire/forward_chunks.h"
 
 namespace moepool::testing {
 
@@ -100,72 +100,51 @@ grpc::Status FakeWorker::Forward(
     grpc::ServerReaderWriter<moepool::v1::ForwardResponse, moepool::v1::ForwardRequest>* stream) {
   const grpc::Status auth = CheckToken(context);
   if (!auth.ok()) return auth;
-  moepool::v1::ForwardRequest req;
-  std::vector<float> x;
-  std::vector<int32_t> expert;
-  std::vector<float> weight;
-  int64_t received = 0;
-  while (stream->Read(&req)) {
-    if (options_.stall) continue;
-    const int64_t d = req.n_embd();
-    const int64_t total = req.total_rows();
-    const int k = req.k();
-    if (req.row_offset() == 0) {
-      x.assign(static_cast<size_t>(total * d), 0.0f);
-      expert.assign(static_cast<size_t>(total * k), -1);
-      weight.assign(static_cast<size_t>(total * k), 0.0f);
-      received = 0;
-    }
-    const int64_t off = req.row_offset();
-    const int64_t m = req.n_rows();
+  const ModelConfig& c = model_->config();
+  wire::RequestAssembler assembler(
+      wire::RequestLimits{c.n_embd, 1 << 20, static_cast<int>(c.n_expert)});
+  moepool::v1::ForwardRequest chunk;
+  std::vector<moepool::v1::ForwardResponse> out;
+  auto refuse = [&](const moepool::v1::ForwardRequest& round, const absl::Status& s) {
     moepool::v1::ForwardResponse resp;
-    resp.set_step_id(req.step_id());
-    resp.set_layer(req.layer());
-    resp.set_dtype(req.dtype());
-    resp.set_total_rows(static_cast<int32_t>(total));
-    absl::Status s = DecodeRows(req.dtype(), req.rows(), m * d, x.data() + off * d);
-    if (s.ok() && (req.expert_size() != m * k || req.weight_size() != m * k)) {
-      s = absl::InvalidArgumentError("expert/weight count != n_rows * k");
-    }
-    if (!s.ok()) {
-      resp.set_error_code(static_cast<int>(s.code()));
-      resp.set_error_message(std::string(s.message()));
-      stream->Write(resp);
-      continue;
-    }
-    std::copy(req.expert().begin(), req.expert().end(), expert.begin() + off * k);
-    std::copy(req.weight().begin(), req.weight().end(), weight.begin() + off * k);
-    received += m;
-    if (received < total) continue;
+    wire::SetResponseHeader(round, &resp);
+    resp.set_error_code(static_cast<int>(s.code()));
+    resp.set_error_message(std::string(s.message()));
+    return stream->Write(resp);
+  };
+  while (stream->Read(&chunk)) {
+    if (options_.stall) continue;
+    const wire::RequestAssembler::Outcome outcome = assembler.Add(chunk);
+    for (const auto& r : assembler.refusals()) refuse(r.header, r.status);
+    if (outcome != wire::RequestAssembler::Outcome::kComplete) continue;
+    const moepool::v1::ForwardRequest& round = assembler.round();
     ++forward_requests_;
     const auto t0 = std::chrono::steady_clock::now();
     ExpertRoutes routes;
-    routes.layer = req.layer();
-    routes.n_rows = total;
-    routes.n_embd = d;
-    routes.k = k;
-    routes.x = x.data();
-    routes.expert = expert.data();
-    routes.weight = weight.data();
-    std::vector<float> out(static_cast<size_t>(total * d));
-    s = experts_->Compute(routes, out.data());
+    routes.layer = round.layer();
+    routes.n_rows = round.total_rows();
+    routes.n_embd = round.n_embd();
+    routes.k = round.k();
+    routes.x = assembler.x().data();
+    routes.expert = assembler.expert().data();
+    routes.weight = assembler.weight().data();
+    std::vector<float> y(static_cast<size_t>(routes.n_rows * routes.n_embd));
+    const absl::Status s = experts_->Compute(routes, y.data());
     const auto micros =
         std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
             .count();
     if (!s.ok()) {
-      resp.set_error_code(static_cast<int>(s.code()));
-      resp.set_error_message(std::string(s.message()));
-      stream->Write(resp);
+      refuse(round, s);
       continue;
     }
-    const int64_t chunk = RowsPerChunk(options_.max_message_bytes, d, req.dtype(), 0);
-    for (int64_t r = 0; r < total; r += chunk) {
-      const int64_t n = std::min(chunk, total - r);
-      resp.set_row_offset(static_cast<int32_t>(r));
-      resp.set_n_rows(static_cast<int32_t>(n));
-      resp.clear_rows();
-      EncodeRows(req.dtype(), out.data() + r * d, n * d, resp.mutable_rows());
-      resp.set_compute_micros(static_cast<uint64_t>(micros));
+    wire::RoundHeader header{round.step_id(), round.layer(),      round.dtype(),
+                             round.n_embd(),  round.total_rows(), round.k()};
+    out.clear();
+    wire::WriteResponseChunks(
+        header, y.data(),
+        wire::RowsPerChunk(options_.max_message_bytes, header.n_embd, header.dtype, 0),
+        static_cast<uint64_t>(micros), [&] { return &out.emplace_back(); });
+    for (const auto& resp : out) {
       if (!stream->Write(resp)) return grpc::Status::CANCELLED;
     }
   }

@@ -19,6 +19,7 @@
 #include "tests/engine/tiny_model_util.h"
 #include "tests/testdata.h"
 #include "tests/worker/worker_test_util.h"
+#include "wire/row_codec.h"
 
 namespace moepool::worker {
 namespace {
@@ -33,13 +34,13 @@ using ::moepool::testing::TinyModelPath;
 using Stream = grpc::ClientReaderWriter<pb::ForwardRequest, pb::ForwardResponse>;
 
 // The request for rows [begin, end) of `r`, rows already encoded as `rows` (all rows).
-pb::ForwardRequest Chunk(const TestRoutes& r, RowDType dtype, const std::string& rows,
+pb::ForwardRequest Chunk(const TestRoutes& r, pb::DType dtype, const std::string& rows,
                          uint64_t step, int64_t begin, int64_t end) {
-  const size_t row_bytes = static_cast<size_t>(r.n_embd) * RowDTypeSize(dtype);
+  const size_t row_bytes = static_cast<size_t>(r.n_embd) * wire::DTypeBytes(dtype);
   pb::ForwardRequest c;
   c.set_step_id(step);
   c.set_layer(r.layer);
-  c.set_dtype(static_cast<pb::DType>(dtype));
+  c.set_dtype(dtype);
   c.set_n_embd(static_cast<int32_t>(r.n_embd));
   c.set_total_rows(static_cast<int32_t>(r.n_rows));
   c.set_row_offset(static_cast<int32_t>(begin));
@@ -54,7 +55,7 @@ pb::ForwardRequest Chunk(const TestRoutes& r, RowDType dtype, const std::string&
   return c;
 }
 
-std::vector<pb::ForwardRequest> Chunks(const TestRoutes& r, RowDType dtype, uint64_t step,
+std::vector<pb::ForwardRequest> Chunks(const TestRoutes& r, pb::DType dtype, uint64_t step,
                                        int64_t rows_per_chunk) {
   const std::string rows = EncodeRows(r.x, dtype);
   std::vector<pb::ForwardRequest> chunks;
@@ -207,8 +208,8 @@ TEST_F(ExpertServiceTest, ForwardRoundTripIsBitIdenticalToLocalCompute) {
   const TestRoutes a = MakeRoutes(1, 21, n_embd(), 2, {0, 1, 2, 3}, 11);
   const TestRoutes b = MakeRoutes(3, 6, n_embd(), 2, {6}, 12);
   // Two requests written before any answer is read: answered in order.
-  ASSERT_TRUE(stream->Write(Chunks(a, RowDType::kF32, 100, a.n_rows)[0]));
-  ASSERT_TRUE(stream->Write(Chunks(b, RowDType::kF32, 101, b.n_rows)[0]));
+  ASSERT_TRUE(stream->Write(Chunks(a, pb::DTYPE_F32, 100, a.n_rows)[0]));
+  ASSERT_TRUE(stream->Write(Chunks(b, pb::DTYPE_F32, 101, b.n_rows)[0]));
   const Answer first = ReadAnswer(stream.get());
   const Answer second = ReadAnswer(stream.get());
   ASSERT_TRUE(first.complete && second.complete);
@@ -220,12 +221,18 @@ TEST_F(ExpertServiceTest, ForwardRoundTripIsBitIdenticalToLocalCompute) {
   EXPECT_EQ(second.step_id, 101u);
   EXPECT_EQ(second.layer, 3);
   EXPECT_EQ(second.rows, FloatBytes(LocalResult(*full_, b)));
-  // bf16 rows come back as bf16 of the f32 result on the widened rows.
-  TestRoutes c = MakeRoutes(1, 5, n_embd(), 2, {0, 3}, 13);
-  ASSERT_TRUE(stream->Write(Chunks(c, RowDType::kBf16, 102, c.n_rows)[0]));
-  const Answer third = ReadAnswer(stream.get());
-  c.x = ::moepool::testing::DecodeRows(EncodeRows(c.x, RowDType::kBf16), RowDType::kBf16);
-  EXPECT_EQ(third.rows, EncodeRows(LocalResult(*full_, c), RowDType::kBf16));
+  // f16 / bf16 rows come back as the f32 result on the exactly widened rows, rounded to the
+  // request's dtype (nearest even).
+  uint64_t step = 102;
+  for (const pb::DType dtype : {pb::DTYPE_BF16, pb::DTYPE_F16}) {
+    TestRoutes c = MakeRoutes(1, 5, n_embd(), 2, {0, 3}, 13);
+    ASSERT_TRUE(stream->Write(Chunks(c, dtype, step++, c.n_rows)[0]));
+    const Answer half = ReadAnswer(stream.get());
+    EXPECT_EQ(half.error_code, 0) << half.error_message;
+    c.x = ::moepool::testing::DecodeRows(EncodeRows(c.x, dtype), dtype);
+    EXPECT_EQ(half.rows, EncodeRows(LocalResult(*full_, c), dtype)) << wire::DTypeName(dtype);
+    EXPECT_NE(half.rows, std::string(half.rows.size(), '\0'));
+  }
   stream->WritesDone();
   const grpc::Status s = stream->Finish();
   EXPECT_TRUE(s.ok()) << s.error_message();
@@ -241,7 +248,7 @@ TEST_F(ExpertServiceTest, ChunkedRequestAndChunkedResponseReassembleExactly) {
   grpc::ClientContext context;
   std::unique_ptr<Stream> stream = stub->Forward(&context);
   const TestRoutes r = MakeRoutes(1, 19, n_embd(), 2, {0, 1, 2, 3}, 21);
-  const std::vector<pb::ForwardRequest> chunks = Chunks(r, RowDType::kF32, 7, 4);
+  const std::vector<pb::ForwardRequest> chunks = Chunks(r, pb::DTYPE_F32, 7, 4);
   ASSERT_EQ(chunks.size(), 5u);
   for (const auto& c : chunks) ASSERT_TRUE(stream->Write(c));
   const Answer answer = ReadAnswer(stream.get());
@@ -266,23 +273,23 @@ TEST_F(ExpertServiceTest, RefusedRequestsAreAnsweredAndTheSameStreamKeepsServing
   TestRoutes foreign = good;
   foreign.expert[1] = 7;
   foreign.expert[0] = 0;
-  sent.push_back(Chunks(foreign, RowDType::kF32, 1, 9)[0]);
+  sent.push_back(Chunks(foreign, pb::DTYPE_F32, 1, 9)[0]);
   // 2: good.
-  sent.push_back(Chunks(good, RowDType::kF32, 2, 9)[0]);
+  sent.push_back(Chunks(good, pb::DTYPE_F32, 2, 9)[0]);
   // 3: chunked, second chunk skips rows; its third chunk must be dropped silently.
-  std::vector<pb::ForwardRequest> c3 = Chunks(good, RowDType::kF32, 3, 3);
+  std::vector<pb::ForwardRequest> c3 = Chunks(good, pb::DTYPE_F32, 3, 3);
   c3[1].set_row_offset(4);
   for (const auto& c : c3) sent.push_back(c);
   // 4: an unknown dtype; 5: a first chunk whose sizes do not match, with two more chunks.
-  pb::ForwardRequest bad_dtype = Chunks(good, RowDType::kF32, 4, 9)[0];
+  pb::ForwardRequest bad_dtype = Chunks(good, pb::DTYPE_F32, 4, 9)[0];
   bad_dtype.set_dtype(static_cast<pb::DType>(9));
   sent.push_back(bad_dtype);
-  std::vector<pb::ForwardRequest> c5 = Chunks(good, RowDType::kF32, 5, 3);
+  std::vector<pb::ForwardRequest> c5 = Chunks(good, pb::DTYPE_F32, 5, 3);
   c5[0].mutable_rows()->resize(10);
   for (const auto& c : c5) sent.push_back(c);
   // 6: abandoned after its first chunk; 7: good, in chunks.
-  sent.push_back(Chunks(good, RowDType::kF32, 6, 4)[0]);
-  for (const auto& c : Chunks(good, RowDType::kF32, 7, 4)) sent.push_back(c);
+  sent.push_back(Chunks(good, pb::DTYPE_F32, 6, 4)[0]);
+  for (const auto& c : Chunks(good, pb::DTYPE_F32, 7, 4)) sent.push_back(c);
   for (const auto& c : sent) ASSERT_TRUE(stream->Write(c));
   stream->WritesDone();
 
@@ -338,7 +345,7 @@ TEST_F(ExpertServiceTest, ClusterTokenIsRequiredOnEveryRpcWhenConfigured) {
   {
     grpc::ClientContext context;
     auto stream = stub->Forward(&context);
-    stream->Write(Chunks(MakeRoutes(1, 2, n_embd(), 2, {0, 1}, 41), RowDType::kF32, 1, 2)[0]);
+    stream->Write(Chunks(MakeRoutes(1, 2, n_embd(), 2, {0, 1}, 41), pb::DTYPE_F32, 1, 2)[0]);
     stream->WritesDone();
     pb::ForwardResponse r;
     EXPECT_FALSE(stream->Read(&r));
@@ -352,7 +359,7 @@ TEST_F(ExpertServiceTest, ClusterTokenIsRequiredOnEveryRpcWhenConfigured) {
   forward_context.AddMetadata("authorization", "Bearer s3cret-token");
   auto stream = stub->Forward(&forward_context);
   const TestRoutes r = MakeRoutes(1, 2, n_embd(), 2, {0, 1}, 42);
-  ASSERT_TRUE(stream->Write(Chunks(r, RowDType::kF32, 9, 2)[0]));
+  ASSERT_TRUE(stream->Write(Chunks(r, pb::DTYPE_F32, 9, 2)[0]));
   const Answer a = ReadAnswer(stream.get());
   EXPECT_EQ(a.error_code, 0) << a.error_message;
   EXPECT_EQ(a.rows, FloatBytes(LocalResult(*full_, r)));
@@ -367,7 +374,7 @@ TEST_F(ExpertServiceTest, ShutdownEndsOpenStreams) {
   grpc::ClientContext context;
   std::unique_ptr<Stream> stream = stub->Forward(&context);
   const TestRoutes r = MakeRoutes(1, 2, n_embd(), 2, {0, 1}, 51);
-  ASSERT_TRUE(stream->Write(Chunks(r, RowDType::kF32, 1, 2)[0]));
+  ASSERT_TRUE(stream->Write(Chunks(r, pb::DTYPE_F32, 1, 2)[0]));
   EXPECT_TRUE(ReadAnswer(stream.get()).complete);
   // The stream is open and idle; shutting down cancels it instead of waiting for the client.
   server->Shutdown(0);

@@ -7,7 +7,6 @@
 #include <utility>
 #include <vector>
 
-#include "coordinator/planner.h"
 #include "gtest/gtest.h"
 #include "tests/testdata.h"
 
@@ -114,19 +113,6 @@ TEST(ParsePlacementTest, ErrorsNameTheFileAndLine) {
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_MESSAGE_HAS(r.status(), c.message) << c.text;
   }
-}
-
-// The worker reads what the planner writes.
-TEST(ParsePlacementTest, ReadsThePlannersPlacementFiles) {
-  std::vector<std::pair<int, int>> pairs;
-  for (int layer = 0; layer < 32; ++layer) {
-    for (int expert = 0; expert < (layer < 22 ? 4 : 3); ++expert) pairs.emplace_back(layer, expert);
-  }
-  pairs.emplace_back(31, 7);
-  const std::string text = FormatPlacementFile(pairs, "machine-1");
-  auto set = ParsePlacement(text, 32, 8, "machine-1.placement");
-  ASSERT_TRUE(set.ok()) << set.status() << "\n" << text;
-  EXPECT_EQ(set->pairs(), pairs) << text;
 }
 
 TEST(ReadPlacementFileTest, ReadsAFileAndReportsAMissingOne) {

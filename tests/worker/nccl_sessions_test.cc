@@ -5,14 +5,14 @@
 #include <atomic>
 #include <memory>
 
-#include "engine/row_pipe.h"
 #include "gtest/gtest.h"
+#include "wire/row_pipe.h"
 
 namespace moepool::worker {
 namespace {
 
 // A pipe that counts its own destruction.
-class CountingPipe : public RowPipe {
+class CountingPipe : public wire::RowPipe {
  public:
   explicit CountingPipe(std::atomic<int>* destroyed) : destroyed_(destroyed) {}
   ~CountingPipe() override { ++*destroyed_; }
@@ -26,8 +26,8 @@ class CountingPipe : public RowPipe {
 
 TEST(NcclSessionsTest, IdsAreNonZeroDistinctAndDifferBetweenRuns) {
   std::atomic<int> destroyed{0};
-  NcclSessions a(0, NcclOptions{});
-  NcclSessions b(0, NcclOptions{});  // a restarted worker
+  NcclSessions a(0, wire::NcclOptions{});
+  NcclSessions b(0, wire::NcclOptions{});  // a restarted worker
   const uint64_t a1 = a.Add(std::make_unique<CountingPipe>(&destroyed));
   const uint64_t a2 = a.Add(std::make_unique<CountingPipe>(&destroyed));
   const uint64_t b1 = b.Add(std::make_unique<CountingPipe>(&destroyed));
@@ -39,7 +39,7 @@ TEST(NcclSessionsTest, IdsAreNonZeroDistinctAndDifferBetweenRuns) {
 
 TEST(NcclSessionsTest, CloseForgetsTheSessionAndReleasesItsPipe) {
   std::atomic<int> destroyed{0};
-  NcclSessions sessions(0, NcclOptions{});
+  NcclSessions sessions(0, wire::NcclOptions{});
   const uint64_t kept = sessions.Add(std::make_unique<CountingPipe>(&destroyed));
   const uint64_t closed = sessions.Add(std::make_unique<CountingPipe>(&destroyed));
   EXPECT_TRUE(sessions.Close(closed));
@@ -53,7 +53,7 @@ TEST(NcclSessionsTest, CloseForgetsTheSessionAndReleasesItsPipe) {
 // A Forward that holds a session while it is closed finishes on it; the pipe goes afterwards.
 TEST(NcclSessionsTest, ClosingAHeldSessionWaitsForItsHolder) {
   std::atomic<int> destroyed{0};
-  NcclSessions sessions(0, NcclOptions{});
+  NcclSessions sessions(0, wire::NcclOptions{});
   const uint64_t id = sessions.Add(std::make_unique<CountingPipe>(&destroyed));
   {
     NcclSessions::Locked held = sessions.Lock(id);

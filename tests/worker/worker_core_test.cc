@@ -1,5 +1,5 @@
-// WorkerCore: results equal to single-process execution (bit for bit for f32), the f16/bf16
-// paths, the refusal of every malformed request, and Describe.
+// WorkerCore: results equal to single-process execution (bit for bit), the refusal of every
+// malformed request, and Describe. (Rows on the wire in f16/bf16: expert_service_test.cc.)
 #include "worker/worker_core.h"
 
 #include <cmath>
@@ -20,8 +20,6 @@
 namespace moepool::worker {
 namespace {
 
-using ::moepool::testing::DecodeRows;
-using ::moepool::testing::EncodeRows;
 using ::moepool::testing::LocalResult;
 using ::moepool::testing::MakeRoutes;
 using ::moepool::testing::RequestFor;
@@ -71,49 +69,33 @@ class WorkerCoreTest : public ::testing::Test {
 WorkerCore* WorkerCoreTest::core_ = nullptr;
 Model* WorkerCoreTest::full_ = nullptr;
 
-TEST_F(WorkerCoreTest, F32ResultIsBitIdenticalToTheLocalBackend) {
+TEST_F(WorkerCoreTest, ResultIsBitIdenticalToTheLocalBackend) {
   // 20 rows cross the 8-row tile of the multi-row kernels; k = 2 and k = 3 (with -1 slots).
   const TestRoutes cases[] = {MakeRoutes(1, 20, n_embd(), 2, {0, 1, 2, 3}, 1),
                               MakeRoutes(2, 9, n_embd(), 2, {2, 5}, 2),
                               MakeRoutes(1, 5, n_embd(), 3, {0, 1, 2, 3}, 3)};
   for (const TestRoutes& r : cases) {
-    const std::string rows = EncodeRows(r.x, RowDType::kF32);
-    std::string out;
-    ASSERT_TRUE(core_->Compute(RequestFor(r, RowDType::kF32, rows), &out).ok());
+    std::vector<float> out;
+    ASSERT_TRUE(core_->Compute(RequestFor(r), &out).ok());
     const std::vector<float> want = LocalResult(*full_, r);
-    ASSERT_EQ(out.size(), want.size() * sizeof(float));
-    EXPECT_EQ(std::memcmp(out.data(), want.data(), out.size()), 0) << "layer " << r.layer;
+    ASSERT_EQ(out.size(), want.size());
+    EXPECT_EQ(std::memcmp(out.data(), want.data(), out.size() * sizeof(float)), 0)
+        << "layer " << r.layer;
     double norm = 0;
-    for (float v : DecodeRows(out, RowDType::kF32)) norm += v * v;
+    for (float v : out) norm += v * v;
     EXPECT_GT(norm, 0.0);
-  }
-}
-
-// f16 / bf16 rows: widened exactly, computed in f32, rounded back to the request's dtype.
-TEST_F(WorkerCoreTest, HalfPrecisionRowsAreWidenedComputedInF32AndRoundedBack) {
-  for (RowDType dtype : {RowDType::kF16, RowDType::kBf16}) {
-    TestRoutes r = MakeRoutes(1, 11, n_embd(), 2, {0, 1, 2, 3}, 4);
-    const std::string rows = EncodeRows(r.x, dtype);
-    std::string out;
-    ASSERT_TRUE(core_->Compute(RequestFor(r, dtype, rows), &out).ok()) << RowDTypeName(dtype);
-    ASSERT_EQ(out.size(), r.x.size() * 2);
-    r.x = DecodeRows(rows, dtype);  // the values the worker computed on
-    const std::string want = EncodeRows(LocalResult(*full_, r), dtype);
-    EXPECT_EQ(out, want) << RowDTypeName(dtype);
-    EXPECT_NE(out, std::string(out.size(), '\0'));
   }
 }
 
 TEST_F(WorkerCoreTest, ZeroRowsGiveAnEmptyResult) {
   const TestRoutes r = MakeRoutes(1, 0, n_embd(), 2, {0}, 5);
-  std::string out = "junk";
-  ASSERT_TRUE(core_->Compute(RequestFor(r, RowDType::kF32, ""), &out).ok());
+  std::vector<float> out = {1, 2};
+  ASSERT_TRUE(core_->Compute(RequestFor(r), &out).ok());
   EXPECT_TRUE(out.empty());
 }
 
 TEST_F(WorkerCoreTest, RefusesEveryMalformedRequestAndLeavesNoOutput) {
   const TestRoutes base = MakeRoutes(1, 4, n_embd(), 2, {0, 1, 2, 3}, 6);
-  const std::string rows = EncodeRows(base.x, RowDType::kF32);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
   struct Case {
@@ -124,11 +106,6 @@ TEST_F(WorkerCoreTest, RefusesEveryMalformedRequestAndLeavesNoOutput) {
   };
   const absl::StatusCode kInvalid = absl::StatusCode::kInvalidArgument;
   const Case cases[] = {
-      {"dtype unspecified",
-       [](TestRoutes*, ComputeRequest* c) { c->dtype = RowDType::kUnspecified; }, kInvalid,
-       "unknown row dtype 0"},
-      {"dtype 7", [](TestRoutes*, ComputeRequest* c) { c->dtype = static_cast<RowDType>(7); },
-       kInvalid, "unknown row dtype 7"},
       {"layer -1", [](TestRoutes*, ComputeRequest* c) { c->layer = -1; }, kInvalid,
        "layer -1 is out of range"},
       {"layer n_layer", [](TestRoutes*, ComputeRequest* c) { c->layer = 4; }, kInvalid,
@@ -141,14 +118,10 @@ TEST_F(WorkerCoreTest, RefusesEveryMalformedRequestAndLeavesNoOutput) {
        "n_rows 65 is outside [0, 64]"},
       {"k 0", [](TestRoutes*, ComputeRequest* c) { c->k = 0; }, kInvalid, "k 0 is outside [1, 8]"},
       {"k 9", [](TestRoutes*, ComputeRequest* c) { c->k = 9; }, kInvalid, "k 9 is outside"},
-      {"rows short", [](TestRoutes*, ComputeRequest* c) { c->rows_bytes -= 4; }, kInvalid,
-       "rows hold 4092 bytes, expected 4 x 256 f32 = 4096"},
-      {"rows as f16", [](TestRoutes*, ComputeRequest* c) { c->dtype = RowDType::kF16; }, kInvalid,
-       "expected 4 x 256 f16 = 2048"},
-      {"rows null", [](TestRoutes*, ComputeRequest* c) { c->rows = nullptr; }, kInvalid,
-       "rows hold"},
-      {"n_rows 3 with 4 rows", [](TestRoutes*, ComputeRequest* c) { c->n_rows = 3; }, kInvalid,
-       "expected 3 x 256"},
+      {"rows null", [](TestRoutes*, ComputeRequest* c) { c->x = nullptr; }, kInvalid,
+       "rows are missing"},
+      {"n_rows 3 with 4 rows of pairs", [](TestRoutes*, ComputeRequest* c) { c->n_rows = 3; },
+       kInvalid, "expected n_rows x k = 6"},
       {"expert count", [](TestRoutes*, ComputeRequest* c) { c->expert_count = 7; }, kInvalid,
        "got 7 expert ids and 8 weights, expected n_rows x k = 8"},
       {"weight count", [](TestRoutes*, ComputeRequest* c) { c->weight_count = 9; }, kInvalid,
@@ -177,9 +150,9 @@ TEST_F(WorkerCoreTest, RefusesEveryMalformedRequestAndLeavesNoOutput) {
   for (const Case& c : cases) {
     TestRoutes r = base;
     r.expert = {0, 1, 2, 3, 0, 3, 1, 2};
-    ComputeRequest request = RequestFor(r, RowDType::kF32, rows);
+    ComputeRequest request = RequestFor(r);
     c.mutate(&r, &request);
-    std::string out = "junk";
+    std::vector<float> out = {1, 2};
     const absl::Status s = core_->Compute(request, &out);
     EXPECT_EQ(s.code(), c.code) << c.what << ": " << s;
     EXPECT_MESSAGE_HAS(s, c.message) << c.what;
@@ -189,19 +162,18 @@ TEST_F(WorkerCoreTest, RefusesEveryMalformedRequestAndLeavesNoOutput) {
 
 TEST_F(WorkerCoreTest, ConcurrentCallsAreSerialisedAndCorrect) {
   const TestRoutes r = MakeRoutes(1, 10, n_embd(), 2, {0, 1, 2, 3}, 7);
-  const std::string rows = EncodeRows(r.x, RowDType::kF32);
-  const std::string want = EncodeRows(LocalResult(*full_, r), RowDType::kF32);
-  std::vector<std::string> outs(4);
+  const std::vector<float> want = LocalResult(*full_, r);
+  std::vector<std::vector<float>> outs(4);
   std::vector<absl::Status> statuses(4);
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
-    threads.emplace_back(
-        [&, t] { statuses[t] = core_->Compute(RequestFor(r, RowDType::kF32, rows), &outs[t]); });
+    threads.emplace_back([&, t] { statuses[t] = core_->Compute(RequestFor(r), &outs[t]); });
   }
   for (auto& t : threads) t.join();
   for (int t = 0; t < 4; ++t) {
     EXPECT_TRUE(statuses[t].ok()) << statuses[t];
-    EXPECT_EQ(outs[t], want) << t;
+    ASSERT_EQ(outs[t].size(), want.size()) << t;
+    EXPECT_EQ(std::memcmp(outs[t].data(), want.data(), want.size() * sizeof(float)), 0) << t;
   }
 }
 

@@ -1,13 +1,12 @@
 #include "tests/worker/worker_test_util.h"
 
 #include <algorithm>
-#include <cstring>
 #include <random>
 
 #include "engine/moe_ffn.h"
-#include "engine/quant/fp16.h"
 #include "engine/thread_pool.h"
 #include "gtest/gtest.h"
+#include "wire/row_codec.h"
 
 namespace moepool::testing {
 
@@ -59,13 +58,10 @@ std::vector<float> LocalResult(const Model& model, const TestRoutes& routes) {
   return out;
 }
 
-worker::ComputeRequest RequestFor(const TestRoutes& routes, worker::RowDType dtype,
-                                  const std::string& rows) {
+worker::ComputeRequest RequestFor(const TestRoutes& routes) {
   worker::ComputeRequest c;
   c.layer = routes.layer;
-  c.dtype = dtype;
-  c.rows = rows.data();
-  c.rows_bytes = rows.size();
+  c.x = routes.x.data();
   c.n_rows = routes.n_rows;
   c.n_embd = routes.n_embd;
   c.k = routes.k;
@@ -76,34 +72,15 @@ worker::ComputeRequest RequestFor(const TestRoutes& routes, worker::RowDType dty
   return c;
 }
 
-std::string EncodeRows(const std::vector<float>& values, worker::RowDType dtype) {
+std::string EncodeRows(const std::vector<float>& values, moepool::v1::DType dtype) {
   std::string out;
-  if (dtype == worker::RowDType::kF32) {
-    out.resize(values.size() * 4);
-    std::memcpy(out.data(), values.data(), out.size());
-    return out;
-  }
-  out.resize(values.size() * 2);
-  for (size_t i = 0; i < values.size(); ++i) {
-    const uint16_t h =
-        dtype == worker::RowDType::kF16 ? Fp32ToFp16(values[i]) : Fp32ToBf16(values[i]);
-    std::memcpy(out.data() + 2 * i, &h, 2);
-  }
+  wire::EncodeRows(dtype, values.data(), static_cast<int64_t>(values.size()), &out);
   return out;
 }
 
-std::vector<float> DecodeRows(const std::string& bytes, worker::RowDType dtype) {
-  if (dtype == worker::RowDType::kF32) {
-    std::vector<float> out(bytes.size() / 4);
-    std::memcpy(out.data(), bytes.data(), out.size() * 4);
-    return out;
-  }
-  std::vector<float> out(bytes.size() / 2);
-  for (size_t i = 0; i < out.size(); ++i) {
-    uint16_t h;
-    std::memcpy(&h, bytes.data() + 2 * i, 2);
-    out[i] = dtype == worker::RowDType::kF16 ? Fp16ToFp32(h) : Bf16ToFp32(h);
-  }
+std::vector<float> DecodeRows(const std::string& bytes, moepool::v1::DType dtype) {
+  std::vector<float> out(bytes.size() / static_cast<size_t>(wire::DTypeBytes(dtype)));
+  EXPECT_TRUE(wire::DecodeRows(dtype, bytes, static_cast<int64_t>(out.size()), out.data()).ok());
   return out;
 }
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "engine/model.h"
+#include "moepool/v1/expert_service.pb.h"
 #include "worker/worker_core.h"
 
 namespace moepool::testing {
@@ -29,14 +30,12 @@ TestRoutes MakeRoutes(int layer, int64_t n_rows, int64_t n_embd, int k,
 // LocalExpertBackend on `model` (which must hold the routed experts) for these routes.
 std::vector<float> LocalResult(const Model& model, const TestRoutes& routes);
 
-// A WorkerCore request over `routes` with rows already encoded in `rows` (of `dtype`).
-worker::ComputeRequest RequestFor(const TestRoutes& routes, worker::RowDType dtype,
-                                  const std::string& rows);
+// A WorkerCore request over `routes` (borrows its vectors).
+worker::ComputeRequest RequestFor(const TestRoutes& routes);
 
-// The rows of `routes` as bytes of `dtype` (f16/bf16 rounded to nearest even).
-std::string EncodeRows(const std::vector<float>& values, worker::RowDType dtype);
-// Bytes of `dtype` back to floats (exact).
-std::vector<float> DecodeRows(const std::string& bytes, worker::RowDType dtype);
+// wire::EncodeRows / wire::DecodeRows over whole vectors.
+std::string EncodeRows(const std::vector<float>& values, moepool::v1::DType dtype);
+std::vector<float> DecodeRows(const std::string& bytes, moepool::v1::DType dtype);
 
 }  // namespace moepool::testing
 

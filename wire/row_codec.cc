@@ -1,4 +1,4 @@
-#include "coordinator/wire_format.h"
+#include "wire/row_codec.h"
 
 #include <algorithm>
 #include <cstring>
@@ -6,11 +6,9 @@
 #include "absl/strings/str_cat.h"
 #include "engine/quant/fp16.h"
 
-namespace moepool {
+namespace moepool::wire {
 
-using moepool::v1::DType;
-
-absl::StatusOr<DType> ParseWireDType(std::string_view name) {
+absl::StatusOr<DType> ParseDType(std::string_view name) {
   if (name == "f32") return moepool::v1::DTYPE_F32;
   if (name == "f16") return moepool::v1::DTYPE_F16;
   if (name == "bf16") return moepool::v1::DTYPE_BF16;
@@ -18,7 +16,7 @@ absl::StatusOr<DType> ParseWireDType(std::string_view name) {
       absl::StrCat("wire dtype must be f32, f16 or bf16, not '", std::string(name), "'"));
 }
 
-const char* WireDTypeName(DType dtype) {
+const char* DTypeName(DType dtype) {
   switch (dtype) {
     case moepool::v1::DTYPE_F32:
       return "f32";
@@ -31,7 +29,7 @@ const char* WireDTypeName(DType dtype) {
   }
 }
 
-int WireDTypeBytes(DType dtype) {
+int DTypeBytes(DType dtype) {
   switch (dtype) {
     case moepool::v1::DTYPE_F32:
       return 4;
@@ -45,7 +43,7 @@ int WireDTypeBytes(DType dtype) {
 
 void EncodeRows(DType dtype, const float* x, int64_t n, std::string* out) {
   const size_t base = out->size();
-  const int bytes = WireDTypeBytes(dtype);
+  const int bytes = DTypeBytes(dtype);
   out->resize(base + static_cast<size_t>(n) * static_cast<size_t>(bytes));
   char* p = out->data() + base;
   if (dtype == moepool::v1::DTYPE_F32) {
@@ -58,13 +56,19 @@ void EncodeRows(DType dtype, const float* x, int64_t n, std::string* out) {
   }
 }
 
+void EncodeGatheredRows(DType dtype, const float* x, int64_t n_embd, absl::Span<const int64_t> rows,
+                        std::string* out) {
+  out->reserve(out->size() + rows.size() * static_cast<size_t>(n_embd * DTypeBytes(dtype)));
+  for (const int64_t row : rows) EncodeRows(dtype, x + row * n_embd, n_embd, out);
+}
+
 absl::Status DecodeRows(DType dtype, std::string_view bytes, int64_t n, float* out) {
-  const int width = WireDTypeBytes(dtype);
+  const int width = DTypeBytes(dtype);
   if (width == 0) {
     return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", static_cast<int>(dtype)));
   }
   if (bytes.size() != static_cast<size_t>(n) * static_cast<size_t>(width)) {
-    return absl::InvalidArgumentError(absl::StrCat("expected ", n, " ", WireDTypeName(dtype),
+    return absl::InvalidArgumentError(absl::StrCat("expected ", n, " ", DTypeName(dtype),
                                                    " values, got ", bytes.size(), " bytes"));
   }
   const char* p = bytes.data();
@@ -80,31 +84,4 @@ absl::Status DecodeRows(DType dtype, std::string_view bytes, int64_t n, float* o
   return absl::OkStatus();
 }
 
-int64_t RowsPerChunk(int64_t max_message_bytes, int64_t n_embd, DType dtype, int k) {
-  // Per row: the values, and at most 11 bytes of varint expert id + 4 bytes of weight per pair;
-  // 1 KiB for the fixed fields and framing.
-  const int64_t per_row = n_embd * WireDTypeBytes(dtype) + static_cast<int64_t>(k) * 15;
-  return std::max<int64_t>(1, (max_message_bytes - 1024) / std::max<int64_t>(1, per_row));
-}
-
-absl::Status RowAssembler::Add(DType dtype, int64_t row_offset, int64_t n_rows,
-                               std::string_view bytes) {
-  if (row_offset < 0 || n_rows <= 0 || row_offset + n_rows > total_rows_) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "chunk rows [", row_offset, ", ", row_offset + n_rows, ") outside [0, ", total_rows_, ")"));
-  }
-  for (const auto& [b, e] : ranges_) {
-    if (row_offset < e && b < row_offset + n_rows) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("chunk rows [", row_offset, ", ", row_offset + n_rows, ") received twice"));
-    }
-  }
-  const absl::Status s =
-      DecodeRows(dtype, bytes, n_rows * n_embd_, values_.data() + row_offset * n_embd_);
-  if (!s.ok()) return s;
-  ranges_.emplace_back(row_offset, row_offset + n_rows);
-  received_ += n_rows;
-  return absl::OkStatus();
-}
-
-}  // namespace moepool
+}  // namespace moepool::wire

@@ -2,7 +2,7 @@
 // two ranks exchange bytes both ways intact. NCCL refuses two ranks on one device, so the
 // exchange test needs two devices; it skips elsewhere unless MOEPOOL_REQUIRE_GPU=1, which turns
 // the skip into a failure (for the GPU test machine).
-#include "engine/nccl_peer.h"
+#include "wire/nccl_peer.h"
 
 #include <cstdlib>
 #include <string>
@@ -12,7 +12,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "gtest/gtest.h"
 
-namespace moepool {
+namespace moepool::wire {
 namespace {
 
 bool RequireGpu() {
@@ -93,4 +93,4 @@ TEST(NcclPeerTest, TwoRanksOnTwoGpusExchangeBytesBothWays) {
 }
 
 }  // namespace
-}  // namespace moepool
+}  // namespace moepool::wire

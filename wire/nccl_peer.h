@@ -1,6 +1,6 @@
 // A point-to-point NCCL link between two processes with one CUDA device each: the byte pipe
 // that carries token rows GPU to GPU when a cluster runs with --transport nccl (the control
-// messages stay on gRPC; see coordinator/transport.h and docs/protocol.md).
+// messages stay on gRPC; see wire/transport.h and docs/protocol.md).
 //
 // NCCL is loaded at run time with dlopen (NcclOptions::library, "libnccl.so.2"), so neither the
 // build nor the binary depends on it: a machine without it gets UNAVAILABLE here, and callers
@@ -14,8 +14,8 @@
 //
 // Threading: NcclUsable and NcclNewUniqueId are thread-safe. One NcclPeer must be used by one
 // thread at a time (any thread: the device is made current in every call).
-#ifndef MOEPOOL_ENGINE_NCCL_PEER_H_
-#define MOEPOOL_ENGINE_NCCL_PEER_H_
+#ifndef MOEPOOL_WIRE_NCCL_PEER_H_
+#define MOEPOOL_WIRE_NCCL_PEER_H_
 
 #include <cstddef>
 #include <memory>
@@ -23,9 +23,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/row_pipe.h"
+#include "wire/row_pipe.h"
 
-namespace moepool {
+namespace moepool::wire {
 
 struct NcclOptions {
   std::string library = "libnccl.so.2";  // dlopen name or path
@@ -71,6 +71,6 @@ class NcclPeer : public RowPipe {
   std::unique_ptr<State> state_;
 };
 
-}  // namespace moepool
+}  // namespace moepool::wire
 
-#endif  // MOEPOOL_ENGINE_NCCL_PEER_H_
+#endif  // MOEPOOL_WIRE_NCCL_PEER_H_

@@ -1,4 +1,4 @@
-#include "engine/nccl_peer.h"
+#include "wire/nccl_peer.h"
 
 #include <chrono>
 #include <cstring>
@@ -17,7 +17,7 @@
 #include "absl/synchronization/mutex.h"
 #endif
 
-namespace moepool {
+namespace moepool::wire {
 
 #ifndef MOEPOOL_HAVE_CUDA
 
@@ -293,4 +293,4 @@ absl::Status NcclPeer::Recv(void* data, size_t bytes) {
 
 #endif  // MOEPOOL_HAVE_CUDA
 
-}  // namespace moepool
+}  // namespace moepool::wire

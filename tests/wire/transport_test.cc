@@ -1,13 +1,13 @@
-// The transport seam: --transport parsing, and ConnectNcclTransports falling back to gRPC (null
+// The transport seam: --transport parsing, and ConnectNcclSessions falling back to gRPC (null
 // pipes, one line on stderr) wherever NCCL cannot be set up: here it never can (a CPU build, or
 // a library name that does not exist).
-#include "coordinator/transport.h"
+#include "wire/transport.h"
 
 #include <string>
 
 #include "gtest/gtest.h"
 
-namespace moepool {
+namespace moepool::wire {
 namespace {
 
 TEST(TransportTest, ParsesGrpcAndNcclOnly) {
@@ -24,10 +24,10 @@ TEST(TransportTest, UnusableNcclFallsBackToGrpcWithOneLine) {
   endpoints[0].address = "127.0.0.1:1";
   endpoints[0].describe.add_transports(kNcclTransportName);
   endpoints[1].address = "127.0.0.1:2";
-  NcclTransportOptions options;
+  NcclSessionOptions options;
   options.nccl.library = "libnccl-that-does-not-exist.so.2";
   ::testing::internal::CaptureStderr();
-  const auto pipes = ConnectNcclTransports(endpoints, options);
+  const auto pipes = ConnectNcclSessions(endpoints, options);
   const std::string err = ::testing::internal::GetCapturedStderr();
   ASSERT_EQ(pipes.size(), 2u);
   EXPECT_EQ(pipes[0], nullptr);
@@ -38,4 +38,4 @@ TEST(TransportTest, UnusableNcclFallsBackToGrpcWithOneLine) {
 }
 
 }  // namespace
-}  // namespace moepool
+}  // namespace moepool::wire

@@ -1,4 +1,4 @@
-#include "coordinator/transport.h"
+#include "wire/transport.h"
 
 #include <algorithm>
 #include <chrono>
@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "moepool/v1/expert_service.grpc.pb.h"
 
-namespace moepool {
+namespace moepool::wire {
 namespace {
 
 bool OffersNccl(const moepool::v1::DescribeResponse& d) {
@@ -57,9 +57,9 @@ const char* TransportName(TransportKind kind) {
   return kind == TransportKind::kNccl ? "nccl" : "grpc";
 }
 
-std::vector<std::shared_ptr<RowTransport>> ConnectNcclTransports(
-    const std::vector<TransportEndpoint>& endpoints, const NcclTransportOptions& options) {
-  std::vector<std::shared_ptr<RowTransport>> out(endpoints.size());
+std::vector<std::shared_ptr<RowSession>> ConnectNcclSessions(
+    const std::vector<TransportEndpoint>& endpoints, const NcclSessionOptions& options) {
+  std::vector<std::shared_ptr<RowSession>> out(endpoints.size());
   if (const absl::Status usable = NcclUsable(options.nccl, options.device); !usable.ok()) {
     Note(absl::StrCat("NCCL cannot be used here (", usable.message(), "); rows travel over gRPC"));
     return out;
@@ -91,19 +91,19 @@ std::vector<std::shared_ptr<RowTransport>> ConnectNcclTransports(
     }
     std::fprintf(stderr, "moepool: worker %s: rows over NCCL (cuda:%d here, cuda:%d there)\n",
                  e.address.c_str(), options.device, remote->device());
-    out[i] = std::make_shared<PipeRowTransport>(*std::move(local), remote->session());
+    out[i] = std::make_shared<RowSession>(*std::move(local), remote->session());
   }
   return out;
 }
 
-RowTransportFactory NcclTransportFactory(TransportEndpoint endpoint, NcclTransportOptions options) {
+RowSessionFactory NcclSessionFactory(TransportEndpoint endpoint, NcclSessionOptions options) {
   return [endpoint = std::move(endpoint), options = std::move(options)](
              const moepool::v1::DescribeResponse& describe, uint64_t replaces_session) {
     TransportEndpoint e = endpoint;
     e.describe = describe;
     e.replaces_session = replaces_session;
-    return ConnectNcclTransports({e}, options)[0];
+    return ConnectNcclSessions({e}, options)[0];
   };
 }
 
-}  // namespace moepool
+}  // namespace moepool::wire

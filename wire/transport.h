@@ -2,22 +2,22 @@
 //
 // grpc (default): rows ride inside the ForwardRequest / ForwardResponse messages.
 // nccl: the Forward stream stays the control channel (routing, step ids, errors), but the rows
-// go GPU to GPU over a two-rank NCCL communicator per worker (engine/nccl_peer.h): the
+// go GPU to GPU over a two-rank NCCL communicator per worker (wire/nccl_peer.h): the
 // coordinator makes an ncclUniqueId, hands it to the worker with the SetupNccl RPC, and both
 // join; then each Forward request names the session and its rows follow it with ncclSend.
 // See docs/protocol.md ("NCCL rows") and docs/gpu-cluster.md.
 //
 // Fallback: when NCCL cannot be used (a build without CUDA, no libnccl.so.2, no GPU, the worker
 // does not offer it, joining fails or times out), one line on stderr says why and that link
-// stays on gRPC; a link whose NCCL pipe breaks later (RowTransport::broken) goes back to gRPC,
+// stays on gRPC; a link whose NCCL pipe breaks later (RowSession::broken) goes back to gRPC,
 // and a link that reconnects (a restarted worker, or after a broken pipe) sets up a new session
-// (NcclTransportFactory). Nothing here is fatal.
+// (NcclSessionFactory). Nothing here is fatal.
 //
-// Threading: ConnectNcclTransports blocks (it joins communicators) and is called once at
-// startup; NcclTransportFactory's factories block the same way on a reconnecting link's thread. A
-// RowTransport is used by one link at a time.
-#ifndef MOEPOOL_COORDINATOR_TRANSPORT_H_
-#define MOEPOOL_COORDINATOR_TRANSPORT_H_
+// Threading: ConnectNcclSessions blocks (it joins communicators) and is called once at
+// startup; NcclSessionFactory's factories block the same way on a reconnecting link's thread. A
+// RowSession is used by one link at a time.
+#ifndef MOEPOOL_WIRE_TRANSPORT_H_
+#define MOEPOOL_WIRE_TRANSPORT_H_
 
 #include <grpcpp/grpcpp.h>
 
@@ -32,11 +32,11 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/nccl_peer.h"
-#include "engine/row_pipe.h"
 #include "moepool/v1/expert_service.pb.h"
+#include "wire/nccl_peer.h"
+#include "wire/row_pipe.h"
 
-namespace moepool {
+namespace moepool::wire {
 
 enum class TransportKind { kGrpc, kNccl };
 
@@ -46,33 +46,6 @@ const char* TransportName(TransportKind kind);
 
 // The transport name a worker lists in DescribeResponse.transports when it offers NCCL.
 inline constexpr char kNcclTransportName[] = "nccl";
-
-// A byte pipe for a link's rows outside the gRPC messages.
-class RowTransport {
- public:
-  virtual ~RowTransport() = default;
-  // ForwardRequest.nccl_session for requests whose rows travel here.
-  virtual uint64_t session() const = 0;
-  // True after a failure: the link must use gRPC from then on.
-  virtual bool broken() const = 0;
-  virtual absl::Status Send(const void* data, size_t bytes) = 0;
-  virtual absl::Status Recv(void* data, size_t bytes) = 0;
-};
-
-// A session's pipe (the coordinator's end: NcclPeer rank 0, or a test's in-memory pipe).
-class PipeRowTransport : public RowTransport {
- public:
-  PipeRowTransport(std::unique_ptr<RowPipe> pipe, uint64_t session)
-      : pipe_(std::move(pipe)), session_(session) {}
-  uint64_t session() const override { return session_; }
-  bool broken() const override { return pipe_->broken(); }
-  absl::Status Send(const void* data, size_t bytes) override { return pipe_->Send(data, bytes); }
-  absl::Status Recv(void* data, size_t bytes) override { return pipe_->Recv(data, bytes); }
-
- private:
-  std::unique_ptr<RowPipe> pipe_;
-  uint64_t session_;
-};
 
 // One worker as the coordinator reaches it (the same channel settings as its WorkerLink).
 struct TransportEndpoint {
@@ -84,26 +57,26 @@ struct TransportEndpoint {
   uint64_t replaces_session = 0;  // NcclSetupRequest.replaces_session
 };
 
-struct NcclTransportOptions {
+struct NcclSessionOptions {
   int device = 0;  // the coordinator's CUDA device for the pipes
   NcclOptions nccl;
 };
 
 // Makes a link's row transport again for a worker that answered `describe` on reconnect; null
-// means gRPC (see WorkerLink::SetRowTransport). `replaces_session`: the link's previous session
+// means gRPC (see WorkerLink::SetRowSession). `replaces_session`: the link's previous session
 // (0: none), which the worker is asked to close.
-using RowTransportFactory = std::function<std::shared_ptr<RowTransport>(
+using RowSessionFactory = std::function<std::shared_ptr<RowSession>(
     const moepool::v1::DescribeResponse& describe, uint64_t replaces_session)>;
 
 // For each endpoint, an NCCL pipe or null (gRPC). Prints one line on stderr per fallback (or a
 // single line when NCCL is not usable here at all) and one line per pipe set up.
-std::vector<std::shared_ptr<RowTransport>> ConnectNcclTransports(
-    const std::vector<TransportEndpoint>& endpoints, const NcclTransportOptions& options);
+std::vector<std::shared_ptr<RowSession>> ConnectNcclSessions(
+    const std::vector<TransportEndpoint>& endpoints, const NcclSessionOptions& options);
 
-// A factory that sets up a new NCCL session with `endpoint`'s worker as ConnectNcclTransports
+// A factory that sets up a new NCCL session with `endpoint`'s worker as ConnectNcclSessions
 // does (blocking while both ends join; one line on stderr either way).
-RowTransportFactory NcclTransportFactory(TransportEndpoint endpoint, NcclTransportOptions options);
+RowSessionFactory NcclSessionFactory(TransportEndpoint endpoint, NcclSessionOptions options);
 
-}  // namespace moepool
+}  // namespace moepool::wire
 
-#endif  // MOEPOOL_COORDINATOR_TRANSPORT_H_
+#endif  // MOEPOOL_WIRE_TRANSPORT_H_

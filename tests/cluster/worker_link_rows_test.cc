@@ -14,10 +14,10 @@
 #include <thread>
 #include <vector>
 
-#include "coordinator/transport.h"
 #include "coordinator/worker_link.h"
 #include "gtest/gtest.h"
 #include "tests/engine/tiny_model_util.h"
+#include "wire/transport.h"
 #include "worker/expert_service.h"
 #include "worker/nccl_sessions.h"
 #include "worker/worker_core.h"
@@ -35,7 +35,7 @@ struct PipeWire {
   size_t sent[2] = {0, 0};    // bytes sent by end i
 };
 
-class MemoryPipe : public RowPipe {
+class MemoryPipe : public wire::RowPipe {
  public:
   MemoryPipe(std::shared_ptr<PipeWire> wire, int end) : wire_(std::move(wire)), end_(end) {}
   bool broken() const override { return broken_; }
@@ -79,7 +79,7 @@ class WorkerLinkRowsTest : public ::testing::Test {
     ASSERT_TRUE(core.ok()) << core.status();
     core_ = *std::move(core);
     wire_ = std::make_shared<PipeWire>();
-    sessions_ = std::make_shared<worker::NcclSessions>(0, NcclOptions{});
+    sessions_ = std::make_shared<worker::NcclSessions>(0, wire::NcclOptions{});
     session_ = sessions_->Add(std::make_unique<MemoryPipe>(wire_, 1));
     worker::WorkerServerOptions so;
     so.listen_address = "127.0.0.1:0";
@@ -89,7 +89,7 @@ class WorkerLinkRowsTest : public ::testing::Test {
     server_ = *std::move(server);
   }
 
-  std::unique_ptr<WorkerLink> Link(std::shared_ptr<RowTransport> rows) {
+  std::unique_ptr<WorkerLink> Link(std::shared_ptr<wire::RowSession> rows) {
     WorkerLinkConfig c;
     c.address = "127.0.0.1:" + std::to_string(server_->port());
     c.credentials = grpc::InsecureChannelCredentials();
@@ -98,7 +98,7 @@ class WorkerLinkRowsTest : public ::testing::Test {
     EXPECT_TRUE(d.ok()) << d.status();
     if (!d.ok()) return nullptr;
     describe_ = *d;
-    link->SetRowTransport(std::move(rows));
+    link->SetRowSession(std::move(rows));
     link->Start(*d, [](const moepool::v1::DescribeResponse&) { return absl::OkStatus(); });
     return link;
   }
@@ -150,7 +150,7 @@ TEST_F(WorkerLinkRowsTest, RowsOverThePipeEqualGrpcBitForBit) {
   EXPECT_EQ(describe_.transports_size(), 1);
   EXPECT_EQ(describe_.transports(0), "nccl");
   auto pipe_link =
-      Link(std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_));
+      Link(std::make_shared<wire::RowSession>(std::make_unique<MemoryPipe>(wire_, 0), session_));
   ASSERT_NE(pipe_link, nullptr);
   uint64_t step = 1;
   for (const auto dtype : {moepool::v1::DTYPE_F32, moepool::v1::DTYPE_F16}) {
@@ -179,7 +179,7 @@ TEST_F(WorkerLinkRowsTest, RowsOverThePipeEqualGrpcBitForBit) {
 
 TEST_F(WorkerLinkRowsTest, RefusalsKeepBothEndsInStep) {
   auto pipe_link =
-      Link(std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_));
+      Link(std::make_shared<wire::RowSession>(std::make_unique<MemoryPipe>(wire_, 0), session_));
   ASSERT_NE(pipe_link, nullptr);
   LinkJob bad;
   MakeJob(99, 3, moepool::v1::DTYPE_F32, 1, &bad);  // no such layer
@@ -194,7 +194,7 @@ TEST_F(WorkerLinkRowsTest, RefusalsKeepBothEndsInStep) {
 
 TEST_F(WorkerLinkRowsTest, UnknownSessionIsRefusedByName) {
   auto pipe_link = Link(
-      std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_ + 41));
+      std::make_shared<wire::RowSession>(std::make_unique<MemoryPipe>(wire_, 0), session_ + 41));
   ASSERT_NE(pipe_link, nullptr);
   LinkJob job;
   MakeJob(0, 2, moepool::v1::DTYPE_F32, 1, &job);
@@ -209,7 +209,7 @@ TEST_F(WorkerLinkRowsTest, PostedJobsSendTheirRowsOnThePipe) {
   auto grpc_link = Link(nullptr);
   ASSERT_NE(grpc_link, nullptr);
   auto pipe_link =
-      Link(std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_));
+      Link(std::make_shared<wire::RowSession>(std::make_unique<MemoryPipe>(wire_, 0), session_));
   ASSERT_NE(pipe_link, nullptr);
   uint64_t step = 1;
   LinkJob warm;  // opens the stream, so the next Post could write on this thread
@@ -249,19 +249,19 @@ TEST_F(WorkerLinkRowsTest, ReconnectedLinkGetsANewRowSession) {
   WorkerLink link(std::move(c));
   auto d = link.Describe(10, true);
   ASSERT_TRUE(d.ok()) << d.status();
-  auto sessions2 = std::make_shared<worker::NcclSessions>(0, NcclOptions{});
+  auto sessions2 = std::make_shared<worker::NcclSessions>(0, wire::NcclOptions{});
   std::shared_ptr<PipeWire> wire2;
   std::atomic<int> renewals{0};
-  link.SetRowTransport(
-      std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_),
+  link.SetRowSession(
+      std::make_shared<wire::RowSession>(std::make_unique<MemoryPipe>(wire_, 0), session_),
       [&](const moepool::v1::DescribeResponse& answer,
-          uint64_t replaces_session) -> std::shared_ptr<RowTransport> {
+          uint64_t replaces_session) -> std::shared_ptr<wire::RowSession> {
         EXPECT_EQ(answer.transports_size(), 1);
         EXPECT_EQ(replaces_session, session_);  // the worker is asked to close the old one
         wire2 = std::make_shared<PipeWire>();
         const uint64_t session = sessions2->Add(std::make_unique<MemoryPipe>(wire2, 1));
         ++renewals;
-        return std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire2, 0), session);
+        return std::make_shared<wire::RowSession>(std::make_unique<MemoryPipe>(wire2, 0), session);
       });
   link.Start(*d, [](const moepool::v1::DescribeResponse&) { return absl::OkStatus(); });
   LinkJob before;
@@ -321,7 +321,7 @@ TEST_F(WorkerLinkRowsTest, SetupNcclClosesTheSessionItReplaces) {
   LinkJob job;
   MakeJob(1, 4, moepool::v1::DTYPE_F32, 1, &job);
   auto link =
-      Link(std::make_shared<PipeRowTransport>(std::make_unique<MemoryPipe>(wire_, 0), session_));
+      Link(std::make_shared<wire::RowSession>(std::make_unique<MemoryPipe>(wire_, 0), session_));
   ASSERT_NE(link, nullptr);
   link->RunInline(&job);
   EXPECT_FALSE(job.status.ok());
