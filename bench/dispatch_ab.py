@@ -10,6 +10,7 @@ the baseline binary is a build of the commit before it.
 
   bench/dispatch_ab.py --a OLD_BINARY --b NEW_BINARY --model MODEL [--rounds 5]
                        [--threads 1] [--worker-threads 1] [--decode 32] [--sequences 1]
+                       [--micro-batches 1]
 """
 import argparse
 import json
@@ -45,8 +46,10 @@ def run_once(binary, args, log):
             addresses.append(address)
         out = subprocess.run(
             [binary, "bench", "--model", args.model, "--threads", str(args.threads),
-             "--workers", ",".join(addresses), "--decode-tokens", str(args.decode), "--prompt-tokens", "16", "--pings", "200",
-             "--sequences", str(args.sequences), "--json"],
+             "--workers", ",".join(addresses), "--decode-tokens", str(args.decode),
+             "--prompt-tokens", "16", "--pings", "200",
+             "--sequences", str(args.sequences), "--micro-batches", str(args.micro_batches),
+             "--json"],
             check=True, capture_output=True, text=True).stdout
         j = json.loads(out)
         c = j["cluster"]
@@ -73,6 +76,7 @@ def main():
     ap.add_argument("--worker-threads", type=int, default=1)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--sequences", type=int, default=1)
+    ap.add_argument("--micro-batches", type=int, default=1)
     args = ap.parse_args()
     env = os.environ
     env.setdefault("MOEPOOL_CLUSTER_TOKEN", "dispatch-ab")
@@ -84,7 +88,8 @@ def main():
                 break
     print(f"# {cpu}, {os.cpu_count()} CPUs; model {args.model}; {args.rounds} rounds, "
           f"coordinator threads {args.threads}, worker threads {args.worker_threads}, "
-          f"{args.sequences} sequence(s) x {args.decode} decode tokens")
+          f"{args.sequences} sequence(s) x {args.decode} decode tokens, "
+          f"{args.micro_batches} micro-batch(es)")
     results = {"A": [], "B": []}
     with tempfile.NamedTemporaryFile("w", prefix="dispatch_ab_", suffix=".log", delete=False) as log:
         for r in range(args.rounds):

@@ -22,7 +22,7 @@
 #include "absl/status/statusor.h"
 #include "cli/args.h"
 #include "cli/device_flags.h"
-#include "coordinator/remote_expert_backend.h"
+#include "coordinator/cluster_expert_backend.h"
 #include "engine/engine.h"
 
 namespace moepool::cli {

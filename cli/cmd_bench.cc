@@ -140,168 +140,227 @@ absl::StatusOr<nlohmann::json> ClusterReport(const Args& args, const ClusterExpe
   return j;
 }
 
+struct BenchOptions {
+  int64_t n_prompt = 512;
+  int64_t n_decode = 128;
+  int64_t reps = 1;
+  int64_t n_seq = 1;
+  int64_t micro_batches = 1;
+};
+
+absl::StatusOr<BenchOptions> ParseBenchOptions(const Args& args) {
+  BenchOptions b;
+  ASSIGN_OR_RETURN(b.n_prompt, args.GetInt("prompt-tokens", 512));
+  ASSIGN_OR_RETURN(b.n_decode, args.GetInt("decode-tokens", 128));
+  ASSIGN_OR_RETURN(b.reps, args.GetInt("repeat", 1));
+  ASSIGN_OR_RETURN(b.n_seq, args.GetInt("sequences", 1));
+  ASSIGN_OR_RETURN(b.micro_batches, args.GetInt("micro-batches", 1));
+  if (b.n_prompt < 1 || b.n_decode < 1 || b.reps < 1 || b.n_seq < 1 || b.n_seq > 1024) {
+    return absl::InvalidArgumentError(
+        "--prompt-tokens, --decode-tokens, --repeat must be >= 1, --sequences in 1..1024");
+  }
+  if (b.micro_batches != 1 && b.micro_batches != 2) {
+    return absl::InvalidArgumentError("--micro-batches must be 1 or 2");
+  }
+  return b;
+}
+
+// Deterministic pseudo-random token ids (the content does not matter for speed).
+std::vector<int32_t> BenchTokens(int64_t n, int64_t n_vocab) {
+  std::vector<int32_t> tokens(static_cast<size_t>(n));
+  uint64_t s = 12345;
+  for (auto& t : tokens) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    t = static_cast<int32_t>(3 + (s >> 33) % static_cast<uint64_t>(n_vocab - 3));
+  }
+  return tokens;
+}
+
+// What the runs measured (the best of --repeat for speeds).
+struct BenchResult {
+  double best_pp = 0, best_tg = 0, best_single = 0;
+  double idle_s = 0, decode_s = 0;
+  size_t split = 0;  // > 0: two micro-batches, the first of `split` sequences
+  DecodeWire wire;
+  uint64_t prompt_wire_bytes = 0;
+};
+
+// The engine under test and what it runs on.
+struct BenchRun {
+  Transformer* tf;
+  ClusterExpertBackend* cluster;  // null: experts in this process
+  const std::vector<int32_t>* tokens;
+  BenchOptions o;
+};
+
+// `n_decode` steps of one row per cache, in one pass or two micro-batches (the first `split`).
+absl::Status DecodeSteps(const BenchRun& b, const std::vector<std::unique_ptr<KvCache>>& caches,
+                         size_t split) {
+  const std::vector<int32_t>& tokens = *b.tokens;
+  std::vector<BatchRow> rows(caches.size());
+  std::vector<float> logits;
+  for (int64_t i = 0; i < b.o.n_decode; ++i) {
+    for (size_t q = 0; q < caches.size(); ++q) {
+      const size_t t = static_cast<size_t>((i + 7 * static_cast<int64_t>(q)) %
+                                           static_cast<int64_t>(tokens.size()));
+      rows[q] = {tokens[t], i, caches[q].get(), true};
+    }
+    logits.clear();
+    if (split > 0) {
+      const absl::Span<const BatchRow> all(rows);
+      const absl::Span<const BatchRow> halves[] = {all.subspan(0, split), all.subspan(split)};
+      RETURN_IF_ERROR(b.tf->ForwardMicroBatches(halves, &logits));
+    } else {
+      RETURN_IF_ERROR(b.tf->Forward(rows, &logits));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// One --repeat: the prompt pass, the decode of all sequences and, with several, one alone.
+absl::Status RunOnce(const BenchRun& b, KvCache* cache,
+                     const std::vector<std::unique_ptr<KvCache>>& caches,
+                     std::vector<std::unique_ptr<KvCache>>* single, BenchResult* r) {
+  ClusterExpertBackend* cluster = b.cluster;
+  if (cluster != nullptr) cluster->ResetStats();
+  std::vector<BatchRow> rows;
+  for (int64_t i = 0; i < b.o.n_prompt; ++i) {
+    rows.push_back({(*b.tokens)[static_cast<size_t>(i)], i, cache, i + 1 == b.o.n_prompt});
+  }
+  std::vector<float> logits;
+  auto t0 = std::chrono::steady_clock::now();
+  RETURN_IF_ERROR(b.tf->Forward(rows, &logits));
+  auto t1 = std::chrono::steady_clock::now();
+  r->best_pp = std::max(r->best_pp, b.o.n_prompt / Seconds(t0, t1));
+  if (cluster != nullptr) {
+    for (const WorkerStats& w : cluster->Stats().workers) {
+      r->prompt_wire_bytes += w.request_bytes + w.response_bytes;
+    }
+    cluster->ResetStats();
+  }
+  ExpertBackend* experts = b.tf->experts();
+  const uint64_t blocked0 = experts->blocked_micros();
+  t0 = std::chrono::steady_clock::now();
+  RETURN_IF_ERROR(DecodeSteps(b, caches, r->split));
+  t1 = std::chrono::steady_clock::now();
+  r->best_tg =
+      std::max(r->best_tg, static_cast<double>(b.o.n_decode * b.o.n_seq) / Seconds(t0, t1));
+  r->idle_s += static_cast<double>(experts->blocked_micros() - blocked0) / 1e6;
+  r->decode_s += Seconds(t0, t1);
+  if (cluster != nullptr) r->wire.Add(cluster->Stats());
+  // With several sequences, the single-sequence decode of the same process is the baseline,
+  // measured right after each batched run so that both see the same machine (best of --repeat).
+  if (b.o.n_seq > 1) {
+    (*single)[0]->set_n_past(0);
+    const auto t2 = std::chrono::steady_clock::now();
+    RETURN_IF_ERROR(DecodeSteps(b, *single, 0));
+    r->best_single =
+        std::max(r->best_single, b.o.n_decode / Seconds(t2, std::chrono::steady_clock::now()));
+  }
+  return absl::OkStatus();
+}
+
+void PrintJson(const BenchOptions& o, const BenchResult& r, Engine& engine,
+               const std::string& model_path, uint64_t rss, const nlohmann::json* cluster) {
+  nlohmann::json j;
+  j["model"] = model_path;
+  j["threads"] = engine.pool().size();
+  j["cpu_kernels"] = KernelIsaName();
+  j["prompt_tokens"] = o.n_prompt;
+  j["decode_tokens"] = o.n_decode;
+  j["prompt_tokens_per_s"] = r.best_pp;
+  j["decode_tokens_per_s"] = r.best_tg;
+  j["decode_sequences"] = o.n_seq;
+  if (o.n_seq > 1) {
+    j["decode_single_sequence_tokens_per_s"] = r.best_single;
+    j["decode_vs_single_sequence"] = r.best_tg / r.best_single;
+  }
+  j["decode_micro_batches"] = r.split > 0 ? 2 : 1;
+  j["decode_coordinator_idle_ratio"] = r.decode_s > 0 ? r.idle_s / r.decode_s : 0.0;
+  j["decode_coordinator_idle_note"] =
+      "time the forward thread was blocked waiting for remote experts / decode wall time";
+  j["peak_rss_bytes"] = rss;
+  j["file_bytes"] = engine.model().file().file_size();
+  if (cluster != nullptr) j["cluster"] = *cluster;
+  std::cout << j.dump() << std::endl;
+}
+
+void PrintText(const BenchOptions& o, const BenchResult& r, Engine& engine,
+               const std::string& model_path, uint64_t rss, const nlohmann::json* cluster) {
+  std::cout << absl::StrFormat(
+      "model %s, %d threads, %s kernels\n  prompt %d tokens: %.1f tokens/s\n  decode %d tokens x "
+      "%d sequences (%d micro-batches): %.1f tokens/s, coordinator idle %.0f%%\n  peak RSS %.1f "
+      "MiB (file %.1f MiB)\n",
+      model_path, engine.pool().size(), KernelIsaName(), o.n_prompt, r.best_pp, o.n_decode, o.n_seq,
+      r.split > 0 ? 2 : 1, r.best_tg, r.decode_s > 0 ? 100 * r.idle_s / r.decode_s : 0.0,
+      rss / 1048576.0, engine.model().file().file_size() / 1048576.0);
+  if (o.n_seq > 1) {
+    std::cout << absl::StrFormat("  one sequence alone: %.1f tokens/s (%d at once: %.2fx)\n",
+                                 r.best_single, o.n_seq, r.best_tg / r.best_single);
+  }
+  if (cluster != nullptr) {
+    const nlohmann::json& c = *cluster;
+    std::cout << absl::StrFormat(
+        "  cluster: %d workers, wire %s; per layer of a decode step: round trip p50 %.0f us, "
+        "dispatch overhead p50 %.0f us p99 %.0f us; raw TCP ping-pong of %d bytes p50 %.0f "
+        "us (%s); %.0f bytes on the wire per decode token\n",
+        static_cast<int>(c["workers"].size()), c["wire_dtype"].get<std::string>(),
+        c["decode_round_trip_us"]["p50"].get<double>(),
+        c["decode_dispatch_overhead_us"]["p50"].get<double>(),
+        c["decode_dispatch_overhead_us"]["p99"].get<double>(),
+        c["tcp_ping_pong_us"]["bytes_each_way"].get<int>(),
+        c["tcp_ping_pong_us"]["p50"].get<double>(),
+        c["tcp_ping_pong_us"]["target"].get<std::string>(),
+        c["decode_wire_bytes_per_token"].get<double>());
+  }
+}
+
 absl::Status Bench(const Args& args) {
   EngineOptions opts;
   opts.model_path = args.Get("model");
   if (opts.model_path.empty()) return absl::InvalidArgumentError("--model is required");
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
-  ASSIGN_OR_RETURN(int64_t n_prompt, args.GetInt("prompt-tokens", 512));
-  ASSIGN_OR_RETURN(int64_t n_decode, args.GetInt("decode-tokens", 128));
-  ASSIGN_OR_RETURN(int64_t reps, args.GetInt("repeat", 1));
-  ASSIGN_OR_RETURN(int64_t n_seq, args.GetInt("sequences", 1));
-  ASSIGN_OR_RETURN(int64_t micro_batches, args.GetInt("micro-batches", 1));
-  if (n_prompt < 1 || n_decode < 1 || reps < 1 || n_seq < 1 || n_seq > 1024) {
-    return absl::InvalidArgumentError(
-        "--prompt-tokens, --decode-tokens, --repeat must be >= 1, --sequences in 1..1024");
-  }
-  if (micro_batches != 1 && micro_batches != 2) {
-    return absl::InvalidArgumentError("--micro-batches must be 1 or 2");
-  }
+  ASSIGN_OR_RETURN(const BenchOptions o, ParseBenchOptions(args));
   opts.threads = static_cast<int>(threads);
-  opts.n_ctx = std::max<int64_t>(n_prompt, n_decode);
+  opts.n_ctx = std::max<int64_t>(o.n_prompt, o.n_decode);
   ASSIGN_OR_RETURN(LoadedEngine loaded, LoadEngineForArgs(args, opts));
   Engine* engine = loaded.engine.get();
-  ClusterExpertBackend* cluster = loaded.cluster.get();
   const ModelConfig& c = engine->config();
   if (opts.n_ctx > c.n_ctx_train) {
     return absl::InvalidArgumentError("benchmark length exceeds the model's context");
   }
-  // Deterministic pseudo-random token ids (the content does not matter for speed).
-  std::vector<int32_t> tokens(static_cast<size_t>(std::max(n_prompt, n_decode)));
-  uint64_t s = 12345;
-  for (auto& t : tokens) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    t = static_cast<int32_t>(3 + (s >> 33) % static_cast<uint64_t>(c.n_vocab - 3));
-  }
-  Transformer& tf = engine->transformer();
+  const std::vector<int32_t> tokens = BenchTokens(opts.n_ctx, c.n_vocab);
+  const BenchRun run{&engine->transformer(), loaded.cluster.get(), &tokens, o};
   KvCache cache(c, opts.n_ctx);
-  std::vector<float> logits;
-  // Warm-up: touch every weight page once.
-  {
+  {  // Warm-up: touch every weight page once.
     std::vector<BatchRow> rows;
     const int64_t n_warm = std::min<int64_t>(8, opts.n_ctx);
     for (int64_t i = 0; i < n_warm; ++i) rows.push_back({tokens[i], i, &cache, i + 1 == n_warm});
-    RETURN_IF_ERROR(tf.Forward(rows, &logits));
+    std::vector<float> logits;
+    RETURN_IF_ERROR(run.tf->Forward(rows, &logits));
   }
   // Decode: `n_seq` sequences, one row each per step; with two micro-batches the first half of
   // the sequences and the second run ping-pong (Transformer::ForwardMicroBatches).
-  std::vector<std::unique_ptr<KvCache>> caches;
-  for (int64_t q = 0; q < n_seq; ++q) caches.push_back(std::make_unique<KvCache>(c, opts.n_ctx));
-  const size_t split = micro_batches == 2 && n_seq >= 2 ? static_cast<size_t>(n_seq / 2) : 0;
-  ExpertBackend* experts = tf.experts();
-  double best_pp = 0, best_tg = 0, best_single = 0;
-  KvCache single(c, opts.n_ctx);
-  double idle_s = 0, decode_s = 0;
-  DecodeWire wire;
-  uint64_t prompt_wire_bytes = 0;
-  for (int64_t r = 0; r < reps; ++r) {
-    if (cluster != nullptr) cluster->ResetStats();
-    std::vector<BatchRow> rows;
-    for (int64_t i = 0; i < n_prompt; ++i)
-      rows.push_back({tokens[i], i, &cache, i + 1 == n_prompt});
-    logits.clear();
-    auto t0 = std::chrono::steady_clock::now();
-    RETURN_IF_ERROR(tf.Forward(rows, &logits));
-    auto t1 = std::chrono::steady_clock::now();
-    best_pp = std::max(best_pp, n_prompt / Seconds(t0, t1));
-    if (cluster != nullptr) {
-      for (const WorkerStats& w : cluster->Stats().workers) {
-        prompt_wire_bytes += w.request_bytes + w.response_bytes;
-      }
-      cluster->ResetStats();
-    }
-    const uint64_t blocked0 = experts->blocked_micros();
-    t0 = std::chrono::steady_clock::now();
-    std::vector<BatchRow> rows_step(static_cast<size_t>(n_seq));
-    for (int64_t i = 0; i < n_decode; ++i) {
-      for (int64_t q = 0; q < n_seq; ++q) {
-        const size_t t = static_cast<size_t>((i + 7 * q) % static_cast<int64_t>(tokens.size()));
-        rows_step[static_cast<size_t>(q)] = {tokens[t], i, caches[static_cast<size_t>(q)].get(),
-                                             true};
-      }
-      logits.clear();
-      if (split > 0) {
-        const absl::Span<const BatchRow> all(rows_step);
-        const absl::Span<const BatchRow> halves[] = {all.subspan(0, split), all.subspan(split)};
-        RETURN_IF_ERROR(tf.ForwardMicroBatches(halves, &logits));
-      } else {
-        RETURN_IF_ERROR(tf.Forward(rows_step, &logits));
-      }
-    }
-    t1 = std::chrono::steady_clock::now();
-    best_tg = std::max(best_tg, static_cast<double>(n_decode * n_seq) / Seconds(t0, t1));
-    idle_s += static_cast<double>(experts->blocked_micros() - blocked0) / 1e6;
-    decode_s += Seconds(t0, t1);
-    if (cluster != nullptr) wire.Add(cluster->Stats());
-    // With several sequences, the single-sequence decode of the same process is the baseline,
-    // measured right after each batched run so that both see the same machine (best of --repeat).
-    if (n_seq > 1) {
-      single.set_n_past(0);
-      const auto t2 = std::chrono::steady_clock::now();
-      for (int64_t i = 0; i < n_decode; ++i) {
-        BatchRow row{tokens[static_cast<size_t>(i)], i, &single, true};
-        logits.clear();
-        RETURN_IF_ERROR(tf.Forward({&row, 1}, &logits));
-      }
-      best_single = std::max(best_single, n_decode / Seconds(t2, std::chrono::steady_clock::now()));
-    }
+  std::vector<std::unique_ptr<KvCache>> caches, single;
+  for (int64_t q = 0; q < o.n_seq; ++q) caches.push_back(std::make_unique<KvCache>(c, opts.n_ctx));
+  single.push_back(std::make_unique<KvCache>(c, opts.n_ctx));
+  BenchResult r;
+  r.split = o.micro_batches == 2 && o.n_seq >= 2 ? static_cast<size_t>(o.n_seq / 2) : 0;
+  for (int64_t rep = 0; rep < o.reps; ++rep) {
+    RETURN_IF_ERROR(RunOnce(run, &cache, caches, &single, &r));
   }
   const uint64_t rss = PeakRssBytes();
   nlohmann::json cluster_report;
-  if (cluster != nullptr) {
-    ASSIGN_OR_RETURN(cluster_report, ClusterReport(args, *cluster, wire, n_decode * reps * n_seq,
-                                                   prompt_wire_bytes, n_prompt * reps));
+  if (run.cluster != nullptr) {
+    ASSIGN_OR_RETURN(cluster_report,
+                     ClusterReport(args, *run.cluster, r.wire, o.n_decode * o.reps * o.n_seq,
+                                   r.prompt_wire_bytes, o.n_prompt * o.reps));
   }
+  const nlohmann::json* cluster = run.cluster != nullptr ? &cluster_report : nullptr;
   if (args.Has("json")) {
-    nlohmann::json j;
-    j["model"] = opts.model_path;
-    j["threads"] = engine->pool().size();
-    j["cpu_kernels"] = KernelIsaName();
-    j["prompt_tokens"] = n_prompt;
-    j["decode_tokens"] = n_decode;
-    j["prompt_tokens_per_s"] = best_pp;
-    j["decode_tokens_per_s"] = best_tg;
-    j["decode_sequences"] = n_seq;
-    if (n_seq > 1) {
-      j["decode_single_sequence_tokens_per_s"] = best_single;
-      j["decode_vs_single_sequence"] = best_tg / best_single;
-    }
-    j["decode_micro_batches"] = split > 0 ? 2 : 1;
-    j["decode_coordinator_idle_ratio"] = decode_s > 0 ? idle_s / decode_s : 0.0;
-    j["decode_coordinator_idle_note"] =
-        "time the forward thread was blocked waiting for remote experts / decode wall time";
-    j["peak_rss_bytes"] = rss;
-    j["file_bytes"] = engine->model().file().file_size();
-    if (cluster != nullptr) j["cluster"] = cluster_report;
-    std::cout << j.dump() << std::endl;
+    PrintJson(o, r, *engine, opts.model_path, rss, cluster);
   } else {
-    std::cout << absl::StrFormat(
-        "model %s, %d threads, %s kernels\n  prompt %d tokens: %.1f tokens/s\n  decode %d tokens x "
-        "%d "
-        "sequences (%d micro-batches): %.1f tokens/s, coordinator idle %.0f%%\n  peak RSS %.1f "
-        "MiB (file %.1f MiB)\n",
-        opts.model_path, engine->pool().size(), KernelIsaName(), n_prompt, best_pp, n_decode, n_seq,
-        split > 0 ? 2 : 1, best_tg, decode_s > 0 ? 100 * idle_s / decode_s : 0.0, rss / 1048576.0,
-        engine->model().file().file_size() / 1048576.0);
-    if (n_seq > 1) {
-      std::cout << absl::StrFormat("  one sequence alone: %.1f tokens/s (%d at once: %.2fx)\n",
-                                   best_single, n_seq, best_tg / best_single);
-    }
-    if (cluster != nullptr) {
-      const nlohmann::json& c = cluster_report;
-      std::cout << absl::StrFormat(
-          "  cluster: %d workers, wire %s; per layer of a decode step: round trip p50 %.0f us, "
-          "dispatch overhead p50 %.0f us p99 %.0f us; raw TCP ping-pong of %d bytes p50 %.0f "
-          "us (%s); %.0f bytes on the wire per decode token\n",
-          static_cast<int>(c["workers"].size()), c["wire_dtype"].get<std::string>(),
-          c["decode_round_trip_us"]["p50"].get<double>(),
-          c["decode_dispatch_overhead_us"]["p50"].get<double>(),
-          c["decode_dispatch_overhead_us"]["p99"].get<double>(),
-          c["tcp_ping_pong_us"]["bytes_each_way"].get<int>(),
-          c["tcp_ping_pong_us"]["p50"].get<double>(),
-          c["tcp_ping_pong_us"]["target"].get<std::string>(),
-          c["decode_wire_bytes_per_token"].get<double>());
-    }
+    PrintText(o, r, *engine, opts.model_path, rss, cluster);
   }
   return absl::OkStatus();
 }

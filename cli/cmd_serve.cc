@@ -16,8 +16,8 @@
 #include "cli/device_flags.h"
 #include "cli/engine_flags.h"
 #include "cli/weights_in_memory.h"
+#include "coordinator/cluster_expert_backend.h"
 #include "coordinator/expert_placement.h"
-#include "coordinator/remote_expert_backend.h"
 #include "coordinator/serve.h"
 #include "engine/status_macros.h"
 

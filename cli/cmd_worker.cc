@@ -78,22 +78,16 @@ std::string HostOf(const std::string& address) {
   return colon == std::string::npos ? address : address.substr(0, colon);
 }
 
-absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
-  const std::string model = args.Get("model");
-  if (model.empty()) return absl::InvalidArgumentError("--model is required");
-  const std::string listen = args.Get("listen");
-  if (listen.empty()) return absl::InvalidArgumentError("--listen HOST:PORT is required");
-  ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
+// The server's options from the flags: address, message limit, token, TLS, NCCL sessions.
+absl::StatusOr<worker::WorkerServerOptions> ServerOptionsFromArgs(const Args& args,
+                                                                  const std::string& listen,
+                                                                  const DeviceSpec& device) {
   ASSIGN_OR_RETURN(const wire::TransportKind transport,
                    wire::ParseTransport(args.Get("transport", "grpc")));
-  ASSIGN_OR_RETURN(worker::ExpertSet experts, ExpertsFromArgs(args, model));
-  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
-  ASSIGN_OR_RETURN(const bool preload, PreloadFromArgs(args));
   ASSIGN_OR_RETURN(int64_t max_message_mib, args.GetInt("max-message-mib", 64));
   if (max_message_mib < 1 || max_message_mib > 2047) {
     return absl::InvalidArgumentError("--max-message-mib must be in [1, 2047]");
   }
-
   worker::WorkerServerOptions server_options;
   server_options.listen_address = listen;
   server_options.max_message_bytes = static_cast<int>(max_message_mib << 20);
@@ -108,7 +102,6 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   ASSIGN_OR_RETURN(server_options.tls_cert_pem, ReadPem(args, "tls-cert"));
   ASSIGN_OR_RETURN(server_options.tls_key_pem, ReadPem(args, "tls-key"));
   ASSIGN_OR_RETURN(server_options.tls_client_ca_pem, ReadPem(args, "tls-ca"));
-
   if (transport == wire::TransportKind::kNccl) {
     // The pipes use the worker's first GPU (cuda:0 for a CPU worker on a GPU machine).
     const int nccl_device = device.cuda ? device.ordinals.front() : 0;
@@ -123,6 +116,20 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
                    std::string(usable.message()).c_str());
     }
   }
+  return server_options;
+}
+
+absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
+  const std::string model = args.Get("model");
+  if (model.empty()) return absl::InvalidArgumentError("--model is required");
+  const std::string listen = args.Get("listen");
+  if (listen.empty()) return absl::InvalidArgumentError("--listen HOST:PORT is required");
+  ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
+  ASSIGN_OR_RETURN(const worker::WorkerServerOptions server_options,
+                   ServerOptionsFromArgs(args, listen, device));
+  ASSIGN_OR_RETURN(worker::ExpertSet experts, ExpertsFromArgs(args, model));
+  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
+  ASSIGN_OR_RETURN(const bool preload, PreloadFromArgs(args));
 
   worker::WorkerCoreOptions core_options;
   core_options.model_path = model;

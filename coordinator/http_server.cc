@@ -50,7 +50,13 @@ uint64_t RandomSeed() {
 }
 
 // One streamed response: what the content provider needs between calls.
-struct StreamState {
+
+std::string SseData(const json& j) { return "data: " + DumpJson(j) + "\n\n"; }
+
+}  // namespace
+
+// One response's generation as the handlers follow it.
+struct HttpServer::StreamState {
   std::shared_ptr<GenerationStream> stream;
   ResponseMeta meta;
   bool chat = true;
@@ -59,10 +65,6 @@ struct StreamState {
   bool finished = false;    // the final event was written
   int64_t text_offset = 0;  // completions logprobs
 };
-
-std::string SseData(const json& j) { return "data: " + DumpJson(j) + "\n\n"; }
-
-}  // namespace
 
 void SendApiError(const absl::Status& status, httplib::Response& res) {
   const ApiError e = ToApiError(status);
@@ -106,6 +108,22 @@ absl::Status HttpServer::Start() {
                              : static_cast<size_t>(so.max_active + so.max_queue + 8);
   svr.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   svr.set_payload_max_length(options_.max_body_bytes);
+  InstallHooks();
+  InstallRoutes();
+  const int port = options_.port == 0
+                       ? svr.bind_to_any_port(options_.host)
+                       : (svr.bind_to_port(options_.host, options_.port) ? options_.port : -1);
+  if (port < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options_.host, ":", options_.port));
+  }
+  port_ = port;
+  listener_ = std::thread([this] { server_->listen_after_bind(); });
+  return absl::OkStatus();
+}
+
+void HttpServer::InstallHooks() {
+  httplib::Server& svr = *server_;
   svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
     const absl::Status auth = Authenticate(req);
@@ -134,6 +152,10 @@ absl::Status HttpServer::Start() {
   svr.set_post_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (metrics_ != nullptr) metrics_->CountRequest(EndpointLabel(req.path), res.status);
   });
+}
+
+void HttpServer::InstallRoutes() {
+  httplib::Server& svr = *server_;
   // Bodies are read through a ContentReader: httplib's own body reading would apply its 8 KiB
   // form limit to the curl default Content-Type (application/x-www-form-urlencoded).
   for (const bool chat : {true, false}) {
@@ -180,17 +202,6 @@ absl::Status HttpServer::Start() {
     const std::string body = metrics_ != nullptr ? metrics_->Render(g) : std::string();
     res.set_content(body, "text/plain; version=0.0.4; charset=utf-8");
   });
-
-  const int port = options_.port == 0
-                       ? svr.bind_to_any_port(options_.host)
-                       : (svr.bind_to_port(options_.host, options_.port) ? options_.port : -1);
-  if (port < 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options_.host, ":", options_.port));
-  }
-  port_ = port;
-  listener_ = std::thread([this] { server_->listen_after_bind(); });
-  return absl::OkStatus();
 }
 
 void HttpServer::Stop() {
@@ -212,57 +223,15 @@ void HttpServer::HandleHealth(httplib::Response& res) {
 }
 
 void HttpServer::HandleGenerate(const std::string& body, httplib::Response& res, bool chat) {
-  const Tokenizer& tok = scheduler_->engine().tokenizer();
-  GenerationRequest gen;
-  GenerationParams params;
-  std::string prompt_param;
-  if (chat) {
-    absl::StatusOr<ChatCompletionRequest> r = ParseChatCompletionRequest(body);
-    if (!r.ok()) return SendApiError(r.status(), res);
-    absl::StatusOr<std::vector<int32_t>> ids = chat_template_->Apply(r->messages);
-    if (!ids.ok())
-      return SendApiError(InvalidRequestError("messages", std::string(ids.status().message())),
-                          res);
-    gen.prompt = std::move(*ids);
-    gen.stop_tokens = chat_template_->stop_tokens();
-    gen.stop = chat_template_->stop_strings();
-    gen.trim_leading_space = chat_template_->trims_leading_space();
-    params = std::move(r->params);
-    prompt_param = "messages";
-  } else {
-    absl::StatusOr<CompletionRequest> r = ParseCompletionRequest(body);
-    if (!r.ok()) return SendApiError(r.status(), res);
-    gen.prompt =
-        r->has_prompt_tokens ? r->prompt_tokens : tok.Encode(r->prompt, tok.add_bos_default());
-    params = std::move(r->params);
-    prompt_param = "prompt";
-  }
-  if (gen.prompt.empty())
-    return SendApiError(InvalidRequestError(prompt_param, "the prompt is empty"), res);
-  const int64_t n_prompt = static_cast<int64_t>(gen.prompt.size());
-  if (n_prompt >= scheduler_->n_ctx()) {
-    return SendApiError(
-        InvalidRequestError(
-            prompt_param,
-            absl::StrCat("This model's maximum context length is ", scheduler_->n_ctx(),
-                         " tokens. However, your ", chat ? "messages" : "prompt", " resulted in ",
-                         n_prompt, " tokens, which leaves no room for a reply."),
-            "context_length_exceeded"),
-        res);
-  }
-  gen.sampling = params.sampling;
-  if (!params.seed_given) gen.sampling.seed = RandomSeed();
-  gen.max_tokens = params.max_tokens;
-  gen.stop.insert(gen.stop.end(), params.stop.begin(), params.stop.end());
-  gen.logit_bias = params.logit_bias;
-  gen.top_logprobs = params.top_logprobs;
-  const bool logprobs = params.top_logprobs >= 0;
-
-  absl::StatusOr<std::shared_ptr<GenerationStream>> submitted = scheduler_->Submit(std::move(gen));
+  absl::StatusOr<ParsedGeneration> parsed = ParseGeneration(body, chat);
+  if (!parsed.ok()) return SendApiError(parsed.status(), res);
+  const GenerationParams& params = parsed->params;
+  absl::StatusOr<std::shared_ptr<GenerationStream>> submitted =
+      scheduler_->Submit(std::move(parsed->request));
   if (!submitted.ok()) {
     const absl::Status& s = submitted.status();
     return SendApiError(s.code() == absl::StatusCode::kInvalidArgument && ApiParam(s).empty()
-                            ? InvalidRequestError(prompt_param, std::string(s.message()))
+                            ? InvalidRequestError(parsed->prompt_param, std::string(s.message()))
                             : s,
                         res);
   }
@@ -272,108 +241,162 @@ void HttpServer::HandleGenerate(const std::string& body, httplib::Response& res,
                      std::chrono::system_clock::now().time_since_epoch())
                      .count();
   meta.model = options_.model_id;
-
-  if (!params.stream) {
-    GenerationStream& stream = **submitted;
-    GenerationResult result;
-    while (true) {
-      GenerationEvent ev;
-      if (!stream.Next(&ev, kPoll)) {
-        if (!stopping_.load()) continue;
-        stream.Cancel();  // the scheduler frees it; this response ends now
-        return SendApiError(absl::UnavailableError("the server is shutting down"), res);
-      }
-      result.text += ev.text;
-      for (SampledToken& t : ev.tokens) result.tokens.push_back(std::move(t));
-      if (ev.finish == FinishReason::kNone) continue;
-      if (ev.finish != FinishReason::kStop && ev.finish != FinishReason::kLength) {
-        return SendApiError(
-            ev.error.ok() ? absl::UnavailableError("the request was cancelled") : ev.error, res);
-      }
-      result.finish = ev.finish;
-      result.prompt_tokens = ev.prompt_tokens;
-      result.cached_prompt_tokens = ev.cached_prompt_tokens;
-      result.completion_tokens = ev.completion_tokens;
-      break;
-    }
-    return SendJson(res, 200,
-                    chat ? ChatCompletionJson(meta, result, logprobs, tok)
-                         : CompletionJson(meta, result, logprobs, tok));
-  }
-
   auto state = std::make_shared<StreamState>();
   state->stream = *submitted;
   state->meta = meta;
   state->chat = chat;
   state->include_usage = params.include_usage;
-  state->logprobs = logprobs;
+  state->logprobs = params.top_logprobs >= 0;
+  if (!params.stream) return RespondWhole(*state, res);
   res.set_header("Cache-Control", "no-cache");
   res.set_header("X-Accel-Buffering", "no");
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, state, &tok](size_t, httplib::DataSink& sink) {
-        auto send = [&](const std::string& data) {
-          if (sink.write(data.data(), data.size())) return true;
-          state->stream->Cancel();  // the client went away
-          return false;
-        };
-        if (state->chat && !send(SseData(ChatCompletionChunkJson(
-                               state->meta, {{"role", "assistant"}, {"content", ""}},
-                               FinishReason::kNone, nullptr)))) {
-          return false;
-        }
-        while (true) {
-          GenerationEvent ev;
-          if (!state->stream->Next(&ev, kPoll)) {
-            if (!stopping_.load()) continue;
-            state->stream->Cancel();  // the scheduler frees it; this response ends now
-            ev.finish = FinishReason::kCancelled;
-            ev.error = absl::UnavailableError("the server is shutting down");
-          }
-          const bool has_tokens = state->logprobs && !ev.tokens.empty();
-          if (!ev.text.empty() || has_tokens) {
-            json chunk;
-            if (state->chat) {
-              chunk = ChatCompletionChunkJson(
-                  state->meta, {{"content", ev.text}}, FinishReason::kNone,
-                  has_tokens ? ChatLogprobsJson(ev.tokens, tok) : json(nullptr));
-            } else {
-              chunk = CompletionChunkJson(
-                  state->meta, ev.text, FinishReason::kNone,
-                  has_tokens ? CompletionLogprobsJson(ev.tokens, tok, state->text_offset)
-                             : json(nullptr));
-              state->text_offset += static_cast<int64_t>(ev.text.size());
-            }
-            if (!send(SseData(chunk))) return false;
-          }
-          if (ev.finish == FinishReason::kNone) continue;
-          state->finished = true;
-          if (ev.finish != FinishReason::kStop && ev.finish != FinishReason::kLength) {
-            const absl::Status err =
-                ev.error.ok() ? absl::UnavailableError("the request was cancelled") : ev.error;
-            send(SseData(ErrorJson(ToApiError(err))));
-            sink.done();
-            return true;
-          }
-          const json last =
-              state->chat ? ChatCompletionChunkJson(state->meta, json::object(), ev.finish, nullptr)
-                          : CompletionChunkJson(state->meta, "", ev.finish, nullptr);
-          if (!send(SseData(last))) return false;
-          if (state->include_usage &&
-              !send(SseData(UsageChunkJson(state->meta, state->chat, ev.prompt_tokens,
-                                           ev.completion_tokens, ev.cached_prompt_tokens)))) {
-            return false;
-          }
-          if (!send("data: [DONE]\n\n")) return false;
-          sink.done();
-          return true;
-        }
-      },
+      [this, state](size_t, httplib::DataSink& sink) { return StreamEvents(state.get(), sink); },
       [state](bool) {
         // However the response ended (done, write error, disconnect before the first byte),
         // an unfinished sequence must not keep running.
         if (!state->finished) state->stream->Cancel();
       });
+}
+
+absl::StatusOr<HttpServer::ParsedGeneration> HttpServer::ParseGeneration(const std::string& body,
+                                                                         bool chat) const {
+  const Tokenizer& tok = scheduler_->engine().tokenizer();
+  ParsedGeneration out;
+  GenerationRequest& gen = out.request;
+  if (chat) {
+    absl::StatusOr<ChatCompletionRequest> r = ParseChatCompletionRequest(body);
+    if (!r.ok()) return r.status();
+    absl::StatusOr<std::vector<int32_t>> ids = chat_template_->Apply(r->messages);
+    if (!ids.ok()) return InvalidRequestError("messages", std::string(ids.status().message()));
+    gen.prompt = std::move(*ids);
+    gen.stop_tokens = chat_template_->stop_tokens();
+    gen.stop = chat_template_->stop_strings();
+    gen.trim_leading_space = chat_template_->trims_leading_space();
+    out.params = std::move(r->params);
+    out.prompt_param = "messages";
+  } else {
+    absl::StatusOr<CompletionRequest> r = ParseCompletionRequest(body);
+    if (!r.ok()) return r.status();
+    gen.prompt =
+        r->has_prompt_tokens ? r->prompt_tokens : tok.Encode(r->prompt, tok.add_bos_default());
+    out.params = std::move(r->params);
+    out.prompt_param = "prompt";
+  }
+  if (gen.prompt.empty()) return InvalidRequestError(out.prompt_param, "the prompt is empty");
+  const int64_t n_prompt = static_cast<int64_t>(gen.prompt.size());
+  if (n_prompt >= scheduler_->n_ctx()) {
+    return InvalidRequestError(
+        out.prompt_param,
+        absl::StrCat("This model's maximum context length is ", scheduler_->n_ctx(),
+                     " tokens. However, your ", chat ? "messages" : "prompt", " resulted in ",
+                     n_prompt, " tokens, which leaves no room for a reply."),
+        "context_length_exceeded");
+  }
+  const GenerationParams& params = out.params;
+  gen.sampling = params.sampling;
+  if (!params.seed_given) gen.sampling.seed = RandomSeed();
+  gen.max_tokens = params.max_tokens;
+  gen.stop.insert(gen.stop.end(), params.stop.begin(), params.stop.end());
+  gen.logit_bias = params.logit_bias;
+  gen.top_logprobs = params.top_logprobs;
+  return out;
+}
+
+void HttpServer::RespondWhole(StreamState& state, httplib::Response& res) {
+  const Tokenizer& tok = scheduler_->engine().tokenizer();
+  GenerationResult result;
+  while (true) {
+    GenerationEvent ev;
+    if (!state.stream->Next(&ev, kPoll)) {
+      if (!stopping_.load()) continue;
+      state.stream->Cancel();  // the scheduler frees it; this response ends now
+      return SendApiError(absl::UnavailableError("the server is shutting down"), res);
+    }
+    result.text += ev.text;
+    for (SampledToken& t : ev.tokens) result.tokens.push_back(std::move(t));
+    if (ev.finish == FinishReason::kNone) continue;
+    state.finished = true;
+    if (ev.finish != FinishReason::kStop && ev.finish != FinishReason::kLength) {
+      return SendApiError(
+          ev.error.ok() ? absl::UnavailableError("the request was cancelled") : ev.error, res);
+    }
+    result.finish = ev.finish;
+    result.prompt_tokens = ev.prompt_tokens;
+    result.cached_prompt_tokens = ev.cached_prompt_tokens;
+    result.completion_tokens = ev.completion_tokens;
+    break;
+  }
+  SendJson(res, 200,
+           state.chat ? ChatCompletionJson(state.meta, result, state.logprobs, tok)
+                      : CompletionJson(state.meta, result, state.logprobs, tok));
+}
+
+bool HttpServer::StreamEvents(StreamState* state, httplib::DataSink& sink) {
+  const Tokenizer& tok = scheduler_->engine().tokenizer();
+  auto send = [&](const std::string& data) {
+    if (sink.write(data.data(), data.size())) return true;
+    state->stream->Cancel();  // the client went away
+    return false;
+  };
+  if (state->chat &&
+      !send(SseData(ChatCompletionChunkJson(state->meta, {{"role", "assistant"}, {"content", ""}},
+                                            FinishReason::kNone, nullptr)))) {
+    return false;
+  }
+  while (true) {
+    GenerationEvent ev;
+    if (!state->stream->Next(&ev, kPoll)) {
+      if (!stopping_.load()) continue;
+      state->stream->Cancel();  // the scheduler frees it; this response ends now
+      ev.finish = FinishReason::kCancelled;
+      ev.error = absl::UnavailableError("the server is shutting down");
+    }
+    const bool has_tokens = state->logprobs && !ev.tokens.empty();
+    if (!ev.text.empty() || has_tokens) {
+      json chunk;
+      if (state->chat) {
+        chunk =
+            ChatCompletionChunkJson(state->meta, {{"content", ev.text}}, FinishReason::kNone,
+                                    has_tokens ? ChatLogprobsJson(ev.tokens, tok) : json(nullptr));
+      } else {
+        chunk = CompletionChunkJson(state->meta, ev.text, FinishReason::kNone,
+                                    has_tokens
+                                        ? CompletionLogprobsJson(ev.tokens, tok, state->text_offset)
+                                        : json(nullptr));
+        state->text_offset += static_cast<int64_t>(ev.text.size());
+      }
+      if (!send(SseData(chunk))) return false;
+    }
+    if (ev.finish == FinishReason::kNone) continue;
+    state->finished = true;
+    if (ev.finish != FinishReason::kStop && ev.finish != FinishReason::kLength) {
+      const absl::Status err =
+          ev.error.ok() ? absl::UnavailableError("the request was cancelled") : ev.error;
+      send(SseData(ErrorJson(ToApiError(err))));
+      sink.done();
+      return true;
+    }
+    return SendStreamEnd(*state, ev, send, sink);
+  }
+}
+
+bool HttpServer::SendStreamEnd(const StreamState& state, const GenerationEvent& ev,
+                               const std::function<bool(const std::string&)>& send,
+                               httplib::DataSink& sink) {
+  const json last = state.chat
+                        ? ChatCompletionChunkJson(state.meta, json::object(), ev.finish, nullptr)
+                        : CompletionChunkJson(state.meta, "", ev.finish, nullptr);
+  if (!send(SseData(last))) return false;
+  if (state.include_usage &&
+      !send(SseData(UsageChunkJson(state.meta, state.chat, ev.prompt_tokens, ev.completion_tokens,
+                                   ev.cached_prompt_tokens)))) {
+    return false;
+  }
+  if (!send("data: [DONE]\n\n")) return false;
+  sink.done();
+  return true;
 }
 
 }  // namespace moepool

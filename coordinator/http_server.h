@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "coordinator/chat_template.h"
 #include "coordinator/metrics.h"
+#include "coordinator/openai_api.h"
 #include "coordinator/scheduler.h"
 #include "nlohmann/json.hpp"
 
@@ -30,6 +31,7 @@ namespace httplib {
 class Server;
 struct Request;
 struct Response;
+class DataSink;
 }  // namespace httplib
 
 namespace moepool {
@@ -69,7 +71,27 @@ class HttpServer {
   void Stop();
 
  private:
+  struct StreamState;  // one response's generation (http_server.cc)
+  // A completion or chat completion request checked and turned into a GenerationRequest.
+  struct ParsedGeneration {
+    GenerationRequest request;
+    GenerationParams params;
+    std::string prompt_param;  // "prompt" or "messages": where prompt errors point
+  };
+
+  // Start's parts: authentication, JSON errors and request metrics; the endpoints.
+  void InstallHooks();
+  void InstallRoutes();
+  // Request -> generation request -> submitted; then collected (RespondWhole) or streamed as
+  // server-sent events (StreamEvents, SendStreamEnd).
   void HandleGenerate(const std::string& body, httplib::Response& res, bool chat);
+  // The OpenAI error (INVALID_ARGUMENT with its parameter) for a bad request.
+  absl::StatusOr<ParsedGeneration> ParseGeneration(const std::string& body, bool chat) const;
+  void RespondWhole(StreamState& state, httplib::Response& res);
+  // The chunked content provider of a streamed response: false ends it (client gone).
+  bool StreamEvents(StreamState* state, httplib::DataSink& sink);
+  bool SendStreamEnd(const StreamState& state, const GenerationEvent& ev,
+                     const std::function<bool(const std::string&)>& send, httplib::DataSink& sink);
   void HandleHealth(httplib::Response& res);
   // Ok, or UNAUTHENTICATED when keys are configured and the request has none of them.
   absl::Status Authenticate(const httplib::Request& req) const;

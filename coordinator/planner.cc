@@ -185,9 +185,7 @@ void AddReplicas(const ModelSizes& sizes, const std::vector<int>& slot_machine,
   }
 }
 
-}  // namespace
-
-absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
+absl::Status CheckPlanRequest(const PlanRequest& r) {
   const ModelSizes& sizes = r.sizes;
   if (r.machines.empty()) return absl::InvalidArgumentError("no machines (give --machine SIZE)");
   for (uint64_t m : r.machines) {
@@ -201,19 +199,17 @@ absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
       sizes.pair_bytes.size() != static_cast<size_t>(sizes.n_layer() * sizes.n_expert())) {
     return absl::InvalidArgumentError("model sizes without (layer, expert) pairs");
   }
+  return absl::OkStatus();
+}
 
-  Plan plan;
-  plan.coordinator = {sizes.non_expert_bytes, KvCacheBytes(sizes, r.ctx),
-                      CoordinatorComputeBytes(sizes, r.batch)};
-  plan.worker_buffer = WorkerBufferBytes(sizes, r.batch);
-  const uint64_t coordinator_total = plan.coordinator.total();
-
-  // Machines: a separate coordinator first, then the --machine list.
+// The machines: a separate coordinator first, then the --machine list; the first holds the
+// coordinator.
+void AddMachines(const PlanRequest& r, Plan* plan) {
   if (r.coordinator_machine.has_value()) {
     MachinePlan c;
     c.name = "coordinator";
     c.size = *r.coordinator_machine;
-    plan.machines.push_back(c);
+    plan->machines.push_back(c);
   }
   for (size_t i = 0; i < r.machines.size(); ++i) {
     MachinePlan m;
@@ -221,13 +217,170 @@ absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
     m.size = r.machines[i];
     if (i < r.machine_devices.size()) m.device = r.machine_devices[i];
     m.port = r.first_port + static_cast<int>(i);
-    plan.machines.push_back(m);
+    plan->machines.push_back(m);
   }
-  for (MachinePlan& m : plan.machines) m.reserve = r.reserve;
-  MachinePlan& coordinator_machine = plan.machines.front();
-  coordinator_machine.coordinator = true;
-  coordinator_machine.coordinator_bytes = coordinator_total;
+  for (MachinePlan& m : plan->machines) m.reserve = r.reserve;
+  plan->machines.front().coordinator = true;
+  plan->machines.front().coordinator_bytes = plan->coordinator.total();
+}
 
+// How the pairs split over the slots: `order` lists the pairs expert-major and slot s takes
+// order[ends[s - 1], ends[s]). Whole experts when they pack, else runs split at some layer;
+// nullopt when even that does not fit.
+std::optional<std::vector<size_t>> PartitionPairs(const ModelSizes& sizes,
+                                                  const std::vector<uint64_t>& caps, Plan* plan,
+                                                  std::vector<std::pair<int, int>>* order) {
+  const int64_t n_layer = sizes.n_layer(), n_expert = sizes.n_expert();
+  for (int e = 0; e < n_expert; ++e) {
+    for (int l = 0; l < n_layer; ++l) order->push_back({l, e});
+  }
+  std::vector<uint64_t> per_expert(static_cast<size_t>(n_expert), 0);
+  for (int e = 0; e < n_expert; ++e) {
+    for (int l = 0; l < n_layer; ++l) per_expert[static_cast<size_t>(e)] += sizes.PairBytes(l, e);
+  }
+  std::optional<std::vector<size_t>> ends = PartitionContiguous(per_expert, caps);
+  if (ends.has_value()) {
+    plan->layout = PlanLayout::kExpertRanges;
+    std::vector<size_t> pair_ends;
+    for (size_t end : *ends) pair_ends.push_back(end * static_cast<size_t>(n_layer));
+    return pair_ends;
+  }
+  // Expert-major pairs: a worker's share is a run of experts, split at some layer.
+  std::vector<uint64_t> items;
+  for (const auto& [l, e] : *order) items.push_back(sizes.PairBytes(l, e));
+  plan->layout = PlanLayout::kPerLayer;
+  return PartitionContiguous(items, caps);
+}
+
+// Why the model does not fit (plan->problem, plan->shortfall).
+void ExplainNoFit(const PlanRequest& r, uint64_t need, uint64_t have, size_t n_slots, Plan* plan) {
+  const MachinePlan& coordinator_machine = plan->machines.front();
+  const uint64_t coordinator_total = plan->coordinator.total();
+  plan->fits = false;
+  plan->shortfall = need > have ? need - have : 0;
+  if (coordinator_machine.available() < coordinator_total) {
+    plan->shortfall =
+        std::max(plan->shortfall, coordinator_total - coordinator_machine.available());
+    plan->problem = absl::StrCat("the coordinator needs ", FormatBytes(coordinator_total), " but ",
+                                 coordinator_machine.name, " has ",
+                                 FormatBytes(coordinator_machine.available()), " after the ",
+                                 FormatBytes(r.reserve), " reserve");
+  } else if (need > have) {
+    plan->problem = absl::StrCat(
+        "needs ", FormatBytes(need), " (coordinator ", FormatBytes(coordinator_total), ", experts ",
+        FormatBytes(r.sizes.ExpertBytes()), ", ", n_slots, " worker buffers of ",
+        FormatBytes(plan->worker_buffer), ") but the ", plan->machines.size(), " machines offer ",
+        FormatBytes(have), " after the ", FormatBytes(r.reserve), " reserve each: short by ",
+        FormatBytes(plan->shortfall));
+  } else {
+    plan->problem = absl::StrCat("the total fits (", FormatBytes(need), " of ", FormatBytes(have),
+                                 ") but whole (layer, expert) pairs do not pack into the room "
+                                 "left on each machine");
+  }
+}
+
+// The request without suggestions or replicas (for the what-ifs of Suggest).
+PlanRequest WhatIf(const PlanRequest& r) {
+  PlanRequest w = r;
+  w.suggest = false;
+  w.replicas = false;
+  return w;
+}
+
+// What would make it fit: more machines like the largest, a smaller context, a coordinator
+// machine of its own, a smaller type mix of the same shape.
+absl::Status Suggest(const PlanRequest& r, Plan* plan) {
+  const uint64_t biggest = *std::max_element(r.machines.begin(), r.machines.end());
+  PlanRequest more = WhatIf(r);
+  for (int extra = 1; extra <= 64; ++extra) {
+    more.machines.push_back(biggest);
+    ASSIGN_OR_RETURN(const Plan p, MakePlan(more));
+    if (p.fits) {
+      plan->suggestions.push_back(absl::StrCat("needs ", extra, " more ", FormatBytes(biggest),
+                                               " machine", extra > 1 ? "s" : "", " (",
+                                               more.machines.size(), " in all)"));
+      break;
+    }
+  }
+  PlanRequest shorter = WhatIf(r);
+  for (int64_t ctx = r.ctx / 2; ctx >= 256; ctx /= 2) {
+    shorter.ctx = ctx;
+    ASSIGN_OR_RETURN(const Plan p, MakePlan(shorter));
+    if (p.fits) {
+      plan->suggestions.push_back(absl::StrCat("fits with --ctx ", ctx));
+      break;
+    }
+  }
+  if (!r.coordinator_machine.has_value()) {  // the coordinator crowds out the first machine
+    const uint64_t size = (plan->coordinator.total() + r.reserve + kGiB - 1) / kGiB * kGiB;
+    PlanRequest separate = WhatIf(r);
+    separate.coordinator_machine = size;
+    ASSIGN_OR_RETURN(const Plan p, MakePlan(separate));
+    if (p.fits) {
+      plan->suggestions.push_back(absl::StrCat("fits with a separate coordinator machine of ",
+                                               FormatBytes(size), " (--coordinator ", size / kGiB,
+                                               "GiB)"));
+    }
+  }
+  const ModelSizes& sizes = r.sizes;
+  for (const char* type : {"Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"}) {
+    auto other = SizesFromShape(sizes.shape, type, sizes.n_vocab);
+    if (!other.ok() || other->WeightBytes() >= sizes.WeightBytes()) continue;
+    PlanRequest smaller = WhatIf(r);
+    smaller.sizes = *other;
+    ASSIGN_OR_RETURN(const Plan p, MakePlan(smaller));
+    if (p.fits) {
+      plan->suggestions.push_back(
+          absl::StrCat("use ", type, " (", FormatBytes(other->WeightBytes()), " of weights",
+                       sizes.type.empty() ? " for this shape, as moepool synth's mix" : "", ")"));
+      break;
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Gives slot s the pairs order[ends[s - 1], ends[s]), then the workers' files and the serve
+// command.
+void AssignPairs(const PlanRequest& r, const std::vector<int>& slot_machine,
+                 const std::vector<size_t>& ends, const std::vector<std::pair<int, int>>& order,
+                 Plan* plan) {
+  const ModelSizes& sizes = r.sizes;
+  size_t begin = 0;
+  for (size_t s = 0; s < ends.size(); ++s) {
+    MachinePlan& m = plan->machines[static_cast<size_t>(slot_machine[s])];
+    for (size_t i = begin; i < ends[s]; ++i) {
+      m.pairs.push_back(order[i]);
+      m.expert_bytes += sizes.PairBytes(order[i].first, order[i].second);
+    }
+    std::sort(m.pairs.begin(), m.pairs.end());
+    begin = ends[s];
+  }
+}
+
+void DescribeWorkers(const PlanRequest& r, Plan* plan) {
+  std::vector<std::string> workers;
+  for (MachinePlan& m : plan->machines) {
+    if (m.pairs.empty()) continue;
+    m.worker = true;
+    m.worker_buffer_bytes = plan->worker_buffer;
+    DescribeWorker(r.sizes, &m);
+    if (!m.placement_file_name.empty()) plan->layout = PlanLayout::kPerLayer;
+    workers.push_back(absl::StrCat(m.name, ":", m.port));
+  }
+  plan->serve_command = absl::StrCat("moepool serve --model ", ShellQuote(r.sizes.model_path),
+                                     " --ctx ", r.ctx, " --workers ", absl::StrJoin(workers, ","));
+}
+
+}  // namespace
+
+absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
+  RETURN_IF_ERROR(CheckPlanRequest(r));
+  const ModelSizes& sizes = r.sizes;
+  Plan plan;
+  plan.coordinator = {sizes.non_expert_bytes, KvCacheBytes(sizes, r.ctx),
+                      CoordinatorComputeBytes(sizes, r.batch)};
+  plan.worker_buffer = WorkerBufferBytes(sizes, r.batch);
+  AddMachines(r, &plan);
   // Room for experts on each machine that may hold some (a slot).
   std::vector<int> slot_machine;
   std::vector<uint64_t> caps;
@@ -237,148 +390,25 @@ absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
     slot_machine.push_back(static_cast<int>(i));
     caps.push_back(m.available() > taken ? m.available() - taken : 0);
   }
-
-  const int64_t n_layer = sizes.n_layer(), n_expert = sizes.n_expert();
-  uint64_t need = coordinator_total + sizes.ExpertBytes() + plan.worker_buffer * caps.size();
+  const uint64_t need =
+      plan.coordinator.total() + sizes.ExpertBytes() + plan.worker_buffer * caps.size();
   uint64_t have = 0;
   for (const MachinePlan& m : plan.machines) have += m.available();
 
   std::optional<std::vector<size_t>> ends;
-  std::vector<std::pair<int, int>> order;  // the items' pairs, in order
-  if (coordinator_machine.available() >= coordinator_total) {
-    // Whole experts on all layers.
-    std::vector<uint64_t> per_expert(static_cast<size_t>(n_expert), 0);
-    for (int e = 0; e < n_expert; ++e) {
-      for (int l = 0; l < n_layer; ++l) per_expert[static_cast<size_t>(e)] += sizes.PairBytes(l, e);
-    }
-    ends = PartitionContiguous(per_expert, caps);
-    if (ends.has_value()) {
-      plan.layout = PlanLayout::kExpertRanges;
-      std::vector<size_t> pair_ends;
-      for (size_t end : *ends) pair_ends.push_back(end * static_cast<size_t>(n_layer));
-      ends = pair_ends;
-    } else {
-      // Expert-major pairs: a worker's share is a run of experts, split at some layer.
-      std::vector<uint64_t> items;
-      for (int e = 0; e < n_expert; ++e) {
-        for (int l = 0; l < n_layer; ++l) items.push_back(sizes.PairBytes(l, e));
-      }
-      ends = PartitionContiguous(items, caps);
-      plan.layout = PlanLayout::kPerLayer;
-    }
-    for (int e = 0; e < n_expert; ++e) {
-      for (int l = 0; l < n_layer; ++l) order.push_back({l, e});
-    }
+  std::vector<std::pair<int, int>> order;
+  if (plan.machines.front().available() >= plan.coordinator.total()) {
+    ends = PartitionPairs(sizes, caps, &plan, &order);
   }
-
   if (!ends.has_value()) {
-    plan.fits = false;
-    plan.shortfall = need > have ? need - have : 0;
-    if (coordinator_machine.available() < coordinator_total) {
-      plan.shortfall =
-          std::max(plan.shortfall, coordinator_total - coordinator_machine.available());
-      plan.problem = absl::StrCat("the coordinator needs ", FormatBytes(coordinator_total), " but ",
-                                  coordinator_machine.name, " has ",
-                                  FormatBytes(coordinator_machine.available()), " after the ",
-                                  FormatBytes(r.reserve), " reserve");
-    } else if (need > have) {
-      plan.problem = absl::StrCat(
-          "needs ", FormatBytes(need), " (coordinator ", FormatBytes(coordinator_total),
-          ", experts ", FormatBytes(sizes.ExpertBytes()), ", ", caps.size(), " worker buffers of ",
-          FormatBytes(plan.worker_buffer), ") but the ", plan.machines.size(), " machines offer ",
-          FormatBytes(have), " after the ", FormatBytes(r.reserve), " reserve each: short by ",
-          FormatBytes(plan.shortfall));
-    } else {
-      plan.problem = absl::StrCat("the total fits (", FormatBytes(need), " of ", FormatBytes(have),
-                                  ") but whole (layer, expert) pairs do not pack into the room "
-                                  "left on each machine");
-    }
-    if (r.suggest) {
-      // More machines like the largest one.
-      const uint64_t biggest = *std::max_element(r.machines.begin(), r.machines.end());
-      PlanRequest more = r;
-      more.suggest = false;
-      more.replicas = false;
-      for (int extra = 1; extra <= 64; ++extra) {
-        more.machines.push_back(biggest);
-        ASSIGN_OR_RETURN(const Plan p, MakePlan(more));
-        if (p.fits) {
-          plan.suggestions.push_back(absl::StrCat("needs ", extra, " more ", FormatBytes(biggest),
-                                                  " machine", extra > 1 ? "s" : "", " (",
-                                                  more.machines.size(), " in all)"));
-          break;
-        }
-      }
-      // A smaller context.
-      PlanRequest shorter = r;
-      shorter.suggest = false;
-      shorter.replicas = false;
-      for (int64_t ctx = r.ctx / 2; ctx >= 256; ctx /= 2) {
-        shorter.ctx = ctx;
-        ASSIGN_OR_RETURN(const Plan p, MakePlan(shorter));
-        if (p.fits) {
-          plan.suggestions.push_back(absl::StrCat("fits with --ctx ", ctx));
-          break;
-        }
-      }
-      // A coordinator machine of its own, when the coordinator crowds out the first machine.
-      if (!r.coordinator_machine.has_value()) {
-        const uint64_t size = (coordinator_total + r.reserve + kGiB - 1) / kGiB * kGiB;
-        PlanRequest separate = r;
-        separate.suggest = false;
-        separate.replicas = false;
-        separate.coordinator_machine = size;
-        ASSIGN_OR_RETURN(const Plan p, MakePlan(separate));
-        if (p.fits) {
-          plan.suggestions.push_back(absl::StrCat("fits with a separate coordinator machine of ",
-                                                  FormatBytes(size), " (--coordinator ",
-                                                  size / kGiB, "GiB)"));
-        }
-      }
-      // A smaller type mix of the same shape.
-      for (const char* type : {"Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"}) {
-        auto other = SizesFromShape(sizes.shape, type, sizes.n_vocab);
-        if (!other.ok() || other->WeightBytes() >= sizes.WeightBytes()) continue;
-        PlanRequest smaller = r;
-        smaller.suggest = false;
-        smaller.replicas = false;
-        smaller.sizes = *other;
-        ASSIGN_OR_RETURN(const Plan p, MakePlan(smaller));
-        if (p.fits) {
-          plan.suggestions.push_back(absl::StrCat(
-              "use ", type, " (", FormatBytes(other->WeightBytes()), " of weights",
-              sizes.type.empty() ? " for this shape, as moepool synth's mix" : "", ")"));
-          break;
-        }
-      }
-    }
+    ExplainNoFit(r, need, have, caps.size(), &plan);
+    if (r.suggest) RETURN_IF_ERROR(Suggest(r, &plan));
     return plan;
   }
-
   plan.fits = true;
-  size_t begin = 0;
-  for (size_t s = 0; s < caps.size(); ++s) {
-    MachinePlan& m = plan.machines[static_cast<size_t>(slot_machine[s])];
-    for (size_t i = begin; i < (*ends)[s]; ++i) {
-      m.pairs.push_back(order[i]);
-      m.expert_bytes += sizes.PairBytes(order[i].first, order[i].second);
-    }
-    std::sort(m.pairs.begin(), m.pairs.end());
-    begin = (*ends)[s];
-  }
+  AssignPairs(r, slot_machine, *ends, order, &plan);
   if (r.replicas) AddReplicas(sizes, slot_machine, caps, &plan.machines);
-
-  std::vector<std::string> workers;
-  for (MachinePlan& m : plan.machines) {
-    if (m.pairs.empty()) continue;
-    m.worker = true;
-    m.worker_buffer_bytes = plan.worker_buffer;
-    DescribeWorker(sizes, &m);
-    if (!m.placement_file_name.empty()) plan.layout = PlanLayout::kPerLayer;
-    workers.push_back(absl::StrCat(m.name, ":", m.port));
-  }
-  plan.serve_command = absl::StrCat("moepool serve --model ", ShellQuote(sizes.model_path),
-                                    " --ctx ", r.ctx, " --workers ", absl::StrJoin(workers, ","));
+  DescribeWorkers(r, &plan);
   return plan;
 }
 

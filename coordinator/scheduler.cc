@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "coordinator/generated_text.h"
 #include "engine/status_macros.h"
 
 namespace moepool {
@@ -15,29 +16,6 @@ using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
-}
-
-// Position of the earliest occurrence of any stop string in `text`, or npos.
-size_t FindStop(const std::string& text, const std::vector<std::string>& stops) {
-  size_t best = std::string::npos;
-  for (const std::string& s : stops) best = std::min(best, text.find(s));
-  return best;
-}
-
-// Length of the longest suffix of `text` that is a proper prefix of a stop string: text that
-// must be held back because the next tokens may complete a stop string. Stop strings are valid
-// UTF-8, so such a suffix starts on a character boundary.
-size_t StopPrefixSuffix(const std::string& text, const std::vector<std::string>& stops) {
-  size_t hold = 0;
-  for (const std::string& s : stops) {
-    for (size_t k = std::min(s.size() - 1, text.size()); k > hold; --k) {
-      if (text.compare(text.size() - k, k, s, 0, k) == 0) {
-        hold = k;
-        break;
-      }
-    }
-  }
-  return hold;
 }
 
 }  // namespace
@@ -80,9 +58,8 @@ struct Scheduler::Sequence {
         stream(std::make_shared<GenerationStream>()),
         cache(pool, n_ctx),
         sampler(req.sampling),
-        detok(tokenizer),
+        text(tokenizer, req.stop, req.trim_leading_space),
         tokens(req.prompt),
-        trim_pending(req.trim_leading_space),
         submitted(Clock::now()) {}
 
   GenerationRequest req;
@@ -90,14 +67,12 @@ struct Scheduler::Sequence {
   KvCache cache;
   Sampler sampler;
   SampledToken next;  // set by SampleNext, consumed by OnToken in the same step
-  StreamingDetokenizer detok;
+  GeneratedText text;
   std::vector<int32_t> tokens;  // prompt + generated; positions < cache.n_past() are computed
   int64_t n_generated = 0;
   int64_t cached_prompt_tokens = 0;  // positions attached before it computed any of its own
   bool computed = false;             // some chunk of it has run
-  std::string held;                  // decoded text not yet sent (a possible stop-string prefix)
-  bool trim_pending;
-  bool admitted = false;  // moved from the queue to the active set
+  bool admitted = false;             // moved from the queue to the active set
   bool done = false;
   Clock::time_point submitted, last_token;
 };
@@ -261,6 +236,29 @@ bool Scheduler::Step() {
   for (auto& seq : active_) {
     if (seq->stream->cancelled()) Finish(seq.get(), FinishReason::kCancelled);
   }
+  const std::vector<Chunk> chunks = PlanChunks();
+  if (chunks.empty()) {
+    RemoveFinished();
+    return false;
+  }
+  const Clock::time_point step_start = Clock::now();
+  ExpertBackend* experts = engine_->transformer().experts();
+  const uint64_t blocked_before = experts->blocked_micros();
+  std::vector<BatchRow> rows;
+  std::vector<size_t> chunk_end;  // rows.size() after each chunk
+  BuildRows(chunks, &rows, &chunk_end);
+  const size_t split = ChooseSplit(rows.size(), chunk_end);
+  const absl::Status status = Run(rows, split);
+  CommitAndSample(chunks, status);
+  if (metrics_ != nullptr) {
+    const double blocked_s = static_cast<double>(experts->blocked_micros() - blocked_before) / 1e6;
+    metrics_->ObserveStep(split > 0 ? 2 : 1, Seconds(step_start, Clock::now()), blocked_s);
+  }
+  RemoveFinished();
+  return true;
+}
+
+std::vector<Scheduler::Chunk> Scheduler::PlanChunks() {
   std::vector<Chunk> chunks;
   int64_t n_decode = 0;
   for (auto& seq : active_) {
@@ -299,38 +297,38 @@ bool Scheduler::Step() {
     if (remaining > 1) prefill_budget -= n;
     chunks.push_back({seq, start, n});
   }
-  if (chunks.empty()) {
-    active_.erase(
-        std::remove_if(active_.begin(), active_.end(), [](const auto& s) { return s->done; }),
-        active_.end());
-    return false;
-  }
+  return chunks;
+}
 
-  const Clock::time_point step_start = Clock::now();
-  ExpertBackend* experts = engine_->transformer().experts();
-  const uint64_t blocked_before = experts->blocked_micros();
-  std::vector<BatchRow> rows;
-  std::vector<size_t> chunk_end;  // rows.size() after each chunk
+void Scheduler::BuildRows(const std::vector<Chunk>& chunks, std::vector<BatchRow>* rows,
+                          std::vector<size_t>* chunk_end) const {
   for (const Chunk& c : chunks) {
     const int64_t end = c.start + c.n;
     for (int64_t p = c.start; p < end; ++p) {
       const bool last = p + 1 == static_cast<int64_t>(c.seq->tokens.size());
-      rows.push_back({c.seq->tokens[static_cast<size_t>(p)], p, &c.seq->cache, last});
+      rows->push_back({c.seq->tokens[static_cast<size_t>(p)], p, &c.seq->cache, last});
     }
-    chunk_end.push_back(rows.size());
+    chunk_end->push_back(rows->size());
   }
-  // Two micro-batches split at the chunk boundary nearest half the rows (logits stay in row
-  // order: the first micro-batch's come first).
+}
+
+size_t Scheduler::ChooseSplit(size_t n_rows, const std::vector<size_t>& chunk_end) const {
+  if (options_.micro_batches < 2 || chunk_end.size() < 2 ||
+      !engine_->transformer().experts()->overlaps() ||
+      static_cast<int64_t>(n_rows) < options_.micro_batch_min_rows) {
+    return 0;
+  }
+  const auto gap = [&](size_t at) {
+    return std::abs(2 * static_cast<int64_t>(at) - static_cast<int64_t>(n_rows));
+  };
   size_t split = 0;
-  if (options_.micro_batches >= 2 && chunks.size() >= 2 && experts->overlaps() &&
-      static_cast<int64_t>(rows.size()) >= options_.micro_batch_min_rows) {
-    for (size_t i = 0; i + 1 < chunk_end.size(); ++i) {
-      const auto gap = [&](size_t at) {
-        return std::abs(2 * static_cast<int64_t>(at) - static_cast<int64_t>(rows.size()));
-      };
-      if (split == 0 || gap(chunk_end[i]) < gap(split)) split = chunk_end[i];
-    }
+  for (size_t i = 0; i + 1 < chunk_end.size(); ++i) {
+    if (split == 0 || gap(chunk_end[i]) < gap(split)) split = chunk_end[i];
   }
+  return split;
+}
+
+absl::Status Scheduler::Run(const std::vector<BatchRow>& rows, size_t split) {
   logits_.clear();
   absl::Status status;
   if (split > 0) {
@@ -342,6 +340,10 @@ bool Scheduler::Step() {
     status = engine_->transformer().Forward(rows, &logits_);
   }
   n_steps_.fetch_add(1);
+  return status;
+}
+
+void Scheduler::CommitAndSample(const std::vector<Chunk>& chunks, const absl::Status& status) {
   const int64_t n_vocab = engine_->config().n_vocab;
   size_t logits_row = 0;
   std::vector<std::pair<Sequence*, float*>> sampled;  // sequences that get a token this step
@@ -365,14 +367,12 @@ bool Scheduler::Step() {
     SampleNext(sampled[static_cast<size_t>(i)].first, sampled[static_cast<size_t>(i)].second);
   });
   for (const auto& [seq, logits] : sampled) OnToken(seq);
-  if (metrics_ != nullptr) {
-    const double blocked_s = static_cast<double>(experts->blocked_micros() - blocked_before) / 1e6;
-    metrics_->ObserveStep(split > 0 ? 2 : 1, Seconds(step_start, Clock::now()), blocked_s);
-  }
+}
+
+void Scheduler::RemoveFinished() {
   active_.erase(
       std::remove_if(active_.begin(), active_.end(), [](const auto& s) { return s->done; }),
       active_.end());
-  return true;
 }
 
 bool Scheduler::SharesAPlannedBlock(const std::vector<Chunk>& chunks, const Sequence& seq,
@@ -431,12 +431,10 @@ void Scheduler::OnToken(Sequence* seq) {
   GenerationEvent ev;
   bool final = end_of_turn;
   FinishReason reason = FinishReason::kStop;
-  std::string piece;
   if (!end_of_turn) {
     ev.tokens.push_back(std::move(seq->next));
     ++seq->n_generated;
     seq->tokens.push_back(id);
-    piece = seq->detok.Push(id);
     // The next token would sit at position tokens.size()-1, which must be inside the context.
     if ((req.max_tokens > 0 && seq->n_generated >= req.max_tokens) ||
         static_cast<int64_t>(seq->tokens.size()) > n_ctx_) {
@@ -444,22 +442,11 @@ void Scheduler::OnToken(Sequence* seq) {
       reason = FinishReason::kLength;
     }
   }
-  if (final) piece += seq->detok.Flush();
-  if (seq->trim_pending && !piece.empty()) {
-    if (piece[0] == ' ') piece.erase(0, 1);
-    seq->trim_pending = false;
-  }
-  seq->held += piece;
-  const size_t stop_at = FindStop(seq->held, req.stop);
-  if (stop_at != std::string::npos) {
-    ev.text = seq->held.substr(0, stop_at);
-    seq->held.clear();
+  GeneratedText::Delta delta = seq->text.Push(end_of_turn ? -1 : id, final);
+  ev.text = std::move(delta.text);
+  if (delta.stopped) {
     final = true;
     reason = FinishReason::kStop;
-  } else {
-    const size_t keep = final ? 0 : StopPrefixSuffix(seq->held, req.stop);
-    ev.text = seq->held.substr(0, seq->held.size() - keep);
-    seq->held.erase(0, seq->held.size() - keep);
   }
   if (final) {
     ev.finish = reason;

@@ -172,8 +172,23 @@ class Scheduler {
     int64_t n;
   };
   void Loop();
-  // One batch; false if there was nothing to run.
+  // One batch: plan the chunks, build their rows, choose the micro-batch split, run, commit and
+  // sample. False if there was nothing to run.
   bool Step();
+  // Each unfinished sequence's next chunk within the step's token budget (decode rows first),
+  // attaching cached prefixes and reserving KV blocks (preempting the youngest when out).
+  std::vector<Chunk> PlanChunks();
+  // The chunks' rows in order, and rows->size() after each chunk.
+  void BuildRows(const std::vector<Chunk>& chunks, std::vector<BatchRow>* rows,
+                 std::vector<size_t>* chunk_end) const;
+  // Where to split the rows into two micro-batches (at the chunk boundary nearest the middle),
+  // or 0 for one pass.
+  size_t ChooseSplit(size_t n_rows, const std::vector<size_t>& chunk_end) const;
+  // The forward pass over the rows (two micro-batches when split > 0) into logits_.
+  absl::Status Run(const std::vector<BatchRow>& rows, size_t split);
+  // Advances each chunk's cache (or fails its sequence), samples and emits the next tokens.
+  void CommitAndSample(const std::vector<Chunk>& chunks, const absl::Status& status);
+  void RemoveFinished();
   void Admit();
   // Ends `seq`: returns its KV blocks and sends `event` as its final event.
   void Finish(Sequence* seq, FinishReason reason, absl::Status error = absl::OkStatus(),

@@ -1,8 +1,8 @@
 // The coordinator's per-layer work outside the experts, behind one seam: attention (RMSNorm,
 // Q/K/V projections, RoPE, the K/V store, causal attention over each sequence's cache, the output
-// projection and its residual), the FFN norm and the router; and the output head. Transformer
-// runs it on the CPU itself unless TransformerOptions::attention names a backend (the CUDA one of
-// engine/cuda/device_attention.h). Embedding, the residual after the experts and sampling stay
+// projection and its residual), the FFN norm and the router; and the output head. The CPU's is
+// engine/cpu_attention.h (the Transformer's default); the CUDA one is
+// engine/cuda/device_attention.h. Embedding, the residual after the experts and sampling stay
 // with the Transformer either way, and the experts stay behind their own ExpertBackend: the two
 // seams are independent (attention on a GPU with experts on remote workers works).
 #ifndef MOEPOOL_ENGINE_ATTENTION_BACKEND_H_

@@ -31,7 +31,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
         std::make_unique<LocalExpertBackend>(engine->model_.get(), engine->pool_.get());
     experts = engine->local_experts_.get();
   }
-  TransformerOptions transformer = options.transformer;
+  TransformerOptions transformer;
   if (options.attention) {
     ASSIGN_OR_RETURN(engine->attention_, options.attention(*engine->model_));
     transformer.attention = engine->attention_.get();

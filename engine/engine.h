@@ -30,10 +30,8 @@ struct EngineOptions {
   // Experts run here unless `experts` is set (then only non-expert weights are bound).
   ExpertBackend* experts = nullptr;
   // Where attention, router and output head run: called once with the loaded model; the engine
-  // owns what it returns (its error fails Load). Empty: on the CPU (transformer.attention, if
-  // set, is used as given instead).
+  // owns what it returns (its error fails Load). Empty: on the CPU (CpuAttentionBackend).
   std::function<absl::StatusOr<std::unique_ptr<AttentionBackend>>(const Model&)> attention;
-  TransformerOptions transformer;
 };
 
 class Engine {

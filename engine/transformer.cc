@@ -5,7 +5,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
-#include "engine/attention.h"
+#include "engine/cpu_attention.h"
 #include "engine/matmul.h"
 #include "engine/moe_ffn.h"
 #include "engine/status_macros.h"
@@ -44,27 +44,11 @@ void ApplyRope(float* x, int64_t n_heads, int64_t head_dim, int64_t n_rot, int64
 
 Transformer::Transformer(const Model* model, ExpertBackend* experts, ThreadPool* pool,
                          const TransformerOptions& options)
-    : model_(model), experts_(experts), pool_(pool), options_(options) {}
-
-void Transformer::Attention(int64_t layer, absl::Span<const BatchRow> rows, const float* q,
-                            float* out) {
-  const ModelConfig& c = model_->config();
-  const int64_t hd = c.head_dim;
-  const int group = static_cast<int>(c.n_head / c.n_head_kv);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int64_t n = static_cast<int64_t>(rows.size());
-  // One task per (row, KV head): the query heads of a group share each converted K/V row.
-  pool_->ParallelFor(n * c.n_head_kv, [&](int64_t task) {
-    const int64_t r = task / c.n_head_kv;
-    const int64_t kvh = task % c.n_head_kv;
-    const BatchRow& row = rows[static_cast<size_t>(r)];
-    const KvHeadView kv = row.cache->HeadView(layer, kvh, hd, row.pos + 1);
-    thread_local std::vector<float> scratch;
-    scratch.resize(static_cast<size_t>(group * kv.n_kv));
-    const int64_t h0 = kvh * group;
-    AttendKvHead(q + r * c.n_embd + h0 * hd, group, hd, kv, scale, out + r * c.n_embd + h0 * hd,
-                 scratch.data());
-  });
+    : model_(model), experts_(experts), pool_(pool), attention_(options.attention) {
+  if (attention_ == nullptr) {
+    cpu_attention_ = std::make_unique<CpuAttentionBackend>(model, pool);
+    attention_ = cpu_attention_.get();
+  }
 }
 
 // One micro-batch's state through the layers.
@@ -74,31 +58,19 @@ struct Transformer::Pass {
         n(static_cast<int64_t>(r.size())),
         x(static_cast<size_t>(n * c.n_embd)),
         h(static_cast<size_t>(n * c.n_embd)),
-        q(static_cast<size_t>(n * c.n_embd)),
-        kbuf(static_cast<size_t>(n * c.kv_dim())),
-        vbuf(static_cast<size_t>(n * c.kv_dim())),
-        attn(static_cast<size_t>(n * c.n_embd)),
         moe(static_cast<size_t>(n * c.n_embd)),
-        router_logits(static_cast<size_t>(n * c.n_expert)),
         expert(static_cast<size_t>(n * c.n_expert_used)),
         weight(static_cast<size_t>(n * c.n_expert_used)) {}
 
   absl::Span<const BatchRow> rows;
   int64_t n;
-  std::vector<float> x;              // residual stream [n x n_embd]
-  std::vector<float> h;              // normed input [n x n_embd]; the experts' input
-  std::vector<float> q;              // [n x n_embd]
-  std::vector<float> kbuf;           // [n x kv_dim]
-  std::vector<float> vbuf;           // [n x kv_dim]
-  std::vector<float> attn;           // [n x n_embd]; also the attention output projection
-  std::vector<float> moe;            // the experts' output [n x n_embd]
-  std::vector<float> router_logits;  // [n x n_expert]
-  std::vector<int32_t> expert;       // [n x k]
-  std::vector<float> weight;         // [n x k]
-  ConvertedRows converted;           // the attention input for wq (and whatever shares its type)
-  ConvertedRows converted_k, converted_v;  // for wk / wv when they need other activation types
-  ExpertRoutes routes;  // of the current layer, pointing into h / expert / weight
-  std::unique_ptr<AttentionBackend::Pass> device;  // with an AttentionBackend
+  std::vector<float> x;         // residual stream [n x n_embd]
+  std::vector<float> h;         // ffn_norm(x) [n x n_embd]: the experts' input
+  std::vector<float> moe;       // the experts' output [n x n_embd]
+  std::vector<int32_t> expert;  // [n x k]
+  std::vector<float> weight;    // [n x k]
+  ExpertRoutes routes;          // of the current layer, pointing into h / expert / weight
+  std::unique_ptr<AttentionBackend::Pass> attention;  // the backend's state for these rows
 };
 
 absl::Status Transformer::Prepare(absl::Span<const BatchRow> rows) const {
@@ -117,20 +89,19 @@ absl::Status Transformer::Prepare(absl::Span<const BatchRow> rows) const {
   return absl::OkStatus();
 }
 
-void Transformer::Begin(Pass* p) const {
+void Transformer::Embed(Pass* p) const {
   const int64_t d = model_->config().n_embd;
   for (int64_t r = 0; r < p->n; ++r) {
     DequantizeRow(model_->token_embd(), p->rows[r].token, &p->x[r * d]);
   }
 }
 
-absl::Status Transformer::AttentionAndRoute(int64_t il, Pass* p) {
-  if (options_.attention != nullptr) {
-    RETURN_IF_ERROR(options_.attention->Layer(p->device.get(), il, p->x.data(), p->h.data(),
-                                              p->expert.data(), p->weight.data()));
-  } else {
-    AttentionAndRouteOnCpu(il, p);
-  }
+absl::Status Transformer::Attention(int64_t il, Pass* p) {
+  return attention_->Layer(p->attention.get(), il, p->x.data(), p->h.data(), p->expert.data(),
+                           p->weight.data());
+}
+
+void Transformer::Route(int64_t il, Pass* p) {
   const ModelConfig& c = model_->config();
   ExpertRoutes& routes = p->routes;
   routes.layer = static_cast<int>(il);
@@ -141,57 +112,6 @@ absl::Status Transformer::AttentionAndRoute(int64_t il, Pass* p) {
   routes.expert = p->expert.data();
   routes.weight = p->weight.data();
   if (observer_ != nullptr) observer_->OnRoutes(static_cast<int>(il), routes);
-  return absl::OkStatus();
-}
-
-void Transformer::AttentionAndRouteOnCpu(int64_t il, Pass* p) {
-  const ModelConfig& c = model_->config();
-  const LayerWeights& L = model_->layer(il);
-  const int64_t n = p->n;
-  const int64_t d = c.n_embd;
-  const int64_t kvd = c.kv_dim();
-  ConvertedRows& ch = p->converted;
-  RmsNorm(p->x.data(), L.attn_norm.data(), n, d, c.rms_eps, p->h.data());
-  // Q, K and V in one parallel loop; the rows are converted once per activation type the three
-  // weight types need (Q4_K and Q6_K both take Q8_K rows).
-  const auto act_type = [](const WeightMatrix& w) { return GetTypeTraits(w.type).vec_dot_type; };
-  ConvertRows(L.wq.type, p->h.data(), n, d, &ch, pool_);
-  const ConvertedRows* ck = &ch;
-  if (act_type(L.wk) != ch.type) {
-    ConvertRows(L.wk.type, p->h.data(), n, d, &p->converted_k, pool_);
-    ck = &p->converted_k;
-  }
-  const ConvertedRows* cv = act_type(L.wv) == ch.type ? &ch : ck;
-  if (act_type(L.wv) != cv->type) {
-    ConvertRows(L.wv.type, p->h.data(), n, d, &p->converted_v, pool_);
-    cv = &p->converted_v;
-  }
-  MatMulMany({{&L.wq, ch.Slice(0, n), p->q.data()},
-              {&L.wk, ck->Slice(0, n), p->kbuf.data()},
-              {&L.wv, cv->Slice(0, n), p->vbuf.data()}},
-             pool_);
-  for (int64_t r = 0; r < n; ++r) {
-    const BatchRow& row = p->rows[r];
-    ApplyRope(&p->q[r * d], c.n_head, c.head_dim, c.n_rot, row.pos, c.rope_base);
-    ApplyRope(&p->kbuf[r * kvd], c.n_head_kv, c.head_dim, c.n_rot, row.pos, c.rope_base);
-    row.cache->Store(il, row.pos, &p->kbuf[r * kvd], &p->vbuf[r * kvd]);
-  }
-  Attention(il, p->rows, p->q.data(), p->attn.data());
-  // The projection goes to `moe` (free until the experts run), then into the residual.
-  MatMul(L.wo, p->attn.data(), n, p->moe.data(), pool_);
-  for (size_t i = 0; i < p->x.size(); ++i) p->x[i] += p->moe[i];
-
-  // MoE FFN: Route here; Dispatch -> ExpertCompute -> Combine in the backend.
-  const int k_used = static_cast<int>(c.n_expert_used);
-  RmsNorm(p->x.data(), L.ffn_norm.data(), n, d, c.rms_eps, p->h.data());
-  if (L.router.data != nullptr) {
-    MatMul(L.router, p->h.data(), n, p->router_logits.data(), pool_);
-    RouteTopK(p->router_logits.data(), n, static_cast<int>(c.n_expert), k_used, p->expert.data(),
-              p->weight.data());
-  } else {
-    std::fill(p->expert.begin(), p->expert.end(), 0);
-    std::fill(p->weight.begin(), p->weight.end(), 1.0f);
-  }
 }
 
 void Transformer::AddExperts(Pass* p) const {
@@ -211,56 +131,46 @@ absl::Status Transformer::Head(const Pass& p, std::vector<float>* logits) const 
   if (n_out == 0) return absl::OkStatus();
   const size_t base = logits->size();
   logits->resize(base + static_cast<size_t>(n_out * c.n_vocab));
-  if (options_.attention != nullptr) {
-    const absl::Status s = options_.attention->Head(sel.data(), n_out, logits->data() + base);
-    if (!s.ok()) logits->resize(base);
-    return s;
-  }
-  std::vector<float> normed(sel.size());
-  RmsNorm(sel.data(), model_->output_norm().data(), n_out, d, c.rms_eps, normed.data());
-  MatMul(model_->output(), normed.data(), n_out, logits->data() + base, pool_);
-  return absl::OkStatus();
+  const absl::Status s = attention_->Head(sel.data(), n_out, logits->data() + base);
+  if (!s.ok()) logits->resize(base);
+  return s;
 }
 
-absl::Status Transformer::BeginOnBackend(Pass* p) const {
-  if (options_.attention == nullptr) return absl::OkStatus();
-  ASSIGN_OR_RETURN(p->device, options_.attention->BeginPass(p->rows));
+absl::Status Transformer::BeginPass(Pass* p) const {
+  ASSIGN_OR_RETURN(p->attention, attention_->BeginPass(p->rows));
+  Embed(p);
   return absl::OkStatus();
 }
 
 absl::Status Transformer::Forward(absl::Span<const BatchRow> rows, std::vector<float>* logits) {
-  if (rows.empty()) return absl::OkStatus();
-  RETURN_IF_ERROR(Prepare(rows));
-  // Paged caches take their blocks now, before any K/V is written.
-  for (const BatchRow& row : rows) RETURN_IF_ERROR(row.cache->Reserve(row.pos + 1));
-  Pass p(rows, model_->config());
-  RETURN_IF_ERROR(BeginOnBackend(&p));
-  Begin(&p);
-  for (int64_t il = 0; il < model_->config().n_layer; ++il) {
-    RETURN_IF_ERROR(AttentionAndRoute(il, &p));
-    RETURN_IF_ERROR(experts_->Compute(p.routes, p.moe.data()));
-    AddExperts(&p);
-  }
-  return Head(p, logits);
+  const absl::Span<const BatchRow> one[] = {rows};
+  return ForwardMicroBatches(one, logits);
 }
 
+// The one driver of the layers. Per layer and micro-batch:
+//   Attention  x += attn(attn_norm(x)); h = ffn_norm(x)      x, h   [n x n_embd]
+//   Route      expert, weight = top-k(router(h))             [n x k] (ExpertRoutes)
+//   Experts    moe = sum_j weight_j * FFN_expert_j(h)         moe    [n x n_embd]
+//   Residual   x += moe
+// With one micro-batch the experts run synchronously (ExpertBackend::Compute, which lets a
+// cluster backend write a request on this thread); with several, Start / Finish pipeline them:
+// micro-batch i's experts run while micro-batch i + 1's attention runs here.
 absl::Status Transformer::ForwardMicroBatches(
     absl::Span<const absl::Span<const BatchRow>> micro_batches, std::vector<float>* logits) {
-  std::vector<absl::Span<const BatchRow>> batches;
-  for (const auto& mb : micro_batches) {
-    if (!mb.empty()) batches.push_back(mb);
-  }
-  if (batches.size() <= 1) return batches.empty() ? absl::OkStatus() : Forward(batches[0], logits);
-  for (const auto& mb : batches) RETURN_IF_ERROR(Prepare(mb));
-  for (const auto& mb : batches) {
-    for (const BatchRow& row : mb) RETURN_IF_ERROR(row.cache->Reserve(row.pos + 1));
-  }
   const ModelConfig& c = model_->config();
   std::vector<std::unique_ptr<Pass>> passes;
-  for (const auto& mb : batches) {
+  for (const auto& mb : micro_batches) {
+    if (mb.empty()) continue;
+    RETURN_IF_ERROR(Prepare(mb));
     passes.push_back(std::make_unique<Pass>(mb, c));
-    RETURN_IF_ERROR(BeginOnBackend(passes.back().get()));
   }
+  if (passes.empty()) return absl::OkStatus();
+  // Paged caches take their blocks now, before any K/V is written.
+  for (const auto& p : passes) {
+    for (const BatchRow& row : p->rows) RETURN_IF_ERROR(row.cache->Reserve(row.pos + 1));
+  }
+  for (const auto& p : passes) RETURN_IF_ERROR(BeginPass(p.get()));
+  const bool pipelined = passes.size() > 1;
   std::vector<std::unique_ptr<PendingExperts>> pending(passes.size());
   // After micro-batch `failed` failed: finishes every outstanding computation in start order
   // (the micro-batches after it started first) and returns `error`.
@@ -273,33 +183,36 @@ absl::Status Transformer::ForwardMicroBatches(
     }
     return error;
   };
-  for (auto& p : passes) Begin(p.get());
+  // Finishes micro-batch i's experts in flight, if any, and adds them to its residual stream.
+  auto finish = [&](size_t i) {
+    if (pending[i] == nullptr) return absl::OkStatus();
+    const absl::Status s = pending[i]->Finish();
+    pending[i].reset();
+    if (s.ok()) AddExperts(passes[i].get());
+    return s;
+  };
   // The start order is (layer, micro-batch) ascending, so finishing micro-batch i's previous
   // layer before starting its next one finishes in start order.
   for (int64_t il = 0; il < c.n_layer; ++il) {
     for (size_t i = 0; i < passes.size(); ++i) {
       Pass* p = passes[i].get();
-      if (pending[i] != nullptr) {
-        const absl::Status s = pending[i]->Finish();
-        pending[i].reset();
-        if (!s.ok()) return drain(i, s);
-        AddExperts(p);
+      if (absl::Status s = finish(i); !s.ok()) return drain(i, s);
+      if (absl::Status s = Attention(il, p); !s.ok()) return drain(i, s);
+      Route(il, p);
+      if (pipelined) {
+        pending[i] = experts_->Start(p->routes, p->moe.data());
+        continue;
       }
-      if (absl::Status s = AttentionAndRoute(il, p); !s.ok()) return drain(i, s);
-      pending[i] = experts_->Start(p->routes, p->moe.data());
+      RETURN_IF_ERROR(experts_->Compute(p->routes, p->moe.data()));
+      AddExperts(p);
     }
   }
   // Each micro-batch's output head runs while the later ones' last experts are in flight.
   const size_t logits_before = logits->size();
   for (size_t i = 0; i < passes.size(); ++i) {
-    const absl::Status s = pending[i]->Finish();
-    pending[i].reset();
+    absl::Status s = finish(i);
+    if (s.ok()) s = Head(*passes[i], logits);
     if (!s.ok()) {
-      logits->resize(logits_before);
-      return drain(i, s);
-    }
-    AddExperts(passes[i].get());
-    if (absl::Status s = Head(*passes[i], logits); !s.ok()) {
       logits->resize(logits_before);
       return drain(i, s);
     }

@@ -1,16 +1,18 @@
-// The Mixtral forward pass on the CPU: embedding, RMSNorm, RoPE, grouped-query causal attention
-// over each sequence's KvCache, routed MoE FFN through an ExpertBackend, output norm and head.
+// The Mixtral forward pass: embedding, then per layer attention and routing (an AttentionBackend:
+// the CPU's, engine/cpu_attention.h, unless another is given), the routed MoE FFN (an
+// ExpertBackend) and the residual; then the output head (the AttentionBackend again).
 //
 // A batch is a list of rows, each a (token, position, sequence cache) triple, so prompt chunks
 // and decode tokens of different sequences share one pass. Every per-row computation depends only
 // on that row and its own sequence's cache, never on the other rows or the thread count.
 //
-// Each layer reads Attention (here, or on an AttentionBackend) -> Route -> Dispatch ->
-// ExpertCompute -> Combine (the ExpertBackend) -> residual.
+// Each layer reads Attention -> Route -> Experts (Start / Finish; the backend's Dispatch ->
+// ExpertCompute -> Combine) -> Residual: see ForwardMicroBatches in transformer.cc.
 #ifndef MOEPOOL_ENGINE_TRANSFORMER_H_
 #define MOEPOOL_ENGINE_TRANSFORMER_H_
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -32,8 +34,8 @@ class RoutingObserver {
 
 struct TransformerOptions {
   // Where attention, router and output head run (borrowed; must outlive the Transformer).
-  // nullptr: on the CPU, here. A backend keeps its own K/V: every pass over one cache must use
-  // the same backend.
+  // nullptr: a CpuAttentionBackend the Transformer owns. A backend keeps its own K/V: every pass
+  // over one cache must use the same backend.
   AttentionBackend* attention = nullptr;
 };
 
@@ -70,11 +72,9 @@ class Transformer {
   absl::Status ForwardMicroBatches(absl::Span<const absl::Span<const BatchRow>> micro_batches,
                                    std::vector<float>* logits);
 
-  // Reserves the attention backend's copy of `pool` (AttentionBackend::PreparePool); OK at once
-  // without a backend.
-  absl::Status PreparePool(KvBlockPool* pool) {
-    return options_.attention == nullptr ? absl::OkStatus() : options_.attention->PreparePool(pool);
-  }
+  // Reserves the attention backend's copy of `pool` (AttentionBackend::PreparePool; the CPU's
+  // needs none).
+  absl::Status PreparePool(KvBlockPool* pool) { return attention_->PreparePool(pool); }
 
   void set_routing_observer(RoutingObserver* obs) { observer_ = obs; }
   const Model& model() const { return *model_; }
@@ -86,26 +86,26 @@ class Transformer {
 
   // Checks tokens and positions (INVALID_ARGUMENT).
   absl::Status Prepare(absl::Span<const BatchRow> rows) const;
-  // Embedding into the residual stream.
-  void Begin(Pass* p) const;
-  // The AttentionBackend's pass for p's rows (nothing without a backend).
-  absl::Status BeginOnBackend(Pass* p) const;
-  // Layer `il` up to the experts: attention block, FFN norm, routing (p->routes); on the
-  // AttentionBackend when there is one (its errors), else on the CPU (never fails).
-  absl::Status AttentionAndRoute(int64_t il, Pass* p);
-  void AttentionAndRouteOnCpu(int64_t il, Pass* p);
+  // The attention backend's pass for p's rows, and the embedding into the residual stream.
+  absl::Status BeginPass(Pass* p) const;
+  void Embed(Pass* p) const;
+  // Layer `il` up to the experts on the attention backend: x += attention, h = ffn_norm(x), the
+  // top-k experts and weights of each row (the backend's errors).
+  absl::Status Attention(int64_t il, Pass* p);
+  // p->routes for layer il (and the routing observer).
+  void Route(int64_t il, Pass* p);
   // The MoE residual, x = x + MoE(ffn_norm(x)): adds the experts' output (p->moe) to the
   // un-normalised residual stream, as Mixtral was trained (docs/engine.md).
   void AddExperts(Pass* p) const;
   // Output norm and head for the rows that want logits (appended to `logits`).
   absl::Status Head(const Pass& p, std::vector<float>* logits) const;
-  void Attention(int64_t layer, absl::Span<const BatchRow> rows, const float* q, float* out);
 
   const Model* model_;
   ExpertBackend* experts_;
   ThreadPool* pool_;
   RoutingObserver* observer_ = nullptr;
-  TransformerOptions options_;
+  AttentionBackend* attention_;                      // never null
+  std::unique_ptr<AttentionBackend> cpu_attention_;  // when no backend was given
 };
 
 // y = x / sqrt(mean(x^2) + eps) * w for each of n rows of width d (sum of squares in double).

@@ -29,6 +29,17 @@ void SetRequestHeader(const RoundHeader& h, pb::ForwardRequest* r) {
 
 }  // namespace
 
+RoundHeader HeaderOf(const pb::ForwardRequest& r) {
+  RoundHeader h;
+  h.round = r.step_id();
+  h.layer = r.layer();
+  h.dtype = r.dtype();
+  h.n_embd = r.n_embd();
+  h.total_rows = r.total_rows();
+  h.k = r.k();
+  return h;
+}
+
 int64_t RowsPerChunk(int64_t max_message_bytes, int64_t n_embd, DType dtype, int k) {
   // Per row: the values, and at most 11 bytes of varint expert id + 4 bytes of weight per pair;
   // 1 KiB for the fixed fields and framing.

@@ -37,6 +37,9 @@ struct RoundHeader {
   int k = 0;  // (expert, weight) pairs per row
 };
 
+// The header a request (chunk) carries.
+RoundHeader HeaderOf(const moepool::v1::ForwardRequest& request);
+
 // Rows per request chunk so that one message of rows of `n_embd` values of `dtype` plus k
 // (expert, weight) pairs per row stays under max_message_bytes (at least 1).
 int64_t RowsPerChunk(int64_t max_message_bytes, int64_t n_embd, DType dtype, int k);

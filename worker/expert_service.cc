@@ -67,24 +67,7 @@ grpc::Status CheckToken(const std::string& token, const grpc::ServerContext& con
 grpc::Status FillDescribe(WorkerCore* core, pb::DescribeResponse* response) {
   absl::StatusOr<WorkerDescription> d = core->Describe();
   if (!d.ok()) return ToGrpc(d.status());
-  response->set_protocol_version(pb::PROTOCOL_VERSION_CURRENT);
-  pb::ModelIdentity* model = response->mutable_model();
-  model->set_fingerprint(d->fingerprint);
-  model->set_name(d->model_name);
-  model->set_file_bytes(d->file_bytes);
-  pb::Hyperparameters* h = response->mutable_hparams();
-  h->set_n_embd(d->n_embd);
-  h->set_n_ff(d->n_ff);
-  h->set_n_layer(d->n_layer);
-  h->set_n_expert(d->n_expert);
-  h->set_n_expert_used(d->n_expert_used);
-  response->mutable_experts()->mutable_packed()->Add(d->experts.begin(), d->experts.end());
-  response->set_device(d->device);
-  response->set_expert_bytes(d->expert_bytes);
-  response->set_memory_used_bytes(d->memory_used_bytes);
-  response->set_memory_free_bytes(d->memory_free_bytes);
-  response->set_worker_id(d->worker_id);
-  response->set_threads(d->threads);
+  *response = DescribeResponseOf(*d);
   return grpc::Status::OK;
 }
 
@@ -374,6 +357,29 @@ void WorkerServer::Wait() {
   server_->Wait();
   std::lock_guard<std::mutex> lock(shutdown_mu_);  // a Shutdown in progress completes first
   if (thread_.joinable()) thread_.join();
+}
+
+pb::DescribeResponse DescribeResponseOf(const WorkerDescription& d) {
+  pb::DescribeResponse response;
+  response.set_protocol_version(pb::PROTOCOL_VERSION_CURRENT);
+  pb::ModelIdentity* model = response.mutable_model();
+  model->set_fingerprint(d.fingerprint);
+  model->set_name(d.model_name);
+  model->set_file_bytes(d.file_bytes);
+  pb::Hyperparameters* h = response.mutable_hparams();
+  h->set_n_embd(d.n_embd);
+  h->set_n_ff(d.n_ff);
+  h->set_n_layer(d.n_layer);
+  h->set_n_expert(d.n_expert);
+  h->set_n_expert_used(d.n_expert_used);
+  response.mutable_experts()->mutable_packed()->Add(d.experts.begin(), d.experts.end());
+  response.set_device(d.device);
+  response.set_expert_bytes(d.expert_bytes);
+  response.set_memory_used_bytes(d.memory_used_bytes);
+  response.set_memory_free_bytes(d.memory_free_bytes);
+  response.set_worker_id(d.worker_id);
+  response.set_threads(d.threads);
+  return response;
 }
 
 }  // namespace moepool::worker

@@ -49,6 +49,9 @@ struct ExpertServiceOptions {
 // differ.
 bool ConstantTimeEquals(const std::string& a, const std::string& b);
 
+// The Describe answer for a worker's description (protocol version: the current one).
+moepool::v1::DescribeResponse DescribeResponseOf(const WorkerDescription& description);
+
 struct WorkerServerOptions {
   std::string listen_address;  // "host:port"; port 0 picks a free port (see WorkerServer::port)
   ExpertServiceOptions service;

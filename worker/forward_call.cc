@@ -17,17 +17,6 @@ uint64_t MicrosSince(std::chrono::steady_clock::time_point t0) {
           .count());
 }
 
-wire::RoundHeader HeaderOf(const pb::ForwardRequest& r) {
-  wire::RoundHeader h;
-  h.round = r.step_id();
-  h.layer = r.layer();
-  h.dtype = r.dtype();
-  h.n_embd = r.n_embd();
-  h.total_rows = r.total_rows();
-  h.k = r.k();
-  return h;
-}
-
 ComputeRequest ToCompute(const pb::ForwardRequest& h, const float* x, const int32_t* expert,
                          const float* weight, size_t pairs) {
   ComputeRequest c;
@@ -163,7 +152,7 @@ void ForwardCall::Answer(const ComputeRequest& compute, const pb::ForwardRequest
   const absl::Status s = env_->core->Compute(compute, &result_);
   const uint64_t micros = MicrosSince(start);
   if (!s.ok()) return Refuse(round, s);
-  const wire::RoundHeader header = HeaderOf(round);
+  const wire::RoundHeader header = wire::HeaderOf(round);
   wire::WriteResponseChunks(header, result_.data(),
                             wire::RowsPerPayload(static_cast<int64_t>(env_->response_chunk_bytes),
                                                  header.n_embd, header.dtype),

@@ -137,8 +137,7 @@ grpc::Status FakeWorker::Forward(
       refuse(round, s);
       continue;
     }
-    wire::RoundHeader header{round.step_id(), round.layer(),      round.dtype(),
-                             round.n_embd(),  round.total_rows(), round.k()};
+    const wire::RoundHeader header = wire::HeaderOf(round);
     out.clear();
     wire::WriteResponseChunks(
         header, y.data(),

@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "coordinator/remote_expert_backend.h"
+#include "coordinator/cluster_expert_backend.h"
 #include "engine/engine.h"
 #include "engine/model.h"
 #include "engine/moe_ffn.h"

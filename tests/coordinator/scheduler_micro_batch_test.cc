@@ -5,8 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "coordinator/cluster_expert_backend.h"
 #include "coordinator/metrics.h"
-#include "coordinator/remote_expert_backend.h"
 #include "coordinator/scheduler.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"

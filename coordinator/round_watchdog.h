@@ -6,8 +6,8 @@
 // deadline and one tick later. Several steps may be armed at once (pipelined micro-batches).
 // Threading: Arm/Disarm from any thread; cancellation runs on the watchdog's thread. The links
 // passed to Arm must stay alive until the step's Disarm returns.
-#ifndef MOEPOOL_COORDINATOR_STEP_WATCHDOG_H_
-#define MOEPOOL_COORDINATOR_STEP_WATCHDOG_H_
+#ifndef MOEPOOL_COORDINATOR_ROUND_WATCHDOG_H_
+#define MOEPOOL_COORDINATOR_ROUND_WATCHDOG_H_
 
 #include <chrono>
 #include <condition_variable>
@@ -20,14 +20,14 @@
 
 namespace moepool {
 
-class StepWatchdog {
+class RoundWatchdog {
  public:
-  explicit StepWatchdog(std::chrono::microseconds tick);
-  ~StepWatchdog();
-  StepWatchdog(const StepWatchdog&) = delete;
-  StepWatchdog& operator=(const StepWatchdog&) = delete;
+  explicit RoundWatchdog(std::chrono::microseconds tick);
+  ~RoundWatchdog();
+  RoundWatchdog(const RoundWatchdog&) = delete;
+  RoundWatchdog& operator=(const RoundWatchdog&) = delete;
 
-  // Until Disarm(step): once `deadline` passes, calls CancelStep(step) on each of `links`
+  // Until Disarm(step): once `deadline` passes, calls CancelRound(step) on each of `links`
   // (once). `step` must be non-zero and not armed already.
   void Arm(uint64_t step, std::chrono::steady_clock::time_point deadline,
            const std::vector<WorkerLink*>* links);
@@ -51,4 +51,4 @@ class StepWatchdog {
 
 }  // namespace moepool
 
-#endif  // MOEPOOL_COORDINATOR_STEP_WATCHDOG_H_
+#endif  // MOEPOOL_COORDINATOR_ROUND_WATCHDOG_H_

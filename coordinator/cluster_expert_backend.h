@@ -20,22 +20,22 @@
 // Pipelining: Start sends the requests and returns (local experts are computed in Start, after
 // the requests went out); Finish waits for the answers and combines. Several steps may be
 // outstanding (micro-batches). A link carries one request at a time, so each worker has
-// `streams_per_worker` links ("lanes"); a step takes a lane no outstanding step holds, or else
-// waits for the oldest outstanding step's answers and shares its lane (that wait, like Finish's,
-// counts as blocked time). A worker takes requests while any of its lanes is up (a request for a
-// lane that is down goes on another); Stats reports it up when every lane is. Compute is Start +
+// `links_per_worker` links ("links"); a step takes a link no outstanding step holds, or else
+// waits for the oldest outstanding step's answers and shares its link (that wait, like Finish's,
+// counts as blocked time). A worker takes requests while any of its links is up (a request for a
+// link that is down goes on another); Stats reports it up when every link is. Compute is Start +
 // Finish, except that without local rows it runs one worker's exchange on the calling thread (no
 // hand-off to a link thread).
 //
 // Failures: a worker that does not answer within the step timeout has its stream cancelled by
-// the step watchdog (StepWatchdog); a lost connection fails its request. The worker is marked
+// the step watchdog (RoundWatchdog); a lost connection fails its request. The worker is marked
 // down and reconnected in the background (exponential backoff) and used again once its
 // Describe is accepted (same fingerprint, hyperparameters and experts).
 // In-step retry (ClusterOptions::retry_on_replica): when a worker's request fails with
 // UNAVAILABLE or DEADLINE_EXCEEDED and other up workers hold its experts, its rows are sent again
 // to those replicas within the same step, once; the result is the same bits. Without a replica,
-// an UNAVAILABLE worker is tried once more on another of its lanes that is up (a stream broken
-// by a restart this lane had not seen yet). If that is not possible or the retry fails too, the
+// an UNAVAILABLE worker is tried once more on another of its links that is up (a stream broken
+// by a restart this link had not seen yet). If that is not possible or the retry fails too, the
 // step fails with the first code, naming the worker(s). Steps after
 // that route the worker's experts to replicas if any, else fail with UNAVAILABLE until it is
 // back. Nothing here aborts the process.
@@ -45,8 +45,8 @@
 // Threading: Compute / Start / Finish are called from one thread at a time (the forward
 // thread; see ExpertBackend for the order); Stats, ResetStats, blocked_micros and placement may
 // be called from any thread.
-#ifndef MOEPOOL_COORDINATOR_REMOTE_EXPERT_BACKEND_H_
-#define MOEPOOL_COORDINATOR_REMOTE_EXPERT_BACKEND_H_
+#ifndef MOEPOOL_COORDINATOR_CLUSTER_EXPERT_BACKEND_H_
+#define MOEPOOL_COORDINATOR_CLUSTER_EXPERT_BACKEND_H_
 
 #include <atomic>
 #include <cstdint>
@@ -58,7 +58,7 @@
 
 #include "absl/status/statusor.h"
 #include "coordinator/expert_placement.h"
-#include "coordinator/step_watchdog.h"
+#include "coordinator/round_watchdog.h"
 #include "coordinator/worker_link.h"
 #include "engine/expert_backend.h"
 #include "engine/model.h"
@@ -102,7 +102,10 @@ struct ClusterOptions {
   // requests on a worker at once. Two lets two pipelined micro-batches' requests travel and
   // queue at the worker together; with one, a micro-batch's requests wait for the other's
   // answers. Links connect on first use.
-  int streams_per_worker = 2;
+  int links_per_worker = 2;
+  // Makes each link (one per worker and stream); empty: GrpcWorkerLink. Tests pass an
+  // in-process link (tests/cluster/in_process_link_util.h).
+  WorkerLinkFactory make_link;
 };
 
 struct ClusterStats {
@@ -152,27 +155,44 @@ class ClusterExpertBackend : public ExpertBackend {
 
  private:
   struct Bucket;
-  class Step;
+  class Call;
+  struct Retry;
 
   ClusterExpertBackend() = default;
 
+  // Create's parts: the links (ClusterOptions::make_link, else gRPC), the startup Describe of
+  // every worker at once with the checks and the placement, NCCL sessions, starting the links.
+  void MakeLinks(const std::shared_ptr<grpc::ChannelCredentials>& creds,
+                 const grpc::ChannelArguments& args);
+  absl::StatusOr<std::vector<moepool::v1::DescribeResponse>> DescribeWorkers();
+  void ConnectNccl(const std::shared_ptr<grpc::ChannelCredentials>& creds,
+                   const grpc::ChannelArguments& args);
+  void StartLinks();
   // Creates a step and sends its requests (see the file comment).
-  std::unique_ptr<Step> Begin(const ExpertRoutes& routes, float* out, bool allow_inline);
+  std::unique_ptr<Call> Begin(const ExpertRoutes& routes, float* out, bool allow_inline);
   // Validates, chooses holders and groups the rows per holder.
-  absl::Status Dispatch(Step* s);
+  absl::Status Dispatch(Call* s);
   // Sends the buckets from index `first` on (posting remote ones, computing local ones here).
-  void Send(Step* s, size_t first, bool allow_inline);
+  void Send(Call* s, size_t first, bool allow_inline);
+  // Moves buckets off down links onto an up link of their worker, and waits for the earlier
+  // steps on the links used.
+  void ChooseLinks(Call* s, size_t first);
+  // The local bucket's rows on the local experts (its job's partial and status).
+  void ComputeLocal(const ExpertRoutes& routes, Bucket* local);
+  // The failed buckets' pairs and workers, and another up link of worker w (-1: none).
+  Retry CollectFailed(const Call& s, const std::vector<size_t>& failed) const;
+  int OtherLink(const Retry& r, size_t w) const;
   // Waits for the requests of the current round and disarms its watchdog.
-  void WaitRound(Step* s);
+  void WaitRound(Call* s);
   // Re-sends the rows of the failed buckets to up replicas; error if some expert has none.
-  absl::Status Resend(Step* s, const std::vector<size_t>& failed);
+  absl::Status Resend(Call* s, const std::vector<size_t>& failed);
   // Waits, retries, combines; the step's final status. Idempotent (the second call: OK).
-  absl::Status FinishStep(Step* s);
-  // Waits until the other outstanding steps on lane `lane` (any lane: -1) have their answers.
-  void WaitForOthers(const Step* s, int lane);
-  // Chooses the lane of a new step.
-  int ChooseLane();
-  bool WorkerUsable(size_t w) const;  // some lane up (steps route to it)
+  absl::Status FinishCall(Call* s);
+  // Waits until the other outstanding steps on link `link` (any link: -1) have their answers.
+  void WaitForOthers(const Call* s, int link);
+  // Chooses the link of a new step.
+  int ChooseLink();
+  bool WorkerUsable(size_t w) const;  // some link up (steps route to it)
   absl::Status Fail(absl::Status s);
   // Joins the messages of several failures; the code is the first one's.
   static absl::Status JoinErrors(const std::vector<absl::Status>& errors);
@@ -181,14 +201,14 @@ class ClusterExpertBackend : public ExpertBackend {
   std::unique_ptr<Model> model_;  // all experts bound, no non-expert weights
   std::unique_ptr<ThreadPool> local_pool_;
   std::unique_ptr<ExpertBackend> local_;  // LocalExpertBackend or the factory's
-  std::vector<std::vector<std::unique_ptr<WorkerLink>>> links_;  // [worker][lane]
-  std::unique_ptr<StepWatchdog> watchdog_;
+  std::vector<std::vector<std::unique_ptr<WorkerLink>>> links_;  // [worker][link]
+  std::unique_ptr<RoundWatchdog> watchdog_;
   std::vector<moepool::v1::DescribeResponse> describes_;
   ExpertPlacement placement_;
 
   // Forward thread only.
-  uint64_t step_counter_ = 0;       // request rounds sent (ids of steps and retries)
-  std::vector<Step*> outstanding_;  // started, not finished; oldest first
+  uint64_t round_counter_ = 0;      // request rounds sent (ids of steps and retries)
+  std::vector<Call*> outstanding_;  // started, not finished; oldest first
   std::atomic<uint64_t> blocked_micros_{0};
   mutable std::mutex stats_mu_;
   uint64_t steps_ = 0, failed_steps_ = 0, local_rows_ = 0, local_micros_ = 0;
@@ -197,4 +217,4 @@ class ClusterExpertBackend : public ExpertBackend {
 
 }  // namespace moepool
 
-#endif  // MOEPOOL_COORDINATOR_REMOTE_EXPERT_BACKEND_H_
+#endif  // MOEPOOL_COORDINATOR_CLUSTER_EXPERT_BACKEND_H_

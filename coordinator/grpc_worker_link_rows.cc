@@ -1,13 +1,13 @@
-// WorkerLink's exchange with the rows outside the gRPC messages (--transport nccl, see
+// GrpcWorkerLink's exchange with the rows outside the gRPC messages (--transport nccl, see
 // wire/transport.h): one request message without rows naming the NCCL session, the rows
 // sent on the pipe, one response message without rows, the result received on the pipe. Kept
-// apart from worker_link.cc so the gRPC path reads as before.
+// apart from grpc_worker_link.cc so the gRPC path reads as before.
 #include <chrono>
 #include <cstdio>
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "coordinator/worker_link.h"
+#include "coordinator/grpc_worker_link.h"
 #include "wire/forward_chunks.h"
 
 namespace moepool {
@@ -21,7 +21,7 @@ uint64_t MicrosSince(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-absl::Status WorkerLink::ExchangeOutOfBand(LinkJob* job) {
+absl::Status GrpcWorkerLink::ExchangeOutOfBand(LinkJob* job) {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t n = static_cast<int64_t>(job->rows->size());
   const int64_t d = job->n_embd;
@@ -53,7 +53,7 @@ absl::Status WorkerLink::ExchangeOutOfBand(LinkJob* job) {
                     false);
     }
     response_bytes += resp.ByteSizeLong();
-  } while (resp.step_id() < job->step_id);  // the rest of an answer to an abandoned step
+  } while (resp.step_id() < job->round);  // the rest of an answer to an abandoned step
   if (absl::Status s = CheckAnswer(*job, resp); !s.ok()) return s;
   if (!resp.rows_via_nccl() || resp.dtype() != job->dtype || resp.total_rows() != n ||
       resp.row_offset() != 0 || resp.n_rows() != n) {

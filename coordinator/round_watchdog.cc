@@ -1,13 +1,13 @@
-#include "coordinator/step_watchdog.h"
+#include "coordinator/round_watchdog.h"
 
 #include <algorithm>
 
 namespace moepool {
 
-StepWatchdog::StepWatchdog(std::chrono::microseconds tick)
+RoundWatchdog::RoundWatchdog(std::chrono::microseconds tick)
     : tick_(tick), thread_([this] { Loop(); }) {}
 
-StepWatchdog::~StepWatchdog() {
+RoundWatchdog::~RoundWatchdog() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
@@ -16,20 +16,20 @@ StepWatchdog::~StepWatchdog() {
   thread_.join();
 }
 
-void StepWatchdog::Arm(uint64_t step, std::chrono::steady_clock::time_point deadline,
-                       const std::vector<WorkerLink*>* links) {
+void RoundWatchdog::Arm(uint64_t step, std::chrono::steady_clock::time_point deadline,
+                        const std::vector<WorkerLink*>* links) {
   std::lock_guard<std::mutex> lock(mu_);
   armed_.push_back({step, deadline, links});
 }
 
-void StepWatchdog::Disarm(uint64_t step) {
+void RoundWatchdog::Disarm(uint64_t step) {
   std::lock_guard<std::mutex> lock(mu_);
   armed_.erase(std::remove_if(armed_.begin(), armed_.end(),
                               [step](const Armed& a) { return a.step == step; }),
                armed_.end());
 }
 
-void StepWatchdog::Loop() {
+void RoundWatchdog::Loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_) {
     cv_.wait_for(lock, tick_, [&] { return stop_; });
@@ -41,7 +41,7 @@ void StepWatchdog::Loop() {
         ++it;
         continue;
       }
-      for (WorkerLink* link : *it->links) link->CancelStep(it->step);
+      for (WorkerLink* link : *it->links) link->CancelRound(it->step);
       it = armed_.erase(it);
     }
   }

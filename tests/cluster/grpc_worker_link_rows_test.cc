@@ -14,7 +14,7 @@
 #include <thread>
 #include <vector>
 
-#include "coordinator/worker_link.h"
+#include "coordinator/grpc_worker_link.h"
 #include "gtest/gtest.h"
 #include "tests/engine/tiny_model_util.h"
 #include "wire/transport.h"
@@ -89,16 +89,16 @@ class WorkerLinkRowsTest : public ::testing::Test {
     server_ = *std::move(server);
   }
 
-  std::unique_ptr<WorkerLink> Link(std::shared_ptr<wire::RowSession> rows) {
+  std::unique_ptr<GrpcWorkerLink> Link(std::shared_ptr<wire::RowSession> rows) {
     WorkerLinkConfig c;
     c.address = "127.0.0.1:" + std::to_string(server_->port());
     c.credentials = grpc::InsecureChannelCredentials();
-    auto link = std::make_unique<WorkerLink>(std::move(c));
+    auto link = std::make_unique<GrpcWorkerLink>(std::move(c));
     auto d = link->Describe(10, true);
     EXPECT_TRUE(d.ok()) << d.status();
     if (!d.ok()) return nullptr;
     describe_ = *d;
-    link->SetRowSession(std::move(rows));
+    link->SetRowSession(std::move(rows), nullptr);
     link->Start(*d, [](const moepool::v1::DescribeResponse&) { return absl::OkStatus(); });
     return link;
   }
@@ -121,7 +121,7 @@ class WorkerLinkRowsTest : public ::testing::Test {
       weight_.push_back(0.75f);
       weight_.push_back(0.25f);
     }
-    job->step_id = step;
+    job->round = step;
     job->layer = layer;
     job->dtype = dtype;
     job->n_embd = d;
@@ -223,7 +223,7 @@ TEST_F(WorkerLinkRowsTest, PostedJobsSendTheirRowsOnThePipe) {
     ASSERT_TRUE(by_grpc.status.ok()) << by_grpc.status;
     const size_t sent_before = wire_->sent[0];
     MakeJob(1, 4, moepool::v1::DTYPE_F32, step++, &by_pipe);
-    StepLatch latch(1);
+    RoundLatch latch(1);
     pipe_link->Post(&by_pipe, &latch);
     latch.Wait();
     ASSERT_TRUE(by_pipe.status.ok()) << by_pipe.status;
@@ -246,7 +246,7 @@ TEST_F(WorkerLinkRowsTest, ReconnectedLinkGetsANewRowSession) {
   c.credentials = grpc::InsecureChannelCredentials();
   c.backoff_initial_s = 0.02;
   c.backoff_max_s = 0.1;
-  WorkerLink link(std::move(c));
+  GrpcWorkerLink link(std::move(c));
   auto d = link.Describe(10, true);
   ASSERT_TRUE(d.ok()) << d.status();
   auto sessions2 = std::make_shared<worker::NcclSessions>(0, wire::NcclOptions{});

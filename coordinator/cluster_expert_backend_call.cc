@@ -1,11 +1,11 @@
 // ClusterExpertBackend's step path: Dispatch -> Send -> (Finish: wait, retry on replicas,
-// Combine). See remote_expert_backend.h.
+// Combine). See cluster_expert_backend.h.
 #include <algorithm>
 #include <chrono>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "coordinator/remote_expert_backend.h"
+#include "coordinator/cluster_expert_backend.h"
 #include "engine/moe_dispatch.h"
 #include "engine/status_macros.h"
 
@@ -24,7 +24,7 @@ uint64_t MicrosSince(Clock::time_point t0) {
 // The rows of one step that go to one holder, and what came back.
 struct ClusterExpertBackend::Bucket {
   int holder = ExpertPlacement::kLocal;  // kLocal or a worker index
-  int lane = 0;                          // which of the worker's links carries it
+  int link = 0;                          // which of the worker's links carries it
   std::vector<int64_t> rows;             // ascending rows of the step
   std::vector<int32_t> expert;           // [rows x k], -1 for experts computed elsewhere
   std::vector<float> weight;             // [rows x k]
@@ -51,23 +51,23 @@ struct ClusterExpertBackend::Bucket {
 };
 
 // One layer's MoE step in flight.
-class ClusterExpertBackend::Step final : public PendingExperts {
+class ClusterExpertBackend::Call final : public PendingExperts {
  public:
-  Step(ClusterExpertBackend* backend, const ExpertRoutes& routes, float* out)
+  Call(ClusterExpertBackend* backend, const ExpertRoutes& routes, float* out)
       : backend(backend), routes(routes), out(out) {}
-  ~Step() override { backend->FinishStep(this).IgnoreError(); }
-  absl::Status Finish() override { return backend->FinishStep(this); }
+  ~Call() override { backend->FinishCall(this).IgnoreError(); }
+  absl::Status Finish() override { return backend->FinishCall(this); }
 
   ClusterExpertBackend* const backend;
   const ExpertRoutes routes;
   float* const out;
-  int lane = 0;             // the lane of its first round
+  int link = 0;             // the link of its first round
   absl::Status dispatched;  // an error here: nothing was sent
   std::vector<std::unique_ptr<Bucket>> buckets;
   // The current round of requests: its id, links (for the watchdog) and latch.
   uint64_t round = 0;
   std::vector<WorkerLink*> active;
-  std::unique_ptr<StepLatch> latch;
+  std::unique_ptr<RoundLatch> latch;
   bool armed = false;
   bool finished = false;
 };
@@ -79,8 +79,8 @@ absl::Status ClusterExpertBackend::Fail(absl::Status s) {
 }
 
 absl::Status ClusterExpertBackend::Compute(const ExpertRoutes& routes, float* out) {
-  std::unique_ptr<Step> s = Begin(routes, out, /*allow_inline=*/true);
-  return FinishStep(s.get());
+  std::unique_ptr<Call> s = Begin(routes, out, /*allow_inline=*/true);
+  return FinishCall(s.get());
 }
 
 std::unique_ptr<PendingExperts> ClusterExpertBackend::Start(const ExpertRoutes& routes,
@@ -88,11 +88,11 @@ std::unique_ptr<PendingExperts> ClusterExpertBackend::Start(const ExpertRoutes& 
   return Begin(routes, out, /*allow_inline=*/false);
 }
 
-std::unique_ptr<ClusterExpertBackend::Step> ClusterExpertBackend::Begin(const ExpertRoutes& routes,
+std::unique_ptr<ClusterExpertBackend::Call> ClusterExpertBackend::Begin(const ExpertRoutes& routes,
                                                                         float* out,
                                                                         bool allow_inline) {
-  auto s = std::make_unique<Step>(this, routes, out);
-  s->lane = ChooseLane();
+  auto s = std::make_unique<Call>(this, routes, out);
+  s->link = ChooseLink();
   outstanding_.push_back(s.get());
   {
     std::lock_guard<std::mutex> lock(stats_mu_);
@@ -103,7 +103,7 @@ std::unique_ptr<ClusterExpertBackend::Step> ClusterExpertBackend::Begin(const Ex
   return s;
 }
 
-absl::Status ClusterExpertBackend::Dispatch(Step* s) {
+absl::Status ClusterExpertBackend::Dispatch(Call* s) {
   const ExpertRoutes& routes = s->routes;
   const ModelConfig& c = model_->config();
   if (absl::Status st = CheckRoutes(routes, c); !st.ok()) return st;
@@ -120,7 +120,7 @@ absl::Status ClusterExpertBackend::Dispatch(Step* s) {
     ++rows_per_expert[static_cast<size_t>(e)];
   }
   std::vector<int> holder_of;
-  s->round = ++step_counter_;
+  s->round = ++round_counter_;
   RETURN_IF_ERROR(placement_.ChooseHolders(
       routes.layer, rows_per_expert, [&](int w) { return WorkerUsable(static_cast<size_t>(w)); },
       s->round, &holder_of));
@@ -138,33 +138,33 @@ absl::Status ClusterExpertBackend::Dispatch(Step* s) {
   for (size_t b = 0; b < s->buckets.size(); ++b) {
     s->buckets[b] = std::make_unique<Bucket>();
     s->buckets[b]->holder = b == 0 ? ExpertPlacement::kLocal : static_cast<int>(b - 1);
-    s->buckets[b]->lane = s->lane;
+    s->buckets[b]->link = s->link;
   }
   for (const DispatchPair& p : plan.pairs)
     s->buckets[static_cast<size_t>(p.destination)]->Add(p, k);
   return absl::OkStatus();
 }
 
-int ClusterExpertBackend::ChooseLane() {
-  const int n_lanes = options_.streams_per_worker;
-  std::vector<bool> held(static_cast<size_t>(n_lanes), false);
-  for (const Step* other : outstanding_) held[static_cast<size_t>(other->lane)] = true;
-  for (int lane = 0; lane < n_lanes; ++lane) {
-    if (!held[static_cast<size_t>(lane)]) return lane;
+int ClusterExpertBackend::ChooseLink() {
+  const int n_links_per_worker = options_.links_per_worker;
+  std::vector<bool> held(static_cast<size_t>(n_links_per_worker), false);
+  for (const Call* other : outstanding_) held[static_cast<size_t>(other->link)] = true;
+  for (int link = 0; link < n_links_per_worker; ++link) {
+    if (!held[static_cast<size_t>(link)]) return link;
   }
-  return outstanding_.front()->lane;  // shared with the oldest (Send waits for its answers)
+  return outstanding_.front()->link;  // shared with the oldest (Send waits for its answers)
 }
 
-void ClusterExpertBackend::WaitForOthers(const Step* s, int lane) {
-  // A step holds its own lane and any lane Send moved one of its buckets to (a link was down).
-  auto holds = [lane](const Step* other) {
-    if (lane < 0 || other->lane == lane) return true;
+void ClusterExpertBackend::WaitForOthers(const Call* s, int link) {
+  // A step holds its own link and any link Send moved one of its buckets to (a link was down).
+  auto holds = [link](const Call* other) {
+    if (link < 0 || other->link == link) return true;
     for (const auto& b : other->buckets) {
-      if (b->lane == lane && !b->rows.empty()) return true;
+      if (b->link == link && !b->rows.empty()) return true;
     }
     return false;
   };
-  for (Step* other : outstanding_) {
+  for (Call* other : outstanding_) {
     if (other == s || other->latch == nullptr || !holds(other)) continue;
     const auto t0 = Clock::now();
     other->latch->Wait();
@@ -172,35 +172,8 @@ void ClusterExpertBackend::WaitForOthers(const Step* s, int lane) {
   }
 }
 
-void ClusterExpertBackend::Send(Step* s, size_t first, bool allow_inline) {
-  const ExpertRoutes& routes = s->routes;
-  const int64_t d = routes.n_embd;
-  // A request goes on its bucket's lane, or on another lane of the worker if that link is down
-  // (reconnecting) and another is up.
-  std::vector<bool> lanes(static_cast<size_t>(options_.streams_per_worker), false);
-  for (size_t b = first; b < s->buckets.size(); ++b) {
-    Bucket& bucket = *s->buckets[b];
-    if (bucket.rows.empty() || bucket.holder == ExpertPlacement::kLocal) continue;
-    const auto& worker = links_[static_cast<size_t>(bucket.holder)];
-    if (!worker[static_cast<size_t>(bucket.lane)]->up()) {
-      for (size_t lane = 0; lane < worker.size(); ++lane) {
-        if (worker[lane]->up()) {
-          bucket.lane = static_cast<int>(lane);
-          break;
-        }
-      }
-    }
-    lanes[static_cast<size_t>(bucket.lane)] = true;
-  }
-  // A link carries one request at a time: earlier steps on those lanes must have their answers
-  // (a retry waits for all of them).
-  if (first > 0) {
-    WaitForOthers(s, -1);
-  } else {
-    for (size_t lane = 0; lane < lanes.size(); ++lane) {
-      if (lanes[lane]) WaitForOthers(s, static_cast<int>(lane));
-    }
-  }
+void ClusterExpertBackend::Send(Call* s, size_t first, bool allow_inline) {
+  ChooseLinks(s, first);
   std::vector<LinkJob*> jobs;
   Bucket* local = nullptr;
   s->active.clear();
@@ -212,22 +185,22 @@ void ClusterExpertBackend::Send(Step* s, size_t first, bool allow_inline) {
       continue;
     }
     LinkJob& job = bucket.job;
-    job.step_id = s->round;
-    job.layer = routes.layer;
+    job.round = s->round;
+    job.layer = s->routes.layer;
     job.dtype = options_.wire_dtype;
-    job.n_embd = d;
-    job.k = routes.k;
-    job.x = routes.x;
+    job.n_embd = s->routes.n_embd;
+    job.k = s->routes.k;
+    job.x = s->routes.x;
     job.rows = &bucket.rows;
     job.expert = &bucket.expert;
     job.weight = &bucket.weight;
     s->active.push_back(
-        links_[static_cast<size_t>(bucket.holder)][static_cast<size_t>(bucket.lane)].get());
+        links_[static_cast<size_t>(bucket.holder)][static_cast<size_t>(bucket.link)].get());
     jobs.push_back(&job);
   }
   // Without local rows the calling thread runs one worker's exchange itself (Compute only).
   const bool run_inline = allow_inline && local == nullptr && !jobs.empty();
-  s->latch = std::make_unique<StepLatch>(static_cast<int>(jobs.size()) - (run_inline ? 1 : 0));
+  s->latch = std::make_unique<RoundLatch>(static_cast<int>(jobs.size()) - (run_inline ? 1 : 0));
   watchdog_->Arm(
       s->round,
       Clock::now() + std::chrono::microseconds(static_cast<int64_t>(options_.step_timeout_s * 1e6)),
@@ -241,30 +214,64 @@ void ClusterExpertBackend::Send(Step* s, size_t first, bool allow_inline) {
     s->active[0]->RunInline(jobs[0]);
     blocked_micros_.fetch_add(MicrosSince(t0), std::memory_order_relaxed);
   } else if (local != nullptr) {
-    const auto t0 = Clock::now();
-    const int64_t m = static_cast<int64_t>(local->rows.size());
-    std::vector<float> xg(static_cast<size_t>(m * d));
-    for (int64_t i = 0; i < m; ++i) {
-      std::copy_n(routes.x + local->rows[static_cast<size_t>(i)] * d, d, xg.data() + i * d);
-    }
-    ExpertRoutes sub;
-    sub.layer = routes.layer;
-    sub.n_rows = m;
-    sub.n_embd = d;
-    sub.k = routes.k;
-    sub.x = xg.data();
-    sub.expert = local->expert.data();
-    sub.weight = local->weight.data();
-    local->job.partial.resize(static_cast<size_t>(m * d));
-    local->job.status = local_->Compute(sub, local->job.partial.data());
-    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0);
-    std::lock_guard<std::mutex> lock(stats_mu_);
-    local_rows_ += static_cast<uint64_t>(m);
-    local_micros_ += static_cast<uint64_t>(us.count());
+    ComputeLocal(s->routes, local);
   }
 }
 
-void ClusterExpertBackend::WaitRound(Step* s) {
+void ClusterExpertBackend::ChooseLinks(Call* s, size_t first) {
+  // A request goes on its bucket's link, or on another link of the worker if that link is down
+  // (reconnecting) and another is up.
+  std::vector<bool> links(static_cast<size_t>(options_.links_per_worker), false);
+  for (size_t b = first; b < s->buckets.size(); ++b) {
+    Bucket& bucket = *s->buckets[b];
+    if (bucket.rows.empty() || bucket.holder == ExpertPlacement::kLocal) continue;
+    const auto& worker = links_[static_cast<size_t>(bucket.holder)];
+    if (!worker[static_cast<size_t>(bucket.link)]->up()) {
+      for (size_t link = 0; link < worker.size(); ++link) {
+        if (worker[link]->up()) {
+          bucket.link = static_cast<int>(link);
+          break;
+        }
+      }
+    }
+    links[static_cast<size_t>(bucket.link)] = true;
+  }
+  // A link carries one request at a time: earlier steps on those links must have their answers
+  // (a retry waits for all of them).
+  if (first > 0) {
+    WaitForOthers(s, -1);
+    return;
+  }
+  for (size_t link = 0; link < links.size(); ++link) {
+    if (links[link]) WaitForOthers(s, static_cast<int>(link));
+  }
+}
+
+void ClusterExpertBackend::ComputeLocal(const ExpertRoutes& routes, Bucket* local) {
+  const auto t0 = Clock::now();
+  const int64_t d = routes.n_embd;
+  const int64_t m = static_cast<int64_t>(local->rows.size());
+  std::vector<float> xg(static_cast<size_t>(m * d));
+  for (int64_t i = 0; i < m; ++i) {
+    std::copy_n(routes.x + local->rows[static_cast<size_t>(i)] * d, d, xg.data() + i * d);
+  }
+  ExpertRoutes sub;
+  sub.layer = routes.layer;
+  sub.n_rows = m;
+  sub.n_embd = d;
+  sub.k = routes.k;
+  sub.x = xg.data();
+  sub.expert = local->expert.data();
+  sub.weight = local->weight.data();
+  local->job.partial.resize(static_cast<size_t>(m * d));
+  local->job.status = local_->Compute(sub, local->job.partial.data());
+  const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0);
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  local_rows_ += static_cast<uint64_t>(m);
+  local_micros_ += static_cast<uint64_t>(us.count());
+}
+
+void ClusterExpertBackend::WaitRound(Call* s) {
   if (s->latch != nullptr) {
     const auto t0 = Clock::now();
     s->latch->Wait();
@@ -274,80 +281,93 @@ void ClusterExpertBackend::WaitRound(Step* s) {
   s->armed = false;
 }
 
-absl::Status ClusterExpertBackend::Resend(Step* s, const std::vector<size_t>& failed) {
-  const ExpertRoutes& routes = s->routes;
-  const int k = routes.k;
+// What a retry needs to know about the failed requests of a round.
+struct ClusterExpertBackend::Retry {
+  std::vector<bool> excluded;     // [worker] failed in this round
+  std::vector<bool> unavailable;  // [worker] failed as unreachable (may work on another link)
+  std::vector<int> failed_link;   // [worker] the link it failed on, or -1
+  std::vector<int64_t> rows_per_expert;
+  std::vector<DispatchPair> pairs;  // of every failed request, in row then position order
+};
+
+ClusterExpertBackend::Retry ClusterExpertBackend::CollectFailed(
+    const Call& s, const std::vector<size_t>& failed) const {
+  const int k = s.routes.k;
   const size_t n_workers = links_.size();
-  // The failed workers, the lane each failed on, and whether it was unreachable.
-  std::vector<bool> excluded(n_workers, false), unavailable(n_workers, false);
-  std::vector<int> failed_lane(n_workers, -1);
-  std::vector<int64_t> rows_per_expert(static_cast<size_t>(model_->config().n_expert), 0);
-  // The pairs of every failed request, in row then position order.
-  std::vector<DispatchPair> entries;
+  Retry r;
+  r.excluded.assign(n_workers, false);
+  r.unavailable.assign(n_workers, false);
+  r.failed_link.assign(n_workers, -1);
+  r.rows_per_expert.assign(static_cast<size_t>(model_->config().n_expert), 0);
   for (const size_t b : failed) {
-    const Bucket& bucket = *s->buckets[b];
+    const Bucket& bucket = *s.buckets[b];
     const size_t w = static_cast<size_t>(bucket.holder);
-    excluded[w] = true;
-    unavailable[w] = bucket.job.status.code() == absl::StatusCode::kUnavailable;
-    failed_lane[w] = bucket.lane;
+    r.excluded[w] = true;
+    r.unavailable[w] = bucket.job.status.code() == absl::StatusCode::kUnavailable;
+    r.failed_link[w] = bucket.link;
     for (size_t i = 0; i < bucket.rows.size(); ++i) {
       for (int j = 0; j < k; ++j) {
         const size_t at = i * static_cast<size_t>(k) + static_cast<size_t>(j);
         const int32_t e = bucket.expert[at];
         if (e < 0) continue;
-        ++rows_per_expert[static_cast<size_t>(e)];
-        entries.push_back({bucket.rows[i], j, bucket.slot[at], e, bucket.weight[at], 0});
+        ++r.rows_per_expert[static_cast<size_t>(e)];
+        r.pairs.push_back({bucket.rows[i], j, bucket.slot[at], e, bucket.weight[at], 0});
       }
     }
   }
-  std::stable_sort(entries.begin(), entries.end(),
+  std::stable_sort(r.pairs.begin(), r.pairs.end(),
                    [](const DispatchPair& a, const DispatchPair& b) {
                      return a.row != b.row ? a.row < b.row : a.position < b.position;
                    });
-  // Another lane of worker w that is up, or -1.
-  auto other_lane = [&](size_t w) {
-    for (size_t lane = 0; lane < links_[w].size(); ++lane) {
-      if (static_cast<int>(lane) != failed_lane[w] && links_[w][lane]->up()) {
-        return static_cast<int>(lane);
-      }
+  return r;
+}
+
+int ClusterExpertBackend::OtherLink(const Retry& r, size_t w) const {
+  for (size_t link = 0; link < links_[w].size(); ++link) {
+    if (static_cast<int>(link) != r.failed_link[w] && links_[w][link]->up()) {
+      return static_cast<int>(link);
     }
-    return -1;
-  };
+  }
+  return -1;
+}
+
+absl::Status ClusterExpertBackend::Resend(Call* s, const std::vector<size_t>& failed) {
+  const Retry r = CollectFailed(*s, failed);
   std::vector<int> holder_of;
-  const uint64_t round = ++step_counter_;
+  const uint64_t round = ++round_counter_;
   absl::Status chosen = placement_.ChooseHolders(
-      routes.layer, rows_per_expert,
+      s->routes.layer, r.rows_per_expert,
       [&](int w) {
-        return !excluded[static_cast<size_t>(w)] && WorkerUsable(static_cast<size_t>(w));
+        return !r.excluded[static_cast<size_t>(w)] && WorkerUsable(static_cast<size_t>(w));
       },
       round, &holder_of);
   if (!chosen.ok()) {
-    // No replica for some expert: an unreachable worker once more on another lane.
+    // No replica for some expert: an unreachable worker once more on another link.
     const absl::Status again = placement_.ChooseHolders(
-        routes.layer, rows_per_expert,
+        s->routes.layer, r.rows_per_expert,
         [&](int w) {
           const size_t i = static_cast<size_t>(w);
-          return excluded[i] ? unavailable[i] && other_lane(i) >= 0 : WorkerUsable(i);
+          return r.excluded[i] ? r.unavailable[i] && OtherLink(r, i) >= 0 : WorkerUsable(i);
         },
         round, &holder_of);
     if (!again.ok()) return chosen;
   }
-  // The retry may use any lane: wait until no other step has requests in flight.
+  // The retry may use any link: wait until no other step has requests in flight.
   WaitForOthers(s, -1);
   const size_t first = s->buckets.size();
-  std::vector<size_t> bucket_of(n_workers, 0);  // 0: none yet
-  for (const DispatchPair& en : entries) {
-    const size_t h = static_cast<size_t>(holder_of[static_cast<size_t>(en.expert)]);
+  std::vector<size_t> bucket_of(links_.size(), 0);  // 0: none yet
+  for (const DispatchPair& p : r.pairs) {
+    const size_t h = static_cast<size_t>(holder_of[static_cast<size_t>(p.expert)]);
     size_t& b = bucket_of[h];
     if (b == 0) {
       b = s->buckets.size();
       s->buckets.push_back(std::make_unique<Bucket>());
       s->buckets.back()->holder = static_cast<int>(h);
-      // (Should the other lane have gone down meanwhile, the request fails as UNAVAILABLE.)
-      const int lane = excluded[h] ? other_lane(h) : s->lane;
-      s->buckets.back()->lane = lane >= 0 ? lane : std::max(failed_lane[h], 0);
+      // (Should the other link have gone down meanwhile, the request fails as UNAVAILABLE.)
+      const int link = r.excluded[h] ? OtherLink(r, h) : s->link;
+      s->buckets.back()->link = link >= 0 ? link : std::max(r.failed_link[h], 0);
     }
-    s->buckets[b]->Add(en, k);
+    s->buckets[b]->Add(p, s->routes.k);
   }
   uint64_t rows = 0;
   for (const size_t b : failed) {
@@ -364,13 +384,13 @@ absl::Status ClusterExpertBackend::Resend(Step* s, const std::vector<size_t>& fa
   return absl::OkStatus();
 }
 
-absl::Status ClusterExpertBackend::FinishStep(Step* s) {
+absl::Status ClusterExpertBackend::FinishCall(Call* s) {
   if (s->finished) return absl::OkStatus();
   s->finished = true;
   // Leaves the outstanding list however this ends.
   struct Leave {
     ClusterExpertBackend* b;
-    Step* s;
+    Call* s;
     ~Leave() {
       b->outstanding_.erase(std::find(b->outstanding_.begin(), b->outstanding_.end(), s));
     }

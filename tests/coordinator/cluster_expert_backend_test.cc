@@ -1,4 +1,4 @@
-#include "coordinator/remote_expert_backend.h"
+#include "coordinator/cluster_expert_backend.h"
 
 #include <chrono>
 #include <cmath>
@@ -11,12 +11,14 @@
 #include "engine/engine.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/coordinator/cluster_run_util.h"
 #include "tests/coordinator/fake_worker_util.h"
 #include "tests/testdata.h"
 
 namespace moepool {
 namespace {
 
+using ::moepool::testing::ExpectBitIdentical;
 using ::moepool::testing::FakeWorker;
 using ::moepool::testing::FakeWorkerOptions;
 using ::moepool::testing::PairsForExperts;
@@ -74,13 +76,6 @@ absl::StatusOr<std::vector<float>> PromptAndDecode(Engine& e, const std::vector<
     all.insert(all.end(), step.begin(), step.end());
   }
   return all;
-}
-
-void ExpectBitIdentical(const std::vector<float>& a, const std::vector<float>& b) {
-  ASSERT_EQ(a.size(), b.size());
-  size_t differ = 0;
-  for (size_t i = 0; i < a.size(); ++i) differ += std::memcmp(&a[i], &b[i], 4) != 0;
-  EXPECT_EQ(differ, 0u) << "of " << a.size() << " logits";
 }
 
 // Runs the local engine and the cluster engine on the same prompt + decode and compares.

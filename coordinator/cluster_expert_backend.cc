@@ -1,4 +1,4 @@
-#include "coordinator/remote_expert_backend.h"
+#include "coordinator/cluster_expert_backend.h"
 
 #include <grpcpp/grpcpp.h>
 
@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "coordinator/grpc_worker_link.h"
 #include "engine/status_macros.h"
 
 namespace moepool {
@@ -67,14 +68,11 @@ absl::Status ClusterExpertBackend::JoinErrors(const std::vector<absl::Status>& e
   return absl::Status(errors.front().code(), absl::StrJoin(parts, "; "));
 }
 
-absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Create(
-    const std::string& model_path, const ClusterOptions& options) {
-  auto b = std::unique_ptr<ClusterExpertBackend>(new ClusterExpertBackend);
-  b->options_ = options;
+absl::Status CheckOptions(const ClusterOptions& options) {
   if (options.step_timeout_s <= 0) {
     return absl::InvalidArgumentError("the step timeout must be > 0 seconds");
   }
-  if (options.streams_per_worker < 1 || options.streams_per_worker > 8) {
+  if (options.links_per_worker < 1 || options.links_per_worker > 8) {
     return absl::InvalidArgumentError("the streams per worker must be in [1, 8]");
   }
   if (options.max_message_bytes < 4096 || options.max_message_bytes > (1ll << 30)) {
@@ -87,58 +85,87 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
       return absl::InvalidArgumentError(absl::StrCat("worker ", w, " is listed twice"));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Create(
+    const std::string& model_path, const ClusterOptions& options) {
+  RETURN_IF_ERROR(CheckOptions(options));
+  auto b = std::unique_ptr<ClusterExpertBackend>(new ClusterExpertBackend);
+  b->options_ = options;
   ExpertFilter filter;
   filter.non_expert = false;
   ASSIGN_OR_RETURN(b->model_, Model::Load(model_path, filter));
-  const Model* model = b->model_.get();
-  const ModelConfig& c = model->config();
+  const ModelConfig& c = b->model_->config();
   for (const int e : options.local_experts) {
     if (e < 0 || e >= c.n_expert) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--local-experts: expert ", e, " out of range (the model has ", c.n_expert, " experts)"));
     }
   }
-  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> creds, MakeCredentials(options));
+  ASSIGN_OR_RETURN(const std::shared_ptr<grpc::ChannelCredentials> creds, MakeCredentials(options));
   const grpc::ChannelArguments args = MakeChannelArgs(options);
+  b->MakeLinks(creds, args);
+  ASSIGN_OR_RETURN(b->describes_, b->DescribeWorkers());
+  if (!options.local_experts.empty() && options.local_backend_factory) {
+    ASSIGN_OR_RETURN(b->local_, options.local_backend_factory());
+  } else if (!options.local_experts.empty()) {
+    b->local_pool_ = std::make_unique<ThreadPool>(options.local_threads);
+    b->local_ = std::make_unique<LocalExpertBackend>(b->model_.get(), b->local_pool_.get());
+  }
+  // Steps time out between their deadline and one tick later.
+  const double tick_s = std::clamp(options.step_timeout_s / 10, 0.001, 0.05);
+  b->watchdog_ = std::make_unique<RoundWatchdog>(
+      std::chrono::microseconds(static_cast<int64_t>(tick_s * 1e6)));
+  if (options.transport == wire::TransportKind::kNccl) b->ConnectNccl(creds, args);
+  b->StartLinks();
+  return b;
+}
 
-  const size_t n_workers = options.workers.size();
-  const size_t n_lanes = static_cast<size_t>(options.streams_per_worker);
-  b->links_.resize(n_workers);
-  for (size_t i = 0; i < n_workers; ++i) {
+void ClusterExpertBackend::MakeLinks(const std::shared_ptr<grpc::ChannelCredentials>& creds,
+                                     const grpc::ChannelArguments& args) {
+  const ClusterOptions& o = options_;
+  links_.resize(o.workers.size());
+  for (size_t i = 0; i < o.workers.size(); ++i) {
     WorkerLinkConfig lc;
-    lc.address = options.workers[i];
+    lc.address = o.workers[i];
     lc.credentials = creds;
     lc.channel_args = args;
-    lc.token = options.cluster_token;
-    lc.max_message_bytes = options.max_message_bytes;
-    lc.step_timeout_s = options.step_timeout_s;
-    lc.describe_timeout_s = std::min(5.0, options.connect_timeout_s);
-    lc.backoff_initial_s = options.reconnect_initial_s;
-    lc.backoff_max_s = options.reconnect_max_s;
-    lc.max_samples = options.max_samples;
-    // One link per lane, each with its own channel and stream (connected on first use).
-    for (size_t lane = 0; lane < n_lanes; ++lane) {
-      b->links_[i].push_back(std::make_unique<WorkerLink>(lc));
+    lc.token = o.cluster_token;
+    lc.max_message_bytes = o.max_message_bytes;
+    lc.step_timeout_s = o.step_timeout_s;
+    lc.describe_timeout_s = std::min(5.0, o.connect_timeout_s);
+    lc.backoff_initial_s = o.reconnect_initial_s;
+    lc.backoff_max_s = o.reconnect_max_s;
+    lc.max_samples = o.max_samples;
+    // One link per link, each with its own channel and stream (connected on first use).
+    for (int link = 0; link < o.links_per_worker; ++link) {
+      links_[i].push_back(o.make_link ? o.make_link(lc) : std::make_unique<GrpcWorkerLink>(lc));
     }
   }
-  // Startup Describe, all workers at once.
+}
+
+absl::StatusOr<std::vector<moepool::v1::DescribeResponse>> ClusterExpertBackend::DescribeWorkers() {
+  const ClusterOptions& o = options_;
+  const size_t n_workers = o.workers.size();
   std::vector<absl::StatusOr<moepool::v1::DescribeResponse>> answers(
       n_workers, absl::UnknownError("not asked"));
   {
-    std::vector<std::thread> threads;
+    std::vector<std::thread> threads;  // all workers at once
     for (size_t i = 0; i < n_workers; ++i) {
       threads.emplace_back([&, i] {
-        answers[i] = b->links_[i][0]->Describe(options.connect_timeout_s, /*wait_for_ready=*/true);
+        answers[i] = links_[i][0]->Describe(o.connect_timeout_s, /*wait_for_ready=*/true);
       });
     }
     for (auto& t : threads) t.join();
   }
+  const ModelConfig& c = model_->config();
   std::vector<absl::Status> errors;
   std::vector<std::vector<std::pair<int, int>>> pairs(n_workers);
   for (size_t i = 0; i < n_workers; ++i) {
-    const std::string& name = options.workers[i];
+    const std::string& name = o.workers[i];
     absl::Status s = answers[i].status();
-    if (s.ok()) s = ValidateWorker(name, *answers[i], *model);
+    if (s.ok()) s = ValidateWorker(name, *answers[i], *model_);
     if (s.ok()) {
       auto p = WorkerExpertPairs(name, *answers[i], c);
       if (p.ok()) {
@@ -150,39 +177,35 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
     if (!s.ok()) errors.push_back(s);
   }
   if (!errors.empty()) return JoinErrors(errors);
-  ASSIGN_OR_RETURN(b->placement_, ExpertPlacement::Build(c.n_layer, c.n_expert, options.workers,
-                                                         pairs, options.local_experts));
-  if (!options.local_experts.empty() && options.local_backend_factory) {
-    ASSIGN_OR_RETURN(b->local_, options.local_backend_factory());
-  } else if (!options.local_experts.empty()) {
-    b->local_pool_ = std::make_unique<ThreadPool>(options.local_threads);
-    b->local_ = std::make_unique<LocalExpertBackend>(model, b->local_pool_.get());
+  ASSIGN_OR_RETURN(
+      placement_, ExpertPlacement::Build(c.n_layer, c.n_expert, o.workers, pairs, o.local_experts));
+  std::vector<moepool::v1::DescribeResponse> out;
+  for (auto& a : answers) out.push_back(*std::move(a));
+  return out;
+}
+
+void ClusterExpertBackend::ConnectNccl(const std::shared_ptr<grpc::ChannelCredentials>& creds,
+                                       const grpc::ChannelArguments& args) {
+  const ClusterOptions& o = options_;
+  std::vector<wire::TransportEndpoint> endpoints(o.workers.size());
+  for (size_t i = 0; i < o.workers.size(); ++i) {
+    endpoints[i] = {o.workers[i], describes_[i], creds, args, o.cluster_token};
   }
-  for (size_t i = 0; i < n_workers; ++i) {
-    b->describes_.push_back(*answers[i]);
+  const auto sessions = wire::ConnectNcclSessions(endpoints, o.nccl);
+  // Link 0 of each worker carries its rows over NCCL; further links stay on gRPC. A reconnected
+  // worker gets a new session (a restarted one has lost the old).
+  for (size_t i = 0; i < o.workers.size(); ++i) {
+    links_[i][0]->SetRowSession(sessions[i], wire::NcclSessionFactory(endpoints[i], o.nccl));
   }
-  // Steps time out between their deadline and one tick later.
-  const double tick_s = std::clamp(options.step_timeout_s / 10, 0.001, 0.05);
-  b->watchdog_ =
-      std::make_unique<StepWatchdog>(std::chrono::microseconds(static_cast<int64_t>(tick_s * 1e6)));
-  if (options.transport == wire::TransportKind::kNccl) {
-    std::vector<wire::TransportEndpoint> endpoints(n_workers);
-    for (size_t i = 0; i < n_workers; ++i) {
-      endpoints[i] = {options.workers[i], *answers[i], creds, args, options.cluster_token};
-    }
-    const auto transports = wire::ConnectNcclSessions(endpoints, options.nccl);
-    // Lane 0 of each worker carries its rows over NCCL; further lanes stay on gRPC. A reconnected
-    // worker gets a new session (a restarted one has lost the old).
-    for (size_t i = 0; i < n_workers; ++i) {
-      b->links_[i][0]->SetRowSession(transports[i],
-                                     wire::NcclSessionFactory(endpoints[i], options.nccl));
-    }
-  }
+}
+
+void ClusterExpertBackend::StartLinks() {
+  const Model* model = model_.get();
   // A reconnected worker is used again only if it still serves the same model and experts.
-  for (size_t i = 0; i < n_workers; ++i) {
+  for (size_t i = 0; i < links_.size(); ++i) {
     // The hook reads only immutable state (the model outlives the links).
-    const moepool::v1::DescribeResponse startup = *answers[i];
-    const std::string name = options.workers[i];
+    const moepool::v1::DescribeResponse startup = describes_[i];
+    const std::string name = options_.workers[i];
     auto accept = [model, startup, name](const moepool::v1::DescribeResponse& d) -> absl::Status {
       RETURN_IF_ERROR(ValidateWorker(name, d, *model));
       const auto& a = d.experts().packed();
@@ -193,9 +216,8 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
       }
       return absl::OkStatus();
     };
-    for (auto& link : b->links_[i]) link->Start(*answers[i], accept);
+    for (auto& link : links_[i]) link->Start(startup, accept);
   }
-  return b;
 }
 
 ClusterExpertBackend::~ClusterExpertBackend() {
@@ -215,11 +237,11 @@ ClusterStats ClusterExpertBackend::Stats() const {
     s.retried_rows = retried_rows_;
   }
   s.blocked_micros = blocked_micros();
-  // A worker's lanes add up to one entry; it is up when every lane is.
-  for (const auto& lanes : links_) {
-    WorkerStats merged = lanes[0]->Stats();
-    for (size_t lane = 1; lane < lanes.size(); ++lane) {
-      const WorkerStats l = lanes[lane]->Stats();
+  // A worker's links add up to one entry; it is up when every link is.
+  for (const auto& links : links_) {
+    WorkerStats merged = links[0]->Stats();
+    for (size_t link = 1; link < links.size(); ++link) {
+      const WorkerStats l = links[link]->Stats();
       if (merged.up && !l.up) merged.last_error = l.last_error;
       merged.up = merged.up && l.up;
       merged.requests += l.requests;
@@ -266,8 +288,8 @@ void ClusterExpertBackend::ResetStats() {
     steps_ = failed_steps_ = local_rows_ = local_micros_ = 0;
     retried_steps_ = retried_rows_ = 0;
   }
-  for (const auto& lanes : links_) {
-    for (const auto& l : lanes) l->ResetStats();
+  for (const auto& links : links_) {
+    for (const auto& l : links) l->ResetStats();
   }
 }
 
