@@ -14,10 +14,10 @@
 namespace moepool::cli {
 namespace {
 
-const char* const kClusterValued[] = {"workers",         "local-experts",     "wire-dtype",
-                                      "step-timeout",    "connect-timeout",   "cluster-token",
-                                      "tls-ca",          "tls-cert",          "tls-key",
-                                      "tls-server-name", "max-message-bytes", "transport"};
+const char* const kClusterValued[] = {
+    "workers",           "local-experts", "wire-dtype",    "step-timeout", "connect-timeout",
+    "cluster-token",     "tls-ca",        "tls-cert",      "tls-key",      "tls-server-name",
+    "max-message-bytes", "transport",     "local-fallback"};
 
 }  // namespace
 
@@ -27,7 +27,8 @@ void AddClusterFlags(FlagSpec* spec) {
   help["workers"] =
       "LIST  comma-separated HOST:PORT of the workers that compute the experts, each checked at "
       "startup (default: every expert in this process); --local-experts, --wire-dtype, the "
-      "timeouts, --cluster-token, --tls-*, --max-message-bytes and --transport need it";
+      "timeouts, --cluster-token, --tls-*, --max-message-bytes, --transport and --local-fallback "
+      "need it";
   help["local-experts"] =
       "LIST  experts computed in this process on every layer, e.g. 0,2,5-7 (default none)";
   help["wire-dtype"] =
@@ -51,6 +52,11 @@ void AddClusterFlags(FlagSpec* spec) {
   help["transport"] =
       "grpc|nccl  how token rows travel to the workers: nccl sends them GPU to GPU to workers "
       "that offer it and falls back to gRPC elsewhere, with a line on stderr (default grpc)";
+  help["local-fallback"] =
+      "on|off  experts that no up worker holds are computed in this process, with the same "
+      "bits: workers may hold part of the model and come and go without failing a request; "
+      "off: a step that needs such an expert fails (503) and every expert must be held at "
+      "startup (default on)";
   AddDeviceFlag(spec);
 }
 
@@ -88,6 +94,11 @@ absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args&
   }
   ASSIGN_OR_RETURN(o.max_message_bytes, args.GetInt("max-message-bytes", o.max_message_bytes));
   ASSIGN_OR_RETURN(o.transport, wire::ParseTransport(args.Get("transport", "grpc")));
+  const std::string fallback = args.Get("local-fallback", "on");
+  if (fallback != "on" && fallback != "off") {
+    return absl::InvalidArgumentError("--local-fallback must be on or off, not '" + fallback + "'");
+  }
+  o.local_fallback = fallback == "on";
   o.nccl.nccl.timeout_s = o.step_timeout_s;
   if (args.Has("cluster-token")) {
     o.cluster_token = args.Get("cluster-token");

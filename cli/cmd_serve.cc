@@ -121,6 +121,35 @@ absl::StatusOr<ServeConfig> ParseConfig(const Args& args) {
 // With --device cuda:* the experts of this process (all of them, or the --local-experts) run on
 // the GPU, and so do attention, router and head; the check comes first, so a build without CUDA
 // fails before loading anything.
+// GET /v1/cluster of a server with --workers: each worker's id (w0, w1, ... in --workers
+// order), address, state (ready while it is up, gone while it is not), its (layer, expert)
+// pairs, and the pairs this process computes because no up worker holds them. Static workers
+// fetch nothing and the placement never changes (version 1).
+nlohmann::json ClusterView(const ClusterExpertBackend& backend) {
+  const ClusterStats stats = backend.Stats();
+  nlohmann::json workers = nlohmann::json::array();
+  for (size_t i = 0; i < stats.workers.size(); ++i) {
+    const WorkerStats& w = stats.workers[i];
+    nlohmann::json experts = nlohmann::json::array();
+    for (const uint32_t packed : backend.workers()[i].experts().packed()) {
+      experts.push_back({PackedLayer(packed), PackedExpert(packed)});
+    }
+    workers.push_back({{"id", absl::StrCat("w", i)},
+                       {"address", w.address},
+                       {"state", w.up ? "ready" : "gone"},
+                       {"experts", experts},
+                       {"bytes_fetched", 0},
+                       {"worker_id", w.worker_id},
+                       {"last_error", w.last_error}});
+  }
+  const auto uncovered = backend.UncoveredPairs();
+  return {{"placement_version", 1},
+          {"workers", workers},
+          {"local_fallback", backend.options().local_fallback},
+          {"fallback_expert_pairs", backend.options().local_fallback ? uncovered.size() : 0},
+          {"local_experts", backend.options().local_experts}};
+}
+
 absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFactory* factory) {
   ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
   ASSIGN_OR_RETURN(std::optional<ClusterOptions> cluster, ClusterOptionsFromArgs(args));
@@ -153,6 +182,7 @@ absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFacto
     with_workers.attention = attention;
     return Engine::Load(with_workers);
   };
+  config->http.cluster = [backend] { return ClusterView(*backend); };
   config->http.health = [backend] {
     HealthReport report;
     nlohmann::json workers = nlohmann::json::array();
@@ -167,8 +197,12 @@ absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFacto
     }
     report.details["workers"] = workers;
     const auto uncovered = backend->UncoveredPairs();
-    report.ok = uncovered.empty();
-    if (!uncovered.empty()) report.details["unavailable_experts"] = DescribeExpertPairs(uncovered);
+    const bool fallback = backend->options().local_fallback;
+    report.ok = uncovered.empty() || fallback;
+    if (!uncovered.empty()) {
+      report.details[fallback ? "fallback_experts" : "unavailable_experts"] =
+          DescribeExpertPairs(uncovered);
+    }
     return report;
   };
   return absl::OkStatus();

@@ -113,6 +113,11 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
     b->local_pool_ = std::make_unique<ThreadPool>(options.local_threads);
     b->local_ = std::make_unique<LocalExpertBackend>(b->model_.get(), b->local_pool_.get());
   }
+  if (options.local_fallback) {
+    if (b->local_pool_ == nullptr)
+      b->local_pool_ = std::make_unique<ThreadPool>(options.local_threads);
+    b->fallback_ = std::make_unique<LocalExpertBackend>(b->model_.get(), b->local_pool_.get());
+  }
   // Steps time out between their deadline and one tick later.
   const double tick_s = std::clamp(options.step_timeout_s / 10, 0.001, 0.05);
   b->watchdog_ = std::make_unique<RoundWatchdog>(
@@ -177,8 +182,8 @@ absl::StatusOr<std::vector<moepool::v1::DescribeResponse>> ClusterExpertBackend:
     if (!s.ok()) errors.push_back(s);
   }
   if (!errors.empty()) return JoinErrors(errors);
-  ASSIGN_OR_RETURN(
-      placement_, ExpertPlacement::Build(c.n_layer, c.n_expert, o.workers, pairs, o.local_experts));
+  ASSIGN_OR_RETURN(placement_, ExpertPlacement::Build(c.n_layer, c.n_expert, o.workers, pairs,
+                                                      o.local_experts, o.local_fallback));
   std::vector<moepool::v1::DescribeResponse> out;
   for (auto& a : answers) out.push_back(*std::move(a));
   return out;
@@ -232,6 +237,7 @@ ClusterStats ClusterExpertBackend::Stats() const {
     s.steps = steps_;
     s.failed_steps = failed_steps_;
     s.local_rows = local_rows_;
+    s.fallback_rows = fallback_rows_;
     s.local_compute_micros = local_micros_;
     s.retried_steps = retried_steps_;
     s.retried_rows = retried_rows_;
@@ -285,7 +291,7 @@ std::vector<std::pair<int, int>> ClusterExpertBackend::UncoveredPairs() const {
 void ClusterExpertBackend::ResetStats() {
   {
     std::lock_guard<std::mutex> lock(stats_mu_);
-    steps_ = failed_steps_ = local_rows_ = local_micros_ = 0;
+    steps_ = failed_steps_ = local_rows_ = local_micros_ = fallback_rows_ = 0;
     retried_steps_ = retried_rows_ = 0;
   }
   for (const auto& links : links_) {

@@ -103,6 +103,10 @@ struct ClusterOptions {
   // queue at the worker together; with one, a micro-batch's requests wait for the other's
   // answers. Links connect on first use.
   int links_per_worker = 2;
+  // Experts that no up worker holds are computed in this process, from its own mapping of the
+  // model, with the same bits (--local-fallback on); false: such a call fails UNAVAILABLE, and
+  // startup needs every pair held somewhere.
+  bool local_fallback = false;
   // Makes each link (one per worker and stream); empty: GrpcWorkerLink. Tests pass an
   // in-process link (tests/cluster/in_process_link_util.h).
   WorkerLinkFactory make_link;
@@ -115,6 +119,7 @@ struct ClusterStats {
   uint64_t retried_rows = 0;    // rows re-sent (each once per failed worker)
   uint64_t blocked_micros = 0;  // the forward thread waiting for workers (see blocked_micros())
   uint64_t local_rows = 0;      // rows computed by local experts
+  uint64_t fallback_rows = 0;   // rows computed here because no up worker held their experts
   uint64_t local_compute_micros = 0;
   std::vector<WorkerStats> workers;  // in --workers order
 };
@@ -149,8 +154,9 @@ class ClusterExpertBackend : public ExpertBackend {
   ClusterStats Stats() const;
   void ResetStats();
 
-  // (layer, expert) pairs that no up worker and not this process holds right now (steps that
-  // route to them fail until a holder is back); empty when the whole model is covered.
+  // (layer, expert) pairs that no up worker and no --local-experts of this process holds right
+  // now: computed by the local fallback when it is on, else calls that route to them fail until
+  // a holder is back. Empty when the workers (and local experts) cover the whole model.
   std::vector<std::pair<int, int>> UncoveredPairs() const;
 
  private:
@@ -177,8 +183,12 @@ class ClusterExpertBackend : public ExpertBackend {
   // Moves buckets off down links onto an up link of their worker, and waits for the earlier
   // steps on the links used.
   void ChooseLinks(Call* s, size_t first);
-  // The local bucket's rows on the local experts (its job's partial and status).
-  void ComputeLocal(const ExpertRoutes& routes, Bucket* local);
+  // A bucket computed in this process (local experts or the local fallback): its job's partial
+  // and status.
+  void ComputeHere(const ExpertRoutes& routes, Bucket* local);
+  // Buckets by destination: 0 local experts, 1 + w worker w, 1 + n_workers the local fallback.
+  int DestinationOf(int holder) const;
+  int HolderOf(size_t destination) const;
   // The failed buckets' pairs and workers, and another up link of worker w (-1: none).
   Retry CollectFailed(const Call& s, const std::vector<size_t>& failed) const;
   int OtherLink(const Retry& r, size_t w) const;
@@ -200,7 +210,8 @@ class ClusterExpertBackend : public ExpertBackend {
   ClusterOptions options_;
   std::unique_ptr<Model> model_;  // all experts bound, no non-expert weights
   std::unique_ptr<ThreadPool> local_pool_;
-  std::unique_ptr<ExpertBackend> local_;  // LocalExpertBackend or the factory's
+  std::unique_ptr<ExpertBackend> local_;     // LocalExpertBackend or the factory's
+  std::unique_ptr<ExpertBackend> fallback_;  // with local_fallback: every expert, on the CPU
   std::vector<std::vector<std::unique_ptr<WorkerLink>>> links_;  // [worker][link]
   std::unique_ptr<RoundWatchdog> watchdog_;
   std::vector<moepool::v1::DescribeResponse> describes_;
@@ -211,7 +222,7 @@ class ClusterExpertBackend : public ExpertBackend {
   std::vector<Call*> outstanding_;  // started, not finished; oldest first
   std::atomic<uint64_t> blocked_micros_{0};
   mutable std::mutex stats_mu_;
-  uint64_t steps_ = 0, failed_steps_ = 0, local_rows_ = 0, local_micros_ = 0;
+  uint64_t steps_ = 0, failed_steps_ = 0, local_rows_ = 0, local_micros_ = 0, fallback_rows_ = 0;
   uint64_t retried_steps_ = 0, retried_rows_ = 0;
 };
 

@@ -23,7 +23,7 @@ uint64_t MicrosSince(Clock::time_point t0) {
 
 // The rows of one step that go to one holder, and what came back.
 struct ClusterExpertBackend::Bucket {
-  int holder = ExpertPlacement::kLocal;  // kLocal or a worker index
+  int holder = ExpertPlacement::kLocal;  // kLocal, kFallback or a worker index
   int link = 0;                          // which of the worker's links carries it
   std::vector<int64_t> rows;             // ascending rows of the step
   std::vector<int32_t> expert;           // [rows x k], -1 for experts computed elsewhere
@@ -124,25 +124,36 @@ absl::Status ClusterExpertBackend::Dispatch(Call* s) {
   RETURN_IF_ERROR(placement_.ChooseHolders(
       routes.layer, rows_per_expert, [&](int w) { return WorkerUsable(static_cast<size_t>(w)); },
       s->round, &holder_of));
-  // Destination 0: local; 1 + w: worker w. One bucket per destination.
-  const size_t n_links = links_.size();
+  // One bucket per destination: 0 local (--local-experts), 1 + w worker w, 1 + n_workers the
+  // local fallback.
+  const size_t n_workers = links_.size();
   std::vector<int> destination_of(holder_of.size());
-  for (size_t e = 0; e < holder_of.size(); ++e) {
-    const int h = holder_of[e];
-    destination_of[e] = h == ExpertPlacement::kLocal ? 0 : h >= 0 ? 1 + h : -1;  // -1: not routed
-  }
+  for (size_t e = 0; e < holder_of.size(); ++e) destination_of[e] = DestinationOf(holder_of[e]);
   DispatchPlan plan;
-  PlanDispatch(routes.expert, routes.weight, n, k, destination_of, static_cast<int>(1 + n_links),
+  PlanDispatch(routes.expert, routes.weight, n, k, destination_of, static_cast<int>(2 + n_workers),
                &plan);
-  s->buckets.resize(1 + n_links);
+  s->buckets.resize(2 + n_workers);
   for (size_t b = 0; b < s->buckets.size(); ++b) {
     s->buckets[b] = std::make_unique<Bucket>();
-    s->buckets[b]->holder = b == 0 ? ExpertPlacement::kLocal : static_cast<int>(b - 1);
+    s->buckets[b]->holder = HolderOf(b);
     s->buckets[b]->link = s->link;
   }
-  for (const DispatchPair& p : plan.pairs)
+  for (const DispatchPair& p : plan.pairs) {
     s->buckets[static_cast<size_t>(p.destination)]->Add(p, k);
+  }
   return absl::OkStatus();
+}
+
+int ClusterExpertBackend::DestinationOf(int holder) const {
+  if (holder == ExpertPlacement::kLocal) return 0;
+  if (holder == ExpertPlacement::kFallback) return 1 + static_cast<int>(links_.size());
+  return holder >= 0 ? 1 + holder : -1;  // -1: not routed
+}
+
+int ClusterExpertBackend::HolderOf(size_t destination) const {
+  if (destination == 0) return ExpertPlacement::kLocal;
+  if (destination == 1 + links_.size()) return ExpertPlacement::kFallback;
+  return static_cast<int>(destination - 1);
 }
 
 int ClusterExpertBackend::ChooseLink() {
@@ -175,13 +186,13 @@ void ClusterExpertBackend::WaitForOthers(const Call* s, int link) {
 void ClusterExpertBackend::Send(Call* s, size_t first, bool allow_inline) {
   ChooseLinks(s, first);
   std::vector<LinkJob*> jobs;
-  Bucket* local = nullptr;
+  std::vector<Bucket*> here;  // computed in this process: local experts, the local fallback
   s->active.clear();
   for (size_t b = first; b < s->buckets.size(); ++b) {
     Bucket& bucket = *s->buckets[b];
     if (bucket.rows.empty()) continue;
-    if (bucket.holder == ExpertPlacement::kLocal) {
-      local = &bucket;
+    if (bucket.holder < 0) {
+      here.push_back(&bucket);
       continue;
     }
     LinkJob& job = bucket.job;
@@ -199,7 +210,7 @@ void ClusterExpertBackend::Send(Call* s, size_t first, bool allow_inline) {
     jobs.push_back(&job);
   }
   // Without local rows the calling thread runs one worker's exchange itself (Compute only).
-  const bool run_inline = allow_inline && local == nullptr && !jobs.empty();
+  const bool run_inline = allow_inline && here.empty() && !jobs.empty();
   s->latch = std::make_unique<RoundLatch>(static_cast<int>(jobs.size()) - (run_inline ? 1 : 0));
   watchdog_->Arm(
       s->round,
@@ -213,9 +224,8 @@ void ClusterExpertBackend::Send(Call* s, size_t first, bool allow_inline) {
     const auto t0 = Clock::now();
     s->active[0]->RunInline(jobs[0]);
     blocked_micros_.fetch_add(MicrosSince(t0), std::memory_order_relaxed);
-  } else if (local != nullptr) {
-    ComputeLocal(s->routes, local);
   }
+  for (Bucket* bucket : here) ComputeHere(s->routes, bucket);
 }
 
 void ClusterExpertBackend::ChooseLinks(Call* s, size_t first) {
@@ -224,7 +234,7 @@ void ClusterExpertBackend::ChooseLinks(Call* s, size_t first) {
   std::vector<bool> links(static_cast<size_t>(options_.links_per_worker), false);
   for (size_t b = first; b < s->buckets.size(); ++b) {
     Bucket& bucket = *s->buckets[b];
-    if (bucket.rows.empty() || bucket.holder == ExpertPlacement::kLocal) continue;
+    if (bucket.rows.empty() || bucket.holder < 0) continue;
     const auto& worker = links_[static_cast<size_t>(bucket.holder)];
     if (!worker[static_cast<size_t>(bucket.link)]->up()) {
       for (size_t link = 0; link < worker.size(); ++link) {
@@ -247,7 +257,7 @@ void ClusterExpertBackend::ChooseLinks(Call* s, size_t first) {
   }
 }
 
-void ClusterExpertBackend::ComputeLocal(const ExpertRoutes& routes, Bucket* local) {
+void ClusterExpertBackend::ComputeHere(const ExpertRoutes& routes, Bucket* local) {
   const auto t0 = Clock::now();
   const int64_t d = routes.n_embd;
   const int64_t m = static_cast<int64_t>(local->rows.size());
@@ -264,10 +274,12 @@ void ClusterExpertBackend::ComputeLocal(const ExpertRoutes& routes, Bucket* loca
   sub.expert = local->expert.data();
   sub.weight = local->weight.data();
   local->job.partial.resize(static_cast<size_t>(m * d));
-  local->job.status = local_->Compute(sub, local->job.partial.data());
+  const bool fallback = local->holder == ExpertPlacement::kFallback;
+  ExpertBackend* backend = fallback ? fallback_.get() : local_.get();
+  local->job.status = backend->Compute(sub, local->job.partial.data());
   const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0);
   std::lock_guard<std::mutex> lock(stats_mu_);
-  local_rows_ += static_cast<uint64_t>(m);
+  (fallback ? fallback_rows_ : local_rows_) += static_cast<uint64_t>(m);
   local_micros_ += static_cast<uint64_t>(us.count());
 }
 
@@ -355,17 +367,20 @@ absl::Status ClusterExpertBackend::Resend(Call* s, const std::vector<size_t>& fa
   // The retry may use any link: wait until no other step has requests in flight.
   WaitForOthers(s, -1);
   const size_t first = s->buckets.size();
-  std::vector<size_t> bucket_of(links_.size(), 0);  // 0: none yet
+  std::vector<size_t> bucket_of(2 + links_.size(), 0);  // by destination; 0: none yet
   for (const DispatchPair& p : r.pairs) {
-    const size_t h = static_cast<size_t>(holder_of[static_cast<size_t>(p.expert)]);
-    size_t& b = bucket_of[h];
+    const int h = holder_of[static_cast<size_t>(p.expert)];
+    size_t& b = bucket_of[static_cast<size_t>(DestinationOf(h))];
     if (b == 0) {
       b = s->buckets.size();
       s->buckets.push_back(std::make_unique<Bucket>());
-      s->buckets.back()->holder = static_cast<int>(h);
-      // (Should the other link have gone down meanwhile, the request fails as UNAVAILABLE.)
-      const int link = r.excluded[h] ? OtherLink(r, h) : s->link;
-      s->buckets.back()->link = link >= 0 ? link : std::max(r.failed_link[h], 0);
+      s->buckets.back()->holder = h;
+      if (h >= 0) {
+        // (Should the other link have gone down meanwhile, the request fails as UNAVAILABLE.)
+        const size_t w = static_cast<size_t>(h);
+        const int link = r.excluded[w] ? OtherLink(r, w) : s->link;
+        s->buckets.back()->link = link >= 0 ? link : std::max(r.failed_link[w], 0);
+      }
     }
     s->buckets[b]->Add(p, s->routes.k);
   }
@@ -405,8 +420,7 @@ absl::Status ClusterExpertBackend::FinishCall(Call* s) {
       if (bucket.rows.empty() || bucket.job.status.ok()) continue;
       const absl::StatusCode code = bucket.job.status.code();
       const bool retryable =
-          options_.retry_on_replica && soft != nullptr &&
-          bucket.holder != ExpertPlacement::kLocal &&
+          options_.retry_on_replica && soft != nullptr && bucket.holder >= 0 &&
           (code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kDeadlineExceeded);
       if (retryable) {
         soft->push_back(b);

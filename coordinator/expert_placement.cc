@@ -143,8 +143,9 @@ absl::Status ValidateWorker(const std::string& worker, const moepool::v1::Descri
 absl::StatusOr<ExpertPlacement> ExpertPlacement::Build(
     int64_t n_layer, int64_t n_expert, const std::vector<std::string>& names,
     const std::vector<std::vector<std::pair<int, int>>>& worker_pairs,
-    const std::vector<int>& local_experts) {
+    const std::vector<int>& local_experts, bool local_fallback) {
   ExpertPlacement p;
+  p.local_fallback_ = local_fallback;
   p.n_layer_ = n_layer;
   p.n_expert_ = n_expert;
   p.names_ = names;
@@ -178,7 +179,7 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::Build(
       }
     }
   }
-  if (!missing.empty()) {
+  if (!missing.empty() && !local_fallback) {
     return absl::FailedPreconditionError(
         absl::StrCat("no worker holds ", DescribeExpertPairs(missing),
                      " (workers: ", names.empty() ? "none" : absl::StrJoin(names, ", "),
@@ -201,7 +202,7 @@ absl::Status ExpertPlacement::ChooseHolders(int layer, const std::vector<int64_t
     const int64_t rows = rows_per_expert[static_cast<size_t>(e)];
     if (rows == 0) continue;
     const std::vector<int>& h = holders(layer, e);
-    if (h.front() == kLocal) {
+    if (!h.empty() && h.front() == kLocal) {
       (*holder_of)[static_cast<size_t>(e)] = kLocal;
       continue;
     }
@@ -213,6 +214,10 @@ absl::Status ExpertPlacement::ChooseHolders(int layer, const std::vector<int64_t
       if (best == kNone || assigned[static_cast<size_t>(w)] < assigned[static_cast<size_t>(best)]) {
         best = w;
       }
+    }
+    if (best == kNone && local_fallback_) {
+      (*holder_of)[static_cast<size_t>(e)] = kFallback;
+      continue;
     }
     if (best == kNone) {
       std::vector<std::string> down;

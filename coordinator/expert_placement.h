@@ -2,8 +2,10 @@
 // Describe answers) and/or in this process (`--local-experts`).
 //
 // Built once at startup by the coordinator. A pair that nobody holds is a startup error listing
-// the missing pairs compactly; a worker speaking another protocol version, serving another model
-// file (fingerprint) or other hyperparameters is refused with an error naming it.
+// the missing pairs compactly, unless the coordinator computes such pairs itself (local
+// fallback: then whatever no up worker holds goes to kFallback); a worker speaking another protocol
+// version, serving another model file (fingerprint) or other hyperparameters is refused with an
+// error naming it.
 //
 // Threading: immutable after Build; ChooseHolders is const and may run on any thread.
 #ifndef MOEPOOL_COORDINATOR_EXPERT_PLACEMENT_H_
@@ -54,16 +56,18 @@ absl::Status ValidateWorker(const std::string& worker,
 
 class ExpertPlacement {
  public:
-  // Holder index meaning "this process".
+  // Holder index meaning "this process" (--local-experts).
   static constexpr int kLocal = -1;
+  // Holder meaning "this process, because no up worker holds it" (local fallback).
+  static constexpr int kFallback = -3;
 
   // worker_pairs[i]: the pairs worker i holds (names[i] is its address, used in messages).
   // local_experts: expert ids kept in this process on every layer. FAILED_PRECONDITION listing
-  // the missing pairs if some pair has no holder.
+  // the missing pairs if some pair has no holder, unless `local_fallback`.
   static absl::StatusOr<ExpertPlacement> Build(
       int64_t n_layer, int64_t n_expert, const std::vector<std::string>& names,
       const std::vector<std::vector<std::pair<int, int>>>& worker_pairs,
-      const std::vector<int>& local_experts);
+      const std::vector<int>& local_experts, bool local_fallback = false);
 
   int64_t n_layer() const { return n_layer_; }
   int64_t n_expert() const { return n_expert_; }
@@ -75,14 +79,15 @@ class ExpertPlacement {
     return holders_[static_cast<size_t>(layer * n_expert_ + expert)];
   }
   bool local(int layer, int expert) const;
+  bool local_fallback() const { return local_fallback_; }
 
   // Picks one holder for each expert of `layer` that has rows (rows_per_expert[e] > 0):
   // this process if it holds the expert, otherwise among the workers for which is_up(i) is
   // true, the one with the fewest rows assigned so far in this call; ties go to the first
   // holder at or after position `rotation` (mod the number of holders), so repeated steps
   // spread evenly over replicas. holder_of[e] = the chosen holder (kLocal or a worker index),
-  // or kNone for experts without rows. UNAVAILABLE naming the expert and its (down) holders if
-  // no holder is up.
+  // or kNone for experts without rows. If no holder is up (or there is none): kFallback with
+  // local fallback, else UNAVAILABLE naming the expert and its (down) holders.
   static constexpr int kNone = -2;
   absl::Status ChooseHolders(int layer, const std::vector<int64_t>& rows_per_expert,
                              const std::function<bool(int)>& is_up, uint64_t rotation,
@@ -93,6 +98,7 @@ class ExpertPlacement {
   int64_t n_expert_ = 0;
   std::vector<std::string> names_;
   std::vector<std::vector<int>> holders_;  // [n_layer * n_expert]
+  bool local_fallback_ = false;
 };
 
 }  // namespace moepool

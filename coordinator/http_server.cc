@@ -187,6 +187,9 @@ void HttpServer::InstallRoutes() {
     }
     SendJson(res, 200, ModelJson(options_.model_id, created_));
   });
+  svr.Get("/v1/cluster", [this](const httplib::Request&, httplib::Response& res) {
+    SendJson(res, 200, ClusterJson());
+  });
   svr.Get("/health",
           [this](const httplib::Request&, httplib::Response& res) { HandleHealth(res); });
   svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
@@ -199,6 +202,13 @@ void HttpServer::InstallRoutes() {
     g.kv_blocks_cached = s.kv_blocks_cached;
     g.kv_block_size = s.block_size;
     g.prefix_cache_hit_tokens = s.prefix_hit_tokens;
+    if (options_.cluster) {
+      const json c = ClusterJson();
+      g.cluster = true;
+      g.placement_version = c.value("placement_version", int64_t{0});
+      g.fallback_experts = c.value("fallback_expert_pairs", int64_t{0});
+      for (const json& w : c["workers"]) ++g.workers_by_state[w.value("state", "")];
+    }
     const std::string body = metrics_ != nullptr ? metrics_->Render(g) : std::string();
     res.set_content(body, "text/plain; version=0.0.4; charset=utf-8");
   });
@@ -208,6 +218,11 @@ void HttpServer::Stop() {
   stopping_.store(true);
   server_->stop();
   if (listener_.joinable()) listener_.join();
+}
+
+json HttpServer::ClusterJson() const {
+  if (options_.cluster) return options_.cluster();
+  return {{"placement_version", 0}, {"workers", json::array()}, {"fallback_expert_pairs", 0}};
 }
 
 void HttpServer::HandleHealth(httplib::Response& res) {

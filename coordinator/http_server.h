@@ -52,6 +52,9 @@ struct HttpServerOptions {
   int threads = 0;
   std::string model_id = "moepool";      // reported by /v1/models and in responses
   std::function<HealthReport()> health;  // optional
+  // GET /v1/cluster: {"placement_version", "workers": [{"id", "address", "state", "experts",
+  // ...}]} (see ClusterView); unset: a server without workers (version 0, no workers).
+  std::function<nlohmann::json()> cluster;
 };
 
 class HttpServer {
@@ -93,6 +96,7 @@ class HttpServer {
   bool SendStreamEnd(const StreamState& state, const GenerationEvent& ev,
                      const std::function<bool(const std::string&)>& send, httplib::DataSink& sink);
   void HandleHealth(httplib::Response& res);
+  nlohmann::json ClusterJson() const;
   // Ok, or UNAUTHENTICATED when keys are configured and the request has none of them.
   absl::Status Authenticate(const httplib::Request& req) const;
 

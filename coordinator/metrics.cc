@@ -161,6 +161,20 @@ std::string ServerMetrics::Render(const GaugeSnapshot& g) const {
          static_cast<double>(g.prefix_cache_hit_tokens), &out);
   Simple("moepool_kv_block_size_tokens", "gauge", "Positions per KV cache block.",
          static_cast<double>(g.kv_block_size), &out);
+  if (g.cluster) {
+    Header("moepool_cluster_workers", "gauge", "Workers per state (ready, gone).", &out);
+    for (const char* state : {"joining", "fetching", "ready", "draining", "gone"}) {
+      const auto it = g.workers_by_state.find(state);
+      absl::StrAppend(&out, "moepool_cluster_workers{state=\"", state, "\"} ",
+                      it == g.workers_by_state.end() ? 0 : it->second, "\n");
+    }
+    Simple("moepool_cluster_placement_version", "gauge",
+           "Version of the placement of experts on workers.",
+           static_cast<double>(g.placement_version), &out);
+    Simple("moepool_cluster_fallback_experts", "gauge",
+           "(layer, expert) pairs computed by the coordinator because no up worker holds them.",
+           static_cast<double>(g.fallback_experts), &out);
+  }
   Header("moepool_expert_routed_tokens_total", "counter",
          "Token rows routed to each expert, per layer.", &out);
   for (int l = 0; l < n_layer_; ++l) {

@@ -45,6 +45,12 @@ struct GaugeSnapshot {
   int64_t kv_blocks_cached = 0;
   int64_t kv_block_size = 0;
   uint64_t prefix_cache_hit_tokens = 0;
+  // With workers (GET /v1/cluster): workers per state, the placement version and the (layer,
+  // expert) pairs the coordinator computes because no up worker holds them.
+  bool cluster = false;
+  std::map<std::string, int64_t> workers_by_state;
+  int64_t placement_version = 0;
+  int64_t fallback_experts = 0;
 };
 
 class ServerMetrics : public RoutingObserver {

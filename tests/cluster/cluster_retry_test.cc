@@ -177,5 +177,61 @@ TEST(InProcessRetryTest, NoReplicaFailsNamingTheWorkerUntilItIsBack) {
   }
 }
 
+// The local fallback: experts no worker holds at startup, and a worker that goes down without a
+// replica, are computed by the coordinator with the same bits; no call fails, and a worker that
+// comes back takes its experts again.
+TEST(LocalFallbackTest, UnheldExpertsAreComputedHereWithTheSameBits) {
+  InProcessCluster c(SmallModel("Q8_0"), {{0, 3}});  // nobody holds 4-7
+  ClusterOptions o = c.Options();
+  EXPECT_FALSE(ClusterExpertBackend::Create(SmallModel("Q8_0"), o).ok());  // fallback off
+  o.local_fallback = true;
+  auto backend = ClusterExpertBackend::Create(SmallModel("Q8_0"), o);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  EXPECT_FALSE((*backend)->UncoveredPairs().empty());
+  const std::vector<float> want = LocalLogits(c);
+  auto cluster = c.LoadEngine(backend->get());
+  for (const bool pipelined : {false, true}) {
+    auto got = RunThree(*cluster, pipelined);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectBitIdentical(want, *got);
+  }
+  const ClusterStats st = (*backend)->Stats();
+  EXPECT_EQ(st.failed_steps, 0u);
+  EXPECT_GT(st.fallback_rows, 0u);
+  EXPECT_GT(st.workers[0].requests, 0u);
+}
+
+TEST(LocalFallbackTest, WorkerLostWithoutReplicaFailsNoCallAndComesBack) {
+  InProcessCluster c(SmallModel("F16"), {{0, 3}, {4, 7}});
+  ClusterOptions o = c.Options();
+  o.local_fallback = true;
+  auto backend = ClusterExpertBackend::Create(SmallModel("F16"), o);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const std::vector<float> want = LocalLogits(c);
+  auto cluster = c.LoadEngine(backend->get());
+  ASSERT_TRUE(RunThree(*cluster, true).ok());
+  EXPECT_EQ((*backend)->Stats().fallback_rows, 0u);
+  c.registry().SetDown(c.address(1), true);
+  for (const bool pipelined : {true, false}) {
+    auto got = RunThree(*cluster, pipelined);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectBitIdentical(want, *got);
+  }
+  ClusterStats st = (*backend)->Stats();
+  EXPECT_EQ(st.failed_steps, 0u);
+  EXPECT_GE(st.retried_steps, 1u);  // the call that found out, retried here
+  EXPECT_GT(st.fallback_rows, 0u);
+  EXPECT_FALSE(st.workers[1].up);
+  // Back: the worker takes its experts again.
+  c.registry().SetDown(c.address(1), false);
+  (*backend)->ResetStats();
+  auto again = RunThree(*cluster, true);
+  ASSERT_TRUE(again.ok()) << again.status();
+  ExpectBitIdentical(want, *again);
+  st = (*backend)->Stats();
+  EXPECT_EQ(st.fallback_rows, 0u);
+  EXPECT_GT(st.workers[1].requests, 0u);
+}
+
 }  // namespace
 }  // namespace moepool

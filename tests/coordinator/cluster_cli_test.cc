@@ -83,11 +83,18 @@ TEST_F(ClusterCliTest, RunGreedyTokensMatchLocal) {
 }
 
 TEST_F(ClusterCliTest, MissingExpertsAndWrongTokenAreClearErrors) {
-  RunResult missing =
-      Moepool(absl::StrCat("eval --model ", model_, " --prompt hi --logits-out ", TempDir(),
-                           "/x.f32 --workers ", workers_, " --cluster-token tok3n"));
+  // Experts 6-7 are held by no worker: computed here by default, an error without the fallback.
+  const std::string eval =
+      absl::StrCat("eval --model ", model_, " --prompt hi --logits-out ", TempDir(),
+                   "/x.f32 --workers ", workers_, " --cluster-token tok3n");
+  RunResult fallback = Moepool(eval);
+  EXPECT_EQ(fallback.exit_code, 0) << fallback.err;
+  RunResult missing = Moepool(eval + " --local-fallback off");
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_THAT(missing.err, HasSubstr("layers 0-1: experts 6-7"));
+  RunResult bad = Moepool(eval + " --local-fallback maybe");
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_THAT(bad.err, HasSubstr("--local-fallback must be on or off, not 'maybe'"));
   RunResult wrong = Moepool(absl::StrCat("eval --model ", model_, " --prompt hi --logits-out ",
                                          TempDir(), "/x.f32 --workers ", workers_,
                                          " --local-experts 6-7 --cluster-token nope"));
@@ -96,6 +103,9 @@ TEST_F(ClusterCliTest, MissingExpertsAndWrongTokenAreClearErrors) {
   RunResult stray = Moepool(absl::StrCat("eval --model ", model_, " --local-experts 1"));
   EXPECT_EQ(stray.exit_code, 1);
   EXPECT_THAT(stray.err, HasSubstr("--local-experts needs --workers"));
+  RunResult stray_fallback = Moepool(absl::StrCat("eval --model ", model_, " --local-fallback on"));
+  EXPECT_EQ(stray_fallback.exit_code, 1);
+  EXPECT_THAT(stray_fallback.err, HasSubstr("--local-fallback needs --workers"));
 }
 
 TEST_F(ClusterCliTest, BenchReportsDispatchOverheadAndWireBytes) {

@@ -63,6 +63,30 @@ TEST(ExpertPlacementTest, LocalExpertsFillTheGap) {
   EXPECT_EQ(p->holders(1, 4), std::vector<int>{1});
 }
 
+TEST(ExpertPlacementTest, LocalFallbackTakesWhatNoUpWorkerHolds) {
+  auto p = ExpertPlacement::Build(4, 8, {"a:1", "b:2"},
+                                  {PairsForExperts(4, 0, 3), PairsForExperts(4, 4, 5)}, {},
+                                  /*local_fallback=*/true);
+  ASSERT_TRUE(p.ok()) << p.status();  // experts 6-7 held by nobody
+  EXPECT_TRUE(p->holders(1, 6).empty());
+  std::vector<int64_t> rows(8, 0);
+  rows[2] = rows[4] = rows[6] = 3;
+  std::vector<int> holder;
+  ASSERT_TRUE(p->ChooseHolders(
+                   1, rows, [](int) { return true; }, 0, &holder)
+                  .ok());
+  EXPECT_EQ(holder[2], 0);
+  EXPECT_EQ(holder[4], 1);
+  EXPECT_EQ(holder[6], ExpertPlacement::kFallback);
+  // Worker b down: its experts fall back too; worker a still takes its own.
+  ASSERT_TRUE(p->ChooseHolders(
+                   1, rows, [](int w) { return w != 1; }, 0, &holder)
+                  .ok());
+  EXPECT_EQ(holder[2], 0);
+  EXPECT_EQ(holder[4], ExpertPlacement::kFallback);
+  EXPECT_EQ(holder[7], ExpertPlacement::kNone);  // no rows
+}
+
 TEST(ExpertPlacementTest, ReplicasShareTheLoad) {
   // Workers 0 and 1 both hold everything; worker 2 holds experts 0-3.
   auto p = ExpertPlacement::Build(
