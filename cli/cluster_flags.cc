@@ -1,10 +1,15 @@
 #include "cli/cluster_flags.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <fstream>
 #include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "coordinator/expert_placement.h"
@@ -21,8 +26,56 @@ const char* const kClusterValued[] = {
 
 }  // namespace
 
+absl::StatusOr<std::string> ClusterTokenFromArgs(const Args& args) {
+  if (args.Has("cluster-token") && args.Has("cluster-token-file")) {
+    return absl::InvalidArgumentError("give --cluster-token or --cluster-token-file, not both");
+  }
+  if (args.Has("cluster-token")) return args.Get("cluster-token");
+  if (args.Has("cluster-token-file")) {
+    const std::string path = args.Get("cluster-token-file");
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return absl::NotFoundError("--cluster-token-file " + path + ": cannot read");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    std::string token(absl::StripTrailingAsciiWhitespace(ss.str()));
+    if (token.empty()) {
+      return absl::InvalidArgumentError("--cluster-token-file " + path + " is empty");
+    }
+    return token;
+  }
+  const char* env = std::getenv("MOEPOOL_CLUSTER_TOKEN");
+  return std::string(env != nullptr ? env : "");
+}
+
+bool IsLoopbackAddress(const std::string& address) {
+  std::string host = address;
+  if (!host.empty() && host.front() == '[') {  // [v6]:port
+    const size_t close = host.find(']');
+    host = close == std::string::npos ? host.substr(1) : host.substr(1, close - 1);
+  } else if (std::count(host.begin(), host.end(), ':') == 1) {  // host:port
+    host = host.substr(0, host.find(':'));
+  }
+  return host == "localhost" || host == "::1" || absl::StartsWith(host, "127.");
+}
+
+absl::Status RequireTokenOffLoopback(const std::vector<std::string>& addresses,
+                                     const std::string& token, bool insecure,
+                                     const std::string& what) {
+  if (!token.empty() || insecure) return absl::OkStatus();
+  for (const std::string& a : addresses) {
+    if (IsLoopbackAddress(a)) continue;
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " ", a,
+        " is not on loopback: give a cluster token (--cluster-token T or "
+        "MOEPOOL_CLUSTER_TOKEN=T, the same on the coordinator and every worker), or --insecure "
+        "to run without one"));
+  }
+  return absl::OkStatus();
+}
+
 void AddClusterFlags(FlagSpec* spec) {
   for (const char* f : kClusterValued) spec->valued.insert(f);
+  spec->boolean.insert("insecure");
   std::map<std::string, std::string>& help = spec->help;
   help["workers"] =
       "LIST  comma-separated HOST:PORT of the workers that compute the experts, each checked at "
@@ -52,6 +105,12 @@ void AddClusterFlags(FlagSpec* spec) {
   help["transport"] =
       "grpc|nccl  how token rows travel to the workers: nccl sends them GPU to GPU to workers "
       "that offer it and falls back to gRPC elsewhere, with a line on stderr (default grpc)";
+  help["cluster-token-file"] =
+      "PATH  file holding the cluster token (e.g. made by `head -c 32 /dev/urandom | base64`), "
+      "instead of --cluster-token";
+  help["insecure"] =
+      "allow --workers off loopback without a cluster token (the expert link then takes no "
+      "credentials: anyone on the network can use or impersonate a worker)";
   help["local-fallback"] =
       "on|off  experts that no up worker holds are computed in this process, with the same "
       "bits: workers may hold part of the model and come and go without failing a request; "
@@ -77,6 +136,7 @@ absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args&
         return absl::InvalidArgumentError(std::string("--") + f + " needs --workers");
       }
     }
+    if (args.Has("insecure")) return absl::InvalidArgumentError("--insecure needs --workers");
     return std::nullopt;
   }
   ClusterOptions o;
@@ -100,11 +160,9 @@ absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args&
   }
   o.local_fallback = fallback == "on";
   o.nccl.nccl.timeout_s = o.step_timeout_s;
-  if (args.Has("cluster-token")) {
-    o.cluster_token = args.Get("cluster-token");
-  } else if (const char* env = std::getenv("MOEPOOL_CLUSTER_TOKEN"); env != nullptr) {
-    o.cluster_token = env;
-  }
+  ASSIGN_OR_RETURN(o.cluster_token, ClusterTokenFromArgs(args));
+  RETURN_IF_ERROR(
+      RequireTokenOffLoopback(o.workers, o.cluster_token, args.Has("insecure"), "worker"));
   o.tls_ca_path = args.Get("tls-ca");
   o.tls_cert_path = args.Get("tls-cert");
   o.tls_key_path = args.Get("tls-key");

@@ -7,6 +7,8 @@
 //   --cluster-token T         bearer token for every RPC (default: $MOEPOOL_CLUSTER_TOKEN)
 //   --tls-ca/--tls-cert/--tls-key PEM files, --tls-server-name NAME: TLS / mutual TLS
 //   --max-message-bytes N     largest message sent; larger batches are chunked (default 4 MiB)
+//   --local-fallback on|off   experts no up worker holds are computed here (default on)
+//   --insecure                allow workers off loopback without a cluster token
 // Without --workers the engine runs every expert locally, as before. Also added here (they do
 // not need --workers):
 //   --device cpu|cuda:N|cuda:all  where this process's experts run (cli/device_flags.h): every
@@ -18,6 +20,8 @@
 
 #include <memory>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "cli/args.h"
@@ -34,6 +38,22 @@ void AddClusterFlags(FlagSpec* spec);
 // cluster flags given without --workers. The token comes from --cluster-token, else from the
 // environment variable MOEPOOL_CLUSTER_TOKEN.
 absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args& args);
+
+// The cluster token: --cluster-token, else the contents of --cluster-token-file (trailing
+// whitespace removed), else $MOEPOOL_CLUSTER_TOKEN, else empty. Errors: both flags given, an
+// unreadable or empty file.
+absl::StatusOr<std::string> ClusterTokenFromArgs(const Args& args);
+
+// True for a HOST:PORT (or host) on the loopback interface: 127.0.0.0/8, ::1, localhost.
+bool IsLoopbackAddress(const std::string& address);
+
+// The rule for the expert link (a worker holds the model's weights and computes for whoever
+// reaches it): off loopback a cluster token is required unless --insecure. `addresses` are the
+// worker's --listen or the coordinator's --workers. INVALID_ARGUMENT naming the first address
+// off loopback and what to do.
+absl::Status RequireTokenOffLoopback(const std::vector<std::string>& addresses,
+                                     const std::string& token, bool insecure,
+                                     const std::string& what);
 
 // Sets cluster->local_backend_factory so the local experts run on `device` (nothing for cpu),
 // and the coordinator's NCCL device (the first of `device`, else cuda:0).

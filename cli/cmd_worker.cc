@@ -25,6 +25,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
+#include "cli/cluster_flags.h"
 #include "cli/commands.h"
 #include "cli/device_flags.h"
 #include "cli/weights_in_memory.h"
@@ -94,11 +95,9 @@ absl::StatusOr<worker::WorkerServerOptions> ServerOptionsFromArgs(const Args& ar
   // Result chunks stay well inside the message limit (header fields add a few bytes).
   server_options.service.response_chunk_bytes =
       std::min<size_t>(size_t{4} << 20, static_cast<size_t>(server_options.max_message_bytes) / 2);
-  server_options.service.cluster_token = args.Get("cluster-token");
-  if (server_options.service.cluster_token.empty()) {
-    const char* env = std::getenv("MOEPOOL_CLUSTER_TOKEN");
-    if (env != nullptr) server_options.service.cluster_token = env;
-  }
+  ASSIGN_OR_RETURN(server_options.service.cluster_token, ClusterTokenFromArgs(args));
+  RETURN_IF_ERROR(RequireTokenOffLoopback({listen}, server_options.service.cluster_token,
+                                          args.Has("insecure"), "--listen"));
   ASSIGN_OR_RETURN(server_options.tls_cert_pem, ReadPem(args, "tls-cert"));
   ASSIGN_OR_RETURN(server_options.tls_key_pem, ReadPem(args, "tls-key"));
   ASSIGN_OR_RETURN(server_options.tls_client_ca_pem, ReadPem(args, "tls-ca"));
@@ -172,8 +171,9 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
 
 FlagSpec WorkerFlags() {
   FlagSpec spec = {{"model", "experts", "layers", "placement", "listen", "threads", "cluster-token",
-                    "tls-cert", "tls-key", "tls-ca", "max-message-mib", "name", "transport"},
-                   {}};
+                    "cluster-token-file", "tls-cert", "tls-key", "tls-ca", "max-message-mib",
+                    "name", "transport"},
+                   {"insecure"}};
   AddDeviceFlag(&spec);
   AddPreloadFlag(&spec);
   spec.usage = "moepool worker --model M.gguf --experts LIST --listen HOST:PORT [flags]";
@@ -187,7 +187,13 @@ FlagSpec WorkerFlags() {
   help["placement"] =
       "PATH  file of the (layer, expert) pairs to serve, as moepool plan writes it; instead of "
       "--experts";
-  help["listen"] = "HOST:PORT  where to serve (required); port 0 picks a free one";
+  help["listen"] =
+      "HOST:PORT  where to serve (required); port 0 picks a free one; off loopback a cluster "
+      "token is required (or --insecure)";
+  help["cluster-token-file"] = "PATH  file holding the cluster token, instead of --cluster-token";
+  help["insecure"] =
+      "serve off loopback without a cluster token: anyone who reaches --listen can use this "
+      "worker";
   help["threads"] = "N  compute threads (default all cores)";
   help["cluster-token"] =
       "TOKEN  bearer token every RPC must carry (default $MOEPOOL_CLUSTER_TOKEN; without one any "

@@ -99,7 +99,8 @@ void DescribeWorker(const ModelSizes& sizes, MachinePlan* m) {
   const int first = by_layer.begin()->first;
   const int last = by_layer.rbegin()->first;
   const bool contiguous = last - first + 1 == static_cast<int>(by_layer.size());
-  const std::string listen = absl::StrCat(" --listen 0.0.0.0:", m->port);
+  const std::string listen =
+      absl::StrCat(" --listen 0.0.0.0:", m->port, " --cluster-token-file ", kClusterTokenFile);
   std::string cmd = absl::StrCat("moepool worker --model ", ShellQuote(sizes.model_path));
   if (sets.size() == 1 && contiguous) {
     const std::string experts = *sets.begin();
@@ -368,7 +369,8 @@ void DescribeWorkers(const PlanRequest& r, Plan* plan) {
     workers.push_back(absl::StrCat(m.name, ":", m.port));
   }
   plan->serve_command = absl::StrCat("moepool serve --model ", ShellQuote(r.sizes.model_path),
-                                     " --ctx ", r.ctx, " --workers ", absl::StrJoin(workers, ","));
+                                     " --ctx ", r.ctx, " --workers ", absl::StrJoin(workers, ","),
+                                     " --cluster-token-file ", kClusterTokenFile);
 }
 
 }  // namespace

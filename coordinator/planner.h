@@ -27,6 +27,9 @@
 
 namespace moepool {
 
+// The token file the plan's commands name: the same file on every machine (docs/planner.md).
+inline constexpr char kClusterTokenFile[] = "cluster.token";
+
 inline constexpr uint64_t kKiB = uint64_t{1} << 10;
 inline constexpr uint64_t kMiB = uint64_t{1} << 20;
 inline constexpr uint64_t kGiB = uint64_t{1} << 30;

@@ -77,6 +77,8 @@ std::string FormatPlan(const PlanRequest& r, const Plan& plan) {
   }
   absl::StrAppend(&out, "\ncoordinator (on ", plan.machines.front().name, "):\n  $ ",
                   plan.serve_command, "\n");
+  absl::StrAppend(&out, "\ncluster token: make it once and copy it to every machine, e.g.\n  $ ",
+                  "(umask 077; head -c 32 /dev/urandom | base64 > ", kClusterTokenFile, ")\n");
   return out;
 }
 

@@ -113,6 +113,12 @@ TEST(WorkerCommandTest, BadFlagsFailWithAMessage) {
     std::vector<std::string> args;
     const char* message;
   };
+  const std::string token_file = TempDir() + "/cluster.token";
+  const std::string empty_file = TempDir() + "/empty.token";
+  {
+    std::ofstream(token_file) << "s3cret\n";
+    std::ofstream(empty_file) << "\n";
+  }
   const std::vector<Case> cases = {
       {{"worker", "--experts", "0", "--listen", "127.0.0.1:0"}, "--model is required"},
       {{"worker", "--model", model, "--listen", "127.0.0.1:0"}, "give either --experts"},
@@ -129,7 +135,37 @@ TEST(WorkerCommandTest, BadFlagsFailWithAMessage) {
       {{"worker", "--model", model, "--experts", "0", "--listen", "127.0.0.1:0", "--preload",
         "maybe"},
        "--preload must be on or off"},
+      // Off loopback a cluster token is required, or --insecure (the later --preload error
+      // shows the address was accepted).
+      {{"worker", "--model", model, "--experts", "0", "--listen", "0.0.0.0:0"},
+       "--listen 0.0.0.0:0 is not on loopback: give a cluster token"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "[::]:0"},
+       "--listen [::]:0 is not on loopback"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "0.0.0.0:0", "--insecure",
+        "--preload", "maybe"},
+       "--preload must be on or off"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "0.0.0.0:0", "--cluster-token",
+        "t0k", "--preload", "maybe"},
+       "--preload must be on or off"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "[::1]:0", "--preload", "maybe"},
+       "--preload must be on or off"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "0.0.0.0:0",
+        "--cluster-token-file", token_file, "--preload", "maybe"},
+       "--preload must be on or off"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "0.0.0.0:0",
+        "--cluster-token-file", empty_file},
+       "is empty"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "0.0.0.0:0",
+        "--cluster-token-file", token_file + ".absent"},
+       ".absent: cannot read"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "127.0.0.1:0", "--cluster-token",
+        "a", "--cluster-token-file", token_file},
+       "not both"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "localhost:0", "--preload",
+        "maybe"},
+       "--preload must be on or off"},
   };
+  unsetenv("MOEPOOL_CLUSTER_TOKEN");
   for (const Case& c : cases) {
     const std::string out = TempDir() + "/bad.stdout", err = TempDir() + "/bad.stderr";
     const pid_t pid = Spawn(c.args, out, err);

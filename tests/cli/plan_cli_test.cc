@@ -52,7 +52,7 @@ TEST(PlanCliTest, ThreeMachinesFitQ5KMAsJson) {
   EXPECT_EQ(pairs.size(), 256u);
   EXPECT_EQ(j.at("serve_command"),
             "moepool serve --model mixtral-8x7b-Q5_K_M.gguf --ctx 4096 --workers "
-            "machine-1:7070,machine-2:7071,machine-3:7072");
+            "machine-1:7070,machine-2:7071,machine-3:7072 --cluster-token-file cluster.token");
 }
 
 TEST(PlanCliTest, TwoMachinesDoNotFitQ5KM) {

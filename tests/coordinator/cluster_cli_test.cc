@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 
 #include <cstdlib>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -103,6 +104,26 @@ TEST_F(ClusterCliTest, MissingExpertsAndWrongTokenAreClearErrors) {
   RunResult stray = Moepool(absl::StrCat("eval --model ", model_, " --local-experts 1"));
   EXPECT_EQ(stray.exit_code, 1);
   EXPECT_THAT(stray.err, HasSubstr("--local-experts needs --workers"));
+  // Workers off loopback need a token, or --insecure (then it is the connection that fails).
+  const std::string remote = absl::StrCat("eval --model ", model_, " --prompt hi --logits-out ",
+                                          TempDir(), "/x.f32 --workers 192.0.2.1:7070");
+  RunResult no_token = Moepool(remote, "MOEPOOL_CLUSTER_TOKEN= ");
+  EXPECT_EQ(no_token.exit_code, 1);
+  EXPECT_THAT(no_token.err, HasSubstr("worker 192.0.2.1:7070 is not on loopback: give a cluster "
+                                      "token"));
+  RunResult insecure = Moepool(remote + " --insecure --connect-timeout 0.2");
+  EXPECT_EQ(insecure.exit_code, 1);
+  EXPECT_THAT(insecure.err, ::testing::Not(HasSubstr("not on loopback")));
+  EXPECT_THAT(insecure.err, HasSubstr("192.0.2.1:7070"));
+  const std::string token_file = TempDir() + "/cluster.token";
+  std::ofstream(token_file) << "tok3n\n";
+  RunResult with_file =
+      Moepool(remote + " --cluster-token-file " + token_file + " --connect-timeout 0.2");
+  EXPECT_EQ(with_file.exit_code, 1);
+  EXPECT_THAT(with_file.err, ::testing::Not(HasSubstr("not on loopback")));
+  RunResult stray_insecure = Moepool(absl::StrCat("eval --model ", model_, " --insecure"));
+  EXPECT_EQ(stray_insecure.exit_code, 1);
+  EXPECT_THAT(stray_insecure.err, HasSubstr("--insecure needs --workers"));
   RunResult stray_fallback = Moepool(absl::StrCat("eval --model ", model_, " --local-fallback on"));
   EXPECT_EQ(stray_fallback.exit_code, 1);
   EXPECT_THAT(stray_fallback.err, HasSubstr("--local-fallback needs --workers"));

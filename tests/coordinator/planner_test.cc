@@ -196,9 +196,12 @@ TEST(PlannerTest, TinyModelFileSplitsEvenlyOverTwoWorkers) {
   EXPECT_EQ(plan.machines[1].experts_text, "experts 0-3 on all 4 layers");
   EXPECT_EQ(plan.machines[2].experts_text, "experts 4-7 on all 4 layers");
   EXPECT_EQ(plan.machines[2].worker_command,
-            "moepool worker --model " + sizes->model_path + " --experts 4-7 --listen 0.0.0.0:7071");
-  EXPECT_EQ(plan.serve_command, "moepool serve --model " + sizes->model_path +
-                                    " --ctx 4096 --workers machine-1:7070,machine-2:7071");
+            "moepool worker --model " + sizes->model_path +
+                " --experts 4-7 --listen 0.0.0.0:7071 --cluster-token-file cluster.token");
+  EXPECT_EQ(plan.serve_command,
+            "moepool serve --model " + sizes->model_path +
+                " --ctx 4096 --workers machine-1:7070,machine-2:7071 --cluster-token-file "
+                "cluster.token");
 }
 
 TEST(PlannerTest, Q3KMFitsOnTwo12GiBMachinesWithTheCoordinatorOnTheFirst) {
