@@ -4,7 +4,10 @@
 # starting from the committed seed corpus. Not in CI (it runs for minutes); ctest replays the
 # corpus with the gcc build instead (GgufReaderFuzzerReplay).
 #
-#   tests/fuzz/run_fuzz.sh [SECONDS=300] [WORKERS=2]
+#   tests/fuzz/run_fuzz.sh [SECONDS=300] [WORKERS=2] [TARGET=gguf|forward]
+#
+# TARGET forward fuzzes the worker's request framing and the coordinator's response assembly
+# (forward_chunks_fuzzer, seeds from its own writer, corpus tests/fuzz/corpus/forward).
 #
 # New inputs go to build-fuzz/corpus (the committed seeds are never modified); crashes, leaks,
 # out-of-memory and slow inputs to build-fuzz/artifacts. -malloc_limit_mb is far below what the
@@ -14,8 +17,19 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds=${1:-300}
 workers=${2:-2}
+target=${3:-gguf}
 CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DMOEPOOL_FUZZ=ON -DMOEPOOL_BUILD_TESTS=OFF -DMOEPOOL_BUILD_BENCHMARKS=OFF >/dev/null
+if [ "$target" = forward ]; then
+  ninja -C build-fuzz forward_chunks_fuzzer
+  mkdir -p build-fuzz/forward-corpus build-fuzz/artifacts
+  cp -n tests/fuzz/corpus/forward/* build-fuzz/forward-corpus/ 2>/dev/null || true
+  cd build-fuzz
+  exec tests/fuzz/forward_chunks_fuzzer forward-corpus \
+    -max_total_time="$seconds" -jobs="$workers" -workers="$workers" \
+    -max_len=16384 -malloc_limit_mb=64 -rss_limit_mb=1024 -timeout=10 \
+    -artifact_prefix=artifacts/ -print_final_stats=1
+fi
 ninja -C build-fuzz gguf_reader_fuzzer
 mkdir -p build-fuzz/corpus build-fuzz/artifacts
 cp -n tests/fuzz/corpus/gguf/*.gguf build-fuzz/corpus/ 2>/dev/null || true
