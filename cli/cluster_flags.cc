@@ -130,20 +130,25 @@ void ApplyDeviceToCluster(const std::string& model_path, const DeviceSpec& devic
 }
 
 absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args& args) {
-  if (!args.Has("workers")) {
+  const bool elastic = args.Has("cluster-listen");  // moepool serve only
+  if (!args.Has("workers") && !elastic) {
     for (const char* f : kClusterValued) {
       if (args.Has(f)) {
-        return absl::InvalidArgumentError(std::string("--") + f + " needs --workers");
+        return absl::InvalidArgumentError(std::string("--") + f +
+                                          " needs --workers (or, on serve, --cluster-listen)");
       }
     }
     if (args.Has("insecure")) return absl::InvalidArgumentError("--insecure needs --workers");
     return std::nullopt;
   }
   ClusterOptions o;
+  o.elastic = elastic;
   for (absl::string_view w : absl::StrSplit(args.Get("workers"), ',', absl::SkipWhitespace())) {
     o.workers.emplace_back(absl::StripAsciiWhitespace(w));
   }
-  if (o.workers.empty()) return absl::InvalidArgumentError("--workers lists no worker");
+  if (o.workers.empty() && !elastic) {
+    return absl::InvalidArgumentError("--workers lists no worker");
+  }
   // The model's expert count is checked when the backend opens the model.
   ASSIGN_OR_RETURN(o.local_experts, ParseExpertList(args.Get("local-experts"), 65536));
   ASSIGN_OR_RETURN(o.wire_dtype, wire::ParseDType(args.Get("wire-dtype", "f32")));

@@ -84,7 +84,7 @@ absl::StatusOr<nlohmann::json> ClusterReport(const Args& args, const ClusterExpe
                          static_cast<double>(s.compute_micros));
       req_bytes.push_back(static_cast<double>(s.request_bytes));
     }
-    const auto& d = cluster.workers()[w];
+    const moepool::v1::DescribeResponse d = cluster.workers()[w];
     workers.push_back({{"address", o.workers[w]},
                        {"worker_id", d.worker_id()},
                        {"device", d.device()},

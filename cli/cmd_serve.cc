@@ -1,22 +1,32 @@
 // moepool serve: the OpenAI-compatible HTTP server (see docs/api.md, docs/operations.md).
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "cli/args.h"
 #include "cli/cluster_flags.h"
 #include "cli/commands.h"
 #include "cli/device_flags.h"
 #include "cli/engine_flags.h"
 #include "cli/weights_in_memory.h"
+#include "coordinator/cluster_control.h"
 #include "coordinator/cluster_expert_backend.h"
+#include "coordinator/cluster_service.h"
 #include "coordinator/expert_placement.h"
 #include "coordinator/serve.h"
 #include "engine/status_macros.h"
@@ -121,37 +131,126 @@ absl::StatusOr<ServeConfig> ParseConfig(const Args& args) {
 // With --device cuda:* the experts of this process (all of them, or the --local-experts) run on
 // the GPU, and so do attention, router and head; the check comes first, so a build without CUDA
 // fails before loading anything.
-// GET /v1/cluster of a server with --workers: each worker's id (w0, w1, ... in --workers
-// order), address, state (ready while it is up, gone while it is not), its (layer, expert)
-// pairs, and the pairs this process computes because no up worker holds them. Static workers
-// fetch nothing and the placement never changes (version 1).
-nlohmann::json ClusterView(const ClusterExpertBackend& backend) {
-  const ClusterStats stats = backend.Stats();
-  nlohmann::json workers = nlohmann::json::array();
-  for (size_t i = 0; i < stats.workers.size(); ++i) {
-    const WorkerStats& w = stats.workers[i];
-    nlohmann::json experts = nlohmann::json::array();
-    for (const uint32_t packed : backend.workers()[i].experts().packed()) {
-      experts.push_back({PackedLayer(packed), PackedExpert(packed)});
-    }
-    workers.push_back({{"id", absl::StrCat("w", i)},
-                       {"address", w.address},
-                       {"state", w.up ? "ready" : "gone"},
-                       {"experts", experts},
-                       {"bytes_fetched", 0},
-                       {"worker_id", w.worker_id},
-                       {"last_error", w.last_error}});
+// --cluster-listen off loopback without a token: a token is made (32 random bytes, base64url)
+// and kept in the --cluster-token-file (made if missing) or ~/.config/moepool/cluster.token
+// (reused on the next start, so the workers' copies stay valid), mode 0600.
+absl::StatusOr<std::string> GeneratedClusterToken(const Args& args, std::string* path) {
+  *path = args.Get("cluster-token-file");
+  if (path->empty()) {
+    const char* home = std::getenv("HOME");
+    const std::string dir = absl::StrCat(home != nullptr ? home : ".", "/.config/moepool");
+    std::filesystem::create_directories(dir);
+    *path = dir + "/cluster.token";
   }
+  if (std::filesystem::exists(*path)) {
+    ASSIGN_OR_RETURN(std::string text, ReadFileToString(*path));
+    std::string token(absl::StripTrailingAsciiWhitespace(text));
+    if (!token.empty()) return token;
+  }
+  unsigned char raw[32];
+  std::ifstream urandom("/dev/urandom", std::ios::binary);
+  if (!urandom.read(reinterpret_cast<char*>(raw), sizeof(raw))) {
+    return absl::InternalError("cannot read /dev/urandom for a cluster token");
+  }
+  std::string token =
+      absl::WebSafeBase64Escape(absl::string_view(reinterpret_cast<const char*>(raw), sizeof(raw)));
+  const int fd = ::open(path->c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  if (fd < 0 || ::write(fd, token.data(), token.size()) != static_cast<ssize_t>(token.size()) ||
+      ::fchmod(fd, 0600) != 0) {
+    if (fd >= 0) ::close(fd);
+    return absl::PermissionDeniedError(absl::StrCat("cannot write the cluster token to ", *path));
+  }
+  ::close(fd);
+  return token;
+}
+
+// The control port of an elastic cluster: token (given, or generated off loopback), TLS, and
+// the line to run on the other PCs.
+absl::StatusOr<ClusterServerOptions> ClusterServerOptionsFromArgs(const Args& args,
+                                                                  ClusterOptions* cluster,
+                                                                  std::string* join_line) {
+  ClusterServerOptions o;
+  o.listen_address = args.Get("cluster-listen");
+  std::string token_file = args.Get("cluster-token-file");
+  if (cluster->cluster_token.empty() && !IsLoopbackAddress(o.listen_address) &&
+      !args.Has("insecure")) {
+    ASSIGN_OR_RETURN(cluster->cluster_token, GeneratedClusterToken(args, &token_file));
+    std::printf("moepool: cluster token in %s (mode 0600); copy it to each worker PC\n",
+                token_file.c_str());
+  }
+  o.cluster_token = cluster->cluster_token;
+  if (args.Has("cluster-tls-cert")) {
+    ASSIGN_OR_RETURN(o.tls_cert_pem, ReadFileToString(args.Get("cluster-tls-cert")));
+  }
+  if (args.Has("cluster-tls-key")) {
+    ASSIGN_OR_RETURN(o.tls_key_pem, ReadFileToString(args.Get("cluster-tls-key")));
+  }
+  std::string host = o.listen_address.substr(0, o.listen_address.rfind(':'));
+  if (host == "0.0.0.0" || host == "[::]" || host.empty()) {
+    char name[256] = {};
+    host = gethostname(name, sizeof(name) - 1) == 0 ? name : "THIS-PC";
+  }
+  *join_line = absl::StrCat(
+      "moepool worker --join ", host, ":PORT --listen ",
+      IsLoopbackAddress(host) ? "127.0.0.1" : "0.0.0.0", ":7070 --cache-dir moepool-cache",
+      o.cluster_token.empty()
+          ? ""
+          : absl::StrCat(" --cluster-token-file ", token_file.empty() ? "TOKEN-FILE" : token_file));
+  return o;
+}
+
+// /health of a cluster: each worker's link, and 503 while some pair has no holder (with the
+// local fallback off).
+HealthReport HealthOf(const ClusterExpertBackend& backend) {
+  HealthReport report;
+  nlohmann::json workers = nlohmann::json::array();
+  for (const WorkerStats& w : backend.Stats().workers) {
+    workers.push_back({{"address", w.address},
+                       {"worker_id", w.worker_id},
+                       {"up", w.up},
+                       {"last_error", w.last_error},
+                       {"requests", w.requests},
+                       {"failures", w.failures},
+                       {"reconnects", w.reconnects}});
+  }
+  report.details["workers"] = workers;
   const auto uncovered = backend.UncoveredPairs();
-  return {{"placement_version", 1},
-          {"workers", workers},
-          {"local_fallback", backend.options().local_fallback},
-          {"fallback_expert_pairs", backend.options().local_fallback ? uncovered.size() : 0},
-          {"local_experts", backend.options().local_experts}};
+  const bool fallback = backend.options().local_fallback;
+  report.ok = uncovered.empty() || fallback;
+  if (!uncovered.empty()) {
+    report.details[fallback ? "fallback_experts" : "unavailable_experts"] =
+        DescribeExpertPairs(uncovered);
+  }
+  return report;
+}
+
+// Starts the control port of --cluster-listen and prints the line workers join with.
+absl::StatusOr<std::shared_ptr<ClusterServer>> StartControl(
+    const std::shared_ptr<ClusterControl>& control, const ClusterServerOptions& options,
+    std::string join_line) {
+  ASSIGN_OR_RETURN(std::unique_ptr<ClusterServer> started,
+                   ClusterServer::Start(control.get(), options));
+  const std::string& listen = options.listen_address;
+  const std::string port = absl::StrCat(started->port());
+  join_line.replace(join_line.find("PORT"), 4, port);
+  std::printf("moepool: cluster control on %s:%s%s; workers join with:\n  %s\n",
+              listen.substr(0, listen.rfind(':')).c_str(), port.c_str(),
+              started->tls() ? " (TLS)" : "", join_line.c_str());
+  std::fflush(stdout);
+  // The control port stops before the registry it serves.
+  return std::shared_ptr<ClusterServer>(started.release(),
+                                        [control](ClusterServer* s) { delete s; });
 }
 
 absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFactory* factory) {
   ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
+  if (args.Has("cluster-listen") && args.Has("cluster-token-file") &&
+      !std::filesystem::exists(args.Get("cluster-token-file"))) {
+    std::string path;  // made here, then read like any token file
+    RETURN_IF_ERROR(GeneratedClusterToken(args, &path).status());
+    std::printf("moepool: made a cluster token in %s (mode 0600); copy it to each worker PC\n",
+                path.c_str());
+  }
   ASSIGN_OR_RETURN(std::optional<ClusterOptions> cluster, ClusterOptionsFromArgs(args));
   if (!cluster.has_value() && !device.cuda) {
     *factory = LocalEngineFactory();
@@ -173,42 +272,40 @@ absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFacto
   }
   cluster->local_threads = config->engine.threads;
   ApplyDeviceToCluster(config->engine.model_path, device, &*cluster);
+  std::optional<ClusterServerOptions> server_options;
+  std::string join_line;
+  if (cluster->elastic) {
+    ASSIGN_OR_RETURN(server_options, ClusterServerOptionsFromArgs(args, &*cluster, &join_line));
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<ClusterExpertBackend> created,
                    ClusterExpertBackend::Create(config->engine.model_path, *cluster));
   std::shared_ptr<ClusterExpertBackend> backend = std::move(created);
+  // The control registry (and, with --cluster-listen, its port) live as long as the server.
+  ClusterControlOptions control_options;
+  ASSIGN_OR_RETURN(control_options.reassign_after_s,
+                   args.GetDouble("cluster-reassign-after", control_options.reassign_after_s));
+  std::shared_ptr<ClusterControl> control(new ClusterControl(backend.get(), control_options),
+                                          [backend](ClusterControl* c) { delete c; });
+  std::shared_ptr<ClusterServer> control_server;
+  if (server_options.has_value()) {
+    ASSIGN_OR_RETURN(control_server, StartControl(control, *server_options, join_line));
+  }
   *factory = [backend, attention](const EngineOptions& options) {
     EngineOptions with_workers = options;
     with_workers.experts = backend.get();
     with_workers.attention = attention;
     return Engine::Load(with_workers);
   };
-  config->http.cluster = [backend] { return ClusterView(*backend); };
-  config->http.health = [backend] {
-    HealthReport report;
-    nlohmann::json workers = nlohmann::json::array();
-    for (const WorkerStats& w : backend->Stats().workers) {
-      workers.push_back({{"address", w.address},
-                         {"worker_id", w.worker_id},
-                         {"up", w.up},
-                         {"last_error", w.last_error},
-                         {"requests", w.requests},
-                         {"failures", w.failures},
-                         {"reconnects", w.reconnects}});
-    }
-    report.details["workers"] = workers;
-    const auto uncovered = backend->UncoveredPairs();
-    const bool fallback = backend->options().local_fallback;
-    report.ok = uncovered.empty() || fallback;
-    if (!uncovered.empty()) {
-      report.details[fallback ? "fallback_experts" : "unavailable_experts"] =
-          DescribeExpertPairs(uncovered);
-    }
-    return report;
+  config->http.cluster = [control, control_server] { return control->View(); };
+  config->http.drain_worker = [control](const std::string& id) {
+    return control->Drain(id, "drain requested over HTTP");
   };
+  config->http.health = [backend] { return HealthOf(*backend); };
   return absl::OkStatus();
 }
 
 absl::Status Serve(const Args& args) {
+  signal(SIGPIPE, SIG_IGN);  // a closed stdout or socket is an error to handle, not a death
   ASSIGN_OR_RETURN(ServeConfig config, ParseConfig(args));
   ASSIGN_OR_RETURN(const bool preload, PreloadFromArgs(args));
   ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
@@ -222,7 +319,6 @@ absl::Status Serve(const Args& args) {
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
-  signal(SIGPIPE, SIG_IGN);
 
   ASSIGN_OR_RETURN(auto session, ServeSession::Create(config, factory));
   if (!session->notice().empty()) {
@@ -247,11 +343,27 @@ absl::Status Serve(const Args& args) {
 }
 
 FlagSpec ServeFlags() {
-  FlagSpec spec = {
-      {"listen", "api-key", "api-key-file", "parallel", "ctx", "max-queue", "chat-template",
-       "step-tokens", "kv-block-size", "kv-cache-tokens", "http-threads", "max-body-bytes",
-       "model-name", "micro-batches", "prefix-cache"},
-      {}};
+  FlagSpec spec = {{"listen",
+                    "api-key",
+                    "api-key-file",
+                    "parallel",
+                    "ctx",
+                    "max-queue",
+                    "chat-template",
+                    "step-tokens",
+                    "kv-block-size",
+                    "kv-cache-tokens",
+                    "http-threads",
+                    "max-body-bytes",
+                    "model-name",
+                    "micro-batches",
+                    "prefix-cache",
+                    "cluster-listen",
+                    "cluster-tls-cert",
+                    "cluster-tls-key",
+                    "cluster-token-file",
+                    "cluster-reassign-after"},
+                   {}};
   AddEngineFlags(&spec);
   AddClusterFlags(&spec);
   AddPreloadFlag(&spec);
@@ -284,6 +396,15 @@ FlagSpec ServeFlags() {
   help["micro-batches"] =
       "N  1 or 2; with 2 and --workers, a step with rows of two or more sequences runs as two "
       "pipelined halves (default 2)";
+  help["cluster-listen"] =
+      "HOST:PORT  open the control port workers join with `moepool worker --join` (no model file "
+      "on the workers: they fetch their experts from here); off loopback a cluster token is made "
+      "and stored unless one is given or --insecure";
+  help["cluster-reassign-after"] =
+      "S  a joined worker lost without a drain and not back after S seconds: workers with room "
+      "in their memory budget join again to take its experts; < 0: never (default 30)";
+  help["cluster-tls-cert"] = "PATH  certificate (PEM) of the control port; with --cluster-tls-key";
+  help["cluster-tls-key"] = "PATH  private key (PEM) of --cluster-tls-cert";
   help["prefix-cache"] =
       "on|off  reuse the KV cache of prompt prefixes already computed (default on)";
   return spec;

@@ -16,26 +16,32 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
 #include "cli/cluster_flags.h"
 #include "cli/commands.h"
 #include "cli/device_flags.h"
 #include "cli/weights_in_memory.h"
+#include "coordinator/planner.h"
 #include "engine/gguf.h"
+#include "engine/host_memory.h"
 #include "engine/model.h"
 #include "engine/status_macros.h"
 #include "wire/nccl_peer.h"
 #include "wire/transport.h"
 #include "worker/expert_service.h"
 #include "worker/expert_set.h"
+#include "worker/joiner.h"
 #include "worker/worker_core.h"
 
 namespace moepool::cli {
@@ -79,6 +85,27 @@ std::string HostOf(const std::string& address) {
   return colon == std::string::npos ? address : address.substr(0, colon);
 }
 
+// --memory SIZE, else the free memory less a reserve (max(1 GiB, 10% of the total)), printed.
+absl::StatusOr<uint64_t> MemoryBudget(const Args& args) {
+  if (args.Has("memory")) {
+    ASSIGN_OR_RETURN(const uint64_t bytes, ParseByteSize(args.Get("memory")));
+    if (bytes == 0) return absl::InvalidArgumentError("--memory must be > 0");
+    return bytes;
+  }
+  const HostMemory host = ReadHostMemory();
+  const uint64_t reserve = std::max<uint64_t>(uint64_t{1} << 30, host.Capacity() / 10);
+  const uint64_t budget = host.available > reserve ? host.available - reserve : 0;
+  std::printf(
+      "moepool worker: memory budget for experts %.1f GiB (free %.1f GiB less a %.1f GiB "
+      "reserve; --memory SIZE to change)\n",
+      static_cast<double>(budget) / (1 << 30), static_cast<double>(host.available) / (1 << 30),
+      static_cast<double>(reserve) / (1 << 30));
+  if (budget == 0) {
+    return absl::ResourceExhaustedError("no free memory for experts; give --memory SIZE");
+  }
+  return budget;
+}
+
 // The server's options from the flags: address, message limit, token, TLS, NCCL sessions.
 absl::StatusOr<worker::WorkerServerOptions> ServerOptionsFromArgs(const Args& args,
                                                                   const std::string& listen,
@@ -118,7 +145,58 @@ absl::StatusOr<worker::WorkerServerOptions> ServerOptionsFromArgs(const Args& ar
   return server_options;
 }
 
+// `moepool worker --join`: no model file, no expert list (worker/joiner.h).
+absl::Status ServeJoined(const Args& args, const sigset_t& stop_signals) {
+  for (const char* f : {"model", "experts", "layers", "placement", "name"}) {
+    if (args.Has(f)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--", f, " does not go with --join: the coordinator assigns the experts and sends them"));
+    }
+  }
+  const std::string listen = args.Get("listen");
+  if (listen.empty()) return absl::InvalidArgumentError("--listen HOST:PORT is required");
+  if (absl::EndsWith(listen, ":0")) {
+    return absl::InvalidArgumentError("--listen with --join needs a fixed port, not 0");
+  }
+  ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
+  worker::JoinOptions o;
+  o.coordinator = args.Get("join");
+  o.advertise = args.Get("advertise", listen);
+  o.cache_dir = args.Get("cache-dir", "moepool-cache");
+  ASSIGN_OR_RETURN(o.server, ServerOptionsFromArgs(args, listen, device));
+  o.cluster_token = o.server.service.cluster_token;
+  RETURN_IF_ERROR(
+      RequireTokenOffLoopback({o.coordinator}, o.cluster_token, args.Has("insecure"), "--join"));
+  ASSIGN_OR_RETURN(o.coordinator_ca_pem, ReadPem(args, "join-tls-ca"));
+  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
+  o.threads = static_cast<int>(threads);
+  o.device = device.ToString();
+  o.cuda_devices = device.ordinals;
+  ASSIGN_OR_RETURN(o.memory_bytes, MemoryBudget(args));
+  ASSIGN_OR_RETURN(const bool preload, PreloadFromArgs(args));
+  if (preload && !device.cuda) {
+    o.preload = [](const Model& m) { return PreloadWeights(m, "moepool worker"); };
+  }
+  std::atomic<bool> stop{false};
+  std::thread signals([&] {
+    int signal_number = 0;
+    sigwait(&stop_signals, &signal_number);
+    if (signal_number == SIGUSR2) return;  // the loop ended by itself
+    std::fprintf(stderr, "moepool worker: %s, leaving the cluster\n",
+                 signal_number == SIGINT ? "interrupted" : "terminated");
+    stop.store(true);
+  });
+  const absl::Status s = worker::RunJoinedWorker(o, stop);
+  if (!stop.load()) pthread_kill(signals.native_handle(), SIGUSR2);
+  signals.join();
+  return s;
+}
+
 absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
+  if (args.Has("join")) return ServeJoined(args, stop_signals);
+  for (const char* f : {"advertise", "cache-dir", "memory", "join-tls-ca"}) {
+    if (args.Has(f)) return absl::InvalidArgumentError(absl::StrCat("--", f, " needs --join"));
+  }
   const std::string model = args.Get("model");
   if (model.empty()) return absl::InvalidArgumentError("--model is required");
   const std::string listen = args.Get("listen");
@@ -172,14 +250,31 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
 FlagSpec WorkerFlags() {
   FlagSpec spec = {{"model", "experts", "layers", "placement", "listen", "threads", "cluster-token",
                     "cluster-token-file", "tls-cert", "tls-key", "tls-ca", "max-message-mib",
-                    "name", "transport"},
+                    "name", "transport", "join", "advertise", "cache-dir", "memory", "join-tls-ca"},
                    {"insecure"}};
   AddDeviceFlag(&spec);
   AddPreloadFlag(&spec);
-  spec.usage = "moepool worker --model M.gguf --experts LIST --listen HOST:PORT [flags]";
+  spec.usage =
+      "moepool worker --model M.gguf --experts LIST --listen HOST:PORT [flags]\n"
+      "       moepool worker --join HOST:PORT --listen HOST:PORT [--cache-dir DIR] [flags]";
   spec.summary = "serve some experts of a model to a coordinator over gRPC";
   std::map<std::string, std::string>& help = spec.help;
-  help["model"] = "PATH  the GGUF model file (required)";
+  help["model"] = "PATH  the GGUF model file (required without --join)";
+  help["join"] =
+      "HOST:PORT  join the coordinator's --cluster-listen: no model file or expert list; the "
+      "coordinator assigns experts and this worker fetches them into --cache-dir";
+  help["advertise"] =
+      "HOST:PORT  where the coordinator reaches this worker (default --listen; a 0.0.0.0 host is "
+      "replaced by the address the coordinator sees)";
+  help["cache-dir"] =
+      "DIR  shard files fetched from the coordinator (GGUF, verified); a restart with a complete "
+      "cache fetches nothing (default ./moepool-cache)";
+  help["memory"] =
+      "SIZE  memory for experts, e.g. 12GiB (default the free memory less max(1 GiB, 10%), "
+      "printed at startup)";
+  help["join-tls-ca"] =
+      "PATH  CA certificate (PEM) to verify the coordinator's --cluster-tls-cert with (TLS to the "
+      "control port)";
   help["experts"] =
       "LIST  experts to serve, e.g. 0-3 or 0,2,5-7, on every layer or on the --layers "
       "(this or --placement is required)";
@@ -226,7 +321,9 @@ int RunWorker(int argc, char** argv) {
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGUSR2);  // wakes the --join signal thread when the loop ends
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);  // a closed stdout is not a reason to die
   const absl::Status s = Serve(*args, stop_signals);
   return s.ok() ? 0 : Fail(s);
 }

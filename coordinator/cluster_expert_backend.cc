@@ -105,7 +105,9 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   }
   ASSIGN_OR_RETURN(const std::shared_ptr<grpc::ChannelCredentials> creds, MakeCredentials(options));
   const grpc::ChannelArguments args = MakeChannelArgs(options);
-  b->MakeLinks(creds, args);
+  b->credentials_ = creds;
+  b->channel_args_ = args;
+  b->MakeLinks();
   ASSIGN_OR_RETURN(b->describes_, b->DescribeWorkers());
   if (!options.local_experts.empty() && options.local_backend_factory) {
     ASSIGN_OR_RETURN(b->local_, options.local_backend_factory());
@@ -127,27 +129,30 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   return b;
 }
 
-void ClusterExpertBackend::MakeLinks(const std::shared_ptr<grpc::ChannelCredentials>& creds,
-                                     const grpc::ChannelArguments& args) {
+void ClusterExpertBackend::MakeLinks() {
+  for (const std::string& address : options_.workers) links_.push_back(NewLinks(address));
+}
+
+std::vector<std::unique_ptr<WorkerLink>> ClusterExpertBackend::NewLinks(
+    const std::string& address) const {
   const ClusterOptions& o = options_;
-  links_.resize(o.workers.size());
-  for (size_t i = 0; i < o.workers.size(); ++i) {
-    WorkerLinkConfig lc;
-    lc.address = o.workers[i];
-    lc.credentials = creds;
-    lc.channel_args = args;
-    lc.token = o.cluster_token;
-    lc.max_message_bytes = o.max_message_bytes;
-    lc.step_timeout_s = o.step_timeout_s;
-    lc.describe_timeout_s = std::min(5.0, o.connect_timeout_s);
-    lc.backoff_initial_s = o.reconnect_initial_s;
-    lc.backoff_max_s = o.reconnect_max_s;
-    lc.max_samples = o.max_samples;
-    // One link per link, each with its own channel and stream (connected on first use).
-    for (int link = 0; link < o.links_per_worker; ++link) {
-      links_[i].push_back(o.make_link ? o.make_link(lc) : std::make_unique<GrpcWorkerLink>(lc));
-    }
+  WorkerLinkConfig lc;
+  lc.address = address;
+  lc.credentials = credentials_;
+  lc.channel_args = channel_args_;
+  lc.token = o.cluster_token;
+  lc.max_message_bytes = o.max_message_bytes;
+  lc.step_timeout_s = o.step_timeout_s;
+  lc.describe_timeout_s = std::min(5.0, o.connect_timeout_s);
+  lc.backoff_initial_s = o.reconnect_initial_s;
+  lc.backoff_max_s = o.reconnect_max_s;
+  lc.max_samples = o.max_samples;
+  // Each link has its own channel and stream (connected on first use).
+  std::vector<std::unique_ptr<WorkerLink>> links;
+  for (int link = 0; link < o.links_per_worker; ++link) {
+    links.push_back(o.make_link ? o.make_link(lc) : std::make_unique<GrpcWorkerLink>(lc));
   }
+  return links;
 }
 
 absl::StatusOr<std::vector<moepool::v1::DescribeResponse>> ClusterExpertBackend::DescribeWorkers() {
@@ -182,8 +187,10 @@ absl::StatusOr<std::vector<moepool::v1::DescribeResponse>> ClusterExpertBackend:
     if (!s.ok()) errors.push_back(s);
   }
   if (!errors.empty()) return JoinErrors(errors);
-  ASSIGN_OR_RETURN(placement_, ExpertPlacement::Build(c.n_layer, c.n_expert, o.workers, pairs,
-                                                      o.local_experts, o.local_fallback));
+  ASSIGN_OR_RETURN(placement_,
+                   ExpertPlacement::Build(c.n_layer, c.n_expert, o.workers, pairs, o.local_experts,
+                                          o.local_fallback, /*allow_missing=*/o.elastic));
+  routed_ = std::move(pairs);
   std::vector<moepool::v1::DescribeResponse> out;
   for (auto& a : answers) out.push_back(*std::move(a));
   return out;
@@ -243,6 +250,7 @@ ClusterStats ClusterExpertBackend::Stats() const {
     s.retried_rows = retried_rows_;
   }
   s.blocked_micros = blocked_micros();
+  std::lock_guard<std::mutex> lock(membership_mu_);
   // A worker's links add up to one entry; it is up when every link is.
   for (const auto& links : links_) {
     WorkerStats merged = links[0]->Stats();
@@ -273,6 +281,7 @@ bool ClusterExpertBackend::WorkerUsable(size_t w) const {
 }
 
 std::vector<std::pair<int, int>> ClusterExpertBackend::UncoveredPairs() const {
+  std::lock_guard<std::mutex> lock(membership_mu_);
   std::vector<bool> up(links_.size());
   for (size_t w = 0; w < links_.size(); ++w) up[w] = WorkerUsable(w);
   std::vector<std::pair<int, int>> uncovered;
@@ -294,6 +303,7 @@ void ClusterExpertBackend::ResetStats() {
     steps_ = failed_steps_ = local_rows_ = local_micros_ = fallback_rows_ = 0;
     retried_steps_ = retried_rows_ = 0;
   }
+  std::lock_guard<std::mutex> lock(membership_mu_);
   for (const auto& links : links_) {
     for (const auto& l : links) l->ResetStats();
   }

@@ -49,6 +49,8 @@
 #define MOEPOOL_COORDINATOR_CLUSTER_EXPERT_BACKEND_H_
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -107,6 +109,10 @@ struct ClusterOptions {
   // model, with the same bits (--local-fallback on); false: such a call fails UNAVAILABLE, and
   // startup needs every pair held somewhere.
   bool local_fallback = false;
+  // Workers may join while serving (`serve --cluster-listen`, coordinator/cluster_control.h):
+  // Create accepts an empty `workers` list, and pairs no worker holds yet are computed by the
+  // local fallback, or fail UNAVAILABLE with it off.
+  bool elastic = false;
   // Makes each link (one per worker and stream); empty: GrpcWorkerLink. Tests pass an
   // in-process link (tests/cluster/in_process_link_util.h).
   WorkerLinkFactory make_link;
@@ -138,18 +144,41 @@ class ClusterExpertBackend : public ExpertBackend {
 
   absl::Status Compute(const ExpertRoutes& routes, float* out) override;
   std::unique_ptr<PendingExperts> Start(const ExpertRoutes& routes, float* out) override;
-  bool overlaps() const override { return !links_.empty(); }
+  bool overlaps() const override { return options_.elastic || !links_.empty(); }
   // Time in Compute / Start / Finish spent waiting for workers' answers (or for the links to be
   // free), including exchanges run on the calling thread.
   uint64_t blocked_micros() const override {
     return blocked_micros_.load(std::memory_order_relaxed);
   }
 
+  // Forward thread only (between steps), or while no worker joins or leaves.
   const ExpertPlacement& placement() const { return placement_; }
   const ModelConfig& config() const { return model_->config(); }
   const ClusterOptions& options() const { return options_; }
-  // Describe answers accepted at startup, in --workers order.
-  const std::vector<moepool::v1::DescribeResponse>& workers() const { return describes_; }
+  // The coordinator's mapping of the whole model (for serving shard tensors to joining workers).
+  const Model& model() const { return *model_; }
+  // Describe answers accepted (at startup, in --workers order, then workers added), by index.
+  std::vector<moepool::v1::DescribeResponse> workers() const;
+
+  // Membership of an elastic cluster (coordinator/cluster_control.h drives it). Worker indices
+  // are stable: an added worker gets the next index, or its old one when `reuse` names a
+  // removed worker. Every change takes effect at a step boundary: when no step is outstanding
+  // and no forward pass is half-way through its layers (a forward pass that has not reached its
+  // last layer for 0.5 s counts as ended, e.g. after a failed step), so placement never
+  // changes inside a forward pass. These calls block until the change is applied; call them
+  // from a control thread, never from the forward thread.
+  //
+  // AddWorker: creates the worker's links, Describes it (waiting up to the connect timeout),
+  // checks the answer with `accept` (also used whenever the worker reconnects), and routes
+  // `pairs` to it from the next boundary on. The error of Describe or `accept` changes nothing.
+  absl::StatusOr<int> AddWorker(const std::string& address, std::vector<std::pair<int, int>> pairs,
+                                AcceptWorker accept, int reuse = -1);
+  // Routes only `pairs` to worker `w` from the next boundary on (it gave some to another).
+  void SetWorkerPairs(int w, std::vector<std::pair<int, int>> pairs);
+  // Stops routing to worker `w` (its pairs go to replicas or the fallback) and closes its links.
+  void RemoveWorker(int w);
+  // Starts at 1; +1 per applied change.
+  uint64_t placement_version() const;
 
   ClusterStats Stats() const;
   void ResetStats();
@@ -166,10 +195,17 @@ class ClusterExpertBackend : public ExpertBackend {
 
   ClusterExpertBackend() = default;
 
+  // Step boundaries for membership changes (cluster_membership.cc).
+  void BeginStep(int layer);
+  void EndStep(int layer);
+  // Runs `change` at the next step boundary under membership_mu_, then rebuilds the placement.
+  void ApplyAtBoundary(const std::function<void()>& change);
+  absl::Status RebuildPlacement();  // from members_; membership_mu_ held
+  std::vector<std::unique_ptr<WorkerLink>> NewLinks(const std::string& address) const;
+
   // Create's parts: the links (ClusterOptions::make_link, else gRPC), the startup Describe of
   // every worker at once with the checks and the placement, NCCL sessions, starting the links.
-  void MakeLinks(const std::shared_ptr<grpc::ChannelCredentials>& creds,
-                 const grpc::ChannelArguments& args);
+  void MakeLinks();
   absl::StatusOr<std::vector<moepool::v1::DescribeResponse>> DescribeWorkers();
   void ConnectNccl(const std::shared_ptr<grpc::ChannelCredentials>& creds,
                    const grpc::ChannelArguments& args);
@@ -216,6 +252,19 @@ class ClusterExpertBackend : public ExpertBackend {
   std::unique_ptr<RoundWatchdog> watchdog_;
   std::vector<moepool::v1::DescribeResponse> describes_;
   ExpertPlacement placement_;
+
+  // Membership: links_, describes_, routed_ and placement_ change only in ApplyAtBoundary, with
+  // membership_mu_ held and no step outstanding; readers off the forward thread lock it.
+  mutable std::mutex membership_mu_;
+  std::condition_variable membership_cv_;
+  std::vector<std::vector<std::pair<int, int>>> routed_;  // [worker] pairs routed to it
+  std::shared_ptr<grpc::ChannelCredentials> credentials_;
+  grpc::ChannelArguments channel_args_;
+  int active_steps_ = 0;     // calls begun, not finished
+  int passes_open_ = 0;      // forward passes past layer 0, not past the last layer
+  int pending_changes_ = 0;  // ApplyAtBoundary calls waiting
+  std::chrono::steady_clock::time_point last_begin_;
+  uint64_t placement_version_ = 1;
 
   // Forward thread only.
   uint64_t round_counter_ = 0;      // request rounds sent (ids of steps and retries)

@@ -91,6 +91,7 @@ std::unique_ptr<PendingExperts> ClusterExpertBackend::Start(const ExpertRoutes& 
 std::unique_ptr<ClusterExpertBackend::Call> ClusterExpertBackend::Begin(const ExpertRoutes& routes,
                                                                         float* out,
                                                                         bool allow_inline) {
+  BeginStep(routes.layer);
   auto s = std::make_unique<Call>(this, routes, out);
   s->link = ChooseLink();
   outstanding_.push_back(s.get());
@@ -408,6 +409,7 @@ absl::Status ClusterExpertBackend::FinishCall(Call* s) {
     Call* s;
     ~Leave() {
       b->outstanding_.erase(std::find(b->outstanding_.begin(), b->outstanding_.end(), s));
+      b->EndStep(s->routes.layer);
     }
   } leave{this, s};
   if (!s->dispatched.ok()) return Fail(s->dispatched);

@@ -143,7 +143,7 @@ absl::Status ValidateWorker(const std::string& worker, const moepool::v1::Descri
 absl::StatusOr<ExpertPlacement> ExpertPlacement::Build(
     int64_t n_layer, int64_t n_expert, const std::vector<std::string>& names,
     const std::vector<std::vector<std::pair<int, int>>>& worker_pairs,
-    const std::vector<int>& local_experts, bool local_fallback) {
+    const std::vector<int>& local_experts, bool local_fallback, bool allow_missing) {
   ExpertPlacement p;
   p.local_fallback_ = local_fallback;
   p.n_layer_ = n_layer;
@@ -179,7 +179,7 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::Build(
       }
     }
   }
-  if (!missing.empty() && !local_fallback) {
+  if (!missing.empty() && !local_fallback && !allow_missing) {
     return absl::FailedPreconditionError(
         absl::StrCat("no worker holds ", DescribeExpertPairs(missing),
                      " (workers: ", names.empty() ? "none" : absl::StrJoin(names, ", "),

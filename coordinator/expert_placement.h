@@ -63,11 +63,13 @@ class ExpertPlacement {
 
   // worker_pairs[i]: the pairs worker i holds (names[i] is its address, used in messages).
   // local_experts: expert ids kept in this process on every layer. FAILED_PRECONDITION listing
-  // the missing pairs if some pair has no holder, unless `local_fallback`.
+  // the missing pairs if some pair has no holder, unless `local_fallback` or `allow_missing` (an
+  // elastic cluster, whose workers join later: such pairs fail UNAVAILABLE until held).
   static absl::StatusOr<ExpertPlacement> Build(
       int64_t n_layer, int64_t n_expert, const std::vector<std::string>& names,
       const std::vector<std::vector<std::pair<int, int>>>& worker_pairs,
-      const std::vector<int>& local_experts, bool local_fallback = false);
+      const std::vector<int>& local_experts, bool local_fallback = false,
+      bool allow_missing = false);
 
   int64_t n_layer() const { return n_layer_; }
   int64_t n_expert() const { return n_expert_; }

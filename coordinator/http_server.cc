@@ -190,6 +190,20 @@ void HttpServer::InstallRoutes() {
   svr.Get("/v1/cluster", [this](const httplib::Request&, httplib::Response& res) {
     SendJson(res, 200, ClusterJson());
   });
+  svr.Post(R"(/v1/cluster/workers/([A-Za-z0-9_-]{1,64})/drain)",
+           [this](const httplib::Request& req, httplib::Response& res) {
+             if (!options_.drain_worker) {
+               SendApiError(absl::NotFoundError("this server has no cluster to drain"), res);
+               return;
+             }
+             const std::string id = req.matches[1];
+             const absl::Status drained = options_.drain_worker(id);
+             if (!drained.ok()) {
+               SendApiError(drained, res);
+               return;
+             }
+             SendJson(res, 200, {{"id", id}, {"state", "gone"}, {"drained", true}});
+           });
   svr.Get("/health",
           [this](const httplib::Request&, httplib::Response& res) { HandleHealth(res); });
   svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {

@@ -55,6 +55,9 @@ struct HttpServerOptions {
   // GET /v1/cluster: {"placement_version", "workers": [{"id", "address", "state", "experts",
   // ...}]} (see ClusterView); unset: a server without workers (version 0, no workers).
   std::function<nlohmann::json()> cluster;
+  // POST /v1/cluster/workers/{id}/drain: stops routing to the worker and tells it to exit;
+  // returns once no step uses it (NOT_FOUND for an unknown id). Unset: 404.
+  std::function<absl::Status(const std::string& worker_id)> drain_worker;
 };
 
 class HttpServer {

@@ -283,6 +283,17 @@ absl::Status GgufWriter::Finish() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<GgufWriter::FileLayout> GgufWriter::Layout() const {
+  RETURN_IF_ERROR(CheckLayout(alignment_, kv_));
+  FileLayout layout;
+  layout.header = HeaderBytes();
+  const uint64_t data_start = layout.header.size();
+  layout.data_offsets.reserve(tensors_.size());
+  for (const PendingTensor& t : tensors_) layout.data_offsets.push_back(data_start + t.offset);
+  layout.file_size = data_start + AlignUp(data_size_, alignment_);
+  return layout;
+}
+
 absl::StatusOr<std::string> GgufWriter::BuildImage(const GgufWriter& layout,
                                                    const std::vector<std::string>& tensor_data) {
   RETURN_IF_ERROR(CheckLayout(layout.alignment_, layout.kv_));

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "engine/gguf.h"
 
 namespace moepool {
@@ -34,6 +35,19 @@ class GgufWriter {
   absl::Status Begin(const std::string& path);
   absl::Status WriteTensorData(std::string_view name, const void* data, size_t bytes);
   absl::Status Finish();
+
+  // Where everything goes in a file of the metadata and tensors added so far, without writing
+  // anything: for writers that place each tensor's data themselves (pwrite, in any order, e.g. to
+  // resume an interrupted download). A file holding `header` at offset 0 and each tensor's data at
+  // its offset, zero-filled elsewhere up to file_size, is byte-identical to what
+  // Begin/WriteTensorData/Finish write.
+  struct FileLayout {
+    std::string header;                  // metadata and tensor index, padded to the alignment
+    std::vector<uint64_t> data_offsets;  // absolute file offset of each tensor's data (AddTensor
+                                         // order)
+    uint64_t file_size = 0;
+  };
+  absl::StatusOr<FileLayout> Layout() const;
 
   // Serialises metadata + index + data of tensors already given to an in-memory image
   // (for tests): use instead of Begin/WriteTensorData/Finish, with all data passed here in order.

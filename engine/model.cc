@@ -122,8 +122,14 @@ absl::StatusOr<ModelConfig> ReadModelConfig(const GgufFile& f) {
   }
   const GgufTensorInfo* embd = f.FindTensor("token_embd.weight");
   if (embd == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(f.path(), ": missing tensor 'token_embd.weight'"));
+    // A worker's shard file (worker/shard_cache.h) holds experts only: the vocabulary size
+    // comes from the metadata there.
+    if (!f.Has(a + "vocab_size")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(f.path(), ": missing tensor 'token_embd.weight'"));
+    }
+    ASSIGN_OR_RETURN(c.n_vocab, ReadCount(f, a + "vocab_size", int64_t{1} << 24));
+    return c;
   }
   c.n_vocab = embd->dims[1];
   if (f.Has(a + "vocab_size")) {

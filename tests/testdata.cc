@@ -1,7 +1,10 @@
 #include "tests/testdata.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -11,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 namespace moepool::testing {
 
@@ -101,6 +105,66 @@ pid_t SpawnMoepool(const std::vector<std::string>& args, const std::string& log_
   const size_t nl = text.find('\n');
   if (nl != std::string::npos) *first_line = text.substr(0, nl);
   return pid;
+}
+
+pid_t SpawnMoepoolLogged(const std::vector<std::string>& args, const std::string& log_path) {
+  std::vector<std::string> argv = {MOEPOOL_BINARY};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<char*> cargs;  // built before fork: the child only calls async-signal-safe code
+  for (auto& a : argv) cargs.push_back(a.data());
+  cargs.push_back(nullptr);
+  const int log = open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  if (log < 0) return -1;
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(log, 1);
+    dup2(log, 2);
+    execv(cargs[0], cargs.data());
+    _exit(127);
+  }
+  close(log);
+  return pid;
+}
+
+size_t LogLines(const std::string& path) {
+  std::ifstream in(path);
+  size_t n = 0;
+  std::string line;
+  while (std::getline(in, line)) ++n;
+  return n;
+}
+
+bool WaitForLog(const std::string& path, const std::string& needle, double timeout_s,
+                std::string* line, size_t from_line) {
+  const auto give_up = std::chrono::steady_clock::now() +
+                       std::chrono::milliseconds(static_cast<int>(timeout_s * 1e3));
+  do {
+    std::ifstream in(path);
+    std::string l;
+    for (size_t i = 0; std::getline(in, l); ++i) {
+      if (i >= from_line && l.find(needle) != std::string::npos) {
+        if (line != nullptr) *line = l;
+        return true;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  } while (std::chrono::steady_clock::now() < give_up);
+  return false;
+}
+
+int FreeLoopbackPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  int port = 0;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+    port = ntohs(a.sin_port);
+  }
+  close(fd);
+  return port;
 }
 
 }  // namespace moepool::testing

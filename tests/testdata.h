@@ -38,6 +38,22 @@ CommandResult RunMoepool(const std::string& args, const std::string& env = "");
 pid_t SpawnMoepool(const std::vector<std::string>& args, const std::string& log_path,
                    std::string* first_line);
 
+// Starts the moepool binary with `args`, stdout and stderr both appended to `log_path`, and
+// returns its pid (-1 on failure). For children that print many lines (serve --cluster-listen,
+// worker --join): wait for a line with WaitForLog.
+pid_t SpawnMoepoolLogged(const std::vector<std::string>& args, const std::string& log_path);
+
+// Waits up to `timeout_s` for a line of the file at `path` containing `needle`, at or after
+// line `from_line` (0-based); true and the line in `*line` (may be null) if one appears.
+bool WaitForLog(const std::string& path, const std::string& needle, double timeout_s,
+                std::string* line = nullptr, size_t from_line = 0);
+
+// Lines in the file at `path` now (for WaitForLog's from_line).
+size_t LogLines(const std::string& path);
+
+// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0 and released).
+int FreeLoopbackPort();
+
 }  // namespace moepool::testing
 
 // Skips the test (or fails it under CI) if the reference file is missing.

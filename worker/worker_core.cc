@@ -1,5 +1,6 @@
 #include "worker/worker_core.h"
 
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,8 +40,13 @@ absl::StatusOr<std::unique_ptr<WorkerCore>> WorkerCore::Create(const WorkerCoreO
   }
   auto core = std::unique_ptr<WorkerCore>(new WorkerCore);
   ASSIGN_OR_RETURN(core->model_, Model::FromFile(shared, options.experts.Filter()));
-  core->experts_ = options.experts;
-  core->fingerprint_ = ModelFingerprint(*core->model_, options.experts.pairs());
+  {
+    absl::MutexLock lock(&core->experts_mu_);
+    core->experts_ = options.experts;
+  }
+  core->fingerprint_ = options.reported_fingerprint.empty()
+                           ? ModelFingerprint(*core->model_, options.experts.pairs())
+                           : options.reported_fingerprint;
   core->worker_id_ = options.worker_id;
   core->max_rows_ = options.max_rows;
   core->pool_ = std::make_unique<ThreadPool>(options.threads);
@@ -71,7 +77,10 @@ absl::StatusOr<WorkerDescription> WorkerCore::Describe() const {
   d.n_layer = c.n_layer;
   d.n_expert = c.n_expert;
   d.n_expert_used = c.n_expert_used;
-  d.experts = experts_.Packed();
+  {
+    absl::ReaderMutexLock lock(&experts_mu_);
+    d.experts = experts_.Packed();
+  }
   d.device = device_;
   d.expert_bytes = model_->ExpertBytes();
   if (cuda_devices_.empty()) {
@@ -139,6 +148,7 @@ absl::Status WorkerCore::Validate(const ComputeRequest& r) const {
                          " after ", previous, ")"));
       }
       previous = e;
+      absl::ReaderMutexLock lock(&experts_mu_);
       if (!experts_.Contains(r.layer, e)) {
         return absl::FailedPreconditionError(absl::StrCat(
             "expert ", e, " of layer ", r.layer, " is not held by this worker (",
@@ -168,6 +178,38 @@ absl::Status WorkerCore::Compute(const ComputeRequest& r, std::vector<float>* ou
     return s;
   }
   return absl::OkStatus();
+}
+
+ExpertSet WorkerCore::experts() const {
+  absl::ReaderMutexLock lock(&experts_mu_);
+  return experts_;
+}
+
+void WorkerCore::Release(const std::vector<std::pair<int, int>>& pairs) {
+  absl::MutexLock compute(&compute_mu_);
+  std::vector<std::pair<int, int>> kept;
+  {
+    absl::MutexLock lock(&experts_mu_);
+    for (const auto& p : experts_.pairs()) {
+      if (std::find(pairs.begin(), pairs.end(), p) == pairs.end()) kept.push_back(p);
+    }
+    experts_ = ExpertSet(kept);
+  }
+  if (!cuda_devices_.empty()) return;  // the device copy stays until the worker restarts
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  for (const auto& [layer, expert] : pairs) {
+    if (layer < 0 || layer >= config().n_layer || expert < 0 || expert >= config().n_expert) {
+      continue;
+    }
+    const ExpertWeights& E = model_->layer(layer).experts[static_cast<size_t>(expert)];
+    if (!E.present()) continue;
+    for (const WeightMatrix* m : {&E.gate, &E.up, &E.down}) {
+      // Only whole pages inside the tensor: a neighbour's bytes stay where they are.
+      const uintptr_t begin = (reinterpret_cast<uintptr_t>(m->data) + page - 1) & ~(page - 1);
+      const uintptr_t end = (reinterpret_cast<uintptr_t>(m->data) + m->SizeBytes()) & ~(page - 1);
+      if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+    }
+  }
 }
 
 }  // namespace moepool::worker

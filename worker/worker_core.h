@@ -45,6 +45,10 @@ struct WorkerCoreOptions {
   // CUDA device ordinals the experts live on (resolved, see ResolveDeviceSpec); empty: the CPU.
   // Create fails with the CUDA backend's error (FAILED_PRECONDITION in a build without CUDA).
   std::vector<int> cuda_devices;
+  // Reported by Describe instead of the fingerprint of `model_path` over the pairs: a joined
+  // worker serving a shard file (shard_cache.h) reports the coordinator's whole-model
+  // fingerprint, every tensor of the shard having been verified against its checksum.
+  std::string reported_fingerprint;
 };
 
 // What Describe reports (mirrors moepool.v1.DescribeResponse without protobuf types).
@@ -91,7 +95,7 @@ class WorkerCore {
   const ModelConfig& config() const { return model_->config(); }
   // The model with this worker's experts bound (for preloading and residency checks).
   const Model& model() const { return *model_; }
-  const ExpertSet& experts() const { return experts_; }
+  ExpertSet experts() const;  // what it serves now (Release narrows it)
   int64_t max_rows() const { return max_rows_; }
   uint64_t expert_bytes() const { return model_->ExpertBytes(); }
 
@@ -103,12 +107,19 @@ class WorkerCore {
   // weight * FFN_expert(row), computed in f32. The bits equal LocalExpertBackend on the same rows.
   absl::Status Compute(const ComputeRequest& request, std::vector<float>* out);
 
+  // Stops serving `pairs` (a coordinator moved them to another worker): requests for them are
+  // refused from now on, Describe no longer lists them, and on the CPU their pages are dropped
+  // from this process (madvise), so its memory follows its share. Waits for a running Compute.
+  // Pairs it does not hold are ignored.
+  void Release(const std::vector<std::pair<int, int>>& pairs);
+
  private:
   WorkerCore() = default;
   absl::Status Validate(const ComputeRequest& request) const;
 
   std::unique_ptr<Model> model_;
-  ExpertSet experts_;
+  mutable absl::Mutex experts_mu_;
+  ExpertSet experts_ ABSL_GUARDED_BY(experts_mu_);
   std::string fingerprint_;
   std::string worker_id_;
   std::string device_;

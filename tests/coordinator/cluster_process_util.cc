@@ -4,8 +4,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <sstream>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
@@ -87,6 +89,90 @@ httplib::Client ServeProcess::Client() const {
   c.set_read_timeout(300, 0);
   return c;
 }
+
+bool ElasticServeProcess::Start(const std::string& model, const std::vector<std::string>& flags) {
+  static int n = 0;
+  log_ = absl::StrCat(TempDir(), "/elastic-serve", getpid(), "-", ++n, ".log");
+  std::vector<std::string> args = {"serve",       "--model",     model,
+                                   "--listen",    "127.0.0.1:0", "--cluster-listen",
+                                   "127.0.0.1:0", "--threads",   "1"};
+  args.insert(args.end(), flags.begin(), flags.end());
+  pid_ = SpawnMoepoolLogged(args, log_);
+  std::string control, serving;
+  if (pid_ <= 0 || !WaitForLog(log_, "cluster control on", 60, &control) ||
+      !WaitForLog(log_, "serving on http://", 60, &serving)) {
+    ADD_FAILURE() << "elastic serve did not start:\n" << ReadFileOrDie(log_);
+    return false;
+  }
+  control = control.substr(0, control.find(';'));
+  control_port_ = PortOf(control);
+  port_ = PortOf(serving);
+  serve_view_.set_port(port_);
+  return port_ > 0 && control_port_ > 0;
+}
+
+void ElasticServeProcess::Stop() {
+  if (pid_ <= 0) return;
+  kill(pid_, SIGTERM);
+  waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+}
+
+std::string ElasticServeProcess::control_address() const {
+  return absl::StrCat("127.0.0.1:", control_port_);
+}
+
+httplib::Client ElasticServeProcess::Client() const { return serve_view_.Client(); }
+
+bool JoinedWorkerProcess::Spawn(const std::string& coordinator, const std::string& cache_dir,
+                                const std::vector<std::string>& extra) {
+  static int n = 0;
+  if (port_ == 0) port_ = FreeLoopbackPort();
+  log_ = absl::StrCat(TempDir(), "/joined-worker", getpid(), "-", ++n, ".log");
+  std::vector<std::string> args = {"worker",  "--join",      coordinator, "--listen",
+                                   address(), "--cache-dir", cache_dir,   "--threads",
+                                   "1",       "--memory",    "1GiB"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  pid_ = SpawnMoepoolLogged(args, log_);
+  return pid_ > 0;
+}
+
+bool JoinedWorkerProcess::Start(const std::string& coordinator, const std::string& cache_dir,
+                                const std::vector<std::string>& extra, double timeout_s) {
+  if (!Spawn(coordinator, cache_dir, extra) || !WaitForLog(log_, "ready as", timeout_s)) {
+    ADD_FAILURE() << "joined worker did not become ready:\n" << ReadFileOrDie(log_);
+    return false;
+  }
+  return true;
+}
+
+void JoinedWorkerProcess::Kill() {
+  if (pid_ <= 0) return;
+  kill(pid_, SIGKILL);
+  waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+}
+
+void JoinedWorkerProcess::Terminate() {
+  if (pid_ > 0) kill(pid_, SIGTERM);
+}
+
+int JoinedWorkerProcess::Wait(double timeout_s) {
+  const auto give_up = std::chrono::steady_clock::now() +
+                       std::chrono::milliseconds(static_cast<int>(timeout_s * 1e3));
+  while (pid_ > 0) {
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    if (std::chrono::steady_clock::now() > give_up) return -1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return -1;
+}
+
+std::string JoinedWorkerProcess::address() const { return absl::StrCat("127.0.0.1:", port_); }
 
 std::pair<int, nlohmann::json> GetJson(const ServeProcess& s, const std::string& path) {
   auto r = s.Client().Get(path);

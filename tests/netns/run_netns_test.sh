@@ -5,6 +5,8 @@
 # `moepool worker` in w1 (experts 0-3) and w2 (experts 4-7) and `moepool eval --workers` in the
 # coordinator's namespace; its logits must equal a local `moepool eval` byte for byte. Then the
 # same with a split that has replicas: w1 holds experts 0-5 and w2 experts 2-7 (2-5 on both).
+# Then the elastic cluster: `serve --cluster-listen` in the coordinator's namespace and two
+# `worker --join` with empty caches, one per worker namespace; the same completion as alone.
 # Only the namespaces and links it creates are touched; all are removed on exit, even on failure.
 # Not root, or `ip netns add` fails: skipped (exit 77), except as root under CI=true (failure).
 # Needs MOEPOOL_BINARY and MOEPOOL_SOURCE_DIR (set by tests/CMakeLists.txt).
@@ -116,3 +118,36 @@ timeout 120 ip netns exec "$ns_coord" "$MOEPOOL_BINARY" eval --threads 2 --model
   fail "eval against the split with replicas failed"
 cmp "$tmp/local.f32" "$tmp/replicas.f32" || fail "logits with replicated experts differ from local"
 echo "netns_cluster: logits across three network namespaces match local (plain split and replicas)"
+
+# The elastic cluster across the namespaces: `serve --cluster-listen` in the coordinator's
+# namespace holds the only model file; workers in w1 and w2 join with empty caches (the token
+# from MOEPOOL_CLUSTER_TOKEN). Greedy completions equal the coordinator alone before and after.
+complete() {  # HTTP POST /v1/completions from the coordinator's namespace; prints the text
+  ip netns exec "$ns_coord" timeout 60 bash -c '
+    body="{\"prompt\": \"$1\", \"max_tokens\": 8, \"temperature\": 0}"
+    exec 3<>/dev/tcp/10.77.0.1/8080
+    printf "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" "${#body}" "$body" >&3
+    cat <&3' _ "$1" | tr -d '\r' | grep -o '"text":"[^"]*"' | head -1
+}
+ip netns exec "$ns_coord" timeout 300 "$MOEPOOL_BINARY" serve --model "$model" --threads 1 \
+  --listen 10.77.0.1:8080 --cluster-listen 10.77.0.1:7100 >"$tmp/serve.out" 2>"$tmp/serve.log" &
+pids+=($!)
+for _ in $(seq 600); do grep -q "serving on" "$tmp/serve.out" 2>/dev/null && break; sleep 0.1; done
+grep -q "serving on" "$tmp/serve.out" || fail "serve --cluster-listen did not start"
+alone="$(complete "$prompt")"
+[ -n "$alone" ] || fail "no completion from the coordinator alone"
+i=1
+for ns in "$ns_w1" "$ns_w2"; do
+  ip netns exec "$ns" timeout 300 "$MOEPOOL_BINARY" worker --join 10.77.0.1:7100 \
+    --listen "10.77.0.$((i + 1)):7072" --cache-dir "$tmp/cache-w$i" --threads 1 --memory 1GiB \
+    >"$tmp/join-w$i.out" 2>"$tmp/join-w$i.log" &
+  pids+=($!)
+  for _ in $(seq 600); do grep -q "ready as" "$tmp/join-w$i.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q "ready as" "$tmp/join-w$i.out" || fail "worker in $ns did not join"
+  i=$((i + 1))
+done
+joined="$(complete "$prompt")"
+[ "$joined" = "$alone" ] || fail "completion with joined workers ($joined) differs from alone ($alone)"
+ls "$tmp"/cache-w1/*.gguf "$tmp"/cache-w2/*.gguf >/dev/null || fail "no shard files in the caches"
+grep -q "fetching -> ready" "$tmp/serve.log" || fail "the coordinator logged no ready worker"
+echo "netns_cluster: two workers joined across namespaces with no model file; same completion"

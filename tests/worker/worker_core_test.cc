@@ -233,3 +233,37 @@ TEST(WorkerCoreCreateTest, RefusesEmptyOrOutOfModelSetsAndBadOptions) {
 
 }  // namespace
 }  // namespace moepool::worker
+
+namespace moepool::worker {
+namespace {
+
+TEST(WorkerCoreReleaseTest, ReleasedPairsAreRefusedUnlistedAndTheRestStillExact) {
+  const std::string& path = ::moepool::testing::TinyModelPath("Q4_K_M");
+  WorkerCoreOptions o;
+  o.model_path = path;
+  o.experts = TestExperts();
+  o.threads = 1;
+  auto core = WorkerCore::Create(o);
+  ASSERT_TRUE(core.ok()) << core.status();
+  auto full = Model::Load(path);
+  ASSERT_TRUE(full.ok()) << full.status();
+  (*core)->Release({{1, 2}, {1, 3}, {7, 7}});  // (7, 7) is not held: ignored
+  EXPECT_EQ((*core)->experts().size(), 4u);
+  auto d = (*core)->Describe();
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->experts, (std::vector<uint32_t>{PackExpert(1, 0), PackExpert(1, 1), PackExpert(2, 2),
+                                               PackExpert(2, 5)}));
+  const int64_t n_embd = (*core)->config().n_embd;
+  std::vector<float> out;
+  const TestRoutes released = MakeRoutes(1, 3, n_embd, 2, {2, 3}, 1);
+  EXPECT_EQ((*core)->Compute(RequestFor(released), &out).code(),
+            absl::StatusCode::kFailedPrecondition);
+  const TestRoutes kept = MakeRoutes(1, 6, n_embd, 2, {0, 1}, 2);
+  ASSERT_TRUE((*core)->Compute(RequestFor(kept), &out).ok());
+  const std::vector<float> want = LocalResult(**full, kept);
+  ASSERT_EQ(out.size(), want.size());
+  EXPECT_EQ(std::memcmp(out.data(), want.data(), out.size() * sizeof(float)), 0);
+}
+
+}  // namespace
+}  // namespace moepool::worker

@@ -1,0 +1,169 @@
+// ClusterControl: the coordinator's registry of an elastic cluster. Workers join with nothing
+// but an address (moepool worker --join); this class assigns them (layer, expert) pairs, serves
+// those tensors from the coordinator's own mapping, tells the ClusterExpertBackend when to route
+// to them and when to stop, and keeps each worker's state for GET /v1/cluster and /metrics.
+// The gRPC service (cluster_service.h) only translates; everything is decided here.
+//
+// States: joining (registered, assignment being prepared) -> fetching (tensors being fetched)
+// -> ready (rows are routed to it) -> draining (no new step routes to it) -> gone (out of the
+// placement; also a worker whose Watch stream broke or whose Ready check failed). Each change is
+// one line on stderr. Static workers (--workers) appear as ready or gone, following their
+// links.
+//
+// Assignment (the unit is one expert of one layer): a joining worker's fair share is the expert
+// bytes over the workers that are not gone, capped by its memory budget. It first gets the pairs
+// its cache holds that nobody else holds (all of them, up to its memory, so a restarted worker
+// fetches nothing), then unheld pairs in the order expert n-1 on every layer, expert n-2 on every
+// layer, ... (every layer's round trip then touches each worker alike), then, up to its share,
+// pairs taken over from the ready worker holding most (moved once the new worker is ready; the
+// donor keeps serving them until then). A worker gets nothing while others are still fetching
+// and nothing is unheld: UNAVAILABLE, and it retries.
+//
+// Threading: every method may be called from any thread; a mutex guards the registry, and the
+// calls into the backend that wait for a step boundary are made without it.
+// Errors: as documented per method; bad requests never change the registry.
+#ifndef MOEPOOL_COORDINATOR_CLUSTER_CONTROL_H_
+#define MOEPOOL_COORDINATOR_CLUSTER_CONTROL_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "coordinator/cluster_expert_backend.h"
+#include "moepool/v1/cluster_service.pb.h"
+#include "nlohmann/json.hpp"
+
+namespace moepool {
+
+enum class MemberState { kJoining, kFetching, kReady, kDraining, kGone };
+const char* MemberStateName(MemberState state);  // lower case, as in /v1/cluster
+
+struct ClusterControlOptions {
+  // Bytes per Fetch chunk.
+  size_t fetch_chunk_bytes = size_t{1} << 20;
+  // Checked requests: the largest cache list and address a Join may carry.
+  size_t max_cache_entries = 16;
+  size_t max_address_bytes = 256;
+  // A worker lost without a drain (its control stream broke) and not back after this long:
+  // ready workers with room in their memory budget are asked to join again and take its
+  // experts (KIND_REJOIN). < 0: never.
+  double reassign_after_s = 30;
+};
+
+class ClusterControl {
+ public:
+  // `backend` (not owned) must outlive this object; its workers (--workers) are registered as
+  // static members w0, w1, ...
+  ClusterControl(ClusterExpertBackend* backend, ClusterControlOptions options = {});
+  ~ClusterControl();
+
+  // A worker registers. `peer_host` is the host the request came from (used when the
+  // advertised host is empty or a wildcard). FAILED_PRECONDITION for another protocol version,
+  // INVALID_ARGUMENT for a malformed request (sizes, address, pairs outside the model),
+  // RESOURCE_EXHAUSTED when its memory budget holds no expert, UNAVAILABLE when there is
+  // nothing to assign yet.
+  absl::StatusOr<moepool::v1::JoinResponse> Join(const moepool::v1::JoinRequest& request,
+                                                 const std::string& peer_host);
+
+  // Streams an assigned tensor from `offset` on: `write` returns false when the client is gone
+  // (then CANCELLED). NOT_FOUND for an unknown worker, PERMISSION_DENIED for a tensor not
+  // assigned to it, OUT_OF_RANGE for an offset past its end, FAILED_PRECONDITION for a worker
+  // that is not fetching.
+  absl::Status Fetch(const moepool::v1::FetchRequest& request,
+                     const std::function<bool(const moepool::v1::FetchChunk&)>& write);
+
+  // The worker serves its pairs: the backend Describes and checks it and routes to it from the
+  // next step boundary. The check's error marks it gone.
+  absl::StatusOr<moepool::v1::ReadyResponse> Ready(const moepool::v1::ReadyRequest& request);
+
+  // Held open by a member: returns after writing a drained event once it is out of the
+  // placement (OK), or when `cancelled()` turns true (the worker went away: it is marked gone
+  // and its pairs go to replicas or the fallback; CANCELLED).
+  absl::Status Watch(const moepool::v1::WatchRequest& request,
+                     const std::function<bool(const moepool::v1::WatchEvent&)>& write,
+                     const std::function<bool()>& cancelled);
+
+  // Drains a worker (its own request on SIGTERM, or POST /v1/cluster/workers/{id}/drain): no
+  // step after the next boundary routes to it; returns once none does. NOT_FOUND for an
+  // unknown or gone id.
+  absl::Status Drain(const std::string& worker_id, const std::string& reason);
+
+  // GET /v1/cluster.
+  nlohmann::json View() const;
+
+  // The fingerprint over the whole model that joined workers report.
+  const std::string& model_fingerprint() const { return model_fingerprint_; }
+
+ private:
+  struct Member {
+    std::string id;
+    std::string address;
+    MemberState state = MemberState::kJoining;
+    bool is_static = false;  // from --workers
+    int index = -1;          // the backend's worker index, once it has one
+    std::vector<std::pair<int, int>> pairs;
+    std::set<std::string> tensors;  // assigned shard tensor names
+    // Donor id -> the pairs it hands over when this member is ready.
+    std::map<std::string, std::vector<std::pair<int, int>>> moved;
+    uint64_t bytes_fetched = 0;
+    moepool::v1::Capacity capacity;
+    bool drained = false;  // out by a drain (Watch then says so)
+    std::string last_reason;
+    // +1 per Join: a control stream of an earlier membership (a killed process whose loss was
+    // not seen before it came back) must not touch this one.
+    uint64_t generation = 0;
+    // Pairs handed to other workers since the last Watch event (sent as KIND_RELEASED).
+    std::vector<std::pair<int, int>> released;
+    std::chrono::steady_clock::time_point gone_since;  // lost (not drained)
+    bool lost_handled = false;  // its experts were offered to workers with room
+    bool rejoin = false;        // send KIND_REJOIN
+  };
+  struct TensorSource {
+    std::string name;
+    const WeightMatrix* matrix = nullptr;
+    int layer = 0;
+    int expert = 0;
+  };
+
+  absl::Status CheckJoin(const moepool::v1::JoinRequest& request) const;
+  // Asks ready workers with room to join again once a lost worker has stayed away (mu_ held).
+  void OfferLostExperts();
+  uint64_t MemberBytes(const Member& m) const;
+  // The pairs for a new member (see the file comment); mu_ held. Fills `moved` with the pairs
+  // taken from each donor member.
+  absl::StatusOr<std::vector<std::pair<int, int>>> Assign(
+      uint64_t memory_bytes, const std::vector<std::pair<int, int>>& cached,
+      std::map<std::string, std::vector<std::pair<int, int>>>* moved) const;
+  void FillShard(const std::vector<std::pair<int, int>>& pairs,
+                 moepool::v1::JoinResponse* response);
+  moepool::v1::TensorChecksum ChecksumOf(const TensorSource& source);
+  void SetState(Member* m, MemberState state, const std::string& why);  // mu_ held
+  Member* Find(const std::string& id);                                  // mu_ held
+  uint64_t PairBytes(int layer, int expert) const;
+  // Checks a worker's Describe answer: same model (the whole-model fingerprint), same
+  // hyperparameters, and every pair routed to it present.
+  absl::Status Accept(const std::string& id, const moepool::v1::DescribeResponse& d);
+
+  ClusterExpertBackend* const backend_;
+  const ClusterControlOptions options_;
+  std::string model_fingerprint_;
+  std::vector<moepool::v1::MetadataEntry> metadata_;
+
+  mutable std::mutex mu_;
+  std::vector<std::unique_ptr<Member>> members_;
+  int next_id_ = 0;
+  std::map<std::string, moepool::v1::TensorChecksum> checksums_;  // by shard tensor name
+};
+
+}  // namespace moepool
+
+#endif  // MOEPOOL_COORDINATOR_CLUSTER_CONTROL_H_
