@@ -224,13 +224,21 @@ absl::StatusOr<std::vector<Pair>> ClusterControl::Assign(
   std::sort(donors.begin(), donors.end(),
             [](const Member* a, const Member* b) { return a->pairs.size() > b->pairs.size(); });
   for (const Member* d : donors) {
+    // What it keeps: its pairs less those already promised to workers not ready yet.
     uint64_t donor_bytes = 0;
     for (const Pair& p : d->pairs) donor_bytes += PairBytes(p.first, p.second);
+    for (const auto& m : members_) {
+      const auto promised = m->moved.find(d->id);
+      if (m->state == MemberState::kGone || promised == m->moved.end()) continue;
+      for (const Pair& p : promised->second) {
+        donor_bytes -= std::min(donor_bytes, PairBytes(p.first, p.second));
+      }
+    }
     const std::set<Pair> held(d->pairs.begin(), d->pairs.end());
     for (const Pair& p : order) {
       if (held.count(p) == 0 || holders[p] > 1) continue;
       const uint64_t b = PairBytes(p.first, p.second);
-      if (bytes + b > share || donor_bytes - b < share) continue;
+      if (bytes + b > share || donor_bytes < share + b) continue;
       out.push_back(p);
       (*moved)[d->id].push_back(p);
       bytes += b;

@@ -148,6 +148,8 @@ class ClusterControl {
   moepool::v1::TensorChecksum ChecksumOf(const TensorSource& source);
   void SetState(Member* m, MemberState state, const std::string& why);  // mu_ held
   Member* Find(const std::string& id);                                  // mu_ held
+  // The member `id` if it is fetching: NOT_FOUND / FAILED_PRECONDITION otherwise (mu_ held).
+  absl::StatusOr<Member*> FetchingMember(const std::string& id);
   uint64_t PairBytes(int layer, int expert) const;
   // Checks a worker's Describe answer: same model (the whole-model fingerprint), same
   // hyperparameters, and every pair routed to it present.

@@ -33,18 +33,21 @@ const WeightMatrix* FindMatrix(const Model& model, const std::string& name) {
 
 }  // namespace
 
+absl::StatusOr<ClusterControl::Member*> ClusterControl::FetchingMember(const std::string& id) {
+  Member* m = Find(id);
+  if (m == nullptr) return absl::NotFoundError(absl::StrCat("no worker '", id.substr(0, 64), "'"));
+  if (m->state != MemberState::kFetching) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "worker ", m->id, " is ", MemberStateName(m->state), ", not fetching: join again"));
+  }
+  return m;
+}
+
 absl::Status ClusterControl::Fetch(const pb::FetchRequest& request,
                                    const std::function<bool(const pb::FetchChunk&)>& write) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    Member* m = Find(request.worker_id());
-    if (m == nullptr) {
-      return absl::NotFoundError(absl::StrCat("no worker '", request.worker_id(), "'"));
-    }
-    if (m->state != MemberState::kFetching) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "worker ", m->id, " is ", MemberStateName(m->state), ", not fetching: join again"));
-    }
+    ASSIGN_OR_RETURN(Member * m, FetchingMember(request.worker_id()));
     if (m->tensors.count(request.tensor()) == 0) {
       return absl::PermissionDeniedError(absl::StrCat("tensor '", request.tensor().substr(0, 128),
                                                       "' is not assigned to worker ", m->id));
@@ -107,14 +110,7 @@ absl::StatusOr<pb::ReadyResponse> ClusterControl::Ready(const pb::ReadyRequest& 
   int reuse = -1;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    Member* m = Find(request.worker_id());
-    if (m == nullptr) {
-      return absl::NotFoundError(absl::StrCat("no worker '", request.worker_id(), "'"));
-    }
-    if (m->state != MemberState::kFetching) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "worker ", m->id, " is ", MemberStateName(m->state), ", not fetching: join again"));
-    }
+    ASSIGN_OR_RETURN(Member * m, FetchingMember(request.worker_id()));
     address = m->address;
     pairs = m->pairs;
     reuse = m->index;
@@ -134,7 +130,7 @@ absl::StatusOr<pb::ReadyResponse> ClusterControl::Ready(const pb::ReadyRequest& 
     m->index = *index;
     SetState(m, MemberState::kReady,
              absl::StrCat("placement version ", backend_->placement_version()));
-    moved = std::move(m->moved);
+    moved.swap(m->moved);  // m->moved is empty from here on
   }
   for (const auto& [donor_id, taken] : moved) {  // the donors stop serving what moved
     int donor_index = -1;
@@ -234,11 +230,13 @@ void ClusterControl::OfferLostExperts() {
       continue;
     }
     lost->lost_handled = true;
+    if (lost->pairs.empty()) continue;
     uint64_t smallest = UINT64_MAX;
     for (const auto& [l, e] : lost->pairs) smallest = std::min(smallest, PairBytes(l, e));
     for (auto& m : members_) {
       if (m->is_static || m->state != MemberState::kReady) continue;
-      if (MemberBytes(*m) + smallest > m->capacity.memory_bytes()) continue;
+      const uint64_t used = MemberBytes(*m), budget = m->capacity.memory_bytes();
+      if (used > budget || smallest > budget - used) continue;
       m->rejoin = true;
       std::fprintf(stderr, "moepool: cluster: worker %s has room for lost worker %s's experts\n",
                    m->id.c_str(), lost->id.c_str());

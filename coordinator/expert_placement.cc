@@ -70,7 +70,7 @@ std::string DescribeExpertPairs(std::vector<std::pair<int, int>> pairs) {
   std::vector<std::pair<std::vector<int>, std::vector<int>>> groups;  // (experts, layers)
   for (const auto& [layer, experts] : by_layer) {
     auto it = std::find_if(groups.begin(), groups.end(),
-                           [&](const auto& g) { return g.first == experts; });
+                           [&experts = experts](const auto& g) { return g.first == experts; });
     if (it == groups.end()) {
       groups.push_back({experts, {layer}});
     } else {

@@ -41,38 +41,6 @@ bool Permanent(const absl::Status& s) {
   }
 }
 
-absl::StatusOr<ShardManifest> ManifestOf(const pb::JoinResponse& r) {
-  ShardManifest m;
-  m.model_fingerprint = r.model().fingerprint();
-  for (const pb::MetadataEntry& e : r.metadata()) {
-    if (e.gguf_type() > static_cast<uint32_t>(GgufValueType::kFloat64) ||
-        e.gguf_type() == static_cast<uint32_t>(GgufValueType::kArray)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("metadata '", e.key().substr(0, 64), "' has type ", e.gguf_type()));
-    }
-    GgufValue v;
-    v.type = static_cast<GgufValueType>(e.gguf_type());
-    v.uint_value = e.uint_value();
-    v.int_value = e.int_value();
-    v.float_value = e.float_value();
-    v.string_value = e.string_value();
-    m.metadata.emplace_back(e.key(), std::move(v));
-  }
-  for (const pb::ShardTensorInfo& t : r.tensors()) {
-    ShardTensor s;
-    s.name = t.name();
-    s.type = static_cast<TensorType>(t.type());
-    s.dims.assign(t.dims().begin(), t.dims().end());
-    s.bytes = t.bytes();
-    s.checksum = {t.checksum().high(), t.checksum().low()};
-    s.layer = t.layer();
-    s.expert = t.expert();
-    m.tensors.push_back(std::move(s));
-  }
-  RETURN_IF_ERROR(ValidateManifest(m));
-  return m;
-}
-
 // Progress of a long transfer on stderr: bytes, rate, ETA.
 void ShowProgress(const FetchProgress& p) {
   const double mib = 1 << 20;
@@ -244,7 +212,7 @@ struct Serving {
 absl::Status Attach(const JoinOptions& options, ShardCache* cache, Session* session,
                     Serving* serving, const std::atomic<bool>& stop) {
   ASSIGN_OR_RETURN(const pb::JoinResponse joined, session->Join(*cache));
-  ASSIGN_OR_RETURN(const ShardManifest manifest, ManifestOf(joined));
+  ASSIGN_OR_RETURN(const ShardManifest manifest, ManifestFromJoin(joined));
   std::vector<std::pair<int, int>> pairs;
   for (const uint32_t p : joined.experts().packed()) pairs.emplace_back(p >> 16, p & 0xffff);
   std::printf("moepool worker: joined %s as %s: %zu experts assigned\n",
@@ -313,6 +281,38 @@ void SleepUnlessStopped(double seconds, const std::atomic<bool>& stop) {
 }
 
 }  // namespace
+
+absl::StatusOr<ShardManifest> ManifestFromJoin(const pb::JoinResponse& r) {
+  ShardManifest m;
+  m.model_fingerprint = r.model().fingerprint();
+  for (const pb::MetadataEntry& e : r.metadata()) {
+    if (e.gguf_type() > static_cast<uint32_t>(GgufValueType::kFloat64) ||
+        e.gguf_type() == static_cast<uint32_t>(GgufValueType::kArray)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("metadata '", e.key().substr(0, 64), "' has type ", e.gguf_type()));
+    }
+    GgufValue v;
+    v.type = static_cast<GgufValueType>(e.gguf_type());
+    v.uint_value = e.uint_value();
+    v.int_value = e.int_value();
+    v.float_value = e.float_value();
+    v.string_value = e.string_value();
+    m.metadata.emplace_back(e.key(), std::move(v));
+  }
+  for (const pb::ShardTensorInfo& t : r.tensors()) {
+    ShardTensor s;
+    s.name = t.name();
+    s.type = static_cast<TensorType>(t.type());
+    s.dims.assign(t.dims().begin(), t.dims().end());
+    s.bytes = t.bytes();
+    s.checksum = {t.checksum().high(), t.checksum().low()};
+    s.layer = t.layer();
+    s.expert = t.expert();
+    m.tensors.push_back(std::move(s));
+  }
+  RETURN_IF_ERROR(ValidateManifest(m));
+  return m;
+}
 
 absl::Status RunJoinedWorker(const JoinOptions& options, const std::atomic<bool>& stop) {
   if (options.memory_bytes == 0) return absl::InvalidArgumentError("the memory budget is 0");

@@ -26,7 +26,9 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "moepool/v1/cluster_service.pb.h"
 #include "worker/expert_service.h"
+#include "worker/shard_cache.h"
 #include "worker/worker_core.h"
 
 namespace moepool::worker {
@@ -47,6 +49,10 @@ struct JoinOptions {
   double retry_initial_s = 1;
   double retry_max_s = 10;
 };
+
+// The shard manifest of a Join answer (metadata values, tensors with their checksums), checked
+// by ValidateManifest: INVALID_ARGUMENT naming what a hostile or broken coordinator sent wrong.
+absl::StatusOr<ShardManifest> ManifestFromJoin(const moepool::v1::JoinResponse& joined);
 
 // Runs the loop described above until `stop` is set, the worker is drained, or an error that
 // retrying cannot fix (returned). Lines on stdout: one per state (fetching, ready); progress of

@@ -20,6 +20,7 @@
 #include "tests/coordinator/cluster_run_util.h"
 #include "tests/coordinator/fake_worker_util.h"
 #include "tests/testdata.h"
+#include "worker/joiner.h"
 #include "worker/shard_cache.h"
 #include "worker/worker_core.h"
 
@@ -50,32 +51,6 @@ pb::JoinRequest JoinRequestFor(const std::string& address, uint64_t memory,
     }
   }
   return r;
-}
-
-worker::ShardManifest ManifestOf(const pb::JoinResponse& r) {
-  worker::ShardManifest m;
-  m.model_fingerprint = r.model().fingerprint();
-  for (const pb::MetadataEntry& e : r.metadata()) {
-    GgufValue v;
-    v.type = static_cast<GgufValueType>(e.gguf_type());
-    v.uint_value = e.uint_value();
-    v.int_value = e.int_value();
-    v.float_value = e.float_value();
-    v.string_value = e.string_value();
-    m.metadata.emplace_back(e.key(), v);
-  }
-  for (const pb::ShardTensorInfo& t : r.tensors()) {
-    worker::ShardTensor s;
-    s.name = t.name();
-    s.type = static_cast<TensorType>(t.type());
-    s.dims.assign(t.dims().begin(), t.dims().end());
-    s.bytes = t.bytes();
-    s.checksum = {t.checksum().high(), t.checksum().low()};
-    s.layer = t.layer();
-    s.expert = t.expert();
-    m.tensors.push_back(s);
-  }
-  return m;
 }
 
 // A worker that joined: its cache, shard and core.
@@ -114,9 +89,11 @@ class ElasticClusterTest : public ::testing::Test {
     Joined j;
     j.id = response->worker_id();
     for (const uint32_t p : response->experts().packed()) j.pairs.emplace_back(p >> 16, p & 0xffff);
+    auto manifest = worker::ManifestFromJoin(*response);
+    if (!manifest.ok()) return manifest.status();
     auto shard = cache->Materialize(
-        ManifestOf(*response), [&](const worker::ShardTensor& t, uint64_t offset,
-                                   const std::function<absl::Status(const char*, size_t)>& sink) {
+        *manifest, [&](const worker::ShardTensor& t, uint64_t offset,
+                       const std::function<absl::Status(const char*, size_t)>& sink) {
           ++j.fetch_calls;
           pb::FetchRequest f;
           f.set_worker_id(j.id);
