@@ -33,6 +33,7 @@
 #include "cli/device_flags.h"
 #include "cli/weights_in_memory.h"
 #include "coordinator/planner.h"
+#include "engine/cuda/cuda_backend.h"
 #include "engine/gguf.h"
 #include "engine/host_memory.h"
 #include "engine/model.h"
@@ -85,21 +86,37 @@ std::string HostOf(const std::string& address) {
   return colon == std::string::npos ? address : address.substr(0, colon);
 }
 
-// --memory SIZE, else the free memory less a reserve (max(1 GiB, 10% of the total)), printed.
-absl::StatusOr<uint64_t> MemoryBudget(const Args& args) {
+// --memory SIZE, else the free memory of the worker's device (the host's, or the sum over its
+// GPUs) less a reserve (max(1 GiB, 10% of the total)), printed.
+absl::StatusOr<uint64_t> MemoryBudget(const Args& args, const DeviceSpec& device) {
   if (args.Has("memory")) {
     ASSIGN_OR_RETURN(const uint64_t bytes, ParseByteSize(args.Get("memory")));
     if (bytes == 0) return absl::InvalidArgumentError("--memory must be > 0");
     return bytes;
   }
-  const HostMemory host = ReadHostMemory();
-  const uint64_t reserve = std::max<uint64_t>(uint64_t{1} << 30, host.Capacity() / 10);
-  const uint64_t budget = host.available > reserve ? host.available - reserve : 0;
+  uint64_t free = 0, total = 0;
+  if (device.cuda) {
+    ASSIGN_OR_RETURN(const std::vector<CudaDeviceInfo> gpus, ListCudaDevices());
+    for (const CudaDeviceInfo& g : gpus) {
+      if (!device.all && std::find(device.ordinals.begin(), device.ordinals.end(), g.ordinal) ==
+                             device.ordinals.end()) {
+        continue;
+      }
+      free += g.free_bytes;
+      total += g.total_bytes;
+    }
+  } else {
+    const HostMemory host = ReadHostMemory();
+    free = host.available;
+    total = host.Capacity();
+  }
+  const uint64_t reserve = std::max<uint64_t>(uint64_t{1} << 30, total / 10);
+  const uint64_t budget = free > reserve ? free - reserve : 0;
   std::printf(
-      "moepool worker: memory budget for experts %.1f GiB (free %.1f GiB less a %.1f GiB "
+      "moepool worker: memory budget for experts %.1f GiB (free %s %.1f GiB less a %.1f GiB "
       "reserve; --memory SIZE to change)\n",
-      static_cast<double>(budget) / (1 << 30), static_cast<double>(host.available) / (1 << 30),
-      static_cast<double>(reserve) / (1 << 30));
+      static_cast<double>(budget) / (1 << 30), device.cuda ? "GPU memory" : "memory",
+      static_cast<double>(free) / (1 << 30), static_cast<double>(reserve) / (1 << 30));
   if (budget == 0) {
     return absl::ResourceExhaustedError("no free memory for experts; give --memory SIZE");
   }
@@ -172,7 +189,7 @@ absl::Status ServeJoined(const Args& args, const sigset_t& stop_signals) {
   o.threads = static_cast<int>(threads);
   o.device = device.ToString();
   o.cuda_devices = device.ordinals;
-  ASSIGN_OR_RETURN(o.memory_bytes, MemoryBudget(args));
+  ASSIGN_OR_RETURN(o.memory_bytes, MemoryBudget(args, device));
   ASSIGN_OR_RETURN(const bool preload, PreloadFromArgs(args));
   if (preload && !device.cuda) {
     o.preload = [](const Model& m) { return PreloadWeights(m, "moepool worker"); };

@@ -91,9 +91,9 @@ struct ShardManifest {
 // Bounds on what a manifest may ask for (a hostile coordinator cannot make the worker allocate
 // or write without limit).
 struct ShardLimits {
-  size_t max_tensors = 3 * 1024 * 64;        // 3 matrices x 1024 layers x 64 experts
-  size_t max_metadata = 256;                 // entries
-  size_t max_string_bytes = 4096;            // per metadata string / key
+  size_t max_tensors = 3 * 1024 * 64;            // 3 matrices x 1024 layers x 64 experts
+  size_t max_metadata = 256;                     // entries
+  size_t max_string_bytes = 4096;                // per metadata string / key
   uint64_t max_total_bytes = uint64_t{1} << 42;  // 4 TiB
 };
 
@@ -124,11 +124,11 @@ using TensorFetcher = std::function<absl::Status(
     const std::function<absl::Status(const char* data, size_t bytes)>& sink)>;
 
 struct MaterializeResult {
-  std::string path;             // the complete shard file
-  uint64_t bytes_fetched = 0;   // through the fetcher
-  uint64_t bytes_reused = 0;    // verified bytes already on disk (this or another shard file)
+  std::string path;            // the complete shard file
+  uint64_t bytes_fetched = 0;  // through the fetcher
+  uint64_t bytes_reused = 0;   // verified bytes already on disk (this or another shard file)
   int tensors_fetched = 0;
-  bool untouched = false;       // a complete matching file was used as it was
+  bool untouched = false;  // a complete matching file was used as it was
 };
 
 class ShardCache {

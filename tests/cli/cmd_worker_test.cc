@@ -164,6 +164,20 @@ TEST(WorkerCommandTest, BadFlagsFailWithAMessage) {
       {{"worker", "--model", model, "--experts", "0", "--listen", "localhost:0", "--preload",
         "maybe"},
        "--preload must be on or off"},
+      // --join: no model file or expert list, a fixed port, a token off loopback.
+      {{"worker", "--join", "127.0.0.1:1", "--model", model, "--listen", "127.0.0.1:7070"},
+       "--model does not go with --join"},
+      {{"worker", "--join", "127.0.0.1:1", "--experts", "0", "--listen", "127.0.0.1:7070"},
+       "--experts does not go with --join"},
+      {{"worker", "--join", "127.0.0.1:1", "--listen", "127.0.0.1:0"}, "needs a fixed port"},
+      {{"worker", "--join", "127.0.0.1:1"}, "--listen HOST:PORT is required"},
+      {{"worker", "--join", "192.0.2.1:7100", "--listen", "127.0.0.1:7070"},
+       "--join 192.0.2.1:7100 is not on loopback"},
+      {{"worker", "--join", "127.0.0.1:1", "--listen", "127.0.0.1:7070", "--memory", "lots"},
+       "lots"},
+      {{"worker", "--model", model, "--experts", "0", "--listen", "127.0.0.1:0", "--cache-dir",
+        "c"},
+       "--cache-dir needs --join"},
   };
   unsetenv("MOEPOOL_CLUSTER_TOKEN");
   for (const Case& c : cases) {

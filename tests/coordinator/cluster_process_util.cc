@@ -90,6 +90,25 @@ httplib::Client ServeProcess::Client() const {
   return c;
 }
 
+const std::string& TestCertDir() {
+  static const std::string dir = [] {
+    const std::string d = TempDir() + "/certs";
+    const std::string key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    const std::string cmd = absl::StrCat(
+        "mkdir -p ", d, " && cd ", d, " && (openssl req -x509 ", key,
+        " -keyout ca.key -out ca.pem -days 2 -subj /CN=moepool-test-ca", " && openssl req ", key,
+        " -keyout server.key -out server.csr -subj /CN=worker",
+        " && printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > san.ext",
+        " && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial",
+        " -out server.pem -days 2 -extfile san.ext", " && openssl req ", key,
+        " -keyout client.key -out client.csr -subj /CN=coordinator",
+        " && openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial",
+        " -out client.pem -days 2) >log 2>&1");
+    return std::system(cmd.c_str()) == 0 ? d : std::string();
+  }();
+  return dir;
+}
+
 bool ElasticServeProcess::Start(const std::string& model, const std::vector<std::string>& flags) {
   static int n = 0;
   log_ = absl::StrCat(TempDir(), "/elastic-serve", getpid(), "-", ++n, ".log");

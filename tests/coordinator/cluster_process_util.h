@@ -103,6 +103,11 @@ class JoinedWorkerProcess {
   std::string log_;
 };
 
+// A CA (ca.pem), a server certificate for 127.0.0.1 and localhost (server.pem, server.key) and
+// a client certificate (client.pem, client.key), made once per process with the openssl tool;
+// "" if it failed (its log in TempDir()/certs/log).
+const std::string& TestCertDir();
+
 // GET `path` on the server; (HTTP status or 0 if no answer, body parsed or discarded).
 std::pair<int, nlohmann::json> GetJson(const ServeProcess& s, const std::string& path);
 

@@ -7,6 +7,7 @@
 #include "coordinator/cluster_expert_backend.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/coordinator/cluster_process_util.h"
 #include "tests/coordinator/fake_worker_util.h"
 #include "tests/testdata.h"
 
@@ -21,25 +22,7 @@ using ::moepool::testing::SmallModel;
 using ::moepool::testing::TempDir;
 using ::testing::HasSubstr;
 
-// A CA, a server certificate for 127.0.0.1 and a client certificate, once per process.
-const std::string& CertDir() {
-  static const std::string dir = [] {
-    const std::string d = TempDir() + "/certs";
-    const std::string key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-    const std::string cmd = absl::StrCat(
-        "mkdir -p ", d, " && cd ", d, " && (openssl req -x509 ", key,
-        " -keyout ca.key -out ca.pem -days 2 -subj /CN=moepool-test-ca", " && openssl req ", key,
-        " -keyout server.key -out server.csr -subj /CN=worker",
-        " && printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > san.ext",
-        " && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial",
-        " -out server.pem -days 2 -extfile san.ext", " && openssl req ", key,
-        " -keyout client.key -out client.csr -subj /CN=coordinator",
-        " && openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial",
-        " -out client.pem -days 2) >log 2>&1");
-    return std::system(cmd.c_str()) == 0 ? d : std::string();
-  }();
-  return dir;
-}
+const std::string& CertDir() { return ::moepool::testing::TestCertDir(); }
 
 std::shared_ptr<grpc::ServerCredentials> ServerCredentials(bool require_client_cert) {
   const std::string& d = CertDir();

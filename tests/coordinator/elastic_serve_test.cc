@@ -205,6 +205,26 @@ TEST(ElasticServeTest, OffLoopbackTheControlPortGetsAGeneratedTokenFile) {
   waitpid(pid, nullptr, 0);
 }
 
+TEST(ElasticServeTest, TheControlPortSpeaksTlsToWorkersThatTrustItsCa) {
+  if (std::system("openssl version >/dev/null 2>&1") != 0) GTEST_SKIP() << "no openssl tool";
+  const std::string& certs = ::moepool::testing::TestCertDir();
+  ASSERT_FALSE(certs.empty());
+  ElasticServeProcess s;
+  ASSERT_TRUE(s.Start(SmallModel("Q8_0"), {"--cluster-tls-cert", certs + "/server.pem",
+                                           "--cluster-tls-key", certs + "/server.key"}));
+  EXPECT_THAT(::moepool::testing::ReadFileOrDie(s.log_path()), HasSubstr("(TLS)"));
+  JoinedWorkerProcess trusting;
+  ASSERT_TRUE(
+      trusting.Start(s.control_address(), Cache("tls"), {"--join-tls-ca", certs + "/ca.pem"}));
+  // Without the CA the worker speaks plain gRPC to a TLS port: it never joins.
+  JoinedWorkerProcess plain;
+  ASSERT_TRUE(plain.Spawn(s.control_address(), Cache("plain")));
+  EXPECT_FALSE(::moepool::testing::WaitForLog(plain.log_path(), "ready as", 3));
+  const nlohmann::json view = View(s);
+  ASSERT_EQ(view["workers"].size(), 1u) << view;
+  EXPECT_EQ(view["workers"][0]["state"], "ready");
+}
+
 // 16 concurrent streaming clients while workers join, drain, are killed and come back.
 TEST(ElasticServeTest, ChaosSixteenStreamingClientsNoFailureSameCompletions) {
   const std::string& model = SmallModel("Q8_0");

@@ -27,207 +27,53 @@
 //
 // The backend is made once per process and made again after an input in which a worker was
 // added to it (a successful Ready), so every input starts from the same state; its links are a
-// fake WorkerLink that never touches the network. Lost workers' experts are offered at once
-// (reassign_after_s = 0), so nothing depends on the clock.
+// fake WorkerLink that never touches the network (cluster_control_fuzz_util.h). Lost workers'
+// experts are offered at once (reassign_after_s = 0), so nothing depends on the clock.
 //
 // With clang in the fuzzing configuration (tests/fuzz/run_fuzz.sh ... control; coordinator/
 // built with -fsanitize=fuzzer-no-link,address) this is a libFuzzer target. Otherwise it is a
-// replay driver (ctest ClusterControlFuzzerReplay): it runs the target over the seeds it writes
-// (valid exchanges and refusals; fixed-* ones reproduce fixed findings), their single-byte
-// corruptions, and the files and directories named on the command line; --write-seeds DIR writes
-// the seeds as files, --one FILE... runs just those inputs.
+// replay driver (ctest ClusterControlFuzzerReplay; tests/fuzz/replay_driver.h): it runs the
+// target over the seeds of cluster_control_seeds.h (valid exchanges and refusals; fixed-* ones
+// reproduce fixed findings), their single-byte corruptions, and the files and directories named
+// on the command line; --write-seeds DIR writes the seeds as files, --one FILE... runs just those
+// inputs.
 #include <xxhash.h>
 
-#include <atomic>
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <initializer_list>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <set>
 #include <string>
 #include <utility>
-#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "coordinator/cluster_control.h"
 #include "coordinator/cluster_expert_backend.h"
 #include "coordinator/expert_placement.h"
-#include "coordinator/worker_link.h"
 #include "engine/model.h"
-#include "engine/synth.h"
 #include "nlohmann/json.hpp"
+#include "tests/fuzz/cluster_control_fuzz_util.h"
 #include "tests/fuzz/fuzz_model_util.h"
 
+namespace moepool::testing::control_fuzz {
 namespace {
 
 namespace pb = ::moepool::v1;
-using ::moepool::ClusterControl;
-using ::moepool::ClusterExpertBackend;
-using ::moepool::WeightMatrix;
 
-constexpr char kTarget[] = "cluster_control_fuzzer";
 // A whole tensor of the model (110592 bytes) takes 108 chunks: a Fetch from the start is cut
 // off by the client, one from past 44 KiB runs to the end.
 constexpr size_t kChunkBytes = 1024;
 constexpr int kMaxChunks = 64;
 constexpr char kPeerHost[] = "10.0.0.9";
-constexpr const char* kKinds[] = {"gate", "up", "down"};
-
-enum Op : uint8_t {
-  kJoin,
-  kFetch,
-  kReady,
-  kWatch,
-  kLeave,
-  kDrain,
-  kView,
-  kDescribe,
-  kHonest,
-  kNumOps
-};
-
-void Check(bool ok, const std::string& what) {
-  if (!ok) moepool::testing::FuzzFail(kTarget, what);
-}
-
-// What the fake workers answer to Describe, and whether the backend took one in (a link was
-// started: AddWorker succeeded).
-struct FakeWorkers {
-  std::mutex mu;
-  std::optional<pb::DescribeResponse> answer;  // none: UNAVAILABLE
-  bool backend_changed = false;
-};
-
-FakeWorkers& Workers() {
-  static auto* w = new FakeWorkers;
-  return *w;
-}
-
-class FakeLink final : public moepool::WorkerLink {
- public:
-  explicit FakeLink(std::string address) : address_(std::move(address)) {}
-
-  const std::string& address() const override { return address_; }
-
-  absl::StatusOr<pb::DescribeResponse> Describe(double, bool) override {
-    FakeWorkers& w = Workers();
-    std::lock_guard<std::mutex> lock(w.mu);
-    if (!w.answer) return absl::UnavailableError(absl::StrCat("worker ", address_, ": refused"));
-    return *w.answer;
-  }
-
-  void Start(const pb::DescribeResponse&, moepool::AcceptWorker) override {
-    started_ = true;
-    FakeWorkers& w = Workers();
-    std::lock_guard<std::mutex> lock(w.mu);
-    w.backend_changed = true;
-  }
-
-  bool up() const override { return started_; }
-  void SetRowSession(std::shared_ptr<moepool::wire::RowSession>,
-                     moepool::wire::RowSessionFactory) override {}
-
-  // No step runs in this target; a job would fail as on a lost connection.
-  void Post(moepool::LinkJob* job, moepool::RoundLatch* latch) override {
-    RunInline(job);
-    latch->CountDown();
-  }
-  void RunInline(moepool::LinkJob* job) override {
-    job->status = absl::UnavailableError(absl::StrCat("worker ", address_, ": no rows here"));
-  }
-  void CancelRound(uint64_t) override {}
-
-  moepool::WorkerStats Stats() const override {
-    moepool::WorkerStats s;
-    s.address = address_;
-    s.up = started_;
-    return s;
-  }
-  void ResetStats() override {}
-
- private:
-  const std::string address_;
-  std::atomic<bool> started_{false};
-};
-
-const std::string& ModelPath() {
-  static const std::string* path = [] {
-    const absl::StatusOr<moepool::SynthShape> tiny = moepool::SynthShapeByName("tiny");
-    Check(tiny.ok(), "no tiny shape");
-    return new std::string(
-        moepool::testing::SynthFuzzModel(*tiny, "Q4_0", false, "control-tiny.gguf"));
-  }();
-  return *path;
-}
-
-std::unique_ptr<ClusterExpertBackend> MakeBackend() {
-  moepool::ClusterOptions o;
-  o.elastic = true;
-  o.local_fallback = true;
-  o.local_threads = 1;
-  o.links_per_worker = 1;
-  o.connect_timeout_s = 1;
-  o.make_link = [](const moepool::WorkerLinkConfig& c) {
-    return std::make_unique<FakeLink>(c.address);
-  };
-  absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> b =
-      ClusterExpertBackend::Create(ModelPath(), o);
-  Check(b.ok(), "cannot create the backend: " + b.status().ToString());
-  return *std::move(b);
-}
 
 std::unique_ptr<ClusterExpertBackend>& Backend() {
   static auto* b = new std::unique_ptr<ClusterExpertBackend>;
   return *b;
-}
-
-std::string TensorName(int layer, const char* kind, int expert) {
-  return absl::StrCat("blk.", layer, ".ffn_", kind, ".", expert, ".weight");
-}
-
-const WeightMatrix& MatrixOf(const moepool::Model& model, int layer, int kind, int expert) {
-  const moepool::ExpertWeights& E = model.layer(layer).experts[static_cast<size_t>(expert)];
-  return kind == 0 ? E.gate : kind == 1 ? E.up : E.down;
-}
-
-// The matrix of a canonical shard tensor name, or nullptr.
-const WeightMatrix* FindMatrix(const moepool::Model& model, const std::string& name) {
-  const moepool::ModelConfig& c = model.config();
-  for (int l = 0; l < c.n_layer; ++l) {
-    for (int e = 0; e < c.n_expert; ++e) {
-      for (int k = 0; k < 3; ++k) {
-        if (name == TensorName(l, kKinds[k], e)) return &MatrixOf(model, l, k, e);
-      }
-    }
-  }
-  return nullptr;
-}
-
-// This model's identity as a worker holding every pair would report it.
-pb::DescribeResponse HonestAnswer(const ClusterControl& control, const moepool::Model& model) {
-  const moepool::ModelConfig& c = model.config();
-  pb::DescribeResponse d;
-  d.set_protocol_version(pb::PROTOCOL_VERSION_CURRENT);
-  d.mutable_model()->set_fingerprint(control.model_fingerprint());
-  d.mutable_model()->set_name(c.name);
-  pb::Hyperparameters* h = d.mutable_hparams();
-  h->set_n_embd(c.n_embd);
-  h->set_n_ff(c.n_ff);
-  h->set_n_layer(c.n_layer);
-  h->set_n_expert(c.n_expert);
-  h->set_n_expert_used(c.n_expert_used);
-  for (int l = 0; l < c.n_layer; ++l) {
-    for (int e = 0; e < c.n_expert; ++e)
-      d.mutable_experts()->add_packed(moepool::PackExpertPair(l, e));
-  }
-  d.set_device("cpu");
-  d.set_worker_id("fake");
-  return d;
 }
 
 void CheckCode(const absl::Status& s, std::initializer_list<absl::StatusCode> allowed,
@@ -590,6 +436,7 @@ void FuzzOne(const uint8_t* data, size_t size) {
 }
 
 }  // namespace
+}  // namespace moepool::testing::control_fuzz
 
 #ifdef MOEPOOL_LIBFUZZER
 // ClusterExpertBackend::Create makes gRPC channel credentials even with fake links, which
@@ -599,329 +446,26 @@ extern "C" const char* __lsan_default_suppressions() { return "leak:libgpr.so\n"
 #endif
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  Init();
+  moepool::testing::control_fuzz::Init();
   return 0;
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  FuzzOne(data, size);
+  moepool::testing::control_fuzz::FuzzOne(data, size);
   return 0;
 }
 
 #ifndef MOEPOOL_LIBFUZZER
-#include <filesystem>
-#include <fstream>
-#include <sstream>
+#include "tests/fuzz/cluster_control_seeds.h"
+#include "tests/fuzz/replay_driver.h"
 
-namespace {
-
-// Builds an input, operation by operation.
-class Script {
- public:
-  Script& Add(Op op, const google::protobuf::MessageLite& m) {
-    return Raw(op, m.SerializeAsString());
-  }
-  Script& Raw(Op op, const std::string& payload) {
-    const size_t len = std::min<size_t>(payload.size(), 0xffff);
-    bytes_.push_back(static_cast<char>(op));
-    bytes_.push_back(static_cast<char>(len & 0xff));
-    bytes_.push_back(static_cast<char>(len >> 8));
-    bytes_.append(payload, 0, len);
-    return *this;
-  }
-  Script& Do(Op op) { return Raw(op, ""); }
-  const std::string& bytes() const { return bytes_; }
-
- private:
-  std::string bytes_;
-};
-
-pb::JoinRequest JoinOf(const std::string& address, uint64_t memory) {
-  pb::JoinRequest r;
-  r.set_protocol_version(pb::CLUSTER_PROTOCOL_VERSION_CURRENT);
-  r.set_advertise_address(address);
-  r.mutable_capacity()->set_device("cpu");
-  r.mutable_capacity()->set_memory_bytes(memory);
-  r.mutable_capacity()->set_threads(4);
-  return r;
-}
-
-pb::FetchRequest FetchOf(const std::string& id, const std::string& tensor, uint64_t offset) {
-  pb::FetchRequest r;
-  r.set_worker_id(id);
-  r.set_tensor(tensor);
-  r.set_offset(offset);
-  return r;
-}
-
-template <typename M>
-M WorkerMessage(const std::string& id) {
-  M m;
-  m.set_worker_id(id);
-  return m;
-}
-
-std::vector<std::pair<std::string, std::string>> Seeds() {
-  Init();
-  const moepool::Model& model = Backend()->model();
-  const pb::DescribeResponse& honest = Honest();
-  const std::string fingerprint = honest.model().fingerprint();
-  const uint64_t pair_bytes = MatrixOf(model, 0, 0, 0).SizeBytes() +
-                              MatrixOf(model, 0, 1, 0).SizeBytes() +
-                              MatrixOf(model, 0, 2, 0).SizeBytes();
-  const uint64_t gate_bytes = MatrixOf(model, 0, 0, 0).SizeBytes();
-  const uint64_t down_bytes = MatrixOf(model, 3, 2, 7).SizeBytes();
-  constexpr uint64_t kGiB = uint64_t{1} << 30;
-  const auto ready = [](const std::string& id) { return WorkerMessage<pb::ReadyRequest>(id); };
-  const auto watch = [](const std::string& id) { return WorkerMessage<pb::WatchRequest>(id); };
-  std::vector<std::pair<std::string, std::string>> seeds;  // name, bytes
-
-  // A join and the view.
-  seeds.emplace_back("join-view",
-                     Script().Add(kJoin, JoinOf("0.0.0.0:7001", kGiB)).Do(kView).bytes());
-  // Fetches: whole, from an offset, at the end, past it, unassigned, unknown worker.
-  seeds.emplace_back("fetch",
-                     Script()
-                         .Add(kJoin, JoinOf("0.0.0.0:7001", kGiB))
-                         .Add(kFetch, FetchOf("w0", "blk.0.ffn_gate.0.weight", 0))
-                         .Add(kFetch, FetchOf("w0", "blk.3.ffn_down.7.weight", 1000))
-                         .Add(kFetch, FetchOf("w0", "blk.2.ffn_up.5.weight", 60000))
-                         .Add(kFetch, FetchOf("w0", "blk.0.ffn_gate.0.weight", gate_bytes - 5))
-                         .Add(kFetch, FetchOf("w0", "blk.3.ffn_down.7.weight", down_bytes))
-                         .Add(kFetch, FetchOf("w0", "blk.3.ffn_down.7.weight", down_bytes + 1))
-                         .Add(kFetch, FetchOf("w0", "blk.9.ffn_up.0.weight", 0))
-                         .Add(kFetch, FetchOf("w0", "token_embd.weight", 0))
-                         .Add(kFetch, FetchOf("w7", "blk.0.ffn_gate.0.weight", 0))
-                         .Do(kView)
-                         .bytes());
-  // An unreachable worker: Ready fails, it is gone, joins again under its id.
-  seeds.emplace_back("ready-unreachable",
-                     Script()
-                         .Add(kJoin, JoinOf("10.0.0.5:7001", kGiB))
-                         .Add(kReady, ready("w0"))
-                         .Add(kFetch, FetchOf("w0", "blk.0.ffn_up.0.weight", 0))
-                         .Add(kWatch, watch("w0"))
-                         .Add(kJoin, JoinOf("10.0.0.5:7001", kGiB))
-                         .Add(kReady, ready("w0"))
-                         .Add(kReady, ready("w1"))
-                         .Do(kView)
-                         .bytes());
-  // A worker that serves: Ready, then its control stream breaks.
-  seeds.emplace_back("ready-then-stream-breaks", Script()
-                                                     .Add(kJoin, JoinOf("[::]:7001", kGiB))
-                                                     .Do(kHonest)
-                                                     .Add(kReady, ready("w0"))
-                                                     .Add(kReady, ready("w0"))
-                                                     .Do(kView)
-                                                     .Add(kWatch, watch("w0"))
-                                                     .Do(kView)
-                                                     .bytes());
-  // Two workers: the second takes half of the first's pairs, which hands them over at its
-  // Ready; then both leave.
-  pb::LeaveRequest leave = WorkerMessage<pb::LeaveRequest>("w0");
-  leave.set_reason("SIGTERM");
-  seeds.emplace_back("handover-then-leave",
-                     Script()
-                         .Add(kJoin, JoinOf("10.0.0.1:7001", kGiB))
-                         .Do(kHonest)
-                         .Add(kReady, ready("w0"))
-                         .Add(kJoin, JoinOf("10.0.0.2:7002", kGiB))
-                         .Add(kFetch, FetchOf("w1", "blk.0.ffn_gate.7.weight", 0))
-                         .Add(kReady, ready("w1"))
-                         .Do(kView)
-                         .Add(kLeave, leave)
-                         .Add(kWatch, watch("w0"))
-                         .Raw(kDrain, "w1")
-                         .Add(kWatch, watch("w1"))
-                         .Do(kView)
-                         .bytes());
-  // The donor's control stream hears which pairs it released, then breaks.
-  seeds.emplace_back("released-then-stream-breaks",
-                     Script()
-                         .Add(kJoin, JoinOf("10.0.0.1:7001", kGiB))
-                         .Do(kHonest)
-                         .Add(kReady, ready("w0"))
-                         .Add(kJoin, JoinOf("10.0.0.2:7002", 6 * pair_bytes))
-                         .Add(kReady, ready("w1"))
-                         .Add(kWatch, watch("w0"))
-                         .Do(kView)
-                         .bytes());
-  // A ready worker is lost (its stream breaks); the other, with room in its budget, is asked to
-  // join again for the lost experts.
-  seeds.emplace_back("lost-then-rejoin-offer", Script()
-                                                   .Add(kJoin, JoinOf("10.0.0.1:7001", kGiB))
-                                                   .Do(kHonest)
-                                                   .Add(kReady, ready("w0"))
-                                                   .Add(kJoin, JoinOf("10.0.0.2:7002", kGiB))
-                                                   .Add(kReady, ready("w1"))
-                                                   .Add(kWatch, watch("w0"))
-                                                   .Add(kWatch, watch("w1"))
-                                                   .Do(kView)
-                                                   .bytes());
-  // A cache: its pairs first (beyond the fair share when memory allows), another model's
-  // ignored, a pair outside the model refused.
-  pb::JoinRequest cached = JoinOf("10.0.0.3:7003", 3 * pair_bytes);
-  pb::CachedModel* entry = cached.add_cache();
-  entry->set_model_fingerprint(fingerprint);
-  for (const auto& [l, e] : std::vector<std::pair<int, int>>{{0, 0}, {1, 2}, {3, 7}}) {
-    entry->mutable_experts()->add_packed(moepool::PackExpertPair(l, e));
-  }
-  pb::JoinRequest other = JoinOf("10.0.0.4:7004", kGiB);
-  other.add_cache()->set_model_fingerprint("0123456789abcdef0123456789abcdef");
-  other.mutable_cache(0)->mutable_experts()->add_packed(moepool::PackExpertPair(2, 2));
-  pb::JoinRequest outside = JoinOf("10.0.0.6:7006", kGiB);
-  outside.add_cache()->set_model_fingerprint(fingerprint);
-  outside.mutable_cache(0)->mutable_experts()->add_packed(moepool::PackExpertPair(9, 0));
-  seeds.emplace_back(
-      "cache", Script().Add(kJoin, outside).Add(kJoin, cached).Add(kJoin, other).Do(kView).bytes());
-  // Refusals: protocol versions, addresses, budgets, sizes.
-  pb::JoinRequest v0 = JoinOf("0.0.0.0:7001", kGiB);
-  v0.set_protocol_version(pb::CLUSTER_PROTOCOL_VERSION_UNSPECIFIED);
-  pb::JoinRequest v2 = JoinOf("0.0.0.0:7001", kGiB);
-  v2.set_protocol_version(static_cast<pb::ClusterProtocolVersion>(2));
-  pb::JoinRequest many = JoinOf("0.0.0.0:7001", kGiB);
-  for (int i = 0; i < 17; ++i) many.add_cache()->set_model_fingerprint(fingerprint);
-  seeds.emplace_back("join-refusals", Script()
-                                          .Add(kJoin, v0)
-                                          .Add(kJoin, v2)
-                                          .Add(kJoin, JoinOf("nohost", kGiB))
-                                          .Add(kJoin, JoinOf("h:0", kGiB))
-                                          .Add(kJoin, JoinOf("h:70000", kGiB))
-                                          .Add(kJoin, JoinOf("h:-1", kGiB))
-                                          .Add(kJoin, JoinOf(std::string(300, 'a') + ":1", kGiB))
-                                          .Add(kJoin, JoinOf("h:1", 0))
-                                          .Add(kJoin, JoinOf("h:1", 1))
-                                          .Add(kJoin, many)
-                                          .Do(kView)
-                                          .bytes());
-  // Nothing left to assign while the first worker fetches everything.
-  seeds.emplace_back("nothing-to-assign", Script()
-                                              .Add(kJoin, JoinOf("10.0.0.1:7001", kGiB))
-                                              .Add(kJoin, JoinOf("10.0.0.2:7001", kGiB))
-                                              .Do(kView)
-                                              .bytes());
-  // Describe answers the check refuses: a missing pair, another model, other hyperparameters,
-  // another protocol version.
-  pb::DescribeResponse missing = honest;
-  missing.mutable_experts()->mutable_packed()->erase(missing.mutable_experts()->packed().begin());
-  pb::DescribeResponse another = honest;
-  another.mutable_model()->set_fingerprint("0123456789abcdef0123456789abcdef");
-  pb::DescribeResponse hparams = honest;
-  hparams.mutable_hparams()->set_n_expert(honest.hparams().n_expert() + 1);
-  pb::DescribeResponse protocol = honest;
-  protocol.set_protocol_version(pb::PROTOCOL_VERSION_UNSPECIFIED);
-  Script hostile;  // the same address each time: the same id
-  for (const pb::DescribeResponse* d : {&missing, &another, &hparams, &protocol}) {
-    hostile.Add(kJoin, JoinOf("10.0.0.7:7007", kGiB)).Add(kDescribe, *d).Add(kReady, ready("w0"));
-  }
-  seeds.emplace_back("describe-refused", hostile.Raw(kDescribe, "").Do(kView).bytes());
-  // Drains by id: known, repeated, empty, not UTF-8; then the drained worker's Watch and Leave.
-  seeds.emplace_back("drain-ids", Script()
-                                      .Add(kJoin, JoinOf("10.0.0.8:7008", kGiB))
-                                      .Raw(kDrain, "w0")
-                                      .Raw(kDrain, "w0")
-                                      .Raw(kDrain, "")
-                                      .Raw(kDrain, "w\xff\xfe")
-                                      .Add(kWatch, watch("w0"))
-                                      .Add(kLeave, WorkerMessage<pb::LeaveRequest>("w0"))
-                                      .Do(kView)
-                                      .bytes());
-  // A serving worker joins again from the same address (a restart not yet noticed): the old
-  // registration is drained and its index reused.
-  seeds.emplace_back("rejoin-while-serving",
-                     Script()
-                         .Add(kJoin, JoinOf("10.0.0.9:7009", kGiB))
-                         .Do(kHonest)
-                         .Add(kReady, ready("w0"))
-                         .Add(kJoin, JoinOf("0.0.0.0:7009", kGiB))
-                         .Add(kFetch, FetchOf("w0", "blk.1.ffn_down.3.weight", 0))
-                         .Add(kReady, ready("w0"))
-                         .Do(kView)
-                         .Raw(kDrain, "w0")
-                         .Do(kView)
-                         .bytes());
-  // Findings, failing until cluster_control.cc is fixed (last: the others run first). Three workers
-  // join while the first serves everything, each taking its share from it before the others are
-  // ready: together they take all of its pairs, and it is left ready with none.
-  Script emptied;
-  emptied.Add(kJoin, JoinOf("10.0.0.1:7001", kGiB)).Do(kHonest).Add(kReady, ready("w0"));
-  emptied.Add(kJoin, JoinOf("10.0.0.2:7002", kGiB)).Add(kJoin, JoinOf("10.0.0.3:7003", kGiB));
-  emptied.Add(kJoin, JoinOf("10.0.0.4:7004", kGiB));
-  emptied.Add(kReady, ready("w1")).Add(kReady, ready("w2")).Add(kReady, ready("w3"));
-  seeds.emplace_back("fixed-donor-left-without-experts", Script(emptied).Do(kView).bytes());
-  // Then it is lost: every ready worker is asked to join again for its experts, of which there
-  // are none.
-  seeds.emplace_back("fixed-rejoin-for-lost-worker-without-experts",
-                     Script(emptied).Add(kWatch, watch("w0")).Add(kWatch, watch("w1")).bytes());
-  return seeds;
-}
-
-// The input and deterministic single-byte corruptions of it.
-int Replay(const std::string& bytes) {
-  FuzzOne(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
-  int n = 1;
-  for (size_t i = 0; i < bytes.size(); i += 7, ++n) {
-    std::string b = bytes;
-    b[i] = static_cast<char>(b[i] ^ 0x5a);
-    FuzzOne(reinterpret_cast<const uint8_t*>(b.data()), b.size());
-  }
-  return n;
-}
-
-std::string ReadFile(const std::filesystem::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-}  // namespace
-
-// Replays the seeds, then every file named (or inside a directory named) on the command line
-// that is not one of them. With --one FILE..., runs only those inputs, without corruptions (to
-// reproduce a finding; MOEPOOL_FUZZ_VERBOSE=1 traces each call).
-// With --write-seeds DIR, writes the seeds there as files (a starting corpus for libFuzzer).
 int main(int argc, char** argv) {
-  const std::vector<std::pair<std::string, std::string>> seeds = Seeds();
-  if (argc >= 2 && std::string(argv[1]) == "--one") {  // these inputs only, as they are
-    for (int i = 2; i < argc; ++i) {
-      if (!std::filesystem::is_regular_file(argv[i])) {
-        moepool::testing::FuzzFail(kTarget, std::string("no such input ") + argv[i]);
-      }
-      const std::string bytes = ReadFile(argv[i]);
-      std::printf("running %s\n", argv[i]);
-      std::fflush(stdout);
-      FuzzOne(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
-    }
-    return 0;
-  }
-  if (argc == 3 && std::string(argv[1]) == "--write-seeds") {
-    std::filesystem::create_directories(argv[2]);
-    for (const auto& [name, bytes] : seeds) {
-      std::ofstream(std::filesystem::path(argv[2]) / name, std::ios::binary) << bytes;
-    }
-    return 0;
-  }
-  int n = 0;
-  // The committed corpus starts as these seeds: each input once.
-  std::set<std::string> done;
-  const auto replay_new = [&](const std::string& bytes) {
-    return done.insert(bytes).second ? Replay(bytes) : 0;
-  };
-  for (const auto& seed : seeds) n += replay_new(seed.second);
-  for (int i = 1; i < argc; ++i) {
-    const std::filesystem::path p(argv[i]);
-    if (std::filesystem::is_directory(p)) {
-      for (const auto& e : std::filesystem::directory_iterator(p)) {
-        if (e.is_regular_file()) n += replay_new(ReadFile(e.path()));
-      }
-    } else if (std::filesystem::exists(p)) {
-      n += replay_new(ReadFile(p));
-    } else {
-      moepool::testing::FuzzFail(kTarget, "no such input " + p.string());
-    }
-  }
-  std::printf("cluster_control_fuzzer: %d inputs, no failure\n", n);
-  return 0;
+  namespace cf = ::moepool::testing::control_fuzz;
+  cf::Init();
+  moepool::testing::ReplayOptions o;
+  o.target = cf::kTarget;
+  o.seeds = cf::Seeds(cf::Backend()->model(), cf::Honest());
+  o.fail = [](const std::string& what) { moepool::testing::FuzzFail(cf::kTarget, what); };
+  return moepool::testing::RunReplayDriver(argc, argv, o);
 }
 #endif

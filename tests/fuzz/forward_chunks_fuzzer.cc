@@ -7,16 +7,15 @@
 //
 // With clang in the fuzzing configuration (tests/fuzz/run_fuzz.sh forward; proto/ and wire/
 // built with -fsanitize=fuzzer-no-link,address) this is a libFuzzer target. Otherwise it is a
-// replay driver (ctest ForwardChunksFuzzerReplay): it runs the target over seeds it writes from
-// wire::WriteRequestChunks / WriteResponseChunks (every dtype, chunked and whole, a pipe round),
-// their single-byte corruptions, and the files and directories named on the command line.
+// replay driver (ctest ForwardChunksFuzzerReplay; tests/fuzz/replay_driver.h): it runs the target
+// over seeds it writes from wire::WriteRequestChunks / WriteResponseChunks (every dtype, chunked
+// and whole, a pipe round), their single-byte corruptions, and the files and directories named on
+// the command line; --write-seeds DIR writes the seeds as files, --one FILE... runs just those
+// inputs.
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -82,6 +81,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 }
 
 #ifndef MOEPOOL_LIBFUZZER
+#include "tests/fuzz/replay_driver.h"
+
 namespace {
 
 void AppendMessage(const google::protobuf::MessageLite& m, std::string* out) {
@@ -142,54 +143,15 @@ std::vector<std::string> Seeds() {
   return seeds;
 }
 
-// The input and deterministic single-byte corruptions of it.
-int Replay(const std::string& bytes) {
-  const auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
-  FuzzOne(p, bytes.size());
-  int n = 1;
-  for (size_t i = 0; i < bytes.size(); i += 7, ++n) {
-    std::string b = bytes;
-    b[i] = static_cast<char>(b[i] ^ 0x5a);
-    FuzzOne(reinterpret_cast<const uint8_t*>(b.data()), b.size());
-  }
-  return n;
-}
-
-std::string ReadFile(const std::filesystem::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 }  // namespace
 
-// Replays the seeds, then every file named (or inside a directory named) on the command line.
-// With --write-seeds DIR, writes the seeds there as files (a starting corpus for libFuzzer).
 int main(int argc, char** argv) {
+  moepool::testing::ReplayOptions o;
+  o.target = "forward_chunks_fuzzer";
   const std::vector<std::string> seeds = Seeds();
-  if (argc == 3 && std::string(argv[1]) == "--write-seeds") {
-    std::filesystem::create_directories(argv[2]);
-    for (size_t i = 0; i < seeds.size(); ++i) {
-      std::ofstream(std::filesystem::path(argv[2]) / ("seed-" + std::to_string(i)),
-                    std::ios::binary)
-          << seeds[i];
-    }
-    return 0;
+  for (size_t i = 0; i < seeds.size(); ++i) {
+    o.seeds.emplace_back("seed-" + std::to_string(i), seeds[i]);
   }
-  int n = 0;
-  for (const std::string& s : seeds) n += Replay(s);
-  for (int i = 1; i < argc; ++i) {
-    const std::filesystem::path p(argv[i]);
-    if (std::filesystem::is_directory(p)) {
-      for (const auto& e : std::filesystem::directory_iterator(p)) {
-        if (e.is_regular_file()) n += Replay(ReadFile(e.path()));
-      }
-    } else {
-      n += Replay(ReadFile(p));
-    }
-  }
-  std::printf("forward_chunks_fuzzer: %d inputs, no failure\n", n);
-  return 0;
+  return moepool::testing::RunReplayDriver(argc, argv, o);
 }
 #endif

@@ -24,18 +24,17 @@
 //
 // With clang in the fuzzing configuration (tests/fuzz/run_fuzz.sh ... shard; worker/ built with
 // -fsanitize=fuzzer-no-link,address) this is a libFuzzer target. Otherwise it is a replay driver
-// (ctest ShardCacheFuzzerReplay): it runs the target over seeds made from the valid shard file
-// (the file under each name, truncations, byte flips in the header, the index and the data),
-// single-byte corruptions of them, and the files and directories named on the command line;
-// --write-seeds DIR writes the seeds as files, --one FILE... runs just those inputs.
+// (ctest ShardCacheFuzzerReplay; tests/fuzz/replay_driver.h): it runs the target over seeds made
+// from the valid shard file (the file under each name, truncations, byte flips in the header, the
+// index and the data), single-byte corruptions of them, and the files and directories named on
+// the command line; --write-seeds DIR writes the seeds as files, --one FILE... runs just those
+// inputs.
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <set>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -318,6 +317,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 }
 
 #ifndef MOEPOOL_LIBFUZZER
+#include "tests/fuzz/replay_driver.h"
+
 namespace {
 
 std::string Seed(uint8_t flag, const std::string& bytes) {
@@ -331,7 +332,7 @@ std::string Flipped(std::string bytes, size_t at) {
 
 // Named inputs: the valid file under each name, cut short, with a byte changed in the header
 // (magic, tensor count), the tensor index (name, dims, type, offset) and the data, grown, and
-// with its data zeroed. Corruptions of each (Replay) cover the rest.
+// with its data zeroed. Corruptions of each (main) cover the rest.
 std::vector<std::pair<std::string, std::string>> Seeds() {
   const Fixture& f = Setup();
   const std::string& v = f.valid;
@@ -363,65 +364,16 @@ std::vector<std::pair<std::string, std::string>> Seeds() {
   };
 }
 
-// The input, and single-byte corruptions of its flag, of the first 2 KiB (header and index) and
-// sparsely of the rest.
-int Replay(const std::string& bytes) {
-  FuzzOne(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
-  int n = 1;
-  for (size_t i = 0; i < bytes.size(); i += i < 2048 ? 53 : 1501, ++n) {
-    const std::string b = Flipped(bytes, i);
-    FuzzOne(reinterpret_cast<const uint8_t*>(b.data()), b.size());
-  }
-  return n;
-}
-
 }  // namespace
 
-// Replays the seeds, then every file named (or inside a directory named) on the command line
-// that is not one of them. With --one FILE..., runs only those inputs, without corruptions (to
-// reproduce a finding; MOEPOOL_FUZZ_VERBOSE=1 traces each call).
-// With --write-seeds DIR, writes the seeds there as files (a starting corpus for libFuzzer).
 int main(int argc, char** argv) {
-  const std::vector<std::pair<std::string, std::string>> seeds = Seeds();
-  if (argc >= 2 && std::string(argv[1]) == "--one") {  // these inputs only, as they are
-    for (int i = 2; i < argc; ++i) {
-      if (!std::filesystem::is_regular_file(argv[i])) {
-        moepool::testing::FuzzFail(kTarget, std::string("no such input ") + argv[i]);
-      }
-      const std::string bytes = ReadFile(argv[i]);
-      std::printf("running %s\n", argv[i]);
-      std::fflush(stdout);
-      FuzzOne(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
-    }
-    return 0;
-  }
-  if (argc == 3 && std::string(argv[1]) == "--write-seeds") {
-    std::filesystem::create_directories(argv[2]);
-    for (const auto& [name, bytes] : seeds) {
-      WriteFile((std::filesystem::path(argv[2]) / name).string(), bytes.data(), bytes.size());
-    }
-    return 0;
-  }
-  int n = 0;
-  // The committed corpus starts as these seeds: each input once.
-  std::set<std::string> done;
-  const auto replay_new = [&](const std::string& bytes) {
-    return done.insert(bytes).second ? Replay(bytes) : 0;
-  };
-  for (const auto& seed : seeds) n += replay_new(seed.second);
-  for (int i = 1; i < argc; ++i) {
-    const std::filesystem::path p(argv[i]);
-    if (std::filesystem::is_directory(p)) {
-      for (const auto& e : std::filesystem::directory_iterator(p)) {
-        if (e.is_regular_file()) n += replay_new(ReadFile(e.path().string()));
-      }
-    } else if (std::filesystem::exists(p)) {
-      n += replay_new(ReadFile(p.string()));
-    } else {
-      moepool::testing::FuzzFail(kTarget, "no such input " + p.string());
-    }
-  }
-  std::printf("shard_cache_fuzzer: %d inputs, no failure\n", n);
-  return 0;
+  moepool::testing::ReplayOptions o;
+  o.target = kTarget;
+  o.seeds = Seeds();
+  // Single-byte corruptions of the flag, of the first 2 KiB (header and index) and sparsely of
+  // the rest.
+  o.next_corruption = [](size_t at) { return at + (at < 2048 ? 53 : 1501); };
+  o.fail = [](const std::string& what) { moepool::testing::FuzzFail(kTarget, what); };
+  return moepool::testing::RunReplayDriver(argc, argv, o);
 }
 #endif
