@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/openai_api.h"
+#include "coordinator/tokenize_api.h"
 #include "engine/status_macros.h"
 
 namespace moepool {
@@ -34,8 +35,8 @@ void SendJson(httplib::Response& res, int status, const json& body) {
 
 // Label for the request counter: known endpoints by name, everything else "other".
 std::string EndpointLabel(const std::string& path) {
-  for (const char* p :
-       {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}) {
+  for (const char* p : {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
+                        "/metrics", "/tokenize", "/detokenize"}) {
     if (path == p) return p;
   }
   if (path.rfind("/v1/models/", 0) == 0) return "/v1/models/{id}";
@@ -125,7 +126,9 @@ absl::Status HttpServer::Start() {
 void HttpServer::InstallHooks() {
   httplib::Server& svr = *server_;
   svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
+    const bool keyed =
+        req.path.rfind("/v1/", 0) == 0 || req.path == "/tokenize" || req.path == "/detokenize";
+    if (!keyed) return httplib::Server::HandlerResponse::Unhandled;
     const absl::Status auth = Authenticate(req);
     if (auth.ok()) return httplib::Server::HandlerResponse::Unhandled;
     SendApiError(auth, res);
@@ -172,6 +175,29 @@ void HttpServer::InstallRoutes() {
                  return;
                }
                HandleGenerate(body, res, chat);
+             });
+  }
+  // llama-server's tokenizer endpoints (coordinator/tokenize_api.h).
+  for (const bool tokenize : {true, false}) {
+    svr.Post(tokenize ? "/tokenize" : "/detokenize",
+             [this, tokenize](const httplib::Request&, httplib::Response& res,
+                              const httplib::ContentReader& reader) {
+               std::string body;
+               if (!reader([&](const char* data, size_t n) {
+                     body.append(data, n);
+                     return true;
+                   })) {
+                 if (res.status < 400) res.status = 400;
+                 return;
+               }
+               const Tokenizer& tok = scheduler_->engine().tokenizer();
+               const absl::StatusOr<json> out =
+                   tokenize ? TokenizeResponse(tok, body) : DetokenizeResponse(tok, body);
+               if (!out.ok()) {
+                 SendApiError(out.status(), res);
+                 return;
+               }
+               SendJson(res, 200, *out);
              });
   }
   svr.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {

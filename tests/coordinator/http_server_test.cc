@@ -438,3 +438,67 @@ TEST(HttpServerTest, ClientDisconnectCancelsTheSequence) {
 
 }  // namespace
 }  // namespace moepool
+
+namespace moepool {
+namespace {
+
+// POST /tokenize and /detokenize (llama-server's): the engine's own tokenizer, round trip,
+// pieces, errors, and the API key as on /v1.
+TEST(HttpServerTest, TokenizeAndDetokenizeLikeLlamaServer) {
+  HttpServerOptions ho;
+  ho.api_keys = {"k"};
+  TestServer srv({}, ho);
+  const httplib::Headers key = {{"Authorization", "Bearer k"}};
+  const Tokenizer& tok = srv.engine->tokenizer();
+  const std::string text = "Hello world, naïve café 😀";
+  auto r = srv.Post("/tokenize", json{{"content", text}}.dump(), key);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const std::vector<int32_t> want = tok.Encode(text, /*add_bos=*/false);
+  EXPECT_EQ(json::parse(r->body)["tokens"].get<std::vector<int32_t>>(), want);
+  r = srv.Post("/tokenize", json{{"content", text}, {"add_special", true}}.dump(), key);
+  EXPECT_EQ(json::parse(r->body)["tokens"][0], tok.bos_id()) << r->body;
+  r = srv.Post("/tokenize", json{{"content", text}, {"with_pieces", true}}.dump(), key);
+  ASSERT_EQ(r->status, 200) << r->body;
+  std::string joined;
+  const json with_pieces = json::parse(r->body);
+  for (const json& t : with_pieces["tokens"]) {
+    const json& piece = t["piece"];
+    if (piece.is_string()) {
+      joined += piece.get<std::string>();
+    } else {  // bytes of a character split over tokens
+      for (const json& b : piece) joined += static_cast<char>(b.get<int>());
+    }
+  }
+  std::string pieces;
+  for (const int32_t id : want) pieces += tok.TokenToPiece(id);
+  EXPECT_EQ(joined, pieces);
+  r = srv.Post("/detokenize", json{{"tokens", want}}.dump(), key);
+  ASSERT_EQ(r->status, 200) << r->body;
+  EXPECT_EQ(json::parse(r->body)["content"], text);
+  EXPECT_TRUE(
+      ValidUtf8(srv.Post("/detokenize", json{{"tokens", {want.back()}}}.dump(), key)->body));
+
+  EXPECT_EQ(srv.Post("/tokenize", json{{"content", "x"}}.dump())->status, 401);
+  EXPECT_EQ(srv.Post("/detokenize", json{{"tokens", {1}}}.dump())->status, 401);
+  const std::pair<const char*, std::string> bad[] = {
+      {"/tokenize", "not json"},
+      {"/tokenize", "[1]"},
+      {"/tokenize", R"({"content": 5})"},
+      {"/tokenize", R"({})"},
+      {"/tokenize", R"({"content": "x", "add_special": "yes"})"},
+      {"/detokenize", R"({"tokens": "1 2"})"},
+      {"/detokenize", R"({"tokens": [1, -1]})"},
+      {"/detokenize", R"({"tokens": [1, 1e9]})"},
+      {"/detokenize", R"({"tokens": [1.5]})"},
+      {"/detokenize", json{{"tokens", {tok.n_vocab()}}}.dump()},
+  };
+  for (const auto& [path, body] : bad) {
+    auto e = srv.Post(path, body, key);
+    ASSERT_TRUE(e);
+    EXPECT_EQ(e->status, 400) << path << " " << body << ": " << e->body;
+    EXPECT_TRUE(json::parse(e->body)["error"]["message"].is_string()) << e->body;
+  }
+}
+
+}  // namespace
+}  // namespace moepool
