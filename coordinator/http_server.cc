@@ -157,49 +157,51 @@ void HttpServer::InstallHooks() {
   });
 }
 
-void HttpServer::InstallRoutes() {
+// The routes that take a body: completions and the tokenizer's.
+void HttpServer::InstallBodyRoutes() {
   httplib::Server& svr = *server_;
   // Bodies are read through a ContentReader: httplib's own body reading would apply its 8 KiB
   // form limit to the curl default Content-Type (application/x-www-form-urlencoded).
+  const auto with_body = [](std::function<void(const std::string&, httplib::Response&)> handle) {
+    return [handle](const httplib::Request&, httplib::Response& res,
+                    const httplib::ContentReader& reader) {
+      std::string body;
+      const bool read = reader([&](const char* data, size_t n) {
+        body.append(data, n);
+        return true;
+      });
+      if (!read) {
+        if (res.status < 400) res.status = 400;  // 413 when over the size limit
+        return;
+      }
+      handle(body, res);
+    };
+  };
   for (const bool chat : {true, false}) {
     svr.Post(chat ? "/v1/chat/completions" : "/v1/completions",
-             [this, chat](const httplib::Request&, httplib::Response& res,
-                          const httplib::ContentReader& reader) {
-               std::string body;
-               const bool read = reader([&](const char* data, size_t n) {
-                 body.append(data, n);
-                 return true;
-               });
-               if (!read) {
-                 if (res.status < 400) res.status = 400;  // 413 when over the size limit
-                 return;
-               }
+             with_body([this, chat](const std::string& body, httplib::Response& res) {
                HandleGenerate(body, res, chat);
-             });
+             }));
   }
   // llama-server's tokenizer endpoints (coordinator/tokenize_api.h).
   for (const bool tokenize : {true, false}) {
     svr.Post(tokenize ? "/tokenize" : "/detokenize",
-             [this, tokenize](const httplib::Request&, httplib::Response& res,
-                              const httplib::ContentReader& reader) {
-               std::string body;
-               if (!reader([&](const char* data, size_t n) {
-                     body.append(data, n);
-                     return true;
-                   })) {
-                 if (res.status < 400) res.status = 400;
-                 return;
-               }
+             with_body([this, tokenize](const std::string& body, httplib::Response& res) {
                const Tokenizer& tok = scheduler_->engine().tokenizer();
                const absl::StatusOr<json> out =
                    tokenize ? TokenizeResponse(tok, body) : DetokenizeResponse(tok, body);
-               if (!out.ok()) {
+               if (out.ok()) {
+                 SendJson(res, 200, *out);
+               } else {
                  SendApiError(out.status(), res);
-                 return;
                }
-               SendJson(res, 200, *out);
-             });
+             }));
   }
+}
+
+void HttpServer::InstallRoutes() {
+  httplib::Server& svr = *server_;
+  InstallBodyRoutes();
   svr.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
     SendJson(res, 200,
              {{"object", "list"}, {"data", json::array({ModelJson(options_.model_id, created_)})}});

@@ -88,6 +88,7 @@ class HttpServer {
   // Start's parts: authentication, JSON errors and request metrics; the endpoints.
   void InstallHooks();
   void InstallRoutes();
+  void InstallBodyRoutes();
   // Request -> generation request -> submitted; then collected (RespondWhole) or streamed as
   // server-sent events (StreamEvents, SendStreamEnd).
   void HandleGenerate(const std::string& body, httplib::Response& res, bool chat);
