@@ -139,10 +139,12 @@ absl::StatusOr<std::string> GeneratedClusterToken(const Args& args, std::string*
   if (path->empty()) {
     const char* home = std::getenv("HOME");
     const std::string dir = absl::StrCat(home != nullptr ? home : ".", "/.config/moepool");
-    std::filesystem::create_directories(dir);
+    std::error_code error;  // a failure shows as the write error below
+    std::filesystem::create_directories(dir, error);
     *path = dir + "/cluster.token";
   }
-  if (std::filesystem::exists(*path)) {
+  std::error_code missing;
+  if (std::filesystem::exists(*path, missing)) {
     ASSIGN_OR_RETURN(std::string text, ReadFileToString(*path));
     std::string token(absl::StripTrailingAsciiWhitespace(text));
     if (!token.empty()) return token;
@@ -245,7 +247,7 @@ absl::StatusOr<std::shared_ptr<ClusterServer>> StartControl(
 absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFactory* factory) {
   ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
   if (args.Has("cluster-listen") && args.Has("cluster-token-file") &&
-      !std::filesystem::exists(args.Get("cluster-token-file"))) {
+      ::access(args.Get("cluster-token-file").c_str(), F_OK) != 0) {
     std::string path;  // made here, then read like any token file
     RETURN_IF_ERROR(GeneratedClusterToken(args, &path).status());
     std::printf("moepool: made a cluster token in %s (mode 0600); copy it to each worker PC\n",

@@ -1,8 +1,13 @@
 #include "coordinator/http_server.h"
 
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <random>
 #include <utility>
 
@@ -101,6 +106,36 @@ absl::Status HttpServer::Authenticate(const httplib::Request& req) const {
   return absl::OkStatus();
 }
 
+namespace {
+
+// cpp-httplib 0.11 listens with a backlog of 5, compiled into Debian's library. Clients that open
+// connections faster than the accept thread takes them (16 streaming clients on 2 busy cores)
+// overflow it, and the kernel drops their connections: the client sees a read error. Listening
+// again on the bound socket raises the backlog (Linux keeps the socket, changes the queue).
+void RaiseListenBacklog(int port) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return;
+  while (const dirent* entry = readdir(dir)) {
+    const int fd = std::atoi(entry->d_name);
+    if (fd <= 2 || fd == dirfd(dir)) continue;
+    int listening = 0;
+    socklen_t len = sizeof(listening);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
+    sockaddr_storage address{};
+    len = sizeof(address);
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&address), &len) != 0) continue;
+    const int bound = address.ss_family == AF_INET
+                          ? ntohs(reinterpret_cast<const sockaddr_in*>(&address)->sin_port)
+                      : address.ss_family == AF_INET6
+                          ? ntohs(reinterpret_cast<const sockaddr_in6*>(&address)->sin6_port)
+                          : -1;
+    if (bound == port) listen(fd, SOMAXCONN);
+  }
+  closedir(dir);
+}
+
+}  // namespace
+
 absl::Status HttpServer::Start() {
   httplib::Server& svr = *server_;
   const SchedulerOptions& so = scheduler_->options();
@@ -119,6 +154,7 @@ absl::Status HttpServer::Start() {
         absl::StrCat("cannot listen on ", options_.host, ":", options_.port));
   }
   port_ = port;
+  RaiseListenBacklog(port);
   listener_ = std::thread([this] { server_->listen_after_bind(); });
   return absl::OkStatus();
 }

@@ -41,7 +41,8 @@ std::string Complete(const httplib::Client& c0, const std::string& prompt, bool 
       {"prompt", prompt}, {"max_tokens", 10}, {"temperature", 0}, {"stream", stream}};
   auto r = c.Post("/v1/completions", req.dump(), "application/json");
   if (!r || r->status != 200) {
-    *error = r ? absl::StrCat(r->status, " ", r->body) : "no answer";
+    *error = r ? absl::StrCat(r->status, " ", r->body)
+               : absl::StrCat("no answer: ", httplib::to_string(r.error()));
     return "";
   }
   if (!stream) return nlohmann::json::parse(r->body)["choices"][0]["text"];
@@ -203,6 +204,13 @@ TEST(ElasticServeTest, OffLoopbackTheControlPortGetsAGeneratedTokenFile) {
   EXPECT_GE(st.st_size, 40);  // 32 random bytes, base64
   kill(pid, SIGTERM);
   waitpid(pid, nullptr, 0);
+  // Where the token cannot be stored: a clear error, no crash.
+  const auto unwritable = ::moepool::testing::RunMoepool(
+      absl::StrCat("serve --model ", SmallModel("Q8_0"),
+                   " --listen 127.0.0.1:0 --cluster-listen 0.0.0.0:0 --threads 1"),
+      "HOME=/proc/nonexistent ");
+  EXPECT_EQ(unwritable.exit_code, 1) << unwritable.err;
+  EXPECT_THAT(unwritable.err, HasSubstr("cannot write the cluster token"));
 }
 
 TEST(ElasticServeTest, TheControlPortSpeaksTlsToWorkersThatTrustItsCa) {
@@ -288,7 +296,8 @@ TEST(ElasticServeTest, ChaosSixteenStreamingClientsNoFailureSameCompletions) {
   EXPECT_EQ(failed.load(), 0) << [&] {
     std::string all;
     for (const auto& e : errors) all += e + "\n";
-    return all;
+    const std::string log = ::moepool::testing::ReadFileOrDie(s.log_path());
+    return all + "serve log (end):\n" + log.substr(log.size() > 4000 ? log.size() - 4000 : 0);
   }();
   EXPECT_EQ(different.load(), 0);
   EXPECT_GT(served.load(), 16);
