@@ -20,9 +20,9 @@ namespace moepool::cli {
 namespace {
 
 const char* const kClusterValued[] = {
-    "workers",           "local-experts", "wire-dtype",    "step-timeout", "connect-timeout",
-    "cluster-token",     "tls-ca",        "tls-cert",      "tls-key",      "tls-server-name",
-    "max-message-bytes", "transport",     "local-fallback"};
+    "workers",         "local-experts",     "wire-dtype", "wire-return-dtype", "step-timeout",
+    "connect-timeout", "cluster-token",     "tls-ca",     "tls-cert",          "tls-key",
+    "tls-server-name", "max-message-bytes", "transport",  "local-fallback",    "data-spin-us"};
 
 }  // namespace
 
@@ -85,8 +85,12 @@ void AddClusterFlags(FlagSpec* spec) {
   help["local-experts"] =
       "LIST  experts computed in this process on every layer, e.g. 0,2,5-7 (default none)";
   help["wire-dtype"] =
-      "f32|f16|bf16  row values on the wire; f32 gives a local run's results bit for bit with "
-      "top-2 routing (default f32)";
+      "f32|f16|bf16|q8_0  row values sent to the workers; f32 gives a local run's results bit "
+      "for bit with top-2 routing; q8_0 (blocks of 32 values and an f16 scale, 1.06 bytes a "
+      "value) is the engine's own activation format for Q4_0/Q5_0/Q8_0 weights (default f32)";
+  help["wire-return-dtype"] =
+      "f32|f16|bf16|q8_0  the sums the workers return (default f16 with --wire-dtype q8_0, else "
+      "the --wire-dtype)";
   help["step-timeout"] = "X  seconds a worker may take to answer one layer (default 30)";
   help["connect-timeout"] = "X  seconds to wait for each worker at startup (default 10)";
   help["cluster-token"] =
@@ -103,8 +107,14 @@ void AddClusterFlags(FlagSpec* spec) {
       "N  largest message sent to a worker; larger batches go in chunks (default 4194304, "
       "4 MiB)";
   help["transport"] =
-      "grpc|nccl  how token rows travel to the workers: nccl sends them GPU to GPU to workers "
-      "that offer it and falls back to gRPC elsewhere, with a line on stderr (default grpc)";
+      "tcp|grpc|nccl  how token rows travel to the workers: tcp on each worker's data channel "
+      "(one frame each way per layer, the same token and TLS as gRPC), grpc inside gRPC "
+      "streams, nccl GPU to GPU to workers that offer it; a worker that cannot be reached the "
+      "chosen way is reached over gRPC, with a line on stderr (default tcp)";
+  help["data-spin-us"] =
+      "N  with --transport tcp, how long a link polls for a worker's answer before it sleeps: "
+      "polling saves the wake-up of a sleeping thread (about 100 us on a VM) at the cost of a "
+      "busy core while waiting; 0 never polls (default 2000)";
   help["cluster-token-file"] =
       "PATH  file holding the cluster token (e.g. made by `head -c 32 /dev/urandom | base64`), "
       "instead of --cluster-token";
@@ -152,13 +162,20 @@ absl::StatusOr<std::optional<ClusterOptions>> ClusterOptionsFromArgs(const Args&
   // The model's expert count is checked when the backend opens the model.
   ASSIGN_OR_RETURN(o.local_experts, ParseExpertList(args.Get("local-experts"), 65536));
   ASSIGN_OR_RETURN(o.wire_dtype, wire::ParseDType(args.Get("wire-dtype", "f32")));
+  if (args.Has("wire-return-dtype")) {
+    ASSIGN_OR_RETURN(o.wire_return_dtype, wire::ParseDType(args.Get("wire-return-dtype")));
+  }
   ASSIGN_OR_RETURN(o.step_timeout_s, args.GetDouble("step-timeout", o.step_timeout_s));
   ASSIGN_OR_RETURN(o.connect_timeout_s, args.GetDouble("connect-timeout", o.connect_timeout_s));
   if (o.step_timeout_s <= 0 || o.connect_timeout_s <= 0) {
     return absl::InvalidArgumentError("--step-timeout and --connect-timeout must be > 0");
   }
   ASSIGN_OR_RETURN(o.max_message_bytes, args.GetInt("max-message-bytes", o.max_message_bytes));
-  ASSIGN_OR_RETURN(o.transport, wire::ParseTransport(args.Get("transport", "grpc")));
+  ASSIGN_OR_RETURN(o.transport, wire::ParseTransport(args.Get("transport", "tcp")));
+  ASSIGN_OR_RETURN(o.data_spin_us, args.GetInt("data-spin-us", o.data_spin_us));
+  if (o.data_spin_us < 0 || o.data_spin_us > 1000000) {
+    return absl::InvalidArgumentError("--data-spin-us must be in [0, 1000000]");
+  }
   const std::string fallback = args.Get("local-fallback", "on");
   if (fallback != "on" && fallback != "off") {
     return absl::InvalidArgumentError("--local-fallback must be on or off, not '" + fallback + "'");

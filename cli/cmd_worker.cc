@@ -145,6 +145,21 @@ absl::StatusOr<worker::WorkerServerOptions> ServerOptionsFromArgs(const Args& ar
   ASSIGN_OR_RETURN(server_options.tls_cert_pem, ReadPem(args, "tls-cert"));
   ASSIGN_OR_RETURN(server_options.tls_key_pem, ReadPem(args, "tls-key"));
   ASSIGN_OR_RETURN(server_options.tls_client_ca_pem, ReadPem(args, "tls-ca"));
+  const std::string data_port = args.Get("data-port", "0");
+  if (data_port == "off") {
+    server_options.data_port = -1;
+  } else {
+    ASSIGN_OR_RETURN(const int64_t port, args.GetInt("data-port", 0));
+    if (port < 0 || port > 65535) {
+      return absl::InvalidArgumentError("--data-port must be a port in [0, 65535] or off");
+    }
+    server_options.data_port = static_cast<int>(port);
+  }
+  ASSIGN_OR_RETURN(server_options.data_spin_us,
+                   args.GetInt("data-spin-us", server_options.data_spin_us));
+  if (server_options.data_spin_us < 0 || server_options.data_spin_us > 1000000) {
+    return absl::InvalidArgumentError("--data-spin-us must be in [0, 1000000]");
+  }
   if (transport == wire::TransportKind::kNccl) {
     // The pipes use the worker's first GPU (cuda:0 for a CPU worker on a GPU machine).
     const int nccl_device = device.cuda ? device.ordinals.front() : 0;
@@ -265,9 +280,12 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
 }
 
 FlagSpec WorkerFlags() {
-  FlagSpec spec = {{"model", "experts", "layers", "placement", "listen", "threads", "cluster-token",
-                    "cluster-token-file", "tls-cert", "tls-key", "tls-ca", "max-message-mib",
-                    "name", "transport", "join", "advertise", "cache-dir", "memory", "join-tls-ca"},
+  FlagSpec spec = {{"model",       "experts",   "layers",        "placement",
+                    "listen",      "threads",   "cluster-token", "cluster-token-file",
+                    "tls-cert",    "tls-key",   "tls-ca",        "max-message-mib",
+                    "name",        "transport", "join",          "advertise",
+                    "cache-dir",   "memory",    "join-tls-ca",   "data-port",
+                    "data-spin-us"},
                    {"insecure"}};
   AddDeviceFlag(&spec);
   AddPreloadFlag(&spec);
@@ -321,9 +339,18 @@ FlagSpec WorkerFlags() {
       "cpu|cuda:N|cuda:all  where the experts live: cuda:N on CUDA device N, cuda:all spread "
       "over every device, balanced by bytes (default cpu)";
   help["transport"] =
-      "grpc|nccl  nccl offers the coordinator NCCL pipes for the rows, on the first --device GPU "
-      "(else cuda:0); where NCCL cannot be used the worker says so and serves over gRPC only "
-      "(default grpc)";
+      "tcp|grpc|nccl  nccl also offers the coordinator NCCL pipes for the rows, on the first "
+      "--device GPU (else cuda:0); where NCCL cannot be used the worker says so (default tcp: "
+      "the data channel of --data-port and gRPC)";
+  help["data-spin-us"] =
+      "N  how long a data-channel connection polls for the coordinator's next request before it "
+      "sleeps (saves a thread wake-up per layer, costs a busy core while waiting); 0 never "
+      "polls (default 2000)";
+  help["data-port"] =
+      "N|off  port of the data channel on the --listen host: a plain TCP connection per "
+      "coordinator link that carries each layer's rows as one frame each way, with the cluster "
+      "token and the --tls-* of the gRPC port; 0 picks a free port, reported to the coordinator "
+      "over gRPC; off: rows over gRPC only (default 0)";
   return spec;
 }
 

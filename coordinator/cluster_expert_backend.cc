@@ -14,6 +14,7 @@
 #include "absl/strings/str_join.h"
 #include "coordinator/grpc_worker_link.h"
 #include "engine/status_macros.h"
+#include "wire/row_codec.h"
 
 namespace moepool {
 namespace {
@@ -46,6 +47,27 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(const 
   return grpc::SslCredentials(ssl);
 }
 
+// The data channels' dial settings: the same token, CA, client certificate and name override
+// as the gRPC channels.
+absl::StatusOr<wire::DataDialOptions> MakeDataDial(const ClusterOptions& o) {
+  wire::DataDialOptions d;
+  d.token = o.cluster_token;
+  d.timeout_s = std::min(5.0, o.connect_timeout_s);
+  d.max_frame_bytes =
+      static_cast<size_t>(std::max<int64_t>(o.max_message_bytes, int64_t{64} << 20));
+  d.tls = !o.tls_ca_path.empty() || !o.tls_cert_path.empty() || !o.tls_key_path.empty();
+  if (!o.tls_ca_path.empty()) {
+    ASSIGN_OR_RETURN(d.tls_ca_pem, ReadPem("--tls-ca", o.tls_ca_path));
+  }
+  if (!o.tls_cert_path.empty()) {
+    ASSIGN_OR_RETURN(d.tls_cert_pem, ReadPem("--tls-cert", o.tls_cert_path));
+    ASSIGN_OR_RETURN(d.tls_key_pem, ReadPem("--tls-key", o.tls_key_path));
+  }
+  d.tls_server_name = o.tls_server_name;
+  d.spin_max_us = o.data_spin_us;
+  return d;
+}
+
 grpc::ChannelArguments MakeChannelArgs(const ClusterOptions& o) {
   grpc::ChannelArguments args;
   args.SetMaxSendMessageSize(static_cast<int>(o.max_message_bytes));
@@ -66,6 +88,14 @@ absl::Status ClusterExpertBackend::JoinErrors(const std::vector<absl::Status>& e
   std::vector<std::string> parts;
   for (const auto& e : errors) parts.emplace_back(e.message());
   return absl::Status(errors.front().code(), absl::StrJoin(parts, "; "));
+}
+
+moepool::v1::DType ReturnDType(const ClusterOptions& options) {
+  if (options.wire_return_dtype != moepool::v1::DTYPE_UNSPECIFIED) {
+    return options.wire_return_dtype;
+  }
+  return options.wire_dtype == moepool::v1::DTYPE_Q8_0 ? moepool::v1::DTYPE_F16
+                                                       : options.wire_dtype;
 }
 
 absl::Status CheckOptions(const ClusterOptions& options) {
@@ -97,6 +127,8 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   filter.non_expert = false;
   ASSIGN_OR_RETURN(b->model_, Model::Load(model_path, filter));
   const ModelConfig& c = b->model_->config();
+  RETURN_IF_ERROR(wire::CheckRowDType(options.wire_dtype, c.n_embd));
+  RETURN_IF_ERROR(wire::CheckRowDType(ReturnDType(options), c.n_embd));
   for (const int e : options.local_experts) {
     if (e < 0 || e >= c.n_expert) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -107,6 +139,7 @@ absl::StatusOr<std::unique_ptr<ClusterExpertBackend>> ClusterExpertBackend::Crea
   const grpc::ChannelArguments args = MakeChannelArgs(options);
   b->credentials_ = creds;
   b->channel_args_ = args;
+  ASSIGN_OR_RETURN(b->data_dial_, MakeDataDial(options));
   b->MakeLinks();
   ASSIGN_OR_RETURN(b->describes_, b->DescribeWorkers());
   if (!options.local_experts.empty() && options.local_backend_factory) {
@@ -147,6 +180,8 @@ std::vector<std::unique_ptr<WorkerLink>> ClusterExpertBackend::NewLinks(
   lc.backoff_initial_s = o.reconnect_initial_s;
   lc.backoff_max_s = o.reconnect_max_s;
   lc.max_samples = o.max_samples;
+  lc.data_channel = o.transport == wire::TransportKind::kTcp;
+  lc.data_dial = data_dial_;
   // Each link has its own channel and stream (connected on first use).
   std::vector<std::unique_ptr<WorkerLink>> links;
   for (int link = 0; link < o.links_per_worker; ++link) {

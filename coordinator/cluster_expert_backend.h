@@ -71,10 +71,16 @@
 
 namespace moepool {
 
+struct ClusterOptions;
+// The dtype of the sums workers return under `options` (wire_return_dtype resolved).
+moepool::v1::DType ReturnDType(const ClusterOptions& options);
+
 struct ClusterOptions {
   std::vector<std::string> workers;  // host:port each
   std::vector<int> local_experts;    // expert ids computed here on every layer
-  moepool::v1::DType wire_dtype = moepool::v1::DTYPE_F32;
+  moepool::v1::DType wire_dtype = moepool::v1::DTYPE_F32;  // rows sent to workers
+  // The sums workers return; DTYPE_UNSPECIFIED: f16 when wire_dtype is q8_0, else wire_dtype.
+  moepool::v1::DType wire_return_dtype = moepool::v1::DTYPE_UNSPECIFIED;
   double step_timeout_s = 30;     // per layer step, from sending to the last answer
   double connect_timeout_s = 10;  // startup: how long to wait for each worker's Describe
   std::string cluster_token;      // sent as `authorization: Bearer <token>`; empty: none
@@ -91,9 +97,13 @@ struct ClusterOptions {
   // When set and local_experts is not empty, Create calls it once for the backend of the local
   // experts (e.g. on a GPU, --device) instead of a LocalExpertBackend on a pool of its own.
   std::function<absl::StatusOr<std::unique_ptr<ExpertBackend>>()> local_backend_factory;
-  // kNccl: rows to workers that offer it travel over NCCL (wire/transport.h); falls
-  // back to gRPC per worker, with a line on stderr, wherever NCCL cannot be set up.
-  wire::TransportKind transport = wire::TransportKind::kGrpc;
+  // kTcp: Forward exchanges go over the workers' data channels (wire/data_channel.h); kGrpc:
+  // over gRPC streams; kNccl: rows to workers that offer it travel over NCCL
+  // (wire/transport.h). Each falls back to gRPC per worker, with a line on stderr, wherever
+  // it cannot be set up.
+  wire::TransportKind transport = wire::TransportKind::kTcp;
+  // kTcp: microseconds a link polls for an answer before it sleeps (wire::DataStream).
+  int64_t data_spin_us = 2000;
   wire::NcclSessionOptions nccl;
   double reconnect_initial_s = 0.1;
   double reconnect_max_s = 5;
@@ -260,9 +270,10 @@ class ClusterExpertBackend : public ExpertBackend {
   std::vector<std::vector<std::pair<int, int>>> routed_;  // [worker] pairs routed to it
   std::shared_ptr<grpc::ChannelCredentials> credentials_;
   grpc::ChannelArguments channel_args_;
-  int active_steps_ = 0;     // calls begun, not finished
-  int passes_open_ = 0;      // forward passes past layer 0, not past the last layer
-  int pending_changes_ = 0;  // ApplyAtBoundary calls waiting
+  wire::DataDialOptions data_dial_;  // token and TLS material of the data channels
+  int active_steps_ = 0;             // calls begun, not finished
+  int passes_open_ = 0;              // forward passes past layer 0, not past the last layer
+  int pending_changes_ = 0;          // ApplyAtBoundary calls waiting
   std::chrono::steady_clock::time_point last_begin_;
   uint64_t placement_version_ = 1;
 

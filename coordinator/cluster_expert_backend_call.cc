@@ -200,6 +200,7 @@ void ClusterExpertBackend::Send(Call* s, size_t first, bool allow_inline) {
     job.round = s->round;
     job.layer = s->routes.layer;
     job.dtype = options_.wire_dtype;
+    job.return_dtype = ReturnDType(options_);
     job.n_embd = s->routes.n_embd;
     job.k = s->routes.k;
     job.x = s->routes.x;

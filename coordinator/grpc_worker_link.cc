@@ -39,6 +39,7 @@ GrpcWorkerLink::~GrpcWorkerLink() {
     stop_ = true;
     if (stream_context_ != nullptr) stream_context_->TryCancel();
     if (describe_context_ != nullptr) describe_context_->TryCancel();
+    if (data_ != nullptr) data_->Abort();
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
@@ -93,6 +94,7 @@ absl::StatusOr<moepool::v1::DescribeResponse> GrpcWorkerLink::Describe(double ti
 }
 
 void GrpcWorkerLink::Start(const moepool::v1::DescribeResponse& describe, AcceptWorker accept) {
+  OpenDataChannel(describe);  // no I/O thread yet: this thread owns the link
   std::lock_guard<std::mutex> lock(mu_);
   accept_ = std::move(accept);
   accepted_ = describe;
@@ -122,10 +124,13 @@ void GrpcWorkerLink::Post(LinkJob* job, RoundLatch* latch) {
     // that fits one message is written right here, so it leaves without waiting for the link
     // thread to wake up; the link thread then only reads the answer.
     // Rows on an NCCL pipe go through Exchange on the link thread (ExchangeOutOfBand).
+    // A request on the data channel is always one frame.
     const bool rows_out_of_band = row_session_ != nullptr && !row_session_->broken();
-    if (up_ && stream_ != nullptr && !rows_out_of_band &&
-        wire::RowsPerChunk(config_.max_message_bytes, job->n_embd, job->dtype, job->k) >=
-            static_cast<int64_t>(job->rows->size())) {
+    const bool one_message =
+        data_ != nullptr || (stream_ != nullptr && !rows_out_of_band &&
+                             wire::RowsPerChunk(config_.max_message_bytes, job->n_embd, job->dtype,
+                                                job->k) >= static_cast<int64_t>(job->rows->size()));
+    if (up_ && one_message) {
       write_here = true;
       inline_ = true;  // this thread owns the stream while it writes
       in_flight_round_ = job->round;
@@ -167,6 +172,7 @@ void GrpcWorkerLink::CancelRound(uint64_t step_id) {
   if (in_flight_round_ != step_id || step_id == 0) return;
   cancelled_ = true;
   if (stream_context_ != nullptr) stream_context_->TryCancel();
+  if (data_ != nullptr) data_->Abort();
 }
 
 WorkerStats GrpcWorkerLink::Stats() const {
@@ -369,6 +375,7 @@ wire::RoundHeader GrpcWorkerLink::RoundOf(const LinkJob& job) {
   h.round = job.round;
   h.layer = job.layer;
   h.dtype = job.dtype;
+  h.return_dtype = job.answer_dtype();
   h.n_embd = job.n_embd;
   h.total_rows = static_cast<int64_t>(job.rows->size());
   h.k = job.k;
@@ -380,6 +387,7 @@ wire::RequestRows GrpcWorkerLink::RowsOf(const LinkJob& job) {
 }
 
 absl::Status GrpcWorkerLink::WriteRequest(LinkJob* job, uint64_t* request_bytes) {
+  if (data_ != nullptr) return WriteDataRequest(job, request_bytes);
   *request_bytes = 0;
   const bool written = wire::WriteRequestChunks(
       RoundOf(*job), RowsOf(*job),
@@ -393,6 +401,7 @@ absl::Status GrpcWorkerLink::WriteRequest(LinkJob* job, uint64_t* request_bytes)
 }
 
 absl::Status GrpcWorkerLink::Exchange(LinkJob* job, const Written* written) {
+  if (data_ != nullptr) return ExchangeOverData(job, written);
   Written w;
   if (written != nullptr) {
     w = *written;
@@ -455,6 +464,7 @@ void GrpcWorkerLink::TryReconnect() {
       Describe(config_.describe_timeout_s, /*wait_for_ready=*/false);
   absl::Status s = d.ok() ? (accept_ ? accept_(*d) : absl::OkStatus()) : d.status();
   // A new row session before the link is up again (this may block while both ends join).
+  if (s.ok()) OpenDataChannel(*d);  // the link is down: no job, this thread owns it
   std::shared_ptr<wire::RowSession> renewed;
   if (s.ok() && renew_session_) {
     renewed = renew_session_(*d, previous_session_);

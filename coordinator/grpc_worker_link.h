@@ -83,6 +83,16 @@ class GrpcWorkerLink final : public WorkerLink {
   absl::Status Exchange(LinkJob* job, const Written* written);
   // Exchange with the rows on row_session_ (worker_link_rows.cc).
   absl::Status ExchangeOutOfBand(LinkJob* job);
+  // The data channel (grpc_worker_link_data.cc): opens it when `describe` offers one and the
+  // config asks for it (a line on stderr if that fails: gRPC meanwhile), on the I/O owner.
+  void OpenDataChannel(const moepool::v1::DescribeResponse& describe);
+  bool HasDataChannel() const { return data_ != nullptr; }
+  // One frame out; on failure the channel is dropped and the link down.
+  absl::Status WriteDataRequest(LinkJob* job, uint64_t* request_bytes);
+  // Reads the answer to a written request (writes it first unless `written`).
+  absl::Status ExchangeOverData(LinkJob* job, const Written* written);
+  // Drops the data channel, marks the link down and returns the job's error (as Broken does).
+  absl::Status DataBroken(const LinkJob& job, const std::string& what);
   absl::Status OpenStream();
   // Finishes the stream (cancelling it first if `cancel`); returns its final status.
   grpc::Status CloseStream(bool cancel);
@@ -110,6 +120,9 @@ class GrpcWorkerLink final : public WorkerLink {
   std::unique_ptr<
       grpc::ClientReaderWriter<moepool::v1::ForwardRequest, moepool::v1::ForwardResponse>>
       stream_;
+  // The data channel; null: Forward streams. Used by the I/O owner; replaced under mu_ (which
+  // CancelRound holds to abort it).
+  std::unique_ptr<wire::DataStream> data_;
   moepool::v1::ForwardRequest request_;    // reused by the stream's owner
   moepool::v1::ForwardResponse response_;  // reused by the stream's owner
 

@@ -55,18 +55,19 @@ absl::Status GrpcWorkerLink::ExchangeOutOfBand(LinkJob* job) {
     response_bytes += resp.ByteSizeLong();
   } while (resp.step_id() < job->round);  // the rest of an answer to an abandoned step
   if (absl::Status s = CheckAnswer(*job, resp); !s.ok()) return s;
-  if (!resp.rows_via_nccl() || resp.dtype() != job->dtype || resp.total_rows() != n ||
+  if (!resp.rows_via_nccl() || resp.dtype() != job->answer_dtype() || resp.total_rows() != n ||
       resp.row_offset() != 0 || resp.n_rows() != n) {
     return pipe_failed(
         absl::InternalError(absl::StrCat("the answer to layer ", job->layer, " does not announce ",
                                          n, " rows on the NCCL session")));
   }
-  rows.resize(static_cast<size_t>(n * d * wire::DTypeBytes(job->dtype)));
+  rows.resize(static_cast<size_t>(wire::EncodedBytes(job->answer_dtype(), n * d)));
   if (absl::Status s = row_session_->Recv(rows.data(), rows.size()); !s.ok()) {
     return pipe_failed(s);
   }
   job->partial.resize(static_cast<size_t>(n * d));
-  if (absl::Status s = wire::DecodeRows(job->dtype, rows, n * d, job->partial.data()); !s.ok()) {
+  if (absl::Status s = wire::DecodeRows(job->answer_dtype(), rows, n * d, job->partial.data());
+      !s.ok()) {
     return Broken(*job, absl::StrCat("malformed answer for layer ", job->layer, ": ", s.message()),
                   true);
   }

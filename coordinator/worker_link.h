@@ -31,6 +31,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "moepool/v1/expert_service.pb.h"
+#include "wire/data_channel.h"
 #include "wire/transport.h"
 
 namespace moepool {
@@ -78,13 +79,18 @@ class RoundLatch {
 struct LinkJob {
   uint64_t round = 0;
   int layer = 0;
-  moepool::v1::DType dtype = moepool::v1::DTYPE_F32;
+  moepool::v1::DType dtype = moepool::v1::DTYPE_F32;  // of the rows sent
+  // Of the sums returned; DTYPE_UNSPECIFIED: `dtype` (see answer_dtype()).
+  moepool::v1::DType return_dtype = moepool::v1::DTYPE_UNSPECIFIED;
   int64_t n_embd = 0;
   int k = 0;
   const float* x = nullptr;                      // all rows of the step [* x n_embd]
   const std::vector<int64_t>* rows = nullptr;    // which rows of x go to this worker
   const std::vector<int32_t>* expert = nullptr;  // [rows x k], -1 for experts held elsewhere
   const std::vector<float>* weight = nullptr;    // [rows x k]
+  moepool::v1::DType answer_dtype() const {
+    return return_dtype == moepool::v1::DTYPE_UNSPECIFIED ? dtype : return_dtype;
+  }
   // Results, valid after the latch counted down for this job.
   absl::Status status;
   std::vector<float> partial;  // [rows x n_embd]
@@ -102,6 +108,10 @@ struct WorkerLinkConfig {
   double backoff_initial_s = 0.1;  // first reconnect delay, doubled per failed attempt
   double backoff_max_s = 5;
   size_t max_samples = 4096;
+  // Forward exchanges over the worker's data channel when it offers one (--transport tcp); the
+  // token and TLS settings of the dial (host and port come from the address and Describe).
+  bool data_channel = false;
+  wire::DataDialOptions data_dial;
 };
 
 // Decides whether a reconnected worker may be used again (same model, same experts).

@@ -15,13 +15,15 @@ bool IsLastChunk(const pb::ForwardRequest& c) {
 
 bool SameRound(const pb::ForwardRequest& a, const pb::ForwardRequest& b) {
   return a.step_id() == b.step_id() && a.layer() == b.layer() && a.dtype() == b.dtype() &&
-         a.n_embd() == b.n_embd() && a.total_rows() == b.total_rows() && a.k() == b.k();
+         a.return_dtype() == b.return_dtype() && a.n_embd() == b.n_embd() &&
+         a.total_rows() == b.total_rows() && a.k() == b.k();
 }
 
 void SetRequestHeader(const RoundHeader& h, pb::ForwardRequest* r) {
   r->set_step_id(h.round);
   r->set_layer(h.layer);
   r->set_dtype(h.dtype);
+  if (h.return_dtype != h.dtype) r->set_return_dtype(h.return_dtype);
   r->set_n_embd(static_cast<int32_t>(h.n_embd));
   r->set_total_rows(static_cast<int32_t>(h.total_rows));
   r->set_k(h.k);
@@ -29,11 +31,16 @@ void SetRequestHeader(const RoundHeader& h, pb::ForwardRequest* r) {
 
 }  // namespace
 
+DType ReturnDTypeOf(const pb::ForwardRequest& r) {
+  return r.return_dtype() == pb::DTYPE_UNSPECIFIED ? r.dtype() : r.return_dtype();
+}
+
 RoundHeader HeaderOf(const pb::ForwardRequest& r) {
   RoundHeader h;
   h.round = r.step_id();
   h.layer = r.layer();
   h.dtype = r.dtype();
+  h.return_dtype = ReturnDTypeOf(r);
   h.n_embd = r.n_embd();
   h.total_rows = r.total_rows();
   h.k = r.k();
@@ -43,12 +50,12 @@ RoundHeader HeaderOf(const pb::ForwardRequest& r) {
 int64_t RowsPerChunk(int64_t max_message_bytes, int64_t n_embd, DType dtype, int k) {
   // Per row: the values, and at most 11 bytes of varint expert id + 4 bytes of weight per pair;
   // 1 KiB for the fixed fields and framing.
-  const int64_t per_row = n_embd * DTypeBytes(dtype) + static_cast<int64_t>(k) * 15;
+  const int64_t per_row = EncodedBytes(dtype, n_embd) + static_cast<int64_t>(k) * 15;
   return std::max<int64_t>(1, (max_message_bytes - 1024) / std::max<int64_t>(1, per_row));
 }
 
 int64_t RowsPerPayload(int64_t payload_bytes, int64_t n_embd, DType dtype) {
-  return std::max<int64_t>(1, payload_bytes / std::max<int64_t>(1, n_embd * DTypeBytes(dtype)));
+  return std::max<int64_t>(1, payload_bytes / std::max<int64_t>(1, EncodedBytes(dtype, n_embd)));
 }
 
 bool WriteRequestChunks(const RoundHeader& header, const RequestRows& rows, int64_t rows_per_chunk,
@@ -91,7 +98,7 @@ void BuildPipeRequest(const RoundHeader& header, const RequestRows& rows, uint64
 void SetResponseHeader(const pb::ForwardRequest& request, pb::ForwardResponse* r) {
   r->set_step_id(request.step_id());
   r->set_layer(request.layer());
-  r->set_dtype(request.dtype());
+  r->set_dtype(ReturnDTypeOf(request));
   r->set_total_rows(request.total_rows());
 }
 
@@ -104,11 +111,11 @@ void WriteResponseChunks(const RoundHeader& header, const float* y, int64_t rows
     pb::ForwardResponse* r = next();
     r->set_step_id(header.round);
     r->set_layer(header.layer);
-    r->set_dtype(header.dtype);
+    r->set_dtype(header.return_dtype);
     r->set_total_rows(static_cast<int32_t>(n));
     r->set_row_offset(static_cast<int32_t>(off));
     r->set_n_rows(static_cast<int32_t>(m));
-    EncodeRows(header.dtype, y + off * header.n_embd, m * header.n_embd, r->mutable_rows());
+    EncodeRows(header.return_dtype, y + off * header.n_embd, m * header.n_embd, r->mutable_rows());
     r->set_compute_micros(compute_micros);
     off += m;
   } while (off < n);
@@ -118,9 +125,10 @@ ResponseAssembler::ResponseAssembler(const RoundHeader& header)
     : header_(header), values_(static_cast<size_t>(header.total_rows * header.n_embd)) {}
 
 absl::Status ResponseAssembler::Add(const pb::ForwardResponse& chunk) {
-  if (chunk.dtype() != header_.dtype) {
+  if (chunk.dtype() != header_.return_dtype) {
     return absl::InvalidArgumentError(absl::StrCat("answer in ", DTypeName(chunk.dtype()),
-                                                   " to a request in ", DTypeName(header_.dtype)));
+                                                   " to a request for ",
+                                                   DTypeName(header_.return_dtype), " rows"));
   }
   if (chunk.total_rows() != header_.total_rows) {
     return absl::InvalidArgumentError(absl::StrCat("answer of ", chunk.total_rows(),
@@ -139,8 +147,8 @@ absl::Status ResponseAssembler::Add(const pb::ForwardResponse& chunk) {
     }
   }
   const int64_t d = header_.n_embd;
-  if (absl::Status s =
-          DecodeRows(header_.dtype, chunk.rows(), chunk.n_rows() * d, values_.data() + begin * d);
+  if (absl::Status s = DecodeRows(header_.return_dtype, chunk.rows(), chunk.n_rows() * d,
+                                  values_.data() + begin * d);
       !s.ok()) {
     return s;
   }
@@ -150,11 +158,13 @@ absl::Status ResponseAssembler::Add(const pb::ForwardResponse& chunk) {
 }
 
 absl::Status RequestAssembler::CheckChunk(const pb::ForwardRequest& c) const {
-  const int elem = DTypeBytes(c.dtype());
-  if (elem == 0) return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", c.dtype()));
   if (c.n_embd() != limits_.n_embd) {
     return absl::InvalidArgumentError(
         absl::StrCat("n_embd ", c.n_embd(), " != the model's embedding length ", limits_.n_embd));
+  }
+  if (absl::Status s = CheckRowDType(c.dtype(), c.n_embd()); !s.ok()) return s;
+  if (absl::Status s = CheckRowDType(ReturnDTypeOf(c), c.n_embd()); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("return_dtype: ", s.message()));
   }
   if (c.total_rows() < 0 || c.total_rows() > limits_.max_rows) {
     return absl::InvalidArgumentError(
@@ -170,7 +180,8 @@ absl::Status RequestAssembler::CheckChunk(const pb::ForwardRequest& c) const {
     return absl::InvalidArgumentError(absl::StrCat("chunk rows [", c.row_offset(), ", ", end,
                                                    ") do not fit total_rows ", c.total_rows()));
   }
-  const uint64_t want_bytes = static_cast<uint64_t>(c.n_rows()) * c.n_embd() * elem;
+  const uint64_t want_bytes =
+      static_cast<uint64_t>(EncodedBytes(c.dtype(), static_cast<int64_t>(c.n_rows()) * c.n_embd()));
   if (c.nccl_session() != 0) {
     if (c.row_offset() != 0 || c.n_rows() != c.total_rows() || !c.rows().empty()) {
       return absl::InvalidArgumentError(

@@ -31,14 +31,17 @@ namespace moepool::wire {
 struct RoundHeader {
   uint64_t round = 0;  // ForwardRequest.step_id
   int layer = 0;
-  DType dtype = moepool::v1::DTYPE_F32;
+  DType dtype = moepool::v1::DTYPE_F32;         // of the request's rows
+  DType return_dtype = moepool::v1::DTYPE_F32;  // of the answer's rows
   int64_t n_embd = 0;
   int64_t total_rows = 0;
   int k = 0;  // (expert, weight) pairs per row
 };
 
-// The header a request (chunk) carries.
+// The header a request (chunk) carries (return_dtype: the request's dtype when unspecified).
 RoundHeader HeaderOf(const moepool::v1::ForwardRequest& request);
+// The dtype the answer to `request` is written in.
+DType ReturnDTypeOf(const moepool::v1::ForwardRequest& request);
 
 // Rows per request chunk so that one message of rows of `n_embd` values of `dtype` plus k
 // (expert, weight) pairs per row stays under max_message_bytes (at least 1).
@@ -68,12 +71,12 @@ void BuildPipeRequest(const RoundHeader& header, const RequestRows& rows, uint64
                       moepool::v1::ForwardRequest* request, std::string* pipe_bytes);
 
 // Writes the result of a round, y [total_rows x n_embd] f32, as response chunks of at most
-// `rows_per_chunk` rows in header.dtype; `next` hands out a cleared message to fill, which the
-// caller writes later. Every chunk carries compute_micros.
+// `rows_per_chunk` rows in header.return_dtype; `next` hands out a cleared message to fill, which
+// the caller writes later. Every chunk carries compute_micros.
 void WriteResponseChunks(const RoundHeader& header, const float* y, int64_t rows_per_chunk,
                          uint64_t compute_micros,
                          absl::FunctionRef<moepool::v1::ForwardResponse*()> next);
-// Sets the header fields of a response to `request` (round, layer, dtype, total_rows).
+// Sets the header fields of a response to `request` (round, layer, return dtype, total_rows).
 void SetResponseHeader(const moepool::v1::ForwardRequest& request,
                        moepool::v1::ForwardResponse* response);
 
@@ -81,7 +84,8 @@ void SetResponseHeader(const moepool::v1::ForwardRequest& request,
 class ResponseAssembler {
  public:
   explicit ResponseAssembler(const RoundHeader& header);
-  // Decodes one chunk into place. INVALID_ARGUMENT for another dtype or row count than the
+  // Decodes one chunk into place. INVALID_ARGUMENT for another dtype than the round's
+  // return_dtype or another row count than the
   // round's, a chunk outside the rows, overlapping a chunk already received, or of the wrong
   // size. (Round, layer and error fields are the caller's to check first.)
   absl::Status Add(const moepool::v1::ForwardResponse& chunk);

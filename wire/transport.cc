@@ -48,13 +48,21 @@ absl::StatusOr<moepool::v1::NcclSetupResponse> SetupOnWorker(const TransportEndp
 
 absl::StatusOr<TransportKind> ParseTransport(std::string_view text) {
   if (text == "grpc") return TransportKind::kGrpc;
+  if (text == "tcp") return TransportKind::kTcp;
   if (text == "nccl") return TransportKind::kNccl;
   return absl::InvalidArgumentError(
-      absl::StrCat("--transport: expected grpc or nccl, got '", std::string(text), "'"));
+      absl::StrCat("--transport: expected tcp, grpc or nccl, got '", std::string(text), "'"));
 }
 
 const char* TransportName(TransportKind kind) {
-  return kind == TransportKind::kNccl ? "nccl" : "grpc";
+  switch (kind) {
+    case TransportKind::kNccl:
+      return "nccl";
+    case TransportKind::kTcp:
+      return "tcp";
+    default:
+      return "grpc";
+  }
 }
 
 std::vector<std::shared_ptr<RowSession>> ConnectNcclSessions(

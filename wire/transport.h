@@ -1,6 +1,9 @@
-// How token rows travel between the coordinator and a worker (--transport grpc|nccl).
+// How token rows travel between the coordinator and a worker (--transport tcp|grpc|nccl).
 //
-// grpc (default): rows ride inside the ForwardRequest / ForwardResponse messages.
+// tcp (default): each layer's ForwardRequest and ForwardResponse go as one frame each on the
+// worker's data channel (wire/data_channel.h), a plain or TLS TCP connection; gRPC carries
+// the control calls. Workers that offer no data channel are reached over gRPC.
+// grpc: rows ride inside the ForwardRequest / ForwardResponse messages of a gRPC stream.
 // nccl: the Forward stream stays the control channel (routing, step ids, errors), but the rows
 // go GPU to GPU over a two-rank NCCL communicator per worker (wire/nccl_peer.h): the
 // coordinator makes an ncclUniqueId, hands it to the worker with the SetupNccl RPC, and both
@@ -38,9 +41,9 @@
 
 namespace moepool::wire {
 
-enum class TransportKind { kGrpc, kNccl };
+enum class TransportKind { kGrpc, kTcp, kNccl };
 
-// "grpc" or "nccl"; INVALID_ARGUMENT naming the text otherwise.
+// "grpc", "tcp" or "nccl"; INVALID_ARGUMENT naming the text otherwise.
 absl::StatusOr<TransportKind> ParseTransport(std::string_view text);
 const char* TransportName(TransportKind kind);
 

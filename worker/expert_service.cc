@@ -43,6 +43,7 @@ struct ServerState {
   health::Health::AsyncService health;
   ForwardCallEnv forward;
   OpGate gate;
+  int data_port = 0;  // the data channel's port; 0: none
 };
 
 namespace {
@@ -64,10 +65,14 @@ grpc::Status CheckToken(const std::string& token, const grpc::ServerContext& con
   return grpc::Status::OK;
 }
 
-grpc::Status FillDescribe(WorkerCore* core, pb::DescribeResponse* response) {
-  absl::StatusOr<WorkerDescription> d = core->Describe();
+grpc::Status FillDescribe(const ServerState& state, pb::DescribeResponse* response) {
+  absl::StatusOr<WorkerDescription> d = state.core->Describe();
   if (!d.ok()) return ToGrpc(d.status());
   *response = DescribeResponseOf(*d);
+  if (state.data_port > 0) {
+    response->add_transports(wire::kTcpTransportName);
+    response->set_data_port(state.data_port);
+  }
   return grpc::Status::OK;
 }
 
@@ -158,7 +163,7 @@ void ListenDescribe(ServerState* state) {
       [](ServerState* st, const grpc::ServerContext& context, const pb::DescribeRequest&,
          pb::DescribeResponse* response) {
         grpc::Status s = CheckToken(st->options.cluster_token, context);
-        if (s.ok()) s = FillDescribe(st->core, response);
+        if (s.ok()) s = FillDescribe(*st, response);
         if (s.ok() && st->options.nccl != nullptr) response->add_transports("nccl");
         return s;
       });
@@ -310,6 +315,31 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
     return absl::UnavailableError(absl::StrCat("cannot listen on '", options.listen_address,
                                                "' (address in use, or not HOST:PORT?)"));
   }
+  if (options.data_port >= 0) {
+    wire::DataListenerOptions data;
+    data.host = wire::HostOfAddress(options.listen_address);
+    data.port = options.data_port;
+    data.token = options.service.cluster_token;
+    data.max_frame_bytes = static_cast<size_t>(options.max_message_bytes);
+    data.spin_max_us = options.data_spin_us;
+    data.tls_cert_pem = options.tls_cert_pem;
+    data.tls_key_pem = options.tls_key_pem;
+    data.tls_client_ca_pem = options.tls_client_ca_pem;
+    absl::StatusOr<std::unique_ptr<DataServer>> started =
+        DataServer::Start(core, data, options.service.response_chunk_bytes);
+    if (!started.ok()) {
+      server->server_->Shutdown();
+      state->gate.Close(server->cq_.get());
+      void* tag = nullptr;
+      bool ok = false;
+      while (server->cq_->Next(&tag, &ok)) {
+      }
+      server->server_.reset();
+      return started.status();
+    }
+    server->data_ = *std::move(started);
+    state->data_port = server->data_->port();
+  }
   state->forward.core = core;
   state->forward.response_chunk_bytes = options.service.response_chunk_bytes;
   state->forward.check_token = [state](const grpc::ServerContext& context) {
@@ -348,6 +378,7 @@ void WorkerServer::Shutdown(double grace_seconds) {
   std::lock_guard<std::mutex> lock(shutdown_mu_);
   // Returns once every call has ended (calls still running at the deadline are cancelled); the
   // queue thread keeps serving meanwhile, so only then may the queue be shut down.
+  if (data_ != nullptr) data_->Stop();
   server_->Shutdown(std::chrono::system_clock::now() +
                     std::chrono::microseconds(static_cast<int64_t>(grace_seconds * 1e6)));
   state_->gate.Close(cq_.get());

@@ -29,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "grpcpp/grpcpp.h"
 #include "moepool/v1/expert_service.grpc.pb.h"
+#include "worker/data_server.h"
 #include "worker/nccl_sessions.h"
 #include "worker/worker_core.h"
 
@@ -62,6 +63,10 @@ struct WorkerServerOptions {
   std::string tls_cert_pem;
   std::string tls_key_pem;
   std::string tls_client_ca_pem;
+  // The data channel (wire/data_channel.h) on the --listen host: -1 none, 0 a free port, else
+  // that port. Same token and TLS material as the gRPC port; frames up to max_message_bytes.
+  int data_port = 0;
+  int64_t data_spin_us = 2000;  // how long a data stream polls for the next request
 };
 
 struct ServerState;  // worker/expert_service.cc
@@ -77,7 +82,9 @@ class WorkerServer {
   WorkerServer(const WorkerServer&) = delete;
   WorkerServer& operator=(const WorkerServer&) = delete;
 
-  int port() const { return port_; }  // the bound port
+  int port() const { return port_; }                                      // the bound port
+  int data_port() const { return data_ != nullptr ? data_->port() : 0; }  // 0: none
+  const DataServer* data_server() const { return data_.get(); }
   bool tls() const { return tls_; }
   // Stops accepting calls; calls still running after `grace_seconds` are cancelled (open Forward
   // streams end with CANCELLED). Idempotent; thread-safe.
@@ -92,6 +99,7 @@ class WorkerServer {
   std::unique_ptr<ServerState> state_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::ServerCompletionQueue> cq_;
+  std::unique_ptr<DataServer> data_;
   int port_ = 0;
   bool tls_ = false;
   std::mutex shutdown_mu_;  // serialises Shutdown and Wait

@@ -155,7 +155,7 @@ void ForwardCall::Answer(const ComputeRequest& compute, const pb::ForwardRequest
   const wire::RoundHeader header = wire::HeaderOf(round);
   wire::WriteResponseChunks(header, result_.data(),
                             wire::RowsPerPayload(static_cast<int64_t>(env_->response_chunk_bytes),
-                                                 header.n_embd, header.dtype),
+                                                 header.n_embd, header.return_dtype),
                             micros, [&] { return NextResponse(); });
 }
 
@@ -168,7 +168,7 @@ void ForwardCall::AnswerOverNccl(const pb::ForwardRequest& request) {
                                             " is unknown or broken here (worker restarted?)")));
   }
   const int64_t n = static_cast<int64_t>(request.total_rows()) * request.n_embd();
-  nccl_bytes_.resize(static_cast<size_t>(n * wire::DTypeBytes(request.dtype())));
+  nccl_bytes_.resize(static_cast<size_t>(wire::EncodedBytes(request.dtype(), n)));
   if (absl::Status s = session.peer->Recv(nccl_bytes_.data(), nccl_bytes_.size()); !s.ok()) {
     return Refuse(request, absl::UnavailableError(
                                absl::StrCat("NCCL receive of the rows failed: ", s.message())));
@@ -183,7 +183,7 @@ void ForwardCall::AnswerOverNccl(const pb::ForwardRequest& request) {
                           &result_);
   if (!s.ok()) return Refuse(request, s);
   nccl_bytes_.clear();
-  wire::EncodeRows(request.dtype(), result_.data(), n, &nccl_bytes_);
+  wire::EncodeRows(wire::ReturnDTypeOf(request), result_.data(), n, &nccl_bytes_);
   pb::ForwardResponse* r = NextResponse();
   wire::SetResponseHeader(request, r);
   r->set_row_offset(0);

@@ -32,6 +32,10 @@ MOEPOOL_DECLARE_ROW_FNS(Q8_K)
 void QuantizeRowQ8_0Avx2(const float* src, void* dst, int64_t n);
 void QuantizeRowQ8_1Avx2(const float* src, void* dst, int64_t n);
 void QuantizeRowQ8_KAvx2(const float* src, void* dst, int64_t n);
+// F16C float <-> f16 rows (f16_rows_avx2.cc), bit-identical to QuantizeRowF16 /
+// DequantizeRowF16; any n.
+void QuantizeRowF16Avx2(const float* src, void* dst, int64_t n);
+void DequantizeRowF16Avx2(const void* src, float* dst, int64_t n);
 
 // Dot products: weight row of type W against an activation row of its vec_dot_type:
 //   F32, F16, BF16 -> F32 activations

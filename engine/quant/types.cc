@@ -93,6 +93,10 @@ const Tables& GetTables() {
     if (isa != Isa::kScalar) {
       for (auto& tr : t->stored[1]) {
         switch (tr.type) {
+          case TensorType::kF16:
+            tr.quantize = &kernels::QuantizeRowF16Avx2;
+            tr.dequantize = &kernels::DequantizeRowF16Avx2;
+            break;
           case TensorType::kQ8_0:
             tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
             tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ8_0Cols);

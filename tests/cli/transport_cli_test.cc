@@ -72,7 +72,8 @@ TEST(TransportCliTest, BadTransportValuesFailAtStartup) {
   const auto worker = RunMoepool(
       absl::StrCat("worker --model ", model, " --experts 0 --listen 127.0.0.1:0 --transport udp"));
   EXPECT_EQ(worker.exit_code, 1);
-  EXPECT_NE(worker.err.find("--transport: expected grpc or nccl, got 'udp'"), std::string::npos)
+  EXPECT_NE(worker.err.find("--transport: expected tcp, grpc or nccl, got 'udp'"),
+            std::string::npos)
       << worker.err;
   const auto run = RunMoepool(
       absl::StrCat("run --model ", model, " --prompt hi -n 1 --workers 127.0.0.1:1 --transport x"));

@@ -44,7 +44,7 @@ void FuzzOne(const uint8_t* data, size_t size) {
   (void)silenced;
   RequestAssembler requests(moepool::wire::RequestLimits{kEmbd, kMaxRows, kExperts});
   moepool::wire::ResponseAssembler responses(
-      moepool::wire::RoundHeader{1, 0, pb::DTYPE_F32, kEmbd, 4, 2});
+      moepool::wire::RoundHeader{1, 0, pb::DTYPE_F32, pb::DTYPE_F32, kEmbd, 4, 2});
   pb::ForwardRequest request;
   pb::ForwardResponse response;
   size_t pos = 0;
@@ -114,7 +114,7 @@ std::vector<std::string> Seeds() {
         pb::ForwardRequest scratch;
         uint64_t bytes = 0;
         moepool::wire::WriteRequestChunks(
-            {round++, 1, dtype, kEmbd, n, 2}, r, per,
+            {round++, 1, dtype, dtype, kEmbd, n, 2}, r, per,
             [&](const pb::ForwardRequest& c) {
               AppendMessage(c, &seed);
               return true;
@@ -128,7 +128,7 @@ std::vector<std::string> Seeds() {
   pb::ForwardRequest request;
   std::string pipe_rows;
   moepool::wire::BuildPipeRequest(
-      {round++, 0, pb::DTYPE_F32, kEmbd, 2, 2},
+      {round++, 0, pb::DTYPE_F32, pb::DTYPE_F32, kEmbd, 2, 2},
       {x.data(), absl::MakeConstSpan(rows).subspan(0, 2), absl::MakeConstSpan(expert).subspan(0, 4),
        absl::MakeConstSpan(weight).subspan(0, 4)},
       7, &request, &pipe_rows);
@@ -136,8 +136,8 @@ std::vector<std::string> Seeds() {
   seeds.push_back(pipe);
   std::string answers;
   std::vector<pb::ForwardResponse> out;
-  moepool::wire::WriteResponseChunks({1, 0, pb::DTYPE_F32, kEmbd, 4, 2}, x.data(), 3, 10,
-                                     [&] { return &out.emplace_back(); });
+  moepool::wire::WriteResponseChunks({1, 0, pb::DTYPE_F32, pb::DTYPE_F32, kEmbd, 4, 2}, x.data(), 3,
+                                     10, [&] { return &out.emplace_back(); });
   for (const auto& m : out) AppendMessage(m, &answers);
   seeds.push_back(answers);
   return seeds;

@@ -30,7 +30,7 @@ struct Batch {
 };
 
 RoundHeader Header(uint64_t round, pb::DType dtype, int64_t total_rows) {
-  return RoundHeader{round, 1, dtype, kEmbd, total_rows, 2};
+  return RoundHeader{round, 1, dtype, dtype, kEmbd, total_rows, 2};
 }
 
 std::vector<pb::ForwardRequest> Chunks(const RoundHeader& h, const Batch& b, int64_t per_chunk) {
@@ -199,7 +199,8 @@ TEST(ForwardChunksTest, ResponseChunksReassembleAndRejectOverlapOrMismatch) {
   EXPECT_FALSE(a.Add(chunks[2]).ok());  // twice
   pb::ForwardResponse other = chunks[0];
   other.set_dtype(pb::DTYPE_F16);
-  EXPECT_NE(a.Add(other).message().find("answer in f16 to a request in f32"), std::string::npos);
+  EXPECT_NE(a.Add(other).message().find("answer in f16 to a request for f32 rows"),
+            std::string::npos);
   other = chunks[0];
   other.set_total_rows(6);
   EXPECT_FALSE(a.Add(other).ok());

@@ -36,7 +36,7 @@ using Stream = grpc::ClientReaderWriter<pb::ForwardRequest, pb::ForwardResponse>
 // The request for rows [begin, end) of `r`, rows already encoded as `rows` (all rows).
 pb::ForwardRequest Chunk(const TestRoutes& r, pb::DType dtype, const std::string& rows,
                          uint64_t step, int64_t begin, int64_t end) {
-  const size_t row_bytes = static_cast<size_t>(r.n_embd) * wire::DTypeBytes(dtype);
+  const size_t row_bytes = static_cast<size_t>(wire::EncodedBytes(dtype, r.n_embd));
   pb::ForwardRequest c;
   c.set_step_id(step);
   c.set_layer(r.layer);

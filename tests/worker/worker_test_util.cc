@@ -79,7 +79,7 @@ std::string EncodeRows(const std::vector<float>& values, moepool::v1::DType dtyp
 }
 
 std::vector<float> DecodeRows(const std::string& bytes, moepool::v1::DType dtype) {
-  std::vector<float> out(bytes.size() / static_cast<size_t>(wire::DTypeBytes(dtype)));
+  std::vector<float> out(bytes.size() * 32 / static_cast<size_t>(wire::EncodedBytes(dtype, 32)));
   EXPECT_TRUE(wire::DecodeRows(dtype, bytes, static_cast<int64_t>(out.size()), out.data()).ok());
   return out;
 }
