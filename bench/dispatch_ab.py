@@ -13,6 +13,7 @@ the baseline binary is a build of the commit before it.
                        [--micro-batches 1]
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -36,14 +37,26 @@ def start_worker(binary, model, experts, threads, log):
     return p, f"127.0.0.1:{m.group(1)}"
 
 
-def run_once(binary, args, log):
-    workers = []
+@contextlib.contextmanager
+def workers(binary, model, expert_ranges, threads, log):
+    """Starts one `moepool worker` per expert range; yields their addresses; stops them."""
+    procs = []
     try:
         addresses = []
-        for experts in ("0-3", "4-7"):
-            p, address = start_worker(binary, args.model, experts, args.worker_threads, log)
-            workers.append(p)
+        for experts in expert_ranges:
+            p, address = start_worker(binary, model, experts, threads, log)
+            procs.append(p)
             addresses.append(address)
+        yield addresses
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+
+
+def run_once(binary, args, log):
+    with workers(binary, args.model, ("0-3", "4-7"), args.worker_threads, log) as addresses:
         out = subprocess.run(
             [binary, "bench", "--model", args.model, "--threads", str(args.threads),
              "--workers", ",".join(addresses), "--decode-tokens", str(args.decode),
@@ -51,19 +64,14 @@ def run_once(binary, args, log):
              "--sequences", str(args.sequences), "--micro-batches", str(args.micro_batches),
              "--json"],
             check=True, capture_output=True, text=True).stdout
-        j = json.loads(out)
-        c = j["cluster"]
-        return {
-            "decode_tokens_per_s": j["decode_tokens_per_s"],
-            "round_trip_p50_us": c["decode_round_trip_us"]["p50"],
-            "overhead_p50_us": c["decode_dispatch_overhead_us"]["p50"],
-            "overhead_p99_us": c["decode_dispatch_overhead_us"]["p99"],
-        }
-    finally:
-        for p in workers:
-            p.terminate()
-        for p in workers:
-            p.wait()
+    j = json.loads(out)
+    c = j["cluster"]
+    return {
+        "decode_tokens_per_s": j["decode_tokens_per_s"],
+        "round_trip_p50_us": c["decode_round_trip_us"]["p50"],
+        "overhead_p50_us": c["decode_dispatch_overhead_us"]["p50"],
+        "overhead_p99_us": c["decode_dispatch_overhead_us"]["p99"],
+    }
 
 
 def main():

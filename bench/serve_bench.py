@@ -5,7 +5,8 @@ levels, against a `moepool serve` it starts itself (python3 standard library onl
   bench/serve_bench.py --binary build/cli/moepool --model mini-Q4_K_M.gguf \
       [--workers host:port,host:port | --spawn-workers N [--worker-threads 1]] \
       [--streams 1,4,16] [--max-tokens 64] [--threads 2] [--micro-batches 1|2] [--repeat N] \
-      [--prefix-cache off|on|off,on] [--system-words N [--fresh-system]]
+      [--prefix-cache off|on|off,on] [--system-words N [--fresh-system]] \
+      [--serve-flags="--wire-dtype f16 ..."]
 
 --spawn-workers N starts N `moepool worker` processes on 127.0.0.1 holding equal shares of the
 experts (N = 2: experts 0-3 and 4-7 of an 8-expert model) and serves through them.
@@ -21,9 +22,12 @@ off,on runs the same rounds against one server per setting and reports the ratio
 --system-words N puts one shared system message of about N words before every prompt (the
 shared-system-prompt case the prefix cache is for). With --fresh-system every round of every level
 gets a system message the server has not seen (a burst of requests with a new shared prefix).
+--serve-flags adds flags (split as a shell would) to every `moepool serve` command line, e.g.
+--serve-flags="--wire-dtype f16" (write it with "=": a value starting with "-" is read as a flag).
 """
 import argparse
 import json
+import shlex
 import subprocess
 import threading
 import time
@@ -121,6 +125,7 @@ def start_server(args, prefix_cache, levels):
         cmd += ["--workers", args.workers]
     if args.micro_batches:
         cmd += ["--micro-batches", str(args.micro_batches)]
+    cmd += shlex.split(args.serve_flags)
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = server.stdout.readline().strip()
     return server, int(line.rsplit(":", 1)[1])
@@ -180,6 +185,9 @@ def main():
                     help="a shared system message of this many words before every prompt")
     ap.add_argument("--fresh-system", action="store_true",
                     help="a new system message (same length) for every round of every level")
+    ap.add_argument("--serve-flags", default="",
+                    help="extra flags for `moepool serve`, split as a shell would "
+                         "(e.g. --serve-flags=\"--wire-dtype f16\")")
     args = ap.parse_args()
     settings = args.prefix_cache.split(",")
     if any(s not in ("on", "off") for s in settings):

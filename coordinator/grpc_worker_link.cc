@@ -355,17 +355,8 @@ absl::Status GrpcWorkerLink::Broken(const LinkJob& job, const std::string& what,
     by_watchdog = cancelled_;
   }
   const grpc::Status gs = CloseStream(cancel || by_watchdog);
-  absl::Status s;
-  if (by_watchdog) {
-    s = absl::DeadlineExceededError(absl::StrFormat(
-        "worker %s did not answer layer %d within the step timeout of %g s; marked down, "
-        "reconnecting in the background",
-        config_.address, job.layer, config_.step_timeout_s));
-  } else {
-    s = absl::UnavailableError(absl::StrCat("worker ", config_.address, ": ", what, " (",
-                                            GrpcStatusText(gs),
-                                            "); marked down, reconnecting in the background"));
-  }
+  const absl::Status s =
+      LostError(job, by_watchdog, absl::StrCat(what, " (", GrpcStatusText(gs), ")"));
   MarkDown(s);
   return s;
 }
@@ -447,6 +438,18 @@ absl::Status GrpcWorkerLink::Exchange(LinkJob* job, const Written* written) {
   job->sample.request_bytes = request_bytes;
   job->sample.response_bytes = response_bytes;
   return absl::OkStatus();
+}
+
+absl::Status GrpcWorkerLink::LostError(const LinkJob& job, bool by_watchdog,
+                                       const std::string& what) const {
+  if (by_watchdog) {
+    return absl::DeadlineExceededError(absl::StrFormat(
+        "worker %s did not answer layer %d within the step timeout of %g s; marked down, "
+        "reconnecting in the background",
+        config_.address, job.layer, config_.step_timeout_s));
+  }
+  return absl::UnavailableError(absl::StrCat("worker ", config_.address, ": ", what,
+                                             "; marked down, reconnecting in the background"));
 }
 
 void GrpcWorkerLink::MarkDown(const absl::Status& why) {

@@ -102,6 +102,9 @@ class GrpcWorkerLink final : public WorkerLink {
   // a refusal is the worker's status naming the worker. OK otherwise.
   absl::Status CheckAnswer(const LinkJob& job, const moepool::v1::ForwardResponse& resp);
   absl::Status Broken(const LinkJob& job, const std::string& what, bool cancel);
+  // The job's error when the link was lost: DEADLINE_EXCEEDED if the watchdog cancelled it,
+  // else UNAVAILABLE saying `what`; both name the worker.
+  absl::Status LostError(const LinkJob& job, bool by_watchdog, const std::string& what) const;
   void MarkDown(const absl::Status& why);
   void TryReconnect();
   void NewChannel();

@@ -10,7 +10,6 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "coordinator/grpc_worker_link.h"
 
 namespace moepool {
@@ -56,16 +55,7 @@ absl::Status GrpcWorkerLink::DataBroken(const LinkJob& job, const std::string& w
     old = std::move(data_);
   }
   old.reset();
-  absl::Status s;
-  if (by_watchdog) {
-    s = absl::DeadlineExceededError(absl::StrFormat(
-        "worker %s did not answer layer %d within the step timeout of %g s; marked down, "
-        "reconnecting in the background",
-        config_.address, job.layer, config_.step_timeout_s));
-  } else {
-    s = absl::UnavailableError(absl::StrCat("worker ", config_.address, ": ", what,
-                                            "; marked down, reconnecting in the background"));
-  }
+  const absl::Status s = LostError(job, by_watchdog, what);
   MarkDown(s);
   return s;
 }
