@@ -4,14 +4,16 @@
 # starting from the committed seed corpus. Not in CI (it runs for minutes); ctest replays the
 # corpus with the gcc build instead (GgufReaderFuzzerReplay).
 #
-#   tests/fuzz/run_fuzz.sh [SECONDS=300] [WORKERS=2] [TARGET=gguf|forward|control|shard]
+#   tests/fuzz/run_fuzz.sh [SECONDS=300] [WORKERS=2] [TARGET=gguf|forward|control|shard|data]
 #
 # TARGET forward fuzzes the worker's request framing and the coordinator's response assembly
 # (forward_chunks_fuzzer, seeds from its own writer, corpus tests/fuzz/corpus/forward).
 # TARGET control fuzzes the coordinator's control-service handlers (cluster_control_fuzzer:
 # join, fetch, ready, watch, drain, view under hostile workers; corpus tests/fuzz/corpus/control)
 # and TARGET shard the worker's shard cache (shard_cache_fuzzer: a hostile file in the cache
-# directory must be repaired by Materialize; corpus tests/fuzz/corpus/shard). Both build
+# directory must be repaired by Materialize; corpus tests/fuzz/corpus/shard); TARGET data the
+# worker's data channel (data_channel_fuzzer: a hostile peer on a loopback connection to a real
+# DataServer; corpus tests/fuzz/corpus/data, seeded with --write-seeds). All three build
 # coordinator/ and worker/ instrumented, synthesize a small model at startup (seconds) in $TMPDIR
 # (default /dev/shm when writable, else /tmp), keep the code under test quiet on stderr
 # (MOEPOOL_FUZZ_VERBOSE=1 traces every call instead), and use build-fuzz/TARGET-corpus.
@@ -28,12 +30,17 @@ target=${3:-gguf}
 CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DMOEPOOL_FUZZ=ON -DMOEPOOL_BUILD_TESTS=OFF -DMOEPOOL_BUILD_BENCHMARKS=OFF >/dev/null
 case "$target" in
-  control | shard)
-    if [ "$target" = control ]; then binary=cluster_control_fuzzer; else binary=shard_cache_fuzzer; fi
+  control | shard | data)
+    case "$target" in
+      control) binary=cluster_control_fuzzer ;;
+      shard) binary=shard_cache_fuzzer ;;
+      *) binary=data_channel_fuzzer ;;
+    esac
     ninja -C build-fuzz "$binary"
     mkdir -p "build-fuzz/$target-corpus" build-fuzz/artifacts
     # crash-* seeds reproduce findings not fixed yet (ctest replays them): fuzzing starts without.
     for seed in "tests/fuzz/corpus/$target"/*; do
+      [ -e "$seed" ] || continue
       case "$(basename "$seed")" in crash-*) continue ;; esac
       cp -n "$seed" "build-fuzz/$target-corpus/"
     done
