@@ -81,7 +81,9 @@ absl::StatusOr<int> Connect(const std::string& host, int port, double timeout_s)
     int rc = connect(fd, a->ai_addr, a->ai_addrlen);
     if (rc != 0 && errno == EINPROGRESS) {
       pollfd p{fd, POLLOUT, 0};
-      rc = poll(&p, 1, static_cast<int>(timeout_s * 1000));
+      do {
+        rc = poll(&p, 1, static_cast<int>(timeout_s * 1000));
+      } while (rc < 0 && errno == EINTR);
       int err = 0;
       socklen_t len = sizeof(err);
       if (rc == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0) {
@@ -127,12 +129,20 @@ void DataStream::Abort() {
   if (!aborted_.exchange(true)) shutdown(fd_, SHUT_RDWR);
 }
 
-void DataStream::SetReadTimeout(double seconds) {
+namespace {
+
+void SetTimeout(int fd, int option, double seconds) {
   timeval tv{};
   tv.tv_sec = static_cast<time_t>(seconds);
   tv.tv_usec = static_cast<suseconds_t>((seconds - static_cast<double>(tv.tv_sec)) * 1e6);
-  setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  setsockopt(fd, SOL_SOCKET, option, &tv, sizeof(tv));
 }
+
+}  // namespace
+
+void DataStream::SetReadTimeout(double seconds) { SetTimeout(fd_, SO_RCVTIMEO, seconds); }
+
+void DataStream::SetWriteTimeout(double seconds) { SetTimeout(fd_, SO_SNDTIMEO, seconds); }
 
 ssize_t DataStream::WaitAndRecv(char* data, size_t n) {
   if (spin_max_us_ <= 0 || !written_) return -1;
@@ -386,11 +396,10 @@ void DataListener::AcceptLoop() {
       return;
     }
     if (fd < 0) {
-      if (errno == EINTR || errno == ECONNABORTED || errno == EMFILE || errno == ENFILE) {
-        if (errno == EMFILE || errno == ENFILE) usleep(10000);
-        continue;
-      }
-      return;
+      // Only Stop ends the loop: a peer that reset before accept (ECONNABORTED), no descriptors
+      // or memory for a moment (EMFILE, ENFILE, ENOBUFS, ENOMEM) and the like pass.
+      if (errno != EINTR && errno != ECONNABORTED) usleep(10000);
+      continue;
     }
     if (static_cast<int>(threads_.size()) >= options_.max_connections) {
       close(fd);
@@ -432,6 +441,7 @@ bool DataListener::Handshake(int fd, DataStream* stream) {
   stream->SetReadTimeout(0);
   stream->set_max_frame_bytes(options_.max_frame_bytes);  // past the handshake: the real limit
   stream->set_spin_max_us(options_.spin_max_us);
+  stream->SetWriteTimeout(options_.write_timeout_s);
   return true;
 }
 

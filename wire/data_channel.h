@@ -73,8 +73,9 @@ class DataStream {
   int fd() const { return fd_; }
   // Takes ownership of `ssl` (set up on fd()), for a TLS handshake made after construction.
   void AttachTls(SSL* ssl);
-  // Reads time out after `seconds` (0: never). For handshakes.
+  // Reads (writes) time out after `seconds` (0: never).
   void SetReadTimeout(double seconds);
+  void SetWriteTimeout(double seconds);
   // The largest frame read or written from now on.
   void set_max_frame_bytes(size_t bytes) { max_frame_bytes_ = bytes; }
   // How a Read that follows a Write waits for the peer's frame (plain TCP only): it polls the
@@ -132,6 +133,9 @@ struct DataListenerOptions {
   size_t max_frame_bytes = size_t{1} << 30;
   int64_t spin_max_us = 2000;  // DataStream::set_spin_max_us of every stream
   double handshake_timeout_s = 10;
+  // A peer that stops reading for this long while the worker writes to it loses the connection
+  // (its thread is freed); a coordinator always reads its answers.
+  double write_timeout_s = 60;
   int max_connections = 64;  // further connections are closed at once
   // TLS (PEM contents): certificate and key turn it on; a client CA requires client certificates.
   std::string tls_cert_pem;

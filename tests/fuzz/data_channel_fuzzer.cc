@@ -18,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -113,13 +114,20 @@ std::string Exchange(int port, const std::string& bytes) {
   a.sin_family = AF_INET;
   a.sin_port = htons(static_cast<uint16_t>(port));
   inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-  Check(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0,
-        "the worker stopped accepting");
+  // Closed with a reset, not a FIN: this side would otherwise keep every connection in
+  // TIME_WAIT for a minute and run out of ephemeral ports at thousands of inputs a second.
+  const linger reset{1, 0};
+  setsockopt(fd, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+  // libFuzzer's timers interrupt system calls (EINTR): a connect then completes on its own.
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 && errno != EINTR) {
+    Check(false, std::string("cannot connect to the worker: ") + std::strerror(errno));
+  }
   timeval tv{10, 0};  // a hang is a finding
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   size_t sent = 0;
   while (sent < bytes.size()) {
     const ssize_t n = send(fd, bytes.data() + sent, bytes.size() - sent, MSG_NOSIGNAL);
+    if (n < 0 && (errno == EINTR || errno == ENOTCONN)) continue;  // still connecting
     if (n <= 0) break;  // the worker closed the connection: fine
     sent += static_cast<size_t>(n);
   }
@@ -128,6 +136,12 @@ std::string Exchange(int port, const std::string& bytes) {
   char buf[65536];
   while (true) {
     const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno != ECONNRESET) {
+      fprintf(stdout, "HANG pid %d\n", getpid());
+      fflush(stdout);
+      sleep(900);
+    }
     if (n < 0) Check(errno == ECONNRESET, "the worker neither answered nor closed in 10 s");
     if (n <= 0) break;
     got.append(buf, static_cast<size_t>(n));

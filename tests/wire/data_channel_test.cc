@@ -268,6 +268,27 @@ TEST(DataChannelTest, AbortUnblocksAReadAndStopEndsEveryStream) {
   EXPECT_EQ(ended.load(), 2);
 }
 
+TEST(DataChannelTest, APeerThatStopsReadingLosesItsConnection) {
+  DataListenerOptions o = WithToken("");
+  o.write_timeout_s = 0.2;
+  o.max_frame_bytes = 4 << 20;
+  EchoListener echo(o);
+  DataDialOptions d = Dial("");
+  d.max_frame_bytes = 4 << 20;
+  auto stream = DialDataChannel("127.0.0.1", echo.port(), d);
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  // Requests with 1 MiB of rows each, answers never read: the worker's writes fill the socket
+  // buffers and time out, and the worker drops the connection (the client's writes then fail).
+  pb::ForwardRequest request;
+  request.set_rows(std::string(1 << 20, 'r'));
+  (*stream)->SetWriteTimeout(5);
+  for (int i = 0; i < 64 && echo.ended() == 0; ++i) {
+    if (!(*stream)->Write(request).ok()) break;
+  }
+  ASSERT_TRUE(WaitFor([&] { return echo.ended() == 1; }));
+  EXPECT_GT(echo.served(), 0);
+}
+
 TEST(DataChannelTest, DialErrorsNameTheAddress) {
   EchoListener echo(WithToken(""));
   const int port = echo.port();
