@@ -266,6 +266,10 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
               server->tls() ? " (TLS)" : "",
               device.cuda ? absl::StrCat(" on ", device.ToString()).c_str() : "");
   std::fflush(stdout);
+  if (server->data_port() > 0) {
+    std::fprintf(stderr, "moepool worker: data channel on %s:%d (rows, one frame per layer)\n",
+                 HostOf(listen).c_str(), server->data_port());
+  }
 
   std::unique_ptr<ResidencyWatch> watch;
   if (preload && host_weights)
