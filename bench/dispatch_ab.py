@@ -37,6 +37,15 @@ def start_worker(binary, model, experts, threads, log):
     return p, f"127.0.0.1:{m.group(1)}"
 
 
+def cpu_name():
+    """The CPU's model name from /proc/cpuinfo."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 @contextlib.contextmanager
 def workers(binary, model, expert_ranges, threads, log):
     """Starts one `moepool worker` per expert range; yields their addresses; stops them."""
@@ -88,12 +97,7 @@ def main():
     args = ap.parse_args()
     env = os.environ
     env.setdefault("MOEPOOL_CLUSTER_TOKEN", "dispatch-ab")
-    cpu = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name()
     print(f"# {cpu}, {os.cpu_count()} CPUs; model {args.model}; {args.rounds} rounds, "
           f"coordinator threads {args.threads}, worker threads {args.worker_threads}, "
           f"{args.sequences} sequence(s) x {args.decode} decode tokens, "

@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dispatch_ab import workers  # noqa: E402
+from dispatch_ab import cpu_name, workers  # noqa: E402
 
 DEFAULT_SETTINGS = [
     "tcp-f32=--transport tcp --wire-dtype f32",
@@ -77,12 +77,7 @@ def main():
     args = ap.parse_args()
     settings = [s.split("=", 1) for s in (args.setting or DEFAULT_SETTINGS)]
     os.environ.setdefault("MOEPOOL_CLUSTER_TOKEN", "wire-floor")
-    cpu = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name()
     print(f"# {cpu}, {os.cpu_count()} CPUs; {args.model}; {args.rounds} rounds; coordinator "
           f"threads {args.threads}, {1 if args.one_worker else 2} worker(s) with "
           f"{args.worker_threads} thread(s); {args.decode} decode tokens", file=sys.stderr)
