@@ -16,7 +16,7 @@ bool IsSystemRole(const std::string& role) { return role == "system" || role == 
 absl::Status UnknownRole(size_t i, const std::string& role) {
   return absl::InvalidArgumentError(
       absl::StrCat("messages[", i, "].role: unknown role '", role,
-                   "' (expected system, developer, user or assistant)"));
+                   "' (expected system, developer, user, assistant or tool)"));
 }
 
 }  // namespace
@@ -101,34 +101,44 @@ absl::StatusOr<std::vector<ChatTemplate::Piece>> ChatTemplate::MistralPieces(
   if (first == messages.size()) {
     return absl::InvalidArgumentError("messages: a user message must follow the system message");
   }
+  std::string prev;  // the previous message's role ("" before the first)
   for (size_t i = first; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
-    const bool want_user = (i - first) % 2 == 0;
-    if (m.role != "user" && m.role != "assistant") {
+    if (m.role != "user" && m.role != "assistant" && m.role != "tool") {
       if (IsSystemRole(m.role)) {
         return absl::InvalidArgumentError(absl::StrCat(
             "messages[", i, "]: a system message is only allowed as the first message"));
       }
       return UnknownRole(i, m.role);
     }
-    if ((m.role == "user") != want_user) {
+    // user, assistant, user, ...; tool results follow an assistant's call and precede the next
+    // assistant (or user) message.
+    const bool ok = m.role == "user"        ? prev != "user"
+                    : m.role == "assistant" ? prev == "user" || prev == "tool"
+                                            : prev == "assistant" || prev == "tool";
+    if (!ok) {
       return absl::InvalidArgumentError(
           absl::StrCat("messages[", i,
                        "]: conversation roles must alternate user/assistant/user/assistant/... "
-                       "starting with user"));
+                       "starting with user (tool messages follow an assistant message)"));
     }
-    if (want_user) {
+    if (m.role == "user") {
       std::string text = "[INST] ";
       if (i == first && first == 1) absl::StrAppend(&text, system, "\n\n");
       absl::StrAppend(&text, m.content, " [/INST]");
       out.push_back({-1, std::move(text)});
-    } else {
+    } else if (m.role == "assistant") {
+      if (out.back().token >= 0) out.push_back({-1, ""});
       out.back().text += " " + m.content;
       out.push_back({tokenizer_->eos_id(), ""});
+    } else {
+      out.push_back({-1, m.content});
     }
+    prev = m.role;
   }
-  if (messages.back().role != "user") {
-    return absl::InvalidArgumentError("messages: the last message must be from the user");
+  if (prev != "user" && prev != "tool") {
+    return absl::InvalidArgumentError(
+        "messages: the last message must be from the user (or a tool result)");
   }
   return out;
 }
@@ -158,7 +168,9 @@ absl::StatusOr<std::vector<ChatTemplate::Piece>> ChatTemplate::ChatmlPieces(
   for (size_t i = 0; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
     std::string role = m.role == "developer" ? "system" : m.role;
-    if (role != "system" && role != "user" && role != "assistant") return UnknownRole(i, m.role);
+    if (role != "system" && role != "user" && role != "assistant" && role != "tool") {
+      return UnknownRole(i, m.role);
+    }
     special(im_start_, kImStart);
     text(role + "\n" + m.content);
     special(im_end_, kImEnd);

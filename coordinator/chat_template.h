@@ -5,9 +5,10 @@
 //   mistral  <s>[INST] {user} [/INST] {assistant}</s>[INST] {user} [/INST]
 //            (Mixtral-Instruct). A leading system message is folded into the first user turn as
 //            "{system}\n\n{user}"; after it, roles must alternate user/assistant starting and
-//            ending with user.
+//            ending with user. Tool messages follow an assistant message (its call) and are
+//            written as they are, after its </s>; the conversation may end with them.
 //   chatml   <|im_start|>{role}\n{content}<|im_end|>\n ... <|im_start|>assistant\n
-//            Any order of system/user/assistant messages. When the vocabulary lacks the
+//            Any order of system/user/assistant/tool messages. When the vocabulary lacks the
 //            <|im_start|>/<|im_end|> tokens the markers are plain text and "<|im_end|>" becomes a
 //            stop string.
 //
@@ -33,7 +34,9 @@
 namespace moepool {
 
 struct ChatMessage {
-  std::string role;  // "system", "developer" (treated as system), "user", "assistant"
+  // "system", "developer" (treated as system), "user", "assistant", "tool" (a tool result,
+  // already written as text by tool_calls.h)
+  std::string role;
   std::string content;
 };
 

@@ -68,9 +68,26 @@ struct HttpServer::StreamState {
   bool chat = true;
   bool include_usage = false;
   bool logprobs = false;
-  bool finished = false;    // the final event was written
-  int64_t text_offset = 0;  // completions logprobs
+  bool finished = false;       // the final event was written
+  int64_t text_offset = 0;     // completions logprobs
+  ToolCallReply reply{false};  // the reply split into content or tool calls
 };
+
+namespace {
+
+// The end of a chat reply that may be a tool call: the calls (finish "tool_calls") when the
+// reply is a complete call, else the held-back content.
+void FinishReply(ToolCallReply& reply, GenerationResult* result) {
+  ToolCallReply::Result r = reply.Finish();
+  if (r.is_call && !r.calls.empty() && result->finish == FinishReason::kStop) {
+    result->tool_calls = std::move(r.calls);
+    result->finish = FinishReason::kToolCalls;
+  } else {
+    result->text += r.content;
+  }
+}
+
+}  // namespace
 
 void SendApiError(const absl::Status& status, httplib::Response& res) {
   const ApiError e = ToApiError(status);
@@ -340,6 +357,7 @@ void HttpServer::HandleGenerate(const std::string& body, httplib::Response& res,
   state->chat = chat;
   state->include_usage = params.include_usage;
   state->logprobs = params.top_logprobs >= 0;
+  state->reply = ToolCallReply(parsed->tool_calls);
   if (!params.stream) return RespondWhole(*state, res);
   res.set_header("Cache-Control", "no-cache");
   res.set_header("X-Accel-Buffering", "no");
@@ -369,6 +387,7 @@ absl::StatusOr<HttpServer::ParsedGeneration> HttpServer::ParseGeneration(const s
     gen.trim_leading_space = chat_template_->trims_leading_space();
     out.params = std::move(r->params);
     out.prompt_param = "messages";
+    out.tool_calls = r->tools.active();
   } else {
     absl::StatusOr<CompletionRequest> r = ParseCompletionRequest(body);
     if (!r.ok()) return r.status();
@@ -394,6 +413,9 @@ absl::StatusOr<HttpServer::ParsedGeneration> HttpServer::ParseGeneration(const s
   gen.stop.insert(gen.stop.end(), params.stop.begin(), params.stop.end());
   gen.logit_bias = params.logit_bias;
   gen.top_logprobs = params.top_logprobs;
+  gen.grammar = params.grammar;
+  // A reply that must be JSON ends where its grammar does: stop strings could cut it.
+  if (gen.grammar != nullptr && !out.tool_calls) gen.stop.clear();
   return out;
 }
 
@@ -407,7 +429,7 @@ void HttpServer::RespondWhole(StreamState& state, httplib::Response& res) {
       state.stream->Cancel();  // the scheduler frees it; this response ends now
       return SendApiError(absl::UnavailableError("the server is shutting down"), res);
     }
-    result.text += ev.text;
+    result.text += state.reply.Push(ev.text);
     for (SampledToken& t : ev.tokens) result.tokens.push_back(std::move(t));
     if (ev.finish == FinishReason::kNone) continue;
     state.finished = true;
@@ -416,6 +438,7 @@ void HttpServer::RespondWhole(StreamState& state, httplib::Response& res) {
           ev.error.ok() ? absl::UnavailableError("the request was cancelled") : ev.error, res);
     }
     result.finish = ev.finish;
+    FinishReply(state.reply, &result);
     result.prompt_tokens = ev.prompt_tokens;
     result.cached_prompt_tokens = ev.cached_prompt_tokens;
     result.completion_tokens = ev.completion_tokens;
@@ -447,6 +470,7 @@ bool HttpServer::StreamEvents(StreamState* state, httplib::DataSink& sink) {
       ev.error = absl::UnavailableError("the server is shutting down");
     }
     const bool has_tokens = state->logprobs && !ev.tokens.empty();
+    ev.text = state->reply.Push(ev.text);
     if (!ev.text.empty() || has_tokens) {
       json chunk;
       if (state->chat) {
@@ -471,6 +495,18 @@ bool HttpServer::StreamEvents(StreamState* state, httplib::DataSink& sink) {
       sink.done();
       return true;
     }
+    GenerationResult end;
+    end.finish = ev.finish;
+    FinishReply(state->reply, &end);
+    std::vector<json> deltas = ToolCallDeltas(end.tool_calls);
+    if (!end.text.empty()) deltas.push_back({{"content", end.text}});
+    for (json& d : deltas) {
+      if (!send(SseData(
+              ChatCompletionChunkJson(state->meta, std::move(d), FinishReason::kNone, nullptr)))) {
+        return false;
+      }
+    }
+    ev.finish = end.finish;
     return SendStreamEnd(*state, ev, send, sink);
   }
 }

@@ -83,6 +83,7 @@ class HttpServer {
     GenerationRequest request;
     GenerationParams params;
     std::string prompt_param;  // "prompt" or "messages": where prompt errors point
+    bool tool_calls = false;   // the reply may be a tool call (tool_calls.h)
   };
 
   // Start's parts: authentication, JSON errors and request metrics; the endpoints.

@@ -9,12 +9,14 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "coordinator/json_schema.h"
 #include "engine/status_macros.h"
 
 namespace moepool {
 namespace {
 
 using json = nlohmann::json;
+using ojson = nlohmann::ordered_json;
 
 constexpr char kParamPayload[] = "moepool.dev/api-param";
 constexpr char kCodePayload[] = "moepool.dev/api-code";
@@ -174,17 +176,40 @@ absl::Status ParseCommon(const json& j, bool legacy_logprobs, GenerationParams* 
     }
     if (logprobs) p->top_logprobs = top_logprobs ? static_cast<int>(*top_logprobs) : 0;
   }
-  if (const json* tools = Member(j, "tools")) {
-    if (!tools->is_array() || !tools->empty()) {
-      return InvalidRequestError("tools", "tools (function calling) are not supported");
-    }
+  return absl::OkStatus();
+}
+
+// The body again with its objects in the order sent (schemas list properties in their order).
+ojson OrderedBody(std::string_view body) {
+  return ojson::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
+}
+
+// response_format: text (no grammar), json_object, or json_schema {name, schema, strict}.
+absl::Status ParseResponseFormat(const json& j, std::string_view body, GenerationParams* p) {
+  const json* rf = Member(j, "response_format");
+  if (rf == nullptr) return absl::OkStatus();
+  const json* type = rf->is_object() ? Member(*rf, "type") : nullptr;
+  const std::string t = type != nullptr && type->is_string() ? type->get<std::string>() : "";
+  if (t == "text") return absl::OkStatus();
+  if (t == "json_object") {
+    p->grammar = GrammarForJsonObject();
+    return absl::OkStatus();
   }
-  if (const json* rf = Member(j, "response_format")) {
-    const json* type = rf->is_object() ? Member(*rf, "type") : nullptr;
-    if (type == nullptr || !type->is_string() || type->get<std::string>() != "text") {
-      return InvalidRequestError("response_format", "only response_format {\"type\": \"text\"}");
-    }
+  if (t != "json_schema") {
+    return InvalidRequestError("response_format",
+                               "response_format.type must be text, json_object or json_schema");
   }
+  const ojson ordered = OrderedBody(body);
+  const ojson& spec = ordered["response_format"];
+  auto it = spec.find("json_schema");
+  if (it == spec.end() || !it->is_object() || !it->contains("schema")) {
+    return InvalidRequestError("response_format",
+                               "response_format json_schema needs {\"json_schema\": {\"name\": "
+                               "..., \"schema\": {...}}}");
+  }
+  absl::StatusOr<std::shared_ptr<const JsonGrammar>> g = GrammarForJsonSchema((*it)["schema"]);
+  if (!g.ok()) return InvalidRequestError("response_format", std::string(g.status().message()));
+  p->grammar = std::move(*g);
   return absl::OkStatus();
 }
 
@@ -206,6 +231,38 @@ absl::StatusOr<std::string> MessageContent(const json& m, size_t i) {
     text += t->get<std::string>();
   }
   return text;
+}
+
+// One message, with tool calls and results written as text (tool_calls.h).
+absl::StatusOr<ChatMessage> ParseMessage(const json& m, size_t i, const ToolSpec& tools) {
+  const std::string param = absl::StrCat("messages[", i, "]");
+  if (!m.is_object()) return InvalidRequestError(param, "each message must be an object");
+  const json* role = Member(m, "role");
+  if (role == nullptr || !role->is_string()) {
+    return InvalidRequestError(param + ".role", "role must be a string");
+  }
+  ChatMessage msg;
+  msg.role = role->get<std::string>();
+  if (msg.role != "system" && msg.role != "developer" && msg.role != "user" &&
+      msg.role != "assistant" && msg.role != "tool") {
+    return InvalidRequestError(
+        param + ".role", absl::StrCat("unsupported role '", msg.role,
+                                      "' (expected system, developer, user, assistant or tool)"));
+  }
+  ASSIGN_OR_RETURN(msg.content, MessageContent(m, i));
+  if (msg.role == "tool") {
+    const json* id = Member(m, "tool_call_id");
+    if (id == nullptr || !id->is_string()) {
+      return InvalidRequestError(param + ".tool_call_id", "a tool message needs tool_call_id");
+    }
+    msg.content = ToolResultText(id->get<std::string>(), msg.content);
+  }
+  if (const json* calls = Member(m, "tool_calls"); calls != nullptr && msg.role == "assistant") {
+    const ojson ordered = ojson::parse(calls->dump());
+    ASSIGN_OR_RETURN(std::string text, ToolCallsText(ordered, tools, param + ".tool_calls"));
+    msg.content = msg.content.empty() ? text : absl::StrCat(msg.content, "\n", text);
+  }
+  return msg;
 }
 
 json TokenBytes(const std::string& piece) {
@@ -288,26 +345,32 @@ absl::StatusOr<ChatCompletionRequest> ParseChatCompletionRequest(std::string_vie
   if (!messages->is_array() || messages->empty()) {
     return InvalidRequestError("messages", "messages must be a non-empty array");
   }
+  const bool tools_used = Member(j, "tools") != nullptr || Member(j, "tool_choice") != nullptr ||
+                          Member(j, "parallel_tool_calls") != nullptr;
+  const ojson ordered = tools_used ? OrderedBody(body) : ojson();
+  if (tools_used) {
+    ASSIGN_OR_RETURN(r.tools, ParseTools(ordered));
+  }
   for (size_t i = 0; i < messages->size(); ++i) {
-    const json& m = (*messages)[i];
-    const std::string param = absl::StrCat("messages[", i, "]");
-    if (!m.is_object()) return InvalidRequestError(param, "each message must be an object");
-    const json* role = Member(m, "role");
-    if (role == nullptr || !role->is_string()) {
-      return InvalidRequestError(param + ".role", "role must be a string");
-    }
-    ChatMessage msg;
-    msg.role = role->get<std::string>();
-    if (msg.role != "system" && msg.role != "developer" && msg.role != "user" &&
-        msg.role != "assistant") {
-      return InvalidRequestError(param + ".role",
-                                 absl::StrCat("unsupported role '", msg.role,
-                                              "' (expected system, developer, user or assistant)"));
-    }
-    ASSIGN_OR_RETURN(msg.content, MessageContent(m, i));
+    ASSIGN_OR_RETURN(ChatMessage msg, ParseMessage((*messages)[i], i, r.tools));
     r.messages.push_back(std::move(msg));
   }
   RETURN_IF_ERROR(ParseCommon(j, /*legacy_logprobs=*/false, &r.params));
+  RETURN_IF_ERROR(ParseResponseFormat(j, body, &r.params));
+  if (r.tools.active()) {
+    if (r.params.grammar != nullptr) {
+      return InvalidRequestError("response_format",
+                                 "response_format json_object / json_schema together with tools "
+                                 "needs tool_choice \"none\"");
+    }
+    ASSIGN_OR_RETURN(r.params.grammar, ToolCallGrammar(r.tools));
+    // The tools are offered at the start of the last user message.
+    for (auto m = r.messages.rbegin(); m != r.messages.rend(); ++m) {
+      if (m->role != "user") continue;
+      m->content = absl::StrCat(AvailableToolsText(r.tools), "\n\n", m->content);
+      break;
+    }
+  }
   return r;
 }
 
@@ -338,6 +401,12 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body) 
   }
   r.params.max_tokens = 16;
   RETURN_IF_ERROR(ParseCommon(j, /*legacy_logprobs=*/true, &r.params));
+  RETURN_IF_ERROR(ParseResponseFormat(j, body, &r.params));
+  if (const json* tools = Member(j, "tools")) {
+    if (!tools->is_array() || !tools->empty()) {
+      return InvalidRequestError("tools", "tools are supported on /v1/chat/completions only");
+    }
+  }
   bool echo = false;
   RETURN_IF_ERROR(ReadBool(j, "echo", &echo));
   if (echo) return InvalidRequestError("echo", "echo is not supported");
@@ -371,6 +440,8 @@ json FinishReasonJson(FinishReason reason) {
       return "stop";
     case FinishReason::kLength:
       return "length";
+    case FinishReason::kToolCalls:
+      return "tool_calls";
     default:
       return nullptr;
   }
@@ -412,8 +483,19 @@ json CompletionLogprobsJson(const std::vector<SampledToken>& tokens, const Token
 
 json ChatCompletionJson(const ResponseMeta& meta, const GenerationResult& result, bool logprobs,
                         const Tokenizer& tok) {
+  json message = {{"role", "assistant"}, {"content", result.text}};
+  if (!result.tool_calls.empty()) {
+    message["content"] = nullptr;
+    message["tool_calls"] = json::array();
+    for (const ToolCall& c : result.tool_calls) {
+      message["tool_calls"].push_back(
+          {{"id", c.id},
+           {"type", "function"},
+           {"function", {{"name", c.name}, {"arguments", c.arguments}}}});
+    }
+  }
   json choice = {{"index", 0},
-                 {"message", {{"role", "assistant"}, {"content", result.text}}},
+                 {"message", std::move(message)},
                  {"finish_reason", FinishReasonJson(result.finish)}};
   choice["logprobs"] = logprobs ? ChatLogprobsJson(result.tokens, tok) : json(nullptr);
   return {{"id", meta.id},
@@ -434,6 +516,21 @@ json ChatCompletionChunkJson(const ResponseMeta& meta, json delta, FinishReason 
           {"created", meta.created},
           {"model", meta.model},
           {"choices", json::array({choice})}};
+}
+
+std::vector<json> ToolCallDeltas(const std::vector<ToolCall>& calls) {
+  std::vector<json> deltas;
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const ToolCall& c = calls[i];
+    deltas.push_back(
+        {{"tool_calls", json::array({{{"index", i},
+                                      {"id", c.id},
+                                      {"type", "function"},
+                                      {"function", {{"name", c.name}, {"arguments", ""}}}}})}});
+    deltas.push_back({{"tool_calls",
+                       json::array({{{"index", i}, {"function", {{"arguments", c.arguments}}}}})}});
+  }
+  return deltas;
 }
 
 json CompletionJson(const ResponseMeta& meta, const GenerationResult& result, bool logprobs,

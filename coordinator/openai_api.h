@@ -20,7 +20,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "coordinator/chat_template.h"
+#include "coordinator/json_grammar.h"
 #include "coordinator/scheduler.h"
+#include "coordinator/tool_calls.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -60,11 +62,17 @@ struct GenerationParams {
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
   int top_logprobs = -1;       // < 0: no logprobs
+  // response_format json_object / json_schema: the reply's grammar (json_schema.h); null for
+  // text.
+  std::shared_ptr<const JsonGrammar> grammar;
 };
 
+// Chat messages are returned rendered for the template: tool calls, tool results and the tools
+// offered are written into the messages' text (tool_calls.h).
 struct ChatCompletionRequest {
   std::vector<ChatMessage> messages;
   GenerationParams params;
+  ToolSpec tools;
 };
 
 struct CompletionRequest {
@@ -87,6 +95,7 @@ struct GenerationResult {
   int64_t prompt_tokens = 0;
   int64_t cached_prompt_tokens = 0;  // usage.prompt_tokens_details.cached_tokens
   int64_t completion_tokens = 0;
+  std::vector<ToolCall> tool_calls;  // with finish kToolCalls: message.content is null
 };
 
 // Response identity shared by a response or all chunks of one stream.
@@ -115,8 +124,10 @@ nlohmann::json CompletionLogprobsJson(const std::vector<SampledToken>& tokens, c
 nlohmann::json ChatCompletionJson(const ResponseMeta& meta, const GenerationResult& result,
                                   bool logprobs, const Tokenizer& tok);
 // One stream chunk: `delta` is {"role": ...} / {"content": ...} / {}; `logprobs` null to omit.
+// ToolCallDeltas: the deltas announcing `calls` (id, type, name; then the arguments).
 nlohmann::json ChatCompletionChunkJson(const ResponseMeta& meta, nlohmann::json delta,
                                        FinishReason finish, nlohmann::json logprobs);
+std::vector<nlohmann::json> ToolCallDeltas(const std::vector<ToolCall>& calls);
 nlohmann::json CompletionJson(const ResponseMeta& meta, const GenerationResult& result,
                               bool logprobs, const Tokenizer& tok);
 nlohmann::json CompletionChunkJson(const ResponseMeta& meta, const std::string& text,

@@ -30,6 +30,8 @@ const char* FinishReasonName(FinishReason r) {
       return "cancelled";
     case FinishReason::kError:
       return "error";
+    case FinishReason::kToolCalls:
+      return "tool_calls";
     case FinishReason::kNone:
       break;
   }
@@ -66,7 +68,9 @@ struct Scheduler::Sequence {
   std::shared_ptr<GenerationStream> stream;
   KvCache cache;
   Sampler sampler;
-  SampledToken next;  // set by SampleNext, consumed by OnToken in the same step
+  std::unique_ptr<TokenConstraint> constraint;  // with req.grammar
+  bool constraint_failed = false;  // no allowed token had a finite logit (set by SampleNext)
+  SampledToken next;               // set by SampleNext, consumed by OnToken in the same step
   GeneratedText text;
   std::vector<int32_t> tokens;  // prompt + generated; positions < cache.n_past() are computed
   int64_t n_generated = 0;
@@ -89,6 +93,11 @@ Scheduler::Scheduler(Engine* engine, const SchedulerOptions& options, ServerMetr
                                                 : per_ctx * options_.max_active;
   pool_ = std::make_unique<KvBlockPool>(engine_->config(), options_.block_size, blocks,
                                         options_.prefix_cache);
+  const Tokenizer& tok = engine_->tokenizer();
+  vocab_trie_ = std::make_unique<VocabTrie>(tok);
+  for (int32_t id = 0; id < tok.n_vocab(); ++id) {
+    if (tok.IsEndOfGeneration(id)) end_tokens_.push_back(id);
+  }
 }
 
 Scheduler::~Scheduler() { Stop(); }
@@ -150,6 +159,13 @@ absl::StatusOr<std::shared_ptr<GenerationStream>> Scheduler::Submit(GenerationRe
   RETURN_IF_ERROR(ValidateSamplingParams(request.sampling));
   auto seq =
       std::make_unique<Sequence>(std::move(request), pool_.get(), n_ctx_, engine_->tokenizer());
+  if (seq->req.grammar != nullptr) {
+    std::vector<int32_t> ends = end_tokens_;
+    ends.insert(ends.end(), seq->req.stop_tokens.begin(), seq->req.stop_tokens.end());
+    seq->constraint =
+        std::make_unique<TokenConstraint>(seq->req.grammar, vocab_trie_.get(), std::move(ends));
+    seq->constraint->Prepare();
+  }
   std::shared_ptr<GenerationStream> stream = seq->stream;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -401,7 +417,15 @@ void Scheduler::SampleNext(Sequence* seq, float* logits) const {
   if (req.top_logprobs >= 0) raw.assign(logits, logits + n_vocab);
   SampledToken& st = seq->next;
   st = SampledToken();
+  if (seq->constraint != nullptr && !seq->constraint->Mask(logits, n_vocab)) {
+    seq->constraint_failed = true;
+    return;
+  }
   st.id = seq->sampler.Sample(logits, n_vocab);
+  if (seq->constraint != nullptr && !seq->constraint->Accept(st.id)) {
+    seq->constraint_failed = true;
+    return;
+  }
   if (req.top_logprobs >= 0) {
     st.logprob = Sampler::Logprob(raw.data(), n_vocab, st.id).logprob;
     if (req.top_logprobs > 0) st.top = Sampler::TopLogprobs(raw.data(), n_vocab, req.top_logprobs);
@@ -412,6 +436,11 @@ void Scheduler::OnToken(Sequence* seq) {
   const GenerationRequest& req = seq->req;
   const Tokenizer& tok = engine_->tokenizer();
   const int32_t id = seq->next.id;
+  if (seq->constraint_failed) {
+    return Finish(seq, FinishReason::kError,
+                  absl::InternalError("no token of the vocabulary can continue the reply under "
+                                      "its response_format or tool schema"));
+  }
 
   const Clock::time_point now = Clock::now();
   if (metrics_ != nullptr) {
@@ -436,8 +465,10 @@ void Scheduler::OnToken(Sequence* seq) {
     ++seq->n_generated;
     seq->tokens.push_back(id);
     // The next token would sit at position tokens.size()-1, which must be inside the context.
-    if ((req.max_tokens > 0 && seq->n_generated >= req.max_tokens) ||
-        static_cast<int64_t>(seq->tokens.size()) > n_ctx_) {
+    if (seq->constraint != nullptr && seq->constraint->Finished()) {
+      final = true;  // the grammar's text is complete: nothing may follow
+    } else if ((req.max_tokens > 0 && seq->n_generated >= req.max_tokens) ||
+               static_cast<int64_t>(seq->tokens.size()) > n_ctx_) {
       final = true;
       reason = FinishReason::kLength;
     }

@@ -42,7 +42,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "coordinator/json_grammar.h"
 #include "coordinator/metrics.h"
+#include "coordinator/token_constraint.h"
 #include "engine/engine.h"
 #include "engine/kv_cache.h"
 #include "engine/sampler.h"
@@ -59,10 +61,15 @@ struct GenerationRequest {
   bool ignore_eos = false;
   bool trim_leading_space = false;  // drop one ' ' at the start of the reply
   int top_logprobs = -1;            // < 0: no logprobs; else the chosen token's and this many
+  // When set, every token is sampled among those the grammar allows (token_constraint.h), and
+  // the sequence stops (kStop) as soon as the grammar's text is complete.
+  std::shared_ptr<const JsonGrammar> grammar;
 };
 
-enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
-const char* FinishReasonName(FinishReason r);  // "stop", "length", "cancelled", "error"
+// kToolCalls: never from the scheduler; the API layer's name for a reply that is a tool call.
+enum class FinishReason { kNone, kStop, kLength, kCancelled, kError, kToolCalls };
+// "stop", "length", "cancelled", "error", "tool_calls"
+const char* FinishReasonName(FinishReason r);
 
 struct SampledToken {
   int32_t id = 0;
@@ -155,7 +162,8 @@ class Scheduler {
 
   // Queues a request. INVALID_ARGUMENT: empty prompt, a token id out of range, bad sampling
   // parameters or logit_bias, or a prompt that leaves no room to generate (>= n_ctx tokens; the
-  // message says so); RESOURCE_EXHAUSTED: the queue is full; UNAVAILABLE: stopped.
+  // message says so); RESOURCE_EXHAUSTED: the queue is full; UNAVAILABLE: stopped. A request
+  // with a grammar has its first token mask computed here, on the caller's thread.
   absl::StatusOr<std::shared_ptr<GenerationStream>> Submit(GenerationRequest request);
 
   int64_t n_ctx() const { return n_ctx_; }
@@ -210,6 +218,8 @@ class Scheduler {
   ServerMetrics* metrics_;
   int64_t n_ctx_;
   std::unique_ptr<KvBlockPool> pool_;
+  std::unique_ptr<VocabTrie> vocab_trie_;  // for grammar-constrained requests
+  std::vector<int32_t> end_tokens_;        // the tokenizer's end-of-generation ids
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -128,11 +128,47 @@ TEST(ChatTemplateTest, MistralRejectsBadRoleOrders) {
       {{"user", "a"}, {"system", "s"}, {"user", "b"}},
       {{"system", "s"}},
       {{"tool", "x"}},
+      {{"user", "a"}, {"tool", "x"}},
+      {{"user", "a"},
+       {"assistant", "b"},
+       {"tool", "x"},
+       {"tool", "y"},
+       {"assistant", "c"},
+       {"assistant", "d"}},
   };
   for (const auto& chat : bad) {
     EXPECT_EQ(t.Apply(chat).status().code(), absl::StatusCode::kInvalidArgument)
         << chat.size() << " messages";
   }
+}
+
+// Tool results (already text, tool_calls.h) follow the assistant's call after its </s>; the
+// prompt may end with them, and the assistant's answer follows them.
+TEST(ChatTemplateTest, MistralWritesToolTurns) {
+  Vocab v = LoadVocab(VocabPath());
+  ChatTemplate t(ChatFormat::kMistral, v.tokenizer.get());
+  const std::vector<ChatMessage> chat = {{"user", "Weather?"},
+                                         {"assistant", "[TOOL_CALLS] [call]"},
+                                         {"tool", "[TOOL_RESULTS] r1[/TOOL_RESULTS]"},
+                                         {"tool", "[TOOL_RESULTS] r2[/TOOL_RESULTS]"}};
+  auto text = t.Render(chat);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text,
+            "<s>[INST] Weather? [/INST] [TOOL_CALLS] [call]</s>[TOOL_RESULTS] r1[/TOOL_RESULTS]"
+            "[TOOL_RESULTS] r2[/TOOL_RESULTS]");
+  std::vector<ChatMessage> more = chat;
+  more.push_back({"assistant", "Sunny."});
+  more.push_back({"user", "Thanks"});
+  text = t.Render(more);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_NE(text->find("[/TOOL_RESULTS] Sunny.</s>[INST] Thanks [/INST]"), std::string::npos)
+      << *text;
+  ChatTemplate chatml(ChatFormat::kChatml, v.tokenizer.get());
+  text = chatml.Render(chat);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_NE(text->find("<|im_start|>tool\n[TOOL_RESULTS] r1[/TOOL_RESULTS]<|im_end|>"),
+            std::string::npos)
+      << *text;
 }
 
 TEST(ChatTemplateTest, ChatmlUsesSpecialTokensWhenTheVocabularyHasThem) {

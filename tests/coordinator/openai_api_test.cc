@@ -87,7 +87,11 @@ TEST(OpenAiApiTest, RejectsBadChatRequestsNamingTheParameter) {
       {R"({"messages": "hi"})", "messages"},
       {R"({"messages": [1]})", "messages[0]"},
       {R"({"messages": [{"content": "x"}]})", "messages[0].role"},
-      {R"({"messages": [{"role": "tool", "content": "x"}]})", "messages[0].role"},
+      {R"({"messages": [{"role": "robot", "content": "x"}]})", "messages[0].role"},
+      {R"({"messages": [{"role": "tool", "content": "x"}]})", "messages[0].tool_call_id"},
+      {R"({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls":
+          [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]})",
+       "messages[1].tool_calls"},
       {R"({"messages": [{"role": "user", "content": 5}]})", "messages[0].content"},
       {R"({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})",
        "messages[0].content"},
@@ -120,7 +124,27 @@ TEST(OpenAiApiTest, RejectsBadChatRequestsNamingTheParameter) {
       {R"("logit_bias": {"x": 1})", "logit_bias"},
       {R"("logit_bias": {"5": 101})", "logit_bias"},
       {R"("tools": [{"type": "function"}])", "tools"},
-      {R"("response_format": {"type": "json_object"})", "response_format"},
+      {R"("tools": [{"type": "function", "function": {"name": "a b"}}])", "tools"},
+      {R"("tools": [{"type": "function", "function": {"name": "f", "parameters":
+          {"type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}}])",
+       "tools"},
+      {R"("tools": [{"type": "function", "function": {"name": "f"}},
+                    {"type": "function", "function": {"name": "f"}}])",
+       "tools"},
+      {R"("tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}})",
+       "tool_choice"},
+      {R"("tool_choice": "required")", "tool_choice"},
+      {R"("tool_choice": "sometimes")", "tool_choice"},
+      {R"("parallel_tool_calls": 1)", "parallel_tool_calls"},
+      {R"("response_format": {"type": "xml"})", "response_format"},
+      {R"("response_format": {"type": "json_schema"})", "response_format"},
+      {R"("response_format": {"type": "json_schema", "json_schema": {"schema":
+          {"type": "string", "format": "email"}}})",
+       "response_format"},
+      {R"("response_format": {"type": "json_object"},
+          "tools": [{"type": "function", "function": {"name": "f"}}])",
+       "response_format"},
   };
   for (const BadCase& c : params) {
     const std::string body = "{" + ok_messages + ", " + c.body + "}";
@@ -128,6 +152,58 @@ TEST(OpenAiApiTest, RejectsBadChatRequestsNamingTheParameter) {
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << body;
     EXPECT_EQ(ApiParam(r.status()), c.param) << body;
   }
+}
+
+TEST(OpenAiApiTest, ParsesResponseFormatAndTools) {
+  auto plain = ParseChatCompletionRequest(
+      R"({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text"}})");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ(plain->params.grammar, nullptr);
+  auto object = ParseChatCompletionRequest(R"({"messages": [{"role": "user", "content": "hi"}],
+      "response_format": {"type": "json_object"}})");
+  ASSERT_TRUE(object.ok()) << object.status();
+  EXPECT_NE(object->params.grammar, nullptr);
+
+  // Tools: offered in the last user message; calls and results written as text.
+  auto r = ParseChatCompletionRequest(R"({"messages": [
+      {"role": "user", "content": "weather?"},
+      {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+       "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "cold"},
+      {"role": "user", "content": "and now?"}],
+      "tools": [{"type": "function", "function": {"name": "get_weather",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+      "tool_choice": "required"})");
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->messages.size(), 4u);
+  EXPECT_EQ(r->messages[1].content,
+            R"([TOOL_CALLS] [{"name":"get_weather","arguments":{"city":"Oslo"}}])");
+  EXPECT_EQ(r->messages[2].content,
+            R"([TOOL_RESULTS] {"call_id":"c1","content":"cold"}[/TOOL_RESULTS])");
+  EXPECT_EQ(r->messages[3].content.rfind("[AVAILABLE_TOOLS] [{\"type\":\"function\"", 0), 0u)
+      << r->messages[3].content;
+  EXPECT_NE(r->messages[3].content.find("[/AVAILABLE_TOOLS]\n\nand now?"), std::string::npos);
+  EXPECT_EQ(r->messages[0].content, "weather?");
+  EXPECT_EQ(r->tools.choice, ToolChoice::kRequired);
+  ASSERT_NE(r->params.grammar, nullptr);
+  JsonMatcher m(r->params.grammar.get());
+  EXPECT_TRUE(m.Advance(R"([TOOL_CALLS] [{"name":"get_weather","arguments":{"city":"x"}}])"));
+  EXPECT_TRUE(m.CanEnd());
+
+  // "none": tools neither offered nor constrained.
+  auto none = ParseChatCompletionRequest(R"({"messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"})");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->params.grammar, nullptr);
+  EXPECT_EQ(none->messages[0].content, "hi");
+
+  auto completion = ParseCompletionRequest(R"({"prompt": "x", "response_format":
+      {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}})");
+  ASSERT_TRUE(completion.ok()) << completion.status();
+  EXPECT_NE(completion->params.grammar, nullptr);
+  auto completion_tools = ParseCompletionRequest(
+      R"({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]})");
+  EXPECT_EQ(ApiParam(completion_tools.status()), "tools");
 }
 
 TEST(OpenAiApiTest, ParsesCompletionPrompts) {
