@@ -17,12 +17,14 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "cli/args.h"
 #include "cli/cluster_flags.h"
 #include "cli/commands.h"
 #include "cli/device_flags.h"
 #include "cli/engine_flags.h"
+#include "cli/service_notify.h"
 #include "cli/weights_in_memory.h"
 #include "coordinator/cluster_control.h"
 #include "coordinator/cluster_expert_backend.h"
@@ -315,12 +317,17 @@ absl::Status Serve(const Args& args) {
   const bool host_weights = !device.cuda;
   EngineFactory factory;
   RETURN_IF_ERROR(ConfigureExperts(args, &config, &factory));
+  ASSIGN_OR_RETURN(const double drain_timeout, args.GetDouble("drain-timeout", 30));
+  if (!(drain_timeout >= 0)) return absl::InvalidArgumentError("--drain-timeout must be >= 0");
   // Block the stop signals in every thread (threads inherit the mask), then wait for them here.
+  // SIGUSR2 only wakes the thread that waits for a second stop signal during the drain.
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  sigset_t blocked = stop_signals;
+  sigaddset(&blocked, SIGUSR2);
+  pthread_sigmask(SIG_BLOCK, &blocked, nullptr);
 
   ASSIGN_OR_RETURN(auto session, ServeSession::Create(config, factory));
   if (!session->notice().empty()) {
@@ -334,12 +341,28 @@ absl::Status Serve(const Args& args) {
   const std::string shown = host.find(':') != std::string::npos ? "[" + host + "]" : host;
   std::printf("moepool: serving on http://%s:%d\n", shown.c_str(), session->port());
   std::fflush(stdout);
+  NotifyReady(absl::StrFormat("serving on http://%s:%d", shown, session->port()));
   std::unique_ptr<ResidencyWatch> watch;
   if (preload && host_weights)
     watch = std::make_unique<ResidencyWatch>(&session->engine().model(), "moepool");
   int sig = 0;
   sigwait(&stop_signals, &sig);
   std::fprintf(stderr, "moepool: %s received, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  // Graceful stop: no new requests (503, /health "draining"); the admitted ones finish, up to
+  // --drain-timeout; a second signal stops at once.
+  NotifyStopping("draining: finishing the requests in flight");
+  std::thread second([&] {
+    int again = 0;
+    sigwait(&blocked, &again);
+    if (again == SIGUSR2) return;  // the drain ended
+    std::fprintf(stderr, "moepool: second signal, stopping now\n");
+    session->Stop();
+  });
+  const bool all = session->Drain(absl::Seconds(drain_timeout));
+  std::fprintf(stderr, "moepool: %s\n",
+               all ? "every request finished" : "drain timeout: ending the requests left");
+  pthread_kill(second.native_handle(), SIGUSR2);
+  second.join();
   session->Stop();
   return absl::OkStatus();
 }
@@ -364,7 +387,8 @@ FlagSpec ServeFlags() {
                     "cluster-tls-cert",
                     "cluster-tls-key",
                     "cluster-token-file",
-                    "cluster-reassign-after"},
+                    "cluster-reassign-after",
+                    "drain-timeout"},
                    {}};
   AddEngineFlags(&spec);
   AddClusterFlags(&spec);
@@ -380,6 +404,10 @@ FlagSpec ServeFlags() {
       "PATH  file of API keys, one per line, # starts a comment line; repeatable";
   help["parallel"] =
       "N  sequences generated at once; more requests wait in the queue, 1..1024 (default 4)";
+  help["drain-timeout"] =
+      "S  on SIGTERM/SIGINT, stop taking requests (503, /health \"draining\") and give the ones "
+      "in flight up to S seconds to finish before stopping; a second signal stops at once "
+      "(default 30)";
   help["ctx"] = "N  positions per sequence, prompt and reply (default min(model context, 4096))";
   help["max-queue"] = "N  requests waiting beyond --parallel; more get 429, 0..100000 (default 64)";
   help["chat-template"] =

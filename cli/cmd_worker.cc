@@ -27,10 +27,12 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "cli/args.h"
 #include "cli/cluster_flags.h"
 #include "cli/commands.h"
 #include "cli/device_flags.h"
+#include "cli/service_notify.h"
 #include "cli/weights_in_memory.h"
 #include "coordinator/planner.h"
 #include "engine/cuda/cuda_backend.h"
@@ -209,6 +211,7 @@ absl::Status ServeJoined(const Args& args, const sigset_t& stop_signals) {
   if (preload && !device.cuda) {
     o.preload = [](const Model& m) { return PreloadWeights(m, "moepool worker"); };
   }
+  o.on_ready = [](const std::string& status) { NotifyReady(status); };
   std::atomic<bool> stop{false};
   std::thread signals([&] {
     int signal_number = 0;
@@ -216,6 +219,7 @@ absl::Status ServeJoined(const Args& args, const sigset_t& stop_signals) {
     if (signal_number == SIGUSR2) return;  // the loop ended by itself
     std::fprintf(stderr, "moepool worker: %s, leaving the cluster\n",
                  signal_number == SIGINT ? "interrupted" : "terminated");
+    NotifyStopping("leaving the cluster (the coordinator drains this worker)");
     stop.store(true);
   });
   const absl::Status s = worker::RunJoinedWorker(o, stop);
@@ -266,6 +270,7 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
               server->tls() ? " (TLS)" : "",
               device.cuda ? absl::StrCat(" on ", device.ToString()).c_str() : "");
   std::fflush(stdout);
+  NotifyReady(absl::StrFormat("serving %zu experts on %s", experts.size(), bound));
   if (server->data_port() > 0) {
     std::fprintf(stderr, "moepool worker: data channel on %s:%d (rows, one frame per layer)\n",
                  HostOf(listen).c_str(), server->data_port());
@@ -278,6 +283,7 @@ absl::Status Serve(const Args& args, const sigset_t& stop_signals) {
   sigwait(&stop_signals, &signal_number);
   std::fprintf(stderr, "moepool worker: %s, shutting down\n",
                signal_number == SIGINT ? "interrupted" : "terminated");
+  NotifyStopping("shutting down");
   server->Shutdown(kShutdownGraceSeconds);
   server->Wait();
   return absl::OkStatus();

@@ -68,9 +68,13 @@ struct HttpServer::StreamState {
   bool chat = true;
   bool include_usage = false;
   bool logprobs = false;
-  bool finished = false;       // the final event was written
-  int64_t text_offset = 0;     // completions logprobs
-  ToolCallReply reply{false};  // the reply split into content or tool calls
+  bool finished = false;                       // the final event was written
+  int64_t text_offset = 0;                     // completions logprobs
+  ToolCallReply reply{false};                  // the reply split into content or tool calls
+  std::atomic<int>* open_responses = nullptr;  // counts this response until it is released
+  ~StreamState() {
+    if (open_responses != nullptr) open_responses->fetch_sub(1);
+  }
 };
 
 namespace {
@@ -323,16 +327,26 @@ json HttpServer::ClusterJson() const {
 void HttpServer::HandleHealth(httplib::Response& res) {
   const SchedulerStats s = scheduler_->stats();
   HealthReport extra = options_.health ? options_.health() : HealthReport{};
-  const bool ok = extra.ok && !stopping_.load();
-  json body = {{"status", ok ? "ok" : "unavailable"},   {"model", options_.model_id},
-               {"active_sequences", s.active},          {"queued_requests", s.queued},
-               {"kv_blocks_free", s.kv_blocks_free},    {"kv_blocks_total", s.kv_blocks_total},
+  const bool draining = draining_.load();
+  const bool ok = extra.ok && !stopping_.load() && !draining;
+  json body = {{"status", ok         ? "ok"
+                          : draining ? "draining"
+                                     : "unavailable"},
+               {"model", options_.model_id},
+               {"active_sequences", s.active},
+               {"queued_requests", s.queued},
+               {"kv_blocks_free", s.kv_blocks_free},
+               {"kv_blocks_total", s.kv_blocks_total},
                {"kv_blocks_cached", s.kv_blocks_cached}};
   if (extra.details.is_object()) body.update(extra.details);
   SendJson(res, ok ? 200 : 503, body);
 }
 
 void HttpServer::HandleGenerate(const std::string& body, httplib::Response& res, bool chat) {
+  if (draining_.load()) {
+    return SendApiError(absl::UnavailableError("the server is shutting down; retry elsewhere"),
+                        res);
+  }
   absl::StatusOr<ParsedGeneration> parsed = ParseGeneration(body, chat);
   if (!parsed.ok()) return SendApiError(parsed.status(), res);
   const GenerationParams& params = parsed->params;
@@ -352,6 +366,8 @@ void HttpServer::HandleGenerate(const std::string& body, httplib::Response& res,
                      .count();
   meta.model = options_.model_id;
   auto state = std::make_shared<StreamState>();
+  open_responses_.fetch_add(1);
+  state->open_responses = &open_responses_;
   state->stream = *submitted;
   state->meta = meta;
   state->chat = chat;

@@ -75,6 +75,11 @@ class HttpServer {
   // Ends in-flight requests (streams get an error event, waiting requests 503), stops
   // listening and joins the HTTP threads. Idempotent.
   void Stop();
+  // Graceful shutdown's first half: /health answers 503 ("draining") and new completions get 503,
+  // while the requests already admitted run to their end. Thread-safe.
+  void BeginDrain() { draining_.store(true); }
+  // Completion responses not yet fully written (streams included). Thread-safe.
+  int open_responses() const { return open_responses_.load(); }
 
  private:
   struct StreamState;  // one response's generation (http_server.cc)
@@ -113,6 +118,8 @@ class HttpServer {
   std::unique_ptr<httplib::Server> server_;
   std::thread listener_;
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> draining_{false};
+  std::atomic<int> open_responses_{0};
   int port_ = 0;
 };
 

@@ -1,6 +1,7 @@
 #include "coordinator/metrics.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -9,7 +10,13 @@
 namespace moepool {
 namespace {
 
-std::string FormatDouble(double v) { return absl::StrFormat("%.17g", v); }
+// The shortest decimal that reads back as `v` (le="0.0025", not "0.0025000000000000001"; 10
+// as "10").
+std::string FormatDouble(double v) {
+  char buf[32];
+  const std::to_chars_result r = std::to_chars(buf, buf + sizeof(buf), v);
+  return std::string(buf, r.ptr);
+}
 
 void Header(const std::string& name, const std::string& type, const std::string& help,
             std::string* out) {
@@ -64,7 +71,8 @@ ServerMetrics::ServerMetrics(int n_layer, int n_expert)
       routing_(new std::atomic<uint64_t>[static_cast<size_t>(n_layer * n_expert)]),
       ttft_(LatencyBounds()),
       itl_(LatencyBounds()),
-      idle_ratio_({0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1}) {
+      idle_ratio_({0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1}),
+      step_(LatencyBounds()) {
   for (int i = 0; i < n_layer * n_expert; ++i) routing_[i].store(0);
 }
 
@@ -92,6 +100,7 @@ void ServerMetrics::ObserveStep(int micro_batches, double step_seconds, double i
   idle_micros_.fetch_add(static_cast<uint64_t>(std::llround(idle * 1e6)),
                          std::memory_order_relaxed);
   idle_ratio_.Observe(step > 0 ? idle / step : 0.0);
+  step_.Observe(step);
 }
 
 void ServerMetrics::CountRequest(const std::string& endpoint, int http_status) {
@@ -139,6 +148,8 @@ std::string ServerMetrics::Render(const GaugeSnapshot& g) const {
   Simple("moepool_step_seconds_total", "counter",
          "Wall time of the scheduler's steps (batch building, forward pass, sampling).",
          static_cast<double>(step_micros_.load()) / 1e6, &out);
+  step_.Render("moepool_step_duration_seconds",
+               "Wall time of each scheduler step (batch building, forward pass, sampling).", &out);
   Simple("moepool_coordinator_idle_seconds_total", "counter",
          "Part of the step time the forward thread spent blocked waiting for remote experts.",
          static_cast<double>(idle_micros_.load()) / 1e6, &out);

@@ -93,6 +93,7 @@ class ServerMetrics : public RoutingObserver {
   std::atomic<uint64_t> step_micros_{0};
   std::atomic<uint64_t> idle_micros_{0};
   Histogram idle_ratio_;  // per step: idle / step wall time
+  Histogram step_;        // per step: wall time
 };
 
 }  // namespace moepool

@@ -42,6 +42,18 @@ absl::Status ServeSession::Start() {
   return http_->Start();
 }
 
+bool ServeSession::Drain(absl::Duration timeout) {
+  if (http_ == nullptr || scheduler_ == nullptr) return true;
+  http_->BeginDrain();
+  const absl::Time deadline = absl::Now() + timeout;
+  while (true) {
+    const SchedulerStats s = scheduler_->stats();
+    if (s.active == 0 && s.queued == 0 && http_->open_responses() == 0) return true;
+    if (absl::Now() >= deadline) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
+
 void ServeSession::Stop() {
   // HTTP first: its handlers end their responses; then the scheduler ends the sequences.
   if (http_ != nullptr) http_->Stop();

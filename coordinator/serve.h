@@ -16,6 +16,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "coordinator/chat_template.h"
 #include "coordinator/http_server.h"
 #include "coordinator/metrics.h"
@@ -50,6 +51,9 @@ class ServeSession {
   int port() const { return http_->port(); }
   // Ends in-flight requests, stops listening and the scheduler. Idempotent.
   void Stop();
+  // Graceful shutdown: stops taking requests (HttpServer::BeginDrain) and waits until every
+  // admitted request has finished or `timeout` has passed. True if all finished. Call Stop next.
+  bool Drain(absl::Duration timeout);
 
   // A line to log once at startup (e.g. "no chat template in the file; using mistral"), or "".
   const std::string& notice() const { return notice_; }

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "engine/status_macros.h"
 #include "moepool/v1/cluster_service.grpc.pb.h"
 #include "worker/shard_cache.h"
@@ -266,10 +267,12 @@ absl::Status Attach(const JoinOptions& options, ShardCache* cache, Session* sess
   const uint64_t expert_bytes = serving->core->expert_bytes();
   lock.unlock();
   RETURN_IF_ERROR(session->Ready(shard.bytes_fetched));
-  std::printf("moepool worker: ready as %s: serving %zu experts (%.1f MiB) on %s\n",
-              session->id().c_str(), pairs.size(), static_cast<double>(expert_bytes) / (1 << 20),
-              options.advertise.c_str());
+  const std::string status = absl::StrFormat(
+      "ready as %s: serving %zu experts (%.1f MiB) on %s", session->id(), pairs.size(),
+      static_cast<double>(expert_bytes) / (1 << 20), options.advertise);
+  std::printf("moepool worker: %s\n", status.c_str());
   std::fflush(stdout);
+  if (options.on_ready) options.on_ready(status);
   return absl::OkStatus();
 }
 

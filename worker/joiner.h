@@ -46,6 +46,9 @@ struct JoinOptions {
   WorkerServerOptions server;      // the expert server (--listen with a fixed port)
   // Reads a loaded shard into memory before Ready (the CLI's --preload); may be empty.
   std::function<absl::Status(const Model&)> preload;
+  // Called each time the worker is ready (serving its assignment), with a one-line status; may
+  // be empty. The CLI tells systemd (READY=1).
+  std::function<void(const std::string& status)> on_ready;
   double retry_initial_s = 1;
   double retry_max_s = 10;
 };

@@ -267,6 +267,11 @@ TEST(HttpServerTest, CompletionsModelsHealthAndMetrics) {
   EXPECT_NE(m.find("moepool_time_to_first_token_seconds_count 2"), std::string::npos);
   EXPECT_NE(m.find("moepool_inter_token_latency_seconds_count 8"), std::string::npos);
   EXPECT_NE(m.find("moepool_kv_blocks_used 0"), std::string::npos);
+  // Bucket bounds in their shortest form; a histogram of step times for alerts.
+  EXPECT_NE(m.find("moepool_time_to_first_token_seconds_bucket{le=\"0.0025\"}"), std::string::npos);
+  EXPECT_EQ(m.find("000000000"), std::string::npos) << m;
+  EXPECT_NE(m.find("moepool_step_duration_seconds_bucket{le=\"0.05\"}"), std::string::npos);
+  EXPECT_NE(m.find("moepool_step_duration_seconds_count"), std::string::npos);
   EXPECT_NE(m.find("moepool_expert_routed_tokens_total{layer=\"3\",expert=\"7\"}"),
             std::string::npos);
   uint64_t routed = 0;
