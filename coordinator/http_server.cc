@@ -301,6 +301,7 @@ void HttpServer::InstallRoutes() {
     g.kv_blocks_cached = s.kv_blocks_cached;
     g.kv_block_size = s.block_size;
     g.prefix_cache_hit_tokens = s.prefix_hit_tokens;
+    g.draining = draining_.load();
     if (options_.cluster) {
       const json c = ClusterJson();
       g.cluster = true;

@@ -155,6 +155,9 @@ std::string ServerMetrics::Render(const GaugeSnapshot& g) const {
          static_cast<double>(idle_micros_.load()) / 1e6, &out);
   idle_ratio_.Render("moepool_coordinator_idle_ratio",
                      "Per step: time blocked waiting for remote experts / step wall time.", &out);
+  Simple("moepool_draining", "gauge",
+         "1 while a graceful stop drains the requests in flight (new ones get 503).",
+         g.draining ? 1.0 : 0.0, &out);
   Simple("moepool_queue_depth", "gauge", "Requests waiting for a sequence slot.",
          static_cast<double>(g.queue_depth), &out);
   Simple("moepool_active_sequences", "gauge", "Sequences being generated.",

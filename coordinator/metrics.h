@@ -45,6 +45,7 @@ struct GaugeSnapshot {
   int64_t kv_blocks_cached = 0;
   int64_t kv_block_size = 0;
   uint64_t prefix_cache_hit_tokens = 0;
+  bool draining = false;  // a graceful stop is under way (HttpServer::BeginDrain)
   // With workers (GET /v1/cluster): workers per state, the placement version and the (layer,
   // expert) pairs the coordinator computes because no up worker holds them.
   bool cluster = false;

@@ -8,7 +8,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PKGS=(build-essential cmake ninja-build pkg-config
       libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
       libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc libcpp-httplib-dev
-      libxxhash-dev libssl-dev libsystemd-dev systemd)
+      libxxhash-dev libssl-dev libsystemd-dev
+      systemd prometheus)  # systemd-analyze and promtool check deploy/ in the tests
 # Node.js (>= 18) for the OpenAI client test; Debian's nodejs/npm unless a node is installed.
 if ! command -v node >/dev/null 2>&1; then PKGS+=(nodejs npm); fi
 missing=()

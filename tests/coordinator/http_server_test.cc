@@ -340,6 +340,26 @@ TEST(HttpServerTest, ReadsJsonWhateverTheContentType) {
   EXPECT_EQ(res->status, 200) << res->body;
 }
 
+// The first half of a graceful stop: /health says draining, new completions get 503, and
+// open_responses counts a response until it is fully written.
+TEST(HttpServerTest, DrainRefusesNewWorkAndCountsOpenResponses) {
+  TestServer srv;
+  const std::string body = R"({"prompt": "x", "max_tokens": 2})";
+  ASSERT_EQ(srv.Post("/v1/completions", body)->status, 200);
+  EXPECT_EQ(srv.http->open_responses(), 0);
+  srv.http->BeginDrain();
+  auto health = srv.client->Get("/health");
+  ASSERT_TRUE(health);
+  EXPECT_EQ(health->status, 503);
+  EXPECT_EQ(json::parse(health->body)["status"], "draining");
+  auto refused = srv.Post("/v1/completions", body);
+  EXPECT_EQ(refused->status, 503);
+  EXPECT_EQ(json::parse(refused->body)["error"]["type"], "server_error");
+  auto metrics = srv.client->Get("/metrics");  // still observable
+  ASSERT_TRUE(metrics);
+  EXPECT_NE(metrics->body.find("moepool_draining 1"), std::string::npos);
+}
+
 TEST(HttpServerTest, ApiKeysGuardTheApiButNotHealth) {
   HttpServerOptions ho;
   ho.api_keys = {"key-one", "key-two"};
