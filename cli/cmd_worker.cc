@@ -109,7 +109,7 @@ absl::StatusOr<uint64_t> MemoryBudget(const Args& args, const DeviceSpec& device
     }
   } else {
     const HostMemory host = ReadHostMemory();
-    free = host.available;
+    free = host.Available();  // in a container: the room under its memory limit
     total = host.Capacity();
   }
   const uint64_t reserve = std::max<uint64_t>(uint64_t{1} << 30, total / 10);

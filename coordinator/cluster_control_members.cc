@@ -288,6 +288,7 @@ nlohmann::json ClusterControl::View() const {
                         {"joined", !m->is_static},
                         {"device", m->capacity.device()},
                         {"memory_budget_bytes", m->capacity.memory_bytes()},
+                        {"expert_bytes", MemberBytes(*m)},
                         {"threads", m->capacity.threads()}};
     if (link != nullptr) {
       w["worker_id"] = link->worker_id;
@@ -295,6 +296,16 @@ nlohmann::json ClusterControl::View() const {
       w["last_error"] = link->last_error;
       w["requests"] = link->requests;
       w["failures"] = link->failures;
+      w["rows"] = link->rows;
+      // Means over the latest exchanges: the link's round trip and the worker's own compute.
+      double round_trip = 0, compute = 0;
+      for (const RoundTripSample& r : link->recent) {
+        round_trip += static_cast<double>(r.round_trip_micros);
+        compute += static_cast<double>(r.compute_micros);
+      }
+      const double n = static_cast<double>(std::max<size_t>(link->recent.size(), 1));
+      w["round_trip_ms"] = round_trip / n / 1e3;
+      w["compute_ms"] = compute / n / 1e3;
     }
     workers.push_back(std::move(w));
   }

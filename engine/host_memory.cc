@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <string>
 
@@ -19,8 +20,8 @@ uint64_t ReadNumber(const std::string& path) {
   return v;
 }
 
-// The memory limit of this process's cgroup (v2, else v1), 0 when none.
-uint64_t CgroupLimit(const std::string& root) {
+// The memory limit of this process's cgroup (v2, else v1), 0 when none, and its usage.
+uint64_t CgroupLimit(const std::string& root, uint64_t* usage) {
   std::ifstream in(root + "/proc/self/cgroup");
   std::string line;
   while (std::getline(in, line)) {
@@ -33,8 +34,10 @@ uint64_t CgroupLimit(const std::string& root) {
     uint64_t limit = 0;
     if (controllers.empty()) {
       limit = ReadNumber(root + "/sys/fs/cgroup" + path + "/memory.max");
+      *usage = ReadNumber(root + "/sys/fs/cgroup" + path + "/memory.current");
     } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
       limit = ReadNumber(root + "/sys/fs/cgroup/memory" + path + "/memory.limit_in_bytes");
+      *usage = ReadNumber(root + "/sys/fs/cgroup/memory" + path + "/memory.usage_in_bytes");
     }
     // v1 reports "no limit" as a huge page-rounded number.
     if (limit != 0 && limit < (uint64_t{1} << 60)) return limit;
@@ -49,6 +52,12 @@ uint64_t HostMemory::Capacity() const {
   return total;
 }
 
+uint64_t HostMemory::Available() const {
+  if (cgroup_limit == 0) return available;
+  const uint64_t room = cgroup_limit > cgroup_usage ? cgroup_limit - cgroup_usage : 0;
+  return available == 0 ? room : std::min(available, room);
+}
+
 HostMemory ReadHostMemory(const std::string& root) {
   HostMemory m;
   std::ifstream in(root + "/proc/meminfo");
@@ -60,7 +69,8 @@ HostMemory ReadHostMemory(const std::string& root) {
     if (key == "MemTotal:") m.total = kib * 1024;
     if (key == "MemAvailable:") m.available = kib * 1024;
   }
-  m.cgroup_limit = CgroupLimit(root);
+  m.cgroup_limit = CgroupLimit(root, &m.cgroup_usage);
+  if (m.cgroup_limit == 0) m.cgroup_usage = 0;
   return m;
 }
 

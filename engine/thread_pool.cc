@@ -1,5 +1,7 @@
 #include "engine/thread_pool.h"
 
+#include "engine/host_cpus.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -15,8 +17,8 @@ constexpr int kSpinIterations = 20000;
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
-  if (n_threads <= 0) n_threads = static_cast<int>(std::thread::hardware_concurrency());
-  if (n_threads <= 0) n_threads = 1;
+  // Default: the CPUs this process may use (affinity mask, container CPU quota).
+  if (n_threads <= 0) n_threads = UsableCpus();
   n_threads_ = n_threads;
   for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
 }

@@ -31,9 +31,16 @@ TEST(HostMemoryTest, ReadsMeminfoAndTheCgroupLimit) {
   EXPECT_EQ(m.available, uint64_t{20000000} * 1024);
   EXPECT_EQ(m.cgroup_limit, uint64_t{15032385536});
   EXPECT_EQ(m.Capacity(), uint64_t{15032385536});
+  EXPECT_EQ(m.Available(), uint64_t{15032385536});  // no usage file: the whole limit
+  // A container with a 14 GiB limit, 4 GiB of it used, on a node with 19 GiB available: 10 GiB.
+  Write(v2 + "/sys/fs/cgroup/pool/worker/memory.current", "4294967296\n");
+  EXPECT_EQ(ReadHostMemory(v2).Available(), uint64_t{15032385536} - uint64_t{4294967296});
+  Write(v2 + "/sys/fs/cgroup/pool/worker/memory.current", "20000000000\n");  // over: none
+  EXPECT_EQ(ReadHostMemory(v2).Available(), 0u);
   Write(v2 + "/sys/fs/cgroup/pool/worker/memory.max", "max\n");
   EXPECT_EQ(ReadHostMemory(v2).cgroup_limit, 0u);
   EXPECT_EQ(ReadHostMemory(v2).Capacity(), uint64_t{24684956} * 1024);
+  EXPECT_EQ(ReadHostMemory(v2).Available(), uint64_t{20000000} * 1024);  // no limit: the node's
 
   const std::string v1 = TempDir() + "/host-v1";
   Write(v1 + "/proc/meminfo", "MemTotal: 1000 kB\nMemAvailable: 900 kB\n");
