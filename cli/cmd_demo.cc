@@ -169,6 +169,7 @@ absl::Status Demo(const Args& args) {
   }
   const std::string url = ready->substr(std::string("moepool: serving on ").size());
   std::printf("%s\n", ready->c_str());
+  std::printf("web console (workers, experts, chat): %s/\n", url.c_str());
   std::printf(
       "try:\n  curl %s/v1/chat/completions -H 'Content-Type: application/json' \\\n"
       "    -d '{\"model\": \"moepool\", \"messages\": [{\"role\": \"user\", \"content\": "

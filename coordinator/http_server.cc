@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "coordinator/console.h"
 #include "coordinator/openai_api.h"
 #include "coordinator/tokenize_api.h"
 #include "engine/status_macros.h"
@@ -45,6 +46,7 @@ std::string EndpointLabel(const std::string& path) {
     if (path == p) return p;
   }
   if (path.rfind("/v1/models/", 0) == 0) return "/v1/models/{id}";
+  if (FindConsoleFile(path) != nullptr) return "console";
   return "other";
 }
 
@@ -259,6 +261,14 @@ void HttpServer::InstallBodyRoutes() {
 void HttpServer::InstallRoutes() {
   httplib::Server& svr = *server_;
   InstallBodyRoutes();
+  // The web console: public files; the page asks for the API key for its /v1 calls.
+  for (int i = 0; i < kEmbeddedFileCount; ++i) {
+    const EmbeddedFile* f = &kEmbeddedFiles[i];
+    svr.Get(f->url, [f](const httplib::Request&, httplib::Response& res) {
+      res.set_header("Cache-Control", "no-cache");
+      res.set_content(reinterpret_cast<const char*>(f->data), f->size, f->content_type);
+    });
+  }
   svr.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
     SendJson(res, 200,
              {{"object", "list"}, {"data", json::array({ModelJson(options_.model_id, created_)})}});

@@ -43,6 +43,9 @@ TEST(DemoCommandTest, ServesChatThroughTwoWorkersAndStopsOnSigint) {
   ASSERT_EQ(ready.rfind("moepool: serving on http://127.0.0.1:", 0), 0u) << ready;
   const int port =
       std::stoi(ready.substr(std::string("moepool: serving on http://127.0.0.1:").size()));
+  ASSERT_NE(std::fgets(buf, sizeof(buf), out), nullptr);
+  EXPECT_EQ(std::string(buf), "web console (workers, experts, chat): http://127.0.0.1:" +
+                                  std::to_string(port) + "/\n");
 
   httplib::Client client("127.0.0.1", port);
   client.set_read_timeout(60, 0);
@@ -54,6 +57,11 @@ TEST(DemoCommandTest, ServesChatThroughTwoWorkersAndStopsOnSigint) {
   EXPECT_EQ(res->status, 200) << res->body;
   const auto j = nlohmann::json::parse(res->body);
   EXPECT_EQ(j["usage"]["completion_tokens"], 8);
+  auto page = client.Get("/");  // the web console, embedded in the binary
+  ASSERT_TRUE(page);
+  EXPECT_EQ(page->status, 200);
+  EXPECT_EQ(page->get_header_value("Content-Type").rfind("text/html", 0), 0u);
+  EXPECT_NE(page->body.find("/console/app.js"), std::string::npos);
   auto health = client.Get("/health");
   ASSERT_TRUE(health);
   const auto h = nlohmann::json::parse(health->body);
