@@ -33,7 +33,7 @@ namespace moepool {
 inline constexpr int kMaxGapWhitespace = 16;
 inline constexpr int kMaxIntegerDigits = 15;
 inline constexpr int kMaxFractionDigits = 15;
-inline constexpr int kMaxExponentDigits = 3;
+inline constexpr int kMaxExponentDigits = 2;  // e+99: every number stays a finite double
 inline constexpr int kMaxMatchDepth = 96;   // open values per stack (deeper nesting is refused)
 inline constexpr int kMaxMatchStacks = 64;  // alternatives alive at once (more are dropped)
 

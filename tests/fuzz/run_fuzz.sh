@@ -4,7 +4,10 @@
 # starting from the committed seed corpus. Not in CI (it runs for minutes); ctest replays the
 # corpus with the gcc build instead (GgufReaderFuzzerReplay).
 #
-#   tests/fuzz/run_fuzz.sh [SECONDS=300] [WORKERS=2] [TARGET=gguf|forward|control|shard|data]
+#   tests/fuzz/run_fuzz.sh [SECONDS=300] [WORKERS=2] [TARGET=gguf|forward|control|shard|data|schema]
+#
+# TARGET schema fuzzes structured output's schema compiler and grammar matcher
+# (json_schema_fuzzer, corpus tests/fuzz/corpus/schema).
 #
 # TARGET forward fuzzes the worker's request framing and the coordinator's response assembly
 # (forward_chunks_fuzzer, seeds from its own writer, corpus tests/fuzz/corpus/forward).
@@ -30,10 +33,11 @@ target=${3:-gguf}
 CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DMOEPOOL_FUZZ=ON -DMOEPOOL_BUILD_TESTS=OFF -DMOEPOOL_BUILD_BENCHMARKS=OFF >/dev/null
 case "$target" in
-  control | shard | data)
+  control | shard | data | schema)
     case "$target" in
       control) binary=cluster_control_fuzzer ;;
       shard) binary=shard_cache_fuzzer ;;
+      schema) binary=json_schema_fuzzer ;;
       *) binary=data_channel_fuzzer ;;
     esac
     ninja -C build-fuzz "$binary"
