@@ -54,6 +54,7 @@ nlohmann::json Percentiles(const std::vector<double>& v) {
 struct DecodeWire {
   std::vector<std::vector<RoundTripSample>> samples;  // per worker
   uint64_t request_bytes = 0, response_bytes = 0;
+  uint64_t exchanges = 0, rows = 0;  // one exchange: one worker, one layer, one step
   void Add(const ClusterStats& st) {
     samples.resize(st.workers.size());
     for (size_t w = 0; w < st.workers.size(); ++w) {
@@ -61,6 +62,8 @@ struct DecodeWire {
       samples[w].insert(samples[w].end(), ws.recent.begin(), ws.recent.end());
       request_bytes += ws.request_bytes;
       response_bytes += ws.response_bytes;
+      exchanges += ws.requests;
+      rows += ws.rows;
     }
   }
 };
@@ -106,6 +109,10 @@ absl::StatusOr<nlohmann::json> ClusterReport(const Args& args, const ClusterExpe
   j["decode_response_bytes_per_token"] = static_cast<double>(wire.response_bytes) / tokens;
   j["decode_wire_bytes_per_token"] =
       static_cast<double>(wire.request_bytes + wire.response_bytes) / tokens;
+  // Round trips (worker exchanges) and rows sent per token, all layers: what a placement that
+  // keeps co-selected experts together lowers.
+  j["decode_exchanges_per_token"] = static_cast<double>(wire.exchanges) / tokens;
+  j["decode_rows_sent_per_token"] = static_cast<double>(wire.rows) / tokens;
   j["prompt_wire_bytes_per_token"] = static_cast<double>(prompt_wire_bytes) /
                                      static_cast<double>(std::max<int64_t>(1, prompt_tokens));
   j["wire_bytes_note"] = "serialized protobuf messages; HTTP/2 and TCP framing not counted";

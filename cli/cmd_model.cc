@@ -108,6 +108,11 @@ absl::Status Synth(const Args& args) {
     return absl::InvalidArgumentError("--expert-layout must be merged or per-expert");
   }
   o.per_expert_layout = layout == "per-expert";
+  ASSIGN_OR_RETURN(const double skew, args.GetDouble("router-skew", 0));
+  if (!(skew >= 0 && skew <= 1)) {
+    return absl::InvalidArgumentError("--router-skew must be in [0, 1]");
+  }
+  o.router_skew = static_cast<float>(skew);
   const bool tty = isatty(2);
   RETURN_IF_ERROR(SynthesizeModel(o, [&](int done, int total) {
     if (tty) std::fprintf(stderr, "\rmoepool synth: %d/%d tensors", done, total);
@@ -154,7 +159,7 @@ int RunInspect(int argc, char** argv) {
 }
 
 int RunSynth(int argc, char** argv) {
-  FlagSpec spec = {{"out", "shape", "type", "seed", "vocab", "expert-layout"}, {}};
+  FlagSpec spec = {{"out", "shape", "type", "seed", "vocab", "expert-layout", "router-skew"}, {}};
   spec.usage = "moepool synth --out F.gguf [flags]";
   spec.summary = "write a Mixtral-architecture GGUF with random weights and a real vocabulary";
   spec.help = {
@@ -171,6 +176,9 @@ int RunSynth(int argc, char** argv) {
       {"expert-layout",
        "merged|per-expert  experts in one tensor per layer and matrix, or one tensor each "
        "(default merged)"},
+      {"router-skew",
+       "S  in [0, 1]: routers that choose experts 0-2 more often and, per layer, pairs of experts "
+       "from the two halves together (to test placement that follows routing; default 0)"},
   };
   auto args = Args::Parse(argc, argv, spec);
   if (!args.ok()) return PrintError(args.status());

@@ -7,6 +7,7 @@
 //
 // Exit status: 0 when it fits, 1 when it does not, 2 for bad arguments or an unreadable model.
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -91,6 +92,23 @@ absl::StatusOr<PlanRequest> ReadRequest(const Args& args) {
     return absl::InvalidArgumentError(absl::StrCat("--ctx must be in [1, 16777216]: ", r.ctx));
   }
   r.replicas = args.Has("replicas");
+  if (args.Has("stats")) {
+    const std::string path = args.Get("stats");
+    std::ifstream in(path);
+    if (!in) return absl::NotFoundError(absl::StrCat("--stats ", path, ": cannot read"));
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) {
+      return absl::InvalidArgumentError(absl::StrCat("--stats ", path, ": not JSON"));
+    }
+    // A serve's --routing-stats-file, or GET /v1/cluster's "routing".
+    absl::StatusOr<RoutingSnapshot> stats =
+        RoutingFromJson(j.contains("routing") ? j["routing"] : j);
+    if (!stats.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--stats ", path, ": ", std::string(stats.status().message())));
+    }
+    r.routing = std::move(*stats);
+  }
   r.host_names = args.GetAll("host");
   if (r.host_names.size() > r.machines.size()) {
     return absl::InvalidArgumentError(absl::StrCat("more --host names (", r.host_names.size(),
@@ -130,6 +148,14 @@ nlohmann::json PlanJson(const PlanRequest& r, const Plan& plan) {
       {"total_bytes", plan.coordinator.total()},
   };
   j["worker_buffer_bytes"] = plan.worker_buffer;
+  if (plan.routing_before.has_value() && plan.routing_after.has_value()) {
+    auto est = [](const RoutingEstimate& e) {
+      return nlohmann::json{{"visits_per_row", e.visits_per_row},
+                            {"colocated_share", e.colocated_share}};
+    };
+    j["routing"] = {{"balanced", est(*plan.routing_before)},
+                    {"colocated", est(*plan.routing_after)}};
+  }
   j["layout"] = plan.layout == PlanLayout::kExpertRanges ? "expert-ranges" : "per-layer";
   nlohmann::json machines = nlohmann::json::array();
   for (const MachinePlan& m : plan.machines) {
@@ -174,8 +200,9 @@ nlohmann::json PlanJson(const PlanRequest& r, const Plan& plan) {
 }  // namespace
 
 int RunPlan(int argc, char** argv) {
-  FlagSpec spec = {{"model", "shape", "type", "machine", "coordinator", "ctx", "reserve", "host"},
-                   {"replicas", "json"}};
+  FlagSpec spec = {
+      {"model", "shape", "type", "machine", "coordinator", "ctx", "reserve", "host", "stats"},
+      {"replicas", "json"}};
   spec.usage =
       "moepool plan (--model M.gguf | --shape NAME) --machine SIZE [--machine SIZE ...] [flags]";
   spec.summary =
@@ -196,6 +223,10 @@ int RunPlan(int argc, char** argv) {
       {"reserve", "SIZE  memory kept free on every machine (default 512MiB)"},
       {"host", "NAME  name of the next --machine, in order; repeatable (default machine-N)"},
       {"replicas", "use the room left over for extra copies of whole experts"},
+      {"stats",
+       "FILE  routing statistics (moepool serve --routing-stats-file, or GET /v1/cluster saved): "
+       "experts the router chooses together are placed on one worker, per layer, and the plan "
+       "prints the workers a routed row visits before and after"},
       {"json", "print one JSON object instead of text"},
   };
   auto args = Args::Parse(argc, argv, spec);

@@ -5,14 +5,18 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/escaping.h"
@@ -30,6 +34,7 @@
 #include "coordinator/cluster_expert_backend.h"
 #include "coordinator/cluster_service.h"
 #include "coordinator/expert_placement.h"
+#include "coordinator/routing_stats.h"
 #include "coordinator/serve.h"
 #include "engine/status_macros.h"
 
@@ -308,6 +313,48 @@ absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFacto
   return absl::OkStatus();
 }
 
+// Writes the routing statistics to a file every 30 s and when destroyed (write to a temporary
+// file, then rename: a reader never sees half a file).
+class RoutingStatsWriter {
+ public:
+  RoutingStatsWriter(const ServerMetrics* metrics, std::string path)
+      : metrics_(metrics), path_(std::move(path)), thread_([this] { Loop(); }) {}
+  ~RoutingStatsWriter() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+    Write();
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!cv_.wait_for(lock, std::chrono::seconds(30), [this] { return stop_; })) Write();
+  }
+  void Write() const {
+    const std::string tmp = path_ + ".tmp";
+    {
+      std::ofstream out(tmp);
+      out << RoutingJson(metrics_->routing_window().Snapshot()).dump() << "\n";
+      if (!out) {
+        std::fprintf(stderr, "moepool: cannot write --routing-stats-file %s\n", path_.c_str());
+        return;
+      }
+    }
+    std::rename(tmp.c_str(), path_.c_str());
+  }
+
+  const ServerMetrics* metrics_;
+  const std::string path_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
 absl::Status Serve(const Args& args) {
   signal(SIGPIPE, SIG_IGN);  // a closed stdout or socket is an error to handle, not a death
   ASSIGN_OR_RETURN(ServeConfig config, ParseConfig(args));
@@ -345,6 +392,11 @@ absl::Status Serve(const Args& args) {
   std::unique_ptr<ResidencyWatch> watch;
   if (preload && host_weights)
     watch = std::make_unique<ResidencyWatch>(&session->engine().model(), "moepool");
+  std::unique_ptr<RoutingStatsWriter> stats_writer;
+  if (args.Has("routing-stats-file")) {
+    stats_writer =
+        std::make_unique<RoutingStatsWriter>(&session->metrics(), args.Get("routing-stats-file"));
+  }
   int sig = 0;
   sigwait(&stop_signals, &sig);
   std::fprintf(stderr, "moepool: %s received, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
@@ -388,7 +440,8 @@ FlagSpec ServeFlags() {
                     "cluster-tls-key",
                     "cluster-token-file",
                     "cluster-reassign-after",
-                    "drain-timeout"},
+                    "drain-timeout",
+                    "routing-stats-file"},
                    {}};
   AddEngineFlags(&spec);
   AddClusterFlags(&spec);
@@ -404,6 +457,10 @@ FlagSpec ServeFlags() {
       "PATH  file of API keys, one per line, # starts a comment line; repeatable";
   help["parallel"] =
       "N  sequences generated at once; more requests wait in the queue, 1..1024 (default 4)";
+  help["routing-stats-file"] =
+      "PATH  write the routing statistics (per layer: each expert's load and each pair's "
+      "co-selection over the latest 65536 rows) there as JSON every 30 s and at exit, for "
+      "moepool plan --stats";
   help["drain-timeout"] =
       "S  on SIGTERM/SIGINT, stop taking requests (503, /health \"draining\") and give the ones "
       "in flight up to S seconds to finish before stopping; a second signal stops at once "

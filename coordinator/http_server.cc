@@ -283,7 +283,10 @@ void HttpServer::InstallRoutes() {
     SendJson(res, 200, ModelJson(options_.model_id, created_));
   });
   svr.Get("/v1/cluster", [this](const httplib::Request&, httplib::Response& res) {
-    SendJson(res, 200, ClusterJson());
+    json body = ClusterJson();
+    // What the router chose over the latest rows: the input of placement (routing_stats.h).
+    if (metrics_ != nullptr) body["routing"] = RoutingJson(metrics_->routing_window().Snapshot());
+    SendJson(res, 200, body);
   });
   svr.Post(R"(/v1/cluster/workers/([A-Za-z0-9_-]{1,64})/drain)",
            [this](const httplib::Request& req, httplib::Response& res) {

@@ -69,6 +69,7 @@ ServerMetrics::ServerMetrics(int n_layer, int n_expert)
     : n_layer_(n_layer),
       n_expert_(n_expert),
       routing_(new std::atomic<uint64_t>[static_cast<size_t>(n_layer * n_expert)]),
+      window_(n_layer, n_expert),
       ttft_(LatencyBounds()),
       itl_(LatencyBounds()),
       idle_ratio_({0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1}),
@@ -77,6 +78,7 @@ ServerMetrics::ServerMetrics(int n_layer, int n_expert)
 }
 
 void ServerMetrics::OnRoutes(int layer, const ExpertRoutes& routes) {
+  window_.Record(routes);
   if (layer < 0 || layer >= n_layer_) return;
   const int64_t n = routes.n_rows * routes.k;
   for (int64_t i = 0; i < n; ++i) {
@@ -197,7 +199,36 @@ std::string ServerMetrics::Render(const GaugeSnapshot& g) const {
                       "\"} ", routed(l, e), "\n");
     }
   }
+  RenderRoutingWindow(window_.Snapshot(), &out);
   return out;
+}
+
+void ServerMetrics::RenderRoutingWindow(const RoutingSnapshot& s, std::string* out) {
+  Header("moepool_routing_window_rows", "gauge",
+         "Rows in the routing statistics window, per layer (the latest rows routed).", out);
+  for (size_t l = 0; l < s.layers.size(); ++l) {
+    absl::StrAppend(out, "moepool_routing_window_rows{layer=\"", l, "\"} ", s.layers[l].rows, "\n");
+  }
+  Header("moepool_expert_window_load", "gauge",
+         "Rows of the window that chose each expert, per layer.", out);
+  for (size_t l = 0; l < s.layers.size(); ++l) {
+    for (int e = 0; e < s.n_expert; ++e) {
+      absl::StrAppend(out, "moepool_expert_window_load{layer=\"", l, "\",expert=\"", e, "\"} ",
+                      s.layers[l].load[static_cast<size_t>(e)], "\n");
+    }
+  }
+  Header("moepool_expert_pair_window_rows", "gauge",
+         "Rows of the window that chose both experts a and b, per layer (pairs seen only).", out);
+  for (size_t l = 0; l < s.layers.size(); ++l) {
+    for (int a = 0; a < s.n_expert; ++a) {
+      for (int b = a + 1; b < s.n_expert; ++b) {
+        const int64_t n = s.layers[l].pair(a, b, s.n_expert);
+        if (n == 0) continue;
+        absl::StrAppend(out, "moepool_expert_pair_window_rows{layer=\"", l, "\",a=\"", a, "\",b=\"",
+                        b, "\"} ", n, "\n");
+      }
+    }
+  }
 }
 
 }  // namespace moepool

@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "coordinator/routing_stats.h"
 #include "engine/transformer.h"
 
 namespace moepool {
@@ -74,13 +75,17 @@ class ServerMetrics : public RoutingObserver {
   Histogram& inter_token_latency() { return itl_; }
 
   uint64_t routed(int layer, int expert) const;
+  // Load and co-selection over the latest rows (routing_stats.h).
+  const RoutingStats& routing_window() const { return window_; }
 
   std::string Render(const GaugeSnapshot& gauges) const;
+  static void RenderRoutingWindow(const RoutingSnapshot& s, std::string* out);
 
  private:
   int n_layer_;
   int n_expert_;
   std::unique_ptr<std::atomic<uint64_t>[]> routing_;  // [n_layer x n_expert]
+  RoutingStats window_;
   mutable std::mutex mu_;
   std::map<std::pair<std::string, int>, uint64_t> requests_;  // guarded by mu_
   std::map<std::string, uint64_t> finishes_;                  // guarded by mu_

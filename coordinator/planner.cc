@@ -409,6 +409,9 @@ absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
   }
   plan.fits = true;
   AssignPairs(r, slot_machine, *ends, order, &plan);
+  if (r.routing.has_value()) {
+    RETURN_IF_ERROR(planner_internal::ColocateByRouting(*r.routing, sizes, &plan));
+  }
   if (r.replicas) AddReplicas(sizes, slot_machine, caps, &plan.machines);
   DescribeWorkers(r, &plan);
   return plan;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "coordinator/routing_stats.h"
 #include "engine/model.h"
 #include "engine/synth.h"
 
@@ -110,6 +111,10 @@ struct PlanRequest {
   int64_t batch = kPlanBatch;
   uint64_t reserve = 512 * kMiB;
   bool replicas = false;
+  // Routing statistics (`moepool plan --stats`, a serve's --routing-stats-file): each layer's
+  // experts are then dealt to the workers so that pairs the router chooses together share a
+  // worker, as often as the statistics say (same number of pairs per worker and layer).
+  std::optional<RoutingSnapshot> routing;
   int first_port = 7070;
   bool suggest = true;  // compute `suggestions` when it does not fit
 };
@@ -148,8 +153,18 @@ enum class PlanLayout {
   kPerLayer,      // some worker holds different experts on different layers (placement files)
 };
 
+// What a placement costs per routed row under routing statistics: the workers a row visits (1
+// when both its experts share a worker), averaged over rows and layers.
+struct RoutingEstimate {
+  double visits_per_row = 0;
+  double colocated_share = 0;  // rows whose experts share a worker
+};
+
 struct Plan {
   bool fits = false;
+  // With PlanRequest::routing: the estimate of the balanced split and of the co-located one.
+  std::optional<RoutingEstimate> routing_before;
+  std::optional<RoutingEstimate> routing_after;
   PlanLayout layout = PlanLayout::kExpertRanges;
   CoordinatorMemory coordinator;
   uint64_t worker_buffer = 0;

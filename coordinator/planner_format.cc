@@ -2,6 +2,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "coordinator/planner.h"
 #include "coordinator/planner_internal.h"
 
@@ -74,6 +75,16 @@ std::string FormatPlan(const PlanRequest& r, const Plan& plan) {
       }
     }
     absl::StrAppend(&out, "  $ ", m.worker_command, "\n");
+  }
+  if (plan.routing_before.has_value() && plan.routing_after.has_value()) {
+    absl::StrAppend(
+        &out,
+        absl::StrFormat("\nrouting statistics: rows whose two experts share a worker %.0f%% -> "
+                        "%.0f%%; workers a routed row visits %.2f -> %.2f (each visit is one row "
+                        "out and one sum back)\n",
+                        100 * plan.routing_before->colocated_share,
+                        100 * plan.routing_after->colocated_share,
+                        plan.routing_before->visits_per_row, plan.routing_after->visits_per_row));
   }
   absl::StrAppend(&out, "\ncoordinator (on ", plan.machines.front().name, "):\n  $ ",
                   plan.serve_command, "\n");

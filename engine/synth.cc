@@ -172,7 +172,26 @@ struct PlannedTensor {
   // Names of the per-expert tensors whose rows this merged tensor stacks (dims[1] rows each);
   // empty: rows are keyed by `name`.
   std::vector<std::string> slice_keys;
+  // A router (ffn_gate_inp) of layer `layer` skewed by SynthOptions::router_skew.
+  float router_skew = 0.0f;
+  int64_t layer = 0;
 };
+
+// Expert e's router row under SynthOptions::router_skew (see synth.h): scaled when hot, plus the
+// component it shares with its partner e ^ m.
+void SkewRouterRow(const PlannedTensor& t, uint64_t key, int64_t e, float* row, int64_t n) {
+  const int64_t n_expert = t.dims[1];
+  const int64_t half = std::max<int64_t>(n_expert / 2, 1);
+  const int64_t partner = e ^ (half + t.layer % half);
+  const float s = t.router_skew;
+  const float hot = std::max(0.0f, 1.0f - static_cast<float>(e) / 3.0f);
+  std::vector<float> shared(static_cast<size_t>(n));
+  NormalRow(Mix64(key ^ 0x5eed5eedULL), std::min(e, partner), shared.data(), n);
+  for (int64_t i = 0; i < n; ++i) {
+    row[i] = row[i] * (1.0f + 2.0f * s * hot) +
+             (partner < n_expert ? 2.0f * s * t.stddev * shared[i] : 0.0f);
+  }
+}
 
 std::vector<PlannedTensor> PlanTensors(const SynthShape& s, const TypeChoice& tc, int64_t n_vocab,
                                        bool per_expert) {
@@ -288,6 +307,7 @@ absl::Status FillTensor(const PlannedTensor& t, uint64_t seed, int n_threads, ui
     for (int64_t r = begin; r < end; ++r) {
       NormalRow(keys[r / slice_rows], r % slice_rows, row.data(), row_len);
       for (float& v : row) v = t.mean + t.stddev * v;
+      if (t.router_skew > 0) SkewRouterRow(t, keys[0], r, row.data(), row_len);
       tr.quantize(row.data(), dst + static_cast<size_t>(r) * row_bytes, row_len);
     }
   };
@@ -371,7 +391,16 @@ absl::Status SynthesizeModel(const SynthOptions& options,
     return absl::InvalidArgumentError(absl::StrCat(vocab_path, ": empty tokenizer.ggml.tokens"));
   }
 
-  const std::vector<PlannedTensor> plan = PlanTensors(s, tc, n_vocab, options.per_expert_layout);
+  if (!(options.router_skew >= 0.0f && options.router_skew <= 1.0f)) {
+    return absl::InvalidArgumentError("router_skew must be in [0, 1]");
+  }
+  std::vector<PlannedTensor> plan = PlanTensors(s, tc, n_vocab, options.per_expert_layout);
+  for (PlannedTensor& t : plan) {
+    if (t.name.size() > 19 && t.name.ends_with("ffn_gate_inp.weight")) {
+      t.router_skew = options.router_skew;
+      t.layer = std::stoll(t.name.substr(4));  // "blk.N.ffn_gate_inp.weight"
+    }
+  }
   GgufWriter writer;
   for (const PlannedTensor& t : plan) {
     const absl::Status st = writer.AddTensor(t.name, t.type, t.dims);

@@ -53,6 +53,13 @@ struct SynthOptions {
   std::string vocab_path;  // a GGUF whose tokenizer.* keys are copied; empty: the default
   bool per_expert_layout = false;
   std::string out_path;
+  // In [0, 1]: 0 is an unbiased random router. Above 0 the router chooses some experts more
+  // often and some pairs together: in each layer, expert e's router row is scaled by
+  // 1 + 2 S max(0, 1 - e / 3) (experts 0, 1, 2 hot), and experts e and e ^ m, with
+  // m = n_expert / 2 + layer % (n_expert / 2), share a common component of weight 2 S (pairs that
+  // straddle the two halves of the experts, different per layer), so placement that follows
+  // routing has something to find (`moepool synth --router-skew S`).
+  float router_skew = 0.0f;
 };
 
 // Writes the model to options.out_path, calling progress(tensors_done, tensors_total) after

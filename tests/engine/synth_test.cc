@@ -171,6 +171,50 @@ TEST(SynthTest, SameSeedGivesIdenticalBytesOtherSeedDoesNot) {
   EXPECT_NE(a.substr(a.size() - (1 << 20)), c.substr(c.size() - (1 << 20)));
 }
 
+// --router-skew: expert e's router row shares a component with e ^ m (m = 4 + layer % 4 for 8
+// experts), so those rows point the same way; the unskewed router is not touched by the option.
+TEST(SynthTest, RouterSkewCorrelatesPartnerRows) {
+  SynthOptions skewed = TinyOptions("Q8_0", 5, false, "synth-skew.gguf");
+  skewed.router_skew = 1.0f;
+  ASSERT_TRUE(SynthesizeModel(skewed).ok());
+  SynthOptions plain = TinyOptions("Q8_0", 5, false, "synth-noskew.gguf");
+  ASSERT_TRUE(SynthesizeModel(plain).ok());
+  auto f = GgufFile::Open(skewed.out_path);
+  auto g = GgufFile::Open(plain.out_path);
+  ASSERT_TRUE(f.ok() && g.ok());
+  const GgufTensorInfo* router = (*f)->FindTensor("blk.1.ffn_gate_inp.weight");
+  const GgufTensorInfo* same = (*f)->FindTensor("blk.1.attn_q.weight");
+  ASSERT_NE(router, nullptr);
+  const int64_t n = router->dims[0], n_expert = router->dims[1];
+  const auto* w = reinterpret_cast<const float*>(router->data);
+  auto cosine = [&](int64_t a, int64_t b) {
+    double ab = 0, aa = 0, bb = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      ab += w[a * n + i] * w[b * n + i];
+      aa += w[a * n + i] * w[a * n + i];
+      bb += w[b * n + i] * w[b * n + i];
+    }
+    return ab / std::sqrt(aa * bb);
+  };
+  const int64_t m = n_expert / 2 + 1 % (n_expert / 2);  // layer 1
+  for (int64_t e = 0; e < n_expert; ++e) {
+    EXPECT_GT(cosine(e, e ^ m), 0.5) << "expert " << e;
+    for (int64_t o = 0; o < n_expert; ++o) {
+      if (o != e && o != (e ^ m)) {
+        EXPECT_LT(std::abs(cosine(e, o)), 0.3) << e << " " << o;
+      }
+    }
+  }
+  // Other tensors are the same bytes as without the option.
+  const GgufTensorInfo* plain_same = (*g)->FindTensor("blk.1.attn_q.weight");
+  ASSERT_NE(same, nullptr);
+  ASSERT_NE(plain_same, nullptr);
+  EXPECT_EQ(std::memcmp(same->data, plain_same->data, same->size_bytes), 0);
+  SynthOptions bad = plain;
+  bad.router_skew = 1.5f;
+  EXPECT_EQ(SynthesizeModel(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(SynthTest, MergedAndPerExpertLayoutsHoldTheSameWeights) {
   auto merged = GgufFile::Open(Synthesized("F16", 3, false));
   auto split = GgufFile::Open(Synthesized("F16", 3, true));
