@@ -12,11 +12,12 @@ split `moepool plan --stats` makes from routing statistics, on two workers behin
 2. Plans: `moepool plan --json` for a coordinator and two 8 GiB workers, without and with
    `--stats`: each worker's (layer, expert) pairs become a placement file.
 3. Per round and plan (order rotated): two `moepool worker --placement` processes, each behind
-   proxies for its gRPC and data ports on its own loopback address, then `moepool bench
-   --workers ... --json` at each stream count.
+   proxies for its gRPC and data ports on its own loopback address, and `moepool serve
+   --workers` through them; chats (other prompts and seeds than the warm-up's, DECODE tokens
+   each; max(streams, 4) of them, `streams` at a time).
 Prints one JSON object: the plans' predicted co-location, and per plan and stream count the
-medians of decode tokens/s, worker exchanges (round trips) per token, rows sent per token and
-wire bytes per token, with the co-located plan's ratios to the balanced one.
+medians of generated tokens/s, worker exchanges (round trips) and rows sent per processed token
+(prompt and generated, from /v1/cluster), with the co-located plan's ratios to the balanced one.
 """
 import argparse
 import contextlib
@@ -28,6 +29,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from dispatch_ab import cpu_name
 
@@ -108,17 +110,48 @@ def cluster(a, files, log):
             p.wait()
 
 
-def bench(a, addresses, streams):
-    out = subprocess.run([a.binary, "bench", "--model", a.model, "--threads", "1", "--workers",
-                          ",".join(addresses), "--sequences", str(streams), "--decode-tokens",
-                          str(a.decode), "--prompt-tokens", "16", "--pings", "50", "--json"],
-                         check=True, capture_output=True, text=True).stdout
-    j = json.loads(out)
-    c = j["cluster"]
-    return {"tokens_per_s": j["decode_tokens_per_s"],
-            "exchanges_per_token": c["decode_exchanges_per_token"],
-            "rows_sent_per_token": c["decode_rows_sent_per_token"],
-            "wire_bytes_per_token": c["decode_wire_bytes_per_token"]}
+def chat(port, i, max_tokens):
+    body = json.dumps({"messages": [{"role": "user", "content": f"Write about subject {i}."}],
+                       "max_tokens": max_tokens, "seed": 1000 + i, "temperature": 0.8}).encode()
+    with urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", data=body), timeout=600) as r:
+        u = json.loads(r.read())["usage"]
+    return u["prompt_tokens"], u["completion_tokens"]
+
+
+def cluster_counts(port):
+    workers = json.loads(urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/v1/cluster", timeout=60).read())["workers"]
+    return sum(w.get("requests", 0) for w in workers), sum(w.get("rows", 0) for w in workers)
+
+
+def bench(a, addresses, streams, log):
+    """Chats through `moepool serve --workers` (prompts unlike the warm-up's, other seeds)."""
+    p = subprocess.Popen([a.binary, "serve", "--model", a.model, "--listen", "127.0.0.1:0",
+                          "--threads", "1", "--workers", ",".join(addresses), "--parallel",
+                          str(streams), "--prefix-cache", "off"],
+                         stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        for line in p.stdout:
+            if "serving on http://" in line:
+                port = int(line.strip().rsplit(":", 1)[1])
+                break
+        chat(port, 0, 4)  # warm the links
+        req0, rows0 = cluster_counts(port)
+        n = max(streams, 4)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(streams) as pool:
+            usage = list(pool.map(lambda i: chat(port, i, a.decode), range(1, n + 1)))
+        seconds = time.monotonic() - t0
+        req1, rows1 = cluster_counts(port)
+    finally:
+        p.terminate()
+        p.wait()
+    generated = sum(c for _, c in usage)
+    processed = sum(pt + c for pt, c in usage)
+    return {"tokens_per_s": generated / seconds,
+            "exchanges_per_token": (req1 - req0) / processed,
+            "rows_sent_per_token": (rows1 - rows0) / processed}
 
 
 def main():
@@ -143,7 +176,7 @@ def main():
             for name in names:
                 with cluster(a, files[name], log) as addresses:
                     for s in streams:
-                        runs[(name, s)].append(bench(a, addresses, s))
+                        runs[(name, s)].append(bench(a, addresses, s, log))
         result = {"cpu": cpu_name(), "model": a.model, "rounds": a.rounds,
                   "link": "moepool_slowlink 1000 Mbit/s, 100 us each way",
                   "predicted": plans["colocated"].get("routing"), "measured": {}}

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <map>
@@ -127,10 +128,17 @@ absl::Status Synth(const Args& args) {
 
 // The vocabulary shipped with moepool: next to the working directory, the binary, or the source.
 std::string FindDefaultVocab() {
+  // $MOEPOOL_VOCAB, the source tree's path from the working directory or any directory above
+  // the binary, an installed layout (BIN/../share/moepool/, as the container images have it),
+  // then the source directory this binary was built from.
+  // An explicit $MOEPOOL_VOCAB is used as it is (a wrong path is an error naming it).
+  if (const char* env = std::getenv("MOEPOOL_VOCAB"); env != nullptr && *env != '\0') return env;
   std::vector<std::filesystem::path> candidates = {kDefaultSynthVocabPath};
   std::error_code ec;
   const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (!ec) {
+    candidates.push_back(exe.parent_path().parent_path() / "share/moepool" /
+                         std::filesystem::path(kDefaultSynthVocabPath).filename());
     for (auto dir = exe.parent_path(); !dir.empty() && dir != dir.root_path();
          dir = dir.parent_path()) {
       candidates.push_back(dir / kDefaultSynthVocabPath);

@@ -108,6 +108,10 @@ absl::StatusOr<PlanRequest> ReadRequest(const Args& args) {
           absl::StrCat("--stats ", path, ": ", std::string(stats.status().message())));
     }
     r.routing = std::move(*stats);
+    ASSIGN_OR_RETURN(r.routing_min_gain, args.GetDouble("stats-min-gain", 0.15));
+    if (!(r.routing_min_gain >= 0 && r.routing_min_gain <= 1)) {
+      return absl::InvalidArgumentError("--stats-min-gain must be in [0, 1]");
+    }
   }
   r.host_names = args.GetAll("host");
   if (r.host_names.size() > r.machines.size()) {
@@ -200,9 +204,9 @@ nlohmann::json PlanJson(const PlanRequest& r, const Plan& plan) {
 }  // namespace
 
 int RunPlan(int argc, char** argv) {
-  FlagSpec spec = {
-      {"model", "shape", "type", "machine", "coordinator", "ctx", "reserve", "host", "stats"},
-      {"replicas", "json"}};
+  FlagSpec spec = {{"model", "shape", "type", "machine", "coordinator", "ctx", "reserve", "host",
+                    "stats", "stats-min-gain"},
+                   {"replicas", "json"}};
   spec.usage =
       "moepool plan (--model M.gguf | --shape NAME) --machine SIZE [--machine SIZE ...] [flags]";
   spec.summary =
@@ -227,6 +231,9 @@ int RunPlan(int argc, char** argv) {
        "FILE  routing statistics (moepool serve --routing-stats-file, or GET /v1/cluster saved): "
        "experts the router chooses together are placed on one worker, per layer, and the plan "
        "prints the workers a routed row visits before and after"},
+      {"stats-min-gain",
+       "X  with --stats, a layer's experts move only if that puts at least this share of its "
+       "rows more on one worker (default 0.15)"},
       {"json", "print one JSON object instead of text"},
   };
   auto args = Args::Parse(argc, argv, spec);

@@ -410,7 +410,8 @@ absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
   plan.fits = true;
   AssignPairs(r, slot_machine, *ends, order, &plan);
   if (r.routing.has_value()) {
-    RETURN_IF_ERROR(planner_internal::ColocateByRouting(*r.routing, sizes, &plan));
+    RETURN_IF_ERROR(
+        planner_internal::ColocateByRouting(*r.routing, sizes, r.routing_min_gain, &plan));
   }
   if (r.replicas) AddReplicas(sizes, slot_machine, caps, &plan.machines);
   DescribeWorkers(r, &plan);

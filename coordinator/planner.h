@@ -115,6 +115,8 @@ struct PlanRequest {
   // experts are then dealt to the workers so that pairs the router chooses together share a
   // worker, as often as the statistics say (same number of pairs per worker and layer).
   std::optional<RoutingSnapshot> routing;
+  // A layer is dealt again only when that co-locates at least this share of its rows more.
+  double routing_min_gain = 0.15;
   int first_port = 7070;
   bool suggest = true;  // compute `suggestions` when it does not fit
 };

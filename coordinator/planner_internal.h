@@ -13,9 +13,11 @@ namespace moepool::planner_internal {
 
 // MakePlan's pass for PlanRequest::routing (planner_routing.cc): per layer, deals the experts to
 // the workers that hold that layer's pairs, with the same count each, maximising the rows whose
-// two experts share a worker; sets plan->routing_before / routing_after. INVALID_ARGUMENT when
-// the statistics are for another shape (layers, experts).
-absl::Status ColocateByRouting(const RoutingSnapshot& stats, const ModelSizes& sizes, Plan* plan);
+// two experts share a worker, where that puts at least `min_gain` more of the layer's rows on one
+// worker; sets plan->routing_before / routing_after. INVALID_ARGUMENT when the statistics are
+// for another shape (layers, experts).
+absl::Status ColocateByRouting(const RoutingSnapshot& stats, const ModelSizes& sizes,
+                               double min_gain, Plan* plan);
 
 // Splits `text` at each `sep`; empty pieces are dropped when skip_empty.
 inline std::vector<std::string> Split(std::string_view text, char sep, bool skip_empty) {

@@ -71,7 +71,8 @@ RoutingEstimate Estimate(const RoutingSnapshot& stats, const std::vector<Owners>
 
 }  // namespace
 
-absl::Status ColocateByRouting(const RoutingSnapshot& stats, const ModelSizes& sizes, Plan* plan) {
+absl::Status ColocateByRouting(const RoutingSnapshot& stats, const ModelSizes& sizes,
+                               double min_gain, Plan* plan) {
   const int n_expert = static_cast<int>(sizes.n_expert());
   if (stats.n_expert != n_expert || static_cast<int64_t>(stats.layers.size()) != sizes.n_layer()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -106,9 +107,14 @@ absl::Status ColocateByRouting(const RoutingSnapshot& stats, const ModelSizes& s
     std::map<int, int> left;
     for (int m : o) ++left[m];
     Owners current = o, best = o;
-    int64_t best_score = Colocated(stats.layers[layer], n_expert, o).first;
+    const int64_t balanced_score = Colocated(stats.layers[layer], n_expert, o).first;
+    int64_t best_score = balanced_score;
     Search(stats.layers[layer], n_expert, 0, &left, &current, &best_score, &best);
-    o = best;
+    // Hysteresis: a layer moves only for a clear gain (statistics of one workload are noisy
+    // about another; an unbiased router's chance pairs do not carry over).
+    const double gain = static_cast<double>(best_score - balanced_score) /
+                        static_cast<double>(std::max<int64_t>(stats.layers[layer].rows, 1));
+    if (gain >= min_gain) o = best;
   }
   plan->routing_after = Estimate(stats, owners);
   // Write the deals back into the machines' pairs.

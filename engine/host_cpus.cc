@@ -7,6 +7,8 @@
 #include <string>
 #include <thread>
 
+#include "engine/cgroup.h"
+
 namespace moepool {
 namespace {
 
@@ -20,22 +22,14 @@ int QuotaCpus(double quota, double period) {
 }  // namespace
 
 int CgroupCpuLimit(const std::string& root) {
-  std::ifstream in(root + "/proc/self/cgroup");
-  std::string line;
-  while (std::getline(in, line)) {
-    // v2: "0::/path"; v1: "N:cpu,cpuacct:/path".
-    const size_t a = line.find(':');
-    const size_t b = line.find(':', a + 1);
-    if (a == std::string::npos || b == std::string::npos) continue;
-    const std::string controllers = line.substr(a + 1, b - a - 1);
-    const std::string path = line.substr(b + 1);
-    if (controllers.empty()) {
-      std::ifstream max(root + "/sys/fs/cgroup" + path + "/cpu.max");  // "200000 100000"
+  for (const CgroupEntry& c : ReadCgroups(root)) {
+    if (c.controllers.empty()) {
+      std::ifstream max(root + "/sys/fs/cgroup" + c.path + "/cpu.max");  // "200000 100000"
       std::string quota;
       double period = 0;
       if (max >> quota >> period && quota != "max") return QuotaCpus(std::stod(quota), period);
-    } else if (("," + controllers + ",").find(",cpu,") != std::string::npos) {
-      const std::string dir = root + "/sys/fs/cgroup/" + controllers + path;
+    } else if (c.Has("cpu")) {
+      const std::string dir = root + "/sys/fs/cgroup/" + c.controllers + c.path;
       double quota = 0, period = 0;
       std::ifstream q(dir + "/cpu.cfs_quota_us"), p(dir + "/cpu.cfs_period_us");
       if (q >> quota && p >> period) return QuotaCpus(quota, period);

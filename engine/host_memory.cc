@@ -7,6 +7,7 @@
 #include <string>
 
 #include "absl/strings/numbers.h"
+#include "engine/cgroup.h"
 
 namespace moepool {
 namespace {
@@ -22,20 +23,13 @@ uint64_t ReadNumber(const std::string& path) {
 
 // The memory limit of this process's cgroup (v2, else v1), 0 when none, and its usage.
 uint64_t CgroupLimit(const std::string& root, uint64_t* usage) {
-  std::ifstream in(root + "/proc/self/cgroup");
-  std::string line;
-  while (std::getline(in, line)) {
-    // v2: "0::/path"; v1: "N:memory:/path" (or a list of controllers holding "memory").
-    const size_t a = line.find(':');
-    const size_t b = line.find(':', a + 1);
-    if (a == std::string::npos || b == std::string::npos) continue;
-    const std::string controllers = line.substr(a + 1, b - a - 1);
-    const std::string path = line.substr(b + 1);
+  for (const CgroupEntry& c : ReadCgroups(root)) {
+    const std::string& path = c.path;
     uint64_t limit = 0;
-    if (controllers.empty()) {
+    if (c.controllers.empty()) {
       limit = ReadNumber(root + "/sys/fs/cgroup" + path + "/memory.max");
       *usage = ReadNumber(root + "/sys/fs/cgroup" + path + "/memory.current");
-    } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
+    } else if (c.Has("memory")) {
       limit = ReadNumber(root + "/sys/fs/cgroup/memory" + path + "/memory.limit_in_bytes");
       *usage = ReadNumber(root + "/sys/fs/cgroup/memory" + path + "/memory.usage_in_bytes");
     }

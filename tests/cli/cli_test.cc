@@ -117,6 +117,20 @@ TEST(CliTest, RunWithSeedIsReproducible) {
   EXPECT_EQ(nlohmann::json::parse(a.out).at("tokens").size(), 6u);
 }
 
+// The vocabulary of synth and demo: $MOEPOOL_VOCAB first (an installed binary has no source
+// tree; the images put it in BIN/../share/moepool/, which is also searched).
+TEST(CliTest, SynthTakesTheVocabularyFromTheEnvironment) {
+  const std::string out = ::moepool::testing::TempDir() + "/env-vocab.gguf";
+  const Result bad = ::moepool::testing::RunMoepool("synth --shape tiny --type Q8_0 --out " + out,
+                                                    "MOEPOOL_VOCAB=/nonexistent/vocab.gguf ");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("/nonexistent/vocab.gguf"), std::string::npos) << bad.err;
+  const Result good = ::moepool::testing::RunMoepool(
+      "synth --shape tiny --type Q8_0 --out " + out,
+      "MOEPOOL_VOCAB=" + std::string(MOEPOOL_SOURCE_DIR) + "/deploy/vocab/mistral-vocab.gguf ");
+  EXPECT_EQ(good.exit_code, 0) << good.err;
+}
+
 TEST(CliTest, TokenizePrintsIds) {
   REQUIRE_TESTDATA(TinyF16());
   const ReferenceCase rc = ReadReferenceCase("tiny-F16", "p1");

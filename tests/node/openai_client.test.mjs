@@ -3,54 +3,24 @@
 // Run by ctest through tests/node/run.sh; needs MOEPOOL_BINARY (the moepool executable).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import OpenAI from 'openai';
+import { startServer } from './moepool_server.mjs';
 
-const binary = process.env.MOEPOOL_BINARY;
 const apiKey = 'node-test-key';
-let dir;
 let server;
 let client;
 let modelId;
 
-function waitForReady(proc) {
-  return new Promise((resolve, reject) => {
-    let out = '';
-    let err = '';
-    proc.stdout.on('data', (d) => {
-      out += d;
-      const m = out.match(/moepool: serving on http:\/\/127\.0\.0\.1:(\d+)\n/);
-      if (m) resolve(Number(m[1]));
-    });
-    proc.stderr.on('data', (d) => { err += d; });
-    proc.on('exit', (code) => reject(new Error(`moepool serve exited with ${code}: ${err}`)));
-  });
-}
-
 before(async () => {
-  assert.ok(binary, 'MOEPOOL_BINARY must name the moepool executable');
-  dir = mkdtempSync(join(tmpdir(), 'moepool-node-'));
-  const model = join(dir, 'tiny-Q8_0.gguf');
-  execFileSync(binary, ['synth', '--out', model, '--shape', 'tiny', '--type', 'Q8_0', '--seed', '5'],
-               { stdio: 'inherit' });
-  modelId = 'tiny-Q8_0';
-  server = spawn(binary, ['serve', '--model', model, '--listen', '127.0.0.1:0', '--threads', '1',
-                          '--ctx', '512', '--parallel', '2', '--api-key', apiKey],
-                 { stdio: ['ignore', 'pipe', 'pipe'] });
-  const port = await waitForReady(server);
-  client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey, maxRetries: 0 });
+  server = await startServer({
+    prefix: 'moepool-node-', apiKey, serveArgs: ['--ctx', '512', '--parallel', '2'],
+  });
+  modelId = server.modelId;
+  client = new OpenAI({ baseURL: `http://127.0.0.1:${server.port}/v1`, apiKey, maxRetries: 0 });
 });
 
 after(async () => {
-  if (server && server.exitCode === null) {
-    const exited = new Promise((resolve) => server.on('exit', (code) => resolve(code)));
-    server.kill('SIGTERM');
-    assert.equal(await exited, 0, 'moepool serve stops cleanly on SIGTERM');
-  }
-  if (dir) rmSync(dir, { recursive: true, force: true });
+  if (server) await server.stop();
 });
 
 const messages = [
