@@ -34,8 +34,8 @@ inline constexpr int kMaxGapWhitespace = 16;
 inline constexpr int kMaxIntegerDigits = 15;
 inline constexpr int kMaxFractionDigits = 15;
 inline constexpr int kMaxExponentDigits = 2;  // e+99: every number stays a finite double
-inline constexpr int kMaxMatchDepth = 96;   // open values per stack (deeper nesting is refused)
-inline constexpr int kMaxMatchStacks = 64;  // alternatives alive at once (more are dropped)
+inline constexpr int kMaxMatchDepth = 96;     // open values per stack (deeper nesting is refused)
+inline constexpr int kMaxMatchStacks = 64;    // alternatives alive at once (more are dropped)
 
 struct GrammarNode {
   enum class Kind : uint8_t {

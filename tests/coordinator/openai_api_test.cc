@@ -75,33 +75,9 @@ struct BadCase {
   const char* param;  // expected ApiParam ("" for none)
 };
 
-TEST(OpenAiApiTest, RejectsBadChatRequestsNamingTheParameter) {
-  const std::string ok_messages = R"("messages": [{"role": "user", "content": "hi"}])";
-  const std::vector<BadCase> cases = {
-      {"{", ""},
-      {"[1, 2]", ""},
-      {"\"text\"", ""},
-      {"{\"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}", ""},
-      {R"({})", "messages"},
-      {R"({"messages": []})", "messages"},
-      {R"({"messages": "hi"})", "messages"},
-      {R"({"messages": [1]})", "messages[0]"},
-      {R"({"messages": [{"content": "x"}]})", "messages[0].role"},
-      {R"({"messages": [{"role": "robot", "content": "x"}]})", "messages[0].role"},
-      {R"({"messages": [{"role": "tool", "content": "x"}]})", "messages[0].tool_call_id"},
-      {R"({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls":
-          [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]})",
-       "messages[1].tool_calls"},
-      {R"({"messages": [{"role": "user", "content": 5}]})", "messages[0].content"},
-      {R"({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})",
-       "messages[0].content"},
-  };
-  for (const BadCase& c : cases) {
-    auto r = ParseChatCompletionRequest(c.body);
-    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.body;
-    EXPECT_EQ(ApiParam(r.status()), c.param) << c.body;
-  }
-  const std::vector<BadCase> params = {
+// Request fields that are each wrong in one way, and the parameter the error must name.
+std::vector<BadCase> BadChatParams() {
+  return {
       {R"("model": 3)", "model"},
       {R"("stream": "yes")", "stream"},
       {R"("stream_options": true)", "stream_options"},
@@ -146,6 +122,35 @@ TEST(OpenAiApiTest, RejectsBadChatRequestsNamingTheParameter) {
           "tools": [{"type": "function", "function": {"name": "f"}}])",
        "response_format"},
   };
+}
+
+TEST(OpenAiApiTest, RejectsBadChatRequestsNamingTheParameter) {
+  const std::string ok_messages = R"("messages": [{"role": "user", "content": "hi"}])";
+  const std::vector<BadCase> cases = {
+      {"{", ""},
+      {"[1, 2]", ""},
+      {"\"text\"", ""},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}", ""},
+      {R"({})", "messages"},
+      {R"({"messages": []})", "messages"},
+      {R"({"messages": "hi"})", "messages"},
+      {R"({"messages": [1]})", "messages[0]"},
+      {R"({"messages": [{"content": "x"}]})", "messages[0].role"},
+      {R"({"messages": [{"role": "robot", "content": "x"}]})", "messages[0].role"},
+      {R"({"messages": [{"role": "tool", "content": "x"}]})", "messages[0].tool_call_id"},
+      {R"({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls":
+          [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]})",
+       "messages[1].tool_calls"},
+      {R"({"messages": [{"role": "user", "content": 5}]})", "messages[0].content"},
+      {R"({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})",
+       "messages[0].content"},
+  };
+  for (const BadCase& c : cases) {
+    auto r = ParseChatCompletionRequest(c.body);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.body;
+    EXPECT_EQ(ApiParam(r.status()), c.param) << c.body;
+  }
+  const std::vector<BadCase> params = BadChatParams();
   for (const BadCase& c : params) {
     const std::string body = "{" + ok_messages + ", " + c.body + "}";
     auto r = ParseChatCompletionRequest(body);

@@ -57,8 +57,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     std::vector<uint8_t> allowed;
     for (int c = 0; c < 256; ++c) {
-      if (moepool::JsonMatcher::Step(**grammar, matcher.state(), static_cast<uint8_t>(c),
-                                     &next)) {
+      if (moepool::JsonMatcher::Step(**grammar, matcher.state(), static_cast<uint8_t>(c), &next)) {
         allowed.push_back(static_cast<uint8_t>(c));
       }
     }
