@@ -1,9 +1,11 @@
 // moepool: pooled Mixtral inference. See README.md for the commands.
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include "cli/commands.h"
+#include "engine/quant/types.h"
 
 namespace {
 
@@ -29,6 +31,9 @@ constexpr Command kCommands[] = {
 void Usage(FILE* out) {
   std::fprintf(out, "usage: moepool <command> [flags]\n\ncommands:\n");
   for (const auto& c : kCommands) std::fprintf(out, "  %-10s %s\n", c.name, c.help);
+  std::fprintf(out,
+               "\nenvironment:\n  MOEPOOL_CPU_KERNELS  auto|avx512|avx2|scalar: the CPU kernels "
+               "to run (default auto, the fastest this CPU has)\n");
 }
 
 }  // namespace
@@ -37,6 +42,12 @@ int main(int argc, char** argv) {
   if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
     Usage(argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
+  }
+  if (const char* kernels = std::getenv("MOEPOOL_CPU_KERNELS"); kernels != nullptr) {
+    if (const absl::Status s = moepool::SetCpuKernels(kernels); !s.ok()) {
+      std::fprintf(stderr, "moepool: MOEPOOL_CPU_KERNELS: %s\n", std::string(s.message()).c_str());
+      return 2;
+    }
   }
   for (const auto& c : kCommands) {
     if (std::strcmp(argv[1], c.name) == 0) return c.run(argc - 2, argv + 2);

@@ -1,6 +1,10 @@
 #include "engine/matmul.h"
 
 #include <algorithm>
+#include <memory>
+#include <new>
+
+#include "engine/quant/kernels.h"
 
 namespace moepool {
 
@@ -33,9 +37,46 @@ int64_t MatMulRowsPerTask(int64_t rows, int threads) {
   return std::min<int64_t>(per_task, 64);
 }
 
+namespace {
+
+// Fewest activation rows for which a tile's repacking of its weight rows pays (the tile kernels,
+// kernels.h).
+constexpr int64_t kTileMinActivationRows = 8;
+
+// Per-thread scratch for the tiles' repacked weight rows, 64-byte aligned.
+void* TileScratch(size_t bytes) {
+  struct Buffer {
+    std::unique_ptr<uint8_t[]> data;
+    size_t size = 0;
+  };
+  thread_local Buffer buffer;
+  if (buffer.size < bytes) {
+    buffer.data.reset(new (std::align_val_t(64)) uint8_t[bytes]);
+    buffer.size = bytes;
+  }
+  return buffer.data.get();
+}
+
+// y for rows [r0, r1) through the tile kernel, 16 weight rows at a time.
+void TileRowRange(const TypeTraits& traits, const WeightMatrix& w, const RowsView& x, int64_t r0,
+                  int64_t r1, float* y, int64_t y_stride) {
+  void* scratch = TileScratch(traits.tile_scratch_bytes(w.cols));
+  for (int64_t r = r0; r < r1; r += kernels::kTileRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kernels::kTileRows, r1 - r));
+    traits.tile(w.cols, w.Row(r), w.row_bytes, rows, x.data, x.row_bytes, x.n, y + r, y_stride,
+                scratch);
+  }
+}
+
+}  // namespace
+
 void MatMulRowRange(const WeightMatrix& w, const RowsView& x, int64_t r0, int64_t r1, float* y,
                     int64_t y_stride) {
   const TypeTraits& traits = GetTypeTraits(w.type);
+  if (traits.tile != nullptr && x.type != TensorType::kF32 && x.n >= kTileMinActivationRows) {
+    TileRowRange(traits, w, x, r0, r1, y, y_stride);
+    return;
+  }
   const VecDotFn dot = traits.vec_dot;
   // Multi-row kernels by row count (see TypeTraits::vec_dot_cols); none for f32 activations.
   const VecDotMultiFn* dot_cols = x.type == TensorType::kF32 ? nullptr : traits.vec_dot_cols;

@@ -13,7 +13,7 @@ void SwiGluScalar(float* g, const float* u, int64_t n) {
 
 void SwiGlu(float* g, const float* u, int64_t n) {
 #ifdef MOEPOOL_HAVE_AVX2_KERNELS
-  if (CpuHasAvx2()) {
+  if (UseAvx2Kernels()) {
     SwiGluAvx2(g, u, n);
     return;
   }
@@ -37,14 +37,14 @@ void SoftmaxWeightsScalar(const float* x, int64_t n, float max, float temperatur
 
 float MaxFinite(const float* x, int64_t n) {
 #ifdef MOEPOOL_HAVE_AVX2_KERNELS
-  if (CpuHasAvx2()) return MaxFiniteAvx2(x, n);
+  if (UseAvx2Kernels()) return MaxFiniteAvx2(x, n);
 #endif
   return MaxFiniteScalar(x, n);
 }
 
 void SoftmaxWeights(const float* x, int64_t n, float max, float temperature, float* w) {
 #ifdef MOEPOOL_HAVE_AVX2_KERNELS
-  if (CpuHasAvx2()) {
+  if (UseAvx2Kernels()) {
     SoftmaxWeightsAvx2(x, n, max, temperature, w);
     return;
   }

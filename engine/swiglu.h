@@ -7,7 +7,7 @@
 
 namespace moepool {
 
-// g [n] = SiLU(g) * u [n], in place. Thread-safe; picks AVX2 + FMA when CpuHasAvx2().
+// g [n] = SiLU(g) * u [n], in place. Thread-safe; picks AVX2 + FMA when UseAvx2Kernels().
 void SwiGlu(float* g, const float* u, int64_t n);
 
 // The portable reference and the AVX2 + FMA version (callable only where CpuHasAvx2());
@@ -19,7 +19,7 @@ void SwiGluAvx2(float* g, const float* u, int64_t n);
 float MaxFinite(const float* x, int64_t n);
 
 // w [n] = swiglu::Exp((x - max) / temperature) for finite x, 0 for infinite or NaN x: the
-// unnormalised softmax weights of a sampler. Thread-safe; AVX2 + FMA when CpuHasAvx2().
+// unnormalised softmax weights of a sampler. Thread-safe; AVX2 + FMA when UseAvx2Kernels().
 void SoftmaxWeights(const float* x, int64_t n, float max, float temperature, float* w);
 
 // The reference and AVX2 versions of the two (bit-identical results).

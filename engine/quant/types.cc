@@ -11,6 +11,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "engine/quant/kernels.h"
 
 static_assert(moepool::kernels::kMultiCols == moepool::kMultiDotCols);
@@ -18,10 +20,9 @@ static_assert(moepool::kernels::kMultiCols == moepool::kMultiDotCols);
 namespace moepool {
 namespace {
 
-std::atomic<bool> g_force_scalar{false};
-
 // The fastest build of a kernel this CPU runs (kernels.h).
 enum class Isa { kScalar, kAvx2, kVnni };
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512-vnni"};
 
 #ifdef MOEPOOL_HAVE_VNNI_KERNELS
 #define MOEPOOL_VNNI_OR_AVX2(name) (isa == Isa::kVnni ? kernels::name##Vnni : kernels::name##Avx2)
@@ -56,6 +57,16 @@ std::array<TypeTraits, 13> MakeTable(Isa isa) {
 }
 #undef MOEPOOL_TRAITS
 
+#ifdef MOEPOOL_HAVE_VNNI_KERNELS
+#define MOEPOOL_SET_TILE(fn)                            \
+  if (isa == Isa::kVnni) {                              \
+    tr.tile = &kernels::fn;                             \
+    tr.tile_scratch_bytes = &kernels::TileScratchBytes; \
+  }
+#else
+#define MOEPOOL_SET_TILE(fn)
+#endif
+
 // Activation-only types: no dot product of their own.
 std::array<TypeTraits, 2> MakeActivationTable(Isa isa) {
   const bool avx2 = isa != Isa::kScalar;
@@ -71,9 +82,11 @@ std::array<TypeTraits, 2> MakeActivationTable(Isa isa) {
   };
 }
 
+constexpr int kIsas = 3;  // indexes of Tables: Isa values
+
 struct Tables {
-  std::array<TypeTraits, 13> stored[2];
-  std::array<TypeTraits, 2> activation[2];
+  std::array<TypeTraits, 13> stored[kIsas];
+  std::array<TypeTraits, 2> activation[kIsas];
 };
 
 Isa FastestIsa() {
@@ -81,45 +94,94 @@ Isa FastestIsa() {
   return CpuHasAvx2() ? Isa::kAvx2 : Isa::kScalar;
 }
 
+void AddFastKernels(Isa isa, std::array<TypeTraits, 13>* stored) {
+  // Q8_0 is both stored and an activation type: use the fast quantizer on the fast tables.
+  for (auto& tr : *stored) {
+    switch (tr.type) {
+      case TensorType::kF16:
+        tr.quantize = &kernels::QuantizeRowF16Avx2;
+        tr.dequantize = &kernels::DequantizeRowF16Avx2;
+        break;
+      case TensorType::kQ8_0:
+        tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
+        tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ8_0Cols);
+        break;
+      case TensorType::kQ4_K:
+        tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ4_KCols);
+        MOEPOOL_SET_TILE(TileQ4_KVnni);
+        break;
+      case TensorType::kQ5_K:
+        tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ5_KCols);
+        MOEPOOL_SET_TILE(TileQ5_KVnni);
+        break;
+      case TensorType::kQ6_K:
+        tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ6_KCols);
+        MOEPOOL_SET_TILE(TileQ6_KVnni);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+// Tables for every build this CPU runs (the others stay empty and are never selected).
 const Tables& GetTables() {
   static const Tables* tables = [] {
     auto* t = new Tables;
-    const Isa isa = FastestIsa();
-    t->stored[0] = MakeTable(Isa::kScalar);
-    t->stored[1] = MakeTable(isa);
-    t->activation[0] = MakeActivationTable(Isa::kScalar);
-    t->activation[1] = MakeActivationTable(isa);
-    // Q8_0 is both stored and an activation type: use the fast quantizer on the fast table.
-    if (isa != Isa::kScalar) {
-      for (auto& tr : t->stored[1]) {
-        switch (tr.type) {
-          case TensorType::kF16:
-            tr.quantize = &kernels::QuantizeRowF16Avx2;
-            tr.dequantize = &kernels::DequantizeRowF16Avx2;
-            break;
-          case TensorType::kQ8_0:
-            tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
-            tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ8_0Cols);
-            break;
-          case TensorType::kQ4_K:
-            tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ4_KCols);
-            break;
-          case TensorType::kQ5_K:
-            tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ5_KCols);
-            break;
-          case TensorType::kQ6_K:
-            tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ6_KCols);
-            break;
-          default:
-            break;
-        }
-      }
+    const int fastest = static_cast<int>(FastestIsa());
+    for (int i = 0; i <= fastest; ++i) {
+      const Isa isa = static_cast<Isa>(i);
+      t->stored[i] = MakeTable(isa);
+      t->activation[i] = MakeActivationTable(isa);
+      if (isa != Isa::kScalar) AddFastKernels(isa, &t->stored[i]);
     }
     return t;
   }();
   return *tables;
 }
+
+// The selected build: -1 until first use, then an Isa value.
+std::atomic<int> g_isa{-1};
+
+absl::StatusOr<Isa> ParseIsa(std::string_view name) {
+  if (name.empty() || name == "auto") return FastestIsa();
+  Isa isa;
+  if (name == "avx512" || name == "avx512-vnni") {
+    isa = Isa::kVnni;
+  } else if (name == "avx2") {
+    isa = Isa::kAvx2;
+  } else if (name == "scalar") {
+    isa = Isa::kScalar;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("unknown CPU kernels '", std::string(name),
+                                                   "' (auto, avx512, avx2 or scalar)"));
+  }
+  if (static_cast<int>(isa) > static_cast<int>(FastestIsa())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CPU kernels '", std::string(name), "' cannot run here: this build on this CPU has ",
+        kIsaNames[static_cast<int>(FastestIsa())], " at most"));
+  }
+  return isa;
+}
+
+int SelectedIsa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa >= 0) return isa;
+  const char* env = std::getenv("MOEPOOL_CPU_KERNELS");
+  absl::StatusOr<Isa> parsed = ParseIsa(env == nullptr ? "" : env);
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "moepool: MOEPOOL_CPU_KERNELS: %s; using %s\n",
+                 std::string(parsed.status().message()).c_str(),
+                 kIsaNames[static_cast<int>(FastestIsa())]);
+    parsed = FastestIsa();
+  }
+  int expected = -1;
+  g_isa.compare_exchange_strong(expected, static_cast<int>(*parsed));
+  return g_isa.load(std::memory_order_relaxed);
+}
+
 #undef MOEPOOL_VNNI_OR_AVX2
+#undef MOEPOOL_SET_TILE
 
 }  // namespace
 
@@ -148,23 +210,20 @@ bool CpuHasAvx512Vnni() {
 #endif
 }
 
-const char* KernelIsaName() {
-  if (g_force_scalar.load()) return "scalar";
-  switch (FastestIsa()) {
-    case Isa::kVnni:
-      return "avx512-vnni";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "scalar";
-  }
-}
+const char* KernelIsaName() { return kIsaNames[SelectedIsa()]; }
 
-bool SetForceScalarKernels(bool force) { return g_force_scalar.exchange(force); }
+bool UseAvx2Kernels() { return SelectedIsa() >= static_cast<int>(Isa::kAvx2); }
+
+absl::Status SetCpuKernels(std::string_view name) {
+  absl::StatusOr<Isa> isa = ParseIsa(name);
+  if (!isa.ok()) return isa.status();
+  g_isa.store(static_cast<int>(*isa));
+  return absl::OkStatus();
+}
 
 const TypeTraits* FindTypeTraits(uint32_t raw_type) {
   const Tables& t = GetTables();
-  const int which = g_force_scalar.load(std::memory_order_relaxed) ? 0 : 1;
+  const int which = SelectedIsa();
   for (const auto& tr : t.stored[which]) {
     if (static_cast<uint32_t>(tr.type) == raw_type) return &tr;
   }
@@ -189,7 +248,7 @@ const TypeTraits* FindTypeTraitsByName(std::string_view name) {
   for (char c : name)
     upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
   const Tables& t = GetTables();
-  const int which = g_force_scalar.load(std::memory_order_relaxed) ? 0 : 1;
+  const int which = SelectedIsa();
   for (const auto& tr : t.stored[which]) {
     std::string n = tr.name;
     for (char& c : n) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <string_view>
 
+#include "absl/status/status.h"
+
 namespace moepool {
 
 // Values are the on-disk ggml type ids.
@@ -130,6 +132,9 @@ using VecDotFn = float (*)(int64_t n, const void* w, const void* a);
 // c dot products of one weight row with activation rows a + i * a_stride (i < c); each out[i] is
 // bit-identical to vec_dot of that row (so batching never changes a row's result).
 inline constexpr int kMultiDotCols = 8;
+using MatTileFn = void (*)(int64_t n, const uint8_t* w, size_t w_stride, int rows, const uint8_t* a,
+                           size_t a_stride, int64_t n_act, float* out, int64_t out_stride,
+                           void* scratch);
 using VecDotMultiFn = void (*)(int64_t n, const void* w, const void* a, size_t a_stride,
                                float* out);
 
@@ -146,6 +151,10 @@ struct TypeTraits {
   // vec_dot_cols[c] computes c rows at once (c = 2 .. kMultiDotCols); all nullptr where no
   // multi-row kernel exists for this type on this CPU (entries 0 and 1 are always nullptr).
   const VecDotMultiFn* vec_dot_cols;
+  // Register-blocked tile of up to 16 weight rows x any number of activation rows (kernels.h,
+  // kernels::TileKernel), bit-identical to vec_dot; nullptr where none exists on this CPU.
+  MatTileFn tile = nullptr;
+  size_t (*tile_scratch_bytes)(int64_t n) = nullptr;  // scratch a tile of rows of n elements needs
 };
 
 // Returns the traits of a type id read from a file, or nullptr if moepool does not support it.
@@ -163,10 +172,17 @@ bool CpuHasAvx2();
 // True when the AVX512-VNNI builds of the AVX2 kernels were compiled in and this CPU supports
 // them; they then replace the AVX2 ones and return the same bits.
 bool CpuHasAvx512Vnni();
-// The kernels GetTypeTraits hands out now: "avx512-vnni", "avx2" or "scalar".
+// The kernels GetTypeTraits hands out now: "avx512-vnni", "avx2" or "scalar". By default the
+// fastest this CPU runs; $MOEPOOL_CPU_KERNELS (auto|avx512|avx2|scalar) or SetCpuKernels picks
+// another, so that one machine can compare the paths (every build returns the same bits for
+// the k-quants, see block_numerics.h).
 const char* KernelIsaName();
-// Forces the portable kernels (for tests and benchmarks); returns the previous setting.
-bool SetForceScalarKernels(bool force);
+// True while the selected kernels include the AVX2 ones (avx2 or avx512-vnni).
+bool UseAvx2Kernels();
+// Selects the kernels by name (as $MOEPOOL_CPU_KERNELS); InvalidArgument for an unknown name or
+// one this CPU cannot run. Thread-safe, but traits handed out before keep their kernels: call it
+// before loading a model.
+absl::Status SetCpuKernels(std::string_view name);
 
 }  // namespace moepool
 

@@ -1,7 +1,8 @@
 // AVX2 dot products of the k-quant weight types against Q8_K activations. Per super-block the
 // integer dot of every sub-block is exact (maddubs / madd), scaled by its integer sub-block
-// scale, and only the super-block total is converted to float, so the result matches
-// vec_dot_scalar.cc up to float summation order.
+// scale, and only the super-block total is converted to float. Q4_K, Q5_K and Q6_K follow
+// block_numerics.h and return vec_dot_scalar.cc's bits; Q2_K and Q3_K match it up to float
+// summation order.
 //
 // Offsets are folded into the activation block sums: a quant stored as u = q + offset gives
 // sum(q * a) = sum(u * a) - offset * bsum, so every inner product is one unsigned x signed maddubs.
@@ -10,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "engine/quant/block_numerics.h"
 #include "engine/quant/kernels.h"
 #include "engine/quant/types.h"
 #include "engine/quant/vec_dot_avx2_internal.h"
@@ -51,21 +53,38 @@ MOEPOOL_AVX2_INLINE __m128i UnpackScalesMinsK4(const uint8_t* packed) {
 constexpr int kPrefetchMinCols = 5;
 constexpr int64_t kPrefetchBlocks = 8;
 
+// [sum(a), sum(b), sum(c), sum(d)]: the exact horizontal sums of four vectors of 8 int32.
+MOEPOOL_AVX2_INLINE __m128i HorizontalSums4(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+// Adds one Q4_K / Q5_K super-block to two columns' accumulators (lanes 0 and 1 of `acc`),
+// following block_numerics.h: the integer sums first, then per column
+// acc = fma(y.d, fma(d, S, -(dmin * M)), acc). `sumi1` / `mins1` / y_d1 are zero for a lone column.
+MOEPOOL_AVX2_INLINE __m128 AddK4Blocks(__m128 acc, __m256i sumi0, __m256i sumi1, __m256i mins0,
+                                       __m256i mins1, __m128 d, __m128 dmin, float y_d0,
+                                       float y_d1) {
+  const __m128 sm = _mm_cvtepi32_ps(HorizontalSums4(sumi0, sumi1, mins0, mins1));  // S0 S1 M0 M1
+  const __m128 block = _mm_fmsub_ps(d, sm, _mm_mul_ps(dmin, _mm_movehl_ps(sm, sm)));
+  return _mm_fmadd_ps(_mm_setr_ps(y_d0, y_d1, 0.0f, 0.0f), block, acc);
+}
+
 // Q4_K and Q5_K share everything but the fifth bit. Computes kCols dot products of one weight
 // row with kCols activation rows (a + c * a_stride bytes): the weight unpacking is shared, and
-// each column runs exactly the instruction sequence of the single-column case, so a row's result
-// does not depend on how many columns were computed with it.
+// each column's integers are exact, so a row's result does not depend on how many columns were
+// computed with it (block_numerics.h).
 template <bool kHasHighBit, int kCols, typename Block>
 MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a, size_t a_stride,
                                     float* out) {
+  constexpr int kPairs = (kCols + 1) / 2;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const BlockQ8_K* y[kCols];
-  __m256 acc[kCols];
   MOEPOOL_UNROLL
-  for (int c = 0; c < kCols; ++c) {
-    y[c] = reinterpret_cast<const BlockQ8_K*>(a + c * a_stride);
-    acc[c] = _mm256_setzero_ps();
-  }
+  for (int c = 0; c < kCols; ++c) y[c] = reinterpret_cast<const BlockQ8_K*>(a + c * a_stride);
+  __m128 acc[kPairs];
+  MOEPOOL_UNROLL
+  for (int p = 0; p < kPairs; ++p) acc[p] = _mm_setzero_ps();
   for (int64_t b = 0; b < n / kQK_K; ++b) {
     if constexpr (kCols >= kPrefetchMinCols) {
       _mm_prefetch(reinterpret_cast<const char*>(x + b + kPrefetchBlocks), _MM_HINT_T0);
@@ -79,17 +98,9 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
     // Mins: every min twice (one per 16-element activation sum), times bsums.
     const __m128i mins8 = _mm_unpackhi_epi64(scales_mins, scales_mins);
     const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
-    // Per lane and column: acc += y.d * (d * sumi - dmin * mins), with d and dmin broadcast
-    // once per block and y.d applied last (one multiply per column fewer than scaling d and
-    // dmin by y.d first).
-    const __m256 d8 = _mm256_broadcastss_ps(d_pair);
-    const __m256 dmin8 = _mm256_broadcastss_ps(_mm_movehdup_ps(d_pair));
-    __m256 mins_term[kCols];
+    __m256i mins_dot[kCols];
     MOEPOOL_UNROLL
-    for (int c = 0; c < kCols; ++c) {
-      const __m256i mins_dot = _mm256_madd_epi16(mins16, Load256(y[c][b].bsums));
-      mins_term[c] = _mm256_mul_ps(dmin8, _mm256_cvtepi32_ps(mins_dot));
-    }
+    for (int c = 0; c < kCols; ++c) mins_dot[c] = _mm256_madd_epi16(mins16, Load256(y[c][b].bsums));
     const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales_mins));
     __m256i high_bits;
     if constexpr (kHasHighBit) high_bits = Load256(x[b].qh);
@@ -117,14 +128,27 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
         sumi[c] = AddScaledDot64(sumi[c], lo, Load256(q8), hi, Load256(q8 + 32), pair_scales);
       }
     }
+    const __m128 d4 = _mm_broadcastss_ps(d_pair);
+    const __m128 dmin4 = _mm_movehdup_ps(d_pair);  // lanes 0 and 1
     MOEPOOL_UNROLL
-    for (int c = 0; c < kCols; ++c) {
-      const __m256 block = _mm256_fmsub_ps(d8, _mm256_cvtepi32_ps(sumi[c]), mins_term[c]);
-      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(&y[c][b].d), block, acc[c]);
+    for (int p = 0; p < kPairs; ++p) {
+      const int c0 = 2 * p, c1 = 2 * p + 1;
+      if (c1 < kCols) {
+        acc[p] = AddK4Blocks(acc[p], sumi[c0], sumi[c1], mins_dot[c0], mins_dot[c1], d4, dmin4,
+                             y[c0][b].d, y[c1][b].d);
+      } else {
+        const __m256i zero = _mm256_setzero_si256();
+        acc[p] =
+            AddK4Blocks(acc[p], sumi[c0], zero, mins_dot[c0], zero, d4, dmin4, y[c0][b].d, 0.0f);
+      }
     }
   }
   MOEPOOL_UNROLL
-  for (int c = 0; c < kCols; ++c) out[c] = HorizontalSum(acc[c]);
+  for (int c = 0; c < kCols; ++c) {
+    alignas(16) float lanes[4];
+    _mm_store_ps(lanes, acc[c / 2]);
+    out[c] = lanes[c % 2];
+  }
 }
 
 // The 16 int16 scales of a super-block with 16-element sub-blocks; `half` picks sub-blocks
@@ -156,18 +180,18 @@ float MOEPOOL_ISA(VecDotQ5_K)(int64_t n, const void* w, const void* a) {
 
 namespace {
 
-// Q6_K against kCols activation rows; per column the same sequence as the single-column case.
+// Q6_K against kCols activation rows: exact integers per column, then block_numerics.h.
 template <int kCols>
 MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a, size_t a_stride,
                                 float* out) {
+  constexpr int kQuads = (kCols + 3) / 4;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const BlockQ8_K* y[kCols];
-  __m256 acc[kCols];
   MOEPOOL_UNROLL
-  for (int c = 0; c < kCols; ++c) {
-    y[c] = reinterpret_cast<const BlockQ8_K*>(a + c * a_stride);
-    acc[c] = _mm256_setzero_ps();
-  }
+  for (int c = 0; c < kCols; ++c) y[c] = reinterpret_cast<const BlockQ8_K*>(a + c * a_stride);
+  __m128 acc[kQuads];
+  MOEPOOL_UNROLL
+  for (int q = 0; q < kQuads; ++q) acc[q] = _mm_setzero_ps();
   for (int64_t b = 0; b < n / kQK_K; ++b) {
     if constexpr (kCols >= kPrefetchMinCols) {
       const char* ahead = reinterpret_cast<const char*>(x + b + kPrefetchBlocks);
@@ -213,14 +237,25 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
         sumi[c] = AddScaledDot64(sumi[c], u2, Load256(q8 + 64), u3, Load256(q8 + 96), s23);
       }
     }
+    // Per column acc = fma(y.d * d, S, acc), four columns per vector (absent ones zero).
+    const __m128 dx4 = _mm_set1_ps(dx);
     MOEPOOL_UNROLL
-    for (int c = 0; c < kCols; ++c) {
-      const float d = y[c][b].d * dx;
-      acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+    for (int q = 0; q < kQuads; ++q) {
+      const auto column = [&](int c) { return c < kCols ? sumi[c] : _mm256_setzero_si256(); };
+      const auto y_d = [&](int c) { return c < kCols ? y[c][b].d : 0.0f; };
+      const __m128 sums = _mm_cvtepi32_ps(
+          HorizontalSums4(column(4 * q), column(4 * q + 1), column(4 * q + 2), column(4 * q + 3)));
+      const __m128 scale =
+          _mm_mul_ps(_mm_setr_ps(y_d(4 * q), y_d(4 * q + 1), y_d(4 * q + 2), y_d(4 * q + 3)), dx4);
+      acc[q] = _mm_fmadd_ps(scale, sums, acc[q]);
     }
   }
   MOEPOOL_UNROLL
-  for (int c = 0; c < kCols; ++c) out[c] = HorizontalSum(acc[c]);
+  for (int c = 0; c < kCols; ++c) {
+    alignas(16) float lanes[4];
+    _mm_store_ps(lanes, acc[c / 4]);
+    out[c] = lanes[c % 4];
+  }
 }
 
 }  // namespace

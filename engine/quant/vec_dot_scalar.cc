@@ -1,9 +1,11 @@
 // Portable reference dot products: a weight row of each stored type against an activation row of
 // its vec_dot_type. Quantized types form the exact integer dot product of each (sub-)block and
-// scale it in float, as the GGUF reference does; float types accumulate in double.
+// scale it in float, as the GGUF reference does; float types accumulate in double. Q4_K, Q5_K and
+// Q6_K follow block_numerics.h, so the SIMD builds return exactly these bits.
 #include <cstdint>
 #include <cstring>
 
+#include "engine/quant/block_numerics.h"
 #include "engine/quant/fp16.h"
 #include "engine/quant/kernels.h"
 #include "engine/quant/types.h"
@@ -229,8 +231,7 @@ float VecDotQ4_KScalar(int64_t n, const void* w, const void* a) {
       isum += scale_lo * lo + scale_hi * hi;
     }
     const int mins = MinsDotK4(x[b].scales, y[b].bsums);
-    sum += y[b].d * Fp16ToFp32(x[b].d) * static_cast<float>(isum) -
-           y[b].d * Fp16ToFp32(x[b].dmin) * static_cast<float>(mins);
+    sum = AccumulateK4Block(sum, y[b].d, Fp16ToFp32(x[b].d), Fp16ToFp32(x[b].dmin), isum, mins);
   }
   return sum;
 }
@@ -257,8 +258,7 @@ float VecDotQ5_KScalar(int64_t n, const void* w, const void* a) {
       isum += scale_lo * lo + scale_hi * hi;
     }
     const int mins = MinsDotK4(x[b].scales, y[b].bsums);
-    sum += y[b].d * Fp16ToFp32(x[b].d) * static_cast<float>(isum) -
-           y[b].d * Fp16ToFp32(x[b].dmin) * static_cast<float>(mins);
+    sum = AccumulateK4Block(sum, y[b].d, Fp16ToFp32(x[b].d), Fp16ToFp32(x[b].dmin), isum, mins);
   }
   return sum;
 }
@@ -288,7 +288,7 @@ float VecDotQ6_KScalar(int64_t n, const void* w, const void* a) {
         }
       }
     }
-    sum += Fp16ToFp32(x[b].d) * y[b].d * static_cast<float>(isum);
+    sum = AccumulateK6Block(sum, y[b].d, Fp16ToFp32(x[b].d), isum);
   }
   return sum;
 }

@@ -193,6 +193,28 @@ TEST(CliTest, BenchJsonReportsSpeedsAndMemory) {
   }
 }
 
+// MOEPOOL_CPU_KERNELS picks the kernel path one machine runs (to compare them); the paths give
+// the same logits on this k-quant-free F16 model only up to rounding, so only the choice and the
+// refusals are checked here (the kernels' bits are tested in tests/engine/quant).
+TEST(CliTest, CpuKernelsOverrideIsReportedAndBadValuesAreRefused) {
+  REQUIRE_TESTDATA(TinyF16());
+  const std::string bench =
+      "bench --model " + Quote(TinyF16()) + " --prompt-tokens 4 --decode-tokens 2 --json";
+  const Result scalar = ::moepool::testing::RunMoepool(bench, "MOEPOOL_CPU_KERNELS=scalar ");
+  ASSERT_EQ(scalar.exit_code, 0) << scalar.err;
+  EXPECT_EQ(nlohmann::json::parse(scalar.out).at("cpu_kernels"), "scalar");
+  const Result bogus = ::moepool::testing::RunMoepool(bench, "MOEPOOL_CPU_KERNELS=avx9000 ");
+  EXPECT_EQ(bogus.exit_code, 2);
+  EXPECT_NE(bogus.err.find("unknown CPU kernels 'avx9000' (auto, avx512, avx2 or scalar)"),
+            std::string::npos)
+      << bogus.err;
+  if (!CpuHasAvx512Vnni()) {
+    const Result missing = ::moepool::testing::RunMoepool(bench, "MOEPOOL_CPU_KERNELS=avx512 ");
+    EXPECT_EQ(missing.exit_code, 2);
+    EXPECT_NE(missing.err.find("cannot run here"), std::string::npos) << missing.err;
+  }
+}
+
 TEST(CliTest, BenchBatchDecodesSeveralSequencesAtOnce) {
   REQUIRE_TESTDATA(TinyF16());
   const Result r =

@@ -275,7 +275,7 @@ test('tool_choice required or named: the reply is valid tool calls', async (t) =
   }
   const finishes = await mapLimit(jobs, 4, async (job, i) => {
     const { tools, stream, tool_choice, parallel_tool_calls, one, name } = job;
-    const r = await chat({ tools, tool_choice, parallel_tool_calls, stream, max_tokens: 400,
+    const r = await chat({ tools, tool_choice, parallel_tool_calls, stream, max_tokens: 1000,
                            temperature: 1, seed: 200 + i });
     const what = `tools [${tools.map((x) => x.function.name)}], ` +
                  `tool_choice ${JSON.stringify(tool_choice)}` +
