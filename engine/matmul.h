@@ -3,7 +3,9 @@
 // Each output element y[t][r] is one VecDot of weight row r with activation row t (converted to
 // the weight type's vec_dot_type), so its value does not depend on how many rows share the
 // batch, on their order, or on the number of threads: the batch-invariance the serving and
-// distributed paths rely on. Tiling only changes the order in which elements are computed.
+// distributed paths rely on. Tiling only changes the order in which elements are computed: the
+// multi-row kernels and, on AVX512-VNNI, the 16-row matmul tiles used from 8 activation rows up
+// return each element's single-row bits (engine/quant/block_numerics.h).
 #ifndef MOEPOOL_ENGINE_MATMUL_H_
 #define MOEPOOL_ENGINE_MATMUL_H_
 

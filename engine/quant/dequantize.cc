@@ -8,6 +8,7 @@
 
 #include "engine/quant/fp16.h"
 #include "engine/quant/kernels.h"
+#include "engine/quant/quantize_internal.h"
 #include "engine/quant/types.h"
 
 namespace moepool::kernels {
@@ -17,20 +18,6 @@ uint32_t LoadU32(const uint8_t* p) {
   uint32_t v;
   std::memcpy(&v, p, 4);
   return v;
-}
-
-// 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block. Bytes 0..3 hold the
-// scales of sub-blocks 0..3 in their low 6 bits, bytes 4..7 the mins of 0..3; sub-blocks 4..7
-// keep their low 4 bits in the nibbles of bytes 8..11 and their top 2 bits in the top 2 bits of
-// bytes 0..7.
-void UnpackScaleMinK4(int j, const uint8_t* packed, uint8_t* scale, uint8_t* min) {
-  if (j < 4) {
-    *scale = packed[j] & 63;
-    *min = packed[j + 4] & 63;
-  } else {
-    *scale = static_cast<uint8_t>((packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4));
-    *min = static_cast<uint8_t>((packed[j + 4] >> 4) | ((packed[j] >> 6) << 4));
-  }
 }
 
 // Signed 6-bit scale of sub-block i (0..15) of a Q3_K super-block: low 4 bits in the nibbles of
@@ -182,10 +169,10 @@ void DequantizeRowQ4_K(const void* src, float* dst, int64_t n) {
     for (int c = 0; c < kQK_K / 64; ++c) {
       const uint8_t* q = blk.qs + 32 * c;
       uint8_t sc, m;
-      UnpackScaleMinK4(2 * c, blk.scales, &sc, &m);
+      internal::UnpackScaleMinK4(2 * c, blk.scales, &sc, &m);
       const float d1 = d * static_cast<float>(sc);
       const float m1 = dmin * static_cast<float>(m);
-      UnpackScaleMinK4(2 * c + 1, blk.scales, &sc, &m);
+      internal::UnpackScaleMinK4(2 * c + 1, blk.scales, &sc, &m);
       const float d2 = d * static_cast<float>(sc);
       const float m2 = dmin * static_cast<float>(m);
       for (int l = 0; l < 32; ++l) *dst++ = d1 * static_cast<float>(q[l] & 0xF) - m1;
@@ -207,10 +194,10 @@ void DequantizeRowQ5_K(const void* src, float* dst, int64_t n) {
       const uint8_t bit_lo = static_cast<uint8_t>(1u << (2 * c));
       const uint8_t bit_hi = static_cast<uint8_t>(2u << (2 * c));
       uint8_t sc, m;
-      UnpackScaleMinK4(2 * c, blk.scales, &sc, &m);
+      internal::UnpackScaleMinK4(2 * c, blk.scales, &sc, &m);
       const float d1 = d * static_cast<float>(sc);
       const float m1 = dmin * static_cast<float>(m);
-      UnpackScaleMinK4(2 * c + 1, blk.scales, &sc, &m);
+      internal::UnpackScaleMinK4(2 * c + 1, blk.scales, &sc, &m);
       const float d2 = d * static_cast<float>(sc);
       const float m2 = dmin * static_cast<float>(m);
       for (int l = 0; l < 32; ++l) {

@@ -1,5 +1,5 @@
-// Helpers shared by the reference quantizers (quantize.cc, quantize_k.cc). Internal to
-// engine/quant; not part of the public kernel interface.
+// Helpers shared by the reference quantizers (quantize.cc, quantize_k.cc), the dequantizers and the
+// dot products. Internal to engine/quant; not part of the public kernel interface.
 #ifndef MOEPOOL_ENGINE_QUANT_QUANTIZE_INTERNAL_H_
 #define MOEPOOL_ENGINE_QUANT_QUANTIZE_INTERNAL_H_
 
@@ -35,6 +35,20 @@ inline float SafeInverse(float d) {
   if (d == 0.0f) return 0.0f;
   const float id = 1.0f / d;
   return std::isfinite(id) ? id : 0.0f;
+}
+
+// 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block. Bytes 0..3 hold the
+// scales of sub-blocks 0..3 in their low 6 bits, bytes 4..7 the mins of 0..3; sub-blocks 4..7
+// keep their low 4 bits in the nibbles of bytes 8..11 and their top 2 bits in the top 2 bits of
+// bytes 0..7.
+inline void UnpackScaleMinK4(int j, const uint8_t* packed, uint8_t* scale, uint8_t* min) {
+  if (j < 4) {
+    *scale = packed[j] & 63;
+    *min = packed[j + 4] & 63;
+  } else {
+    *scale = static_cast<uint8_t>((packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4));
+    *min = static_cast<uint8_t>((packed[j + 4] >> 4) | ((packed[j] >> 6) << 4));
+  }
 }
 
 }  // namespace moepool::kernels::internal

@@ -24,6 +24,7 @@
 
 #include "engine/quant/fp16.h"
 #include "engine/quant/kernels.h"
+#include "engine/quant/quantize_internal.h"
 #include "engine/quant/types.h"
 
 namespace moepool::kernels {
@@ -128,13 +129,10 @@ inline __attribute__((always_inline)) void Transpose16x16(__m512i v[16]) {
 
 // Sub-block j (0..7) scale and min of a Q4_K / Q5_K super-block's 12 packed bytes.
 void ScaleMinK4(int j, const uint8_t* packed, int* scale, int* min) {
-  if (j < 4) {
-    *scale = packed[j] & 63;
-    *min = packed[j + 4] & 63;
-  } else {
-    *scale = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4);
-    *min = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
-  }
+  uint8_t s, m;
+  internal::UnpackScaleMinK4(j, packed, &s, &m);
+  *scale = s;
+  *min = m;
 }
 
 int32_t Int16Pair(int lo, int hi) {

@@ -8,6 +8,7 @@
 #include "engine/quant/block_numerics.h"
 #include "engine/quant/fp16.h"
 #include "engine/quant/kernels.h"
+#include "engine/quant/quantize_internal.h"
 #include "engine/quant/types.h"
 
 namespace moepool::kernels {
@@ -27,13 +28,10 @@ uint32_t LoadU32(const uint8_t* p) {
 
 // Sub-block j (0..7) scale and min of a Q4_K / Q5_K super-block's 12 packed bytes.
 void ScaleMinK4(int j, const uint8_t* packed, int* scale, int* min) {
-  if (j < 4) {
-    *scale = packed[j] & 63;
-    *min = packed[j + 4] & 63;
-  } else {
-    *scale = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4);
-    *min = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
-  }
+  uint8_t s, m;
+  internal::UnpackScaleMinK4(j, packed, &s, &m);
+  *scale = s;
+  *min = m;
 }
 
 // Mins term of the k-quants with per-32 mins: sum over sub-blocks of min * (sum of its quants).
