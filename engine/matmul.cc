@@ -57,15 +57,12 @@ void* TileScratch(size_t bytes) {
   return buffer.data.get();
 }
 
-// y for rows [r0, r1) through the tile kernel, 16 weight rows at a time.
+// y for rows [r0, r1) through the tile kernel.
 void TileRowRange(const TypeTraits& traits, const WeightMatrix& w, const RowsView& x, int64_t r0,
                   int64_t r1, float* y, int64_t y_stride) {
-  void* scratch = TileScratch(traits.tile_scratch_bytes(w.cols));
-  for (int64_t r = r0; r < r1; r += kernels::kTileRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kernels::kTileRows, r1 - r));
-    traits.tile(w.cols, w.Row(r), w.row_bytes, rows, x.data, x.row_bytes, x.n, y + r, y_stride,
-                scratch);
-  }
+  void* scratch = TileScratch(traits.tile_scratch_bytes(w.cols, x.n));
+  traits.tile(w.cols, w.Row(r0), w.row_bytes, r1 - r0, x.data, x.row_bytes, x.n, y + r0, y_stride,
+              scratch);
 }
 
 }  // namespace

@@ -4,7 +4,7 @@
 //   vec_dot_scalar.cc  VecDot*Scalar  (portable reference dot products)
 //   vec_dot_avx2.cc    VecDot*Avx2    (AVX2 + FMA; compiled with -mavx2 -mfma -mf16c)
 //   vec_dot_vnni.cc    VecDot*Vnni    (the same source built for AVX512-VNNI; same bits as Avx2)
-//   tile_k_vnni.cc     Tile*Vnni      (AVX512-VNNI matmul tiles for many activation rows)
+//   tile_*_vnni.cc     Tile*Vnni      (AVX512-VNNI matmul tiles for many activation rows)
 // All functions are thread-safe and take n = number of elements, a multiple of the block size.
 // Pointers need no particular alignment.
 #ifndef MOEPOOL_ENGINE_QUANT_KERNELS_H_
@@ -64,22 +64,26 @@ MOEPOOL_DECLARE_MULTI_DOT_TABLES(Q6_K)
 MOEPOOL_DECLARE_MULTI_DOT_TABLES(Q8_0)
 #undef MOEPOOL_DECLARE_MULTI_DOT_TABLES
 
-// Matmul tiles: out[t * out_stride + r] = dot(weight row r, activation row t) for r < rows (at
-// most kTileRows rows, w_stride bytes apart) and t < n_act, each bit-identical to VecDot*Scalar
-// (block_numerics.h). The rows are repacked once into `scratch` (TileScratchBytes(n) bytes, 64-byte
-// aligned, owned by the caller) and then swept by up to kMaxTileCols activation rows at a time.
+// Matmul tiles: out[t * out_stride + r] = dot(weight row r, activation row t) for r < rows
+// (w_stride bytes apart) and t < n_act, each bit-identical to VecDot*Scalar (block_numerics.h).
+// Every kTileRows weight rows are repacked into `scratch` (TileScratchBytes*(n, n_act) bytes,
+// 64-byte aligned, owned by the caller) and swept by up to kMaxTileCols activation rows at a time.
 inline constexpr int kTileRows = 16;
 inline constexpr int kMaxTileCols = 8;
-using TileKernel = void (*)(int64_t n, const uint8_t* w, size_t w_stride, int rows,
+using TileKernel = void (*)(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows,
                             const uint8_t* a, size_t a_stride, int64_t n_act, float* out,
                             int64_t out_stride, void* scratch);
-size_t TileScratchBytes(int64_t n);
-void TileQ4_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int rows, const uint8_t* a,
-                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch);
-void TileQ5_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int rows, const uint8_t* a,
-                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch);
-void TileQ6_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int rows, const uint8_t* a,
-                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch);
+size_t TileScratchBytesK(int64_t n, int64_t n_act);
+size_t TileScratchBytesQ8_0(int64_t n, int64_t n_act);
+#define MOEPOOL_DECLARE_TILE(T)                                                                    \
+  void Tile##T##Vnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a, \
+                     size_t a_stride, int64_t n_act, float* out, int64_t out_stride,               \
+                     void* scratch);
+MOEPOOL_DECLARE_TILE(Q4_K)
+MOEPOOL_DECLARE_TILE(Q5_K)
+MOEPOOL_DECLARE_TILE(Q6_K)
+MOEPOOL_DECLARE_TILE(Q8_0)
+#undef MOEPOOL_DECLARE_TILE
 
 // The Vnni functions, tables and tiles exist only where MOEPOOL_HAVE_VNNI_KERNELS is defined; call
 // them only where CpuHasAvx512Vnni() (types.h).

@@ -18,6 +18,7 @@
 // -Wmaybe-uninitialized reports at every inlined conversion (a GCC false positive).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -25,13 +26,15 @@
 #include "engine/quant/fp16.h"
 #include "engine/quant/kernels.h"
 #include "engine/quant/quantize_internal.h"
+#include "engine/quant/tile_vnni_internal.h"
 #include "engine/quant/types.h"
 
 namespace moepool::kernels {
 namespace {
 
-// Fully unrolls the loops over columns and words so that the accumulators stay in registers.
-#define MOEPOOL_TILE_UNROLL _Pragma("GCC unroll 16")
+using tile::ForEachColumnGroup;
+using tile::PrefetchPart;
+using tile::Transpose16x16;
 
 constexpr int kWords = kQK_K / 4;  // 4-element groups per super-block
 
@@ -97,34 +100,6 @@ void UnpackQ6_K(const BlockQ6_K& x, uint8_t* u) {
       Store256(u + 128 * h + 32 * g, _mm256_or_si256(low[g], _mm256_slli_epi16(top, 4)));
     }
   }
-}
-
-// Transposes 16 rows of 16 int32 in place: afterwards v[c] lane r holds what v[r] lane c held.
-inline __attribute__((always_inline)) void Transpose16x16(__m512i v[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  // v[4q + e], 128-bit lane L: rows 4q .. 4q + 3 of column 4L + e.
-  for (int i = 0; i < 16; i += 4) {
-    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  __m512i out[16];
-  for (int e = 0; e < 4; ++e) {
-    const __m512i x0 = _mm512_shuffle_i32x4(v[e], v[4 + e], 0x44);
-    const __m512i x1 = _mm512_shuffle_i32x4(v[e], v[4 + e], 0xEE);
-    const __m512i y0 = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0x44);
-    const __m512i y1 = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0xEE);
-    out[e] = _mm512_shuffle_i32x4(x0, y0, 0x88);
-    out[4 + e] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
-    out[8 + e] = _mm512_shuffle_i32x4(x1, y1, 0x88);
-    out[12 + e] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) v[i] = out[i];
 }
 
 // Sub-block j (0..7) scale and min of a Q4_K / Q5_K super-block's 12 packed bytes.
@@ -256,13 +231,6 @@ void TileColumns(int64_t nb, const PackedBlock* packed, const uint8_t* a, size_t
   for (int c = 0; c < kCols; ++c) _mm512_mask_storeu_ps(out + c * out_stride, rows, acc[c]);
 }
 
-// Asks for `bytes` from `p` into L2, the part `part` of `parts` of them.
-void PrefetchPart(const char* p, size_t bytes, int64_t part, int64_t parts) {
-  const size_t lines = (bytes + 63) / 64;
-  const size_t first = lines * part / parts, last = lines * (part + 1) / parts;
-  for (size_t line = first; line < last; ++line) _mm_prefetch(p + 64 * line, _MM_HINT_T1);
-}
-
 // Runs every activation row against the packed rows. Meanwhile the next tile's weights (`next`,
 // `next_bytes`: the rows that follow these in the matrix) are asked for, a share per group of
 // columns: packing reads them from memory otherwise, with nothing to overlap the wait.
@@ -270,62 +238,45 @@ template <int kSubBlocks>
 void TileAll(int64_t nb, const PackedBlock* packed, const uint8_t* a, size_t a_stride,
              int64_t n_act, __mmask16 rows, float* out, int64_t out_stride, const char* next,
              size_t next_bytes) {
-  const int64_t n_groups = (n_act + kMaxTileCols - 1) / kMaxTileCols;
-  int64_t group = 0;
-  int64_t t = 0;
-  // Groups of 8, the last ones as even as possible (11 rows run as 6 + 5).
-  while (t < n_act) {
-    const int64_t left = n_act - t;
-    const int64_t groups = (left + kMaxTileCols - 1) / kMaxTileCols;
-    const int c = static_cast<int>((left + groups - 1) / groups);
-    PrefetchPart(next, next_bytes, group++, n_groups);
-    const uint8_t* at = a + t * a_stride;
-    float* ot = out + t * out_stride;
-    switch (c) {
-#define MOEPOOL_TILE_CASE(C)                                                    \
-  case C:                                                                       \
-    TileColumns<C, kSubBlocks>(nb, packed, at, a_stride, rows, ot, out_stride); \
-    break;
-      MOEPOOL_TILE_CASE(1)
-      MOEPOOL_TILE_CASE(2)
-      MOEPOOL_TILE_CASE(3)
-      MOEPOOL_TILE_CASE(4)
-      MOEPOOL_TILE_CASE(5)
-      MOEPOOL_TILE_CASE(6)
-      MOEPOOL_TILE_CASE(7)
-      MOEPOOL_TILE_CASE(8)
-#undef MOEPOOL_TILE_CASE
-    }
-    t += c;
-  }
+  ForEachColumnGroup(n_act, [&]<int kCols>(int64_t t, int64_t group, int64_t n_groups) {
+    PrefetchPart(next, next_bytes, group, n_groups);
+    TileColumns<kCols, kSubBlocks>(nb, packed, a + t * a_stride, a_stride, rows,
+                                   out + t * out_stride, out_stride);
+  });
 }
 
 template <typename Block, int kSubBlocks>
-void Tile(int64_t n, const uint8_t* w, size_t w_stride, int rows, const uint8_t* a, size_t a_stride,
-          int64_t n_act, float* out, int64_t out_stride, void* scratch) {
+void Tile(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a,
+          size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch) {
   auto* packed = static_cast<PackedBlock*>(scratch);
-  PackRows<Block>(n, w, w_stride, rows, packed);
-  const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
-  const char* next = reinterpret_cast<const char*>(w + rows * w_stride);
-  TileAll<kSubBlocks>(n / kQK_K, packed, a, a_stride, n_act, mask, out, out_stride, next,
-                      static_cast<size_t>(rows) * w_stride);
+  for (int64_t r = 0; r < rows; r += kTileRows) {
+    const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
+    const uint8_t* wr = w + r * w_stride;
+    PackRows<Block>(n, wr, w_stride, tile_rows, packed);
+    const __mmask16 mask = static_cast<__mmask16>((1u << tile_rows) - 1);
+    const char* next = reinterpret_cast<const char*>(wr + tile_rows * w_stride);
+    TileAll<kSubBlocks>(n / kQK_K, packed, a, a_stride, n_act, mask, out + r, out_stride, next,
+                        static_cast<size_t>(kTileRows) * w_stride);
+  }
 }
 
 }  // namespace
 
-size_t TileScratchBytes(int64_t n) { return static_cast<size_t>(n / kQK_K) * sizeof(PackedBlock); }
+size_t TileScratchBytesK(int64_t n, int64_t /*n_act*/) {
+  return static_cast<size_t>(n / kQK_K) * sizeof(PackedBlock);
+}
 
-void TileQ4_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int rows, const uint8_t* a,
+void TileQ4_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a,
                   size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch) {
   Tile<BlockQ4_K, 8>(n, w, w_stride, rows, a, a_stride, n_act, out, out_stride, scratch);
 }
 
-void TileQ5_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int rows, const uint8_t* a,
+void TileQ5_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a,
                   size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch) {
   Tile<BlockQ5_K, 8>(n, w, w_stride, rows, a, a_stride, n_act, out, out_stride, scratch);
 }
 
-void TileQ6_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int rows, const uint8_t* a,
+void TileQ6_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a,
                   size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch) {
   Tile<BlockQ6_K, 16>(n, w, w_stride, rows, a, a_stride, n_act, out, out_stride, scratch);
 }

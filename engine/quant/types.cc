@@ -58,13 +58,13 @@ std::array<TypeTraits, 13> MakeTable(Isa isa) {
 #undef MOEPOOL_TRAITS
 
 #ifdef MOEPOOL_HAVE_VNNI_KERNELS
-#define MOEPOOL_SET_TILE(fn)                            \
-  if (isa == Isa::kVnni) {                              \
-    tr.tile = &kernels::fn;                             \
-    tr.tile_scratch_bytes = &kernels::TileScratchBytes; \
+#define MOEPOOL_SET_TILE(fn, scratch)          \
+  if (isa == Isa::kVnni) {                     \
+    tr.tile = &kernels::fn;                    \
+    tr.tile_scratch_bytes = &kernels::scratch; \
   }
 #else
-#define MOEPOOL_SET_TILE(fn)
+#define MOEPOOL_SET_TILE(fn, scratch)
 #endif
 
 // Activation-only types: no dot product of their own.
@@ -105,18 +105,19 @@ void AddFastKernels(Isa isa, std::array<TypeTraits, 13>* stored) {
       case TensorType::kQ8_0:
         tr.quantize = &kernels::QuantizeRowQ8_0Avx2;
         tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ8_0Cols);
+        MOEPOOL_SET_TILE(TileQ8_0Vnni, TileScratchBytesQ8_0);
         break;
       case TensorType::kQ4_K:
         tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ4_KCols);
-        MOEPOOL_SET_TILE(TileQ4_KVnni);
+        MOEPOOL_SET_TILE(TileQ4_KVnni, TileScratchBytesK);
         break;
       case TensorType::kQ5_K:
         tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ5_KCols);
-        MOEPOOL_SET_TILE(TileQ5_KVnni);
+        MOEPOOL_SET_TILE(TileQ5_KVnni, TileScratchBytesK);
         break;
       case TensorType::kQ6_K:
         tr.vec_dot_cols = MOEPOOL_VNNI_OR_AVX2(kVecDotQ6_KCols);
-        MOEPOOL_SET_TILE(TileQ6_KVnni);
+        MOEPOOL_SET_TILE(TileQ6_KVnni, TileScratchBytesK);
         break;
       default:
         break;

@@ -132,9 +132,9 @@ using VecDotFn = float (*)(int64_t n, const void* w, const void* a);
 // c dot products of one weight row with activation rows a + i * a_stride (i < c); each out[i] is
 // bit-identical to vec_dot of that row (so batching never changes a row's result).
 inline constexpr int kMultiDotCols = 8;
-using MatTileFn = void (*)(int64_t n, const uint8_t* w, size_t w_stride, int rows, const uint8_t* a,
-                           size_t a_stride, int64_t n_act, float* out, int64_t out_stride,
-                           void* scratch);
+using MatTileFn = void (*)(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows,
+                           const uint8_t* a, size_t a_stride, int64_t n_act, float* out,
+                           int64_t out_stride, void* scratch);
 using VecDotMultiFn = void (*)(int64_t n, const void* w, const void* a, size_t a_stride,
                                float* out);
 
@@ -151,10 +151,11 @@ struct TypeTraits {
   // vec_dot_cols[c] computes c rows at once (c = 2 .. kMultiDotCols); all nullptr where no
   // multi-row kernel exists for this type on this CPU (entries 0 and 1 are always nullptr).
   const VecDotMultiFn* vec_dot_cols;
-  // Register-blocked tile of up to 16 weight rows x any number of activation rows (kernels.h,
+  // Register-blocked tiles over any number of weight rows x activation rows (kernels.h,
   // kernels::TileKernel), bit-identical to vec_dot; nullptr where none exists on this CPU.
   MatTileFn tile = nullptr;
-  size_t (*tile_scratch_bytes)(int64_t n) = nullptr;  // scratch a tile of rows of n elements needs
+  // Scratch the tile needs for rows of n elements and n_act activation rows.
+  size_t (*tile_scratch_bytes)(int64_t n, int64_t n_act) = nullptr;
 };
 
 // Returns the traits of a type id read from a file, or nullptr if moepool does not support it.

@@ -1,7 +1,7 @@
 // Portable reference dot products: a weight row of each stored type against an activation row of
 // its vec_dot_type. Quantized types form the exact integer dot product of each (sub-)block and
-// scale it in float, as the GGUF reference does; float types accumulate in double. Q4_K, Q5_K and
-// Q6_K follow block_numerics.h, so the SIMD builds return exactly these bits.
+// scale it in float, as the GGUF reference does; float types accumulate in double. Q4_K, Q5_K,
+// Q6_K and Q8_0 follow block_numerics.h, so the SIMD builds return exactly these bits.
 #include <cstdint>
 #include <cstring>
 
@@ -140,13 +140,14 @@ float VecDotQ5_1Scalar(int64_t n, const void* w, const void* a) {
 float VecDotQ8_0Scalar(int64_t n, const void* w, const void* a) {
   const auto* x = static_cast<const BlockQ8_0*>(w);
   const auto* y = static_cast<const BlockQ8_0*>(a);
-  float sum = 0.0f;
+  float lanes[kQ8_0Lanes] = {};
   for (int64_t b = 0; b < n / kQK8_0; ++b) {
     int isum = 0;
     for (int j = 0; j < kQK8_0; ++j) isum += x[b].qs[j] * y[b].qs[j];
-    sum += static_cast<float>(isum) * (Fp16ToFp32(x[b].d) * Fp16ToFp32(y[b].d));
+    float& lane = lanes[b % kQ8_0Lanes];
+    lane = AccumulateQ8_0Block(lane, Fp16ToFp32(x[b].d), Fp16ToFp32(y[b].d), isum);
   }
-  return sum;
+  return SumQ8_0Lanes(lanes);
 }
 
 // Q2_K: 16 sub-blocks of 16; byte scales[i] = scale (low nibble) | min (high nibble). Element

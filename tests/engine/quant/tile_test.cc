@@ -1,5 +1,6 @@
-// The AVX512-VNNI matmul tiles (tile_k_vnni.cc) against the scalar reference dot: every output of
-// every tile shape (1..16 weight rows, 1..8 activation rows per group, any number of groups) must
+// The AVX512-VNNI matmul tiles (tile_*_vnni.cc) against the scalar reference dot: every output of
+// every tile shape (16 and fewer weight rows, 1..8 activation rows per group, any number of groups,
+// rows of 1 to 136 Q8_0 blocks, so an odd count and every lane of the 8 Q8_0 accumulators) must
 // have exactly the bits of VecDot*Scalar, including at the limits of the integer sums, and
 // MatMulRowRange must give the same bits through the tiles as one row at a time.
 #include <cstdint>
@@ -41,7 +42,9 @@ std::vector<uint8_t> MakeWeights(TensorType type, int64_t rows, int64_t n, Fill 
   for (uint8_t& b : out) b = static_cast<uint8_t>(byte(*rng) | (byte(*rng) < 64 ? 0xFF : 0));
   // Half scales: finite, of either sign.
   std::vector<size_t> half_offsets;
-  if (type == TensorType::kQ6_K) {
+  if (type == TensorType::kQ8_0) {
+    half_offsets = {offsetof(BlockQ8_0, d)};
+  } else if (type == TensorType::kQ6_K) {
     half_offsets = {offsetof(BlockQ6_K, d)};
   } else if (type == TensorType::kQ5_K) {
     half_offsets = {offsetof(BlockQ5_K, d), offsetof(BlockQ5_K, dmin)};
@@ -57,28 +60,34 @@ std::vector<uint8_t> MakeWeights(TensorType type, int64_t rows, int64_t n, Fill 
   return out;
 }
 
-// Q8_K activation rows: quantized gaussian values, or quants anywhere in [-128, 127] (with their
-// block sums) to reach the integer limits.
-std::vector<uint8_t> MakeActivations(int64_t rows, int64_t n, Fill fill, std::mt19937* rng) {
-  const size_t row_bytes = RowBytes(TensorType::kQ8_K, n);
+// Activation rows of `type` (Q8_K or Q8_0): quantized gaussian values, or quants anywhere in
+// [-128, 127] (Q8_K: with their block sums) to reach the integer limits.
+std::vector<uint8_t> MakeActivations(TensorType type, int64_t rows, int64_t n, Fill fill,
+                                     std::mt19937* rng) {
+  const TypeTraits& t = GetTypeTraits(type);
+  const size_t row_bytes = RowBytes(type, n);
   std::vector<uint8_t> out(row_bytes * rows);
   std::normal_distribution<float> gauss(0.0f, 1.0f);
+  std::uniform_int_distribution<int> q(-128, 127);
   std::vector<float> values(n);
   for (int64_t r = 0; r < rows; ++r) {
     for (float& v : values) v = gauss(*rng) * (r % 3 + 1);
-    kernels::QuantizeRowQ8_K(values.data(), out.data() + r * row_bytes, n);
-    if (fill == Fill::kExtreme) {
-      auto* blocks = reinterpret_cast<BlockQ8_K*>(out.data() + r * row_bytes);
-      std::uniform_int_distribution<int> q(-128, 127);
-      for (int64_t b = 0; b < n / kQK_K; ++b) {
-        const bool all_min = (b + r) % 4 == 0;
-        for (int i = 0; i < kQK_K; ++i)
-          blocks[b].qs[i] = static_cast<int8_t>(all_min ? -128 : q(*rng));
-        for (int g = 0; g < kQK_K / 16; ++g) {
-          int sum = 0;
-          for (int i = 0; i < 16; ++i) sum += blocks[b].qs[16 * g + i];
-          blocks[b].bsums[g] = static_cast<int16_t>(sum);
-        }
+    t.quantize(values.data(), out.data() + r * row_bytes, n);
+    if (fill != Fill::kExtreme) continue;
+    for (int64_t b = 0; b < n / t.block_size; ++b) {
+      const bool all_min = (b + r) % 4 == 0;
+      const auto quant = [&] { return static_cast<int8_t>(all_min ? -128 : q(*rng)); };
+      if (type == TensorType::kQ8_0) {
+        auto* block = reinterpret_cast<BlockQ8_0*>(out.data() + r * row_bytes) + b;
+        for (int8_t& v : block->qs) v = quant();
+        continue;
+      }
+      auto* block = reinterpret_cast<BlockQ8_K*>(out.data() + r * row_bytes) + b;
+      for (int8_t& v : block->qs) v = quant();
+      for (int g = 0; g < kQK_K / 16; ++g) {
+        int sum = 0;
+        for (int i = 0; i < 16; ++i) sum += block->qs[16 * g + i];
+        block->bsums[g] = static_cast<int16_t>(sum);
       }
     }
   }
@@ -103,23 +112,20 @@ class TileTest : public ::testing::TestWithParam<TensorType> {
 TEST_P(TileTest, EveryOutputBitIdenticalToScalarDot) {
   const TypeTraits& t = GetTypeTraits(GetParam());
   std::mt19937 rng(static_cast<uint32_t>(GetParam()) * 31);
-  for (const int64_t n : {int64_t{256}, int64_t{1024}, int64_t{3584}}) {
+  for (const int64_t n : {int64_t{256}, int64_t{1024}, int64_t{3584}, int64_t{4352}}) {
     for (const Fill fill : {Fill::kQuantized, Fill::kExtreme}) {
       SCOPED_TRACE(::testing::Message() << "n " << n << " fill " << static_cast<int>(fill));
-      constexpr int64_t kRows = 21;  // one full tile and one of 5 rows
+      constexpr int64_t kRows = 21;  // one full tile of 16 rows and one of 5
       constexpr int64_t kActs = 17;
       const std::vector<uint8_t> w = MakeWeights(t.type, kRows, n, fill, &rng);
-      const std::vector<uint8_t> a = MakeActivations(kActs, n, fill, &rng);
-      const size_t w_bytes = RowBytes(t.type, n), a_bytes = RowBytes(TensorType::kQ8_K, n);
-      Aligned scratch(t.tile_scratch_bytes(n));
+      const std::vector<uint8_t> a = MakeActivations(t.vec_dot_type, kActs, n, fill, &rng);
+      const size_t w_bytes = RowBytes(t.type, n), a_bytes = RowBytes(t.vec_dot_type, n);
+      Aligned scratch(t.tile_scratch_bytes(n, kActs));
       // Every activation count 1..kActs, so every group width 1..8 occurs.
       for (int64_t n_act = 1; n_act <= kActs; ++n_act) {
         std::vector<float> out(kActs * kRows, -1.0f);
-        for (int64_t r = 0; r < kRows; r += kernels::kTileRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kernels::kTileRows, kRows - r));
-          t.tile(n, w.data() + r * w_bytes, w_bytes, rows, a.data(), a_bytes, n_act, out.data() + r,
-                 kRows, scratch.data.get());
-        }
+        t.tile(n, w.data(), w_bytes, kRows, a.data(), a_bytes, n_act, out.data(), kRows,
+               scratch.data.get());
         for (int64_t i = 0; i < kActs; ++i) {
           for (int64_t r = 0; r < kRows; ++r) {
             const float got = out[i * kRows + r];
@@ -145,15 +151,15 @@ TEST_P(TileTest, MatMulRowRangeThroughTilesMatchesSingleRows) {
   std::mt19937 rng(99);
   constexpr int64_t kN = 1024, kRows = 48, kActs = 20;
   const std::vector<uint8_t> w_bytes = MakeWeights(t.type, kRows, kN, Fill::kQuantized, &rng);
-  const std::vector<uint8_t> a = MakeActivations(kActs, kN, Fill::kQuantized, &rng);
+  const std::vector<uint8_t> a = MakeActivations(t.vec_dot_type, kActs, kN, Fill::kQuantized, &rng);
   WeightMatrix w;
   w.type = t.type;
   w.cols = kN;
   w.rows = kRows;
   w.row_bytes = RowBytes(t.type, kN);
   w.data = w_bytes.data();
-  const size_t a_bytes = RowBytes(TensorType::kQ8_K, kN);
-  const RowsView x{TensorType::kQ8_K, a.data(), a_bytes, kActs};
+  const size_t a_bytes = RowBytes(t.vec_dot_type, kN);
+  const RowsView x{t.vec_dot_type, a.data(), a_bytes, kActs};
   std::vector<float> y(kActs * kRows, 7.0f);
   MatMulRowRange(w, x, 3, 42, y.data(), kRows);
   for (int64_t i = 0; i < kActs; ++i) {
@@ -170,7 +176,8 @@ TEST_P(TileTest, MatMulRowRangeThroughTilesMatchesSingleRows) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Types, TileTest,
-                         ::testing::Values(TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K),
+                         ::testing::Values(TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K,
+                                           TensorType::kQ8_0),
                          [](const auto& info) {
                            return std::string(GetTypeTraits(info.param).name);
                          });

@@ -221,9 +221,9 @@ TEST_P(VecDotTest, ScalarMatchesDequantizedDotAndAvx2MatchesScalar) {
         if (CpuHasAvx2()) {
           const float avx2 = c.avx2(n, w.data(), a.data());
           EXPECT_NEAR(avx2, scalar, 1e-5 * ref.abs_scale);
-          // The k-quants of the Q4_K_M .. Q6_K files share block_numerics.h: the same bits.
+          // Q4_K, Q5_K, Q6_K and Q8_0 share block_numerics.h: the same bits.
           if (c.type == TensorType::kQ4_K || c.type == TensorType::kQ5_K ||
-              c.type == TensorType::kQ6_K) {
+              c.type == TensorType::kQ6_K || c.type == TensorType::kQ8_0) {
             EXPECT_EQ(avx2, scalar);
           }
           // The VNNI build replaces instruction pairs by fused ones with the same int32 lanes.
