@@ -194,7 +194,10 @@ def http(port, path, body=None, key=None, timeout=60):
 def stream_chat(port, key, max_tokens, result):
     """A streamed chat reply; result gets 'finish' (the finish_reason) or 'error'."""
     body = {"messages": [{"role": "user", "content": "Tell a long story."}], "stream": True,
-            "max_tokens": max_tokens, "temperature": 1, "seed": 3}
+            "max_tokens": max_tokens, "temperature": 1, "seed": 3,
+            # keep it going past the end-of-turn token (id 2 in the Mistral vocabulary), so the
+            # reply is still running when a process is stopped, whatever the model samples
+            "logit_bias": {"2": -100}}
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
                                  data=json.dumps(body).encode(),
                                  headers={"Authorization": f"Bearer {key}",
