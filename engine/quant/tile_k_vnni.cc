@@ -14,9 +14,6 @@
 // element the integers S and M are exact, and the floats follow block_numerics.h, so each output
 // has the bits of VecDot*Scalar whatever the tile, the group or the batch.
 #include <immintrin.h>
-// GCC 12's avx512fintrin.h builds its "undefined" vectors by self-initialisation, which
-// -Wmaybe-uninitialized reports at every inlined conversion (a GCC false positive).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <algorithm>
 #include <cstdint>

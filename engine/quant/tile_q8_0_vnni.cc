@@ -9,9 +9,6 @@
 // 4k .. 4k + 3 of row r), the half scales as floats and the correction. The floats then follow
 // block_numerics.h: eight lane accumulators by block index mod 8, summed in the fixed tree.
 #include <immintrin.h>
-// GCC 12's avx512fintrin.h builds its "undefined" vectors by self-initialisation, which
-// -Wmaybe-uninitialized reports at every inlined conversion (a GCC false positive).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <algorithm>
 #include <cstdint>
@@ -31,6 +28,9 @@ using tile::PrefetchPart;
 using tile::Transpose16x16;
 
 constexpr int kWords = kQK8_0 / 4;  // 4-byte groups per block
+
+// Activation rows biased per pass: bounds the scratch (256 rows of 4096 elements: 1.1 MiB).
+constexpr int64_t kMaxBiasedRows = 256;
 
 // One repacked block of 16 rows.
 struct alignas(64) PackedBlock {
@@ -136,7 +136,8 @@ void TileColumns(int64_t nb, const PackedBlock* packed, const BiasedActivations&
 
 size_t TileScratchBytesQ8_0(int64_t n, int64_t n_act) {
   const int64_t nb = n / kQK8_0;
-  return PackedBytes(nb) + static_cast<size_t>(n_act * nb) * (kQK8_0 + sizeof(float));
+  const int64_t biased = std::min<int64_t>(n_act, kMaxBiasedRows);
+  return PackedBytes(nb) + static_cast<size_t>(biased * nb) * (kQK8_0 + sizeof(float));
 }
 
 void TileQ8_0Vnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a,
@@ -144,18 +145,25 @@ void TileQ8_0Vnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, co
   const int64_t nb = n / kQK8_0;
   auto* packed = static_cast<PackedBlock*>(scratch);
   uint8_t* after = static_cast<uint8_t*>(scratch) + PackedBytes(nb);
-  const BiasedActivations acts{after, reinterpret_cast<float*>(after + n_act * nb * kQK8_0)};
-  BiasActivations(nb, a, a_stride, n_act, acts);
-  for (int64_t r = 0; r < rows; r += kTileRows) {
-    const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
-    const uint8_t* wr = w + r * w_stride;
-    PackRows(nb, wr, w_stride, tile_rows, packed);
-    const __mmask16 mask = static_cast<__mmask16>((1u << tile_rows) - 1);
-    const char* next = reinterpret_cast<const char*>(wr + tile_rows * w_stride);
-    ForEachColumnGroup(n_act, [&]<int kCols>(int64_t t, int64_t group, int64_t n_groups) {
-      PrefetchPart(next, kTileRows * w_stride, group, n_groups);
-      TileColumns<kCols>(nb, packed, acts, t, mask, out + r + t * out_stride, out_stride);
-    });
+  const int64_t chunk = std::min<int64_t>(n_act, kMaxBiasedRows);
+  const BiasedActivations acts{after, reinterpret_cast<float*>(after + chunk * nb * kQK8_0)};
+  // At most kMaxBiasedRows activation rows are biased at a time (the scratch stays bounded for
+  // long prompts); the weight rows are packed again for each such chunk.
+  for (int64_t t0 = 0; t0 < n_act; t0 += kMaxBiasedRows) {
+    const int64_t m = std::min<int64_t>(kMaxBiasedRows, n_act - t0);
+    BiasActivations(nb, a + t0 * a_stride, a_stride, m, acts);
+    float* out_chunk = out + t0 * out_stride;
+    for (int64_t r = 0; r < rows; r += kTileRows) {
+      const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
+      const uint8_t* wr = w + r * w_stride;
+      PackRows(nb, wr, w_stride, tile_rows, packed);
+      const __mmask16 mask = static_cast<__mmask16>((1u << tile_rows) - 1);
+      const char* next = reinterpret_cast<const char*>(wr + tile_rows * w_stride);
+      ForEachColumnGroup(m, [&]<int kCols>(int64_t t, int64_t group, int64_t n_groups) {
+        PrefetchPart(next, kTileRows * w_stride, group, n_groups);
+        TileColumns<kCols>(nb, packed, acts, t, mask, out_chunk + r + t * out_stride, out_stride);
+      });
+    }
   }
 }
 

@@ -144,6 +144,27 @@ TEST_P(TileTest, EveryOutputBitIdenticalToScalarDot) {
   }
 }
 
+// Long prompts: more activation rows than a tile prepares at once (Q8_0 biases at most 256 per
+// pass) still give every output its scalar bits.
+TEST_P(TileTest, ManyActivationRowsMatchScalarDot) {
+  const TypeTraits& t = GetTypeTraits(GetParam());
+  std::mt19937 rng(5);
+  constexpr int64_t kN = 256, kRows = 19, kActs = 530;
+  const std::vector<uint8_t> w = MakeWeights(t.type, kRows, kN, Fill::kQuantized, &rng);
+  const std::vector<uint8_t> a = MakeActivations(t.vec_dot_type, kActs, kN, Fill::kExtreme, &rng);
+  const size_t w_bytes = RowBytes(t.type, kN), a_bytes = RowBytes(t.vec_dot_type, kN);
+  Aligned scratch(t.tile_scratch_bytes(kN, kActs));
+  std::vector<float> out(kActs * kRows);
+  t.tile(kN, w.data(), w_bytes, kRows, a.data(), a_bytes, kActs, out.data(), kRows,
+         scratch.data.get());
+  for (int64_t i = 0; i < kActs; ++i) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      const float want = t.vec_dot_scalar(kN, w.data() + r * w_bytes, a.data() + i * a_bytes);
+      ASSERT_EQ(std::memcmp(&out[i * kRows + r], &want, 4), 0) << "act " << i << " row " << r;
+    }
+  }
+}
+
 // MatMulRowRange takes the tile for many activation rows; an unaligned row range must still give
 // every row's single-row bits and leave the rows outside the range alone.
 TEST_P(TileTest, MatMulRowRangeThroughTilesMatchesSingleRows) {
