@@ -34,6 +34,7 @@
 #include "coordinator/cluster_expert_backend.h"
 #include "coordinator/cluster_service.h"
 #include "coordinator/expert_placement.h"
+#include "coordinator/rebalancer.h"
 #include "coordinator/routing_stats.h"
 #include "coordinator/serve.h"
 #include "engine/status_macros.h"
@@ -251,7 +252,32 @@ absl::StatusOr<std::shared_ptr<ClusterServer>> StartControl(
                                         [control](ClusterServer* s) { delete s; });
 }
 
-absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFactory* factory) {
+absl::StatusOr<RebalancerOptions> RebalancerOptionsFromArgs(const Args& args) {
+  RebalancerOptions o;
+  ASSIGN_OR_RETURN(o.mode, ParseRebalanceMode(args.Get("rebalance", "on")));
+  ASSIGN_OR_RETURN(o.interval_s, args.GetDouble("rebalance-interval", o.interval_s));
+  if (!(o.interval_s >= 1)) return absl::InvalidArgumentError("--rebalance-interval must be >= 1");
+  ASSIGN_OR_RETURN(o.plan.min_gain, args.GetDouble("rebalance-min-gain", o.plan.min_gain));
+  if (!(o.plan.min_gain >= 0 && o.plan.min_gain <= 1)) {
+    return absl::InvalidArgumentError("--rebalance-min-gain must be in [0, 1]");
+  }
+  ASSIGN_OR_RETURN(const double min_rows,
+                   args.GetDouble("rebalance-min-rows", static_cast<double>(o.plan.min_rows)));
+  if (!(min_rows >= 1)) return absl::InvalidArgumentError("--rebalance-min-rows must be >= 1");
+  o.plan.min_rows = static_cast<int64_t>(min_rows);
+  for (const auto& [flag, value] : {std::pair{"rebalance-colocate", &o.plan.colocate},
+                                    std::pair{"rebalance-replicas", &o.plan.replicate}}) {
+    const std::string text = args.Get(flag, *value ? "on" : "off");
+    if (text != "on" && text != "off") {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be on or off"));
+    }
+    *value = text == "on";
+  }
+  return o;
+}
+
+absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFactory* factory,
+                              std::shared_ptr<Rebalancer>* rebalancer) {
   ASSIGN_OR_RETURN(const DeviceSpec device, DeviceFromArgs(args));
   if (args.Has("cluster-listen") && args.Has("cluster-token-file") &&
       ::access(args.Get("cluster-token-file").c_str(), F_OK) != 0) {
@@ -305,7 +331,17 @@ absl::Status ConfigureExperts(const Args& args, ServeConfig* config, EngineFacto
     with_workers.attention = attention;
     return Engine::Load(with_workers);
   };
-  config->http.cluster = [control, control_server] { return control->View(); };
+  ASSIGN_OR_RETURN(const RebalancerOptions rebalance_options, RebalancerOptionsFromArgs(args));
+  *rebalancer = std::make_shared<Rebalancer>(control.get(), rebalance_options);
+  std::shared_ptr<Rebalancer> r = *rebalancer;
+  config->http.cluster = [control, control_server, r] {
+    nlohmann::json view = control->View();
+    view["rebalance"] = r->View();
+    return view;
+  };
+  config->http.rebalance = [r](const RoutingSnapshot& stats, bool dry_run) {
+    return r->RunOnce(stats, dry_run);
+  };
   config->http.drain_worker = [control](const std::string& id) {
     return control->Drain(id, "drain requested over HTTP");
   };
@@ -363,7 +399,8 @@ absl::Status Serve(const Args& args) {
   // With --device cuda:* the weights this process computes with were copied to the GPU.
   const bool host_weights = !device.cuda;
   EngineFactory factory;
-  RETURN_IF_ERROR(ConfigureExperts(args, &config, &factory));
+  std::shared_ptr<Rebalancer> rebalancer;  // with a cluster
+  RETURN_IF_ERROR(ConfigureExperts(args, &config, &factory, &rebalancer));
   ASSIGN_OR_RETURN(const double drain_timeout, args.GetDouble("drain-timeout", 30));
   if (!(drain_timeout >= 0)) return absl::InvalidArgumentError("--drain-timeout must be >= 0");
   // Block the stop signals in every thread (threads inherit the mask), then wait for them here.
@@ -397,6 +434,10 @@ absl::Status Serve(const Args& args) {
     stats_writer =
         std::make_unique<RoutingStatsWriter>(&session->metrics(), args.Get("routing-stats-file"));
   }
+  if (rebalancer != nullptr) {
+    ServeSession* live = session.get();
+    rebalancer->Start([live] { return live->metrics().routing_window().Snapshot(); });
+  }
   int sig = 0;
   sigwait(&stop_signals, &sig);
   std::fprintf(stderr, "moepool: %s received, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
@@ -415,8 +456,33 @@ absl::Status Serve(const Args& args) {
                all ? "every request finished" : "drain timeout: ending the requests left");
   pthread_kill(second.native_handle(), SIGUSR2);
   second.join();
+  rebalancer.reset();  // its thread reads the session's statistics
   session->Stop();
   return absl::OkStatus();
+}
+
+// The live rebalancer's flags (docs/placement.md).
+void AddRebalanceFlags(FlagSpec* spec) {
+  for (const char* f : {"rebalance", "rebalance-interval", "rebalance-min-gain",
+                        "rebalance-min-rows", "rebalance-colocate", "rebalance-replicas"}) {
+    spec->valued.insert(f);
+  }
+  auto& help = spec->help;
+  help["rebalance"] =
+      "on|off|dry-run  move joined workers' experts to follow the routing statistics: pairs "
+      "chosen together onto one worker (and, with --rebalance-replicas on, replicas of hot "
+      "experts); make before break; dry-run only logs the plan; POST /v1/cluster/rebalance "
+      "plans on request (default on)";
+  help["rebalance-interval"] = "S  seconds between plans, so between changes (default 300)";
+  help["rebalance-min-gain"] =
+      "F  a layer's experts move only to put at least this share of its rows more on one "
+      "worker (default 0.15)";
+  help["rebalance-min-rows"] =
+      "N  layers with fewer rows in the routing statistics are left as they are (default 1024)";
+  help["rebalance-colocate"] = "on|off  the co-location pass (default on)";
+  help["rebalance-replicas"] =
+      "on|off  the replica pass: a second holder for hot experts where a budget has room; it "
+      "evens the workers' compute but splits those experts' rows over two workers (default off)";
 }
 
 FlagSpec ServeFlags() {
@@ -445,6 +511,7 @@ FlagSpec ServeFlags() {
                    {}};
   AddEngineFlags(&spec);
   AddClusterFlags(&spec);
+  AddRebalanceFlags(&spec);
   AddPreloadFlag(&spec);
   spec.usage = "moepool serve --model M.gguf [flags]";
   spec.summary = "serve the OpenAI-compatible HTTP API (docs/api.md) with continuous batching";

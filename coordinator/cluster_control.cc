@@ -139,6 +139,14 @@ uint64_t ClusterControl::PairBytes(int layer, int expert) const {
   return E.gate.SizeBytes() + E.up.SizeBytes() + E.down.SizeBytes();
 }
 
+std::set<std::string> ClusterControl::TensorsOf(const std::vector<Pair>& pairs) {
+  std::set<std::string> names;
+  for (const auto& [layer, expert] : pairs) {
+    for (const char* kind : kKinds) names.insert(ShardTensorName(layer, kind, expert));
+  }
+  return names;
+}
+
 ClusterControl::Member* ClusterControl::Find(const std::string& id) {
   for (auto& m : members_) {
     if (m->id == id) return m.get();
@@ -219,7 +227,8 @@ absl::StatusOr<std::vector<Pair>> ClusterControl::Assign(
   // Then from the ready worker holding most, while it keeps at least a share.
   std::vector<const Member*> donors;
   for (const auto& m : members_) {
-    if (!m->is_static && m->state == MemberState::kReady) donors.push_back(m.get());
+    // Not one in a placement change: what it serves is about to change.
+    if (!m->is_static && m->state == MemberState::kReady && !m->changing) donors.push_back(m.get());
   }
   std::sort(donors.begin(), donors.end(),
             [](const Member* a, const Member* b) { return a->pairs.size() > b->pairs.size(); });
@@ -366,10 +375,10 @@ absl::StatusOr<pb::JoinResponse> ClusterControl::Join(const pb::JoinRequest& req
   m->bytes_fetched = 0;
   m->drained = false;
   ++m->generation;
-  m->tensors.clear();
-  for (const auto& [layer, expert] : pairs) {
-    for (const char* kind : kKinds) m->tensors.insert(ShardTensorName(layer, kind, expert));
-  }
+  m->tensors = TensorsOf(pairs);
+  m->changing = false;  // a change it was part of goes on without it
+  m->change_ready = false;
+  m->reassign.reset();
   SetState(m, MemberState::kJoining, "");
   pb::JoinResponse response;
   response.set_worker_id(m->id);

@@ -39,6 +39,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "coordinator/cluster_expert_backend.h"
+#include "coordinator/rebalance_plan.h"
 #include "moepool/v1/cluster_service.pb.h"
 #include "nlohmann/json.hpp"
 
@@ -53,6 +54,9 @@ struct ClusterControlOptions {
   // Checked requests: the largest cache list and address a Join may carry.
   size_t max_cache_entries = 16;
   size_t max_address_bytes = 256;
+  // A placement change (StartPlacementChange) whose workers are not all ready after this long
+  // ends with the ones that are; the others keep what they had.
+  double placement_change_timeout_s = 600;
   // A worker lost without a drain (its control stream broke) and not back after this long:
   // ready workers with room in their memory budget are asked to join again and take its
   // experts (KIND_REJOIN). < 0: never.
@@ -100,6 +104,27 @@ class ClusterControl {
   // GET /v1/cluster.
   nlohmann::json View() const;
 
+  // Live placement changes (the rebalancer, rebalancer.h). The joined members as the planner
+  // sees them, with their memory budgets: ready ones are movable unless a change is under way;
+  // other members holding pairs (static, fetching) are listed but not movable.
+  std::vector<RebalanceWorker> RebalanceWorkers() const;
+  // Starts moving to `target` (one list per entry of `planned`, which must still describe the
+  // members: FAILED_PRECONDITION if the cluster changed since, or while another change is under
+  // way). Make before break: each worker whose pairs change is sent its current pairs plus the
+  // incoming ones (KIND_REASSIGN), fetches what it lacks from here while it keeps serving, and
+  // says Ready; rows reach the incoming pairs from the next step boundary on. Once every such
+  // worker is ready (or gone, or placement_change_timeout_s passed) each is routed its target,
+  // except pairs nobody else serves, and is told to release the rest (KIND_RELEASED).
+  absl::Status StartPlacementChange(const std::vector<RebalanceWorker>& planned,
+                                    const std::vector<std::vector<ExpertPair>>& target);
+  // Ends a change whose workers are all ready, gone or out of time (called by Ready and, once a
+  // second, by the rebalancer). True while a change is still under way.
+  bool AdvancePlacementChange();
+
+  // The coordinator's model (its mapping holds every pair) and the bytes of one pair.
+  const Model& model() const { return backend_->model(); }
+  uint64_t PairBytes(int layer, int expert) const;
+
   // The fingerprint over the whole model that joined workers report.
   const std::string& model_fingerprint() const { return model_fingerprint_; }
 
@@ -126,6 +151,12 @@ class ClusterControl {
     std::chrono::steady_clock::time_point gone_since;  // lost (not drained)
     bool lost_handled = false;  // its experts were offered to workers with room
     bool rejoin = false;        // send KIND_REJOIN
+    // A placement change: the pairs it is routed once the change ends, and whether it already
+    // serves its current pairs plus the incoming ones (its Ready for the change came).
+    bool changing = false;
+    bool change_ready = false;
+    std::vector<std::pair<int, int>> target;
+    std::unique_ptr<moepool::v1::JoinResponse> reassign;  // KIND_REASSIGN to send
   };
   struct TensorSource {
     std::string name;
@@ -150,10 +181,13 @@ class ClusterControl {
   Member* Find(const std::string& id);                                  // mu_ held
   // The member `id` if it is fetching: NOT_FOUND / FAILED_PRECONDITION otherwise (mu_ held).
   absl::StatusOr<Member*> FetchingMember(const std::string& id);
-  uint64_t PairBytes(int layer, int expert) const;
   // Checks a worker's Describe answer: same model (the whole-model fingerprint), same
   // hyperparameters, and every pair routed to it present.
   absl::Status Accept(const std::string& id, const moepool::v1::DescribeResponse& d);
+  // Ready for a placement change: routes current + incoming pairs to the member.
+  absl::StatusOr<moepool::v1::ReadyResponse> ReadyForChange(const std::string& id);
+  // Tensor names of a member's pairs (the ones it may Fetch).
+  static std::set<std::string> TensorsOf(const std::vector<std::pair<int, int>>& pairs);
 
   ClusterExpertBackend* const backend_;
   const ClusterControlOptions options_;
@@ -164,6 +198,8 @@ class ClusterControl {
   std::vector<std::unique_ptr<Member>> members_;
   int next_id_ = 0;
   std::map<std::string, moepool::v1::TensorChecksum> checksums_;  // by shard tensor name
+  bool changing_ = false;                                         // a placement change is under way
+  std::chrono::steady_clock::time_point change_started_;
 };
 
 }  // namespace moepool

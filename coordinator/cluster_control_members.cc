@@ -36,7 +36,8 @@ const WeightMatrix* FindMatrix(const Model& model, const std::string& name) {
 absl::StatusOr<ClusterControl::Member*> ClusterControl::FetchingMember(const std::string& id) {
   Member* m = Find(id);
   if (m == nullptr) return absl::NotFoundError(absl::StrCat("no worker '", id.substr(0, 64), "'"));
-  if (m->state != MemberState::kFetching) {
+  const bool changing = m->state == MemberState::kReady && m->changing && !m->change_ready;
+  if (m->state != MemberState::kFetching && !changing) {
     return absl::FailedPreconditionError(absl::StrCat(
         "worker ", m->id, " is ", MemberStateName(m->state), ", not fetching: join again"));
   }
@@ -108,13 +109,16 @@ absl::StatusOr<pb::ReadyResponse> ClusterControl::Ready(const pb::ReadyRequest& 
   std::string address;
   std::vector<Pair> pairs;
   int reuse = -1;
+  bool change = false;  // ready already: a placement change's Ready
   {
     std::lock_guard<std::mutex> lock(mu_);
     ASSIGN_OR_RETURN(Member * m, FetchingMember(request.worker_id()));
+    change = m->state == MemberState::kReady;
     address = m->address;
     pairs = m->pairs;
     reuse = m->index;
   }
+  if (change) return ReadyForChange(request.worker_id());
   const std::string id = request.worker_id();
   const absl::StatusOr<int> index = backend_->AddWorker(
       address, pairs, [this, id](const pb::DescribeResponse& d) { return Accept(id, d); }, reuse);
@@ -190,6 +194,14 @@ absl::Status ClusterControl::Watch(const pb::WatchRequest& request,
         for (const auto& [l, e] : m->released)
           event.mutable_experts()->add_packed(PackExpertPair(l, e));
         m->released.clear();
+        write(event);
+      }
+      if (m->reassign != nullptr && m->state == MemberState::kReady) {
+        pb::WatchEvent event;
+        event.set_kind(pb::WatchEvent::KIND_REASSIGN);
+        event.set_reason("the placement follows the routing statistics");
+        *event.mutable_assignment() = std::move(*m->reassign);
+        m->reassign.reset();
         write(event);
       }
       OfferLostExperts();
@@ -289,7 +301,8 @@ nlohmann::json ClusterControl::View() const {
                         {"device", m->capacity.device()},
                         {"memory_budget_bytes", m->capacity.memory_bytes()},
                         {"expert_bytes", MemberBytes(*m)},
-                        {"threads", m->capacity.threads()}};
+                        {"threads", m->capacity.threads()},
+                        {"changing", m->changing}};
     if (link != nullptr) {
       w["worker_id"] = link->worker_id;
       w["up"] = link->up;
@@ -311,6 +324,7 @@ nlohmann::json ClusterControl::View() const {
   }
   const ClusterOptions& o = backend_->options();
   return {{"placement_version", backend_->placement_version()},
+          {"placement_changing", changing_},
           {"workers", workers},
           {"model_fingerprint", model_fingerprint_},
           {"local_fallback", o.local_fallback},

@@ -302,6 +302,9 @@ void HttpServer::InstallRoutes() {
              }
              SendJson(res, 200, {{"id", id}, {"state", "gone"}, {"drained", true}});
            });
+  svr.Post("/v1/cluster/rebalance", [this](const httplib::Request& req, httplib::Response& res) {
+    HandleRebalance(req, res);
+  });
   svr.Get("/health",
           [this](const httplib::Request&, httplib::Response& res) { HandleHealth(res); });
   svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
@@ -336,6 +339,36 @@ void HttpServer::Stop() {
 json HttpServer::ClusterJson() const {
   if (options_.cluster) return options_.cluster();
   return {{"placement_version", 0}, {"workers", json::array()}, {"fallback_expert_pairs", 0}};
+}
+
+void HttpServer::HandleRebalance(const httplib::Request& req, httplib::Response& res) {
+  if (!options_.rebalance || metrics_ == nullptr) {
+    SendApiError(absl::NotFoundError("this server has no cluster to rebalance"), res);
+    return;
+  }
+  bool dry_run = false;
+  if (!req.body.empty()) {
+    const json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
+    if (!body.is_object() || (body.contains("dry_run") && !body["dry_run"].is_boolean())) {
+      SendApiError(
+          absl::InvalidArgumentError("the body must be a JSON object such as {\"dry_run\": true}"),
+          res);
+      return;
+    }
+    dry_run = body.value("dry_run", false);
+  }
+  const absl::StatusOr<json> plan =
+      options_.rebalance(metrics_->routing_window().Snapshot(), dry_run);
+  if (!plan.ok()) {
+    ApiError e = ToApiError(plan.status());
+    if (plan.status().code() == absl::StatusCode::kFailedPrecondition) {
+      e.http_status = 409;  // a change under way, or the cluster changed since the plan
+      e.type = "conflict_error";
+    }
+    SendJson(res, e.http_status, ErrorJson(e));
+    return;
+  }
+  SendJson(res, 200, *plan);
 }
 
 void HttpServer::HandleHealth(httplib::Response& res) {

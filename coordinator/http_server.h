@@ -21,9 +21,11 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "coordinator/chat_template.h"
 #include "coordinator/metrics.h"
 #include "coordinator/openai_api.h"
+#include "coordinator/routing_stats.h"
 #include "coordinator/scheduler.h"
 #include "nlohmann/json.hpp"
 
@@ -58,6 +60,10 @@ struct HttpServerOptions {
   // POST /v1/cluster/workers/{id}/drain: stops routing to the worker and tells it to exit;
   // returns once no step uses it (NOT_FOUND for an unknown id). Unset: 404.
   std::function<absl::Status(const std::string& worker_id)> drain_worker;
+  // POST /v1/cluster/rebalance, body {} or {"dry_run": true}: plans placement from the routing
+  // statistics now (rebalancer.h) and applies it unless a dry run; answers the plan. Unset: 404.
+  std::function<absl::StatusOr<nlohmann::json>(const RoutingSnapshot& stats, bool dry_run)>
+      rebalance;
 };
 
 class HttpServer {
@@ -106,6 +112,8 @@ class HttpServer {
   bool SendStreamEnd(const StreamState& state, const GenerationEvent& ev,
                      const std::function<bool(const std::string&)>& send, httplib::DataSink& sink);
   void HandleHealth(httplib::Response& res);
+  // POST /v1/cluster/rebalance (HttpServerOptions::rebalance).
+  void HandleRebalance(const httplib::Request& req, httplib::Response& res);
   nlohmann::json ClusterJson() const;
   // Ok, or UNAUTHENTICATED when keys are configured and the request has none of them.
   absl::Status Authenticate(const httplib::Request& req) const;

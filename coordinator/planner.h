@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "coordinator/colocation.h"
 #include "coordinator/routing_stats.h"
 #include "engine/model.h"
 #include "engine/synth.h"
@@ -153,13 +154,6 @@ struct MachinePlan {
 enum class PlanLayout {
   kExpertRanges,  // every worker: one contiguous expert range on all layers
   kPerLayer,      // some worker holds different experts on different layers (placement files)
-};
-
-// What a placement costs per routed row under routing statistics: the workers a row visits (1
-// when both its experts share a worker), averaged over rows and layers.
-struct RoutingEstimate {
-  double visits_per_row = 0;
-  double colocated_share = 0;  // rows whose experts share a worker
 };
 
 struct Plan {

@@ -6,70 +6,13 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "coordinator/colocation.h"
 #include "coordinator/planner_internal.h"
 
 namespace moepool::planner_internal {
-namespace {
 
 // Layers whose every expert is assigned once: [expert] -> the machine holding it.
 using Owners = std::vector<int>;
-
-// Rows of `layer` whose two experts share a machine, and all pair rows.
-std::pair<int64_t, int64_t> Colocated(const LayerRouting& l, int n_expert, const Owners& owner) {
-  int64_t same = 0, all = 0;
-  for (int a = 0; a < n_expert; ++a) {
-    for (int b = a + 1; b < n_expert; ++b) {
-      const int64_t c = l.pair(a, b, n_expert);
-      all += c;
-      if (owner[static_cast<size_t>(a)] == owner[static_cast<size_t>(b)]) same += c;
-    }
-  }
-  return {same, all};
-}
-
-// The best deal of experts to machines with these counts (exhaustive: 8 experts over a few
-// workers is at most a few thousand deals); `best` starts as the current one and changes only
-// for a strictly better one.
-void Search(const LayerRouting& l, int n_expert, int e, std::map<int, int>* left, Owners* owner,
-            int64_t* best_score, Owners* best) {
-  if (e == n_expert) {
-    const int64_t score = Colocated(l, n_expert, *owner).first;
-    if (score > *best_score) {
-      *best_score = score;
-      *best = *owner;
-    }
-    return;
-  }
-  for (auto& [machine, count] : *left) {
-    if (count == 0) continue;
-    --count;
-    (*owner)[static_cast<size_t>(e)] = machine;
-    Search(l, n_expert, e + 1, left, owner, best_score, best);
-    ++count;
-  }
-}
-
-RoutingEstimate Estimate(const RoutingSnapshot& stats, const std::vector<Owners>& owners) {
-  double rows = 0, visits = 0, colocated = 0;
-  for (size_t layer = 0; layer < owners.size(); ++layer) {
-    const LayerRouting& l = stats.layers[layer];
-    if (owners[layer].empty() || l.rows == 0) continue;
-    const auto [same, all] = Colocated(l, stats.n_expert, owners[layer]);
-    rows += static_cast<double>(l.rows);
-    // A row with both experts on one worker visits it once; split, it visits two; a row whose
-    // pair was not counted (one expert) visits one.
-    visits += static_cast<double>(l.rows) + static_cast<double>(all - same);
-    colocated += static_cast<double>(same);
-  }
-  RoutingEstimate e;
-  if (rows > 0) {
-    e.visits_per_row = visits / rows;
-    e.colocated_share = colocated / rows;
-  }
-  return e;
-}
-
-}  // namespace
 
 absl::Status ColocateByRouting(const RoutingSnapshot& stats, const ModelSizes& sizes,
                                double min_gain, Plan* plan) {
@@ -100,23 +43,21 @@ absl::Status ColocateByRouting(const RoutingSnapshot& stats, const ModelSizes& s
     }
     if (once && all && uniform) owners[layer] = std::move(o);
   }
-  plan->routing_before = Estimate(stats, owners);
+  plan->routing_before = EstimateRouting(stats, owners);
   for (size_t layer = 0; layer < owners.size(); ++layer) {
     Owners& o = owners[layer];
     if (o.empty()) continue;
-    std::map<int, int> left;
-    for (int m : o) ++left[m];
-    Owners current = o, best = o;
-    const int64_t balanced_score = Colocated(stats.layers[layer], n_expert, o).first;
-    int64_t best_score = balanced_score;
-    Search(stats.layers[layer], n_expert, 0, &left, &current, &best_score, &best);
+    const std::vector<bool> every(plan->machines.size(), true);
+    const Owners best = BestDeal(stats.layers[layer], n_expert, o, every);
+    const int64_t balanced_score = ColocatedRows(stats.layers[layer], n_expert, o).first;
+    const int64_t best_score = ColocatedRows(stats.layers[layer], n_expert, best).first;
     // Hysteresis: a layer moves only for a clear gain (statistics of one workload are noisy
     // about another; an unbiased router's chance pairs do not carry over).
     const double gain = static_cast<double>(best_score - balanced_score) /
                         static_cast<double>(std::max<int64_t>(stats.layers[layer].rows, 1));
     if (gain >= min_gain) o = best;
   }
-  plan->routing_after = Estimate(stats, owners);
+  plan->routing_after = EstimateRouting(stats, owners);
   // Write the deals back into the machines' pairs.
   for (size_t m = 0; m < plan->machines.size(); ++m) {
     std::vector<std::pair<int, int>>& pairs = plan->machines[m].pairs;

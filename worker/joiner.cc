@@ -158,6 +158,11 @@ class Session {
           rejoin_.store(true);  // ends the session: the loop joins again
           break;
         }
+        if (event.kind() == pb::WatchEvent::KIND_REASSIGN) {
+          std::lock_guard<std::mutex> lock(assignment_mu_);
+          assignment_ = std::make_unique<pb::JoinResponse>(event.assignment());
+          continue;
+        }
         if (event.kind() != pb::WatchEvent::KIND_RELEASED) continue;
         std::vector<std::pair<int, int>> pairs;
         for (const uint32_t p : event.experts().packed()) pairs.emplace_back(p >> 16, p & 0xffff);
@@ -177,6 +182,11 @@ class Session {
   bool broken() const { return broken_.load(); }
   bool rejoin() const { return rejoin_.load(); }
   const std::string& id() const { return id_; }
+  // The latest KIND_REASSIGN's assignment, once (nullptr when none came).
+  std::unique_ptr<pb::JoinResponse> TakeAssignment() {
+    std::lock_guard<std::mutex> lock(assignment_mu_);
+    return std::move(assignment_);
+  }
 
  private:
   const JoinOptions& options_;
@@ -188,6 +198,8 @@ class Session {
   std::atomic<bool> drained_{false};
   std::atomic<bool> broken_{false};
   std::atomic<bool> rejoin_{false};
+  std::mutex assignment_mu_;
+  std::unique_ptr<pb::JoinResponse> assignment_;
 };
 
 // What is being served: the shard, its core and server.
@@ -209,28 +221,14 @@ struct Serving {
   }
 };
 
-// One attempt: join, fetch, serve (or keep serving), ready. Returns once ready.
-absl::Status Attach(const JoinOptions& options, ShardCache* cache, Session* session,
-                    Serving* serving, const std::atomic<bool>& stop) {
-  ASSIGN_OR_RETURN(const pb::JoinResponse joined, session->Join(*cache));
-  ASSIGN_OR_RETURN(const ShardManifest manifest, ManifestFromJoin(joined));
+// Fetches the shard of `assigned` (a Join answer or a placement change's), serves it (a running
+// server keeps running: its core adopts the new shard between two calls) and says Ready.
+absl::Status ServeAssignment(const JoinOptions& options, const pb::JoinResponse& assigned,
+                             ShardCache* cache, Session* session, Serving* serving,
+                             const std::atomic<bool>& stop) {
+  ASSIGN_OR_RETURN(const ShardManifest manifest, ManifestFromJoin(assigned));
   std::vector<std::pair<int, int>> pairs;
-  for (const uint32_t p : joined.experts().packed()) pairs.emplace_back(p >> 16, p & 0xffff);
-  std::printf("moepool worker: joined %s as %s: %zu experts assigned\n",
-              options.coordinator.c_str(), session->id().c_str(), pairs.size());
-  std::fflush(stdout);
-  // The coordinator sees a worker lost while fetching too.
-  session->StartWatch([serving](const std::vector<std::pair<int, int>>& pairs) {
-    std::lock_guard<std::mutex> lock(serving->mu);
-    if (serving->core == nullptr) return;
-    serving->core->Release(pairs);
-    std::erase_if(serving->pairs, [&](const std::pair<int, int>& p) {
-      return std::find(pairs.begin(), pairs.end(), p) != pairs.end();
-    });
-    std::printf("moepool worker: %zu experts handed to another worker; serving %zu\n", pairs.size(),
-                serving->core->experts().size());
-    std::fflush(stdout);
-  });
+  for (const uint32_t p : assigned.experts().packed()) pairs.emplace_back(p >> 16, p & 0xffff);
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(
       const MaterializeResult shard,
@@ -250,17 +248,21 @@ absl::Status Attach(const JoinOptions& options, ShardCache* cache, Session* sess
   std::fflush(stdout);
   std::unique_lock<std::mutex> lock(serving->mu);
   if (serving->path != shard.path || serving->pairs != pairs) {
-    serving->Stop();
-    WorkerCoreOptions core_options;
-    core_options.model_path = shard.path;
-    core_options.experts = ExpertSet(pairs);
-    core_options.threads = options.threads;
-    core_options.worker_id = options.advertise;
-    core_options.cuda_devices = options.cuda_devices;
-    core_options.reported_fingerprint = joined.model().fingerprint();
-    ASSIGN_OR_RETURN(serving->core, WorkerCore::Create(core_options));
+    if (serving->core != nullptr && serving->server != nullptr) {
+      RETURN_IF_ERROR(serving->core->Adopt(shard.path, ExpertSet(pairs)));
+    } else {
+      serving->Stop();
+      WorkerCoreOptions core_options;
+      core_options.model_path = shard.path;
+      core_options.experts = ExpertSet(pairs);
+      core_options.threads = options.threads;
+      core_options.worker_id = options.advertise;
+      core_options.cuda_devices = options.cuda_devices;
+      core_options.reported_fingerprint = assigned.model().fingerprint();
+      ASSIGN_OR_RETURN(serving->core, WorkerCore::Create(core_options));
+      ASSIGN_OR_RETURN(serving->server, WorkerServer::Start(serving->core.get(), options.server));
+    }
     if (options.preload) RETURN_IF_ERROR(options.preload(serving->core->model()));
-    ASSIGN_OR_RETURN(serving->server, WorkerServer::Start(serving->core.get(), options.server));
     serving->path = shard.path;
     serving->pairs = pairs;
   }
@@ -274,6 +276,28 @@ absl::Status Attach(const JoinOptions& options, ShardCache* cache, Session* sess
   std::fflush(stdout);
   if (options.on_ready) options.on_ready(status);
   return absl::OkStatus();
+}
+
+// One attempt: join, fetch, serve (or keep serving), ready. Returns once ready.
+absl::Status Attach(const JoinOptions& options, ShardCache* cache, Session* session,
+                    Serving* serving, const std::atomic<bool>& stop) {
+  ASSIGN_OR_RETURN(const pb::JoinResponse joined, session->Join(*cache));
+  std::printf("moepool worker: joined %s as %s: %d experts assigned\n", options.coordinator.c_str(),
+              session->id().c_str(), joined.experts().packed_size());
+  std::fflush(stdout);
+  // The coordinator sees a worker lost while fetching too.
+  session->StartWatch([serving](const std::vector<std::pair<int, int>>& pairs) {
+    std::lock_guard<std::mutex> lock(serving->mu);
+    if (serving->core == nullptr) return;
+    serving->core->Release(pairs);
+    std::erase_if(serving->pairs, [&](const std::pair<int, int>& p) {
+      return std::find(pairs.begin(), pairs.end(), p) != pairs.end();
+    });
+    std::printf("moepool worker: %zu experts handed to another worker; serving %zu\n", pairs.size(),
+                serving->core->experts().size());
+    std::fflush(stdout);
+  });
+  return ServeAssignment(options, joined, cache, session, serving, stop);
 }
 
 void SleepUnlessStopped(double seconds, const std::atomic<bool>& stop) {
@@ -346,6 +370,17 @@ absl::Status RunJoinedWorker(const JoinOptions& options, const std::atomic<bool>
     backoff = options.retry_initial_s;
     last_error.clear();
     while (!stop.load() && !session->drained() && !session->broken()) {
+      if (std::unique_ptr<pb::JoinResponse> change = session->TakeAssignment()) {
+        std::printf("moepool worker: placement change: %d experts to serve\n",
+                    change->experts().packed_size());
+        std::fflush(stdout);
+        const absl::Status s =
+            ServeAssignment(options, *change, &cache, session.get(), &serving, stop);
+        if (!s.ok()) {  // it keeps serving what it had; the coordinator goes on without it
+          std::fprintf(stderr, "moepool worker: placement change: %s\n",
+                       std::string(s.message()).c_str());
+        }
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     if (session->drained()) {

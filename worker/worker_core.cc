@@ -39,6 +39,7 @@ absl::StatusOr<std::unique_ptr<WorkerCore>> WorkerCore::Create(const WorkerCoreO
     }
   }
   auto core = std::unique_ptr<WorkerCore>(new WorkerCore);
+  core->config_ = config;
   ASSIGN_OR_RETURN(core->model_, Model::FromFile(shared, options.experts.Filter()));
   {
     absl::MutexLock lock(&core->experts_mu_);
@@ -53,21 +54,62 @@ absl::StatusOr<std::unique_ptr<WorkerCore>> WorkerCore::Create(const WorkerCoreO
   core->cuda_devices_ = options.cuda_devices;
   if (options.cuda_devices.empty()) {
     core->device_ = "cpu";
-    core->backend_ = std::make_unique<LocalExpertBackend>(core->model_.get(), core->pool_.get());
   } else {
     DeviceSpec spec;
     spec.cuda = true;
     spec.ordinals = options.cuda_devices;
     core->device_ = spec.ToString();
-    CudaExpertOptions cuda;
-    cuda.devices = options.cuda_devices;
-    ASSIGN_OR_RETURN(core->backend_, CreateCudaExpertBackend(core->model_.get(), cuda));
   }
+  ASSIGN_OR_RETURN(core->backend_, core->NewBackend(core->model_.get()));
   return core;
 }
 
+absl::StatusOr<std::unique_ptr<ExpertBackend>> WorkerCore::NewBackend(Model* model) const {
+  if (cuda_devices_.empty()) return std::make_unique<LocalExpertBackend>(model, pool_.get());
+  CudaExpertOptions cuda;
+  cuda.devices = cuda_devices_;
+  return CreateCudaExpertBackend(model, cuda);
+}
+
+absl::Status WorkerCore::Adopt(const std::string& model_path, const ExpertSet& experts) {
+  if (experts.empty()) return absl::InvalidArgumentError("a worker needs at least one pair");
+  ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(model_path));
+  std::shared_ptr<GgufFile> shared(std::move(file));
+  ASSIGN_OR_RETURN(ModelConfig config, ReadModelConfig(*shared));
+  if (config.n_embd != config_.n_embd || config.n_ff != config_.n_ff ||
+      config.n_layer != config_.n_layer || config.n_expert != config_.n_expert ||
+      config.n_expert_used != config_.n_expert_used) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(model_path, " has another shape than the model this worker serves"));
+  }
+  for (const auto& [layer, expert] : experts.pairs()) {
+    if (layer < 0 || layer >= config.n_layer || expert < 0 || expert >= config.n_expert) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("(layer ", layer, ", expert ", expert, ") is outside ", model_path));
+    }
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::FromFile(shared, experts.Filter()));
+  ASSIGN_OR_RETURN(std::unique_ptr<ExpertBackend> backend, NewBackend(model.get()));
+  {
+    absl::MutexLock compute(&compute_mu_);
+    absl::MutexLock lock(&experts_mu_);
+    std::swap(model_, model);
+    std::swap(backend_, backend);
+    experts_ = experts;
+  }
+  backend.reset();  // the old ones, after no Compute uses them
+  model.reset();
+  return absl::OkStatus();
+}
+
+uint64_t WorkerCore::expert_bytes() const {
+  absl::ReaderMutexLock lock(&experts_mu_);
+  return model_->ExpertBytes();
+}
+
 absl::StatusOr<WorkerDescription> WorkerCore::Describe() const {
-  const ModelConfig& c = model_->config();
+  const ModelConfig& c = config_;
+  absl::ReaderMutexLock lock(&experts_mu_);  // model_ too (Adopt)
   WorkerDescription d;
   d.fingerprint = fingerprint_;
   d.model_name = c.name;
@@ -77,10 +119,7 @@ absl::StatusOr<WorkerDescription> WorkerCore::Describe() const {
   d.n_layer = c.n_layer;
   d.n_expert = c.n_expert;
   d.n_expert_used = c.n_expert_used;
-  {
-    absl::ReaderMutexLock lock(&experts_mu_);
-    d.experts = experts_.Packed();
-  }
+  d.experts = experts_.Packed();
   d.device = device_;
   d.expert_bytes = model_->ExpertBytes();
   if (cuda_devices_.empty()) {
@@ -103,7 +142,7 @@ absl::StatusOr<WorkerDescription> WorkerCore::Describe() const {
 }
 
 absl::Status WorkerCore::Validate(const ComputeRequest& r) const {
-  const ModelConfig& c = model_->config();
+  const ModelConfig& c = config_;
   if (r.layer < 0 || r.layer >= c.n_layer) {
     return absl::InvalidArgumentError(
         absl::StrCat("layer ", r.layer, " is out of range (the model has ", c.n_layer, ")"));
@@ -161,8 +200,8 @@ absl::Status WorkerCore::Validate(const ComputeRequest& r) const {
 
 absl::Status WorkerCore::Compute(const ComputeRequest& r, std::vector<float>* out) {
   out->clear();
+  absl::MutexLock lock(&compute_mu_);  // before Validate: Adopt and Release change the pairs
   RETURN_IF_ERROR(Validate(r));
-  absl::MutexLock lock(&compute_mu_);
   out->resize(static_cast<size_t>(r.n_rows * r.n_embd));
   if (r.n_rows == 0) return absl::OkStatus();
   ExpertRoutes routes;

@@ -92,12 +92,13 @@ class WorkerCore {
   WorkerCore(const WorkerCore&) = delete;
   WorkerCore& operator=(const WorkerCore&) = delete;
 
-  const ModelConfig& config() const { return model_->config(); }
-  // The model with this worker's experts bound (for preloading and residency checks).
+  const ModelConfig& config() const { return config_; }
+  // The model with this worker's experts bound (for preloading and residency checks); valid
+  // until the next Adopt, which only the caller's own thread may call meanwhile.
   const Model& model() const { return *model_; }
   ExpertSet experts() const;  // what it serves now (Release narrows it)
   int64_t max_rows() const { return max_rows_; }
-  uint64_t expert_bytes() const { return model_->ExpertBytes(); }
+  uint64_t expert_bytes() const;
 
   // Identity, hyperparameters, the pairs held and current memory figures.
   absl::StatusOr<WorkerDescription> Describe() const;
@@ -113,10 +114,21 @@ class WorkerCore {
   // Pairs it does not hold are ignored.
   void Release(const std::vector<std::pair<int, int>>& pairs);
 
+  // Serves `experts` of `model_path` from now on (a placement change: the joined worker's new
+  // shard file): opens and binds them (and, on CUDA, uploads them) beside what it serves, then
+  // swaps between two Compute calls, so no request fails. INVALID_ARGUMENT when the file is
+  // another model shape or a pair is outside it; the GGUF reader's / binder's errors; on error
+  // it keeps serving what it had.
+  absl::Status Adopt(const std::string& model_path, const ExpertSet& experts);
+
  private:
   WorkerCore() = default;
   absl::Status Validate(const ComputeRequest& request) const;
+  // LocalExpertBackend on the pool, or the CUDA backend on cuda_devices_.
+  absl::StatusOr<std::unique_ptr<ExpertBackend>> NewBackend(Model* model) const;
 
+  ModelConfig config_;  // the same over Adopt
+  // model_ and backend_ change only in Adopt, holding compute_mu_ and experts_mu_.
   std::unique_ptr<Model> model_;
   mutable absl::Mutex experts_mu_;
   ExpertSet experts_ ABSL_GUARDED_BY(experts_mu_);

@@ -5,8 +5,12 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <chrono>
+#include <deque>
 #include <filesystem>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -14,6 +18,7 @@
 
 #include "coordinator/cluster_control.h"
 #include "coordinator/cluster_expert_backend.h"
+#include "coordinator/expert_placement.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/cluster/in_process_link_util.h"
@@ -52,6 +57,54 @@ pb::JoinRequest JoinRequestFor(const std::string& address, uint64_t memory,
   }
   return r;
 }
+
+// A worker's control stream on its own thread, its events kept; ends (the worker counts as
+// gone) when destroyed.
+class Watcher {
+ public:
+  Watcher(ClusterControl* control, const std::string& id) {
+    thread_ = std::thread([this, control, id] {
+      pb::WatchRequest r;
+      r.set_worker_id(id);
+      control
+          ->Watch(
+              r,
+              [this](const pb::WatchEvent& e) {
+                std::lock_guard<std::mutex> lock(mu_);
+                events_.push_back(e);
+                return true;
+              },
+              [this] { return stop_.load(); })
+          .IgnoreError();
+    });
+  }
+  ~Watcher() {
+    stop_ = true;
+    thread_.join();
+  }
+  // The next event of `kind` within 10 s (others before it are dropped).
+  std::optional<pb::WatchEvent> Next(pb::WatchEvent::Kind kind) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (std::chrono::steady_clock::now() < until) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        while (!events_.empty()) {
+          pb::WatchEvent e = events_.front();
+          events_.pop_front();
+          if (e.kind() == kind) return e;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return std::nullopt;
+  }
+
+ private:
+  std::mutex mu_;
+  std::deque<pb::WatchEvent> events_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
 
 // A worker that joined: its cache, shard and core.
 struct Joined {
@@ -120,6 +173,41 @@ class ElasticClusterTest : public ::testing::Test {
     auto r = control_->Ready(ready);
     if (!r.ok()) return r.status();
     return j;
+  }
+
+  // The worker side of a placement change: the assignment on its control stream, the shard of
+  // it (fetching what the cache lacks), the running core adopting it, Ready.
+  absl::Status Follow(Joined* j, const std::string& cache_dir, Watcher* watcher) {
+    const std::optional<pb::WatchEvent> event = watcher->Next(pb::WatchEvent::KIND_REASSIGN);
+    if (!event.has_value()) return absl::DeadlineExceededError("no KIND_REASSIGN");
+    auto cache = worker::ShardCache::Open(root_ + "/" + cache_dir);
+    if (!cache.ok()) return cache.status();
+    auto manifest = worker::ManifestFromJoin(event->assignment());
+    if (!manifest.ok()) return manifest.status();
+    j->fetch_calls = 0;
+    auto shard = cache->Materialize(
+        *manifest, [&](const worker::ShardTensor& t, uint64_t offset,
+                       const std::function<absl::Status(const char*, size_t)>& sink) {
+          ++j->fetch_calls;
+          pb::FetchRequest f;
+          f.set_worker_id(j->id);
+          f.set_tensor(t.name);
+          f.set_offset(offset);
+          return control_->Fetch(f, [&](const pb::FetchChunk& c) {
+            return sink(c.data().data(), c.data().size()).ok();
+          });
+        });
+    if (!shard.ok()) return shard.status();
+    j->pairs.clear();
+    for (const uint32_t p : event->assignment().experts().packed()) {
+      j->pairs.emplace_back(p >> 16, p & 0xffff);
+    }
+    if (absl::Status s = j->core->Adopt(shard->path, worker::ExpertSet(j->pairs)); !s.ok()) {
+      return s;
+    }
+    pb::ReadyRequest ready;
+    ready.set_worker_id(j->id);
+    return control_->Ready(ready).status();
   }
 
   std::vector<float> Logits() {
@@ -286,6 +374,62 @@ TEST_F(ElasticClusterTest, DrainStopsRoutingAndTellsTheWorker) {
   ASSERT_EQ(events.size(), 1u);
   EXPECT_EQ(events[0].kind(), pb::WatchEvent::KIND_DRAINED);
   EXPECT_EQ(control_->Drain(a->id, "again").code(), absl::StatusCode::kNotFound);
+}
+
+// The rebalancer's make-before-break change: two workers trade one expert; each keeps serving
+// until both serve their incoming pair, then each is routed its target and told to release the
+// pair it gave. The bits never change.
+TEST_F(ElasticClusterTest, APlacementChangeTradesExpertsMakeBeforeBreakWithTheSameBits) {
+  const std::vector<float> want = LocalLogits();
+  auto a = Join("a:1", "a");
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto b = Join("b:1", "b");
+  ASSERT_TRUE(b.ok()) << b.status();
+  Watcher wa(control_.get(), a->id), wb(control_.get(), b->id);
+  ASSERT_TRUE(wa.Next(pb::WatchEvent::KIND_RELEASED).has_value());  // what b took at its join
+  const std::vector<RebalanceWorker> workers = control_->RebalanceWorkers();
+  ASSERT_EQ(workers.size(), 2u);
+  ASSERT_TRUE(workers[0].movable && workers[1].movable);
+  std::vector<std::vector<ExpertPair>> target = {workers[0].pairs, workers[1].pairs};
+  const ExpertPair from_a = target[0].front(), from_b = target[1].front();
+  ASSERT_EQ(from_a.first, from_b.first);  // one layer: the same size
+  target[0].front() = from_b;
+  target[1].front() = from_a;
+  ASSERT_TRUE(control_->StartPlacementChange(workers, target).ok());
+  EXPECT_EQ(control_->StartPlacementChange(workers, target).code(),
+            absl::StatusCode::kFailedPrecondition);  // one change at a time
+  EXPECT_FALSE(control_->RebalanceWorkers()[0].movable);
+  EXPECT_TRUE(control_->AdvancePlacementChange());
+  ExpectBitIdentical(want, Logits());
+
+  ASSERT_TRUE(Follow(&*a, "a", &wa).ok());
+  // a held every pair before b joined: its shard file has the incoming one too.
+  EXPECT_EQ(a->fetch_calls, 0);
+  EXPECT_EQ(a->pairs.size(), 9u);
+  EXPECT_TRUE(control_->AdvancePlacementChange());  // b does not serve its incoming pair yet
+  ExpectBitIdentical(want, Logits());
+  ASSERT_TRUE(Follow(&*b, "b", &wb).ok());
+  EXPECT_EQ(b->fetch_calls, 3);  // only the incoming pair; the rest is copied from its shard
+  EXPECT_FALSE(control_->AdvancePlacementChange());  // done
+
+  const nlohmann::json view = control_->View();
+  for (size_t w = 0; w < 2; ++w) {
+    std::vector<ExpertPair> routed;
+    for (const auto& p : view["workers"][w]["experts"]) routed.emplace_back(p[0], p[1]);
+    std::sort(target[w].begin(), target[w].end());
+    EXPECT_EQ(routed, target[w]) << w;
+  }
+  const std::optional<pb::WatchEvent> released = wa.Next(pb::WatchEvent::KIND_RELEASED);
+  ASSERT_TRUE(released.has_value());
+  ASSERT_EQ(released->experts().packed_size(), 1);
+  EXPECT_EQ(released->experts().packed(0), PackExpertPair(from_a.first, from_a.second));
+  a->core->Release({from_a});
+  backend_->ResetStats();
+  ExpectBitIdentical(want, Logits());
+  EXPECT_EQ(backend_->Stats().fallback_rows, 0u);
+  // A plan made before the change is stale now.
+  EXPECT_EQ(control_->StartPlacementChange(workers, target).code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 TEST_F(ElasticClusterTest, PlacementChangesWaitForTheEndOfAForwardPass) {

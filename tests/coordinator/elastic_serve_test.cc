@@ -234,10 +234,103 @@ TEST(ElasticServeTest, TheControlPortSpeaksTlsToWorkersThatTrustItsCa) {
 }
 
 // 16 concurrent streaming clients while workers join, drain, are killed and come back.
-TEST(ElasticServeTest, ChaosSixteenStreamingClientsNoFailureSameCompletions) {
-  const std::string& model = SmallModel("Q8_0");
+std::vector<std::vector<int>> ExpertsOf(const nlohmann::json& view) {
+  std::vector<std::vector<int>> out;
+  for (const auto& w : view["workers"]) {
+    for (const auto& p : w["experts"]) out.push_back({p[0].get<int>(), p[1].get<int>()});
+    out.push_back({-1, -1});  // between workers
+  }
+  return out;
+}
+
+// POST /v1/cluster/rebalance on a model whose router prefers pairs the balanced split separates:
+// the dry run predicts fewer round trips and changes nothing; the real one moves experts while
+// clients stream, and every completion stays the same. Bad bodies are clear errors.
+TEST(ElasticServeTest, RebalanceOverHttpMovesExpertsWhileServingWithTheSameCompletions) {
+  const std::string& model = SmallModel("Q8_0", 2, 1, 1.0f);
   ElasticServeProcess s;
-  ASSERT_TRUE(s.Start(model, {"--parallel", "16", "--step-timeout", "5"}));
+  ASSERT_TRUE(s.Start(model, {"--parallel", "4", "--rebalance", "off", "--rebalance-min-gain", "0",
+                              "--rebalance-min-rows", "1"}));
+  httplib::Client c = s.Client();
+  std::vector<std::string> want;
+  std::string error;
+  for (const auto& p : kPrompts) want.push_back(Complete(c, p, false, &error));
+  for (const char* body : {"nope", R"({"dry_run": 3})", "[]"}) {
+    auto bad = c.Post("/v1/cluster/rebalance", body, "application/json");
+    ASSERT_TRUE(bad);
+    EXPECT_EQ(bad->status, 400) << body << ": " << bad->body;
+  }
+  JoinedWorkerProcess a, b;
+  ASSERT_TRUE(a.Start(s.control_address(), Cache("rebalance-a")));
+  ASSERT_TRUE(b.Start(s.control_address(), Cache("rebalance-b")));
+  for (int round = 0; round < 2; ++round) {  // routing statistics
+    for (size_t i = 0; i < kPrompts.size(); ++i) {
+      EXPECT_EQ(Complete(c, kPrompts[i], false, &error), want[i]) << error;
+    }
+  }
+  const auto before = ExpertsOf(View(s));
+  auto dry = c.Post("/v1/cluster/rebalance", R"({"dry_run": true})", "application/json");
+  ASSERT_TRUE(dry);
+  ASSERT_EQ(dry->status, 200) << dry->body;
+  const nlohmann::json plan = nlohmann::json::parse(dry->body);
+  EXPECT_TRUE(plan["changes"].get<bool>()) << plan.dump();
+  EXPECT_FALSE(plan["applied"].get<bool>());
+  EXPECT_EQ(plan["micros_per_row"].size(), 2u) << plan.dump();  // both workers measured
+  EXPECT_LT(plan["after"]["round_trips_per_token"].get<double>(),
+            plan["before"]["round_trips_per_token"].get<double>())
+      << plan.dump();
+  EXPECT_EQ(ExpertsOf(View(s)), before);
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> failed{0}, different{0};
+  std::vector<std::thread> clients;
+  for (int t = 0; t < 4; ++t) {
+    clients.emplace_back([&, t] {
+      httplib::Client client = s.Client();
+      for (size_t i = static_cast<size_t>(t); !stop.load(); ++i) {
+        std::string e;
+        const std::string got = Complete(client, kPrompts[i % kPrompts.size()], true, &e);
+        failed += e.empty() ? 0 : 1;
+        different += e.empty() && got != want[i % kPrompts.size()] ? 1 : 0;
+      }
+    });
+  }
+  auto applied = c.Post("/v1/cluster/rebalance", "{}", "application/json");
+  ASSERT_TRUE(applied);
+  ASSERT_EQ(applied->status, 200) << applied->body;
+  EXPECT_TRUE(nlohmann::json::parse(applied->body)["applied"].get<bool>());
+  nlohmann::json view;
+  for (int i = 0; i < 300; ++i) {  // up to 30 s
+    view = View(s);
+    if (!view["placement_changing"].get<bool>()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // streams over the new placement
+  stop = true;
+  for (auto& t : clients) t.join();
+  EXPECT_FALSE(view["placement_changing"].get<bool>()) << view.dump();
+  EXPECT_NE(ExpertsOf(view), before) << view.dump();
+  EXPECT_EQ(view["fallback_expert_pairs"], 0) << view.dump();
+  EXPECT_EQ(view["rebalance"]["applied"], 1);
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_EQ(different.load(), 0);
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    EXPECT_EQ(Complete(c, kPrompts[i], false, &error), want[i]) << error;
+  }
+  EXPECT_THAT(::moepool::testing::ReadFileOrDie(a.log_path()) +
+                  ::moepool::testing::ReadFileOrDie(b.log_path()),
+              HasSubstr("placement change"));
+}
+
+// 16 streaming clients while workers join, are killed mid-stream, drained by signal and over
+// HTTP and come back; `flags` are added to serve's; `pause_ms` is the time between two events
+// worker's first join. Returns the final /v1/cluster.
+nlohmann::json RunChaos(const std::string& model, const std::vector<std::string>& flags,
+                        int pause_ms) {
+  ElasticServeProcess s;
+  std::vector<std::string> all = {"--parallel", "16", "--step-timeout", "5"};
+  all.insert(all.end(), flags.begin(), flags.end());
+  EXPECT_TRUE(s.Start(model, all));
   std::vector<std::string> want;
   std::string error;
   {
@@ -264,28 +357,32 @@ TEST(ElasticServeTest, ChaosSixteenStreamingClientsNoFailureSameCompletions) {
       }
     });
   }
-  const auto pause = [] { std::this_thread::sleep_for(std::chrono::milliseconds(700)); };
+  const auto pause = [pause_ms] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
+  };
   JoinedWorkerProcess a, b;
   const std::string cache_a = Cache("chaos-a"), cache_b = Cache("chaos-b");
-  ASSERT_TRUE(a.Start(s.control_address(), cache_a));
+  EXPECT_TRUE(a.Start(s.control_address(), cache_a));
   pause();
-  ASSERT_TRUE(b.Start(s.control_address(), cache_b));
+  EXPECT_TRUE(b.Start(s.control_address(), cache_b));
   pause();
   b.Kill();  // mid-stream
   pause();
-  ASSERT_TRUE(b.Start(s.control_address(), cache_b));
+  EXPECT_TRUE(b.Start(s.control_address(), cache_b));
   EXPECT_THAT(::moepool::testing::ReadFileOrDie(b.log_path()), HasSubstr("fetched 0.0 MiB"));
   pause();
   a.Terminate();  // drain by signal
   EXPECT_EQ(a.Wait(20), 0);
   pause();
-  ASSERT_TRUE(a.Start(s.control_address(), cache_a));
+  EXPECT_TRUE(a.Start(s.control_address(), cache_a));
   pause();
   {
     httplib::Client c = s.Client();
     auto r = c.Post("/v1/cluster/workers/w1/drain", "", "application/json");
-    ASSERT_TRUE(r);
-    EXPECT_EQ(r->status, 200) << r->body;
+    EXPECT_TRUE(r);
+    if (r) {
+      EXPECT_EQ(r->status, 200) << r->body;
+    }
   }
   EXPECT_EQ(b.Wait(20), 0);
   pause();
@@ -305,6 +402,24 @@ TEST(ElasticServeTest, ChaosSixteenStreamingClientsNoFailureSameCompletions) {
   EXPECT_EQ(health["kv_blocks_free"], health["kv_blocks_total"]) << health;
   EXPECT_EQ(health["active_sequences"], 0) << health;
   std::printf("chaos: %d requests served, %d failed\n", served.load(), failed.load());
+  return View(s);
+}
+
+TEST(ElasticServeTest, ChaosSixteenStreamingClientsNoFailureSameCompletions) {
+  RunChaos(SmallModel("Q8_0"), {}, 700);
+}
+
+// The same, slower, with the rebalancer planning every second (any gain, replicas on) on a
+// model whose router prefers pairs the balanced split separates.
+TEST(ElasticServeTest, ChaosWithTheRebalancerOnNoFailureSameCompletions) {
+  const nlohmann::json view =
+      RunChaos(SmallModel("Q8_0", 2, 1, 1.0f),
+               {"--rebalance", "on", "--rebalance-interval", "1", "--rebalance-min-gain", "0",
+                "--rebalance-min-rows", "1", "--rebalance-replicas", "on"},
+               1500);
+  EXPECT_GE(view["rebalance"]["applied"].get<int>(), 1) << view["rebalance"].dump();
+  std::printf("chaos with the rebalancer: %d plans, %d changes applied\n",
+              view["rebalance"]["plans"].get<int>(), view["rebalance"]["applied"].get<int>());
 }
 
 }  // namespace

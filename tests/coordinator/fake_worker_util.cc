@@ -150,9 +150,11 @@ grpc::Status FakeWorker::Forward(
   return grpc::Status::OK;
 }
 
-const std::string& SmallModel(const std::string& type, int k, uint64_t seed) {
+const std::string& SmallModel(const std::string& type, int k, uint64_t seed, float router_skew) {
   static auto* cache = new std::map<std::string, std::string>;
-  const std::string file = absl::StrCat("small-", type, "-k", k, "-s", seed, ".gguf");
+  const std::string file =
+      absl::StrCat("small-", type, "-k", k, "-s", seed,
+                   router_skew > 0 ? absl::StrCat("-r", router_skew) : "", ".gguf");
   auto it = cache->find(file);
   if (it != cache->end()) return it->second;
   SynthOptions o;
@@ -167,6 +169,7 @@ const std::string& SmallModel(const std::string& type, int k, uint64_t seed) {
   o.shape.n_ctx = 512;
   o.type = type;
   o.seed = seed;
+  o.router_skew = router_skew;
   o.vocab_path = std::string(MOEPOOL_SOURCE_DIR) + "/" + kDefaultSynthVocabPath;
   o.out_path = TempDir() + "/" + file;
   const absl::Status s = SynthesizeModel(o);

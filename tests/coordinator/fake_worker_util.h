@@ -83,8 +83,10 @@ std::unique_ptr<Engine> LoadEngineWithExperts(const std::string& model, ExpertBa
                                               int64_t n_ctx);
 
 // A small synthetic Mixtral model (n_embd 64, n_ff 128, 2 layers, 8 experts, k used) of the given
-// tensor type, synthesized once per (type, k, seed) and process under TempDir().
-const std::string& SmallModel(const std::string& type, int k = 2, uint64_t seed = 1);
+// tensor type, synthesized once per (type, k, seed, router skew: synth.h) and process under
+// TempDir().
+const std::string& SmallModel(const std::string& type, int k = 2, uint64_t seed = 1,
+                              float router_skew = 0);
 
 }  // namespace moepool::testing
 

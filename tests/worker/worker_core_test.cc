@@ -2,6 +2,7 @@
 // malformed request, and Describe. (Rows on the wire in f16/bf16: expert_service_test.cc.)
 #include "worker/worker_core.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -15,6 +16,7 @@
 #include "engine/model.h"
 #include "gtest/gtest.h"
 #include "tests/engine/tiny_model_util.h"
+#include "tests/testdata.h"
 #include "tests/worker/worker_test_util.h"
 
 namespace moepool::worker {
@@ -263,6 +265,65 @@ TEST(WorkerCoreReleaseTest, ReleasedPairsAreRefusedUnlistedAndTheRestStillExact)
   const std::vector<float> want = LocalResult(**full, kept);
   ASSERT_EQ(out.size(), want.size());
   EXPECT_EQ(std::memcmp(out.data(), want.data(), out.size() * sizeof(float)), 0);
+}
+
+// A placement change: the core adopts another set (here of the same file) while calls run on
+// other threads; every call answers, for the old or the new set, and after the swap the new set
+// is exact and the old one refused. Another shape is refused and changes nothing.
+TEST(WorkerCoreAdoptTest, AdoptSwapsTheSetBetweenCallsAndRefusesAnotherShape) {
+  const std::string& path = ::moepool::testing::TinyModelPath("Q4_K_M");
+  WorkerCoreOptions o;
+  o.model_path = path;
+  o.experts = ExpertSet({{1, 0}, {1, 1}});
+  o.threads = 1;
+  auto core = WorkerCore::Create(o);
+  ASSERT_TRUE(core.ok()) << core.status();
+  auto full = Model::Load(path);
+  ASSERT_TRUE(full.ok()) << full.status();
+  const int64_t n_embd = (*core)->config().n_embd;
+  const TestRoutes old_pairs = MakeRoutes(1, 4, n_embd, 2, {0, 1}, 3);
+  const TestRoutes new_pairs = MakeRoutes(1, 4, n_embd, 2, {2, 3}, 4);
+  std::atomic<bool> stop{false};
+  std::atomic<int> wrong{0};
+  std::thread caller([&] {
+    const std::vector<float> want = LocalResult(**full, old_pairs);
+    while (!stop.load()) {
+      std::vector<float> out;
+      const absl::Status s = (*core)->Compute(RequestFor(old_pairs), &out);
+      // Before the swap: exact; after: refused, never a wrong answer.
+      if (s.ok() ? std::memcmp(out.data(), want.data(), out.size() * sizeof(float)) != 0
+                 : s.code() != absl::StatusCode::kFailedPrecondition) {
+        ++wrong;
+      }
+    }
+  });
+  ASSERT_TRUE((*core)->Adopt(path, ExpertSet({{1, 2}, {1, 3}})).ok());
+  stop = true;
+  caller.join();
+  EXPECT_EQ(wrong.load(), 0);
+  std::vector<float> out;
+  EXPECT_EQ((*core)->Compute(RequestFor(old_pairs), &out).code(),
+            absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE((*core)->Compute(RequestFor(new_pairs), &out).ok());
+  const std::vector<float> want = LocalResult(**full, new_pairs);
+  ASSERT_EQ(out.size(), want.size());
+  EXPECT_EQ(std::memcmp(out.data(), want.data(), out.size() * sizeof(float)), 0);
+  EXPECT_EQ((*core)->experts().size(), 2u);
+
+  const std::string other = ::moepool::testing::TempDir() + "/adopt-other-shape.gguf";
+  ::moepool::testing::GgufEdits edits;
+  edits.metadata = [](std::vector<std::pair<std::string, GgufValue>>* metadata) {
+    for (auto& [key, value] : *metadata) {
+      if (key == "llama.expert_used_count") value.uint_value = 1;
+    }
+  };
+  ASSERT_TRUE(::moepool::testing::CopyGgufWithEdits(path, other, edits).ok());
+  const absl::Status refused = (*core)->Adopt(other, ExpertSet({{1, 0}}));
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
+  EXPECT_EQ((*core)->Adopt(path, ExpertSet({{1, 99}})).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*core)->Adopt("/nonexistent.gguf", ExpertSet({{1, 0}})).code(),
+            absl::StatusCode::kNotFound);
+  ASSERT_TRUE((*core)->Compute(RequestFor(new_pairs), &out).ok());  // still serving
 }
 
 }  // namespace
