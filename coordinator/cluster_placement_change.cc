@@ -70,6 +70,7 @@ absl::Status ClusterControl::StartPlacementChange(
       }
       std::vector<Pair> want = target[i];
       std::sort(want.begin(), want.end());
+      want.erase(std::unique(want.begin(), want.end()), want.end());
       if (want == now) continue;
       if (!planned[i].movable || m->is_static || m->state != MemberState::kReady) {
         return absl::FailedPreconditionError(

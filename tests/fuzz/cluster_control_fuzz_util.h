@@ -35,6 +35,7 @@ enum Op : uint8_t {
   kView,
   kDescribe,
   kHonest,
+  kRebalance,  // a placement change read from the input (the rebalancer's moves)
   kNumOps
 };
 

@@ -156,9 +156,32 @@ class Session {
         w.answer = *honest_;
         break;
       }
+      case kRebalance:
+        Rebalance(p, n);
+        break;
       case kNumOps:
         break;
     }
+  }
+
+  // A placement change to a target read from the input: each two bytes move one pair of a
+  // worker to another (what the rebalancer plans), then the change advances as far as it can.
+  void Rebalance(const uint8_t* p, size_t n) {
+    const std::vector<moepool::RebalanceWorker> workers = control_.RebalanceWorkers();
+    std::vector<std::vector<moepool::ExpertPair>> target;
+    for (const auto& w : workers) target.push_back(w.pairs);
+    for (size_t i = 0; i + 1 < n && !target.empty(); i += 2) {
+      auto& from = target[p[i] % target.size()];
+      if (from.empty()) continue;
+      const auto at = from.begin() + static_cast<std::ptrdiff_t>(p[i + 1] % from.size());
+      const moepool::ExpertPair pair = *at;
+      from.erase(at);
+      target[(p[i] / target.size()) % target.size()].push_back(pair);
+    }
+    moepool::testing::FuzzTrace(kTarget, absl::StrCat("Rebalance over ", workers.size()));
+    CheckCode(control_.StartPlacementChange(workers, target),
+              {absl::StatusCode::kOk, absl::StatusCode::kFailedPrecondition}, "Rebalance");
+    control_.AdvancePlacementChange();
   }
 
   // GET /v1/cluster: valid JSON, and what it says is possible.
@@ -358,6 +381,12 @@ class Session {
           if (e.kind() == pb::WatchEvent::KIND_REJOIN) {
             Check(lost_experts_seen_,
                   "Watch: KIND_REJOIN, but no gone worker had experts to offer");
+            return true;
+          }
+          if (e.kind() == pb::WatchEvent::KIND_REASSIGN) {  // after a Rebalance
+            const auto& packed = e.assignment().experts().packed();
+            Check(!packed.empty() && e.assignment().tensors_size() == 3 * packed.size(),
+                  "Watch: a malformed assignment");
             return true;
           }
           Check(e.kind() == pb::WatchEvent::KIND_RELEASED, "Watch: " + e.ShortDebugString());
