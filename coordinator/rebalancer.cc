@@ -47,8 +47,7 @@ Rebalancer::~Rebalancer() {
 
 void Rebalancer::Start(std::function<RoutingSnapshot()> snapshot) {
   snapshot_ = std::move(snapshot);
-  if (options_.mode == RebalanceMode::kOff) return;
-  thread_ = std::thread([this] { Loop(); });
+  thread_ = std::thread([this] { Loop(); });  // with the mode off too: it ends changes
 }
 
 absl::StatusOr<nlohmann::json> Rebalancer::RunOnce(const RoutingSnapshot& stats, bool dry_run) {
@@ -109,7 +108,7 @@ void Rebalancer::Loop() {
     if (stop_) break;
     lock.unlock();
     control_->AdvancePlacementChange();  // ends a change whose workers are ready or late
-    if (std::chrono::steady_clock::now() >= next) {
+    if (options_.mode != RebalanceMode::kOff && std::chrono::steady_clock::now() >= next) {
       next = std::chrono::steady_clock::now() +
              std::chrono::milliseconds(static_cast<int64_t>(options_.interval_s * 1e3));
       const absl::StatusOr<nlohmann::json> r =

@@ -48,7 +48,8 @@ class Rebalancer {
   Rebalancer(const Rebalancer&) = delete;
   Rebalancer& operator=(const Rebalancer&) = delete;
 
-  // Starts the interval thread (a no-op when the mode is off); `snapshot` gives the statistics.
+  // Starts the interval thread; `snapshot` gives the statistics. With the mode off it plans
+  // nothing but still ends placement changes (started over HTTP) whose workers are gone or late.
   void Start(std::function<RoutingSnapshot()> snapshot);
 
   // Plans from `stats` now and applies the plan unless `dry_run`. The answer: the plan
