@@ -83,10 +83,13 @@ absl::Status ClusterControl::StartPlacementChange(
       Member* m = Find(id);
       m->changing = true;
       m->change_ready = false;
-      m->target = target[static_cast<size_t>(
+      const size_t i = static_cast<size_t>(
           std::find_if(planned.begin(), planned.end(),
-                       [&](const RebalanceWorker& w) { return w.id == id; }) -
-          planned.begin())];
+                       [&m](const RebalanceWorker& w) { return w.id == m->id; }) -
+          planned.begin());
+      m->target = target[i];
+      std::sort(m->target.begin(), m->target.end());
+      m->target.erase(std::unique(m->target.begin(), m->target.end()), m->target.end());
       m->tensors = TensorsOf(all);
     }
     changing_ = true;
