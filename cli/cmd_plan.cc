@@ -2,11 +2,13 @@
 //
 //   moepool plan (--model M.gguf | --shape mixtral-8x7b --type Q5_K_M) --machine 12GiB ...
 //                [--machine cuda:24GiB (a GPU worker) | --machine cuda (this machine's GPU)]
+//                [--machine 12GiB:speed=0.5 (a machine half as fast as the others)]
 //                [--coordinator 8GiB] [--ctx 4096] [--reserve 0.5GiB] [--replicas]
 //                [--host NAME ...] [--json]
 //
 // Exit status: 0 when it fits, 1 when it does not, 2 for bad arguments or an unreadable model.
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -32,12 +34,25 @@ constexpr char kUsage[] =
 struct MachineArg {
   uint64_t bytes = 0;
   std::string device;  // "" or "cuda:0"
+  double speed = 1;
 };
 
 // --machine SIZE (host memory), cuda:SIZE (a GPU worker: its experts on a card of SIZE) or cuda
-// (the card of this machine: cuda:0's total memory, as the driver reports it).
-absl::StatusOr<MachineArg> ParseMachine(const std::string& text) {
+// (the card of this machine: cuda:0's total memory, as the driver reports it), each optionally
+// followed by :speed=X (its compute speed relative to the others, e.g. 0.5: half as fast).
+absl::StatusOr<MachineArg> ParseMachine(std::string text) {
   MachineArg machine;
+  const std::string::size_type at = text.find(":speed=");
+  if (at != std::string::npos) {
+    const std::string value = text.substr(at + 7);
+    char* end = nullptr;
+    machine.speed = std::strtod(value.c_str(), &end);
+    if (value.empty() || *end != '\0' || !(machine.speed > 0 && machine.speed <= 1e6)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--machine ", text, ": speed must be a positive number, e.g. 12GiB:speed=0.5"));
+    }
+    text.resize(at);
+  }
   if (text == "cuda") {
     ASSIGN_OR_RETURN(const std::vector<CudaDeviceInfo> devices, ListCudaDevices());
     if (devices.empty()) return absl::UnavailableError("--machine cuda: no CUDA device found");
@@ -75,6 +90,7 @@ absl::StatusOr<PlanRequest> ReadRequest(const Args& args) {
     if (machine.bytes == 0) return absl::InvalidArgumentError("--machine: a machine of 0 bytes");
     r.machines.push_back(machine.bytes);
     r.machine_devices.push_back(machine.device);
+    r.machine_speeds.push_back(machine.speed);
   }
   if (r.machines.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("give at least one --machine SIZE; ", kUsage));
@@ -122,6 +138,37 @@ absl::StatusOr<PlanRequest> ReadRequest(const Args& args) {
   return r;
 }
 
+nlohmann::json MachineJson(const MachinePlan& m) {
+  nlohmann::json jm;
+  jm["name"] = m.name;
+  jm["role"] = m.coordinator && m.worker ? "coordinator+worker"
+               : m.coordinator           ? "coordinator"
+               : m.worker                ? "worker"
+                                         : "unused";
+  jm["device"] = m.device.empty() ? "cpu" : m.device;
+  jm["size_bytes"] = m.size;
+  jm["available_bytes"] = m.available();
+  jm["used_bytes"] = m.used();
+  jm["coordinator_bytes"] = m.coordinator_bytes;
+  jm["worker_buffer_bytes"] = m.worker_buffer_bytes;
+  jm["expert_bytes"] = m.expert_bytes;
+  jm["speed"] = m.speed;
+  jm["work_share"] = m.work_share;
+  nlohmann::json pairs = nlohmann::json::array();
+  for (const auto& [l, e] : m.pairs) pairs.push_back({l, e});
+  jm["pairs"] = pairs;
+  jm["replica_experts"] = m.replica_experts;
+  if (m.worker) {
+    jm["port"] = m.port;
+    jm["experts"] = m.experts_text;
+    jm["command"] = m.worker_command;
+  }
+  if (!m.placement_file_name.empty()) {
+    jm["placement_file"] = {{"name", m.placement_file_name}, {"content", m.placement_file}};
+  }
+  return jm;
+}
+
 nlohmann::json PlanJson(const PlanRequest& r, const Plan& plan) {
   const ModelSizes& s = r.sizes;
   nlohmann::json j;
@@ -160,36 +207,14 @@ nlohmann::json PlanJson(const PlanRequest& r, const Plan& plan) {
     j["routing"] = {{"balanced", est(*plan.routing_before)},
                     {"colocated", est(*plan.routing_after)}};
   }
+  j["pace"] = plan.pace;
+  if (plan.pace_memory_split.has_value()) {
+    j["pace_memory_split"] = *plan.pace_memory_split;
+    j["pace_swaps"] = plan.pace_swaps;
+  }
   j["layout"] = plan.layout == PlanLayout::kExpertRanges ? "expert-ranges" : "per-layer";
   nlohmann::json machines = nlohmann::json::array();
-  for (const MachinePlan& m : plan.machines) {
-    nlohmann::json jm;
-    jm["name"] = m.name;
-    jm["role"] = m.coordinator && m.worker ? "coordinator+worker"
-                 : m.coordinator           ? "coordinator"
-                 : m.worker                ? "worker"
-                                           : "unused";
-    jm["device"] = m.device.empty() ? "cpu" : m.device;
-    jm["size_bytes"] = m.size;
-    jm["available_bytes"] = m.available();
-    jm["used_bytes"] = m.used();
-    jm["coordinator_bytes"] = m.coordinator_bytes;
-    jm["worker_buffer_bytes"] = m.worker_buffer_bytes;
-    jm["expert_bytes"] = m.expert_bytes;
-    nlohmann::json pairs = nlohmann::json::array();
-    for (const auto& [l, e] : m.pairs) pairs.push_back({l, e});
-    jm["pairs"] = pairs;
-    jm["replica_experts"] = m.replica_experts;
-    if (m.worker) {
-      jm["port"] = m.port;
-      jm["experts"] = m.experts_text;
-      jm["command"] = m.worker_command;
-    }
-    if (!m.placement_file_name.empty()) {
-      jm["placement_file"] = {{"name", m.placement_file_name}, {"content", m.placement_file}};
-    }
-    machines.push_back(jm);
-  }
+  for (const MachinePlan& m : plan.machines) machines.push_back(MachineJson(m));
   j["machines"] = machines;
   if (plan.fits) {
     j["serve_command"] = plan.serve_command;
@@ -217,8 +242,10 @@ int RunPlan(int argc, char** argv) {
        "NAME  plan the model moepool synth would write: tiny, mini or mixtral-8x7b, of --type"},
       {"type", "NAME  type or mix of the --shape, as moepool synth --type takes (default Q4_K_M)"},
       {"machine",
-       "SIZE  memory of one machine, e.g. 12GiB; cuda:SIZE is a GPU worker with a card of SIZE, "
-       "cuda this machine's cuda:0; repeatable, at least one"},
+       "SIZE[:speed=X]  memory of one machine, e.g. 12GiB; cuda:SIZE is a GPU worker with a card "
+       "of SIZE, cuda this machine's cuda:0; :speed=X its compute speed relative to the others "
+       "(12GiB:speed=0.5 is half as fast: it gets less of the expert work, and with --stats "
+       "colder experts); repeatable, at least one"},
       {"coordinator",
        "SIZE  a machine of its own for the coordinator, holding no experts (default: the first "
        "--machine runs it)"},

@@ -20,11 +20,13 @@ namespace {
 constexpr double kInfinity = std::numeric_limits<double>::infinity();
 
 // Splits `items` (in order) into contiguous segments, one per capacity (in order, possibly
-// empty), each within its capacity. Minimises the largest segment / capacity fraction, then the
-// sum of squared fractions (so the machines end up evenly used). Returns the segment ends
+// empty), each within its capacity. Minimises the largest segment / weight (weights: the
+// capacities, or the machines' speeds), then the sum of squared segment / capacity fractions (so
+// the machines' memory ends up evenly used). Returns the segment ends
 // (ends[i] = one past segment i's last item), or nothing if no split fits.
 std::optional<std::vector<size_t>> PartitionContiguous(const std::vector<uint64_t>& items,
-                                                       const std::vector<uint64_t>& caps) {
+                                                       const std::vector<uint64_t>& caps,
+                                                       const std::vector<double>& weights) {
   const size_t n = items.size();
   const size_t w = caps.size();
   if (w == 0) return std::nullopt;
@@ -34,7 +36,11 @@ std::optional<std::vector<size_t>> PartitionContiguous(const std::vector<uint64_
     const uint64_t bytes = prefix[end] - prefix[begin];
     if (bytes == 0) return 0.0;
     if (bytes > caps[slot]) return kInfinity;
-    return static_cast<double>(bytes) / static_cast<double>(caps[slot]);
+    return static_cast<double>(bytes) / weights[slot];
+  };
+  auto room_used = [&](size_t slot, size_t begin, size_t end) {
+    const uint64_t bytes = prefix[end] - prefix[begin];
+    return bytes == 0 ? 0.0 : static_cast<double>(bytes) / static_cast<double>(caps[slot]);
   };
   // Pass 1: the smallest achievable maximum fraction.
   std::vector<double> best(n + 1, kInfinity), next(n + 1);
@@ -51,7 +57,7 @@ std::optional<std::vector<size_t>> PartitionContiguous(const std::vector<uint64_
   }
   if (best[n] == kInfinity) return std::nullopt;
   const double bound = best[n] * (1.0 + 1e-12) + 1e-15;
-  // Pass 2: among splits within that maximum, the smallest sum of squared fractions.
+  // Pass 2: among splits within that maximum, the smallest sum of squared room fractions.
   std::vector<std::vector<double>> cost(w + 1, std::vector<double>(n + 1, kInfinity));
   std::vector<std::vector<size_t>> from(w + 1, std::vector<size_t>(n + 1, 0));
   cost[0][0] = 0.0;
@@ -59,8 +65,8 @@ std::optional<std::vector<size_t>> PartitionContiguous(const std::vector<uint64_
     for (size_t end = 0; end <= n; ++end) {
       for (size_t begin = 0; begin <= end; ++begin) {
         if (cost[s][begin] == kInfinity) continue;
-        const double f = fraction(s, begin, end);
-        if (f > bound) continue;
+        if (fraction(s, begin, end) > bound) continue;
+        const double f = room_used(s, begin, end);
         const double c = cost[s][begin] + f * f;
         if (c < cost[s + 1][end]) {
           cost[s + 1][end] = c;
@@ -186,11 +192,30 @@ void AddReplicas(const ModelSizes& sizes, const std::vector<int>& slot_machine,
   }
 }
 
+bool SpeedsDiffer(const PlanRequest& r) {
+  const size_t n = r.machines.size();
+  for (size_t i = 0; i < n; ++i) {
+    const double speed = i < r.machine_speeds.size() ? r.machine_speeds[i] : 1.0;
+    const double first = r.machine_speeds.empty() ? 1.0 : r.machine_speeds[0];
+    if (speed != first) return true;
+  }
+  return false;
+}
+
 absl::Status CheckPlanRequest(const PlanRequest& r) {
   const ModelSizes& sizes = r.sizes;
   if (r.machines.empty()) return absl::InvalidArgumentError("no machines (give --machine SIZE)");
   for (uint64_t m : r.machines) {
     if (m == 0) return absl::InvalidArgumentError("a machine of 0 bytes");
+  }
+  if (r.machine_speeds.size() > r.machines.size()) {
+    return absl::InvalidArgumentError("more machine speeds than machines");
+  }
+  for (double speed : r.machine_speeds) {
+    if (!(speed > 0 && speed <= 1e6)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a machine speed must be a positive number (at most 1e6): ", speed));
+    }
   }
   if (r.coordinator_machine.has_value() && *r.coordinator_machine == 0) {
     return absl::InvalidArgumentError("a coordinator machine of 0 bytes");
@@ -217,6 +242,7 @@ void AddMachines(const PlanRequest& r, Plan* plan) {
     m.name = i < r.host_names.size() ? r.host_names[i] : absl::StrCat("machine-", i + 1);
     m.size = r.machines[i];
     if (i < r.machine_devices.size()) m.device = r.machine_devices[i];
+    if (i < r.machine_speeds.size()) m.speed = r.machine_speeds[i];
     m.port = r.first_port + static_cast<int>(i);
     plan->machines.push_back(m);
   }
@@ -229,7 +255,8 @@ void AddMachines(const PlanRequest& r, Plan* plan) {
 // order[ends[s - 1], ends[s]). Whole experts when they pack, else runs split at some layer;
 // nullopt when even that does not fit.
 std::optional<std::vector<size_t>> PartitionPairs(const ModelSizes& sizes,
-                                                  const std::vector<uint64_t>& caps, Plan* plan,
+                                                  const std::vector<uint64_t>& caps,
+                                                  const std::vector<double>& weights, Plan* plan,
                                                   std::vector<std::pair<int, int>>* order) {
   const int64_t n_layer = sizes.n_layer(), n_expert = sizes.n_expert();
   for (int e = 0; e < n_expert; ++e) {
@@ -239,7 +266,7 @@ std::optional<std::vector<size_t>> PartitionPairs(const ModelSizes& sizes,
   for (int e = 0; e < n_expert; ++e) {
     for (int l = 0; l < n_layer; ++l) per_expert[static_cast<size_t>(e)] += sizes.PairBytes(l, e);
   }
-  std::optional<std::vector<size_t>> ends = PartitionContiguous(per_expert, caps);
+  std::optional<std::vector<size_t>> ends = PartitionContiguous(per_expert, caps, weights);
   if (ends.has_value()) {
     plan->layout = PlanLayout::kExpertRanges;
     std::vector<size_t> pair_ends;
@@ -250,7 +277,7 @@ std::optional<std::vector<size_t>> PartitionPairs(const ModelSizes& sizes,
   std::vector<uint64_t> items;
   for (const auto& [l, e] : *order) items.push_back(sizes.PairBytes(l, e));
   plan->layout = PlanLayout::kPerLayer;
-  return PartitionContiguous(items, caps);
+  return PartitionContiguous(items, caps, weights);
 }
 
 // Why the model does not fit (plan->problem, plan->shortfall).
@@ -386,11 +413,14 @@ absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
   // Room for experts on each machine that may hold some (a slot).
   std::vector<int> slot_machine;
   std::vector<uint64_t> caps;
+  std::vector<double> weights;  // the split evens out bytes / weight
+  const bool speeds_differ = SpeedsDiffer(r);
   for (size_t i = r.coordinator_machine.has_value() ? 1 : 0; i < plan.machines.size(); ++i) {
     const MachinePlan& m = plan.machines[i];
     const uint64_t taken = m.coordinator_bytes + plan.worker_buffer;
     slot_machine.push_back(static_cast<int>(i));
     caps.push_back(m.available() > taken ? m.available() - taken : 0);
+    weights.push_back(speeds_differ ? m.speed : static_cast<double>(caps.back()));
   }
   const uint64_t need =
       plan.coordinator.total() + sizes.ExpertBytes() + plan.worker_buffer * caps.size();
@@ -400,7 +430,7 @@ absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
   std::optional<std::vector<size_t>> ends;
   std::vector<std::pair<int, int>> order;
   if (plan.machines.front().available() >= plan.coordinator.total()) {
-    ends = PartitionPairs(sizes, caps, &plan, &order);
+    ends = PartitionPairs(sizes, caps, weights, &plan, &order);
   }
   if (!ends.has_value()) {
     ExplainNoFit(r, need, have, caps.size(), &plan);
@@ -413,8 +443,22 @@ absl::StatusOr<Plan> MakePlan(const PlanRequest& r) {
     RETURN_IF_ERROR(
         planner_internal::ColocateByRouting(*r.routing, sizes, r.routing_min_gain, &plan));
   }
+  if (speeds_differ && r.routing.has_value()) {
+    RETURN_IF_ERROR(planner_internal::PaceBySpeed(*r.routing, sizes, &plan));
+  }
   if (r.replicas) AddReplicas(sizes, slot_machine, caps, &plan.machines);
   DescribeWorkers(r, &plan);
+  plan.pace = planner_internal::MeasurePace(r, &plan);
+  if (speeds_differ) {  // the same machines, split as if they were equally fast
+    PlanRequest equal = WhatIf(r);
+    equal.replicas = r.replicas;
+    equal.machine_speeds.clear();
+    ASSIGN_OR_RETURN(Plan memory_split, MakePlan(equal));
+    for (size_t i = 0; i < memory_split.machines.size(); ++i) {
+      memory_split.machines[i].speed = plan.machines[i].speed;
+    }
+    if (memory_split.fits) plan.pace_memory_split = planner_internal::MeasurePace(r, &memory_split);
+  }
   return plan;
 }
 

@@ -108,6 +108,11 @@ struct PlanRequest {
   // Where each machine's experts live: "" (missing) for host memory, "cuda:0" for a GPU whose
   // memory is the size given in `machines` (its worker command then gets --device cuda:0).
   std::vector<std::string> machine_devices;
+  // Relative compute speed of each machine's worker (missing: 1; `--machine 12GiB:speed=0.5` is
+  // a machine half as fast per row). When they differ, the experts are split so that each
+  // machine's share of the expert work over its speed is as even as memory allows (the slowest
+  // worker sets every layer's pace); with `routing`, a slow machine also gets colder experts.
+  std::vector<double> machine_speeds;
   int64_t ctx = 4096;
   int64_t batch = kPlanBatch;
   uint64_t reserve = 512 * kMiB;
@@ -134,6 +139,10 @@ struct MachinePlan {
   std::string device;    // "" (host memory) or "cuda:0" (size is the card's memory)
   uint64_t size = 0;     // the machine's memory
   uint64_t reserve = 0;  // kept free
+  double speed = 1;      // relative compute speed (PlanRequest::machine_speeds)
+  // Its share of the routed (row, expert) work: from the routing statistics when given, else
+  // its share of the expert bytes (rows spread evenly over experts); replicas split evenly.
+  double work_share = 0;
   bool coordinator = false;
   bool worker = false;  // holds experts
   uint64_t coordinator_bytes = 0;
@@ -161,6 +170,12 @@ struct Plan {
   // With PlanRequest::routing: the estimate of the balanced split and of the co-located one.
   std::optional<RoutingEstimate> routing_before;
   std::optional<RoutingEstimate> routing_after;
+  // The slowest worker's work_share / speed (what sets every layer's pace; an even split over
+  // n equal machines is 1/n). With speeds that differ, `pace_memory_split` is the same for the
+  // split that ignores speed, and `pace_swaps` counts the experts traded for colder ones.
+  double pace = 0;
+  std::optional<double> pace_memory_split;
+  int pace_swaps = 0;
   PlanLayout layout = PlanLayout::kExpertRanges;
   CoordinatorMemory coordinator;
   uint64_t worker_buffer = 0;
@@ -177,9 +192,11 @@ struct Plan {
 // replicas). Contiguous expert ranges on all layers are preferred; when they do not fit, pairs
 // are split per layer (expert-major, so each layer's experts stay spread over the workers).
 // Either way the split minimises the largest fraction of any machine's room used, then evens
-// the fractions out. Not fitting is not an error (fits = false, with the problem and
-// suggestions); INVALID_ARGUMENT only for a malformed request: no machines, a machine of 0
-// bytes, ctx or batch < 1, sizes without pairs.
+// the fractions out; with machine speeds that differ, it minimises the largest share of the
+// expert bytes over speed instead (memory stays a hard limit), then evens those out. Not
+// fitting is not an error (fits = false, with the problem and suggestions); INVALID_ARGUMENT
+// only for a malformed request: no machines, a machine of 0 bytes, a speed that is not a
+// positive number, ctx or batch < 1, sizes without pairs.
 absl::StatusOr<Plan> MakePlan(const PlanRequest& request);
 
 // The plan for people: sizes, per machine role, memory, experts and commands, or the problem

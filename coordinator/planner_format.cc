@@ -63,6 +63,10 @@ std::string FormatPlan(const PlanRequest& r, const Plan& plan) {
     if (!m.worker) continue;
     absl::StrAppend(&out, "  ", m.experts_text, ": ", m.pairs.size(), " pairs, ",
                     FormatBytes(m.expert_bytes));
+    if (plan.pace_memory_split.has_value()) {
+      absl::StrAppend(&out, absl::StrFormat(", speed %g: %.0f%% of the expert work", m.speed,
+                                            100 * m.work_share));
+    }
     if (!m.replica_experts.empty()) {
       std::vector<int> sorted = m.replica_experts;
       absl::StrAppend(&out, " (replicas: experts ", FormatIdRanges(sorted), ")");
@@ -85,6 +89,18 @@ std::string FormatPlan(const PlanRequest& r, const Plan& plan) {
                         100 * plan.routing_before->colocated_share,
                         100 * plan.routing_after->colocated_share,
                         plan.routing_before->visits_per_row, plan.routing_after->visits_per_row));
+  }
+  if (plan.pace_memory_split.has_value()) {
+    absl::StrAppend(
+        &out, absl::StrFormat("\nspeeds: the slowest worker's share of the expert work over its "
+                              "speed (it sets every layer's pace) %.3f; %.3f if split by memory "
+                              "alone",
+                              plan.pace, *plan.pace_memory_split));
+    if (plan.routing_before.has_value()) {
+      absl::StrAppend(&out, "; ", plan.pace_swaps, " hot expert", plan.pace_swaps == 1 ? "" : "s",
+                      " traded for colder ones");
+    }
+    absl::StrAppend(&out, "\n");
   }
   absl::StrAppend(&out, "\ncoordinator (on ", plan.machines.front().name, "):\n  $ ",
                   plan.serve_command, "\n");

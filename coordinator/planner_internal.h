@@ -19,6 +19,16 @@ namespace moepool::planner_internal {
 absl::Status ColocateByRouting(const RoutingSnapshot& stats, const ModelSizes& sizes,
                                double min_gain, Plan* plan);
 
+// MakePlan's pass for machines of different speed with PlanRequest::routing
+// (planner_routing.cc): per layer, the slowest machine's hot experts are traded for colder ones
+// of faster machines (same bytes) while that shortens the layer's pace (rebalance_plan.h's pace
+// pass, with time per row = 1 / speed); updates routing_after and pace_swaps.
+absl::Status PaceBySpeed(const RoutingSnapshot& stats, const ModelSizes& sizes, Plan* plan);
+
+// Sets each machine's work_share (from r.routing's loads, else from the pairs' bytes; a pair
+// held twice counts half on each) and returns the largest work_share / speed among workers.
+double MeasurePace(const PlanRequest& r, Plan* plan);
+
 // Splits `text` at each `sep`; empty pieces are dropped when skip_empty.
 inline std::vector<std::string> Split(std::string_view text, char sep, bool skip_empty) {
   std::vector<std::string> out;

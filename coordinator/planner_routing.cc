@@ -8,6 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "coordinator/colocation.h"
 #include "coordinator/planner_internal.h"
+#include "coordinator/rebalance_plan.h"
+#include "engine/status_macros.h"
 
 namespace moepool::planner_internal {
 
@@ -76,6 +78,76 @@ absl::Status ColocateByRouting(const RoutingSnapshot& stats, const ModelSizes& s
     pairs = std::move(kept);
   }
   return absl::OkStatus();
+}
+
+absl::Status PaceBySpeed(const RoutingSnapshot& stats, const ModelSizes& sizes, Plan* plan) {
+  std::vector<RebalanceWorker> workers;
+  std::vector<size_t> machine_of;
+  for (size_t m = 0; m < plan->machines.size(); ++m) {
+    const MachinePlan& mp = plan->machines[m];
+    if (mp.pairs.empty()) continue;
+    RebalanceWorker w;
+    w.id = mp.name;
+    w.budget_bytes = mp.expert_bytes;  // swaps keep every machine's bytes
+    w.pairs = mp.pairs;
+    w.micros_per_row = 1.0 / mp.speed;
+    workers.push_back(std::move(w));
+    machine_of.push_back(m);
+  }
+  RebalanceOptions options;
+  options.colocate = false;
+  options.replicate = false;
+  options.pace = true;
+  options.pace_spread = 1.0 + 1e-9;  // given speeds, not noisy measurements
+  options.min_rows = 1;
+  options.n_expert_used = static_cast<int>(sizes.shape.n_expert_used);
+  options.n_embd = sizes.shape.n_embd;
+  ASSIGN_OR_RETURN(const RebalancePlan paced,
+                   PlanRebalance(
+                       stats, static_cast<int>(sizes.n_layer()),
+                       [&](int l, int e) { return sizes.PairBytes(l, e); }, workers, options));
+  std::vector<Owners> owners(static_cast<size_t>(sizes.n_layer()),
+                             Owners(static_cast<size_t>(sizes.n_expert()), -1));
+  for (size_t w = 0; w < workers.size(); ++w) {
+    MachinePlan& mp = plan->machines[machine_of[w]];
+    mp.pairs = paced.target[w];
+    for (const auto& [l, e] : mp.pairs) {
+      owners[static_cast<size_t>(l)][static_cast<size_t>(e)] = static_cast<int>(machine_of[w]);
+    }
+  }
+  plan->pace_swaps = paced.pace_swaps;
+  plan->routing_after = EstimateRouting(stats, owners);
+  return absl::OkStatus();
+}
+
+double MeasurePace(const PlanRequest& r, Plan* plan) {
+  const ModelSizes& sizes = r.sizes;
+  const int64_t n_expert = sizes.n_expert();
+  std::vector<int> holders(sizes.pair_bytes.size(), 0);
+  for (const MachinePlan& m : plan->machines) {
+    for (const auto& [l, e] : m.pairs) ++holders[static_cast<size_t>(l * n_expert + e)];
+  }
+  auto work = [&](int l, int e) {
+    if (r.routing.has_value()) {
+      return static_cast<double>(
+          r.routing->layers[static_cast<size_t>(l)].load[static_cast<size_t>(e)]);
+    }
+    return static_cast<double>(sizes.PairBytes(l, e));
+  };
+  double total = 0;
+  for (int l = 0; l < sizes.n_layer(); ++l) {
+    for (int e = 0; e < n_expert; ++e) total += work(l, e);
+  }
+  double pace = 0;
+  for (MachinePlan& m : plan->machines) {
+    double mine = 0;
+    for (const auto& [l, e] : m.pairs) {
+      mine += work(l, e) / holders[static_cast<size_t>(l * n_expert + e)];
+    }
+    m.work_share = total > 0 ? mine / total : 0;
+    if (!m.pairs.empty()) pace = std::max(pace, m.work_share / m.speed);
+  }
+  return pace;
 }
 
 }  // namespace moepool::planner_internal

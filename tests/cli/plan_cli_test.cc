@@ -100,6 +100,21 @@ TEST(PlanCliTest, ModelFileWithSeparateCoordinatorAndReplicas) {
   EXPECT_EQ(machines[2].at("pairs").size(), 32u);
 }
 
+// --machine SIZE:speed=X: the slower machine gets less of the expert work.
+TEST(PlanCliTest, MachineSpeedsShareTheWorkByPace) {
+  const Result r = Plan(
+      "--shape mixtral-8x7b --type Q4_K_M --machine 16GiB --machine 16GiB:speed=0.5 "
+      "--machine 16GiB --json");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  const auto& machines = j.at("machines");
+  EXPECT_EQ(machines[1].at("speed"), 0.5);
+  EXPECT_EQ(machines[1].at("pairs").size(), 64u);  // 2 of 8 experts on all 32 layers
+  EXPECT_EQ(machines[0].at("pairs").size(), 96u);
+  EXPECT_DOUBLE_EQ(j.at("pace").get<double>(), 0.5);
+  EXPECT_GT(j.at("pace_memory_split").get<double>(), 0.5);
+}
+
 TEST(PlanCliTest, BadArgumentsExitWithTwo) {
   const struct {
     const char* args;
@@ -114,6 +129,10 @@ TEST(PlanCliTest, BadArgumentsExitWithTwo) {
       {"--shape tiny --machine 1GiB --ctx 0", "--ctx"},
       {"--shape tiny --machine 1GiB --bogus", "unknown flag --bogus"},
       {"--shape tiny --machine 1GiB --host a --host b", "more --host names"},
+      {"--shape tiny --machine 1GiB:speed=0", "speed must be a positive number"},
+      {"--shape tiny --machine 1GiB:speed=fast", "speed must be a positive number"},
+      {"--shape tiny --machine 1GiB:speed=", "speed must be a positive number"},
+      {"--shape tiny --machine cuda:1GiB:speed=-2", "speed must be a positive number"},
   };
   for (const auto& c : cases) {
     const Result r = Plan(c.args);

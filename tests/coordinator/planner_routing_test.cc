@@ -90,5 +90,56 @@ TEST(PlannerRoutingTest, NoPreferenceKeepsTheBalancedPlanAndShapesMustMatch) {
   EXPECT_EQ(MakePlan(r).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Tiny's shape with skewed loads: in each layer expert 0 is chosen with every other expert
+// `hot` times, every other pair once.
+RoutingSnapshot HotExpertStats(int64_t hot) {
+  RoutingSnapshot s;
+  s.n_expert = 8;
+  for (int l = 0; l < 4; ++l) {
+    LayerRouting layer;
+    layer.load.assign(8, 0);
+    layer.pairs.assign(64, 0);
+    for (int a = 0; a < 8; ++a) {
+      for (int b = a + 1; b < 8; ++b) {
+        const int64_t n = a == 0 ? hot : 1;
+        layer.pairs[static_cast<size_t>(a * 8 + b)] = n;
+        layer.rows += n;
+        layer.load[static_cast<size_t>(a)] += n;
+        layer.load[static_cast<size_t>(b)] += n;
+      }
+    }
+    s.layers.push_back(layer);
+  }
+  return s;
+}
+
+// With statistics, a slow machine also ends up with colder experts: the hot expert 0, which the
+// expert-range split puts on the first worker, is traded for a cold one of the fast worker
+// (co-location is held off so that the pace pass alone moves it).
+TEST(PlannerRoutingTest, ASlowMachineGetsColderExperts) {
+  PlanRequest r = TwoWorkers();
+  r.routing = HotExpertStats(40);
+  r.routing_min_gain = 1.0;
+  r.machine_speeds = {0.5, 1.0};
+  auto plan = MakePlan(r);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_TRUE(plan->fits);
+  const auto owners = Owners(*plan);
+  const int slow = 1, fast = 2;  // machine 0 is the coordinator's
+  size_t slow_pairs = 0;
+  for (int l = 0; l < 4; ++l) {
+    EXPECT_EQ(owners.at(l).at(0), fast) << "layer " << l;
+    for (int e = 0; e < 8; ++e) slow_pairs += owners.at(l).at(e) == slow ? 1 : 0;
+  }
+  EXPECT_GT(plan->pace_swaps, 0);
+  EXPECT_EQ(slow_pairs, plan->machines[slow].pairs.size());
+  ASSERT_TRUE(plan->pace_memory_split.has_value());
+  EXPECT_LT(plan->pace, *plan->pace_memory_split);
+  // work_share comes from the statistics' loads: the slow machine's share is the colder one.
+  EXPECT_LT(plan->machines[slow].work_share / 0.5, plan->pace + 1e-12);
+  EXPECT_NEAR(plan->machines[slow].work_share + plan->machines[fast].work_share, 1.0, 1e-9);
+  EXPECT_NE(FormatPlan(r, *plan).find("traded for colder ones"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace moepool

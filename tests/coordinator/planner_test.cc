@@ -1,5 +1,6 @@
 #include "coordinator/planner.h"
 
+#include <cmath>
 #include <map>
 #include <set>
 #include <string>
@@ -370,6 +371,48 @@ TEST(PlannerTest, RejectsMalformedRequests) {
   EXPECT_FALSE(MakePlan(r).ok());
   r = Request(ModelSizes{}, {kGiB});
   EXPECT_FALSE(MakePlan(r).ok());
+  for (double bad : {0.0, -1.0, std::nan(""), 1e300}) {
+    r = Request(s, {16 * kGiB, 16 * kGiB});
+    r.machine_speeds = {1.0, bad};
+    EXPECT_EQ(MakePlan(r).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  r = Request(s, {16 * kGiB});
+  r.machine_speeds = {1.0, 1.0};  // more speeds than machines
+  EXPECT_EQ(MakePlan(r).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A machine half as fast gets about half the expert work of the others (the slowest worker sets
+// every layer's pace), memory permitting; equal speeds plan exactly as no speeds.
+TEST(PlannerTest, ASlowMachineGetsLessOfTheExpertWork) {
+  const ModelSizes s = Mixtral("Q4_K_M");
+  PlanRequest r = Request(s, {16 * kGiB, 16 * kGiB, 16 * kGiB});
+  const Plan by_memory = MustPlan(r);
+  r.machine_speeds = {2.0, 2.0, 2.0};
+  const Plan same = MustPlan(r);
+  for (size_t m = 0; m < 3; ++m) EXPECT_EQ(same.machines[m].pairs, by_memory.machines[m].pairs);
+  EXPECT_FALSE(same.pace_memory_split.has_value());
+
+  r.machine_speeds = {1.0, 0.5, 1.0};
+  const Plan paced = MustPlan(r);
+  ExpectConsistent(r, paced);
+  // 8 experts at speeds 1 : 0.5 : 1 -> 3, 2, 3 (by memory, the coordinator's machine held fewer).
+  EXPECT_EQ(paced.machines[0].pairs.size(), 3u * 32);
+  EXPECT_EQ(paced.machines[1].pairs.size(), 2u * 32);
+  EXPECT_EQ(paced.machines[2].pairs.size(), 3u * 32);
+  EXPECT_LT(by_memory.machines[1].pairs.size(), 3u * 32 + 1);
+  EXPECT_NEAR(paced.machines[1].work_share, 0.25, 1e-9);
+  EXPECT_NEAR(paced.pace, 0.5, 1e-9);  // 2 of 8 experts at speed 0.5, as 4 of 8 at speed 1
+  ASSERT_TRUE(paced.pace_memory_split.has_value());
+  EXPECT_GT(*paced.pace_memory_split, paced.pace);
+  EXPECT_NE(FormatPlan(r, paced).find("speed 0.5: 25% of the expert work"), std::string::npos);
+
+  // Memory is still a hard limit: a fast machine too small for its share of the work.
+  r = Request(s, {16 * kGiB, 16 * kGiB, 8 * kGiB});
+  r.machine_speeds = {1.0, 1.0, 4.0};
+  const Plan small_fast = MustPlan(r);
+  ExpectConsistent(r, small_fast);
+  EXPECT_LE(small_fast.machines[2].used(), small_fast.machines[2].available());
+  EXPECT_EQ(small_fast.machines[2].pairs.size(), 2u * 32);  // 6.36 GiB: all that fits
 }
 
 }  // namespace
