@@ -244,6 +244,10 @@ class ClusterExpertBackend : public ExpertBackend {
   absl::Status Resend(Call* s, const std::vector<size_t>& failed);
   // Waits, retries, combines; the step's final status. Idempotent (the second call: OK).
   absl::Status FinishCall(Call* s);
+  // Each worker's pace from the answered exchanges of `s`'s first round (NotePace), and the
+  // paces ChooseHolders weighs replicas by (HolderPaces: unmeasured workers get the median).
+  void NotePace(const Call& s);
+  const std::vector<ExpertPlacement::HolderPace>* HolderPaces();
   // Waits until the other outstanding steps on link `link` (any link: -1) have their answers.
   void WaitForOthers(const Call* s, int link);
   // Chooses the link of a new step.
@@ -278,7 +282,16 @@ class ClusterExpertBackend : public ExpertBackend {
   uint64_t placement_version_ = 1;
 
   // Forward thread only.
-  uint64_t round_counter_ = 0;      // request rounds sent (ids of steps and retries)
+  uint64_t round_counter_ = 0;  // request rounds sent (ids of steps and retries)
+  // Per worker: its compute time per row and its link's part of an exchange, moving averages
+  // over its latest exchanges (0 samples: not measured); reset when the placement changes.
+  struct MeasuredPace {
+    ExpertPlacement::HolderPace pace;
+    int64_t samples = 0;
+  };
+  std::vector<MeasuredPace> measured_pace_;
+  std::vector<ExpertPlacement::HolderPace> holder_paces_;
+  uint64_t pace_version_ = 0;
   std::vector<Call*> outstanding_;  // started, not finished; oldest first
   std::atomic<uint64_t> blocked_micros_{0};
   mutable std::mutex stats_mu_;

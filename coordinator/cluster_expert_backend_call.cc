@@ -124,7 +124,7 @@ absl::Status ClusterExpertBackend::Dispatch(Call* s) {
   s->round = ++round_counter_;
   RETURN_IF_ERROR(placement_.ChooseHolders(
       routes.layer, rows_per_expert, [&](int w) { return WorkerUsable(static_cast<size_t>(w)); },
-      s->round, &holder_of));
+      s->round, &holder_of, HolderPaces()));
   // One bucket per destination: 0 local (--local-experts), 1 + w worker w, 1 + n_workers the
   // local fallback.
   const size_t n_workers = links_.size();
@@ -415,6 +415,7 @@ absl::Status ClusterExpertBackend::FinishCall(Call* s) {
   } leave{this, s};
   if (!s->dispatched.ok()) return Fail(s->dispatched);
   WaitRound(s);
+  NotePace(*s);
 
   // Failed requests: retried on replicas (once) when the worker is unreachable.
   auto collect = [&](size_t from, std::vector<absl::Status>* hard, std::vector<size_t>* soft) {
@@ -470,6 +471,50 @@ absl::Status ClusterExpertBackend::FinishCall(Call* s) {
   }
   Combine(&partials, s->routes.n_rows, s->routes.n_embd, s->out);
   return absl::OkStatus();
+}
+
+void ClusterExpertBackend::NotePace(const Call& s) {
+  constexpr double kWeight = 0.05;  // of the newest exchange: about the latest 20 count
+  if (pace_version_ != placement_version_) {
+    measured_pace_.clear();
+    pace_version_ = placement_version_;
+  }
+  measured_pace_.resize(links_.size());
+  for (const auto& bucket : s.buckets) {
+    const RoundTripSample& sample = bucket->job.sample;
+    if (bucket->holder < 0 || bucket->rows.empty() || !bucket->job.status.ok() ||
+        sample.rows <= 0 || sample.round_trip_micros == 0) {
+      continue;  // local, failed, or a link that does not time its exchanges
+    }
+    MeasuredPace& m = measured_pace_[static_cast<size_t>(bucket->holder)];
+    const double per_row =
+        static_cast<double>(sample.compute_micros) / static_cast<double>(sample.rows);
+    const double link = static_cast<double>(sample.round_trip_micros) -
+                        std::min<double>(sample.compute_micros, sample.round_trip_micros);
+    const double w = m.samples == 0 ? 1.0 : kWeight;
+    m.pace.micros_per_row += w * (per_row - m.pace.micros_per_row);
+    m.pace.round_trip_micros += w * (link - m.pace.round_trip_micros);
+    ++m.samples;
+  }
+}
+
+const std::vector<ExpertPlacement::HolderPace>* ClusterExpertBackend::HolderPaces() {
+  if (pace_version_ != placement_version_) return nullptr;  // none measured since the change
+  std::vector<double> per_row, link;
+  for (const MeasuredPace& m : measured_pace_) {
+    if (m.samples == 0) continue;
+    per_row.push_back(m.pace.micros_per_row);
+    link.push_back(m.pace.round_trip_micros);
+  }
+  if (per_row.empty()) return nullptr;
+  std::sort(per_row.begin(), per_row.end());
+  std::sort(link.begin(), link.end());
+  const ExpertPlacement::HolderPace median = {per_row[per_row.size() / 2], link[link.size() / 2]};
+  holder_paces_.assign(links_.size(), median);
+  for (size_t w = 0; w < measured_pace_.size() && w < holder_paces_.size(); ++w) {
+    if (measured_pace_[w].samples > 0) holder_paces_[w] = measured_pace_[w].pace;
+  }
+  return &holder_paces_;
 }
 
 }  // namespace moepool

@@ -195,9 +195,16 @@ bool ExpertPlacement::local(int layer, int expert) const {
 
 absl::Status ExpertPlacement::ChooseHolders(int layer, const std::vector<int64_t>& rows_per_expert,
                                             const std::function<bool(int)>& is_up,
-                                            uint64_t rotation, std::vector<int>* holder_of) const {
+                                            uint64_t rotation, std::vector<int>* holder_of,
+                                            const std::vector<HolderPace>* pace) const {
   holder_of->assign(static_cast<size_t>(n_expert_), kNone);
   std::vector<int64_t> assigned(names_.size(), 0);
+  // When worker w would be done with its rows so far plus `rows`.
+  auto done_at = [&](int w, int64_t rows) {
+    const size_t i = static_cast<size_t>(w);
+    const HolderPace p = pace != nullptr && i < pace->size() ? (*pace)[i] : HolderPace{};
+    return p.round_trip_micros + static_cast<double>(assigned[i] + rows) * p.micros_per_row;
+  };
   for (int e = 0; e < n_expert_; ++e) {
     const int64_t rows = rows_per_expert[static_cast<size_t>(e)];
     if (rows == 0) continue;
@@ -207,12 +214,15 @@ absl::Status ExpertPlacement::ChooseHolders(int layer, const std::vector<int64_t
       continue;
     }
     int best = kNone;
+    double best_done = 0;
     const size_t n = h.size();
     for (size_t i = 0; i < n; ++i) {
       const int w = h[(rotation + i) % n];
       if (!is_up(w)) continue;
-      if (best == kNone || assigned[static_cast<size_t>(w)] < assigned[static_cast<size_t>(best)]) {
+      const double done = n == 1 ? 0 : done_at(w, rows);
+      if (best == kNone || done < best_done) {
         best = w;
+        best_done = done;
       }
     }
     if (best == kNone && local_fallback_) {

@@ -85,15 +85,22 @@ class ExpertPlacement {
 
   // Picks one holder for each expert of `layer` that has rows (rows_per_expert[e] > 0):
   // this process if it holds the expert, otherwise among the workers for which is_up(i) is
-  // true, the one with the fewest rows assigned so far in this call; ties go to the first
-  // holder at or after position `rotation` (mod the number of holders), so repeated steps
-  // spread evenly over replicas. holder_of[e] = the chosen holder (kLocal or a worker index),
-  // or kNone for experts without rows. If no holder is up (or there is none): kFallback with
-  // local fallback, else UNAVAILABLE naming the expert and its (down) holders.
+  // true, the one that will answer first: the least round_trip_micros + (rows assigned so far
+  // in this call + the expert's rows) x micros_per_row, by `pace` (indexed by worker; null or
+  // missing entries: 1 us per row and no round trip, i.e. the fewest rows assigned so far);
+  // ties go to the first holder at or after position `rotation` (mod the number of holders),
+  // so repeated steps spread evenly over replicas. holder_of[e] = the chosen holder (kLocal or
+  // a worker index), or kNone for experts without rows. If no holder is up (or there is none):
+  // kFallback with local fallback, else UNAVAILABLE naming the expert and its (down) holders.
   static constexpr int kNone = -2;
+  struct HolderPace {
+    double micros_per_row = 1;
+    double round_trip_micros = 0;  // the link's part of an exchange (without the compute)
+  };
   absl::Status ChooseHolders(int layer, const std::vector<int64_t>& rows_per_expert,
                              const std::function<bool(int)>& is_up, uint64_t rotation,
-                             std::vector<int>* holder_of) const;
+                             std::vector<int>* holder_of,
+                             const std::vector<HolderPace>* pace = nullptr) const;
 
  private:
   int64_t n_layer_ = 0;

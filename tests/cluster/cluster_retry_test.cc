@@ -98,6 +98,37 @@ TEST(InProcessClusterTest, BitIdenticalToLocalAndPipelinedMicroBatchesUseEveryLa
   EXPECT_EQ((*backend)->Stats().failed_steps, 0u);
 }
 
+// Two workers holding every expert, one 8x slower per row (as its exchanges report): once the
+// backend has measured them, the fast one takes most rows of each step; the bits stay the
+// single-process ones, and with equal paces the rows split evenly again.
+TEST(InProcessClusterTest, ReplicaRowsGoToTheWorkerThatAnswersFirst) {
+  InProcessCluster c(SmallModel("Q8_0"), {{0, 7}, {0, 7}});
+  auto backend = ClusterExpertBackend::Create(SmallModel("Q8_0"), c.Options());
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const std::vector<float> want = LocalLogits(c);
+  auto cluster = c.LoadEngine(backend->get());
+  auto rows_of = [&](size_t w) { return (*backend)->Stats().workers[w].rows; };
+  c.registry().SetPace(c.address(0), 10, 100);
+  c.registry().SetPace(c.address(1), 80, 100);
+  for (const bool pipelined : {false, true}) {
+    (*backend)->ResetStats();
+    auto got = RunThree(*cluster, pipelined);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectBitIdentical(want, *got);
+    EXPECT_GT(rows_of(0), 3 * rows_of(1)) << pipelined;
+  }
+  c.registry().SetPace(c.address(1), 10, 100);
+  for (int run = 0; run < 12; ++run) {  // the moving average forgets the slow pace
+    ASSERT_TRUE(RunThree(*cluster, false).ok());
+  }
+  (*backend)->ResetStats();
+  auto even = RunThree(*cluster, false);
+  ASSERT_TRUE(even.ok()) << even.status();
+  ExpectBitIdentical(want, *even);
+  EXPECT_LT(rows_of(0), 2 * rows_of(1));
+  EXPECT_LT(rows_of(1), 2 * rows_of(0));
+}
+
 // Workers 0-3, 4-7 and a replica of everything; one of them goes down after a first run. The
 // next runs still complete with the local bits: its rows go to the replicas within the step.
 class DownReplicaTest : public ::testing::TestWithParam<int> {};

@@ -140,6 +140,7 @@ class InProcessLink final : public WorkerLink {
 absl::Status InProcessLink::Run(LinkJob* job) {
   worker::WorkerCore* core = nullptr;
   bool stalled = false;
+  double compute_per_row = 0, link_micros = 0;
   {
     std::lock_guard<std::mutex> lock(registry_->mu_);
     InProcessWorkers::Worker& w = registry_->workers_.at(address_);
@@ -150,6 +151,8 @@ absl::Status InProcessLink::Run(LinkJob* job) {
     }
     core = w.core;
     stalled = w.stalled;
+    compute_per_row = w.compute_micros_per_row;
+    link_micros = w.link_micros;
     if (w.jobs.size() <= index_) w.jobs.resize(index_ + 1, 0);
     ++w.jobs[index_];
   }
@@ -193,7 +196,10 @@ absl::Status InProcessLink::Run(LinkJob* job) {
   wire::EncodeRows(job->dtype, y.data(), n * d, &bytes);
   job->partial.resize(static_cast<size_t>(n * d));
   RETURN_IF_ERROR(wire::DecodeRows(job->dtype, bytes, n * d, job->partial.data()));
-  job->sample = RoundTripSample{job->layer, n, 0, 0, 0, 0};
+  const auto compute = static_cast<uint64_t>(compute_per_row * static_cast<double>(n));
+  const uint64_t round_trip =
+      compute_per_row > 0 ? compute + static_cast<uint64_t>(link_micros) : 0;
+  job->sample = RoundTripSample{job->layer, n, round_trip, compute, 0, 0};
   return absl::OkStatus();
 }
 
@@ -210,6 +216,14 @@ void InProcessWorkers::SetDown(const std::string& address, bool down) {
 void InProcessWorkers::SetStalled(const std::string& address, bool stalled) {
   std::lock_guard<std::mutex> lock(mu_);
   workers_.at(address).stalled = stalled;
+}
+
+void InProcessWorkers::SetPace(const std::string& address, double compute_micros_per_row,
+                               double link_micros) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Worker& w = workers_.at(address);
+  w.compute_micros_per_row = compute_micros_per_row;
+  w.link_micros = link_micros;
 }
 
 std::vector<int> InProcessWorkers::JobsPerLink(const std::string& address) const {

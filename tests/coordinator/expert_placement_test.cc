@@ -128,6 +128,45 @@ TEST(ExpertPlacementTest, ReplicasShareTheLoad) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("a:1, b:2"));
 }
 
+// With measured paces, a replicated expert's rows go to the holder that will answer first: a
+// worker 4x slower per row gets rows only once the fast one would be done later; a long round
+// trip counts once per exchange.
+TEST(ExpertPlacementTest, ReplicaRowsGoToTheHolderThatAnswersFirst) {
+  auto p = ExpertPlacement::Build(1, 8, {"fast:1", "slow:2"},
+                                  {PairsForExperts(1, 0, 7), PairsForExperts(1, 0, 7)}, {});
+  ASSERT_TRUE(p.ok()) << p.status();
+  auto all_up = [](int) { return true; };
+  std::vector<ExpertPlacement::HolderPace> pace = {{10, 0}, {40, 0}};
+  std::vector<int64_t> rows(8, 10);  // 8 experts of 10 rows each
+  std::vector<int> holder;
+  int64_t slow_rows = 0;
+  for (uint64_t rotation = 0; rotation < 2; ++rotation) {  // either holder first in ties
+    ASSERT_TRUE(p->ChooseHolders(0, rows, all_up, rotation, &holder, &pace).ok());
+    slow_rows = 0;
+    for (int e = 0; e < 8; ++e) slow_rows += holder[static_cast<size_t>(e)] == 1 ? 10 : 0;
+    // Fast: 7 experts, done at 700 us; slow: 1, done at 400 us (a second would end at 800).
+    EXPECT_EQ(slow_rows, 10) << rotation;
+  }
+  // Without paces: the fewest rows so far, so an even split.
+  ASSERT_TRUE(p->ChooseHolders(0, rows, all_up, 0, &holder).ok());
+  slow_rows = 0;
+  for (int e = 0; e < 8; ++e) slow_rows += holder[static_cast<size_t>(e)] == 1 ? 10 : 0;
+  EXPECT_EQ(slow_rows, 40);
+  // Equal per-row times, one far link: the near worker takes rows until the far one's round trip
+  // is worth paying.
+  pace = {{10, 0}, {10, 250}};
+  ASSERT_TRUE(p->ChooseHolders(0, rows, all_up, 1, &holder, &pace).ok());
+  int64_t far_rows = 0;
+  for (int e = 0; e < 8; ++e) far_rows += holder[static_cast<size_t>(e)] == 1 ? 10 : 0;
+  EXPECT_EQ(far_rows, 30);  // near: 50 rows = 500 us; far: 250 + 30 x 10 = 550 us
+  // A single holder is chosen whatever its pace; a down replica still is skipped.
+  pace = {{1e9, 1e9}, {1, 0}};
+  ASSERT_TRUE(p->ChooseHolders(
+                   0, rows, [](int w) { return w == 0; }, 0, &holder, &pace)
+                  .ok());
+  EXPECT_EQ(holder[3], 0);
+}
+
 class ValidateWorkerTest : public ::testing::Test {
  protected:
   void SetUp() override {
