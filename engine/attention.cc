@@ -46,6 +46,12 @@ void AttendKvHeadScalar(const float* q, int group, int64_t hd, const KvHeadView&
 
 void AttendKvHead(const float* q, int group, int64_t head_dim, const KvHeadView& kv, float scale,
                   float* out, float* scratch) {
+#if defined(MOEPOOL_HAVE_VNNI_KERNELS)
+  if (UseAvx512Kernels() && head_dim % 8 == 0) {
+    AttendKvHeadAvx512(q, group, head_dim, kv, scale, out, scratch);
+    return;
+  }
+#endif
 #if defined(MOEPOOL_HAVE_AVX2_KERNELS)
   if (UseAvx2Kernels() && head_dim % 8 == 0) {
     AttendKvHeadAvx2(q, group, head_dim, kv, scale, out, scratch);

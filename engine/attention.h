@@ -1,6 +1,7 @@
 // Causal attention of the query heads that share one KV head, over a half-precision KV cache.
-// Device-neutral front: AttendKvHead dispatches to the AVX2 kernel (attention_avx2.cc) where the
-// CPU has it, else to the scalar reference (attention.cc). Each call's result depends only on its
+// Device-neutral front: AttendKvHead dispatches to the AVX-512 kernel (attention_avx512.cc) with
+// the avx512-vnni kernels selected, to the AVX2 kernel (attention_avx2.cc, the same bits) with
+// avx2, else to the scalar reference (attention.cc). Each call's result depends only on its
 // inputs, so a row's attention is independent of the batch it is part of. Positions are visited
 // in ascending order whatever the block layout, so paged and contiguous caches holding the same
 // values give bit-identical results.
@@ -45,6 +46,9 @@ void AttendKvHeadScalar(const float* q, int group, int64_t head_dim, const KvHea
                         float scale, float* out, float* scratch);
 void AttendKvHeadAvx2(const float* q, int group, int64_t head_dim, const KvHeadView& kv,
                       float scale, float* out, float* scratch);
+// The AVX2 kernel at 512 bits with the same bits (callable only where UseAvx512Kernels()).
+void AttendKvHeadAvx512(const float* q, int group, int64_t head_dim, const KvHeadView& kv,
+                        float scale, float* out, float* scratch);
 
 }  // namespace moepool
 

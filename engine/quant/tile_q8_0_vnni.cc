@@ -2,11 +2,12 @@
 // activation rows per inner loop (see tile_k_vnni.cc for the k-quants). Compiled with the VNNI
 // flags (engine/CMakeLists.txt, *_vnni.cc).
 //
-// vpdpbusd multiplies unsigned by signed bytes, so the activations are biased once per call into
-// `scratch` (a + 128, unsigned) and the weights stay signed: sum((a + 128) w) = sum(a w) +
-// 128 sum(w), and 128 sum(w) per row and block is subtracted again (exact integers). Per 16
-// weight rows and block the scratch holds the 8 vectors of quants (vector k, lane r = bytes
-// 4k .. 4k + 3 of row r), the half scales as floats and the correction. The floats then follow
+// vpdpbusd multiplies unsigned by signed bytes, so the weights are packed unsigned (w + 128, an
+// exclusive or with 0x80 while repacking) and the activations stay signed, read straight from
+// their Q8_0 blocks: sum((w + 128) a) = sum(w a) + 128 sum(a), and 128 sum(a) per activation row
+// and block (computed once per call, exact integers) starts each block's accumulator negated.
+// Per 16 weight rows and block the scratch holds the 8 vectors of quants (vector k, lane r =
+// bytes 4k .. 4k + 3 of row r) and the half scales as floats. The floats then follow
 // block_numerics.h: eight lane accumulators by block index mod 8, summed in the fixed tree.
 #include <immintrin.h>
 
@@ -29,20 +30,20 @@ using tile::Transpose16x16;
 
 constexpr int kWords = kQK8_0 / 4;  // 4-byte groups per block
 
-// Activation rows biased per pass: bounds the scratch (256 rows of 4096 elements: 1.1 MiB).
-constexpr int64_t kMaxBiasedRows = 256;
+// Activation rows per pass: bounds the per-call sums and scales (4096 rows of 4096 elements:
+// 4 MiB); each pass packs the weight rows again.
+constexpr int64_t kMaxActivationRows = 4096;
 
-// One repacked block of 16 rows.
+// One repacked block of 16 rows: quants as unsigned bytes (w + 128).
 struct alignas(64) PackedBlock {
   __m512i quants[kWords];
   __m512 d;
-  __m512i correction;  // 128 * sum of the row's quants
 };
 
-// The activation rows, biased to unsigned bytes, and their scales as floats.
-struct BiasedActivations {
-  uint8_t* quants;  // [n_act x nb x 32]
-  float* d;         // [n_act x nb]
+// Per activation row and block: -128 * the sum of its quants, and its scale as a float.
+struct ActivationSums {
+  int32_t* neg_sum;  // [n_act x nb]
+  float* d;          // [n_act x nb]
 };
 
 size_t PackedBytes(int64_t nb) { return static_cast<size_t>(nb) * sizeof(PackedBlock); }
@@ -51,6 +52,7 @@ size_t PackedBytes(int64_t nb) { return static_cast<size_t>(nb) * sizeof(PackedB
 void PackRows(int64_t nb, const uint8_t* w, size_t w_stride, int rows, PackedBlock* packed) {
   alignas(64) uint8_t u[kTileRows][2 * kQK8_0] = {};
   alignas(64) float d[kTileRows] = {};
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t b = 0; b < nb; b += 2) {
     const int blocks = b + 1 < nb ? 2 : 1;
     for (int h = 0; h < blocks; ++h) {
@@ -62,29 +64,26 @@ void PackRows(int64_t nb, const uint8_t* w, size_t w_stride, int rows, PackedBlo
       packed[b + h].d = _mm512_load_ps(d);
     }
     __m512i v[16];
-    for (int r = 0; r < 16; ++r) v[r] = _mm512_load_si512(u[r]);
+    for (int r = 0; r < 16; ++r) v[r] = _mm512_xor_si512(_mm512_load_si512(u[r]), bias);
     Transpose16x16(v);
-    const __m512i ones = _mm512_set1_epi8(1);
     for (int h = 0; h < blocks; ++h) {
-      __m512i sum = _mm512_setzero_si512();
-      for (int k = 0; k < kWords; ++k) {
-        packed[b + h].quants[k] = v[kWords * h + k];
-        sum = _mm512_dpbusd_epi32(sum, ones, v[kWords * h + k]);
-      }
-      packed[b + h].correction = _mm512_slli_epi32(sum, 7);
+      for (int k = 0; k < kWords; ++k) packed[b + h].quants[k] = v[kWords * h + k];
     }
   }
 }
 
-void BiasActivations(int64_t nb, const uint8_t* a, size_t a_stride, int64_t n_act,
-                     BiasedActivations out) {
-  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+void SumActivations(int64_t nb, const uint8_t* a, size_t a_stride, int64_t n_act,
+                    ActivationSums out) {
+  const __m256i ones = _mm256_set1_epi8(1);
   for (int64_t t = 0; t < n_act; ++t) {
     const auto* y = reinterpret_cast<const BlockQ8_0*>(a + t * a_stride);
-    uint8_t* q = out.quants + t * nb * kQK8_0;
     for (int64_t b = 0; b < nb; ++b) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQK8_0), _mm256_xor_si256(v, bias));
+      const __m256i s8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, v);
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+      out.neg_sum[t * nb + b] = -128 * _mm_cvtsi128_si32(s);
       out.d[t * nb + b] = Fp16ToFp32(y[b].d);
     }
   }
@@ -96,15 +95,20 @@ inline __attribute__((always_inline)) __m512i Broadcast32(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// kCols activation rows (starting at row t of `acts`) against the packed rows.
+// kCols activation rows (starting at row t) against the packed rows.
 template <int kCols>
-void TileColumns(int64_t nb, const PackedBlock* packed, const BiasedActivations& acts, int64_t t,
-                 __mmask16 rows, float* out, int64_t out_stride) {
+void TileColumns(int64_t nb, const PackedBlock* packed, const uint8_t* a, size_t a_stride,
+                 const ActivationSums& sums, int64_t t, __mmask16 rows, float* out,
+                 int64_t out_stride) {
   __m512 lanes[kCols][kQ8_0Lanes];
   MOEPOOL_TILE_UNROLL
   for (int c = 0; c < kCols; ++c) {
     for (int k = 0; k < kQ8_0Lanes; ++k) lanes[c][k] = _mm512_setzero_ps();
   }
+  const BlockQ8_0* act[kCols];
+  MOEPOOL_TILE_UNROLL
+  for (int c = 0; c < kCols; ++c)
+    act[c] = reinterpret_cast<const BlockQ8_0*>(a + (t + c) * a_stride);
   for (int64_t b = 0; b < nb; ++b) {
     const PackedBlock& pb = packed[b];
     __m512i q[kWords];
@@ -112,14 +116,14 @@ void TileColumns(int64_t nb, const PackedBlock* packed, const BiasedActivations&
     for (int k = 0; k < kWords; ++k) q[k] = _mm512_load_si512(&pb.quants[k]);
     MOEPOOL_TILE_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const uint8_t* a = acts.quants + ((t + c) * nb + b) * kQK8_0;
-      __m512i dot = _mm512_setzero_si512();
+      const uint8_t* qs = reinterpret_cast<const uint8_t*>(act[c][b].qs);
+      __m512i dot = _mm512_set1_epi32(sums.neg_sum[(t + c) * nb + b]);
       MOEPOOL_TILE_UNROLL
-      for (int k = 0; k < kWords; ++k) dot = _mm512_dpbusd_epi32(dot, Broadcast32(a + 4 * k), q[k]);
-      const __m512 sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot, pb.correction));
-      const __m512 scale = _mm512_mul_ps(pb.d, _mm512_set1_ps(acts.d[(t + c) * nb + b]));
+      for (int k = 0; k < kWords; ++k)
+        dot = _mm512_dpbusd_epi32(dot, q[k], Broadcast32(qs + 4 * k));
+      const __m512 scale = _mm512_mul_ps(pb.d, _mm512_set1_ps(sums.d[(t + c) * nb + b]));
       __m512& lane = lanes[c][b % kQ8_0Lanes];
-      lane = _mm512_fmadd_ps(scale, sums, lane);
+      lane = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), lane);
     }
   }
   MOEPOOL_TILE_UNROLL
@@ -136,8 +140,8 @@ void TileColumns(int64_t nb, const PackedBlock* packed, const BiasedActivations&
 
 size_t TileScratchBytesQ8_0(int64_t n, int64_t n_act) {
   const int64_t nb = n / kQK8_0;
-  const int64_t biased = std::min<int64_t>(n_act, kMaxBiasedRows);
-  return PackedBytes(nb) + static_cast<size_t>(biased * nb) * (kQK8_0 + sizeof(float));
+  const int64_t m = std::min<int64_t>(n_act, kMaxActivationRows);
+  return PackedBytes(nb) + static_cast<size_t>(m * nb) * (sizeof(int32_t) + sizeof(float));
 }
 
 void TileQ8_0Vnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a,
@@ -145,13 +149,13 @@ void TileQ8_0Vnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, co
   const int64_t nb = n / kQK8_0;
   auto* packed = static_cast<PackedBlock*>(scratch);
   uint8_t* after = static_cast<uint8_t*>(scratch) + PackedBytes(nb);
-  const int64_t chunk = std::min<int64_t>(n_act, kMaxBiasedRows);
-  const BiasedActivations acts{after, reinterpret_cast<float*>(after + chunk * nb * kQK8_0)};
-  // At most kMaxBiasedRows activation rows are biased at a time (the scratch stays bounded for
-  // long prompts); the weight rows are packed again for each such chunk.
-  for (int64_t t0 = 0; t0 < n_act; t0 += kMaxBiasedRows) {
-    const int64_t m = std::min<int64_t>(kMaxBiasedRows, n_act - t0);
-    BiasActivations(nb, a + t0 * a_stride, a_stride, m, acts);
+  const int64_t chunk = std::min<int64_t>(n_act, kMaxActivationRows);
+  const ActivationSums sums{reinterpret_cast<int32_t*>(after),
+                            reinterpret_cast<float*>(after + chunk * nb * sizeof(int32_t))};
+  for (int64_t t0 = 0; t0 < n_act; t0 += kMaxActivationRows) {
+    const int64_t m = std::min<int64_t>(kMaxActivationRows, n_act - t0);
+    const uint8_t* a_chunk = a + t0 * a_stride;
+    SumActivations(nb, a_chunk, a_stride, m, sums);
     float* out_chunk = out + t0 * out_stride;
     for (int64_t r = 0; r < rows; r += kTileRows) {
       const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
@@ -161,7 +165,8 @@ void TileQ8_0Vnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, co
       const char* next = reinterpret_cast<const char*>(wr + tile_rows * w_stride);
       ForEachColumnGroup(m, [&]<int kCols>(int64_t t, int64_t group, int64_t n_groups) {
         PrefetchPart(next, kTileRows * w_stride, group, n_groups);
-        TileColumns<kCols>(nb, packed, acts, t, mask, out_chunk + r + t * out_stride, out_stride);
+        TileColumns<kCols>(nb, packed, a_chunk, a_stride, sums, t, mask,
+                           out_chunk + r + t * out_stride, out_stride);
       });
     }
   }

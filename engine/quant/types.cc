@@ -214,6 +214,7 @@ bool CpuHasAvx512Vnni() {
 const char* KernelIsaName() { return kIsaNames[SelectedIsa()]; }
 
 bool UseAvx2Kernels() { return SelectedIsa() >= static_cast<int>(Isa::kAvx2); }
+bool UseAvx512Kernels() { return SelectedIsa() >= static_cast<int>(Isa::kVnni); }
 
 absl::Status SetCpuKernels(std::string_view name) {
   absl::StatusOr<Isa> isa = ParseIsa(name);

@@ -180,6 +180,8 @@ bool CpuHasAvx512Vnni();
 const char* KernelIsaName();
 // True while the selected kernels include the AVX2 ones (avx2 or avx512-vnni).
 bool UseAvx2Kernels();
+// True while the avx512-vnni kernels are selected.
+bool UseAvx512Kernels();
 // Selects the kernels by name (as $MOEPOOL_CPU_KERNELS); InvalidArgument for an unknown name or
 // one this CPU cannot run. Thread-safe, but traits handed out before keep their kernels: call it
 // before loading a model.

@@ -144,12 +144,12 @@ TEST_P(TileTest, EveryOutputBitIdenticalToScalarDot) {
   }
 }
 
-// Long prompts: more activation rows than a tile prepares at once (Q8_0 biases at most 256 per
+// Long prompts: more activation rows than a tile prepares at once (Q8_0 sums at most 4096 per
 // pass) still give every output its scalar bits.
 TEST_P(TileTest, ManyActivationRowsMatchScalarDot) {
   const TypeTraits& t = GetTypeTraits(GetParam());
   std::mt19937 rng(5);
-  constexpr int64_t kN = 256, kRows = 19, kActs = 530;
+  constexpr int64_t kN = 256, kRows = 19, kActs = 4100;
   const std::vector<uint8_t> w = MakeWeights(t.type, kRows, kN, Fill::kQuantized, &rng);
   const std::vector<uint8_t> a = MakeActivations(t.vec_dot_type, kActs, kN, Fill::kExtreme, &rng);
   const size_t w_bytes = RowBytes(t.type, kN), a_bytes = RowBytes(t.vec_dot_type, kN);
