@@ -4,6 +4,7 @@
 #include <memory>
 #include <new>
 
+#include "engine/quant/fp16.h"
 #include "engine/quant/kernels.h"
 
 namespace moepool {
@@ -22,8 +23,20 @@ void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols
   const TypeTraits& at = GetTypeTraits(out->type);
   out->row_bytes = RowBytes(out->type, cols);
   out->bytes.resize(out->row_bytes * static_cast<size_t>(n));
+  // Block sums for the Q8_0 tiles, computed once here rather than by every task of every matmul.
+  const bool sums = out->type == TensorType::kQ8_0 && wt.tile != nullptr;
+  const int64_t nb = cols / kQK8_0;
+  out->block_sums.resize(sums ? static_cast<size_t>(n * nb) : 0);
   auto convert = [&](int64_t t) {
-    at.quantize(x + t * cols, out->bytes.data() + t * out->row_bytes, cols);
+    uint8_t* row = out->bytes.data() + t * out->row_bytes;
+    at.quantize(x + t * cols, row, cols);
+    if (!sums) return;
+    const auto* blocks = reinterpret_cast<const BlockQ8_0*>(row);
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t s = 0;
+      for (const int8_t q : blocks[b].qs) s += q;
+      out->block_sums[static_cast<size_t>(t * nb + b)] = {-128 * s, Fp16ToFp32(blocks[b].d)};
+    }
   };
   if (n >= 4 && pool != nullptr) {
     pool->ParallelFor(n, convert);
@@ -62,7 +75,7 @@ void TileRowRange(const TypeTraits& traits, const WeightMatrix& w, const RowsVie
                   int64_t r1, float* y, int64_t y_stride) {
   void* scratch = TileScratch(traits.tile_scratch_bytes(w.cols, x.n));
   traits.tile(w.cols, w.Row(r0), w.row_bytes, r1 - r0, x.data, x.row_bytes, x.n, y + r0, y_stride,
-              scratch);
+              scratch, x.block_sums);
 }
 
 }  // namespace

@@ -23,6 +23,9 @@ struct RowsView {
   const uint8_t* data = nullptr;
   size_t row_bytes = 0;
   int64_t n = 0;
+  // Q8_0 rows: each block's Q8_0BlockSum, [n x blocks per row] (ConvertRows; the Q8_0 matmul
+  // tiles read them), or null.
+  const Q8_0BlockSum* block_sums = nullptr;
   const void* Row(int64_t t) const { return data + static_cast<size_t>(t) * row_bytes; }
 };
 
@@ -35,6 +38,8 @@ struct ConvertedRows {
   size_t row_bytes = 0;
   std::vector<uint8_t> bytes;  // [n x row_bytes]; unused when type == kF32 (see f32)
   const float* f32 = nullptr;  // F32 rows point at the caller's data
+  // Q8_0 rows for a weight type with tiles: each block's Q8_0BlockSum, [n x cols / 32].
+  std::vector<Q8_0BlockSum> block_sums;
 
   const void* Row(int64_t t) const {
     return type == TensorType::kF32 ? static_cast<const void*>(f32 + t * cols)
@@ -45,7 +50,9 @@ struct ConvertedRows {
 };
 
 inline RowsView ConvertedRows::Slice(int64_t t0, int64_t count) const {
-  return {type, static_cast<const uint8_t*>(Row(t0)), row_bytes, count};
+  const Q8_0BlockSum* sums =
+      block_sums.empty() ? nullptr : block_sums.data() + t0 * (cols / kQK8_0);
+  return {type, static_cast<const uint8_t*>(Row(t0)), row_bytes, count, sums};
 }
 
 // Converts x [n x cols] for dot products with weights of type `weight_type`. `x` must outlive

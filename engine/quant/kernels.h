@@ -13,6 +13,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "engine/quant/types.h"
+
 namespace moepool::kernels {
 
 #define MOEPOOL_FOR_EACH_STORED_TYPE(X) \
@@ -68,17 +70,20 @@ MOEPOOL_DECLARE_MULTI_DOT_TABLES(Q8_0)
 // (w_stride bytes apart) and t < n_act, each bit-identical to VecDot*Scalar (block_numerics.h).
 // Every kTileRows weight rows are repacked into `scratch` (TileScratchBytes*(n, n_act) bytes,
 // 64-byte aligned, owned by the caller) and swept by up to kMaxTileCols activation rows at a time.
+// `a_block_sums` (may be null): for Q8_0 activations, each 32-element block's Q8_0BlockSum
+// (types.h), [n_act x n / 32] (ConvertRows computes them once per matmul; without them the Q8_0
+// tile computes them per call); the k-quant tiles ignore it.
 inline constexpr int kTileRows = 16;
 inline constexpr int kMaxTileCols = 8;
 using TileKernel = void (*)(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows,
                             const uint8_t* a, size_t a_stride, int64_t n_act, float* out,
-                            int64_t out_stride, void* scratch);
+                            int64_t out_stride, void* scratch, const Q8_0BlockSum* a_block_sums);
 size_t TileScratchBytesK(int64_t n, int64_t n_act);
 size_t TileScratchBytesQ8_0(int64_t n, int64_t n_act);
 #define MOEPOOL_DECLARE_TILE(T)                                                                    \
   void Tile##T##Vnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a, \
                      size_t a_stride, int64_t n_act, float* out, int64_t out_stride,               \
-                     void* scratch);
+                     void* scratch, const Q8_0BlockSum* a_block_sums);
 MOEPOOL_DECLARE_TILE(Q4_K)
 MOEPOOL_DECLARE_TILE(Q5_K)
 MOEPOOL_DECLARE_TILE(Q6_K)

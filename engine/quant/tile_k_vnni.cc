@@ -48,18 +48,20 @@ inline __attribute__((always_inline)) __m256i Load256(const void* p) {
   return _mm256_loadu_si256(static_cast<const __m256i*>(p));
 }
 
-inline __attribute__((always_inline)) void Store256(uint8_t* p, __m256i v) {
-  _mm256_store_si256(reinterpret_cast<__m256i*>(p), v);
+// Stores lo then hi as one 64-byte vector (the transpose loads it whole: two 32-byte stores
+// would not forward to that load).
+inline __attribute__((always_inline)) void Store2x256(uint8_t* p, __m256i lo, __m256i hi) {
+  _mm512_store_si512(p, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
 }
 
-// Element values of one super-block of a row, in element order, into u[256] (32-byte aligned).
+// Element values of one super-block of a row, in element order, into u[256] (64-byte aligned).
 // Q4_K: qs[32j + l] holds element 64j + l (low nibble) and 64j + 32 + l (high nibble).
 void UnpackQ4_K(const BlockQ4_K& x, uint8_t* u) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int j = 0; j < 4; ++j) {
     const __m256i packed = Load256(x.qs + 32 * j);
-    Store256(u + 64 * j, _mm256_and_si256(packed, low4));
-    Store256(u + 64 * j + 32, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
+    Store2x256(u + 64 * j, _mm256_and_si256(packed, low4),
+               _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
   }
 }
 
@@ -73,9 +75,8 @@ void UnpackQ5_K(const BlockQ5_K& x, uint8_t* u) {
     const __m256i lo5 = _mm256_slli_epi16(_mm256_and_si256(high_bits, one), 4);
     const __m256i hi5 =
         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high_bits, 1), one), 4);
-    Store256(u + 64 * j, _mm256_or_si256(_mm256_and_si256(packed, low4), lo5));
-    Store256(u + 64 * j + 32,
-             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low4), hi5));
+    Store2x256(u + 64 * j, _mm256_or_si256(_mm256_and_si256(packed, low4), lo5),
+               _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low4), hi5));
     high_bits = _mm256_srli_epi16(high_bits, 2);
   }
 }
@@ -92,10 +93,13 @@ void UnpackQ6_K(const BlockQ6_K& x, uint8_t* u) {
     const __m256i low[4] = {_mm256_and_si256(ql0, low4), _mm256_and_si256(ql1, low4),
                             _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
                             _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4)};
+    __m256i value[4];
     for (int g = 0; g < 4; ++g) {
       const __m256i top = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), two);
-      Store256(u + 128 * h + 32 * g, _mm256_or_si256(low[g], _mm256_slli_epi16(top, 4)));
+      value[g] = _mm256_or_si256(low[g], _mm256_slli_epi16(top, 4));
     }
+    Store2x256(u + 128 * h, value[0], value[1]);
+    Store2x256(u + 128 * h + 64, value[2], value[3]);
   }
 }
 
@@ -134,9 +138,9 @@ void PackRow(const Block& x, int r, uint8_t* u, PackedBlock* out) {
       scales[16 * s + r] = scale;
       pairs[16 * s + r] = Int16Pair(min, min);
     }
-    reinterpret_cast<float*>(&out->dmin)[r] = Fp16ToFp32(x.dmin);
+    reinterpret_cast<float*>(&out->dmin)[r] = _cvtsh_ss(x.dmin);
   }
-  reinterpret_cast<float*>(&out->d)[r] = Fp16ToFp32(x.d);
+  reinterpret_cast<float*>(&out->d)[r] = _cvtsh_ss(x.d);
 }
 
 // Repacks `rows` (<= 16) rows of n elements; lanes of absent rows are zero. Each super-block's
@@ -264,17 +268,20 @@ size_t TileScratchBytesK(int64_t n, int64_t /*n_act*/) {
 }
 
 void TileQ4_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a,
-                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch) {
+                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch,
+                  const Q8_0BlockSum* /*a_block_sums*/) {
   Tile<BlockQ4_K, 8>(n, w, w_stride, rows, a, a_stride, n_act, out, out_stride, scratch);
 }
 
 void TileQ5_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a,
-                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch) {
+                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch,
+                  const Q8_0BlockSum* /*a_block_sums*/) {
   Tile<BlockQ5_K, 8>(n, w, w_stride, rows, a, a_stride, n_act, out, out_stride, scratch);
 }
 
 void TileQ6_KVnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a,
-                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch) {
+                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch,
+                  const Q8_0BlockSum* /*a_block_sums*/) {
   Tile<BlockQ6_K, 16>(n, w, w_stride, rows, a, a_stride, n_act, out, out_stride, scratch);
 }
 

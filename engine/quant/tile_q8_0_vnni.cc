@@ -5,9 +5,11 @@
 // vpdpbusd multiplies unsigned by signed bytes, so the weights are packed unsigned (w + 128, an
 // exclusive or with 0x80 while repacking) and the activations stay signed, read straight from
 // their Q8_0 blocks: sum((w + 128) a) = sum(w a) + 128 sum(a), and 128 sum(a) per activation row
-// and block (computed once per call, exact integers) starts each block's accumulator negated.
+// and block (exact integers: from ConvertRows, once per matmul, or computed here) starts each
+// block's accumulator negated.
 // Per 16 weight rows and block the scratch holds the 8 vectors of quants (vector k, lane r =
-// bytes 4k .. 4k + 3 of row r) and the half scales as floats. The floats then follow
+// bytes 4k .. 4k + 3 of row r) and the half scales as floats (the activations' scales are
+// converted as they are read). The floats then follow
 // block_numerics.h: eight lane accumulators by block index mod 8, summed in the fixed tree.
 #include <immintrin.h>
 
@@ -30,50 +32,47 @@ using tile::Transpose16x16;
 
 constexpr int kWords = kQK8_0 / 4;  // 4-byte groups per block
 
-// Activation rows per pass: bounds the per-call sums and scales (4096 rows of 4096 elements:
-// 4 MiB); each pass packs the weight rows again.
-constexpr int64_t kMaxActivationRows = 4096;
-
 // One repacked block of 16 rows: quants as unsigned bytes (w + 128).
 struct alignas(64) PackedBlock {
   __m512i quants[kWords];
   __m512 d;
 };
 
-// Per activation row and block: -128 * the sum of its quants, and its scale as a float.
-struct ActivationSums {
-  int32_t* neg_sum;  // [n_act x nb]
-  float* d;          // [n_act x nb]
-};
-
 size_t PackedBytes(int64_t nb) { return static_cast<size_t>(nb) * sizeof(PackedBlock); }
 
-// Repacks `rows` (<= 16) rows of nb blocks, two blocks (16 words) per transpose.
+// Repacks `rows` (<= 16) rows of nb blocks, two blocks (16 words) per transpose: each row's two
+// blocks of quants are loaded straight into one vector, the 16 rows' half scales converted at
+// once (rows past `rows` hold zeros; their outputs are never stored).
 void PackRows(int64_t nb, const uint8_t* w, size_t w_stride, int rows, PackedBlock* packed) {
-  alignas(64) uint8_t u[kTileRows][2 * kQK8_0] = {};
-  alignas(64) float d[kTileRows] = {};
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t b = 0; b < nb; b += 2) {
     const int blocks = b + 1 < nb ? 2 : 1;
-    for (int h = 0; h < blocks; ++h) {
-      for (int r = 0; r < rows; ++r) {
-        const auto& x = reinterpret_cast<const BlockQ8_0*>(w + r * w_stride)[b + h];
-        std::memcpy(u[r] + kQK8_0 * h, x.qs, kQK8_0);
-        d[r] = Fp16ToFp32(x.d);
-      }
-      packed[b + h].d = _mm512_load_ps(d);
-    }
+    alignas(32) uint16_t d[2][kTileRows] = {};
     __m512i v[16];
-    for (int r = 0; r < 16; ++r) v[r] = _mm512_xor_si512(_mm512_load_si512(u[r]), bias);
+    for (int r = 0; r < 16; ++r) {
+      if (r >= rows) {
+        v[r] = bias;
+        continue;
+      }
+      const auto* x = reinterpret_cast<const BlockQ8_0*>(w + r * w_stride) + b;
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[0].qs));
+      const __m256i hi = blocks == 2 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[1].qs))
+                                     : _mm256_setzero_si256();
+      v[r] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), bias);
+      d[0][r] = x[0].d;
+      if (blocks == 2) d[1][r] = x[1].d;
+    }
     Transpose16x16(v);
     for (int h = 0; h < blocks; ++h) {
+      packed[b + h].d = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(d[h])));
       for (int k = 0; k < kWords; ++k) packed[b + h].quants[k] = v[kWords * h + k];
     }
   }
 }
 
+// sums[t * nb + b] = activation row t's block b Q8_0BlockSum.
 void SumActivations(int64_t nb, const uint8_t* a, size_t a_stride, int64_t n_act,
-                    ActivationSums out) {
+                    Q8_0BlockSum* sums) {
   const __m256i ones = _mm256_set1_epi8(1);
   for (int64_t t = 0; t < n_act; ++t) {
     const auto* y = reinterpret_cast<const BlockQ8_0*>(a + t * a_stride);
@@ -83,8 +82,7 @@ void SumActivations(int64_t nb, const uint8_t* a, size_t a_stride, int64_t n_act
       __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
       s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
       s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-      out.neg_sum[t * nb + b] = -128 * _mm_cvtsi128_si32(s);
-      out.d[t * nb + b] = Fp16ToFp32(y[b].d);
+      sums[t * nb + b] = {-128 * _mm_cvtsi128_si32(s), Fp16ToFp32(y[b].d)};
     }
   }
 }
@@ -98,7 +96,7 @@ inline __attribute__((always_inline)) __m512i Broadcast32(const uint8_t* p) {
 // kCols activation rows (starting at row t) against the packed rows.
 template <int kCols>
 void TileColumns(int64_t nb, const PackedBlock* packed, const uint8_t* a, size_t a_stride,
-                 const ActivationSums& sums, int64_t t, __mmask16 rows, float* out,
+                 const Q8_0BlockSum* sums, int64_t t, __mmask16 rows, float* out,
                  int64_t out_stride) {
   __m512 lanes[kCols][kQ8_0Lanes];
   MOEPOOL_TILE_UNROLL
@@ -117,11 +115,12 @@ void TileColumns(int64_t nb, const PackedBlock* packed, const uint8_t* a, size_t
     MOEPOOL_TILE_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const uint8_t* qs = reinterpret_cast<const uint8_t*>(act[c][b].qs);
-      __m512i dot = _mm512_set1_epi32(sums.neg_sum[(t + c) * nb + b]);
+      const Q8_0BlockSum& sum = sums[(t + c) * nb + b];
+      __m512i dot = _mm512_set1_epi32(sum.minus_128_sum);
       MOEPOOL_TILE_UNROLL
       for (int k = 0; k < kWords; ++k)
         dot = _mm512_dpbusd_epi32(dot, q[k], Broadcast32(qs + 4 * k));
-      const __m512 scale = _mm512_mul_ps(pb.d, _mm512_set1_ps(sums.d[(t + c) * nb + b]));
+      const __m512 scale = _mm512_mul_ps(pb.d, _mm512_set1_ps(sum.d));
       __m512& lane = lanes[c][b % kQ8_0Lanes];
       lane = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), lane);
     }
@@ -140,35 +139,32 @@ void TileColumns(int64_t nb, const PackedBlock* packed, const uint8_t* a, size_t
 
 size_t TileScratchBytesQ8_0(int64_t n, int64_t n_act) {
   const int64_t nb = n / kQK8_0;
-  const int64_t m = std::min<int64_t>(n_act, kMaxActivationRows);
-  return PackedBytes(nb) + static_cast<size_t>(m * nb) * (sizeof(int32_t) + sizeof(float));
+  return PackedBytes(nb) + static_cast<size_t>(n_act * nb) * sizeof(Q8_0BlockSum);
 }
 
 void TileQ8_0Vnni(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows, const uint8_t* a,
-                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch) {
+                  size_t a_stride, int64_t n_act, float* out, int64_t out_stride, void* scratch,
+                  const Q8_0BlockSum* a_block_sums) {
   const int64_t nb = n / kQK8_0;
   auto* packed = static_cast<PackedBlock*>(scratch);
-  uint8_t* after = static_cast<uint8_t*>(scratch) + PackedBytes(nb);
-  const int64_t chunk = std::min<int64_t>(n_act, kMaxActivationRows);
-  const ActivationSums sums{reinterpret_cast<int32_t*>(after),
-                            reinterpret_cast<float*>(after + chunk * nb * sizeof(int32_t))};
-  for (int64_t t0 = 0; t0 < n_act; t0 += kMaxActivationRows) {
-    const int64_t m = std::min<int64_t>(kMaxActivationRows, n_act - t0);
-    const uint8_t* a_chunk = a + t0 * a_stride;
-    SumActivations(nb, a_chunk, a_stride, m, sums);
-    float* out_chunk = out + t0 * out_stride;
-    for (int64_t r = 0; r < rows; r += kTileRows) {
-      const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
-      const uint8_t* wr = w + r * w_stride;
-      PackRows(nb, wr, w_stride, tile_rows, packed);
-      const __mmask16 mask = static_cast<__mmask16>((1u << tile_rows) - 1);
-      const char* next = reinterpret_cast<const char*>(wr + tile_rows * w_stride);
-      ForEachColumnGroup(m, [&]<int kCols>(int64_t t, int64_t group, int64_t n_groups) {
-        PrefetchPart(next, kTileRows * w_stride, group, n_groups);
-        TileColumns<kCols>(nb, packed, a_chunk, a_stride, sums, t, mask,
-                           out_chunk + r + t * out_stride, out_stride);
-      });
-    }
+  const Q8_0BlockSum* sums = a_block_sums;
+  if (sums == nullptr) {
+    auto* computed =
+        reinterpret_cast<Q8_0BlockSum*>(static_cast<uint8_t*>(scratch) + PackedBytes(nb));
+    SumActivations(nb, a, a_stride, n_act, computed);
+    sums = computed;
+  }
+  for (int64_t r = 0; r < rows; r += kTileRows) {
+    const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
+    const uint8_t* wr = w + r * w_stride;
+    PackRows(nb, wr, w_stride, tile_rows, packed);
+    const __mmask16 mask = static_cast<__mmask16>((1u << tile_rows) - 1);
+    const char* next = reinterpret_cast<const char*>(wr + tile_rows * w_stride);
+    ForEachColumnGroup(n_act, [&]<int kCols>(int64_t t, int64_t group, int64_t n_groups) {
+      PrefetchPart(next, kTileRows * w_stride, group, n_groups);
+      TileColumns<kCols>(nb, packed, a, a_stride, sums, t, mask, out + r + t * out_stride,
+                         out_stride);
+    });
   }
 }
 

@@ -132,9 +132,15 @@ using VecDotFn = float (*)(int64_t n, const void* w, const void* a);
 // c dot products of one weight row with activation rows a + i * a_stride (i < c); each out[i] is
 // bit-identical to vec_dot of that row (so batching never changes a row's result).
 inline constexpr int kMultiDotCols = 8;
+// Per Q8_0 activation block, what the Q8_0 matmul tiles read (ConvertRows computes it once per
+// matmul, kernels.h): -128 times the sum of its quants, and its scale as a float.
+struct Q8_0BlockSum {
+  int32_t minus_128_sum;
+  float d;
+};
 using MatTileFn = void (*)(int64_t n, const uint8_t* w, size_t w_stride, int64_t rows,
                            const uint8_t* a, size_t a_stride, int64_t n_act, float* out,
-                           int64_t out_stride, void* scratch);
+                           int64_t out_stride, void* scratch, const Q8_0BlockSum* a_block_sums);
 using VecDotMultiFn = void (*)(int64_t n, const void* w, const void* a, size_t a_stride,
                                float* out);
 

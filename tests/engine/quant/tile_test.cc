@@ -109,6 +109,21 @@ class TileTest : public ::testing::TestWithParam<TensorType> {
   }
 };
 
+// Q8_0 activations: each 32-element block's Q8_0BlockSum, as ConvertRows gives the tiles; empty
+// for other types.
+std::vector<Q8_0BlockSum> BlockSums(TensorType type, const std::vector<uint8_t>& a, int64_t n_act,
+                                    int64_t n) {
+  std::vector<Q8_0BlockSum> sums;
+  if (type != TensorType::kQ8_0) return sums;
+  const auto* blocks = reinterpret_cast<const BlockQ8_0*>(a.data());
+  for (int64_t i = 0; i < n_act * (n / kQK8_0); ++i) {
+    int32_t s = 0;
+    for (const int8_t q : blocks[i].qs) s += q;
+    sums.push_back({-128 * s, Fp16ToFp32(blocks[i].d)});
+  }
+  return sums;
+}
+
 TEST_P(TileTest, EveryOutputBitIdenticalToScalarDot) {
   const TypeTraits& t = GetTypeTraits(GetParam());
   std::mt19937 rng(static_cast<uint32_t>(GetParam()) * 31);
@@ -121,11 +136,13 @@ TEST_P(TileTest, EveryOutputBitIdenticalToScalarDot) {
       const std::vector<uint8_t> a = MakeActivations(t.vec_dot_type, kActs, n, fill, &rng);
       const size_t w_bytes = RowBytes(t.type, n), a_bytes = RowBytes(t.vec_dot_type, n);
       Aligned scratch(t.tile_scratch_bytes(n, kActs));
-      // Every activation count 1..kActs, so every group width 1..8 occurs.
+      const std::vector<Q8_0BlockSum> sums = BlockSums(t.vec_dot_type, a, kActs, n);
+      // Every activation count 1..kActs, so every group width 1..8 occurs; the Q8_0 block sums
+      // given (even counts) or computed by the tile (odd ones).
       for (int64_t n_act = 1; n_act <= kActs; ++n_act) {
         std::vector<float> out(kActs * kRows, -1.0f);
         t.tile(n, w.data(), w_bytes, kRows, a.data(), a_bytes, n_act, out.data(), kRows,
-               scratch.data.get());
+               scratch.data.get(), n_act % 2 == 0 && !sums.empty() ? sums.data() : nullptr);
         for (int64_t i = 0; i < kActs; ++i) {
           for (int64_t r = 0; r < kRows; ++r) {
             const float got = out[i * kRows + r];
@@ -144,19 +161,19 @@ TEST_P(TileTest, EveryOutputBitIdenticalToScalarDot) {
   }
 }
 
-// Long prompts: more activation rows than a tile prepares at once (Q8_0 sums at most 4096 per
-// pass) still give every output its scalar bits.
+// Long prompts: hundreds of activation rows (the Q8_0 tile summing their blocks itself) still
+// give every output its scalar bits.
 TEST_P(TileTest, ManyActivationRowsMatchScalarDot) {
   const TypeTraits& t = GetTypeTraits(GetParam());
   std::mt19937 rng(5);
-  constexpr int64_t kN = 256, kRows = 19, kActs = 4100;
+  constexpr int64_t kN = 256, kRows = 19, kActs = 530;
   const std::vector<uint8_t> w = MakeWeights(t.type, kRows, kN, Fill::kQuantized, &rng);
   const std::vector<uint8_t> a = MakeActivations(t.vec_dot_type, kActs, kN, Fill::kExtreme, &rng);
   const size_t w_bytes = RowBytes(t.type, kN), a_bytes = RowBytes(t.vec_dot_type, kN);
   Aligned scratch(t.tile_scratch_bytes(kN, kActs));
   std::vector<float> out(kActs * kRows);
   t.tile(kN, w.data(), w_bytes, kRows, a.data(), a_bytes, kActs, out.data(), kRows,
-         scratch.data.get());
+         scratch.data.get(), nullptr);
   for (int64_t i = 0; i < kActs; ++i) {
     for (int64_t r = 0; r < kRows; ++r) {
       const float want = t.vec_dot_scalar(kN, w.data() + r * w_bytes, a.data() + i * a_bytes);
@@ -180,7 +197,8 @@ TEST_P(TileTest, MatMulRowRangeThroughTilesMatchesSingleRows) {
   w.row_bytes = RowBytes(t.type, kN);
   w.data = w_bytes.data();
   const size_t a_bytes = RowBytes(t.vec_dot_type, kN);
-  const RowsView x{t.vec_dot_type, a.data(), a_bytes, kActs};
+  const std::vector<Q8_0BlockSum> sums = BlockSums(t.vec_dot_type, a, kActs, kN);
+  const RowsView x{t.vec_dot_type, a.data(), a_bytes, kActs, sums.empty() ? nullptr : sums.data()};
   std::vector<float> y(kActs * kRows, 7.0f);
   MatMulRowRange(w, x, 3, 42, y.data(), kRows);
   for (int64_t i = 0; i < kActs; ++i) {
