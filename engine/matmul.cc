@@ -8,6 +8,13 @@
 #include "engine/quant/kernels.h"
 
 namespace moepool {
+namespace {
+
+// Fewest activation rows for which a tile's repacking of its weight rows pays (the tile kernels,
+// kernels.h).
+constexpr int64_t kTileMinActivationRows = 8;
+
+}  // namespace
 
 void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols,
                  ConvertedRows* out, ThreadPool* pool) {
@@ -23,8 +30,10 @@ void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols
   const TypeTraits& at = GetTypeTraits(out->type);
   out->row_bytes = RowBytes(out->type, cols);
   out->bytes.resize(out->row_bytes * static_cast<size_t>(n));
-  // Block sums for the Q8_0 tiles, computed once here rather than by every task of every matmul.
-  const bool sums = out->type == TensorType::kQ8_0 && wt.tile != nullptr;
+  // Block sums for the Q8_0 tiles, computed once here rather than by every task of every matmul
+  // (not for fewer rows than the tiles take: decode).
+  const bool sums =
+      out->type == TensorType::kQ8_0 && wt.tile != nullptr && n >= kTileMinActivationRows;
   const int64_t nb = cols / kQK8_0;
   out->block_sums.resize(sums ? static_cast<size_t>(n * nb) : 0);
   auto convert = [&](int64_t t) {
@@ -51,10 +60,6 @@ int64_t MatMulRowsPerTask(int64_t rows, int threads) {
 }
 
 namespace {
-
-// Fewest activation rows for which a tile's repacking of its weight rows pays (the tile kernels,
-// kernels.h).
-constexpr int64_t kTileMinActivationRows = 8;
 
 // Per-thread scratch for the tiles' repacked weight rows, 64-byte aligned.
 void* TileScratch(size_t bytes) {
