@@ -7,7 +7,7 @@ model per --model (python3 standard library only).
   bench/rebalance_bench.py --model mini-skew1.gguf --model mini-skew0.gguf
       [--binary build/cli/moepool] [--slowlink build/bench/moepool_slowlink] [--rounds 3]
       [--streams 1,16] [--decode 48] [--warmup-requests 24] [--min-gain 0.15]
-      [--replicas on|off] [--worker-threads 2,1] [--slow-worker]
+      [--replicas on|off] [--worker-threads 2,1] [--slow-worker] [--netns]
 
 Per round and model: a fresh cluster (workers with empty caches join: the coordinator's
 balanced assignment); warm-up chats fill the routing statistics; chats with other prompts and
@@ -18,6 +18,12 @@ worker exchanges (round trips) and rows sent per processed token (from /v1/clust
 to workers per processed token (rows out, f32), and the mean scheduler step time (/metrics).
 Prints one JSON object with medians over rounds and the after/before ratios, the plans'
 predictions and the CPU.
+
+--netns (root): the three-PC layout of bench/three_pc_bench.py instead of loopback aliases: the
+coordinator (and this script, re-run inside it) in namespace mp-coord, worker a in mp-w1 and b
+in mp-w2, each behind a veth pair; a worker's proxies listen on its veth address (10.77.N.2) and
+forward to the worker on its own loopback; workers join the coordinator at 10.77.N.1 with a
+cluster token (the control port is then off loopback).
 """
 import argparse
 import contextlib
@@ -30,6 +36,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -114,26 +121,35 @@ def one_round(a, model, tmp, log):
     try:
         http_port, control_port = free_port(), free_port()
         serve_log = os.path.join(tmp, "serve.log")
+        token = os.path.join(tmp, "cluster.token")  # made by serve, read by the workers
+        listen = "0.0.0.0" if a.netns else "127.0.0.1"
         serve = subprocess.Popen(
             [a.binary, "serve", "--model", model, "--listen", f"127.0.0.1:{http_port}",
-             "--cluster-listen", f"127.0.0.1:{control_port}", "--threads", "1", "--parallel",
-             "16", "--prefix-cache", "off", "--rebalance", "off", "--rebalance-min-gain",
-             str(a.min_gain), "--rebalance-replicas", a.replicas], stdout=open(serve_log, "w"), stderr=subprocess.STDOUT)
+             "--cluster-listen", f"{listen}:{control_port}", "--cluster-token-file", token,
+             "--threads", "1", "--parallel", "16", "--prefix-cache", "off", "--rebalance", "off",
+             "--rebalance-min-gain", str(a.min_gain), "--rebalance-replicas", a.replicas],
+            stdout=open(serve_log, "w"), stderr=subprocess.STDOUT)
         procs.append(serve)
         wait_for(serve_log, "serving on", serve)
         for i, name in enumerate(["a", "b"]):
-            alias = f"127.0.0.{i + 2}"
+            # Loopback: an alias address per worker. --netns: the worker's namespace and veth.
+            ns = ["ip", "netns", "exec", f"mp-w{i + 1}"] if a.netns else []
+            alias = f"10.77.{i + 1}.2" if a.netns else f"127.0.0.{i + 2}"
+            coordinator = f"10.77.{i + 1}.1" if a.netns else "127.0.0.1"
             grpc_port, data_port = free_port(), free_port()
             for port in (grpc_port, data_port):
                 procs.append(subprocess.Popen(
-                    [a.slowlink, "--listen", f"{alias}:{port}", "--target", f"127.0.0.1:{port}",
-                     "--delay-us", "100", "--rate-mbit", "1000"], stdout=log, stderr=log))
+                    ns + [a.slowlink, "--listen", f"{alias}:{port}", "--target",
+                          f"127.0.0.1:{port}", "--delay-us", "100", "--rate-mbit", "1000"],
+                    stdout=log, stderr=log))
             wlog = os.path.join(tmp, f"{name}.log")
             w = subprocess.Popen(
-                [a.binary, "worker", "--join", f"127.0.0.1:{control_port}", "--listen",
-                 f"127.0.0.1:{grpc_port}", "--advertise", f"{alias}:{grpc_port}", "--data-port",
-                 str(data_port), "--cache-dir", os.path.join(tmp, f"cache-{name}"), "--threads",
-                 str(a.worker_threads[i]), "--memory", "8GiB"], stdout=open(wlog, "w"), stderr=subprocess.STDOUT)
+                ns + [a.binary, "worker", "--join", f"{coordinator}:{control_port}", "--listen",
+                      f"127.0.0.1:{grpc_port}", "--advertise", f"{alias}:{grpc_port}",
+                      "--data-port", str(data_port), "--cache-dir",
+                      os.path.join(tmp, f"cache-{name}"), "--threads", str(a.worker_threads[i]),
+                      "--memory", "8GiB", "--cluster-token-file", token],
+                stdout=open(wlog, "w"), stderr=subprocess.STDOUT)
             procs.append(w)
             wait_for(wlog, "ready as", w)
             if a.slow_worker and name == "b":
@@ -176,6 +192,21 @@ def one_round(a, model, tmp, log):
             p.wait()
 
 
+def run_in_namespaces():
+    """Creates the three namespaces, re-runs this script inside mp-coord, removes them."""
+    import three_pc_bench as tp
+    for ns in tp.NAMESPACES:
+        tp.remove_namespace(ns)
+    try:
+        tp.create_namespaces()
+        argv = [os.path.abspath(p) if os.path.exists(p) else p for p in sys.argv[1:]]
+        return subprocess.run(["ip", "netns", "exec", "mp-coord", sys.executable,
+                               os.path.abspath(__file__), *argv, "--inside-netns"]).returncode
+    finally:
+        for ns in tp.NAMESPACES:
+            tp.remove_namespace(ns)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", default="build/cli/moepool")
@@ -191,12 +222,18 @@ def main():
                     help="worker b runs 5 ms of every 10 (SIGSTOP/SIGCONT): a slower machine")
     ap.add_argument("--worker-threads", default="1,1",
                     help="threads of workers a and b (2,1: b is the slow worker)")
+    ap.add_argument("--netns", action="store_true",
+                    help="three network namespaces, as bench/three_pc_bench.py (root)")
+    ap.add_argument("--inside-netns", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.netns and not a.inside_netns:
+        sys.exit(run_in_namespaces())
     a.streams = [int(s) for s in a.streams.split(",")]
     a.worker_threads = [int(t) for t in a.worker_threads.split(",")]
     result = {"cpu": cpu_name(), "rounds": a.rounds, "replicas": a.replicas,
               "worker_threads": a.worker_threads, "slow_worker": a.slow_worker,
-              "link": "moepool_slowlink 1000 Mbit/s, 100 us each way", "models": {}}
+              "link": "moepool_slowlink 1000 Mbit/s, 100 us each way",
+              "hosts": "three network namespaces" if a.netns else "loopback", "models": {}}
     with open(os.devnull, "w") as log:
         for model in a.model:
             runs = []
