@@ -245,9 +245,12 @@ class ClusterExpertBackend : public ExpertBackend {
   // Waits, retries, combines; the step's final status. Idempotent (the second call: OK).
   absl::Status FinishCall(Call* s);
   // Each worker's pace from the answered exchanges of `s`'s first round (NotePace), and the
-  // paces ChooseHolders weighs replicas by (HolderPaces: unmeasured workers get the median).
+  // paces ChooseHolders weighs replicas by (HolderPaces: unmeasured workers get the median;
+  // none every kRemeasureEvery-th round, so a replica judged slower is measured again, and a
+  // dead one is noticed, even when the paces would never send it rows).
+  static constexpr uint64_t kRemeasureEvery = 16;
   void NotePace(const Call& s);
-  const std::vector<ExpertPlacement::HolderPace>* HolderPaces();
+  const std::vector<ExpertPlacement::HolderPace>* HolderPaces(uint64_t round);
   // Waits until the other outstanding steps on link `link` (any link: -1) have their answers.
   void WaitForOthers(const Call* s, int link);
   // Chooses the link of a new step.

@@ -124,7 +124,7 @@ absl::Status ClusterExpertBackend::Dispatch(Call* s) {
   s->round = ++round_counter_;
   RETURN_IF_ERROR(placement_.ChooseHolders(
       routes.layer, rows_per_expert, [&](int w) { return WorkerUsable(static_cast<size_t>(w)); },
-      s->round, &holder_of, HolderPaces()));
+      s->round, &holder_of, HolderPaces(s->round)));
   // One bucket per destination: 0 local (--local-experts), 1 + w worker w, 1 + n_workers the
   // local fallback.
   const size_t n_workers = links_.size();
@@ -498,8 +498,9 @@ void ClusterExpertBackend::NotePace(const Call& s) {
   }
 }
 
-const std::vector<ExpertPlacement::HolderPace>* ClusterExpertBackend::HolderPaces() {
+const std::vector<ExpertPlacement::HolderPace>* ClusterExpertBackend::HolderPaces(uint64_t round) {
   if (pace_version_ != placement_version_) return nullptr;  // none measured since the change
+  if (round % kRemeasureEvery == 0) return nullptr;         // the rows spread by count
   std::vector<double> per_row, link;
   for (const MeasuredPace& m : measured_pace_) {
     if (m.samples == 0) continue;
@@ -514,6 +515,7 @@ const std::vector<ExpertPlacement::HolderPace>* ClusterExpertBackend::HolderPace
   for (size_t w = 0; w < measured_pace_.size() && w < holder_paces_.size(); ++w) {
     if (measured_pace_[w].samples > 0) holder_paces_[w] = measured_pace_[w].pace;
   }
+  MergeNearPaces(&holder_paces_);
   return &holder_paces_;
 }
 

@@ -242,4 +242,30 @@ absl::Status ExpertPlacement::ChooseHolders(int layer, const std::vector<int64_t
   return absl::OkStatus();
 }
 
+namespace {
+
+// Each value takes the smallest value of its group; a group starts at a value beyond
+// tolerance x (its smallest) + slack.
+void MergeNear(std::vector<double*> values, double tolerance, double slack) {
+  std::sort(values.begin(), values.end(), [](const double* a, const double* b) { return *a < *b; });
+  double group = 0;
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i == 0 || *values[i] > group * tolerance + slack) group = *values[i];
+    *values[i] = group;
+  }
+}
+
+}  // namespace
+
+void MergeNearPaces(std::vector<ExpertPlacement::HolderPace>* paces, double tolerance,
+                    double link_slack_micros) {
+  std::vector<double*> per_row, link;
+  for (ExpertPlacement::HolderPace& p : *paces) {
+    per_row.push_back(&p.micros_per_row);
+    link.push_back(&p.round_trip_micros);
+  }
+  MergeNear(per_row, tolerance, 0);
+  MergeNear(link, tolerance, link_slack_micros);
+}
+
 }  // namespace moepool

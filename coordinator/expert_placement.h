@@ -110,6 +110,15 @@ class ExpertPlacement {
   bool local_fallback_ = false;
 };
 
+// Measured paces differ by noise even between equal machines, and ChooseHolders would then
+// send every row of a replicated expert to the one measured a hair faster (and never measure
+// the other again). This gives holders whose paces are near each other the same pace: sorted
+// by micros_per_row, each holder within `tolerance` (relative) of the fastest of its group takes
+// that group's pace; the same for round_trip_micros, where `link_slack_micros` also counts as
+// near. Holders left equal split rows by count, as without paces.
+void MergeNearPaces(std::vector<ExpertPlacement::HolderPace>* paces, double tolerance = 1.25,
+                    double link_slack_micros = 100);
+
 }  // namespace moepool
 
 #endif  // MOEPOOL_COORDINATOR_EXPERT_PLACEMENT_H_

@@ -129,6 +129,48 @@ TEST(InProcessClusterTest, ReplicaRowsGoToTheWorkerThatAnswersFirst) {
   EXPECT_LT(rows_of(1), 2 * rows_of(0));
 }
 
+// Paces within noise of each other (12 vs 10 us per row, 130 vs 100 us of link) count as
+// equal: the rows split as without paces, so both replicas keep being measured.
+TEST(InProcessClusterTest, NearlyEqualPacesShareTheRows) {
+  InProcessCluster c(SmallModel("Q8_0"), {{0, 7}, {0, 7}});
+  auto backend = ClusterExpertBackend::Create(SmallModel("Q8_0"), c.Options());
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  auto cluster = c.LoadEngine(backend->get());
+  auto rows_of = [&](size_t w) { return (*backend)->Stats().workers[w].rows; };
+  c.registry().SetPace(c.address(0), 10, 100);
+  c.registry().SetPace(c.address(1), 12, 130);
+  ASSERT_TRUE(RunThree(*cluster, false).ok());  // measured
+  (*backend)->ResetStats();
+  ASSERT_TRUE(RunThree(*cluster, false, 12).ok());
+  EXPECT_GT(rows_of(1), 0u);
+  EXPECT_LT(rows_of(0), 3 * rows_of(1) / 2);
+  EXPECT_LT(rows_of(1), 3 * rows_of(0) / 2);
+}
+
+// A replica 8x slower gets no rows of one-row steps by its pace; every 16th round spreads the
+// rows by count anyway, so when it goes down the backend finds out (and retries those rows on
+// the fast replica) instead of showing a dead worker as up.
+TEST(InProcessClusterTest, AReplicaThePacesPassOverIsStillCheckedAndFoundDown) {
+  InProcessCluster c(SmallModel("Q8_0"), {{0, 7}, {0, 7}});
+  auto backend = ClusterExpertBackend::Create(SmallModel("Q8_0"), c.Options());
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  auto cluster = c.LoadEngine(backend->get());
+  c.registry().SetPace(c.address(0), 10, 100);
+  c.registry().SetPace(c.address(1), 80, 100);
+  ASSERT_TRUE(RunThree(*cluster, false).ok());  // measured
+  c.registry().SetDown(c.address(1), true);
+  KvCache cache(cluster->config(), cluster->n_ctx());
+  std::vector<float> logits;
+  for (int64_t p = 0; p < 40; ++p) {  // one row per step: 80 rounds
+    const BatchRow row{static_cast<int32_t>(1 + p), p, &cache, true};
+    ASSERT_TRUE(cluster->transformer().Forward({&row, 1}, &logits).ok()) << p;
+  }
+  const ClusterStats st = (*backend)->Stats();
+  EXPECT_FALSE(st.workers[1].up);
+  EXPECT_GE(st.retried_steps, 1u);
+  EXPECT_EQ(st.failed_steps, 0u);
+}
+
 // Workers 0-3, 4-7 and a replica of everything; one of them goes down after a first run. The
 // next runs still complete with the local bits: its rows go to the replicas within the step.
 class DownReplicaTest : public ::testing::TestWithParam<int> {};

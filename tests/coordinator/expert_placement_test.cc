@@ -167,6 +167,25 @@ TEST(ExpertPlacementTest, ReplicaRowsGoToTheHolderThatAnswersFirst) {
   EXPECT_EQ(holder[3], 0);
 }
 
+// Paces near each other become equal (the group's fastest); paces beyond the tolerance stay.
+TEST(MergeNearPacesTest, NoiseIsMergedRealDifferencesStay) {
+  std::vector<ExpertPlacement::HolderPace> p = {{12, 130}, {10, 100}, {40, 600}, {11.5, 180}};
+  MergeNearPaces(&p);
+  EXPECT_EQ(p[0].micros_per_row, 10);
+  EXPECT_EQ(p[1].micros_per_row, 10);
+  EXPECT_EQ(p[2].micros_per_row, 40);
+  EXPECT_EQ(p[3].micros_per_row, 10);
+  EXPECT_EQ(p[0].round_trip_micros, 100);  // within 25% + 100 us of 100
+  EXPECT_EQ(p[1].round_trip_micros, 100);
+  EXPECT_EQ(p[2].round_trip_micros, 600);
+  EXPECT_EQ(p[3].round_trip_micros, 100);
+  p = {{10, 0}, {12.6, 0}};  // just beyond 25%
+  MergeNearPaces(&p);
+  EXPECT_EQ(p[1].micros_per_row, 12.6);
+  std::vector<ExpertPlacement::HolderPace> none;
+  MergeNearPaces(&none);  // nothing to do
+}
+
 class ValidateWorkerTest : public ::testing::Test {
  protected:
   void SetUp() override {
