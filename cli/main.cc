@@ -33,7 +33,10 @@ void Usage(FILE* out) {
   for (const auto& c : kCommands) std::fprintf(out, "  %-10s %s\n", c.name, c.help);
   std::fprintf(out,
                "\nenvironment:\n  MOEPOOL_CPU_KERNELS  auto|avx512|avx2|scalar: the CPU kernels "
-               "to run (default auto, the fastest this CPU has)\n");
+               "to run (default auto, the fastest this CPU has)\n"
+               "  MOEPOOL_PREFETCH_BYTES  0..65536: how far ahead the CPU kernels ask for the "
+               "weights they stream (default %zu; 0 none)\n",
+               moepool::kDefaultPrefetchBytes);
 }
 
 }  // namespace
@@ -46,6 +49,13 @@ int main(int argc, char** argv) {
   if (const char* kernels = std::getenv("MOEPOOL_CPU_KERNELS"); kernels != nullptr) {
     if (const absl::Status s = moepool::SetCpuKernels(kernels); !s.ok()) {
       std::fprintf(stderr, "moepool: MOEPOOL_CPU_KERNELS: %s\n", std::string(s.message()).c_str());
+      return 2;
+    }
+  }
+  if (const char* bytes = std::getenv("MOEPOOL_PREFETCH_BYTES"); bytes != nullptr) {
+    if (const auto parsed = moepool::ParsePrefetchBytes(bytes); !parsed.ok()) {
+      std::fprintf(stderr, "moepool: MOEPOOL_PREFETCH_BYTES: %s\n",
+                   std::string(parsed.status().message()).c_str());
       return 2;
     }
   }

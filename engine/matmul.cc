@@ -13,6 +13,7 @@ namespace {
 // Fewest activation rows for which a tile's repacking of its weight rows pays (the tile kernels,
 // kernels.h).
 constexpr int64_t kTileMinActivationRows = 8;
+constexpr int64_t kTileMaxRowsPerTask = 256;
 
 }  // namespace
 
@@ -54,9 +55,12 @@ void ConvertRows(TensorType weight_type, const float* x, int64_t n, int64_t cols
   }
 }
 
-int64_t MatMulRowsPerTask(int64_t rows, int threads) {
+int64_t MatMulRowsPerTask(int64_t rows, int threads, int64_t activation_rows) {
   const int64_t per_task = std::max<int64_t>(1, rows / (std::max(threads, 1) * 8));
-  return std::min<int64_t>(per_task, 64);
+  // The tiles' first 16 weight rows of a task come cold from memory (each later tile's rows are
+  // prefetched while the one before computes): longer tasks for them.
+  const int64_t most = activation_rows >= kTileMinActivationRows ? kTileMaxRowsPerTask : 64;
+  return std::min<int64_t>(per_task, most);
 }
 
 namespace {
@@ -129,7 +133,7 @@ void MatMulMany(const std::vector<MatMulJob>& jobs, ThreadPool* pool) {
   for (const MatMulJob& job : jobs) {
     if (job.x.n == 0) continue;
     const int64_t rows = job.w->rows;
-    const int64_t per_task = MatMulRowsPerTask(rows, threads);
+    const int64_t per_task = MatMulRowsPerTask(rows, threads, job.x.n);
     for (int64_t r0 = 0; r0 < rows; r0 += per_task) {
       tasks.push_back({&job, r0, std::min(rows, r0 + per_task)});
     }

@@ -68,9 +68,10 @@ void MatMulConverted(const WeightMatrix& w, const ConvertedRows& x, float* y, Th
 void MatMulRowRange(const WeightMatrix& w, const RowsView& x, int64_t r0, int64_t r1, float* y,
                     int64_t y_stride);
 
-// Weight rows per parallel task for a matrix of `rows` rows on a pool of `threads`: enough tasks
-// to balance the threads, few enough to amortise the scheduling.
-int64_t MatMulRowsPerTask(int64_t rows, int threads);
+// Weight rows per parallel task for a matrix of `rows` rows on a pool of `threads`, against
+// `activation_rows` rows: enough tasks to balance the threads, few enough to amortise the
+// scheduling (and, for the tiles, their first weight rows' trip from memory).
+int64_t MatMulRowsPerTask(int64_t rows, int threads, int64_t activation_rows = 1);
 
 // One product of MatMulMany: y [x.n x w.rows] = x W^T.
 struct MatMulJob {

@@ -135,7 +135,7 @@ const ConvertedRows& LocalExpertBackend::Converted(TensorType weight_type, const
 }
 
 void LocalExpertBackend::AddTasks(size_t group, int64_t rows, RowsView a, RowsView b) {
-  const int64_t per_task = MatMulRowsPerTask(rows, pool_->size());
+  const int64_t per_task = MatMulRowsPerTask(rows, pool_->size(), a.n);
   for (int64_t r0 = 0; r0 < rows; r0 += per_task) {
     scratch_.tasks.push_back({group, r0, std::min(rows, r0 + per_task), a, b});
   }

@@ -153,9 +153,17 @@ void PackRows(int64_t n, const uint8_t* w, size_t w_stride, int rows, PackedBloc
     std::memset(static_cast<void*>(packed), 0, nb * sizeof(PackedBlock));
     std::memset(u, 0, sizeof(u));
   }
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b = 0; b < nb; ++b) {
     for (int r = 0; r < rows; ++r) {
-      PackRow(reinterpret_cast<const Block*>(w + r * w_stride)[b], r, u[r], &packed[b]);
+      const Block* row = reinterpret_cast<const Block*>(w + r * w_stride);
+      // The rows stream from memory (the first tile of a task is not prefetched by the tile
+      // before it): ask for each row's bytes ahead.
+      if (ahead > 0) {
+        const char* p = reinterpret_cast<const char*>(row + b) + ahead;
+        for (size_t line = 0; line < sizeof(Block); line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
+      }
+      PackRow(row[b], r, u[r], &packed[b]);
     }
     for (int g = 0; g < kWords / 16; ++g) {
       __m512i v[16];

@@ -45,6 +45,7 @@ size_t PackedBytes(int64_t nb) { return static_cast<size_t>(nb) * sizeof(PackedB
 // once (rows past `rows` hold zeros; their outputs are never stored).
 void PackRows(int64_t nb, const uint8_t* w, size_t w_stride, int rows, PackedBlock* packed) {
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b = 0; b < nb; b += 2) {
     const int blocks = b + 1 < nb ? 2 : 1;
     alignas(32) uint16_t d[2][kTileRows] = {};
@@ -55,6 +56,9 @@ void PackRows(int64_t nb, const uint8_t* w, size_t w_stride, int rows, PackedBlo
         continue;
       }
       const auto* x = reinterpret_cast<const BlockQ8_0*>(w + r * w_stride) + b;
+      // The rows stream from memory (the first tile of a task is not prefetched by the tile
+      // before it): ask for each row's bytes ahead.
+      if (ahead > 0) _mm_prefetch(reinterpret_cast<const char*>(x) + ahead, _MM_HINT_T0);
       const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[0].qs));
       const __m256i hi = blocks == 2 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[1].qs))
                                      : _mm256_setzero_si256();
@@ -93,45 +97,52 @@ inline __attribute__((always_inline)) __m512i Broadcast32(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// kCols activation rows (starting at row t) against the packed rows.
+// kCols activation rows (starting at row t) against the packed rows. One lane at a time: the
+// blocks b = k, k + 8, ... into kCols accumulators (lane k of each column, the blocks in order as
+// block_numerics.h asks), so that the accumulators stay in registers; the eight lanes per column
+// are then summed in the fixed tree.
 template <int kCols>
 void TileColumns(int64_t nb, const PackedBlock* packed, const uint8_t* a, size_t a_stride,
                  const Q8_0BlockSum* sums, int64_t t, __mmask16 rows, float* out,
                  int64_t out_stride) {
-  __m512 lanes[kCols][kQ8_0Lanes];
+  const BlockQ8_0* act[kCols];
+  const Q8_0BlockSum* sum[kCols];
   MOEPOOL_TILE_UNROLL
   for (int c = 0; c < kCols; ++c) {
-    for (int k = 0; k < kQ8_0Lanes; ++k) lanes[c][k] = _mm512_setzero_ps();
-  }
-  const BlockQ8_0* act[kCols];
-  MOEPOOL_TILE_UNROLL
-  for (int c = 0; c < kCols; ++c)
     act[c] = reinterpret_cast<const BlockQ8_0*>(a + (t + c) * a_stride);
-  for (int64_t b = 0; b < nb; ++b) {
-    const PackedBlock& pb = packed[b];
-    __m512i q[kWords];
+    sum[c] = sums + (t + c) * nb;
+  }
+  __m512 lanes[kCols][kQ8_0Lanes];
+  for (int k = 0; k < kQ8_0Lanes; ++k) {
+    __m512 acc[kCols];
     MOEPOOL_TILE_UNROLL
-    for (int k = 0; k < kWords; ++k) q[k] = _mm512_load_si512(&pb.quants[k]);
-    MOEPOOL_TILE_UNROLL
-    for (int c = 0; c < kCols; ++c) {
-      const uint8_t* qs = reinterpret_cast<const uint8_t*>(act[c][b].qs);
-      const Q8_0BlockSum& sum = sums[(t + c) * nb + b];
-      __m512i dot = _mm512_set1_epi32(sum.minus_128_sum);
+    for (int c = 0; c < kCols; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t b = k; b < nb; b += kQ8_0Lanes) {
+      const PackedBlock& pb = packed[b];
+      __m512i q[kWords];
       MOEPOOL_TILE_UNROLL
-      for (int k = 0; k < kWords; ++k)
-        dot = _mm512_dpbusd_epi32(dot, q[k], Broadcast32(qs + 4 * k));
-      const __m512 scale = _mm512_mul_ps(pb.d, _mm512_set1_ps(sum.d));
-      __m512& lane = lanes[c][b % kQ8_0Lanes];
-      lane = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), lane);
+      for (int w = 0; w < kWords; ++w) q[w] = _mm512_load_si512(&pb.quants[w]);
+      MOEPOOL_TILE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const uint8_t* qs = reinterpret_cast<const uint8_t*>(act[c][b].qs);
+        __m512i dot = _mm512_set1_epi32(sum[c][b].minus_128_sum);
+        MOEPOOL_TILE_UNROLL
+        for (int w = 0; w < kWords; ++w)
+          dot = _mm512_dpbusd_epi32(dot, q[w], Broadcast32(qs + 4 * w));
+        const __m512 scale = _mm512_mul_ps(pb.d, _mm512_set1_ps(sum[c][b].d));
+        acc[c] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[c]);
+      }
     }
+    MOEPOOL_TILE_UNROLL
+    for (int c = 0; c < kCols; ++c) lanes[c][k] = acc[c];
   }
   MOEPOOL_TILE_UNROLL
   for (int c = 0; c < kCols; ++c) {
     const __m512* l = lanes[c];
-    const __m512 sum =
+    const __m512 total =
         _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6])),
                       _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7])));
-    _mm512_mask_storeu_ps(out + c * out_stride, rows, sum);
+    _mm512_mask_storeu_ps(out + c * out_stride, rows, total);
   }
 }
 

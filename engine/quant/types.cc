@@ -12,6 +12,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "engine/quant/kernels.h"
 
@@ -212,6 +213,28 @@ bool CpuHasAvx512Vnni() {
 }
 
 const char* KernelIsaName() { return kIsaNames[SelectedIsa()]; }
+
+absl::StatusOr<size_t> ParsePrefetchBytes(std::string_view text) {
+  uint32_t bytes = 0;
+  if (!absl::SimpleAtoi(std::string(text), &bytes) || bytes > 65536) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", std::string(text), "' is not a number of bytes from 0 to 65536"));
+  }
+  return static_cast<size_t>(bytes);
+}
+
+size_t WeightPrefetchBytes() {
+  static const size_t bytes = [] {
+    const char* env = std::getenv("MOEPOOL_PREFETCH_BYTES");
+    if (env == nullptr) return kDefaultPrefetchBytes;
+    absl::StatusOr<size_t> parsed = ParsePrefetchBytes(env);
+    if (parsed.ok()) return *parsed;
+    std::fprintf(stderr, "moepool: MOEPOOL_PREFETCH_BYTES: %s; using %zu\n",
+                 std::string(parsed.status().message()).c_str(), kDefaultPrefetchBytes);
+    return kDefaultPrefetchBytes;
+  }();
+  return bytes;
+}
 
 bool UseAvx2Kernels() { return SelectedIsa() >= static_cast<int>(Isa::kAvx2); }
 bool UseAvx512Kernels() { return SelectedIsa() >= static_cast<int>(Isa::kVnni); }

@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace moepool {
 
@@ -188,6 +189,14 @@ const char* KernelIsaName();
 bool UseAvx2Kernels();
 // True while the avx512-vnni kernels are selected.
 bool UseAvx512Kernels();
+// How far ahead (bytes) the dot-product kernels and the tiles' packing ask for the weight rows
+// they stream: without it the hardware prefetcher leaves decode at 60-70% of the memory
+// bandwidth bound (docs/engine.md). $MOEPOOL_PREFETCH_BYTES (0 = none, at most 65536) overrides
+// the default of kDefaultPrefetchBytes, read once; a bad value is reported on stderr and ignored.
+inline constexpr size_t kDefaultPrefetchBytes = 3072;
+size_t WeightPrefetchBytes();
+// $MOEPOOL_PREFETCH_BYTES's value: a decimal count of bytes in 0..65536 (else InvalidArgument).
+absl::StatusOr<size_t> ParsePrefetchBytes(std::string_view text);
 // Selects the kernels by name (as $MOEPOOL_CPU_KERNELS); InvalidArgument for an unknown name or
 // one this CPU cannot run. Thread-safe, but traits handed out before keep their kernels: call it
 // before loading a model.

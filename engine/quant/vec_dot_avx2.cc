@@ -18,6 +18,7 @@ using avx2::DotI8I8;
 using avx2::DotU8I8;
 using avx2::HalfToFloat;
 using avx2::HorizontalSum;
+using avx2::PrefetchAhead;
 using avx2::SpreadBits32;
 using avx2::UnpackNibbles16;
 
@@ -115,14 +116,10 @@ MOEPOOL_AVX2_INLINE void DotQ8_0(int64_t n, const BlockQ8_0* x, const uint8_t* a
     acc[c] = _mm256_setzero_ps();
   }
   const int64_t nb = n / kQK8_0;
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b0 = 0; b0 < nb; b0 += kQ8_0Lanes) {
     const int count = static_cast<int>(std::min<int64_t>(kQ8_0Lanes, nb - b0));
-    if constexpr (kCols >= 5) {
-      // As in the k-quant kernels (vec_dot_k_avx2.cc): with 5 or more rows, weights streamed
-      // from memory stall the kernel unless asked for ~1 KiB ahead.
-      const char* ahead = reinterpret_cast<const char*>(x + b0 + 32);
-      for (int line = 0; line < 5; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
-    }
+    PrefetchAhead(x + b0, ahead, sizeof(BlockQ8_0) * kQ8_0Lanes);
     __m256i halves[2][kCols];
     MOEPOOL_UNROLL
     for (int h = 0; h < 2; ++h) {
@@ -176,7 +173,9 @@ float MOEPOOL_ISA(VecDotQ4_0)(int64_t n, const void* w, const void* a) {
   const auto* y = static_cast<const BlockQ8_0*>(a);
   const __m256i eight = _mm256_set1_epi8(8);
   __m256 acc = _mm256_setzero_ps();
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b = 0; b < n / kQK4_0; ++b) {
+    PrefetchAhead(x + b, ahead, sizeof(BlockQ4_0));
     const __m256i q = _mm256_sub_epi8(UnpackNibbles16(x[b].qs), eight);
     const __m256i p = DotI8I8(q, Load256(y[b].qs));
     acc = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p), acc);
@@ -189,7 +188,9 @@ float MOEPOOL_ISA(VecDotQ4_1)(int64_t n, const void* w, const void* a) {
   const auto* y = static_cast<const BlockQ8_1*>(a);
   __m256 acc = _mm256_setzero_ps();
   float mins = 0.0f;
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b = 0; b < n / kQK4_1; ++b) {
+    PrefetchAhead(x + b, ahead, sizeof(BlockQ4_1));
     const __m256i p = DotU8I8(UnpackNibbles16(x[b].qs), Load256(y[b].qs));
     acc = _mm256_fmadd_ps(ScaleOf(x[b].d, y[b].d), _mm256_cvtepi32_ps(p), acc);
     mins += HalfToFloat(x[b].m) * HalfToFloat(y[b].s);
@@ -202,7 +203,9 @@ float MOEPOOL_ISA(VecDotQ5_0)(int64_t n, const void* w, const void* a) {
   const auto* y = static_cast<const BlockQ8_0*>(a);
   const __m256i high_nibble = _mm256_set1_epi8(static_cast<char>(0xF0));
   __m256 acc = _mm256_setzero_ps();
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b = 0; b < n / kQK5_0; ++b) {
+    PrefetchAhead(x + b, ahead, sizeof(BlockQ5_0));
     // q - 16 as a signed byte: the nibble, with 0xF0 added when the fifth bit is clear.
     const __m256i offset = _mm256_andnot_si256(SpreadBits32(x[b].qh), high_nibble);
     const __m256i q = _mm256_or_si256(UnpackNibbles16(x[b].qs), offset);
@@ -218,7 +221,9 @@ float MOEPOOL_ISA(VecDotQ5_1)(int64_t n, const void* w, const void* a) {
   const __m256i bit4 = _mm256_set1_epi8(0x10);
   __m256 acc = _mm256_setzero_ps();
   float mins = 0.0f;
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b = 0; b < n / kQK5_1; ++b) {
+    PrefetchAhead(x + b, ahead, sizeof(BlockQ5_1));
     const __m256i high = _mm256_and_si256(SpreadBits32(x[b].qh), bit4);
     const __m256i q = _mm256_or_si256(UnpackNibbles16(x[b].qs), high);
     const __m256i p = DotU8I8(q, Load256(y[b].qs));

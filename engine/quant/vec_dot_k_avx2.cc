@@ -26,6 +26,7 @@ using avx2::HalfToFloat;
 using avx2::HorizontalSum;
 using avx2::Int16PairSelector;
 using avx2::PairScales;
+using avx2::PrefetchAhead;
 
 MOEPOOL_AVX2_INLINE __m256i Load256(const void* p) {
   return _mm256_loadu_si256(static_cast<const __m256i*>(p));
@@ -45,13 +46,6 @@ MOEPOOL_AVX2_INLINE __m128i UnpackScalesMinsK4(const uint8_t* packed) {
                                     _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
   return _mm_or_si128(low, top);
 }
-
-// With 5 or more activation rows, weights streamed from memory stall the kernels (the rows
-// crowd L1); asking for the weights 8 super-blocks ahead (the hardware prefetcher does not
-// reach that far) gains 10-45% there, and costs up to 20% with fewer rows, which keep up
-// without it (A/B in one process, weights far beyond the caches, 1024-4096 columns).
-constexpr int kPrefetchMinCols = 5;
-constexpr int64_t kPrefetchBlocks = 8;
 
 // [sum(a), sum(b), sum(c), sum(d)]: the exact horizontal sums of four vectors of 8 int32.
 MOEPOOL_AVX2_INLINE __m128i HorizontalSums4(__m256i a, __m256i b, __m256i c, __m256i d) {
@@ -85,11 +79,9 @@ MOEPOOL_AVX2_INLINE void DotK4Style(int64_t n, const Block* x, const uint8_t* a,
   __m128 acc[kPairs];
   MOEPOOL_UNROLL
   for (int p = 0; p < kPairs; ++p) acc[p] = _mm_setzero_ps();
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b = 0; b < n / kQK_K; ++b) {
-    if constexpr (kCols >= kPrefetchMinCols) {
-      _mm_prefetch(reinterpret_cast<const char*>(x + b + kPrefetchBlocks), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(x + b + kPrefetchBlocks) + 64, _MM_HINT_T0);
-    }
+    PrefetchAhead(x + b, ahead, sizeof(Block));
     // d and dmin are adjacent halves: convert both at once.
     uint32_t d_dmin;
     std::memcpy(&d_dmin, &x[b].d, 4);
@@ -192,13 +184,9 @@ MOEPOOL_AVX2_INLINE void DotQ6K(int64_t n, const BlockQ6_K* x, const uint8_t* a,
   __m128 acc[kQuads];
   MOEPOOL_UNROLL
   for (int q = 0; q < kQuads; ++q) acc[q] = _mm_setzero_ps();
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b = 0; b < n / kQK_K; ++b) {
-    if constexpr (kCols >= kPrefetchMinCols) {
-      const char* ahead = reinterpret_cast<const char*>(x + b + kPrefetchBlocks);
-      _mm_prefetch(ahead, _MM_HINT_T0);
-      _mm_prefetch(ahead + 64, _MM_HINT_T0);
-      _mm_prefetch(ahead + 128, _MM_HINT_T0);
-    }
+    PrefetchAhead(x + b, ahead, sizeof(BlockQ6_K));
     const float dx = HalfToFloat(x[b].d);
     const __m256i scales16 =
         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x[b].scales)));
@@ -271,7 +259,9 @@ float MOEPOOL_ISA(VecDotQ2_K)(int64_t n, const void* w, const void* a) {
   const auto* y = static_cast<const BlockQ8_K*>(a);
   const __m256i low2 = _mm256_set1_epi8(3);
   __m256 acc = _mm256_setzero_ps();
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b = 0; b < n / kQK_K; ++b) {
+    PrefetchAhead(x + b, ahead, sizeof(BlockQ2_K));
     const float d = y[b].d * HalfToFloat(x[b].d);
     const float dmin = y[b].d * HalfToFloat(x[b].dmin);
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[b].scales));
@@ -304,7 +294,9 @@ float MOEPOOL_ISA(VecDotQ3_K)(int64_t n, const void* w, const void* a) {
   const __m256i low2 = _mm256_set1_epi8(3);
   const __m256i four = _mm256_set1_epi8(4);
   __m256 acc = _mm256_setzero_ps();
+  const size_t ahead = WeightPrefetchBytes();
   for (int64_t b = 0; b < n / kQK_K; ++b) {
+    PrefetchAhead(x + b, ahead, sizeof(BlockQ3_K));
     const float d = y[b].d * HalfToFloat(x[b].d);
     // 16 signed 6-bit scales: low nibbles in bytes 0..7 (sub-blocks 0..7 low, 8..15 high
     // nibble), top 2 bits in bytes 8..11 (sub-block i uses bits 2 * (i / 4) of byte 8 + i % 4).

@@ -215,6 +215,38 @@ TEST(CliTest, CpuKernelsOverrideIsReportedAndBadValuesAreRefused) {
   }
 }
 
+// MOEPOOL_PREFETCH_BYTES tunes how far ahead the kernels ask for the weights: every distance
+// gives the same logits bit for bit (a prefetch never changes a value); a bad one is refused
+// before anything runs.
+TEST(CliTest, PrefetchDistanceKeepsTheBitsAndBadValuesAreRefused) {
+  const std::string model = SharedTestdataPath("conformance/tiny-Q4_K_M.gguf");
+  REQUIRE_TESTDATA(model);
+  const std::string logits_path = TempDir() + "/prefetch.f32";
+  auto eval = [&](const std::string& bytes) {
+    return ::moepool::testing::RunMoepool(
+        "eval --model " + Quote(model) + " --prompt-file " +
+            Quote(SharedTestdataPath("conformance/p1.txt")) + " --logits-out " + Quote(logits_path),
+        bytes.empty() ? "" : "MOEPOOL_PREFETCH_BYTES=" + bytes + " ");
+  };
+  const Result plain = eval("");
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  const std::string want = ReadFileOrDie(logits_path);
+  ASSERT_FALSE(want.empty());
+  for (const char* bytes : {"0", "64", "65536"}) {
+    std::remove(logits_path.c_str());
+    const Result r = eval(bytes);
+    ASSERT_EQ(r.exit_code, 0) << bytes << r.err;
+    EXPECT_TRUE(ReadFileOrDie(logits_path) == want) << bytes;
+  }
+  for (const char* bad : {"-1", "65537", "4k", "''"}) {
+    const Result r = eval(bad);
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_NE(r.err.find("MOEPOOL_PREFETCH_BYTES: "), std::string::npos) << bad << r.err;
+    EXPECT_NE(r.err.find("is not a number of bytes from 0 to 65536"), std::string::npos) << r.err;
+  }
+  std::remove(logits_path.c_str());
+}
+
 TEST(CliTest, BenchBatchDecodesSeveralSequencesAtOnce) {
   REQUIRE_TESTDATA(TinyF16());
   const Result r =
