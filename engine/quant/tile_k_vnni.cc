@@ -22,6 +22,7 @@
 
 #include "engine/quant/fp16.h"
 #include "engine/quant/kernels.h"
+#include "engine/quant/prefetch.h"
 #include "engine/quant/quantize_internal.h"
 #include "engine/quant/tile_vnni_internal.h"
 #include "engine/quant/types.h"
@@ -159,10 +160,7 @@ void PackRows(int64_t n, const uint8_t* w, size_t w_stride, int rows, PackedBloc
       const Block* row = reinterpret_cast<const Block*>(w + r * w_stride);
       // The rows stream from memory (the first tile of a task is not prefetched by the tile
       // before it): ask for each row's bytes ahead.
-      if (ahead > 0) {
-        const char* p = reinterpret_cast<const char*>(row + b) + ahead;
-        for (size_t line = 0; line < sizeof(Block); line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
-      }
+      PrefetchAhead(row + b, ahead, sizeof(Block));
       PackRow(row[b], r, u[r], &packed[b]);
     }
     for (int g = 0; g < kWords / 16; ++g) {

@@ -20,6 +20,7 @@
 #include "engine/quant/block_numerics.h"
 #include "engine/quant/fp16.h"
 #include "engine/quant/kernels.h"
+#include "engine/quant/prefetch.h"
 #include "engine/quant/tile_vnni_internal.h"
 #include "engine/quant/types.h"
 
@@ -58,7 +59,7 @@ void PackRows(int64_t nb, const uint8_t* w, size_t w_stride, int rows, PackedBlo
       const auto* x = reinterpret_cast<const BlockQ8_0*>(w + r * w_stride) + b;
       // The rows stream from memory (the first tile of a task is not prefetched by the tile
       // before it): ask for each row's bytes ahead.
-      if (ahead > 0) _mm_prefetch(reinterpret_cast<const char*>(x) + ahead, _MM_HINT_T0);
+      PrefetchAhead(x, ahead, 2 * sizeof(BlockQ8_0));
       const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[0].qs));
       const __m256i hi = blocks == 2 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[1].qs))
                                      : _mm256_setzero_si256();

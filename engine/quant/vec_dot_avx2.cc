@@ -8,6 +8,7 @@
 
 #include "engine/quant/block_numerics.h"
 #include "engine/quant/kernels.h"
+#include "engine/quant/prefetch.h"
 #include "engine/quant/types.h"
 #include "engine/quant/vec_dot_avx2_internal.h"
 
@@ -18,7 +19,6 @@ using avx2::DotI8I8;
 using avx2::DotU8I8;
 using avx2::HalfToFloat;
 using avx2::HorizontalSum;
-using avx2::PrefetchAhead;
 using avx2::SpreadBits32;
 using avx2::UnpackNibbles16;
 

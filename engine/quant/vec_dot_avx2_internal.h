@@ -34,15 +34,6 @@ namespace {
 
 MOEPOOL_AVX2_INLINE float HalfToFloat(uint16_t h) { return _cvtsh_ss(h); }
 
-// Asks for the `bytes` bytes at `p + ahead` into L1: a kernel streaming weight rows calls it
-// once per block with ahead = WeightPrefetchBytes() (types.h; 0: nothing). Consecutive calls
-// over a stream leave no line out; prefetches never fault, so reading past a row's end is fine.
-MOEPOOL_AVX2_INLINE void PrefetchAhead(const void* p, size_t ahead, size_t bytes) {
-  if (ahead == 0) return;
-  const char* first = static_cast<const char*>(p) + ahead;
-  for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(first + off, _MM_HINT_T0);
-}
-
 MOEPOOL_AVX2_INLINE float HorizontalSum(__m128 v) {
   v = _mm_add_ps(v, _mm_movehl_ps(v, v));
   v = _mm_add_ss(v, _mm_movehdup_ps(v));

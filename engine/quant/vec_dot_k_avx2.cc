@@ -13,6 +13,7 @@
 
 #include "engine/quant/block_numerics.h"
 #include "engine/quant/kernels.h"
+#include "engine/quant/prefetch.h"
 #include "engine/quant/types.h"
 #include "engine/quant/vec_dot_avx2_internal.h"
 
@@ -26,7 +27,6 @@ using avx2::HalfToFloat;
 using avx2::HorizontalSum;
 using avx2::Int16PairSelector;
 using avx2::PairScales;
-using avx2::PrefetchAhead;
 
 MOEPOOL_AVX2_INLINE __m256i Load256(const void* p) {
   return _mm256_loadu_si256(static_cast<const __m256i*>(p));
